@@ -1,0 +1,557 @@
+"""The ``flockctl`` command line.
+
+stdout carries data (an endpoint, a table, JSON); diagnostics go to stderr as one line starting
+with ``flockctl:``; exit codes are those of ``flockctl.exitcodes.ExitCode``. The scripting
+commands (``up``, ``status``, ``logs``, ``down``) never import textual or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from flockctl import __version__
+from flockctl.client import AdminClient, ClientError
+from flockctl.exitcodes import ExitCode
+from flockctl.state import running_daemon, state_dir, tail_lines, valid_name
+
+app = typer.Typer(
+    name="flockctl",
+    help="Turn LLM inference servers into one production endpoint: balancing, retries,"
+    " autoscaling and status, from the terminal.\n\nExit codes: 0 ok, 1 error, 2 usage,"
+    " 3 not running, 4 daemon failed to start, 5 timeout, 6 daemon unreachable,"
+    " 7 address in use, 8 not found.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+NameOpt = Annotated[
+    str, typer.Option("--name", "-n", help="Deployment name.", envvar="FLOCKCTL_NAME")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+def say(message: str) -> None:
+    """A diagnostic for the person at the terminal (stderr, so stdout stays data)."""
+    print(f"flockctl: {message}", file=sys.stderr)
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    say(message)
+    raise typer.Exit(int(code))
+
+
+def check_name(name: str) -> None:
+    if not valid_name(name):
+        fail(
+            f"invalid deployment name {name!r}: use letters, digits, '_', '.', '-' (max 63)",
+            ExitCode.USAGE,
+        )
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"flockctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=version_callback, is_eager=True, help="Show version."),
+    ] = False,
+) -> None:
+    """flockctl: a control plane for serving large language models."""
+
+
+W, A, B, P, D = "Workers", "Autoscaling", "Balancing", "Readiness probe", "Daemon"
+
+
+@app.command()
+def up(
+    spec: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Deployment YAML: a `flockctl:` section and/or SkyServe's `service:` section"
+            " (readiness_probe, replicas, replica_policy). Flags override it.",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            "-n",
+            help="Deployment name [default: default].",
+            envvar="FLOCKCTL_NAME",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Bind address [default: 127.0.0.1].", rich_help_panel=D, show_default=False
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Balancer port [default: 3000].", rich_help_panel=D, show_default=False),
+    ] = None,
+    worker_command: Annotated[
+        str | None,
+        typer.Option(
+            help="Shell command that starts one worker; {port} is its port, {worker_id}"
+            " its id. E.g. 'vllm serve MODEL --port {port}'.",
+            rich_help_panel=W,
+        ),
+    ] = None,
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="URL of a server that already runs (repeatable): static workers.",
+            rich_help_panel=W,
+        ),
+    ] = None,
+    min_workers: Annotated[
+        int | None, typer.Option(help="[default: 1]", rich_help_panel=A, show_default=False)
+    ] = None,
+    max_workers: Annotated[
+        int | None, typer.Option(help="[default: 2]", rich_help_panel=A, show_default=False)
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(help="Fixed number of workers (sets --autoscaler fixed).", rich_help_panel=A),
+    ] = None,
+    autoscaler: Annotated[
+        str | None,
+        typer.Option(
+            help="qlrm (queue-length running mean) or fixed [default: qlrm].",
+            rich_help_panel=A,
+            show_default=False,
+        ),
+    ] = None,
+    autoscale_up: Annotated[
+        float | None,
+        typer.Option(
+            help="Scale up when the queue-length running mean per worker passes this [default: 7].",
+            rich_help_panel=A,
+            show_default=False,
+        ),
+    ] = None,
+    autoscale_down: Annotated[
+        float | None,
+        typer.Option(
+            help="Scale down when it falls below this [default: 4].",
+            rich_help_panel=A,
+            show_default=False,
+        ),
+    ] = None,
+    queue_tracking_window: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds the running mean covers [default: 600].",
+            rich_help_panel=A,
+            show_default=False,
+        ),
+    ] = None,
+    upscale_delay: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds above autoscale-up before scaling up [default: 30].",
+            rich_help_panel=A,
+            show_default=False,
+        ),
+    ] = None,
+    downscale_delay: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds below autoscale-down before scaling down [default: 120].",
+            rich_help_panel=A,
+            show_default=False,
+        ),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            help="least-connection, round-robin or power-of-two [default: least-connection].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    worker_capacity: Annotated[
+        int | None,
+        typer.Option(
+            help="Concurrent requests per worker; more wait in the queue [default: 30].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    queue_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request may wait for a worker before 503 [default: 60].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(
+            help="Requests that may wait; more get 429 [default: 1000].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            help="Attempts per request on connect errors and 5xx before the first byte"
+            " [default: 3].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer KEY' on proxied routes.",
+            rich_help_panel=B,
+            envvar="FLOCKCTL_API_KEY",
+        ),
+    ] = None,
+    node_control_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Admin token for /-/ routes [default: generated into daemon.json].",
+            rich_help_panel=B,
+            envvar="FLOCKCTL_NODE_CONTROL_KEY",
+            show_default=False,
+        ),
+    ] = None,
+    readiness_path: Annotated[
+        str | None,
+        typer.Option(
+            help="Path probed on each worker [default: /health].",
+            rich_help_panel=P,
+            show_default=False,
+        ),
+    ] = None,
+    initial_delay: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a new worker may take to become READY [default: 1200].",
+            rich_help_panel=P,
+            show_default=False,
+        ),
+    ] = None,
+    probe_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between probes [default: 2].", rich_help_panel=P, show_default=False
+        ),
+    ] = None,
+    probe_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a probe may take [default: 15].", rich_help_panel=P, show_default=False
+        ),
+    ] = None,
+    failure_threshold: Annotated[
+        int | None,
+        typer.Option(
+            help="Failed probes in a row before NOT_READY [default: 3].",
+            rich_help_panel=P,
+            show_default=False,
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds in-flight requests get to finish when a worker is removed [default: 30].",
+            rich_help_panel=W,
+            show_default=False,
+        ),
+    ] = None,
+    max_start_failures: Annotated[
+        int | None,
+        typer.Option(
+            help="Workers in a row that fail before READY before launching stops [default: 3].",
+            rich_help_panel=W,
+            show_default=False,
+        ),
+    ] = None,
+    foreground: Annotated[
+        bool,
+        typer.Option(
+            help="Run the daemon attached to this terminal, logging to stderr.", rich_help_panel=D
+        ),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Wait until the daemon answers.", rich_help_panel=D)
+    ] = True,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the daemon.", rich_help_panel=D)
+    ] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a deployment's daemon (balancer + autoscaler) in the background.
+
+    Examples:
+
+      flockctl up --worker-command 'vllm serve Qwen/Qwen2.5-0.5B --port {port}' --max-workers 4
+
+      flockctl up --endpoint http://10.0.0.5:8000 --endpoint http://10.0.0.6:8000
+
+      flockctl up service.yaml --port 8080
+    """
+    from flockctl.server.config import ConfigError, resolve
+
+    probe = {
+        k: v
+        for k, v in {
+            "path": readiness_path,
+            "initial_delay_seconds": initial_delay,
+            "interval_seconds": probe_interval,
+            "timeout_seconds": probe_timeout,
+            "failure_threshold": failure_threshold,
+        }.items()
+        if v is not None
+    }
+    flags: dict[str, Any] = {
+        "name": name,
+        "host": host,
+        "port": port,
+        "worker_command": worker_command,
+        "endpoints": endpoint or None,
+        "min_workers": min_workers,
+        "max_workers": max_workers,
+        "replicas": replicas,
+        "autoscaler": autoscaler,
+        "autoscale_up": autoscale_up,
+        "autoscale_down": autoscale_down,
+        "queue_tracking_window": queue_tracking_window,
+        "upscale_delay": upscale_delay,
+        "downscale_delay": downscale_delay,
+        "policy": policy,
+        "worker_capacity": worker_capacity,
+        "queue_timeout": queue_timeout,
+        "max_queue": max_queue,
+        "max_attempts": max_attempts,
+        "api_key": api_key,
+        "node_control_key": node_control_key,
+        "drain_timeout": drain_timeout,
+        "max_start_failures": max_start_failures,
+        "probe": probe or None,
+        "workdir": os.getcwd(),
+    }
+    names = {"endpoints": "--endpoint", "probe": "probe flags"}
+    try:
+        cfg = resolve(spec, flags, names)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            say(problem)
+        raise typer.Exit(int(ExitCode.USAGE)) from None
+    check_name(cfg.name)
+    directory = state_dir(cfg.name)
+
+    existing = running_daemon(cfg.name)
+    if existing is not None:
+        say(
+            f'deployment "{cfg.name}" is already running at {existing.endpoint}'
+            f" (pid {existing.pid}); stop it with flockctl down --name {cfg.name}"
+        )
+        _print_up(cfg.name, existing.endpoint, existing.pid, directory, as_json, True)
+        return
+
+    from flockctl import daemon
+
+    try:
+        daemon.check_port(cfg.host, cfg.port)
+    except ClientError as exc:
+        fail(str(exc), exc.code)
+    daemon.write_config(directory, cfg.model_dump(mode="json"))
+
+    if foreground:
+        from flockctl.server.__main__ import run, setup_logging
+
+        setup_logging()
+        raise typer.Exit(run(cfg, directory))
+
+    proc = daemon.spawn(cfg.name, directory)
+    if not wait:
+        say(
+            f'deployment "{cfg.name}" is starting (pid {proc.pid}); check it with'
+            f" flockctl status --name {cfg.name}"
+        )
+        _print_up(cfg.name, f"http://{cfg.host}:{cfg.port}", proc.pid, directory, as_json, False)
+        return
+    try:
+        record = daemon.wait_until_up(proc, directory, timeout)
+    except ClientError as exc:
+        fail(str(exc), exc.code)
+    workers = cfg.initial_target()
+    say(
+        f'deployment "{cfg.name}" is up at {record.endpoint} (pid {record.pid});'
+        f" {workers} worker{'s' if workers != 1 else ''} starting; watch them with"
+        f" flockctl status{'' if cfg.name == 'default' else ' --name ' + cfg.name}"
+    )
+    _print_up(cfg.name, record.endpoint, record.pid, directory, as_json, False)
+
+
+def _print_up(
+    name: str, endpoint: str, pid: int, directory: Path, as_json: bool, already: bool
+) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "endpoint": endpoint,
+                    "pid": pid,
+                    "state_dir": str(directory),
+                    "already_running": already,
+                }
+            )
+        )
+    else:
+        print(endpoint)
+
+
+@app.command()
+def status(
+    name: NameOpt = "default",
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
+) -> None:
+    """Show the deployment's workers, autoscaler and traffic (exit 3 when not running)."""
+    check_name(name)
+    try:
+        client = AdminClient.for_name(name)
+    except ClientError as exc:
+        fail(str(exc), exc.code)
+    from flockctl.render import status_view
+
+    try:
+        with client:
+            if not watch:
+                snap = client.status()
+                if as_json:
+                    print(json.dumps(snap, indent=2))
+                else:
+                    from rich.console import Console
+
+                    Console().print(status_view(snap))
+                return
+            _watch(client, as_json, interval)
+    except ClientError as exc:
+        fail(str(exc), exc.code)
+
+
+def _watch(client: AdminClient, as_json: bool, interval: float) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    from flockctl.render import status_view
+
+    try:
+        if as_json:
+            while True:
+                print(json.dumps(client.status()), flush=True)
+                time.sleep(interval)
+        with Live(status_view(client.status()), console=Console(), auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(status_view(client.status()), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
+def logs(
+    target: Annotated[str, typer.Argument(help="'daemon' or a worker id.")] = "daemon",
+    name: NameOpt = "default",
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    tail: Annotated[int, typer.Option("--tail", help="Lines to print first.", min=0)] = 100,
+) -> None:
+    """Print the daemon's log or a worker's log (works after the daemon stopped, too)."""
+    check_name(name)
+    directory = state_dir(name)
+    if not directory.is_dir():
+        fail(f'no deployment named "{name}" (nothing at {directory})', ExitCode.NOT_RUNNING)
+    path = directory / ("daemon.log" if target == "daemon" else f"workers/{target}.log")
+    if "/" in target or not path.is_file():
+        known = sorted(p.stem for p in (directory / "workers").glob("*.log"))
+        fail(
+            f"no log for {target!r}; known: daemon{''.join(', ' + k for k in known)}",
+            ExitCode.NOT_FOUND,
+        )
+    for line in tail_lines(path, tail):
+        print(line)
+    if follow:
+        _follow(path)
+
+
+def _follow(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            while True:
+                chunk = f.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                    sys.stdout.flush()
+                    continue
+                if path.stat().st_size < f.tell():  # truncated or rotated
+                    f.seek(0)
+                time.sleep(0.25)
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
+def down(
+    name: NameOpt = "default",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the drain before stopping by force.")
+    ] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drain and stop every worker and the daemon (exit 0 when nothing was running)."""
+    check_name(name)
+    from flockctl import daemon
+
+    directory = state_dir(name)
+    result = daemon.stop(name, directory, timeout)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "was_running": result.was_running,
+                    "forced": result.forced,
+                    "orphans_stopped": result.orphans,
+                }
+            )
+        )
+    if not result.was_running:
+        extra = f"; stopped {result.orphans} worker(s) it had left" if result.orphans else ""
+        say(f'no daemon named "{name}" is running{extra}')
+        return
+    how = " (forced after the drain timed out)" if result.forced else ""
+    say(f'deployment "{name}" stopped{how}')
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,78 @@
+"""A small client for the daemon's admin API, found through the deployment's ``daemon.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from flockctl.exitcodes import ExitCode
+from flockctl.state import DaemonRecord, running_daemon
+
+
+class ClientError(Exception):
+    """A failure a command reports as one line on stderr with ``code`` as its exit status."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+class AdminClient:
+    def __init__(self, record: DaemonRecord, timeout: float = 10.0):
+        self.record = record
+        self._http = httpx.Client(
+            base_url=record.endpoint,
+            headers={"Authorization": f"Bearer {record.token}"},
+            timeout=timeout,
+            trust_env=False,
+        )
+
+    @classmethod
+    def for_name(cls, name: str, timeout: float = 10.0) -> AdminClient:
+        record = running_daemon(name)
+        if record is None:
+            raise ClientError(
+                f'no daemon named "{name}" is running; start one with flockctl up --name {name}',
+                ExitCode.NOT_RUNNING,
+            )
+        return cls(record, timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(
+                f"the daemon of {self.record.name!r} (pid {self.record.pid}) does not answer at"
+                f" {self.record.endpoint}: {exc}",
+                ExitCode.UNREACHABLE,
+            ) from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:200]
+            code = ExitCode.NOT_FOUND if resp.status_code == 404 else ExitCode.UNREACHABLE
+            raise ClientError(f"{method} {path}: HTTP {resp.status_code}: {message}", code)
+        return resp.json()
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/-/status")
+
+    def shutdown(self) -> dict[str, Any]:
+        return self.request("POST", "/-/shutdown")
+
+    def add_worker(self, url: str | None = None) -> dict[str, Any]:
+        return self.request("POST", "/-/workers", json={"url": url} if url else None)
+
+    def remove_worker(self, worker_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/-/workers/{worker_id}")

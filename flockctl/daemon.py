@@ -1,0 +1,150 @@
+"""Starting and stopping a deployment's daemon from the command line.
+
+The daemon runs in its own session (``start_new_session``) so it outlives the terminal; its
+output goes to ``daemon.log``. Nothing here imports the server package's web stack, so
+``flockctl status`` and ``down`` stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from flockctl.client import AdminClient, ClientError
+from flockctl.exitcodes import ExitCode
+from flockctl.state import DaemonRecord, is_same_process, tail_lines, write_json_atomic
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise ClientError(ADDRESS_IN_USE) when ``host:port`` cannot be bound right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ClientError(
+                    f"port {port} on {host} is already in use; choose another with --port",
+                    ExitCode.ADDRESS_IN_USE,
+                ) from None
+            raise ClientError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def write_config(directory: Path, config: dict) -> None:
+    write_json_atomic(directory / "config.json", config)
+
+
+def spawn(name: str, directory: Path) -> subprocess.Popen:
+    """Start ``python -m flockctl.server`` detached, logging to ``daemon.log``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "daemon.log").open("ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} flockctl up\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            [sys.executable, "-m", "flockctl.server", "--name", name],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=directory,  # never the user's directory: a source checkout there would shadow
+        )
+
+
+def wait_until_up(proc: subprocess.Popen, directory: Path, timeout: float) -> DaemonRecord:
+    """Wait until the daemon started as ``proc`` answers ``/health``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            tail = "\n".join(tail_lines(directory / "daemon.log", 20))
+            what = (
+                ExitCode.ADDRESS_IN_USE
+                if code == ExitCode.ADDRESS_IN_USE
+                else ExitCode.START_FAILED
+            )
+            raise ClientError(
+                f"the daemon exited with code {code} while starting; the end of its log"
+                f" ({directory / 'daemon.log'}):\n{tail}",
+                what,
+            )
+        record = DaemonRecord.load(directory)
+        if record is not None and record.pid == proc.pid:
+            with contextlib.suppress(httpx.HTTPError):
+                resp = httpx.get(f"{record.endpoint}/health", timeout=2, trust_env=False)
+                if resp.status_code == 200:
+                    return record
+        time.sleep(0.1)
+    raise ClientError(
+        f"the daemon (pid {proc.pid}) did not answer within {timeout:g}s; it may still be"
+        f" starting: see flockctl logs, or stop it with flockctl down",
+        ExitCode.TIMEOUT,
+    )
+
+
+@dataclass
+class StopResult:
+    was_running: bool
+    forced: bool = False
+    orphans: int = 0
+
+
+def stop(name: str, directory: Path, timeout: float) -> StopResult:
+    """Drain and stop the daemon and every worker; clean up after a daemon that died."""
+    record = DaemonRecord.load(directory)
+    result = StopResult(was_running=record is not None and record.alive())
+    if record is not None and result.was_running:
+        try:
+            with AdminClient(record, timeout=5) as client:
+                client.shutdown()
+        except ClientError:
+            _signal(record.pid, signal.SIGTERM)  # the daemon drains on SIGTERM as well
+        if not _wait_gone(record, timeout):
+            result.forced = True
+            _signal(record.pid, signal.SIGTERM)
+            if not _wait_gone(record, 10):
+                _signal(record.pid, signal.SIGKILL)
+                _wait_gone(record, 5)
+    result.orphans = len(_stop_recorded_workers(directory))
+    if record is not None and not record.alive():
+        with contextlib.suppress(FileNotFoundError):
+            (directory / "daemon.json").unlink()
+    return result
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(record: DaemonRecord, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_same_process(record.pid, record.start_time):
+            return True
+        time.sleep(0.05)
+    return not is_same_process(record.pid, record.start_time)
+
+
+def _stop_recorded_workers(directory: Path) -> list[str]:
+    """Workers a dead daemon left behind (recorded in workers.json, verified by start time)."""
+    table = directory / "workers.json"
+    try:
+        if not json.loads(table.read_text()).get("workers"):
+            return []
+    except (FileNotFoundError, ValueError, AttributeError):
+        return []
+    from flockctl.server.provisioners.local import LocalProvisioner
+
+    return LocalProvisioner("{port}", directory).kill_recorded()

@@ -1,0 +1,160 @@
+"""Where a deployment keeps its files, and how its daemon is recognised as alive.
+
+Layout of one deployment's state directory (``FLOCKCTL_HOME/<name>`` if ``FLOCKCTL_HOME`` is
+set, else ``$XDG_STATE_HOME/flockctl/<name>``, else ``~/.local/state/flockctl/<name>``)::
+
+    config.json     the resolved deployment config the daemon runs with (mode 0600)
+    daemon.json     pid, process start time, endpoint, admin token, version (mode 0600)
+    daemon.log      the daemon's log
+    workers.json    live local workers, so a restarted daemon can re-adopt them
+    workers/<id>.log
+
+Nothing is ever killed by name: a pid is only trusted when its process start time matches the
+one recorded, so a recycled pid is never mistaken for ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def valid_name(name: str) -> bool:
+    """A deployment name becomes a directory name: letters, digits, ``_ . -``, at most 63."""
+    return bool(NAME_RE.match(name))
+
+
+def state_root() -> Path:
+    """The directory that holds one sub-directory per deployment."""
+    home = os.environ.get("FLOCKCTL_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+    return base / "flockctl"
+
+
+def state_dir(name: str) -> Path:
+    """The state directory of deployment ``name`` (not created)."""
+    return state_root() / name
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
+    """Write JSON so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed file, or None when it is missing or half-written."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def process_start_time(pid: int) -> float | None:
+    """The start time of process ``pid``, or None when there is no such live process."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def is_same_process(pid: int | None, start_time: float | None) -> bool:
+    """True when ``pid`` is alive and is the very process that was recorded."""
+    if not pid or start_time is None:
+        return False
+    actual = process_start_time(pid)
+    return actual is not None and abs(actual - start_time) < 0.5
+
+
+@dataclass
+class DaemonRecord:
+    """The contents of ``daemon.json``: how to find and talk to a running daemon."""
+
+    pid: int
+    start_time: float
+    host: str
+    port: int
+    token: str
+    version: str
+    name: str
+
+    @property
+    def endpoint(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def alive(self) -> bool:
+        return is_same_process(self.pid, self.start_time)
+
+    def save(self, directory: Path) -> None:
+        write_json_atomic(directory / "daemon.json", asdict(self))
+
+    @classmethod
+    def load(cls, directory: Path) -> DaemonRecord | None:
+        data = read_json(directory / "daemon.json")
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except (KeyError, TypeError):
+            return None
+
+
+def running_daemon(name: str) -> DaemonRecord | None:
+    """The record of the live daemon of deployment ``name``, or None."""
+    record = DaemonRecord.load(state_dir(name))
+    if record is None or not record.alive():
+        return None
+    return record
+
+
+def tail_lines(path: Path, n: int) -> list[str]:
+    """The last ``n`` lines of a text file (without newlines), reading only its end."""
+    if n <= 0:
+        return []
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            block = 8192
+            data = b""
+            pos = end
+            while pos > 0 and data.count(b"\n") <= n:
+                step = min(block, pos)
+                pos -= step
+                f.seek(pos)
+                data = f.read(step) + data
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return lines[-n:]

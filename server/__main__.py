@@ -1,0 +1,168 @@
+"""The control daemon: ``python -m flockctl.server --name NAME [--config FILE]``.
+
+``flockctl up`` writes the resolved config to the deployment's state directory and starts this
+in its own session; ``flockctl up --foreground`` runs the same code attached to the terminal.
+The daemon binds its port first (a port in use is a one-line error, exit code 7), then serves
+the balancer and admin API with uvicorn (uvloop + httptools), and writes ``daemon.json`` once it
+answers. SIGINT/SIGTERM or ``POST /-/shutdown`` drain and stop every worker before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from flockctl import __version__
+from flockctl.exitcodes import ExitCode
+from flockctl.server.app import create_app
+from flockctl.server.config import DeploymentConfig
+from flockctl.server.deployment import Deployment
+from flockctl.state import DaemonRecord, process_start_time, state_dir
+
+log = logging.getLogger("flockctl.daemon")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the balancer's socket, or raise OSError with errno EADDRINUSE."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> None:
+    """Run the daemon until it is asked to stop."""
+    token = cfg.node_control_key or secrets.token_urlsafe(32)
+    deployment = Deployment(cfg, directory, token)
+    server: uvicorn.Server
+    pid = os.getpid()
+
+    def request_shutdown() -> None:
+        log.info("shutdown requested over the admin API")
+        server.should_exit = True
+
+    def on_stopped() -> None:
+        record = DaemonRecord.load(directory)
+        if record is not None and record.pid == pid:
+            with contextlib.suppress(FileNotFoundError):
+                (directory / "daemon.json").unlink()
+        log.info("daemon stopped")
+
+    app = create_app(deployment, request_shutdown, on_stopped)
+    config = uvicorn.Config(
+        app,
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(max(cfg.drain_timeout, 1)),
+        timeout_keep_alive=30,
+        backlog=4096,
+        server_header=False,
+        date_header=False,
+    )
+    server = uvicorn.Server(config)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.02)
+        DaemonRecord(
+            pid=pid,
+            start_time=process_start_time(pid) or 0.0,
+            host=cfg.host,
+            port=sock.getsockname()[1],
+            token=token,
+            version=__version__,
+            name=cfg.name,
+        ).save(directory)
+        log.info(
+            "flockctl %s: deployment %r serving on %s", __version__, cfg.name, deployment.endpoint
+        )
+
+    announcer = asyncio.create_task(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        announcer.cancel()
+
+
+def run(cfg: DeploymentConfig, directory: Path) -> int:
+    """Bind, serve, return an exit code. Used by ``__main__`` and ``flockctl up --foreground``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        sock = bind(cfg.host, cfg.port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(
+                f"flockctl: port {cfg.port} on {cfg.host} is already in use;"
+                " choose another with --port",
+                file=sys.stderr,
+            )
+            return ExitCode.ADDRESS_IN_USE
+        print(f"flockctl: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
+        return ExitCode.ERROR
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        runner = asyncio.run
+    runner(serve(cfg, directory, sock))
+    return ExitCode.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flockctl.server",
+        description="flockctl's control daemon (normally started by `flockctl up`).",
+    )
+    parser.add_argument("--name", default="default", help="deployment name (state directory)")
+    parser.add_argument(
+        "--config", type=Path, help="resolved config JSON (default: <state dir>/config.json)"
+    )
+    args = parser.parse_args(argv)
+    directory = state_dir(args.name)
+    path = args.config or directory / "config.json"
+    try:
+        cfg = DeploymentConfig.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        print(f"flockctl: no config at {path}; start deployments with flockctl up", file=sys.stderr)
+        return ExitCode.USAGE
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"flockctl: invalid config {path}: {exc}".replace("\n", " "), file=sys.stderr)
+        return ExitCode.USAGE
+    setup_logging()
+    return run(cfg, directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

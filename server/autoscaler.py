@@ -1,0 +1,208 @@
+"""Autoscaling policies: pure classes, ``decide(observation, now) -> Decision``, no I/O.
+
+``qlrm`` follows FlockServe: a time-weighted running mean of the queue length over
+``queue_tracking_window`` seconds, compared against ``autoscale_up`` / ``autoscale_down``. It
+repairs what FlockServe gets wrong:
+
+- requests waiting in the balancer for a worker count as load, so a deployment with no worker
+  (``min_workers: 0``) scales up from zero on its first request;
+- the queue length is per live worker (outstanding requests / live workers), so a threshold keeps
+  its meaning as the deployment grows (FlockServe compares the whole deployment's total);
+- a worker that is still starting does not freeze scaling (FlockServe holds while any worker is not
+  live, so one worker stuck in launch blocks every decision);
+- a threshold must hold for ``upscale_delay`` / ``downscale_delay`` seconds before the target
+  moves, so one burst does not flap the deployment.
+
+Every decision carries a reason a user can read.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the controller saw at one instant."""
+
+    in_flight: int
+    queued: int
+    live: int
+    ready: int
+    target: int
+
+    @property
+    def outstanding(self) -> int:
+        return self.in_flight + self.queued
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int
+    reason: str
+
+
+class AutoscalerPolicy:
+    name: ClassVar[str]
+
+    def __init__(self, min_workers: int, max_workers: int) -> None:
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+
+    def decide(self, obs: Observation, now: float) -> Decision:
+        raise NotImplementedError
+
+    @property
+    def qlrm(self) -> float | None:
+        return None
+
+    def history(self) -> list[tuple[float, float]]:
+        return []
+
+    def operator_target(self, target: int) -> None:
+        """An operator set the number of workers by hand (added or removed one)."""
+
+    def bounds(self, target: int) -> Decision | None:
+        """A decision forced by min/max alone, if the target is out of bounds."""
+        if target < self.min_workers:
+            return Decision(self.min_workers, f"below min_workers: scaling to {self.min_workers}")
+        if target > self.max_workers:
+            return Decision(self.max_workers, f"above max_workers: scaling to {self.max_workers}")
+        return None
+
+
+class FixedPolicy(AutoscalerPolicy):
+    """Always ``replicas`` workers (SkyServe's ``replicas: N``)."""
+
+    name = "fixed"
+
+    def __init__(self, replicas: int, min_workers: int = 0, max_workers: int | None = None):
+        super().__init__(min_workers, max(replicas, max_workers or replicas))
+        self.replicas = replicas
+
+    def operator_target(self, target: int) -> None:
+        self.replicas = target
+        self.max_workers = max(self.max_workers, target)
+
+    def decide(self, obs: Observation, now: float) -> Decision:
+        if obs.target == self.replicas:
+            return Decision(self.replicas, f"fixed at {self.replicas} workers")
+        return Decision(self.replicas, f"fixed policy: scaling to {self.replicas} workers")
+
+
+class QueueLengthRunningMean(AutoscalerPolicy):
+    """FlockServe's queue-length running mean, with the repairs listed in the module docstring."""
+
+    name = "qlrm"
+
+    def __init__(
+        self,
+        min_workers: int,
+        max_workers: int,
+        autoscale_up: float = 7.0,
+        autoscale_down: float = 4.0,
+        window: float = 600.0,
+        upscale_delay: float = 30.0,
+        downscale_delay: float = 120.0,
+        history_points: int = 120,
+    ) -> None:
+        super().__init__(min_workers, max_workers)
+        self.autoscale_up = autoscale_up
+        self.autoscale_down = autoscale_down
+        self.window = window
+        self.upscale_delay = upscale_delay
+        self.downscale_delay = downscale_delay
+        self._samples: deque[tuple[float, float]] = deque()
+        self._mean: float | None = None
+        self._above_since: float | None = None
+        self._below_since: float | None = None
+        self._history: deque[tuple[float, float]] = deque(maxlen=history_points)
+
+    @property
+    def qlrm(self) -> float | None:
+        return self._mean
+
+    def history(self) -> list[tuple[float, float]]:
+        return list(self._history)
+
+    def _record(self, value: float, now: float) -> float:
+        """Add a sample and return the time-weighted mean over the window.
+
+        Each sample holds until the next one, so a value weighs as long as it lasted; the newest
+        sample has no duration yet and counts only when it is the only one.
+        """
+        self._samples.append((now, value))
+        start = now - self.window
+        while len(self._samples) > 1 and self._samples[1][0] <= start:
+            self._samples.popleft()
+        total = 0.0
+        weighted = 0.0
+        items = list(self._samples)
+        for (t0, v0), (t1, _v1) in pairwise(items):
+            span = t1 - max(t0, start)
+            if span > 0:
+                weighted += v0 * span
+                total += span
+        mean = weighted / total if total > 0 else value
+        self._mean = mean
+        self._history.append((now, mean))
+        return mean
+
+    def decide(self, obs: Observation, now: float) -> Decision:
+        load = obs.outstanding / max(obs.live, 1)
+        mean = self._record(load, now)
+        forced = self.bounds(obs.target)
+        if forced is not None:
+            return forced
+        target = obs.target
+        if target == 0 and obs.queued > 0:
+            new = max(1, self.min_workers)
+            self._above_since = self._below_since = None
+            return Decision(
+                new, f"{obs.queued} requests waiting and no worker: scaling from zero to {new}"
+            )
+        if mean > self.autoscale_up and target < self.max_workers:
+            self._below_since = None
+            if self._above_since is None:
+                self._above_since = now
+            held = now - self._above_since
+            if held >= self.upscale_delay:
+                self._above_since = None
+                return Decision(
+                    target + 1,
+                    f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g} for {held:.0f}s:"
+                    f" scaling up to {target + 1}",
+                )
+            return Decision(
+                target,
+                f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g}; scaling up in"
+                f" {self.upscale_delay - held:.0f}s if it holds",
+            )
+        if mean < self.autoscale_down and target > self.min_workers:
+            self._above_since = None
+            if self._below_since is None:
+                self._below_since = now
+            held = now - self._below_since
+            if held >= self.downscale_delay:
+                self._below_since = None
+                return Decision(
+                    target - 1,
+                    f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g} for {held:.0f}s:"
+                    f" scaling down to {target - 1}",
+                )
+            return Decision(
+                target,
+                f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g}; scaling down in"
+                f" {self.downscale_delay - held:.0f}s if it holds",
+            )
+        self._above_since = self._below_since = None
+        if mean > self.autoscale_up:
+            why = f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g} but at max_workers"
+        elif mean < self.autoscale_down:
+            why = f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g} but at min_workers"
+        else:
+            why = f"qlrm {mean:.2f} within [{self.autoscale_down:g}, {self.autoscale_up:g}]"
+        return Decision(target, f"{why}: holding {target}")

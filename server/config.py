@@ -1,0 +1,284 @@
+"""The deployment config: defaults, a SPEC YAML file, and flags, resolved into one validated model.
+
+Precedence, lowest first: built-in defaults, the SPEC's SkyServe ``service:`` section, the SPEC's
+``flockctl:`` section, command-line flags. Every error names where the bad value came from
+(``spec.yaml: service.replica_policy.min_replicas``, ``--max-workers``), so the user can fix it
+without guessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BALANCING_POLICIES = ("least-connection", "round-robin", "power-of-two")
+AUTOSCALERS = ("qlrm", "fixed")
+PROVISIONERS = ("local", "static")
+
+# Top-level keys of a SkyPilot task YAML. They are accepted so one file can drive both a
+# SkyPilot launch and flockctl; the local and static provisioners do not use them.
+SKYPILOT_TASK_KEYS = frozenset(
+    {
+        "name",
+        "workdir",
+        "num_nodes",
+        "resources",
+        "envs",
+        "secrets",
+        "file_mounts",
+        "setup",
+        "run",
+        "config",
+        "volumes",
+        "event_callback",
+        "inputs",
+        "outputs",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A deployment config that cannot run; ``problems`` are one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProbeConfig(_Strict):
+    """The readiness probe: SkyServe's ``readiness_probe`` fields, plus interval and threshold."""
+
+    path: str = Field("/health", description="HTTP path probed on each worker")
+    post_data: dict[str, Any] | None = Field(None, description="JSON body; makes the probe a POST")
+    headers: dict[str, str] = Field(default_factory=dict)
+    initial_delay_seconds: float = Field(
+        1200.0, ge=0, description="how long a new worker may take to become READY"
+    )
+    timeout_seconds: float = Field(15.0, gt=0)
+    interval_seconds: float = Field(2.0, gt=0)
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures before NOT_READY")
+
+    @model_validator(mode="after")
+    def _path_is_absolute(self) -> ProbeConfig:
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {self.path!r}")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Everything the daemon needs to run one deployment."""
+
+    name: str = "default"
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    provisioner: Literal["local", "static"] | None = None
+    worker_command: str | None = None
+    workdir: str | None = Field(None, description="directory the worker command runs in")
+    endpoints: list[str] = Field(default_factory=list)
+    min_workers: int = Field(1, ge=0)
+    max_workers: int = Field(2, ge=1)
+    autoscaler: Literal["qlrm", "fixed"] = "qlrm"
+    replicas: int | None = Field(None, ge=0)
+    autoscale_up: float = Field(7.0, ge=0)
+    autoscale_down: float = Field(4.0, ge=0)
+    queue_tracking_window: float = Field(600.0, gt=0)
+    upscale_delay: float = Field(30.0, ge=0)
+    downscale_delay: float = Field(120.0, ge=0)
+    policy: Literal["least-connection", "round-robin", "power-of-two"] = "least-connection"
+    worker_capacity: int = Field(30, ge=1)
+    queue_timeout: float = Field(60.0, gt=0)
+    max_queue: int = Field(1000, ge=0)
+    max_attempts: int = Field(3, ge=1, le=10)
+    drain_timeout: float = Field(30.0, ge=0)
+    max_start_failures: int = Field(3, ge=1)
+    node_control_key: str | None = None
+    api_key: str | None = None
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeploymentConfig:
+        if self.provisioner is None:
+            self.provisioner = "static" if self.endpoints and not self.worker_command else "local"
+        if self.provisioner == "local":
+            if not self.worker_command:
+                raise ValueError(
+                    "worker_command: the local provisioner needs a command that starts one worker,"
+                    " e.g. --worker-command 'vllm serve MODEL --port {port}'"
+                    " (or give --endpoint URL for servers that already run)"
+                )
+            if "{port}" not in self.worker_command:
+                raise ValueError(
+                    "worker_command: must contain {port}, the port flockctl assigns to each worker"
+                )
+        if self.provisioner == "static":
+            if not self.endpoints:
+                raise ValueError("endpoints: the static provisioner needs at least one --endpoint")
+            for url in self.endpoints:
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(f"endpoints: {url!r} is not an http:// or https:// URL")
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) is larger than max_workers ({self.max_workers})"
+            )
+        if self.autoscale_down > self.autoscale_up:
+            raise ValueError(
+                f"autoscale_down ({self.autoscale_down}) is larger than autoscale_up"
+                f" ({self.autoscale_up})"
+            )
+        if self.autoscaler == "fixed" and self.replicas is None:
+            self.replicas = self.min_workers
+        return self
+
+    def initial_target(self) -> int:
+        """How many workers to start with."""
+        if self.provisioner == "static":
+            return len(self.endpoints)
+        if self.autoscaler == "fixed":
+            return self.replicas or 0
+        return self.min_workers
+
+
+def _service_overrides(service: Any, where: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Map SkyServe's ``service:`` section onto config fields, naming any unknown field."""
+    if not isinstance(service, dict):
+        raise ConfigError([f"{where}service: must be a mapping"])
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+    known = {"readiness_probe", "replicas", "replica_policy"}
+    for key in service:
+        if key not in known:
+            problems.append(f"{where}service.{key}: unknown or unsupported field")
+    probe = service.get("readiness_probe")
+    if probe is not None:
+        if isinstance(probe, str):
+            out["probe"] = {"path": probe}
+        elif isinstance(probe, dict):
+            out["probe"] = dict(probe)
+        else:
+            problems.append(f"{where}service.readiness_probe: must be a path or a mapping")
+        origin["probe"] = f"{where}service.readiness_probe"
+    if "replicas" in service and "replica_policy" in service:
+        problems.append(
+            f"{where}service.replicas: cannot be used together with service.replica_policy"
+        )
+    if "replicas" in service:
+        out["autoscaler"] = "fixed"
+        out["replicas"] = service["replicas"]
+        origin["replicas"] = f"{where}service.replicas"
+    policy = service.get("replica_policy")
+    if policy is not None:
+        if not isinstance(policy, dict):
+            problems.append(f"{where}service.replica_policy: must be a mapping")
+        else:
+            mapping = {"min_replicas": "min_workers", "max_replicas": "max_workers"}
+            for key, value in policy.items():
+                if key not in mapping:
+                    problems.append(
+                        f"{where}service.replica_policy.{key}: unknown or unsupported field"
+                    )
+                    continue
+                out[mapping[key]] = value
+                origin[mapping[key]] = f"{where}service.replica_policy.{key}"
+            if "max_replicas" not in policy and "min_replicas" in policy:
+                out.setdefault(
+                    "max_workers",
+                    max(policy["min_replicas"], 1)
+                    if isinstance(policy["min_replicas"], int)
+                    else 1,
+                )
+    if problems:
+        raise ConfigError(problems)
+    return out, origin
+
+
+def load_spec(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read a SPEC YAML into config overrides and, for each field, where it came from."""
+    where = f"{path}: "
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    problems = [
+        f"{where}{key}: unknown top-level field (expected flockctl, service, or SkyPilot task"
+        " fields)"
+        for key in data
+        if key not in SKYPILOT_TASK_KEYS and key not in ("flockctl", "service")
+    ]
+    if problems:
+        raise ConfigError(problems)
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if "service" in data:
+        out, origin = _service_overrides(data["service"], where)
+    section = data.get("flockctl")
+    if section is not None:
+        if not isinstance(section, dict):
+            raise ConfigError([f"{where}flockctl: must be a mapping"])
+        for key, value in section.items():
+            if key == "probe" and isinstance(value, dict) and isinstance(out.get("probe"), dict):
+                value = {**out["probe"], **value}
+            out[key] = value
+            origin[key] = f"{where}flockctl.{key}"
+    return out, origin
+
+
+def resolve(
+    spec: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    flag_names: dict[str, str] | None = None,
+) -> DeploymentConfig:
+    """Merge defaults, SPEC and flags into a validated config, or raise ConfigError.
+
+    ``flags`` holds only the flags the user actually gave (None means "not given");
+    ``flag_names`` maps a field to its flag spelling for error messages.
+    """
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if spec is not None:
+        values, origin = load_spec(spec)
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key == "probe" and isinstance(value, dict):
+            base = values.get("probe") if isinstance(values.get("probe"), dict) else {}
+            value = {**base, **value}
+        values[key] = value
+        origin[key] = (flag_names or {}).get(key, f"--{key.replace('_', '-')}")
+    if flags and flags.get("replicas") is not None and "autoscaler" not in flags:
+        values["autoscaler"] = "fixed"
+    try:
+        return DeploymentConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError([_describe(err, origin) for err in exc.errors()]) from None
+
+
+def _describe(err: Any, origin: dict[str, str]) -> str:
+    loc = [str(part) for part in err.get("loc", ())]
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    if not loc:
+        return msg
+    head = loc[0]
+    where = origin.get(head, head)
+    if head in origin and origin[head].startswith("--"):
+        label = where
+    elif head in origin:
+        label = where + "".join(f".{part}" for part in loc[1:])
+    else:
+        label = ".".join(loc)
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return f"{label}: {msg}"

@@ -1,0 +1,300 @@
+"""The controller: keeps the number of live workers at the autoscaler's target.
+
+Every tick it checks each worker's resource (a local process that exited is FAILED at once),
+asks the autoscaler policy for a target once per ``decide_interval``, launches the missing workers
+and drains the surplus. A crash loop (``max_start_failures`` workers in a row that failed before
+ever being READY) stops launching, and the reason is shown to the user until a worker is added
+by hand (``POST /-/workers``) or the deployment is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flockctl.server.autoscaler import AutoscalerPolicy, Decision, Observation
+from flockctl.server.pool import WorkerPool
+from flockctl.server.prober import Prober
+from flockctl.server.provisioners.base import Provisioner
+from flockctl.server.workers import LIVE, Worker, WorkerState
+
+log = logging.getLogger("flockctl.controller")
+S = WorkerState
+
+
+@dataclass
+class DecisionRecord:
+    at: float
+    target: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "target": self.target, "reason": self.reason}
+
+
+class Controller:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        provisioner: Provisioner,
+        policy: AutoscalerPolicy,
+        prober: Prober,
+        initial_target: int,
+        drain_timeout: float = 30.0,
+        max_start_failures: int = 3,
+        tick: float = 0.25,
+        decide_interval: float = 1.0,
+    ) -> None:
+        self.pool = pool
+        self.provisioner = provisioner
+        self.policy = policy
+        self.prober = prober
+        self.target = initial_target
+        self.drain_timeout = drain_timeout
+        self.max_start_failures = max_start_failures
+        self.tick = tick
+        self.decide_interval = decide_interval
+        self.last_decision = DecisionRecord(time.time(), initial_target, "initial target")
+        self.blocked: str | None = None
+        self.start_failures = 0
+        self._seq = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._launches: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._next_decide = 0.0
+        self._stopping = False
+        pool.on_transition(self._on_transition)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for worker in self.provisioner.adopt():
+            self._seq = max(self._seq, _seq_of(worker.id))
+            self.pool.add(worker)
+            self.prober.watch(worker)
+            log.info("re-adopted worker %s (pid %s, %s)", worker.id, worker.pid, worker.url)
+        self._loop_task = asyncio.create_task(self._run(), name="controller")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop scaling, drain (bounded) and terminate every worker."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._launches.values()):
+            task.cancel()
+        await asyncio.gather(*self._launches.values(), return_exceptions=True)
+        workers = [w for w in self.pool if w.live or w.state == S.DRAINING]
+        await asyncio.gather(
+            *(self._drain_and_terminate(w, drain) for w in workers), return_exceptions=True
+        )
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.step(time.time())
+            except Exception:  # pragma: no cover - a bug must not stop the control loop
+                log.exception("controller step failed")
+            await asyncio.sleep(self.tick)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        live = self.pool.live()
+        return Observation(
+            in_flight=self.pool.in_flight,
+            queued=self.pool.queued,
+            live=len(live),
+            ready=len(self.pool.ready()),
+            target=self.target,
+        )
+
+    def step(self, now: float) -> None:
+        """Check resources, maybe decide, then reconcile the workers with the target."""
+        for worker in self.pool.live():
+            if worker.state in (S.PENDING, S.PROVISIONING):
+                continue
+            health = self.provisioner.health(worker)
+            if not health.alive:
+                log.warning("worker %s FAILED: %s", worker.id, health.reason)
+                self.pool.set_state(worker, S.FAILED, health.reason)
+                self._spawn(self._cleanup(worker))
+        if now >= self._next_decide:
+            self._next_decide = now + self.decide_interval
+            self.apply(self.policy.decide(self.observe(), now))
+        self.reconcile()
+
+    def apply(self, decision: Decision) -> None:
+        if decision.target != self.target:
+            log.info(
+                "autoscaler: target %d -> %d: %s", self.target, decision.target, decision.reason
+            )
+        self.target = decision.target
+        self.last_decision = DecisionRecord(time.time(), decision.target, decision.reason)
+
+    def reconcile(self) -> None:
+        if self._stopping:
+            return
+        live = self.pool.live()
+        missing = self.target - len(live)
+        if missing > 0 and self.blocked is None:
+            room = self.provisioner.capacity(len(live))
+            if room is not None:
+                missing = min(missing, room)
+            for _ in range(max(missing, 0)):
+                self.launch()
+        elif missing < 0:
+            for worker in self._victims(live, -missing):
+                self.drain(worker)
+
+    @staticmethod
+    def _victims(live: list[Worker], n: int) -> list[Worker]:
+        """Workers to remove first: those not serving (not READY), then the least busy."""
+        order = {S.PENDING: 0, S.PROVISIONING: 1, S.NOT_READY: 2, S.STARTING: 3, S.READY: 4}
+        return sorted(live, key=lambda w: (order[w.state], w.in_flight, -w.created_at))[:n]
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def next_id(self) -> str:
+        self._seq += 1
+        return f"w{self._seq}"
+
+    def launch(self) -> Worker:
+        worker = Worker(id=self.next_id(), provisioner=self.provisioner.name)
+        self.pool.add(worker)
+        self._launches[worker.id] = asyncio.create_task(
+            self._launch(worker), name=f"launch-{worker.id}"
+        )
+        return worker
+
+    async def _launch(self, worker: Worker) -> None:
+        try:
+            self.pool.set_state(worker, S.PROVISIONING)
+            log.info("launching worker %s (%s)", worker.id, self.provisioner.name)
+            await self.provisioner.launch(worker)
+            if worker.state != S.PROVISIONING:  # drained while launching
+                await self.provisioner.terminate(worker)
+                self._end(worker, None)
+                return
+            self.pool.set_state(worker, S.STARTING)
+            self.prober.watch(worker)
+        except asyncio.CancelledError:
+            await self.provisioner.terminate(worker)
+            self._end(worker, "launch cancelled")
+            raise
+        except Exception as exc:
+            reason = f"launch failed: {exc}"
+            log.warning("worker %s %s", worker.id, reason)
+            await self.provisioner.terminate(worker)
+            self._end(worker, reason)
+        finally:
+            self._launches.pop(worker.id, None)
+
+    def _end(self, worker: Worker, reason: str | None) -> None:
+        """A launch that will not go on: TERMINATED if it was being drained, else FAILED."""
+        if worker.state == S.DRAINING:
+            self.pool.set_state(worker, S.TERMINATED)
+        elif worker.live:
+            self.pool.set_state(worker, S.FAILED, reason or "launch abandoned")
+
+    def add_worker(self) -> Worker:
+        """An operator asked for one more worker: raise the target and clear a crash-loop stop."""
+        self.blocked = None
+        self.start_failures = 0
+        self.target = len(self.pool.live()) + 1
+        self.policy.operator_target(self.target)
+        self.last_decision = DecisionRecord(time.time(), self.target, "worker added by operator")
+        return self.launch()
+
+    def remove_worker(self, worker: Worker) -> None:
+        """An operator removed a worker: lower the target (not below min) and drain it."""
+        self.target = max(self.policy.min_workers, len(self.pool.live()) - 1)
+        self.policy.operator_target(self.target)
+        self.last_decision = DecisionRecord(
+            time.time(), self.target, f"worker {worker.id} removed by operator"
+        )
+        self.drain(worker)
+
+    def drain(self, worker: Worker) -> None:
+        if worker.state not in LIVE:
+            return
+        self.pool.set_state(worker, S.DRAINING)
+        log.info("draining worker %s", worker.id)
+        launch = self._launches.get(worker.id)
+        if launch is not None:
+            launch.cancel()
+            return
+        self._spawn(self._drain_and_terminate(worker, True))
+
+    async def _drain_and_terminate(self, worker: Worker, drain: bool) -> None:
+        if worker.live:
+            self.pool.set_state(worker, S.DRAINING)
+        if drain:
+            deadline = time.monotonic() + self.drain_timeout
+            while worker.in_flight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await self.provisioner.terminate(worker)
+        if worker.state == S.DRAINING:
+            self.pool.set_state(worker, S.TERMINATED)
+            log.info("worker %s terminated", worker.id)
+
+    async def _cleanup(self, worker: Worker) -> None:
+        await self.provisioner.terminate(worker)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- crash-loop guard ----------------------------------------------------------------------
+
+    def _on_transition(self, worker: Worker, old: WorkerState) -> None:
+        if worker.state == S.READY:
+            self.start_failures = 0
+        elif worker.state == S.FAILED and not worker.ever_ready and not self._stopping:
+            self.start_failures += 1
+            if self.start_failures >= self.max_start_failures and self.blocked is None:
+                self.blocked = (
+                    f"stopped launching: {self.start_failures} workers in a row failed before"
+                    f" becoming READY (last, {worker.id}: {worker.reason}). Check"
+                    f" `flockctl logs {worker.id}`, fix the worker command, then add a worker"
+                    " (POST /-/workers) or restart with flockctl up"
+                )
+                log.error("%s", self.blocked)
+
+    def to_dict(self) -> dict[str, Any]:
+        policy = self.policy
+        out: dict[str, Any] = {
+            "policy": policy.name,
+            "target": self.target,
+            "min_workers": policy.min_workers,
+            "max_workers": policy.max_workers,
+            "qlrm": policy.qlrm,
+            "qlrm_history": [[round(t, 3), round(v, 4)] for t, v in policy.history()[-60:]],
+            "last_decision": self.last_decision.to_dict(),
+            "launch_blocked": self.blocked,
+            "consecutive_start_failures": self.start_failures,
+        }
+        for key in (
+            "autoscale_up",
+            "autoscale_down",
+            "window",
+            "upscale_delay",
+            "downscale_delay",
+            "replicas",
+        ):
+            if hasattr(policy, key):
+                name = "queue_tracking_window" if key == "window" else key
+                out.setdefault("thresholds", {})[name] = getattr(policy, key)
+        return out
+
+
+def _seq_of(worker_id: str) -> int:
+    digits = worker_id.lstrip("w")
+    return int(digits) if digits.isdigit() else 0

@@ -1,0 +1,154 @@
+"""One deployment: its config, workers, provisioner, autoscaler, prober and metrics, wired up.
+
+``Deployment.start()`` and ``stop()`` run inside the app's lifespan; ``snapshot()`` is the status
+document (schema 1) that the CLI, the dashboard and scripts all read from ``GET /-/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from flockctl import __version__
+from flockctl.server.autoscaler import AutoscalerPolicy, FixedPolicy, QueueLengthRunningMean
+from flockctl.server.config import DeploymentConfig
+from flockctl.server.controller import Controller
+from flockctl.server.metrics import Metrics
+from flockctl.server.policies import make_policy
+from flockctl.server.pool import WorkerPool
+from flockctl.server.prober import Prober
+from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
+from flockctl.server.workers import WorkerState
+
+SCHEMA = 1
+
+
+def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
+    if cfg.provisioner == "static":
+        return FixedPolicy(len(cfg.endpoints), min_workers=0)
+    if cfg.autoscaler == "fixed":
+        return FixedPolicy(cfg.replicas or 0, cfg.min_workers, cfg.max_workers)
+    return QueueLengthRunningMean(
+        cfg.min_workers,
+        cfg.max_workers,
+        autoscale_up=cfg.autoscale_up,
+        autoscale_down=cfg.autoscale_down,
+        window=cfg.queue_tracking_window,
+        upscale_delay=cfg.upscale_delay,
+        downscale_delay=cfg.downscale_delay,
+    )
+
+
+def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
+    if cfg.provisioner == "static":
+        return StaticProvisioner(cfg.endpoints)
+    assert cfg.worker_command is not None
+    return LocalProvisioner(
+        cfg.worker_command, state_dir, cwd=Path(cfg.workdir) if cfg.workdir else None
+    )
+
+
+class Deployment:
+    def __init__(self, cfg: DeploymentConfig, state_dir: Path, token: str) -> None:
+        self.cfg = cfg
+        self.state_dir = state_dir
+        self.token = token
+        self.started_at = time.time()
+        self.pool = WorkerPool(make_policy(cfg.policy), cfg.worker_capacity, cfg.max_queue)
+        self.provisioner = make_provisioner(cfg, state_dir)
+        self.policy = make_autoscaler(cfg)
+        self.metrics = Metrics(self._gauges)
+        self._probe_session: aiohttp.ClientSession | None = None
+        self.prober: Prober | None = None
+        self.controller: Controller | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
+        return f"http://{host}:{self.cfg.port}"
+
+    async def start(self) -> None:
+        self._probe_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, force_close=True)
+        )
+        self.prober = Prober(self.pool, self.cfg.probe, self._probe_session)
+        self.controller = Controller(
+            self.pool,
+            self.provisioner,
+            self.policy,
+            self.prober,
+            initial_target=self.cfg.initial_target(),
+            drain_timeout=self.cfg.drain_timeout,
+            max_start_failures=self.cfg.max_start_failures,
+        )
+        self.controller.start()
+        self._sampler = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            self.metrics.sample(time.time())
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self.controller is not None:
+            await self.controller.stop()
+        if self.prober is not None:
+            await self.prober.close()
+        await self.provisioner.close()
+        if self._probe_session is not None:
+            await self._probe_session.close()
+
+    def on_connect_error(self, worker: Any) -> None:
+        if self.prober is not None:
+            self.prober.poke(worker)
+
+    def _gauges(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for w in self.pool:
+            counts[w.state.value] = counts.get(w.state.value, 0) + 1
+        return {
+            "in_flight": self.pool.in_flight,
+            "queued": self.pool.queued,
+            "workers": counts,
+            "qlrm": self.policy.qlrm,
+            "target": self.controller.target if self.controller else 0,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        cfg = self.cfg
+        workers = [w.to_dict() for w in self.pool]
+        m = self.metrics
+        return {
+            "schema": SCHEMA,
+            "generated_at": time.time(),
+            "deployment": {
+                "name": cfg.name,
+                "version": __version__,
+                "endpoint": self.endpoint,
+                "provisioner": cfg.provisioner,
+                "policy": cfg.policy,
+                "worker_capacity": cfg.worker_capacity,
+                "started_at": self.started_at,
+                "state_dir": str(self.state_dir),
+                "worker_command": cfg.worker_command,
+                "probe": cfg.probe.model_dump(),
+            },
+            "autoscaler": self.controller.to_dict() if self.controller else None,
+            "workers": workers,
+            "requests": {
+                "total": m.total,
+                "in_flight": self.pool.in_flight,
+                "queued": self.pool.queued,
+                "failed": m.failed,
+                "retried": m.retried,
+                "rate": round(m.rate(), 3),
+            },
+            "ready_workers": sum(1 for w in self.pool if w.state == WorkerState.READY),
+        }

@@ -1,0 +1,130 @@
+"""The readiness prober: one loop per worker, SkyServe's probe semantics.
+
+- STARTING: failures are expected and ignored until ``initial_delay_seconds`` have passed since
+  the worker started; the first success makes it READY; still failing after that: FAILED.
+- READY: ``failure_threshold`` consecutive failures make it NOT_READY.
+- NOT_READY: one success makes it READY again.
+
+The balancer can ask for an early probe (``poke``) when a request to a worker fails to connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from flockctl.server.config import ProbeConfig
+from flockctl.server.pool import WorkerPool
+from flockctl.server.workers import Worker, WorkerState
+
+log = logging.getLogger("flockctl.prober")
+
+S = WorkerState
+PROBED = frozenset({S.STARTING, S.READY, S.NOT_READY})
+
+
+class Prober:
+    def __init__(self, pool: WorkerPool, config: ProbeConfig, session: aiohttp.ClientSession):
+        self.pool = pool
+        self.config = config
+        self.session = session
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._pokes: dict[str, asyncio.Event] = {}
+
+    def watch(self, worker: Worker) -> None:
+        """Start probing ``worker`` (idempotent); the loop ends when the worker leaves PROBED."""
+        task = self._tasks.get(worker.id)
+        if task is not None and not task.done():
+            return
+        self._pokes[worker.id] = asyncio.Event()
+        self._tasks[worker.id] = asyncio.create_task(self._loop(worker), name=f"probe-{worker.id}")
+
+    def poke(self, worker: Worker) -> None:
+        """Probe ``worker`` now instead of at its next interval."""
+        event = self._pokes.get(worker.id)
+        if event is not None:
+            event.set()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def probe_once(self, worker: Worker) -> tuple[bool, str]:
+        """One probe: (success, what happened)."""
+        cfg = self.config
+        url = f"{worker.url}{cfg.path}"
+        timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds)
+        kwargs: dict[str, Any] = {"headers": cfg.headers or None, "timeout": timeout}
+        method = "GET"
+        if cfg.post_data is not None:
+            method, kwargs["json"] = "POST", cfg.post_data
+        try:
+            async with self.session.request(method, url, **kwargs) as resp:
+                await resp.read()
+                ok = 200 <= resp.status < 300
+                return ok, f"HTTP {resp.status}"
+        except asyncio.TimeoutError:
+            return False, f"no answer within {cfg.timeout_seconds:g}s"
+        except aiohttp.ClientError as exc:
+            return False, _short_error(exc)
+
+    async def _loop(self, worker: Worker) -> None:
+        cfg = self.config
+        poke = self._pokes[worker.id]
+        try:
+            while worker.state in PROBED and worker.url:
+                started = time.monotonic()
+                ok, detail = await self.probe_once(worker)
+                if worker.state not in PROBED:
+                    break
+                worker.last_probe = {
+                    "at": time.time(),
+                    "ok": ok,
+                    "detail": detail,
+                    "ms": round((time.monotonic() - started) * 1000, 2),
+                }
+                self._apply(worker, ok, detail)
+                poke.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(poke.wait(), cfg.interval_seconds)
+        finally:
+            self._pokes.pop(worker.id, None)
+            self._tasks.pop(worker.id, None)
+
+    def _apply(self, worker: Worker, ok: bool, detail: str) -> None:
+        cfg = self.config
+        if ok:
+            worker.probe_failures = 0
+            if worker.state in (S.STARTING, S.NOT_READY):
+                log.info("worker %s is READY (%s)", worker.id, worker.url)
+                self.pool.set_state(worker, S.READY)
+            return
+        worker.probe_failures += 1
+        if worker.state == S.STARTING:
+            waited = time.time() - (worker.started_at or worker.created_at)
+            if waited > cfg.initial_delay_seconds:
+                reason = (
+                    f"not READY after {cfg.initial_delay_seconds:g}s"
+                    f" (initial_delay_seconds); last probe of {cfg.path}: {detail}"
+                )
+                log.warning("worker %s FAILED: %s", worker.id, reason)
+                self.pool.set_state(worker, S.FAILED, reason)
+        elif worker.state == S.READY and worker.probe_failures >= cfg.failure_threshold:
+            reason = f"{worker.probe_failures} probes of {cfg.path} failed in a row: {detail}"
+            log.warning("worker %s is NOT_READY: %s", worker.id, reason)
+            self.pool.set_state(worker, S.NOT_READY, reason)
+
+
+def _short_error(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connection refused" if "refused" in str(exc).lower() else f"cannot connect: {exc}"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

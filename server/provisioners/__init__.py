@@ -1,0 +1,9 @@
+"""Provisioners: what creates and removes the resource behind each worker."""
+
+from __future__ import annotations
+
+from flockctl.server.provisioners.base import Provisioner, ResourceHealth
+from flockctl.server.provisioners.local import LocalProvisioner
+from flockctl.server.provisioners.static import StaticProvisioner
+
+__all__ = ["LocalProvisioner", "Provisioner", "ResourceHealth", "StaticProvisioner"]

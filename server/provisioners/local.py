@@ -1,0 +1,202 @@
+"""Workers as local processes: one shell command per worker, each in its own process group.
+
+The command is a template: ``{port}`` becomes the port assigned to the worker and
+``{worker_id}`` its id (the environment also carries ``PORT`` and ``FLOCKCTL_WORKER_ID``). Output
+goes to ``workers/<id>.log``. Live workers are recorded in ``workers.json`` (pid and process
+start time) so a restarted daemon re-adopts them instead of leaving orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
+from flockctl.server.workers import Worker, WorkerState
+from flockctl.state import is_same_process, process_start_time, read_json, tail_lines
+from flockctl.state import write_json_atomic as _write
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _Handle:
+    """What the provisioner knows of one worker's process."""
+
+    def __init__(self, pid: int, start_time: float, port: int, popen: subprocess.Popen | None):
+        self.pid = pid
+        self.start_time = start_time
+        self.port = port
+        self.popen = popen
+
+
+class LocalProvisioner(Provisioner):
+    name = "local"
+
+    def __init__(
+        self,
+        command: str,
+        state_dir: Path,
+        host: str = "127.0.0.1",
+        stop_timeout: float = 10.0,
+        cwd: Path | None = None,
+    ) -> None:
+        self.command = command
+        self.cwd = cwd
+        self.state_dir = state_dir
+        self.host = host
+        self.stop_timeout = stop_timeout
+        self.log_dir = state_dir / "workers"
+        self._table = state_dir / "workers.json"
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def render(self, worker_id: str, port: int) -> str:
+        return self.command.replace("{port}", str(port)).replace("{worker_id}", worker_id)
+
+    async def launch(self, worker: Worker) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port(self.host)
+        cmd = self.render(worker.id, port)
+        env = {**os.environ, "PORT": str(port), "FLOCKCTL_WORKER_ID": worker.id}
+        log_path = self.log_dir / f"{worker.id}.log"
+        with log_path.open("ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {cmd}\n".encode())
+            log.flush()
+            popen = subprocess.Popen(
+                cmd,
+                shell=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=self.cwd,
+            )
+        start = process_start_time(popen.pid) or time.time()
+        worker.handle = _Handle(popen.pid, start, port, popen)
+        worker.pid = popen.pid
+        worker.url = f"http://{self._client_host()}:{port}"
+        self._records[worker.id] = {
+            "id": worker.id,
+            "pid": popen.pid,
+            "start_time": start,
+            "port": port,
+            "url": worker.url,
+            "command": cmd,
+        }
+        self._save()
+
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    def health(self, worker: Worker) -> ResourceHealth:
+        handle: _Handle | None = worker.handle
+        if handle is None:
+            return ALIVE
+        if handle.popen is not None:
+            code = handle.popen.poll()
+            if code is None:
+                return ALIVE
+            return ResourceHealth(False, self._exit_reason(worker.id, code))
+        if is_same_process(handle.pid, handle.start_time):
+            return ALIVE
+        return ResourceHealth(False, self._exit_reason(worker.id, None))
+
+    def _exit_reason(self, worker_id: str, code: int | None) -> str:
+        if code is None:
+            what = "process exited"
+        elif code < 0:
+            what = f"process killed by signal {-code}"
+        else:
+            what = f"process exited with code {code}"
+        last = [
+            line
+            for line in tail_lines(self.log_dir / f"{worker_id}.log", 5)
+            if line.strip() and not line.startswith("--- ")
+        ]
+        return f"{what}: {last[-1].strip()[:200]}" if last else what
+
+    async def terminate(self, worker: Worker) -> None:
+        handle: _Handle | None = worker.handle
+        if handle is None:
+            return
+        if handle.popen is not None and handle.popen.poll() is not None:
+            self._kill_group(handle.pid, signal.SIGKILL)  # leftovers of the group, if any
+        elif handle.popen is not None or is_same_process(handle.pid, handle.start_time):
+            self._kill_group(handle.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout
+            while time.monotonic() < deadline and self._group_alive(handle):
+                await asyncio.sleep(0.05)
+            if self._group_alive(handle):
+                self._kill_group(handle.pid, signal.SIGKILL)
+        if handle.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                handle.popen.wait(timeout=1)
+        self.forget(worker)
+
+    @staticmethod
+    def _kill_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    @staticmethod
+    def _group_alive(handle: _Handle) -> bool:
+        if handle.popen is not None and handle.popen.poll() is None:
+            return True
+        try:
+            os.killpg(handle.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def forget(self, worker: Worker) -> None:
+        if self._records.pop(worker.id, None) is not None:
+            self._save()
+
+    def adopt(self) -> list[Worker]:
+        data = read_json(self._table)
+        adopted: list[Worker] = []
+        for rec in data.get("workers", []) if isinstance(data, dict) else []:
+            try:
+                pid, start, port = int(rec["pid"]), float(rec["start_time"]), int(rec["port"])
+                worker_id, url = str(rec["id"]), str(rec["url"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if not is_same_process(pid, start):
+                continue
+            worker = Worker(id=worker_id, provisioner=self.name, url=url, pid=pid)
+            worker.handle = _Handle(pid, start, port, None)
+            worker.transition(WorkerState.PROVISIONING)
+            worker.transition(WorkerState.STARTING, "re-adopted after a daemon restart")
+            adopted.append(worker)
+            self._records[worker_id] = rec
+        self._save()
+        return adopted
+
+    def _save(self) -> None:
+        _write(self._table, {"workers": list(self._records.values())})
+
+    def kill_recorded(self, timeout: float = 5.0) -> list[str]:
+        """Stop every recorded worker process (for ``down`` when the daemon itself is gone)."""
+        workers = self.adopt()
+        for worker in workers:
+            self._kill_group(worker.handle.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(self._group_alive(w.handle) for w in workers):
+            time.sleep(0.05)
+        for worker in workers:
+            if self._group_alive(worker.handle):
+                self._kill_group(worker.handle.pid, signal.SIGKILL)
+            self.forget(worker)
+        return [w.id for w in workers]

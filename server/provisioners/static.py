@@ -1,0 +1,40 @@
+"""Workers that already exist: fixed URLs given with ``--endpoint``.
+
+Nothing is started or stopped; the provisioner only hands out the URLs not yet in use, so the
+pool never holds more workers than there are endpoints. A URL may be added at run time
+(``POST /-/workers {"url": ...}``).
+"""
+
+from __future__ import annotations
+
+from flockctl.server.provisioners.base import Provisioner
+from flockctl.server.workers import Worker
+
+
+class StaticProvisioner(Provisioner):
+    name = "static"
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.endpoints = [u.rstrip("/") for u in endpoints]
+        self._in_use: dict[str, str] = {}  # worker id -> url
+
+    def add_endpoint(self, url: str) -> None:
+        url = url.rstrip("/")
+        if url not in self.endpoints:
+            self.endpoints.append(url)
+
+    def capacity(self, live: int) -> int | None:
+        return len(self.endpoints) - len(self._in_use)
+
+    async def launch(self, worker: Worker) -> None:
+        free = [u for u in self.endpoints if u not in self._in_use.values()]
+        if not free:
+            raise RuntimeError("every --endpoint already has a worker")
+        worker.url = free[0]
+        self._in_use[worker.id] = free[0]
+
+    async def terminate(self, worker: Worker) -> None:
+        self.forget(worker)
+
+    def forget(self, worker: Worker) -> None:
+        self._in_use.pop(worker.id, None)

@@ -1,0 +1,280 @@
+"""The balancer's request path: a plain ASGI handler in front of the FastAPI admin app.
+
+Every path outside ``/-/``, ``/metrics`` and ``/health`` is relayed to a READY worker. The hot
+path skips FastAPI's routing and response classes on purpose: it reads the request body once,
+takes a worker slot, and relays the upstream's status, headers and body bytes unchanged (SSE
+included) with aiohttp's client, which costs a fraction of httpx's per request under concurrency.
+
+Failures: a connection error or a 5xx answer before anything was sent to the client is retried
+on another worker (``max_attempts`` in all, with backoff); once the first byte went out nothing is
+retried. A client that disconnects cancels the upstream request (its connection is closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from flockctl.server.metrics import Metrics
+from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
+from flockctl.server.workers import Worker
+
+log = logging.getLogger("flockctl.proxy")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Headers that describe one hop, never relayed (RFC 9110 7.6.1), plus what the client recomputes.
+_HOP_REQUEST = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
+)
+_HOP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_RETRYABLE = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+)
+#: Answers up to this size with a Content-Length are read whole and sent in one message.
+_SMALL_BODY = 256 * 1024
+
+
+def json_error(status: int, message: str, kind: str) -> tuple[int, bytes]:
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return status, json.dumps(body).encode()
+
+
+async def send_json(send: Send, status: int, body: bytes, extra: list | None = None) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += extra or []
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Balancer:
+    """ASGI entry point: the proxy for inference traffic, the admin app for the rest."""
+
+    def __init__(
+        self,
+        admin_app: ASGIApp,
+        pool: WorkerPool,
+        metrics: Metrics,
+        *,
+        max_attempts: int = 3,
+        queue_timeout: float = 60.0,
+        api_key: str | None = None,
+        on_connect_error: Callable[[Worker], None] | None = None,
+        backoff: float = 0.05,
+    ) -> None:
+        self.admin_app = admin_app
+        self.pool = pool
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.queue_timeout = queue_timeout
+        self.api_key = f"Bearer {api_key}".encode() if api_key else None
+        self.on_connect_error = on_connect_error
+        self.backoff = backoff
+        self.session: aiohttp.ClientSession | None = None
+
+    def open_session(self) -> aiohttp.ClientSession:
+        """The shared upstream client; created inside the running loop (lifespan)."""
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self.session
+
+    async def close_session(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.admin_app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith("/-/") or path in ("/metrics", "/health"):
+            await self.admin_app(scope, receive, send)
+            return
+        await self.proxy(scope, receive, send)
+
+    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if self.api_key is not None:
+            auth = next((v for k, v in headers if k == b"authorization"), None)
+            if auth != self.api_key:
+                status, body = json_error(401, "missing or wrong API key", "authentication_error")
+                await send_json(send, status, body, [(b"www-authenticate", b"Bearer")])
+                self.metrics.observe(status, time.perf_counter() - started)
+                return
+        # Read the body once, before any retry (re-reading after a retry would hang).
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+
+        task = asyncio.current_task()
+        assert task is not None
+        flags = {"done": False, "gone": False}
+
+        async def watch() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not flags["done"]:
+                flags["gone"] = True
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        status = 499
+        try:
+            status = await self._relay(scope, body, send)
+        except asyncio.CancelledError:
+            if not flags["gone"]:
+                raise
+            task.uncancel()
+        finally:
+            flags["done"] = True
+            watcher.cancel()
+            self.metrics.observe(status, time.perf_counter() - started)
+
+    def _upstream_headers(self, scope: Scope) -> list[tuple[str, str]]:
+        out = []
+        for k, v in scope["headers"]:
+            if k in _HOP_REQUEST or (self.api_key is not None and k == b"authorization"):
+                continue
+            out.append((k.decode("latin-1"), v.decode("latin-1")))
+        client = scope.get("client")
+        if client:
+            out.append(("X-Forwarded-For", str(client[0])))
+        return out
+
+    async def _relay(self, scope: Scope, body: bytes, send: Send) -> int:
+        """Send the request to a worker (retrying before the first byte); returns the status."""
+        session = self.session
+        assert session is not None, "the balancer's session is opened in the app lifespan"
+        method: str = scope["method"]
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        path = target.decode("latin-1")
+        headers = self._upstream_headers(scope)
+        deadline = time.monotonic() + self.queue_timeout
+        tried: set[Worker] = set()
+        attempt = 0
+        while True:
+            if attempt:
+                self.metrics.retry()
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            attempt += 1
+            try:
+                worker = await self.pool.acquire(max(deadline - time.monotonic(), 0.0), tried)
+            except QueueFull:
+                status, err = json_error(
+                    429,
+                    f"too many requests waiting for a worker ({self.pool.max_queue} queued)",
+                    "rate_limit_error",
+                )
+                await send_json(send, status, err, [(b"retry-after", b"1")])
+                return status
+            except NoWorker:
+                status, err = json_error(
+                    503,
+                    f"no worker could take the request within {self.queue_timeout:g}s"
+                    f" ({len(self.pool.ready())} ready of {len(self.pool.live())} live workers)",
+                    "service_unavailable",
+                )
+                await send_json(send, status, err, [(b"retry-after", b"5")])
+                return status
+            t0 = time.perf_counter()
+            try:
+                try:
+                    resp = await session.request(
+                        method,
+                        URL(worker.url + path, encoded=True),
+                        data=body or None,
+                        headers=headers,
+                        allow_redirects=False,
+                    )
+                except _RETRYABLE as exc:
+                    worker.failures += 1
+                    tried.add(worker)
+                    if self.on_connect_error is not None:
+                        self.on_connect_error(worker)
+                    if attempt < self.max_attempts:
+                        continue
+                    status, err = json_error(
+                        502, f"worker {worker.id} failed: {exc}", "upstream_error"
+                    )
+                    await send_json(send, status, err)
+                    return status
+                if resp.status >= 500 and attempt < self.max_attempts:
+                    resp.release()
+                    worker.failures += 1
+                    tried.add(worker)
+                    continue
+                try:
+                    await self._respond(resp, send)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # Bytes already went out: nothing can be retried; the client sees a cut.
+                    worker.failures += 1
+                    log.warning("worker %s broke off a response: %s", worker.id, exc or type(exc))
+                    return 502
+                finally:
+                    resp.release()
+                worker.served += 1
+                worker.latencies.append(time.perf_counter() - t0)
+                return resp.status
+            finally:
+                self.pool.release(worker)
+
+    @staticmethod
+    async def _respond(resp: aiohttp.ClientResponse, send: Send) -> None:
+        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _HOP_RESPONSE]
+        length = resp.content_length
+        if length is not None and length <= _SMALL_BODY:
+            data = await resp.read()
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+            return
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        async for chunk in resp.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})

@@ -1,0 +1,126 @@
+"""Workers and their state machine.
+
+``PENDING -> PROVISIONING -> STARTING -> READY <-> NOT_READY -> DRAINING -> TERMINATED``, plus
+``FAILED`` (with a reason) from any live state. Every change goes through ``Worker.transition`` so
+an impossible move is a bug that shows, not a silent inconsistency.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class WorkerState(str, Enum):
+    PENDING = "PENDING"
+    PROVISIONING = "PROVISIONING"
+    STARTING = "STARTING"
+    READY = "READY"
+    NOT_READY = "NOT_READY"
+    DRAINING = "DRAINING"
+    TERMINATED = "TERMINATED"
+    FAILED = "FAILED"
+
+
+S = WorkerState
+#: States that count toward the target number of workers.
+LIVE = frozenset({S.PENDING, S.PROVISIONING, S.STARTING, S.READY, S.NOT_READY})
+TERMINAL = frozenset({S.TERMINATED, S.FAILED})
+
+_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    S.PENDING: frozenset({S.PROVISIONING, S.DRAINING, S.FAILED, S.TERMINATED}),
+    S.PROVISIONING: frozenset({S.STARTING, S.DRAINING, S.FAILED}),
+    S.STARTING: frozenset({S.READY, S.DRAINING, S.FAILED}),
+    S.READY: frozenset({S.NOT_READY, S.DRAINING, S.FAILED}),
+    S.NOT_READY: frozenset({S.READY, S.DRAINING, S.FAILED}),
+    S.DRAINING: frozenset({S.TERMINATED, S.FAILED}),
+    S.TERMINATED: frozenset(),
+    S.FAILED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the lifecycle does not allow."""
+
+
+@dataclass(eq=False)
+class Worker:
+    """One inference server behind the balancer, whatever provisioned it."""
+
+    id: str
+    provisioner: str
+    state: WorkerState = S.PENDING
+    url: str | None = None
+    pid: int | None = None
+    reason: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ready_at: float | None = None
+    ended_at: float | None = None
+    ever_ready: bool = False
+    in_flight: int = 0
+    served: int = 0
+    failures: int = 0
+    probe_failures: int = 0
+    last_probe: dict[str, Any] | None = None
+    gpu_memory: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    #: Provisioner-private data (a process handle, a cluster name); never serialised.
+    handle: Any = None
+
+    def transition(self, new: WorkerState, reason: str | None = None) -> WorkerState:
+        """Move to ``new``; returns the previous state."""
+        old = self.state
+        if new == old:
+            return old
+        if new not in _ALLOWED[old]:
+            raise InvalidTransition(f"worker {self.id}: {old.value} -> {new.value} is not allowed")
+        self.state = new
+        if reason is not None or new in (S.READY, S.STARTING):
+            self.reason = reason
+        now = time.time()
+        if new == S.STARTING:
+            self.started_at = now
+        elif new == S.READY:
+            self.ready_at = now
+            self.ever_ready = True
+        elif new in TERMINAL:
+            self.ended_at = now
+        return old
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+    def latency_p50(self) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[len(ordered) // 2]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The worker as the status snapshot shows it."""
+        p50 = self.latency_p50()
+        return {
+            "id": self.id,
+            "provisioner": self.provisioner,
+            "state": self.state.value,
+            "reason": self.reason,
+            "url": self.url,
+            "pid": self.pid,
+            "in_flight": self.in_flight,
+            "served": self.served,
+            "failures": self.failures,
+            "latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
+            "ended_at": self.ended_at,
+            "last_probe": self.last_probe,
+            "gpu_memory": self.gpu_memory,
+            "engine": self.engine,
+        }

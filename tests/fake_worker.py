@@ -1,0 +1,134 @@
+"""A small OpenAI-compatible server for the tests and benchmarks: real HTTP, canned tokens.
+
+    python tests/fake_worker.py --port 8001 [--id w1] [--token-delay 0.02] [--tokens 16]
+
+``/health``, ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (``stream: true``
+gives SSE chunks ending with ``data: [DONE]``). Every answer carries ``x-worker-id`` so a test can
+tell which worker served it. ``/health`` answers 503 while the file named by ``--unhealthy-file``
+exists, and ``/fail`` always answers 500.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+
+def build_app(
+    worker_id: str, tokens: int, token_delay: float, unhealthy: Path | None
+) -> web.Application:
+    headers = {"x-worker-id": worker_id}
+
+    async def health(_req: web.Request) -> web.Response:
+        if unhealthy is not None and unhealthy.exists():
+            return web.json_response({"status": "unhealthy"}, status=503, headers=headers)
+        return web.json_response({"status": "ok"}, headers=headers)
+
+    async def models(_req: web.Request) -> web.Response:
+        data = {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "tests"}]}
+        return web.json_response(data, headers=headers)
+
+    async def fail(_req: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": {"message": "always fails"}}, status=500, headers=headers
+        )
+
+    async def complete(req: web.Request) -> web.StreamResponse:
+        try:
+            body = await req.json()
+        except json.JSONDecodeError:
+            return web.json_response(
+                {"error": {"message": "invalid JSON"}}, status=400, headers=headers
+            )
+        chat = req.path.endswith("/chat/completions")
+        n = int(body.get("max_tokens") or tokens)
+        delay = float(body.get("fake_token_delay", token_delay))
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if not body.get("stream"):
+            if delay:
+                await asyncio.sleep(delay * n)
+            text = " ".join(f"t{i}" for i in range(n))
+            choice = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length",
+                }
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "length"}
+            )
+            return web.json_response(
+                {
+                    "id": "fake-1",
+                    "object": kind,
+                    "created": created,
+                    "model": "fake",
+                    "system_fingerprint": worker_id,
+                    "choices": [choice],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+                },
+                headers=headers,
+            )
+        resp = web.StreamResponse(
+            headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
+        )
+        await resp.prepare(req)
+        for i in range(n):
+            if delay:
+                await asyncio.sleep(delay)
+            piece = f"t{i} "
+            choice = (
+                {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                if chat
+                else {"index": 0, "text": piece, "finish_reason": None}
+            )
+            chunk = {
+                "id": "fake-1",
+                "object": f"{kind}.chunk",
+                "created": created,
+                "model": "fake",
+                "system_fingerprint": worker_id,
+                "choices": [choice],
+            }
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_route("*", "/fail", fail)
+    app.router.add_post("/v1/chat/completions", complete)
+    app.router.add_post("/v1/completions", complete)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--id", default=os.environ.get("FLOCKCTL_WORKER_ID", "fake"))
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--unhealthy-file", type=Path)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    app = build_app(args.id, args.tokens, args.token_delay, args.unhealthy_file)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
+
+
+if __name__ == "__main__":
+    main()
