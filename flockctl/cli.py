@@ -354,23 +354,23 @@ def up(
         "workdir": os.getcwd(),
     }
     names = {"endpoints": "--endpoint", "probe": "probe flags"}
+    target = name or _spec_name(spec) or "default"
+    check_name(target)
+    existing = running_daemon(target)
+    if existing is not None:
+        say(
+            f'deployment "{target}" is already running at {existing.endpoint}'
+            f" (pid {existing.pid}); stop it with flockctl down --name {target}"
+        )
+        _print_up(target, existing.endpoint, existing.pid, state_dir(target), as_json, True)
+        return
     try:
         cfg = resolve(spec, flags, names)
     except ConfigError as exc:
         for problem in exc.problems:
             say(problem)
         raise typer.Exit(int(ExitCode.USAGE)) from None
-    check_name(cfg.name)
     directory = state_dir(cfg.name)
-
-    existing = running_daemon(cfg.name)
-    if existing is not None:
-        say(
-            f'deployment "{cfg.name}" is already running at {existing.endpoint}'
-            f" (pid {existing.pid}); stop it with flockctl down --name {cfg.name}"
-        )
-        _print_up(cfg.name, existing.endpoint, existing.pid, directory, as_json, True)
-        return
 
     from flockctl import daemon
 
@@ -405,6 +405,20 @@ def up(
         f" flockctl status{'' if cfg.name == 'default' else ' --name ' + cfg.name}"
     )
     _print_up(cfg.name, record.endpoint, record.pid, directory, as_json, False)
+
+
+def _spec_name(spec: Path | None) -> str | None:
+    """The deployment name a SPEC sets, if it can be read at all (errors come later)."""
+    if spec is None:
+        return None
+    from flockctl.server.config import ConfigError, load_spec
+
+    try:
+        values, _ = load_spec(spec)
+    except ConfigError:
+        return None
+    found = values.get("name")
+    return found if isinstance(found, str) else None
 
 
 def _print_up(

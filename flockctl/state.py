@@ -69,7 +69,7 @@ def read_json(path: Path) -> Any | None:
     """The parsed file, or None when it is missing or half-written."""
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
 
 

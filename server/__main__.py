@@ -56,8 +56,9 @@ def setup_logging() -> None:
     )
 
 
-async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> None:
-    """Run the daemon until it is asked to stop."""
+async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> int:
+    """Run the daemon until it is asked to stop; returns the process exit code."""
+    outcome = [ExitCode.OK]
     token = cfg.node_control_key or secrets.token_urlsafe(32)
     deployment = Deployment(cfg, directory, token)
     server: uvicorn.Server
@@ -79,6 +80,7 @@ async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> 
         app,
         loop="none",
         http="httptools",
+        ws="none",
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -95,7 +97,7 @@ async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> 
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        DaemonRecord(
+        record = DaemonRecord(
             pid=pid,
             start_time=process_start_time(pid) or 0.0,
             host=cfg.host,
@@ -103,7 +105,15 @@ async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> 
             token=token,
             version=__version__,
             name=cfg.name,
-        ).save(directory)
+        )
+        try:
+            record.save(directory)
+        except OSError as exc:
+            # A daemon nobody can find or stop must not keep running.
+            log.error("cannot write %s: %s; stopping", directory / "daemon.json", exc)
+            outcome[0] = ExitCode.ERROR
+            server.should_exit = True
+            return
         log.info(
             "flockctl %s: deployment %r serving on %s", __version__, cfg.name, deployment.endpoint
         )
@@ -113,6 +123,7 @@ async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> 
         await server.serve(sockets=[sock])
     finally:
         announcer.cancel()
+    return outcome[0]
 
 
 def run(cfg: DeploymentConfig, directory: Path) -> int:
@@ -136,8 +147,7 @@ def run(cfg: DeploymentConfig, directory: Path) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
         runner = asyncio.run
-    runner(serve(cfg, directory, sock))
-    return ExitCode.OK
+    return runner(serve(cfg, directory, sock))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,11 +136,9 @@ class WorkerPool:
             else:
                 self._waiters.appendleft(fut)
             first = False
+            timer = loop.call_later(remaining, self._expire, fut)
             try:
-                await asyncio.wait_for(fut, remaining)
-            except asyncio.TimeoutError:
-                self._discard(fut)
-                raise NoWorker from None
+                await fut
             except asyncio.CancelledError:
                 # Woken and then cancelled: hand the wake-up to the next waiter, or it is lost.
                 if fut.done() and not fut.cancelled():
@@ -148,11 +146,18 @@ class WorkerPool:
                 else:
                     self._discard(fut)
                 raise
+            finally:
+                timer.cancel()
             worker = self.try_acquire(tried)
             if worker is not None:
                 if self._waiters and self._has_free_slot():
                     self._wake(1)
                 return worker
+
+    def _expire(self, fut: asyncio.Future[None]) -> None:
+        if not fut.done():
+            self._discard(fut)
+            fut.set_exception(NoWorker())
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):

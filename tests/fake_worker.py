@@ -49,7 +49,7 @@ def build_app(
         chat = req.path.endswith("/chat/completions")
         n = int(body.get("max_tokens") or tokens)
         delay = float(body.get("fake_token_delay", token_delay))
-        created = int(time.time())
+        created = int(body.get("fake_created", time.time()))
         kind = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
             if delay:

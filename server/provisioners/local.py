@@ -1,4 +1,4 @@
-"""Workers as local processes: one shell command per worker, each in its own process group.
+"""Workers as local processes: one command line per worker, each in its own process group.
 
 The command is a template: ``{port}`` becomes the port assigned to the worker and
 ``{worker_id}`` its id (the environment also carries ``PORT`` and ``FLOCKCTL_WORKER_ID``). Output
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,6 +23,23 @@ from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import is_same_process, process_start_time, read_json, tail_lines
 from flockctl.state import write_json_atomic as _write
+
+_SHELL_CHARS = frozenset("$`*?[~")
+
+
+def argv_for(command: str) -> list[str]:
+    """How to run ``command``: directly when it is a plain command line, so the recorded pid is
+    the server itself, else through ``/bin/sh -c`` (pipes, ``&&``, variables, globs)."""
+    if not _SHELL_CHARS.intersection(command):
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        try:
+            tokens = list(lexer)
+        except ValueError:  # unbalanced quotes: let the shell report it
+            tokens = []
+        if tokens and not any(set(t) <= set("();<>|&") for t in tokens):
+            return tokens
+    return ["/bin/sh", "-c", command]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,8 +92,7 @@ class LocalProvisioner(Provisioner):
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {cmd}\n".encode())
             log.flush()
             popen = subprocess.Popen(
-                cmd,
-                shell=True,
+                argv_for(cmd),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,0 +1,139 @@
+"""Shared fixtures: an isolated state home, real fake upstreams and a real daemon on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import uvicorn
+from aiohttp import web
+from fake_worker import build_app
+
+from flockctl.server.app import create_app
+from flockctl.server.config import DeploymentConfig
+from flockctl.server.deployment import Deployment
+
+TESTS = Path(__file__).parent
+FAKE_WORKER = TESTS / "fake_worker.py"
+TOKEN = "test-admin-token"
+
+
+def fake_worker_command(*extra: str) -> str:
+    """A --worker-command that runs the tests' fake OpenAI server."""
+    return " ".join([sys.executable, str(FAKE_WORKER), "--port", "{port}", *extra])
+
+
+@pytest.fixture(autouse=True)
+def flockctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "flockctl-home"
+    monkeypatch.setenv("FLOCKCTL_HOME", str(home))
+    monkeypatch.delenv("FLOCKCTL_NAME", raising=False)
+    return home
+
+
+@dataclass
+class Upstream:
+    url: str
+    runner: web.AppRunner
+    app: web.Application
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    """Start aiohttp apps on free ports: the fake worker by default, or any app given."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application | None = None, worker_id: str = "u") -> Upstream:
+        app = app or build_app(worker_id, 16, 0.0, None)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return Upstream(f"http://127.0.0.1:{port}", runner, app)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@dataclass
+class Daemon:
+    url: str
+    deployment: Deployment
+    server: uvicorn.Server
+    task: asyncio.Task[Any]
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKEN}"}
+
+    async def wait_ready(self, n: int, timeout: float = 15.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.deployment.pool.ready()) < n:
+            if asyncio.get_running_loop().time() > deadline:
+                states = [(w.id, w.state.value, w.reason) for w in self.deployment.pool]
+                raise AssertionError(f"not {n} READY workers after {timeout}s: {states}")
+            await asyncio.sleep(0.02)
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def free_port() -> int:
+    with free_socket() as s:
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
+    """Run the real daemon app under uvicorn in the test's event loop, on a free port."""
+    running: list[Daemon] = []
+
+    async def start(**fields: Any) -> Daemon:
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        fields.setdefault("probe", {"interval_seconds": 0.05, "timeout_seconds": 2})
+        cfg = DeploymentConfig(port=port, node_control_key=TOKEN, **fields)
+        deployment = Deployment(cfg, tmp_path / f"state-{port}", TOKEN)
+        server: uvicorn.Server
+
+        def shutdown() -> None:
+            server.should_exit = True
+
+        app = create_app(deployment, shutdown)
+        config = uvicorn.Config(
+            app, lifespan="on", log_config=None, access_log=False, http="httptools", ws="none"
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        d = Daemon(f"http://127.0.0.1:{port}", deployment, server, task)
+        running.append(d)
+        return d
+
+    yield start
+    for d in running:
+        d.server.should_exit = True
+        await asyncio.wait_for(d.task, 30)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

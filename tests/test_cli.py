@@ -1,0 +1,279 @@
+"""The real CLI in subprocesses against a real daemon and real worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from conftest import FAKE_WORKER, free_port, free_socket
+
+# Runs the CLI and reports, at exit, whether a heavy module got imported along the way.
+DRIVER = """
+import atexit, sys
+heavy = ("textual", "torch", "transformers")
+atexit.register(lambda: sys.stderr.write(
+    "HEAVY=" + ",".join(m for m in heavy if m in sys.modules) + "\\n"))
+from flockctl.cli import app
+app(sys.argv[1:], prog_name="flockctl")
+"""
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.code = proc.returncode
+        self.out = proc.stdout
+        lines = proc.stderr.splitlines()
+        heavy = [line for line in lines if line.startswith("HEAVY=")]
+        assert heavy, proc.stderr
+        self.heavy = heavy[-1].removeprefix("HEAVY=")
+        self.err = "\n".join(line for line in lines if not line.startswith("HEAVY="))
+
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+def flockctl(*args: str, timeout: float = 60) -> Result:
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parent,
+    )
+    result = Result(proc)
+    assert result.heavy == "", f"flockctl {args[0]} imported {result.heavy}"
+    return result
+
+
+def worker_command(marker: Path) -> str:
+    # The marker (a file that never exists) makes this test's workers findable by command line.
+    return f"{sys.executable} {FAKE_WORKER} --port {{port}} --unhealthy-file {marker}"
+
+
+def processes_with(marker: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if any(str(marker) in part for part in cmd) and proc.info["status"] != "zombie":
+            found.append(proc)
+    return found
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def ready_ids(name: str = "default") -> list[str]:
+    snap = flockctl("status", "--json", "--name", name).json()
+    return [w["id"] for w in snap["workers"] if w["state"] == "READY"]
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, flockctl_home: Path):
+    """Bring a two-worker deployment up; always bring it down and check nothing is left."""
+    marker = tmp_path / "marker-never-exists"
+    port = free_port()
+    started: list[str] = []
+
+    def up(*extra: str, name: str = "default") -> Result:
+        result = flockctl(
+            "up",
+            "--name",
+            name,
+            "--port",
+            str(port),
+            "--worker-command",
+            worker_command(marker),
+            "--min-workers",
+            "2",
+            "--max-workers",
+            "2",
+            "--probe-interval",
+            "0.2",
+            "--initial-delay",
+            "30",
+            *extra,
+        )
+        started.append(name)
+        return result
+
+    up.port = port  # type: ignore[attr-defined]
+    up.marker = marker  # type: ignore[attr-defined]
+    yield up
+    for name in started:
+        flockctl("down", "--name", name, "--timeout", "20")
+    assert processes_with(marker) == []
+
+
+async def chat(session: aiohttp.ClientSession, url: str, stream: bool) -> str:
+    payload = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        "max_tokens": 8,
+        "fake_token_delay": 0.005,
+    }
+    async with session.post(f"{url}/v1/chat/completions", json=payload) as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.read()
+    if stream:
+        assert body.endswith(b"data: [DONE]\n\n")
+    else:
+        assert json.loads(body)["choices"][0]["message"]["content"]
+    return resp.headers["x-worker-id"]
+
+
+def test_up_balances_survives_a_killed_worker_and_down_cleans_up(deployment):
+    result = deployment()
+    assert result.code == 0, result.err
+    endpoint = result.out.strip()
+    assert endpoint == f"http://127.0.0.1:{deployment.port}"
+    assert "is up at" in result.err
+    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+
+    async def burst(n: int) -> list[str]:
+        async with aiohttp.ClientSession() as s:
+            return await asyncio.gather(*(chat(s, endpoint, i % 2 == 0) for i in range(n)))
+
+    served = asyncio.run(burst(40))
+    assert sorted(set(served)) == ["w1", "w2"]
+
+    snap = flockctl("status", "--json").json()
+    assert snap["requests"]["total"] == 40 and snap["requests"]["failed"] == 0
+    assert snap["autoscaler"]["qlrm"] is not None
+    victim = next(w for w in snap["workers"] if w["id"] == "w1")
+    assert victim["pid"] and victim["url"].startswith("http://127.0.0.1:")
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    killed_at = time.monotonic()
+    served = asyncio.run(burst(20))  # all succeed: w2 takes them, w1 is out at once
+    assert set(served) <= {"w2", "w3"}
+    ids = wait_for(lambda: (r := ready_ids()) and "w3" in r and r, 30, "a replacement worker")
+    assert time.monotonic() - killed_at < 30
+    assert sorted(ids) == ["w2", "w3"]
+    snap = flockctl("status", "--json").json()
+    w1 = next(w for w in snap["workers"] if w["id"] == "w1")
+    assert w1["state"] == "FAILED" and "killed by signal 9" in w1["reason"]
+
+    table = flockctl("status")
+    assert table.code == 0 and "READY" in table.out and "FAILED" in table.out
+
+    logs = flockctl("logs", "--tail", "50")
+    assert "worker w1 FAILED" in logs.out
+    assert "starting:" in flockctl("logs", "w3").out
+
+    daemon_pid = snap_pid = flockctl("up", "--port", str(deployment.port)).code
+    assert daemon_pid == 0  # already running: says so, exits 0
+    del snap_pid
+    pids = [w["pid"] for w in flockctl("status", "--json").json()["workers"] if w["pid"]]
+    down = flockctl("down")
+    assert down.code == 0 and "stopped" in down.err
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    assert processes_with(deployment.marker) == []
+    assert flockctl("status").code == 3
+    again = flockctl("down")
+    assert again.code == 0 and "no daemon" in again.err
+
+
+def test_restarted_daemon_readopts_live_workers(deployment, flockctl_home):
+    assert deployment().code == 0
+    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+    before = {w["id"]: w["pid"] for w in flockctl("status", "--json").json()["workers"]}
+    record = json.loads((flockctl_home / "default" / "daemon.json").read_text())
+    os.kill(record["pid"], signal.SIGKILL)  # the daemon dies; its workers live on
+    wait_for(lambda: not psutil.pid_exists(record["pid"]), 10, "the daemon to die")
+    assert flockctl("status").code == 3
+    assert deployment().code == 0
+    wait_for(lambda: len(ready_ids()) == 2, 30, "re-adopted workers READY")
+    after = {w["id"]: w["pid"] for w in flockctl("status", "--json").json()["workers"]}
+    assert after == before
+
+
+def test_down_stops_workers_left_by_a_dead_daemon(deployment, flockctl_home):
+    assert deployment().code == 0
+    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+    record = json.loads((flockctl_home / "default" / "daemon.json").read_text())
+    os.kill(record["pid"], signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(record["pid"]), 10, "the daemon to die")
+    assert len(processes_with(deployment.marker)) == 2
+    down = flockctl("down")
+    assert down.code == 0 and "stopped 2 worker(s) it had left" in down.err
+    assert processes_with(deployment.marker) == []
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with free_socket() as sock:
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = flockctl("up", "--port", str(port), "--worker-command", "x --port {port}")
+    assert result.code == 7
+    assert result.err == (
+        f"flockctl: port {port} on 127.0.0.1 is already in use; choose another with --port"
+    )
+
+
+def test_invalid_spec_is_refused_naming_the_field(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("service:\n  replica_policy:\n    min_replicas: 1\n    max_replica: 3\n")
+    result = flockctl("up", str(spec), "--worker-command", "x {port}")
+    assert result.code == 2
+    assert "service.replica_policy.max_replica: unknown or unsupported field" in result.err
+    result = flockctl("up", "--worker-command", "x {port}", "--min-workers", "-1")
+    assert result.code == 2
+    assert "--min-workers: Input should be greater than or equal to 0" in result.err
+
+
+def test_daemon_that_dies_at_start_shows_its_log(tmp_path, flockctl_home):
+    # daemon.json cannot be written (a directory is in the way): the daemon refuses to run.
+    (flockctl_home / "default" / "daemon.json").mkdir(parents=True)
+    result = flockctl(
+        "up",
+        "--port",
+        str(free_port()),
+        "--worker-command",
+        f"{sys.executable} {FAKE_WORKER} --port {{port}}",
+        "--timeout",
+        "30",
+    )
+    assert result.code == 4
+    assert "the daemon exited with code 1 while starting" in result.err
+    assert "cannot write" in result.err
+
+
+def test_commands_when_nothing_runs():
+    status = flockctl("status")
+    assert status.code == 3
+    assert status.err == (
+        'flockctl: no daemon named "default" is running; start one with flockctl up --name default'
+    )
+    assert flockctl("status", "--json").code == 3
+    assert flockctl("logs").code == 3
+    assert flockctl("down").code == 0
+    assert flockctl("status", "--name", "../etc").code == 2
+
+
+def test_logs_of_an_unknown_worker(deployment):
+    assert deployment("--no-wait").code == 0
+    wait_for(lambda: flockctl("status").code == 0, 30, "the daemon")
+    result = flockctl("logs", "w99")
+    assert result.code == 8
+    assert "no log for 'w99'; known: daemon" in result.err
+
+
+def test_help_and_version():
+    assert "worker-command" in flockctl("up", "--help").out
+    assert flockctl("--version").out.startswith("flockctl ")

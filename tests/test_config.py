@@ -1,0 +1,138 @@
+"""Resolving SPEC files and flags into one config; every error names its field and source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flockctl.server.config import ConfigError, resolve
+
+CMD = "serve --port {port}"
+
+
+def spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(*args, **kwargs) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        resolve(*args, **kwargs)
+    return info.value.problems
+
+
+def test_defaults_follow_flockserve():
+    cfg = resolve(flags={"worker_command": CMD})
+    assert (cfg.port, cfg.host, cfg.policy, cfg.autoscaler) == (
+        3000,
+        "127.0.0.1",
+        "least-connection",
+        "qlrm",
+    )
+    assert (cfg.min_workers, cfg.max_workers, cfg.worker_capacity) == (1, 2, 30)
+    assert (cfg.autoscale_up, cfg.autoscale_down, cfg.queue_tracking_window) == (7, 4, 600)
+    assert cfg.provisioner == "local" and cfg.initial_target() == 1
+
+
+def test_skyserve_service_section_maps_onto_the_config(tmp_path):
+    path = spec(
+        tmp_path,
+        f"""
+service:
+  readiness_probe:
+    path: /v1/models
+    initial_delay_seconds: 30
+    timeout_seconds: 5
+  replica_policy:
+    min_replicas: 2
+    max_replicas: 6
+flockctl:
+  worker_command: "{CMD}"
+  worker_capacity: 8
+resources:
+  accelerators: A10G:1
+run: vllm serve x
+""",
+    )
+    cfg = resolve(path)
+    assert cfg.probe.path == "/v1/models"
+    assert cfg.probe.initial_delay_seconds == 30 and cfg.probe.timeout_seconds == 5
+    assert (cfg.min_workers, cfg.max_workers, cfg.worker_capacity) == (2, 6, 8)
+
+
+def test_readiness_probe_may_be_a_bare_path_and_replicas_means_fixed(tmp_path):
+    path = spec(
+        tmp_path,
+        f"service:\n  readiness_probe: /ping\n  replicas: 3\n"
+        f"flockctl:\n  worker_command: '{CMD}'\n",
+    )
+    cfg = resolve(path)
+    assert cfg.probe.path == "/ping"
+    assert cfg.autoscaler == "fixed" and cfg.initial_target() == 3
+
+
+def test_flags_override_the_file(tmp_path):
+    path = spec(tmp_path, f"flockctl:\n  worker_command: '{CMD}'\n  max_workers: 3\n  port: 8080\n")
+    cfg = resolve(path, {"max_workers": 5, "port": None})
+    assert cfg.max_workers == 5 and cfg.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "service:\n  replica_policy:\n    min_replicas: 1\n    target_qpx: 3\n",
+            "service.replica_policy.target_qpx: unknown or unsupported field",
+        ),
+        ("service:\n  bogus: 1\n", "service.bogus: unknown or unsupported field"),
+        ("flockctl:\n  worker_comand: x\n", "flockctl.worker_comand: unknown field"),
+        (
+            "flockctl:\n  worker_command: 'x {port}'\n  max_workers: lots\n",
+            "flockctl.max_workers: Input should be a valid integer",
+        ),
+        (
+            "flockctl:\n  worker_command: 'x {port}'\n  probe:\n    path: health\n",
+            "path must start with '/'",
+        ),
+        (
+            "service:\n  replicas: 2\n  replica_policy:\n    min_replicas: 1\n",
+            "service.replicas: cannot be used together with service.replica_policy",
+        ),
+        ("wat: 1\n", "wat: unknown top-level field"),
+        ("flockctl: [1, 2]\n", "flockctl: must be a mapping"),
+        ("flockctl:\n  policy: random\n  worker_command: 'x {port}'\n", "flockctl.policy: Input"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_spec_fields_are_named(tmp_path, text, expected):
+    found = problems(spec(tmp_path, text))
+    assert any(expected in p for p in found), found
+    assert all(str(tmp_path) in p or p.startswith("flockctl.") for p in found)
+
+
+def test_bad_flags_are_named_by_their_flag():
+    found = problems(
+        flags={"worker_command": CMD, "max_workers": 0}, flag_names={"max_workers": "--max-workers"}
+    )
+    assert found == ["--max-workers: Input should be greater than or equal to 1"]
+
+
+def test_cross_field_problems():
+    assert (
+        "larger than max_workers"
+        in problems(flags={"worker_command": CMD, "min_workers": 3, "max_workers": 2})[0]
+    )
+    assert "must contain {port}" in problems(flags={"worker_command": "vllm serve x"})[0]
+    assert "needs a command" in problems(flags={})[0]
+    assert "not an http" in problems(flags={"endpoints": ["localhost:8000"]})[0]
+
+
+def test_missing_spec_file(tmp_path):
+    assert problems(tmp_path / "nope.yaml") == [f"{tmp_path / 'nope.yaml'}: no such file"]
+
+
+def test_endpoints_alone_mean_static():
+    cfg = resolve(flags={"endpoints": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]})
+    assert cfg.provisioner == "static" and cfg.initial_target() == 2
