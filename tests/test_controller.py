@@ -1,0 +1,147 @@
+"""The controller with real worker processes: scaling, draining, probing, the crash-loop guard."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import psutil
+from conftest import fake_worker_command
+
+CHAT = "/v1/chat/completions"
+
+
+async def until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def states(d) -> dict[str, str]:
+    return {w.id: w.state.value for w in d.deployment.pool}
+
+
+async def test_crash_loop_stops_launching_and_says_why(daemon, http):
+    failing = f"{sys.executable} -c 'import sys; print(\"no such model\"); sys.exit(3)' {{port}}"
+    d = await daemon(worker_command=failing, min_workers=1, max_start_failures=3)
+    controller = d.deployment.controller
+    await until(lambda: controller.blocked is not None, what="the crash-loop guard")
+    assert "3 workers in a row failed before becoming READY" in controller.blocked
+    assert "process exited with code 3: no such model" in controller.blocked
+    await asyncio.sleep(0.5)
+    assert states(d) == {"w1": "FAILED", "w2": "FAILED", "w3": "FAILED"}
+    async with http.get(f"{d.url}/-/status", headers=d.admin) as resp:
+        snap = await resp.json()
+    assert snap["autoscaler"]["launch_blocked"] == controller.blocked
+    # An operator adding a worker clears the stop and tries again.
+    async with http.post(f"{d.url}/-/workers", headers=d.admin) as resp:
+        assert resp.status == 201
+    await until(lambda: "w4" in states(d), what="a new launch")
+
+
+async def test_launch_failure_carries_the_error(daemon):
+    d = await daemon(worker_command="/nonexistent/server --port {port}", max_start_failures=1)
+    await until(lambda: d.deployment.controller.blocked is not None, what="the guard")
+    w1 = d.deployment.pool.get("w1")
+    assert w1.state.value == "FAILED"
+    assert "launch failed" in w1.reason and "/nonexistent/server" in w1.reason
+
+
+async def test_scales_from_zero_on_the_first_request(daemon, http):
+    d = await daemon(worker_command=fake_worker_command(), min_workers=0, max_workers=1)
+    await asyncio.sleep(0.3)
+    assert states(d) == {}
+    async with http.post(f"{d.url}{CHAT}", json={"max_tokens": 2}) as resp:
+        assert resp.status == 200
+    assert states(d) == {"w1": "READY"}
+    reason = d.deployment.controller.last_decision.reason
+    assert "scaling from zero" in reason or "holding 1" in reason
+
+
+async def test_qlrm_scales_up_under_load_and_back_down(daemon, http):
+    d = await daemon(
+        worker_command=fake_worker_command(), min_workers=1, max_workers=2,
+        autoscale_up=2, autoscale_down=0.5, queue_tracking_window=1,
+        upscale_delay=0, downscale_delay=0.5,
+    )
+    await d.wait_ready(1)
+
+    async def slow() -> None:
+        payload = {"max_tokens": 40, "fake_token_delay": 0.05}
+        async with http.post(f"{d.url}{CHAT}", json=payload) as resp:
+            assert resp.status == 200
+
+    load = [asyncio.create_task(slow()) for _ in range(8)]
+    await d.wait_ready(2, timeout=20)
+    assert d.deployment.controller.target == 2
+    assert d.deployment.policy.qlrm > 2
+    await asyncio.gather(*load)
+    await until(lambda: list(states(d).values()).count("TERMINATED") == 1, 20, "a scale-down")
+    assert d.deployment.controller.target == 1
+    assert list(states(d).values()).count("READY") == 1
+
+
+async def test_removing_a_worker_drains_it_first(daemon, http):
+    d = await daemon(worker_command=fake_worker_command(), min_workers=2, max_workers=2)
+    await d.wait_ready(2)
+    w1 = d.deployment.pool.get("w1")
+    payload = {"max_tokens": 10, "fake_token_delay": 0.05}
+    d.deployment.pool.get("w2").in_flight += 100  # steer the request to w1
+    request = asyncio.create_task(http.post(f"{d.url}{CHAT}", json=payload))
+    await until(lambda: w1.in_flight == 1, what="the request on w1")
+    d.deployment.pool.get("w2").in_flight -= 100
+    pid = w1.pid
+    async with http.delete(f"{d.url}/-/workers/w1", headers=d.admin) as resp:
+        assert resp.status == 202
+    assert w1.state.value == "DRAINING"
+    resp = await request
+    assert resp.status == 200 and resp.headers["x-worker-id"] == "w1"
+    resp.release()
+    await until(lambda: w1.state.value == "TERMINATED", what="w1 terminated")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    # min_workers is 2: a replacement comes up.
+    await d.wait_ready(2)
+
+
+async def test_worker_that_never_gets_ready_fails_after_initial_delay(daemon, tmp_path):
+    marker = tmp_path / "unhealthy"
+    marker.touch()
+    d = await daemon(
+        worker_command=fake_worker_command("--unhealthy-file", str(marker)),
+        probe={"interval_seconds": 0.05, "initial_delay_seconds": 1.0},
+        max_start_failures=1,
+    )
+    await until(lambda: states(d).get("w1") == "FAILED", what="w1 FAILED")
+    reason = d.deployment.pool.get("w1").reason
+    assert reason.startswith("not READY after 1s (initial_delay_seconds)")
+    assert "HTTP 503" in reason
+
+
+async def test_ready_worker_goes_not_ready_and_back(daemon, upstream, tmp_path):
+    from fake_worker import build_app
+
+    marker = tmp_path / "unhealthy"
+    up = await upstream(build_app("u", 4, 0.0, marker))
+    d = await daemon(
+        endpoints=[up.url], probe={"interval_seconds": 0.05, "failure_threshold": 2}
+    )
+    await d.wait_ready(1)
+    marker.touch()
+    await until(lambda: states(d)["w1"] == "NOT_READY", what="NOT_READY")
+    assert "2 probes of /health failed in a row: HTTP 503" in d.deployment.pool.get("w1").reason
+    marker.unlink()
+    await d.wait_ready(1)
+
+
+async def test_shutdown_stops_local_workers(daemon, http):
+    d = await daemon(worker_command=fake_worker_command(), min_workers=2, max_workers=2)
+    await d.wait_ready(2)
+    pids = [w.pid for w in d.deployment.pool]
+    async with http.post(f"{d.url}/-/shutdown", headers=d.admin) as resp:
+        assert resp.status == 202
+    await asyncio.wait_for(d.task, 20)
+    assert all(w.state.value == "TERMINATED" for w in d.deployment.pool)
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
