@@ -124,7 +124,6 @@ class Controller:
             if not health.alive:
                 log.warning("worker %s FAILED: %s", worker.id, health.reason)
                 self.pool.set_state(worker, S.FAILED, health.reason)
-                self._spawn(self._cleanup(worker))
         if now >= self._next_decide:
             self._next_decide = now + self.decide_interval
             self.apply(self.policy.decide(self.observe(), now))
@@ -244,9 +243,6 @@ class Controller:
             self.pool.set_state(worker, S.TERMINATED)
             log.info("worker %s terminated", worker.id)
 
-    async def _cleanup(self, worker: Worker) -> None:
-        await self.provisioner.terminate(worker)
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -255,6 +251,9 @@ class Controller:
     # -- crash-loop guard ----------------------------------------------------------------------
 
     def _on_transition(self, worker: Worker, old: WorkerState) -> None:
+        if worker.state == S.FAILED and old not in (S.PENDING, S.PROVISIONING):
+            # Whatever failed it (exit, probe, timeout), what is left of it must go.
+            self._spawn(self.provisioner.terminate(worker))
         if worker.state == S.READY:
             self.start_failures = 0
         elif worker.state == S.FAILED and not worker.ever_ready and not self._stopping:

@@ -62,9 +62,14 @@ async def test_scales_from_zero_on_the_first_request(daemon, http):
 
 async def test_qlrm_scales_up_under_load_and_back_down(daemon, http):
     d = await daemon(
-        worker_command=fake_worker_command(), min_workers=1, max_workers=2,
-        autoscale_up=2, autoscale_down=0.5, queue_tracking_window=1,
-        upscale_delay=0, downscale_delay=0.5,
+        worker_command=fake_worker_command(),
+        min_workers=1,
+        max_workers=2,
+        autoscale_up=2,
+        autoscale_down=0.5,
+        queue_tracking_window=1,
+        upscale_delay=0,
+        downscale_delay=0.5,
     )
     await d.wait_ready(1)
 
@@ -114,7 +119,12 @@ async def test_worker_that_never_gets_ready_fails_after_initial_delay(daemon, tm
         max_start_failures=1,
     )
     await until(lambda: states(d).get("w1") == "FAILED", what="w1 FAILED")
-    reason = d.deployment.pool.get("w1").reason
+    w1 = d.deployment.pool.get("w1")
+    reason = w1.reason
+    await until(
+        lambda: not psutil.pid_exists(w1.pid) or psutil.Process(w1.pid).status() == "zombie",
+        what="the failed worker's process to be stopped",
+    )
     assert reason.startswith("not READY after 1s (initial_delay_seconds)")
     assert "HTTP 503" in reason
 
@@ -124,9 +134,7 @@ async def test_ready_worker_goes_not_ready_and_back(daemon, upstream, tmp_path):
 
     marker = tmp_path / "unhealthy"
     up = await upstream(build_app("u", 4, 0.0, marker))
-    d = await daemon(
-        endpoints=[up.url], probe={"interval_seconds": 0.05, "failure_threshold": 2}
-    )
+    d = await daemon(endpoints=[up.url], probe={"interval_seconds": 0.05, "failure_threshold": 2})
     await d.wait_ready(1)
     marker.touch()
     await until(lambda: states(d)["w1"] == "NOT_READY", what="NOT_READY")
