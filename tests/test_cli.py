@@ -266,12 +266,26 @@ def test_commands_when_nothing_runs():
     assert flockctl("status", "--name", "../etc").code == 2
 
 
-def test_logs_of_an_unknown_worker(deployment):
-    assert deployment("--no-wait").code == 0
+def test_json_output_watch_and_unknown_logs(deployment, flockctl_home):
+    started = deployment("--no-wait", "--json")
+    assert started.code == 0
+    assert started.json()["state_dir"] == str(flockctl_home / "default")
     wait_for(lambda: flockctl("status").code == 0, 30, "the daemon")
     result = flockctl("logs", "w99")
     assert result.code == 8
     assert "no log for 'w99'; known: daemon" in result.err
+
+    watch = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, "status", "--watch", "--json", "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    snapshots = [json.loads(watch.stdout.readline()) for _ in range(3)]
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(10) == 0
+    assert [s["schema"] for s in snapshots] == [1, 1, 1]
+    assert snapshots[0]["generated_at"] < snapshots[2]["generated_at"]
 
 
 def test_help_and_version():
