@@ -153,3 +153,23 @@ async def test_shutdown_stops_local_workers(daemon, http):
     assert all(w.state.value == "TERMINATED" for w in d.deployment.pool)
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+async def test_admin_add_beyond_max_and_remove_twice_are_conflicts(daemon, http):
+    d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=1)
+    await d.wait_ready(1)
+    async with http.post(f"{d.url}/-/workers", headers=d.admin) as resp:
+        assert resp.status == 409
+        assert "already at max_workers (1)" in (await resp.json())["error"]["message"]
+    async with http.post(f"{d.url}/-/workers", headers=d.admin, json={"url": "http://x"}) as resp:
+        assert resp.status == 422
+    async with http.post(f"{d.url}/-/workers", headers=d.admin, json={"urll": 1}) as resp:
+        assert resp.status == 422
+        assert "urll" in (await resp.json())["error"]["message"]
+    async with http.delete(f"{d.url}/-/workers/w1", headers=d.admin) as resp:
+        assert resp.status == 202
+    await until(lambda: states(d)["w1"] == "TERMINATED", what="w1 terminated")
+    async with http.delete(f"{d.url}/-/workers/w1", headers=d.admin) as resp:
+        assert resp.status == 409
+        assert "already TERMINATED" in (await resp.json())["error"]["message"]
+    await d.wait_ready(1)  # min_workers 1: a replacement
