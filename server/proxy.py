@@ -3,9 +3,12 @@
 Every path outside ``/-/``, ``/metrics`` and ``/health`` is relayed to a READY worker. The hot
 path skips FastAPI's routing and response classes on purpose: it reads the request body once,
 takes a worker slot, and relays the upstream's status, headers and body bytes unchanged (SSE
-included) with aiohttp's client, which costs a fraction of httpx's per request under concurrency.
+included).
 
-Failures: a connection error or a 5xx answer before anything was sent to the client is retried
+The upstream side is ``flockctl.server.upstream.UpstreamPool``, a keep-alive HTTP/1.1 client
+made for relaying (see its docstring for why it is not aiohttp's).
+
+Failures: a connection error, or a 5xx answer, before anything was sent to the client is retried
 on another worker (``max_attempts`` in all, with backoff); once the first byte went out nothing is
 retried. A client that disconnects cancels the upstream request (its connection is closed).
 """
@@ -15,15 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
+from flockctl.server.upstream import Connection, UpstreamError, UpstreamPool
 from flockctl.server.workers import Worker
 
 log = logging.getLogger("flockctl.proxy")
@@ -59,11 +61,6 @@ _HOP_RESPONSE = frozenset(
         b"upgrade",
     }
 )
-_RETRYABLE = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-)
 #: Answers up to this size with a Content-Length are read whole and sent in one message.
 _SMALL_BODY = 256 * 1024
 
@@ -78,6 +75,10 @@ async def send_json(send: Send, status: int, body: bytes, extra: list | None = N
     headers += extra or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class _BrokenOff(Exception):
+    """The worker failed after the answer's first bytes went to the client: nothing to retry."""
 
 
 class Balancer:
@@ -103,24 +104,19 @@ class Balancer:
         self.api_key = f"Bearer {api_key}".encode() if api_key else None
         self.on_connect_error = on_connect_error
         self.backoff = backoff
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream: UpstreamPool | None = None
 
-    def open_session(self) -> aiohttp.ClientSession:
-        """The shared upstream client; created inside the running loop (lifespan)."""
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        return self.session
+    def open_session(self) -> UpstreamPool:
+        """The shared upstream connections; created inside the running loop (lifespan)."""
+        # Idle connections are dropped before uvicorn's (and so vLLM's) 5 s keep-alive ends, so a
+        # request rarely meets a connection the worker is closing at that moment.
+        self.upstream = UpstreamPool(connect_timeout=10.0, idle_timeout=4.0)
+        return self.upstream
 
     async def close_session(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.upstream is not None:
+            await self.upstream.close()
+            self.upstream = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,23 +139,30 @@ class Balancer:
                 self.metrics.observe(status, time.perf_counter() - started)
                 return
         # Read the body once, before any retry (re-reading after a retry would hang).
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body: bytes = message.get("body", b"")
+        if message.get("more_body", False):
+            parts = [body]
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                parts.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(parts)
 
         task = asyncio.current_task()
         assert task is not None
-        flags = {"done": False, "gone": False}
+        done = gone = False
 
         async def watch() -> None:
+            nonlocal gone
             message = await receive()
-            if message["type"] == "http.disconnect" and not flags["done"]:
-                flags["gone"] = True
+            if message["type"] == "http.disconnect" and not done:
+                gone = True
                 task.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())
@@ -167,34 +170,45 @@ class Balancer:
         try:
             status = await self._relay(scope, body, send)
         except asyncio.CancelledError:
-            if not flags["gone"]:
+            if not gone:
                 raise
-            task.uncancel()
+            if sys.version_info >= (3, 11):
+                task.uncancel()
         finally:
-            flags["done"] = True
+            done = True
             watcher.cancel()
             self.metrics.observe(status, time.perf_counter() - started)
 
-    def _upstream_headers(self, scope: Scope) -> list[tuple[str, str]]:
-        out = []
+    def _upstream_headers(self, scope: Scope) -> bytes:
+        """The request's header lines as sent to the worker (Host and length added later).
+
+        The peer's address is appended to X-Forwarded-For, one line for the whole chain.
+        """
+        skip_auth = self.api_key is not None
+        parts: list[bytes] = []
+        forwarded: list[bytes] = []
         for k, v in scope["headers"]:
-            if k in _HOP_REQUEST or (self.api_key is not None and k == b"authorization"):
+            if k in _HOP_REQUEST or (skip_auth and k == b"authorization"):
                 continue
-            out.append((k.decode("latin-1"), v.decode("latin-1")))
+            if k == b"x-forwarded-for":
+                forwarded.append(v)
+                continue
+            parts += (k, b": ", v, b"\r\n")
         client = scope.get("client")
         if client:
-            out.append(("X-Forwarded-For", str(client[0])))
-        return out
+            forwarded.append(str(client[0]).encode("latin-1"))
+        if forwarded:
+            parts += (b"x-forwarded-for: ", b", ".join(forwarded), b"\r\n")
+        return b"".join(parts)
 
     async def _relay(self, scope: Scope, body: bytes, send: Send) -> int:
         """Send the request to a worker (retrying before the first byte); returns the status."""
-        session = self.session
-        assert session is not None, "the balancer's session is opened in the app lifespan"
-        method: str = scope["method"]
+        upstream = self.upstream
+        assert upstream is not None, "the balancer's upstream pool is opened in the app lifespan"
+        method = scope["method"].encode("latin-1")
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
-        path = target.decode("latin-1")
         headers = self._upstream_headers(scope)
         deadline = time.monotonic() + self.queue_timeout
         tried: set[Worker] = set()
@@ -224,16 +238,17 @@ class Balancer:
                 await send_json(send, status, err, [(b"retry-after", b"5")])
                 return status
             t0 = time.perf_counter()
+            conn: Connection | None = None
             try:
                 try:
-                    resp = await session.request(
-                        method,
-                        URL(worker.url + path, encoded=True),
-                        data=body or None,
-                        headers=headers,
-                        allow_redirects=False,
-                    )
-                except _RETRYABLE as exc:
+                    conn = await upstream.send(worker.url or "", method, target, headers, body)
+                    if conn.status >= 500 and attempt < self.max_attempts:
+                        worker.failures += 1
+                        tried.add(worker)
+                        continue
+                    await self._respond(conn, send)
+                except UpstreamError as exc:
+                    # Nothing reached the client yet: another worker may answer instead.
                     worker.failures += 1
                     tried.add(worker)
                     if self.on_connect_error is not None:
@@ -245,36 +260,38 @@ class Balancer:
                     )
                     await send_json(send, status, err)
                     return status
-                if resp.status >= 500 and attempt < self.max_attempts:
-                    resp.release()
-                    worker.failures += 1
-                    tried.add(worker)
-                    continue
-                try:
-                    await self._respond(resp, send)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except _BrokenOff as exc:
                     # Bytes already went out: nothing can be retried; the client sees a cut.
                     worker.failures += 1
-                    log.warning("worker %s broke off a response: %s", worker.id, exc or type(exc))
+                    log.warning("worker %s broke off a response: %s", worker.id, exc)
                     return 502
-                finally:
-                    resp.release()
                 worker.served += 1
                 worker.latencies.append(time.perf_counter() - t0)
-                return resp.status
+                return conn.status
             finally:
+                if conn is not None:
+                    upstream.release(conn)
                 self.pool.release(worker)
 
     @staticmethod
-    async def _respond(resp: aiohttp.ClientResponse, send: Send) -> None:
-        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _HOP_RESPONSE]
-        length = resp.content_length
-        if length is not None and length <= _SMALL_BODY:
-            data = await resp.read()
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+    async def _respond(conn: Connection, send: Send) -> None:
+        """Relay the answer: UpstreamError before its first byte went out, _BrokenOff after."""
+        headers = [(k, v) for k, v in conn.headers if k not in _HOP_RESPONSE]
+        start = {"type": "http.response.start", "status": conn.status, "headers": headers}
+        length = conn.length
+        if conn.complete or (length is not None and length <= _SMALL_BODY):
+            data = await conn.read_all()
+            await send(start)
             await send({"type": "http.response.body", "body": data})
             return
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        async for chunk in resp.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        await send(start)
+        try:
+            while True:
+                chunk = await conn.read_some()
+                if conn.complete:
+                    # The last bytes and the end of the answer go out in one message.
+                    await send({"type": "http.response.body", "body": chunk})
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            raise _BrokenOff(str(exc)) from None

@@ -16,6 +16,7 @@ import uvicorn
 from aiohttp import web
 from fake_worker import build_app
 
+from flockctl.server.__main__ import uvicorn_config
 from flockctl.server.app import create_app
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.deployment import Deployment
@@ -114,10 +115,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Daemon
             server.should_exit = True
 
         app = create_app(deployment, shutdown)
-        config = uvicorn.Config(
-            app, lifespan="on", log_config=None, access_log=False, http="httptools", ws="none"
-        )
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(uvicorn_config(app, cfg))
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():

@@ -1,0 +1,534 @@
+"""Balancer overhead: the same requests sent straight to two fake workers and through the daemon.
+
+    python bench/balancer.py [--duration 8] [--requests N] [--warmup 0.5] [--quick]
+
+The script is the load generator (one aiohttp ClientSession, pooled keep-alive connections) and
+runs in a process of its own. It starts two fake OpenAI-compatible workers and a foreground
+daemon (``flockctl up --foreground`` with both as static endpoints, in a temporary
+``FLOCKCTL_HOME``) on free 127.0.0.1 ports, waits until the daemon reports both workers READY,
+measures every case, and stops everything it started, on errors and Ctrl-C too. Stdout gets one
+JSON object; progress goes to stderr.
+
+Cases: non-streaming and streaming (16 SSE chunks) requests at concurrency 1, 16 and 64, and
+streaming with 20 ms between chunks at concurrency 64; each once direct (requests alternate
+between the workers) and once through the balancer. Clients run a closed loop (the next request
+when one finishes). A closed loop keeps the phase its clients start with, so in the 20 ms case
+the clients start spread over one request's duration, like independent users; the ``-burst``
+variant starts all 64 together, so they keep arriving in waves of 64 and the figures show how
+each path absorbs such a wave.
+
+Each case runs ``--warmup`` seconds unmeasured, then a window of ``--duration`` seconds (or
+``--requests`` completed requests, whichever ends first) with the load still running, so the
+window sees steady state only. Latency figures are for requests completed in the window; CPU
+figures are each process's user+system time in the window divided by those requests, which
+holds even when the client, the daemon and the workers share a few cores (latencies on a small
+machine include waiting for a core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_WORKER = ROOT / "tests" / "fake_worker.py"
+HOST = "127.0.0.1"
+TOKENS = 16
+CONCURRENCY = (1, 16, 64)
+SLOW_TOKEN_DELAY = 0.02
+SLOW_CONCURRENCY = 64
+DONE = b"data: [DONE]\n\n"
+
+TARGET_CPU_MS = 0.5
+TARGET_ADDED_P50_MS = 1.0
+TARGET_TTFB_P99_MS = 5.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration."""
+
+    stream: bool
+    concurrency: int
+    token_delay: float = 0.0
+    burst: bool = False
+
+    @property
+    def name(self) -> str:
+        kind = "stream" if self.stream else "plain"
+        delay = f"-{self.token_delay * 1000:g}ms" if self.token_delay else ""
+        return f"{kind}{delay}{'-burst' if self.burst else ''}/c{self.concurrency}"
+
+    @property
+    def spread(self) -> float:
+        """Seconds over which the clients start: about one request's duration."""
+        return 0.0 if self.burst else TOKENS * self.token_delay
+
+    def payload(self) -> bytes:
+        body: dict[str, Any] = {
+            "model": "fake",
+            "messages": [{"role": "user", "content": "Say sixteen words."}],
+            "max_tokens": TOKENS,
+            "stream": self.stream,
+        }
+        if self.token_delay:
+            body["fake_token_delay"] = self.token_delay
+        return json.dumps(body).encode()
+
+
+SLOW = Case(True, SLOW_CONCURRENCY, SLOW_TOKEN_DELAY)
+CASES = [
+    *(Case(stream, c) for stream in (False, True) for c in CONCURRENCY),
+    SLOW,
+    Case(True, SLOW_CONCURRENCY, SLOW_TOKEN_DELAY, burst=True),
+]
+
+
+def free_port() -> int:
+    """A port the kernel just handed out on 127.0.0.1 (the child binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def _child_setup() -> None:
+    """In each child before exec: its own session, and SIGTERM if the benchmark dies (Linux)."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Processes:
+    """Children started by the benchmark; ``stop_all`` ends every one of them, by pid."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> psutil.Process:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.logs,
+                preexec_fn=_child_setup if sys.platform == "linux" else None,
+                start_new_session=sys.platform != "linux",
+            )
+        self.procs.append((name, proc))
+        return psutil.Process(proc.pid)
+
+    def check(self) -> None:
+        """Raise if a child has exited: the benchmark would measure nothing useful."""
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 5) -> str:
+        try:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        for _name, proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc in self.procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                say(f"{name} (pid {proc.pid}) ignored SIGTERM; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+# -- load generation -----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of already sorted ``values``."""
+    if not values:
+        return None
+    rank = max(1, min(len(values), -(-len(values) * q // 100)))
+    return values[int(rank) - 1]
+
+
+@dataclass
+class Result:
+    seconds: float
+    latencies: list[float]
+    ttfbs: list[float]
+    errors: int
+    first_error: str | None
+    cpu: dict[str, float]
+
+
+async def run_load(
+    session: aiohttp.ClientSession,
+    urls: list[str],
+    case: Case,
+    watched: dict[str, psutil.Process],
+    warmup: float,
+    duration: float,
+    max_requests: int | None,
+) -> Result:
+    """Closed-loop load; measures a window after ``warmup`` while the load keeps running."""
+    payload = case.payload()
+    headers = {"content-type": "application/json"}
+    latencies: list[float] = []
+    ttfbs: list[float] = []
+    errors = 0
+    first_error: str | None = None
+    recording = stopping = False
+    enough = asyncio.Event()
+    clock = time.perf_counter
+
+    async def client(i: int) -> None:
+        nonlocal errors, first_error
+        if case.spread:
+            await asyncio.sleep(case.spread * i / case.concurrency)
+        n = i
+        while not stopping:
+            url = urls[n % len(urls)]
+            n += 1
+            t0 = clock()
+            first = 0.0
+            tail = b""
+            problem = None
+            try:
+                async with session.post(url, data=payload, headers=headers) as resp:
+                    async for chunk in resp.content.iter_any():
+                        if not first:
+                            first = clock()
+                        tail = (tail + chunk)[-len(DONE) :]
+                    if resp.status != 200 or (case.stream and tail != DONE):
+                        problem = f"status {resp.status}, body ending {tail!r}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            end = clock()
+            if not recording:
+                continue
+            if problem is not None:
+                errors += 1
+                first_error = first_error or problem
+                continue
+            latencies.append(end - t0)
+            ttfbs.append((first or end) - t0)
+            if max_requests is not None and len(latencies) >= max_requests:
+                enough.set()
+
+    clients = [asyncio.ensure_future(client(i)) for i in range(case.concurrency)]
+    try:
+        # Long enough for every client to have started and finished a request.
+        await asyncio.sleep(max(warmup, 2 * case.spread))
+        before = {who: cpu_seconds(p) for who, p in watched.items()}
+        start = clock()
+        recording = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(enough.wait(), duration)
+        recording = False
+        seconds = clock() - start
+        cpu = {who: cpu_seconds(p) - before[who] for who, p in watched.items()}
+        stopping = True
+        await asyncio.gather(*clients)
+    finally:
+        for task in clients:
+            task.cancel()
+    latencies.sort()
+    ttfbs.sort()
+    return Result(seconds, latencies, ttfbs, errors, first_error, cpu)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def summarize(case: Case, target: str, result: Result) -> dict[str, Any]:
+    n = len(result.latencies)
+    row: dict[str, Any] = {
+        "target": target,
+        "stream": case.stream,
+        "concurrency": case.concurrency,
+        "token_delay_ms": case.token_delay * 1000,
+        "clients_start": "spread" if case.spread else "together",
+        "requests": n,
+        "errors": result.errors,
+        "seconds": round(result.seconds, 3),
+        "rps": round(n / result.seconds, 1) if result.seconds else 0.0,
+        "latency_ms": {
+            "p50": _ms(percentile(result.latencies, 50)),
+            "p99": _ms(percentile(result.latencies, 99)),
+        },
+        "ttfb_ms": {
+            "p50": _ms(percentile(result.ttfbs, 50)),
+            "p99": _ms(percentile(result.ttfbs, 99)),
+        },
+    }
+    for who, seconds in result.cpu.items():
+        row[f"{who}_cpu_ms_per_req"] = round(seconds * 1000 / max(n, 1), 4)
+    if result.first_error:
+        row["first_error"] = result.first_error
+    return row
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float, procs: Processes
+) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        procs.check()
+        try:
+            if await check():
+                return
+        except (aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
+            last = f" (last error: {exc or type(exc).__name__})"
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{what} not ready within {timeout:g}s{last}")
+
+
+def start_processes(procs: Processes, home: Path) -> tuple[list[str], str]:
+    """Two fake workers and a daemon balancing over them; returns their base URLs."""
+    upstreams = []
+    for i in (1, 2):
+        port = free_port()
+        argv = [sys.executable, str(FAKE_WORKER), "--host", HOST, "--port", str(port)]
+        procs.start(f"worker{i}", [*argv, "--id", f"w{i}", "--tokens", str(TOKENS)])
+        upstreams.append(f"http://{HOST}:{port}")
+    port = free_port()
+    argv = [sys.executable, "-m", "flockctl", "up", "--foreground", "--name", "bench"]
+    argv += ["--host", HOST, "--port", str(port)]
+    for url in upstreams:
+        argv += ["--endpoint", url]
+    argv += ["--worker-capacity", "1000", "--max-queue", "10000", "--probe-interval", "1"]
+    env = {**os.environ, "FLOCKCTL_HOME": str(home)}
+    env.pop("FLOCKCTL_NAME", None)
+    procs.start("daemon", argv, env)
+    return upstreams, f"http://{HOST}:{port}"
+
+
+async def bench(args: argparse.Namespace, procs: Processes, home: Path) -> dict[str, Any]:
+    # SIGTERM ends the run the way Ctrl-C does: the task is cancelled, `finally` blocks run.
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    upstreams, balancer = start_processes(procs, home)
+    workers = [psutil.Process(p.pid) for name, p in procs.procs if name.startswith("worker")]
+    daemon = psutil.Process(procs.procs[-1][1].pid)
+    me = psutil.Process()
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
+
+        async def healthy(url: str) -> bool:
+            async with session.get(url + "/health") as resp:
+                return resp.status == 200
+
+        async def daemon_ready() -> bool:
+            async with session.get(balancer + "/health") as resp:
+                return resp.status == 200 and (await resp.json())["ready_workers"] == 2
+
+        for url in upstreams:
+            await wait_until(lambda url=url: healthy(url), f"fake worker {url}", 30, procs)
+        await wait_until(daemon_ready, "the daemon", 60, procs)
+        say(f"workers {', '.join(upstreams)}; daemon {balancer} (pid {daemon.pid})")
+
+        # What the daemon spends with no traffic (probes, samplers), for scale.
+        idle = min(1.0, args.duration)
+        before = cpu_seconds(daemon)
+        await asyncio.sleep(idle)
+        idle_cpu = (cpu_seconds(daemon) - before) / idle
+
+        results: dict[str, dict[str, Any]] = {}
+        for case in CASES:
+            for target, bases in (("direct", upstreams), ("balancer", [balancer])):
+                urls = [base + "/v1/chat/completions" for base in bases]
+                watched = {"client": me, "worker1": workers[0], "worker2": workers[1]}
+                if target == "balancer":
+                    watched["balancer"] = daemon
+                result = await run_load(
+                    session, urls, case, watched, args.warmup, args.duration, args.requests
+                )
+                procs.check()
+                result.cpu["workers"] = result.cpu.pop("worker1") + result.cpu.pop("worker2")
+                row = results[f"{target}/{case.name}"] = summarize(case, target, result)
+                say(progress_line(f"{target}/{case.name}", row))
+    return {"idle_cpu_ms_per_s": round(idle_cpu * 1000, 1), "cases": results}
+
+
+def progress_line(name: str, row: dict[str, Any]) -> str:
+    line = (
+        f"{name:30} {row['rps']:>8} req/s  p50 {row['latency_ms']['p50']:>8} ms"
+        f"  p99 {row['latency_ms']['p99']:>8} ms  ttfb p99 {row['ttfb_ms']['p99']:>8} ms"
+    )
+    if "balancer_cpu_ms_per_req" in row:
+        line += f"  cpu {row['balancer_cpu_ms_per_req']} ms/req"
+    if row["errors"]:
+        line += f"  ERRORS {row['errors']} ({row.get('first_error')})"
+    return line
+
+
+def compare(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Balancer against direct, case by case (differences in ms)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, row in results.items():
+        if row["target"] != "balancer":
+            continue
+        case = name.split("/", 1)[1]
+        base = results[f"direct/{case}"]
+        lat, ttfb = row["latency_ms"], row["ttfb_ms"]
+        out[case] = {
+            "rps_ratio": round(row["rps"] / base["rps"], 3) if base["rps"] else None,
+            "added_p50_ms": _diff(lat["p50"], base["latency_ms"]["p50"]),
+            "added_p99_ms": _diff(lat["p99"], base["latency_ms"]["p99"]),
+            "added_ttfb_p50_ms": _diff(ttfb["p50"], base["ttfb_ms"]["p50"]),
+            "added_ttfb_p99_ms": _diff(ttfb["p99"], base["ttfb_ms"]["p99"]),
+        }
+    return out
+
+
+def targets(
+    results: dict[str, dict[str, Any]], vs: dict[str, dict[str, float | None]]
+) -> dict[str, Any]:
+    """The three figures the balancer is held to, each with its limit."""
+    checks = {
+        "balancer_cpu_ms_per_stream_req_c64": (
+            results["balancer/stream/c64"]["balancer_cpu_ms_per_req"],
+            TARGET_CPU_MS,
+        ),
+        "added_p50_ms_c1": (
+            max(vs["plain/c1"]["added_p50_ms"] or 0.0, vs["stream/c1"]["added_p50_ms"] or 0.0),
+            TARGET_ADDED_P50_MS,
+        ),
+        "added_ttfb_p99_ms_20ms_tokens_c64": (
+            vs[SLOW.name]["added_ttfb_p99_ms"],
+            TARGET_TTFB_P99_MS,
+        ),
+    }
+    out: dict[str, Any] = {k: {"value": v, "max": limit} for k, (v, limit) in checks.items()}
+    out["met"] = all(v is not None and v <= limit for v, limit in checks.values()) and not any(
+        row["errors"] for row in results.values()
+    )
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/balancer.py",
+        description="Measure the balancer's overhead against direct requests to fake workers.",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="measured seconds per case (default 8)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=None, help="end a case's window after this many requests"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=0.5, help="unmeasured seconds before each window"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 s per case, 0.2 s warm-up"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup = 1.0, 0.2
+    if args.duration <= 0 or args.warmup < 0 or (args.requests is not None and args.requests < 1):
+        parser.error("--duration must be positive, --warmup not negative, --requests at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runner: Callable[..., Any] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="flockctl-bench-") as tmp:
+        procs = Processes(Path(tmp))
+        try:
+            measured = runner(bench(args, procs, Path(tmp)))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            say("interrupted; stopping the workers and the daemon")
+            return 130
+        except RuntimeError as exc:
+            say(f"failed: {exc}")
+            return 1
+        finally:
+            procs.stop_all()
+    results = measured["cases"]
+    vs = compare(results)
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "aiohttp": aiohttp.__version__,
+        },
+        "settings": {
+            "duration_s": args.duration,
+            "requests": args.requests,
+            "warmup_s": args.warmup,
+            "tokens": TOKENS,
+        },
+        "daemon_idle_cpu_ms_per_s": measured["idle_cpu_ms_per_s"],
+        "cases": results,
+        "vs_direct": vs,
+        "targets": targets(results, vs),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
