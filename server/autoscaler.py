@@ -65,6 +65,10 @@ class AutoscalerPolicy:
     def operator_target(self, target: int) -> None:
         """An operator set the number of workers by hand (added or removed one)."""
 
+    def thresholds(self) -> dict[str, float]:
+        """The policy's settings, as the status snapshot shows them."""
+        return {}
+
     def bounds(self, target: int) -> Decision | None:
         """A decision forced by min/max alone, if the target is out of bounds."""
         if target < self.min_workers:
@@ -82,6 +86,9 @@ class FixedPolicy(AutoscalerPolicy):
     def __init__(self, replicas: int, min_workers: int = 0, max_workers: int | None = None):
         super().__init__(min_workers, max(replicas, max_workers or replicas))
         self.replicas = replicas
+
+    def thresholds(self) -> dict[str, float]:
+        return {"replicas": self.replicas}
 
     def operator_target(self, target: int) -> None:
         self.replicas = target
@@ -124,6 +131,15 @@ class QueueLengthRunningMean(AutoscalerPolicy):
     @property
     def qlrm(self) -> float | None:
         return self._mean
+
+    def thresholds(self) -> dict[str, float]:
+        return {
+            "autoscale_up": self.autoscale_up,
+            "autoscale_down": self.autoscale_down,
+            "queue_tracking_window": self.window,
+            "upscale_delay": self.upscale_delay,
+            "downscale_delay": self.downscale_delay,
+        }
 
     def history(self) -> list[tuple[float, float]]:
         return list(self._history)

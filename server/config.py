@@ -187,13 +187,9 @@ def _service_overrides(service: Any, where: str) -> tuple[dict[str, Any], dict[s
                     continue
                 out[mapping[key]] = value
                 origin[mapping[key]] = f"{where}service.replica_policy.{key}"
-            if "max_replicas" not in policy and "min_replicas" in policy:
-                out.setdefault(
-                    "max_workers",
-                    max(policy["min_replicas"], 1)
-                    if isinstance(policy["min_replicas"], int)
-                    else 1,
-                )
+            if "max_replicas" not in policy and isinstance(policy.get("min_replicas"), int):
+                # As in SkyServe: without max_replicas the deployment stays at min_replicas.
+                out["max_workers"] = max(policy["min_replicas"], 1)
     if problems:
         raise ConfigError(problems)
     return out, origin

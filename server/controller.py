@@ -280,17 +280,9 @@ class Controller:
             "launch_blocked": self.blocked,
             "consecutive_start_failures": self.start_failures,
         }
-        for key in (
-            "autoscale_up",
-            "autoscale_down",
-            "window",
-            "upscale_delay",
-            "downscale_delay",
-            "replicas",
-        ):
-            if hasattr(policy, key):
-                name = "queue_tracking_window" if key == "window" else key
-                out.setdefault("thresholds", {})[name] = getattr(policy, key)
+        thresholds = policy.thresholds()
+        if thresholds:
+            out["thresholds"] = thresholds
         return out
 
 
