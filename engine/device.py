@@ -1,0 +1,131 @@
+"""Which device and dtype the engine runs on, and how much memory it uses there.
+
+Memory comes from NVML when an NVIDIA GPU and its library exist (the whole device, as
+``nvidia-smi`` shows it), else from torch's own CUDA/MPS counters, else from the process RSS on
+CPU. No NVML is the normal case on CPU and MPS machines, never an error.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import psutil
+import torch
+
+
+class DeviceError(ValueError):
+    """The requested device or dtype is not available here."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA device is available (torch sees none)")
+    if name == "mps" and not _mps_available():
+        raise DeviceError("--device mps: Apple MPS is not available on this machine")
+    if name not in ("cuda", "mps", "cpu"):
+        raise DeviceError(f"--device {name}: expected auto, cuda, mps or cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA where supported (float16 otherwise), float16 on MPS, float32 on
+    CPU (CPU half-precision matmuls are slower than float32 on most machines)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise DeviceError(f"--dtype {name}: expected auto, float32, float16 or bfloat16")
+    return dtypes[name]
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+class DeviceMemory:
+    """Reads used/total memory of one device; NVML is tried once and remembered."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._nvml_handle: Any = None
+        self.name = self._name()
+        if device.type == "cuda":
+            self._nvml_handle = _nvml_handle(device.index or torch.cuda.current_device())
+
+    def _name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        if self.device.type == "mps":
+            return "Apple MPS"
+        return platform.processor() or platform.machine() or "cpu"
+
+    def free_bytes(self) -> int:
+        """Memory the engine could still claim on the device (used for the default KV budget)."""
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free)
+        if self.device.type == "mps":
+            limit = int(torch.mps.recommended_max_memory())
+            return max(0, limit - int(torch.mps.driver_allocated_memory()))
+        return int(psutil.virtual_memory().available)
+
+    def read(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"type": self.device.type, "name": self.name}
+        if self._nvml_handle is not None:
+            try:
+                import pynvml
+
+                mem = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
+                return {
+                    **info,
+                    "memory_used": int(mem.used),
+                    "memory_total": int(mem.total),
+                    "source": "nvml",
+                }
+            except Exception:  # the driver went away; fall back to torch's counters
+                self._nvml_handle = None
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return {
+                **info,
+                "memory_used": int(total - free),
+                "memory_total": int(total),
+                "source": "torch",
+            }
+        if self.device.type == "mps":
+            return {
+                **info,
+                "memory_used": int(torch.mps.driver_allocated_memory()),
+                "memory_total": int(torch.mps.recommended_max_memory()),
+                "source": "torch",
+            }
+        return {
+            **info,
+            "memory_used": int(psutil.Process().memory_info().rss),
+            "memory_total": int(psutil.virtual_memory().total),
+            "source": "psutil",
+        }
+
+
+def _nvml_handle(index: int) -> Any:
+    """An NVML handle for CUDA device ``index``, or None when NVML is not there (normal)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # no library, no driver, or an index NVML doesn't know
+        return None

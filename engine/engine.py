@@ -1,0 +1,564 @@
+"""The engine: a model-loop thread that runs iterations, and the handles the API awaits.
+
+Each iteration the scheduler orders the live jobs; the loop walks that order and takes jobs into
+the batch while the batch has room and their KV fits the device budget (evicting lower-priority
+caches to host memory, or dropping them for recompute, when it is short); every job that ran last
+iteration and was not taken is preempted. Then one forward for jobs that need a prefill and one
+for jobs that decode, one sampled token per job, text pieces out to the event loop.
+
+The asyncio side never touches the model: ``submit`` and ``cancel`` post to an inbox under a
+condition variable; results come back with one ``call_soon_threadsafe`` per iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from flockctl import __version__
+from flockctl.engine.device import DeviceMemory, pick_device, pick_dtype
+from flockctl.engine.job import FinishReason, InvalidRequest, Job, JobState, Preemption
+from flockctl.engine.kv import KVPool
+from flockctl.engine.metrics import EngineMetrics
+from flockctl.engine.profiler import Profile, calibrate
+from flockctl.engine.runner import Runner
+from flockctl.engine.sampling import Sampler, make_generator
+from flockctl.engine.scheduler import Scheduler, make_scheduler
+from flockctl.engine.text import TextStream
+
+log = logging.getLogger("flockctl.engine")
+
+RECENT_JOBS = 512
+
+
+class QueueFull(Exception):
+    """Too many jobs waiting; the API answers 429."""
+
+
+class EngineLoadError(RuntimeError):
+    """The model could not be loaded; the message says which and why."""
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    scheduler: str = "mlfq"
+    max_batch_size: int = 8
+    kv_budget: int | None = None
+    max_model_len: int | None = None
+    max_waiting: int = 256
+    seed: int = 0
+    block_size: int = 16
+    mlfq_levels: int = 8
+    starvation_limit: float = 5.0
+    host_kv_budget: int | None = None  # tokens of swap space in host memory; default: kv budget
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_waiting", "block_size", "mlfq_levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_budget is not None and self.kv_budget < self.block_size:
+            raise ValueError(f"kv_budget must be at least {self.block_size} tokens")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+class JobHandle:
+    """What a request holds while its job runs: an async stream of deltas and a cancel."""
+
+    def __init__(self, engine: Engine, job: Job, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.job = job
+        self.loop = loop
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.done = False
+        # loop-thread side
+        self.stream: TextStream | None = None
+        self.generator: torch.Generator | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        while True:
+            delta = await self.queue.get()
+            if delta.finish_reason is not None:
+                self.done = True
+            yield delta
+            if self.done:
+                return
+
+    def cancel(self) -> None:
+        """Abort the job (its client went away) and free its cache; safe to call twice."""
+        if not self.done:
+            self.done = True
+            self.engine._post(("abort", self.job.id))
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: EngineConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_name: str,
+        max_model_len: int,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.memory = DeviceMemory(device)
+        self.started = time.time()
+
+        budget = config.kv_budget or self._default_budget()
+        self.pool = KVPool(
+            _num_layers(model.config),
+            budget,
+            device,
+            dtype,
+            block_size=config.block_size,
+            host_budget_tokens=config.host_kv_budget,
+        )
+        self.runner = Runner(model, self.pool, device)
+        self.sampler = Sampler()
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+        self.profile: Profile = calibrate(
+            self.runner, min(self.pool.budget_tokens, max_model_len * 2), config.max_batch_size
+        )
+        self.scheduler: Scheduler = make_scheduler(
+            config.scheduler,
+            base_quantum=self.profile.decode_seconds,
+            predict_prefill=self.profile.predict_prefill,
+            levels=config.mlfq_levels,
+            starvation_limit=config.starvation_limit,
+        )
+        self.metrics = EngineMetrics(self.stats)
+
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[str, Any]] = []
+        self._stopping = False
+        self._live: dict[str, JobHandle] = {}
+        self._recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._running: list[Job] = []
+        self.preemptions = dict.fromkeys(Preemption, 0)
+        self.iterations = 0
+        self.tokens_generated = 0
+        self._thread = threading.Thread(target=self._loop, name="flockctl-engine", daemon=True)
+        self._thread.start()
+
+    # -- sizing --------------------------------------------------------------------------------
+
+    def _default_budget(self) -> int:
+        """KV tokens: 80% of free CUDA memory; on CPU/MPS a quarter of what is free, at most
+        2 GiB; never more than every admissible job at full length could use."""
+        per_token = _kv_bytes_per_token(self.model.config, self.dtype)
+        free = self.memory.free_bytes()
+        usable = free * 0.8 if self.device.type == "cuda" else min(free * 0.25, 2 * 2**30)
+        ceiling = (self.config.max_batch_size + self.config.max_waiting) * self.max_model_len
+        return max(self.config.block_size, min(int(usable // per_token), ceiling))
+
+    # -- API side (event loop thread) ---------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: Any) -> JobHandle:
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "prompt"
+            )
+        if n >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens",
+                "prompt",
+            )
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"this model's context is {self.max_model_len} tokens, but {n + params.max_tokens}"
+                f" were requested ({n} in the prompt, {params.max_tokens} in max_tokens)",
+                "max_tokens",
+            )
+        if n + params.max_tokens > self.pool.budget_tokens:
+            raise InvalidRequest(
+                f"{n + params.max_tokens} tokens requested ({n} prompt + {params.max_tokens}"
+                f" max_tokens) exceed this engine's KV budget of {self.pool.budget_tokens}",
+                "max_tokens",
+            )
+        waiting = len(self._live) - len(self._running)
+        if waiting >= self.config.max_waiting:
+            raise QueueFull(
+                f"{waiting} jobs are already waiting (--max-waiting {self.config.max_waiting});"
+                " retry later"
+            )
+        job = Job(list(prompt_ids), params)
+        handle = JobHandle(self, job, asyncio.get_running_loop())
+        handle.stream = TextStream(self.tokenizer, prompt_ids, params.stop)
+        handle.generator = make_generator(params.seed, self.device)
+        self._live[job.id] = handle
+        self._post(("submit", handle))
+        return handle
+
+    def _post(self, item: tuple[str, Any]) -> None:
+        with self._cv:
+            self._inbox.append(item)
+            self._cv.notify()
+
+    def job_info(self, job_id: str) -> dict[str, Any] | None:
+        handle = self._live.get(job_id)
+        job = handle.job if handle else self._recent.get(job_id)
+        return job.detail() if job else None
+
+    def stats(self, detailed: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        jobs = [h.job for h in list(self._live.values())]
+        states = collections.Counter(j.state for j in jobs)
+        out: dict[str, Any] = {
+            "engine": "flockctl",
+            "version": __version__,
+            "model": self.model_name,
+            "scheduler": self.scheduler.name,
+            "device": self.memory.read(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_batch_size": self.config.max_batch_size,
+            "max_model_len": self.max_model_len,
+            "queue_lengths": self.scheduler.queue_lengths(),
+            "running": states[JobState.RUNNING],
+            "waiting": states[JobState.WAITING] + states[JobState.PREEMPTED],
+            "swapped": states[JobState.SWAPPED],
+            "preemptions_total": {k.value: v for k, v in self.preemptions.items()},
+            "kv": {
+                "budget_tokens": self.pool.budget_tokens,
+                "used_tokens": self.pool.used_tokens,
+                "host_tokens": self.pool.host_tokens,
+                "host_budget_tokens": self.pool.host_budget_tokens,
+                "block_size": self.pool.block_size,
+                "swap_outs": self.pool.swap_outs,
+                "swap_ins": self.pool.swap_ins,
+                "recomputes": self.pool.drops,
+            },
+            "iterations": self.iterations,
+            "tokens_generated": self.tokens_generated,
+            "uptime": round(time.time() - self.started, 3),
+            "jobs": [j.summary(now) for j in jobs],
+        }
+        if detailed:
+            out["jobs"] = [j.detail(now) for j in jobs]
+            out["scheduler_detail"] = self.scheduler.describe()
+            out["profile"] = self.profile.to_dict()
+            out["recent_jobs"] = [j.detail(now) for j in list(self._recent.values())[-20:]]
+            out["process_rss"] = psutil.Process().memory_info().rss
+        return out
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # -- the model loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._inbox and not self.scheduler.jobs and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                for kind, item in inbox:
+                    if kind == "submit":
+                        self.scheduler.add(item.job, time.monotonic())
+                    else:
+                        self._abort(item)
+                if self.scheduler.jobs:
+                    self._iteration()
+        except Exception:  # a bug in the loop must not leave requests hanging forever
+            log.exception("the engine loop crashed")
+            raise
+        finally:
+            for job_id in list(self._live):
+                self._abort(job_id, error="the engine is shutting down")
+
+    def _abort(self, job_id: str, error: str | None = None) -> None:
+        handle = self._live.get(job_id)
+        if handle is None or handle.job.state == JobState.FINISHED:
+            return
+        self._finish(handle, FinishReason.ABORT, time.monotonic(), [])
+        if error:
+            self._deliver([(handle, Delta("", [], FinishReason.ABORT, error))])
+
+    def _iteration(self) -> None:
+        now = time.monotonic()
+        order = self.scheduler.order(now)
+        batch: list[Job] = []
+        chosen: set[str] = set()
+        for job in order:
+            if len(batch) >= self.config.max_batch_size:
+                break
+            if not self._make_resident(job, order, chosen):
+                break
+            batch.append(job)
+            chosen.add(job.id)
+        for job in self._running:
+            if job.id not in chosen and job.state == JobState.RUNNING:
+                self._preempt(job, Preemption.DESCHEDULED, JobState.PREEMPTED)
+        for job in batch:
+            job.state = JobState.RUNNING
+            if job.first_scheduled is None:
+                job.first_scheduled = now
+        self._running = batch
+        if not batch:
+            return
+
+        prefill = [j for j in batch if j.needs_prefill]
+        decode = [j for j in batch if not j.needs_prefill]
+        deliveries: list[tuple[JobHandle, Delta]] = []
+        for group in (prefill, decode):
+            if group:
+                self._step(group, deliveries)
+        self.iterations += 1
+        self._deliver(deliveries)
+        self._running = [j for j in batch if j.state == JobState.RUNNING]
+        self._prefetch(order, chosen)
+
+    def _step(self, jobs: list[Job], deliveries: list[tuple[JobHandle, Delta]]) -> None:
+        start = time.perf_counter()
+        try:
+            logits = self.runner.forward(jobs)
+            handles = [self._live[j.id] for j in jobs]
+            tokens = self.sampler.sample(
+                logits, [j.params for j in jobs], [h.generator for h in handles]
+            )
+        except Exception as exc:  # e.g. out of device memory: fail these jobs, keep serving
+            log.exception("forward failed for %d jobs", len(jobs))
+            now = time.monotonic()
+            for job in jobs:
+                handle = self._live.get(job.id)
+                if handle is not None:
+                    self._finish(
+                        handle, FinishReason.ABORT, now, deliveries, f"engine error: {exc}"
+                    )
+            return
+        elapsed = time.perf_counter() - start
+        now = time.monotonic()
+        for job, handle, token in zip(jobs, handles, tokens, strict=True):
+            job.iterations += 1
+            self.scheduler.charge(job, elapsed, now)
+            job.output_ids.append(token)
+            self.tokens_generated += 1
+            if job.first_token is None:
+                job.first_token = now
+            stream = handle.stream
+            assert stream is not None
+            eos = token in self.eos_ids and not job.params.ignore_eos
+            text = "" if eos else stream.push([token])
+            if eos or stream.stopped:
+                reason: FinishReason | None = FinishReason.STOP
+            elif (
+                len(job.output_ids) >= job.params.max_tokens
+                or job.total_tokens >= self.max_model_len
+            ):
+                reason = FinishReason.LENGTH
+            else:
+                reason = None
+            if reason is None:
+                deliveries.append((handle, Delta(text, [token])))
+            else:
+                self._finish(handle, reason, now, deliveries, text=text, token=token)
+
+    def _finish(
+        self,
+        handle: JobHandle,
+        reason: FinishReason,
+        now: float,
+        deliveries: list[tuple[JobHandle, Delta]],
+        error: str | None = None,
+        text: str = "",
+        token: int | None = None,
+    ) -> None:
+        job = handle.job
+        if reason != FinishReason.ABORT and handle.stream is not None and not handle.stream.stopped:
+            text += handle.stream.finish()
+        job.state = JobState.FINISHED
+        job.finish_reason = reason
+        job.finished = now
+        self.scheduler.remove(job)
+        self.pool.release(job.id)
+        self._live.pop(job.id, None)
+        self._recent[job.id] = job
+        while len(self._recent) > RECENT_JOBS:
+            self._recent.popitem(last=False)
+        if reason != FinishReason.ABORT:
+            self.metrics.observe_finished(job)
+        tokens = [token] if token is not None else []
+        deliveries.append((handle, Delta(text, tokens, reason, error)))
+
+    def _deliver(self, deliveries: list[tuple[JobHandle, Delta]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[JobHandle, Delta]]] = {}
+        for handle, delta in deliveries:
+            by_loop.setdefault(handle.loop, []).append((handle, delta))
+        for loop, items in by_loop.items():
+            # a closed event loop raises RuntimeError: nobody is listening any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
+
+    # -- KV residency ---------------------------------------------------------------------------
+
+    def _make_resident(self, job: Job, order: list[Job], chosen: set[str]) -> bool:
+        """Reserve blocks for ``job``'s next step, evicting lower-priority caches if needed."""
+        pool = self.pool
+        need = job.total_tokens
+        while pool.shortfall(job.id, need) > 0:
+            victim = next(
+                (
+                    v
+                    for v in reversed(order)
+                    if v is not job and v.id not in chosen and pool.resident(v.id)
+                ),
+                None,
+            )
+            if victim is None:
+                return False
+            self._evict(victim)
+        if job.state == JobState.SWAPPED:
+            job.cached_tokens = pool.swap_in(job.id)
+            job.state = JobState.PREEMPTED
+        pool.reserve(job.id, need)
+        return True
+
+    def _evict(self, job: Job) -> None:
+        """Free ``job``'s device blocks: to host memory if there is room, else drop them."""
+        was_running = job.state == JobState.RUNNING
+        if self.pool.host_room(job.cached_tokens):
+            self.pool.swap_out(job.id, job.cached_tokens)
+            job.swaps += 1
+            kind, state = Preemption.SWAPPED, JobState.SWAPPED
+        else:
+            self.pool.drop(job.id)
+            job.cached_tokens = 0
+            kind, state = Preemption.RECOMPUTED, JobState.PREEMPTED
+        if was_running:
+            self._preempt(job, kind, state)
+        else:
+            job.state = state
+
+    def _preempt(self, job: Job, kind: Preemption, state: JobState) -> None:
+        """The one place a preemption is counted: an unfinished job left the batch."""
+        job.state = state
+        job.preemptions[kind] += 1
+        self.preemptions[kind] += 1
+
+    def _prefetch(self, order: list[Job], chosen: set[str]) -> None:
+        """Bring the highest-priority swapped job back while there is room, ahead of its turn,
+        keeping a block per running job free for their next token."""
+        pool = self.pool
+        headroom = len(self._running) + 1
+        for job in order:
+            if job.state != JobState.SWAPPED or job.id in chosen:
+                continue
+            blocks = pool.blocks_for(job.total_tokens)
+            if len(pool.free) - headroom >= blocks:
+                job.cached_tokens = pool.swap_in(job.id)
+                job.state = JobState.PREEMPTED
+            return
+
+
+def _put_all(items: list[tuple[JobHandle, Delta]]) -> None:
+    for handle, delta in items:
+        handle.queue.put_nowait(delta)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def _num_layers(config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise EngineLoadError("cannot tell how many layers this model has")
+
+
+def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 64)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return 2 * _num_layers(config) * kv_heads * head_dim * itemsize
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    limits = [getattr(model.config, "max_position_embeddings", None)]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    sane = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10**7]
+    return min(sane) if sane else 2048
+
+
+def load_engine(config: EngineConfig, progress: bool = True) -> Engine:
+    """Load the model and tokenizer, calibrate, start the model loop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    path = config.model
+    if config.model == "demo":
+        from flockctl.engine.demo import ensure_demo
+
+        path = str(ensure_demo(progress=progress).target)
+    torch.manual_seed(config.seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineLoadError(f"cannot load model {config.model!r}: {first}") from exc
+    model = model.to(device).eval()
+    context = _context_length(model, tokenizer)
+    if config.max_model_len is not None:
+        if config.max_model_len > context:
+            raise EngineLoadError(
+                f"--max-model-len {config.max_model_len} exceeds this model's context of {context}"
+            )
+        context = config.max_model_len
+    name = config.served_model_name or config.model
+    return Engine(model, tokenizer, config, device, dtype, name, context)

@@ -1,0 +1,233 @@
+"""Paged KV cache: a token budget on the device, swap to host memory, and the per-forward view
+that stock transformers models write into.
+
+Every job owns a list of fixed-size blocks in one pool per layer (``[blocks * block_size, heads,
+head_dim]``). A batched forward gets a :class:`BatchView`, a transformers ``Cache`` whose
+``update`` scatters the new keys/values into each job's blocks and gathers each job's whole
+history back as a ``[batch, heads, blocks * block_size, head_dim]`` tensor. Positions a job does
+not own are masked by the caller's 4D additive mask, so jobs of any length share one forward.
+
+Block 0 is scratch: padding positions write there and short block tables are padded with it.
+Blocks are zeroed when handed out, so masked positions never hold NaN from uninitialised memory
+(``0 * NaN`` would leak through the softmax).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache
+
+SCRATCH = 0
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+@dataclass
+class HostCopy:
+    """A swapped-out job's cache in host memory (pinned on CUDA)."""
+
+    tokens: int
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [tokens, heads, dim]
+    values: list[torch.Tensor] = field(default_factory=list)
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        budget_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int = 16,
+        host_budget_tokens: int | None = None,
+    ):
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.num_blocks = max(2, -(-budget_tokens // block_size) + 1)  # + scratch
+        self.device = device
+        self.dtype = dtype
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.free: list[int] = list(range(self.num_blocks - 1, 0, -1))  # pop() hands out 1, 2, ...
+        self.tables: dict[str, list[int]] = {}
+        self.host: dict[str, HostCopy] = {}
+        self.host_budget_tokens = (
+            host_budget_tokens if host_budget_tokens is not None else budget_tokens
+        )
+        self._fresh: list[int] = []  # blocks handed out but not yet zeroed
+        self.swap_outs = 0
+        self.swap_ins = 0
+        self.drops = 0
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def budget_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(len(t) for t in self.tables.values()) * self.block_size
+
+    @property
+    def host_tokens(self) -> int:
+        return sum(h.tokens for h in self.host.values())
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def shortfall(self, job_id: str, tokens: int) -> int:
+        """Blocks still to find before ``job_id`` can hold ``tokens`` tokens on the device."""
+        have = len(self.tables.get(job_id, ()))
+        return max(0, self.blocks_for(tokens) - have - len(self.free))
+
+    def resident(self, job_id: str) -> bool:
+        return job_id in self.tables
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    def reserve(self, job_id: str, tokens: int) -> None:
+        """Make ``job_id``'s table cover ``tokens`` positions."""
+        table = self.tables.setdefault(job_id, [])
+        need = self.blocks_for(tokens) - len(table)
+        if need > len(self.free):
+            raise OutOfBlocks(f"{job_id} needs {need} more blocks, {len(self.free)} free")
+        for _ in range(need):
+            block = self.free.pop()
+            table.append(block)
+            self._fresh.append(block)
+
+    def release(self, job_id: str) -> None:
+        """Forget the job everywhere (finished, aborted, or dropped for recompute)."""
+        self.free.extend(reversed(self.tables.pop(job_id, [])))
+        self.host.pop(job_id, None)
+
+    def drop(self, job_id: str) -> None:
+        self.release(job_id)
+        self.drops += 1
+
+    def host_room(self, tokens: int) -> bool:
+        return self.host_tokens + tokens <= self.host_budget_tokens
+
+    def swap_out(self, job_id: str, tokens: int) -> None:
+        """Copy the job's first ``tokens`` cached positions to host memory, free its blocks."""
+        table = self.tables.pop(job_id)
+        copy = HostCopy(tokens)
+        if tokens and self.keys[0] is not None:
+            index = self._positions(table, tokens)
+            pin = self.device.type == "cuda"
+            for layer in range(self.num_layers):
+                for src, dst in ((self.keys[layer], copy.keys), (self.values[layer], copy.values)):
+                    assert src is not None
+                    part = src.index_select(0, index)
+                    host = torch.empty(part.shape, dtype=part.dtype, pin_memory=pin)
+                    host.copy_(part, non_blocking=pin)
+                    dst.append(host)
+            if pin:
+                torch.cuda.current_stream(self.device).synchronize()
+        self.free.extend(reversed(table))
+        self.host[job_id] = copy
+        self.swap_outs += 1
+
+    def swap_in(self, job_id: str) -> int:
+        """Bring a swapped job's cache back; returns its cached token count."""
+        copy = self.host[job_id]
+        self.reserve(job_id, max(copy.tokens, 1))
+        if copy.tokens and copy.keys:
+            self._zero_fresh()
+            index = self._positions(self.tables[job_id], copy.tokens)
+            for layer in range(self.num_layers):
+                for dst, src in ((self.keys[layer], copy.keys), (self.values[layer], copy.values)):
+                    assert dst is not None
+                    dst.index_copy_(0, index, src[layer].to(self.device, non_blocking=True))
+        del self.host[job_id]
+        self.swap_ins += 1
+        return copy.tokens
+
+    def _positions(self, table: list[int], tokens: int) -> torch.Tensor:
+        blocks = torch.tensor(table, dtype=torch.long)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        flat = (blocks[:, None] * self.block_size + offsets[None, :]).reshape(-1)[:tokens]
+        return flat.to(self.device)
+
+    def _ensure_layer(self, layer: int, heads: int, dim: int) -> None:
+        if self.keys[layer] is None:
+            shape = (self.num_blocks * self.block_size, heads, dim)
+            self.keys[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.values[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._fresh = []  # a new pool is all zeros
+
+    def _zero_fresh(self) -> None:
+        if not self._fresh or self.keys[0] is None:
+            self._fresh = []
+            return
+        index = self._positions(self._fresh, len(self._fresh) * self.block_size)
+        for layer in range(self.num_layers):
+            for pool in (self.keys[layer], self.values[layer]):
+                if pool is not None:
+                    pool.index_fill_(0, index, 0)
+        self._fresh = []
+
+    # -- one forward ---------------------------------------------------------------------------
+
+    def view(self, tables: list[list[int]], write: torch.Tensor) -> BatchView:
+        """A Cache for one forward over jobs with these block ``tables``; the new tokens' keys
+        and values go to the flat slots ``write`` (``[batch * q]``, scratch for padding)."""
+        self._zero_fresh()
+        width = max(len(t) for t in tables)
+        padded = [t + [SCRATCH] * (width - len(t)) for t in tables]
+        table = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)
+        return BatchView(self, table, write)
+
+
+class BatchView(Cache):
+    """The transformers ``Cache`` one batched forward writes into (see the module docstring)."""
+
+    def __init__(self, pool: KVPool, table: torch.Tensor, write: torch.Tensor):
+        # Deliberately not Cache.__init__: no per-layer objects, everything lives in the pool.
+        self.pool = pool
+        self.table = table
+        self.write = write
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+        self.kv_length = table.shape[1] * pool.block_size
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.pool
+        batch, heads, q, dim = key_states.shape
+        pool._ensure_layer(layer_idx, heads, dim)
+        out = []
+        for store, new in (
+            (pool.keys[layer_idx], key_states),
+            (pool.values[layer_idx], value_states),
+        ):
+            assert store is not None
+            store.index_copy_(0, self.write, new.transpose(1, 2).reshape(batch * q, heads, dim))
+            blocks = store.view(pool.num_blocks, pool.block_size, heads, dim)[self.table]
+            out.append(blocks.view(batch, self.kv_length, heads, dim).transpose(1, 2))
+        return out[0], out[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.kv_length
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return self.pool.num_layers

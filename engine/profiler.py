@@ -1,0 +1,102 @@
+"""The job profiler: what an iteration costs on this model and device, measured at start-up.
+
+MLFQ needs two numbers before any job has run: the cost of one decode iteration (the base
+quantum) and a prediction of a prompt's prefill time (for skip-join). Both come from timing real
+forwards through the runner on dummy tokens; prefill time is fitted as ``a + b * tokens``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from flockctl.engine.job import Job, SamplingParams
+from flockctl.engine.runner import Runner
+
+
+@dataclass
+class Profile:
+    decode_seconds: float  # one decode iteration at the batch size measured
+    decode_batch: int
+    prefill_fixed: float  # a in a + b * tokens
+    prefill_per_token: float  # b
+    samples: list[tuple[int, float]] = field(default_factory=list)
+
+    def predict_prefill(self, tokens: int) -> float:
+        return self.prefill_fixed + self.prefill_per_token * tokens
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "decode_ms": round(self.decode_seconds * 1000, 3),
+            "decode_batch": self.decode_batch,
+            "prefill_ms_fixed": round(self.prefill_fixed * 1000, 3),
+            "prefill_ms_per_token": round(self.prefill_per_token * 1000, 5),
+            "prefill_samples_ms": [(n, round(t * 1000, 3)) for n, t in self.samples],
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def calibrate(runner: Runner, max_tokens: int, batch: int, token_id: int = 0) -> Profile:
+    """Time prefills at a few lengths and decode iterations at ``batch`` jobs.
+
+    Uses at most ``max_tokens`` KV positions in total, so it fits any budget it is given.
+    """
+    pool = runner.pool
+    device = runner.device
+    params = SamplingParams(max_tokens=1, temperature=0)
+
+    def timed(jobs: list[Job]) -> float:
+        for job in jobs:
+            pool.reserve(job.id, job.total_tokens)
+        _sync(device)
+        start = time.perf_counter()
+        runner.forward(jobs)
+        _sync(device)
+        return time.perf_counter() - start
+
+    lengths = [n for n in (8, 32, 128, 512) if n * 2 <= max_tokens] or [max(1, max_tokens // 2)]
+    samples: list[tuple[int, float]] = []
+    for n in [lengths[0], *lengths]:  # the first is a warm-up
+        best = float("inf")
+        for _ in range(2):
+            job = Job([token_id] * n, params)
+            best = min(best, timed([job]))
+            pool.release(job.id)
+        samples.append((n, best))
+    samples = samples[1:]
+
+    batch = max(1, min(batch, max_tokens // 24))
+    jobs = [Job([token_id] * 8, params) for _ in range(batch)]
+    timed(jobs)
+    steps = []
+    for _ in range(6):
+        for job in jobs:
+            job.output_ids.append(token_id)
+        steps.append(timed(jobs))
+    for job in jobs:
+        pool.release(job.id)
+    decode = statistics.median(steps[1:])
+
+    if len(samples) >= 2:
+        xs = [n for n, _ in samples]
+        ys = [t for _, t in samples]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        b = (
+            max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var)
+            if var
+            else 0.0
+        )
+        a = max(0.0, my - b * mx)
+    else:
+        a, b = samples[0][1], 0.0
+    return Profile(decode, batch, a, b, samples)

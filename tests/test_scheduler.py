@@ -1,0 +1,143 @@
+"""FCFS and skip-join MLFQ as pure classes, driven with made-up clocks and iteration costs."""
+
+from __future__ import annotations
+
+import pytest
+
+from flockctl.engine.job import Job, SamplingParams
+from flockctl.engine.scheduler import FCFS, MLFQ, make_scheduler
+
+Q = 0.010  # base quantum: one decode iteration, 10 ms
+
+
+def job(prompt_len: int = 4, arrival: float = 0.0) -> Job:
+    return Job([1] * prompt_len, SamplingParams(max_tokens=8), arrival=arrival)
+
+
+def mlfq(**kw: object) -> MLFQ:
+    # prefill costs 1 ms per prompt token
+    return MLFQ(Q, levels=5, starvation_limit=1.0, predict_prefill=lambda n: n * 0.001, **kw)
+
+
+def ids(jobs: list[Job]) -> list[str]:
+    return [j.id for j in jobs]
+
+
+def test_quanta_double_from_the_base() -> None:
+    s = mlfq()
+    assert [round(s.quantum(k), 6) for k in range(5)] == [0.01, 0.02, 0.04, 0.08, 0.16]
+    assert s.describe()["quanta_ms"] == [10.0, 20.0, 40.0, 80.0, 160.0]
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "level"),
+    [(1, 0), (10, 0), (11, 1), (20, 1), (21, 2), (40, 2), (80, 3), (160, 4), (5000, 4)],
+)
+def test_skip_join_enters_the_highest_level_whose_quantum_covers_the_prefill(
+    prompt_len: int, level: int
+) -> None:
+    s = mlfq()
+    j = job(prompt_len)
+    s.add(j, now=0.0)
+    assert j.level == level
+    assert j.predicted_prefill == pytest.approx(prompt_len * 0.001)
+
+
+def test_higher_levels_run_first_and_fifo_within_a_level() -> None:
+    s = mlfq()
+    long_prompt, short_a, short_b = job(100), job(2), job(3)
+    for j in (long_prompt, short_a, short_b):
+        s.add(j, 0.0)
+    assert ids(s.order(0.0)) == ids([short_a, short_b, long_prompt])
+    assert s.queue_lengths() == [2, 0, 0, 0, 1]  # 100 ms prefill: past the 80 ms quantum
+
+
+def test_demotion_when_service_at_a_level_reaches_its_quantum() -> None:
+    s = mlfq()
+    a, b = job(2), job(2)
+    s.add(a, 0.0)
+    s.add(b, 0.0)
+    s.charge(a, 0.006, now=0.01)
+    assert a.level == 0  # 6 ms of a 10 ms quantum
+    s.charge(a, 0.006, now=0.02)
+    assert (a.level, a.service_at_level) == (1, 0.0)  # 12 ms >= 10 ms: one level down, fresh
+    assert ids(s.order(0.02)) == ids([b, a])
+    # level 1's quantum is 20 ms
+    for t in range(3):
+        s.charge(a, 0.007, now=0.03 + t * 0.01)
+    assert a.level == 2
+    assert s.describe()["demotions"] == 2
+
+
+def test_the_last_level_keeps_its_jobs() -> None:
+    s = mlfq()
+    a = job(2)
+    s.add(a, 0.0)
+    for t in range(200):
+        s.charge(a, 0.05, now=t * 0.05)
+    assert a.level == 4
+
+
+def test_demoted_job_goes_to_the_back_of_its_new_level() -> None:
+    s = mlfq()
+    waiting = job(15)  # joins level 1
+    runner = job(2)  # level 0
+    s.add(waiting, 0.0)
+    s.add(runner, 0.0)
+    s.charge(runner, 0.011, now=0.011)  # demoted to level 1, behind `waiting`
+    assert ids(s.order(0.011)) == ids([waiting, runner])
+
+
+def test_starvation_promotes_to_the_top_with_arrival_as_last_run() -> None:
+    s = mlfq()
+    old = job(200, arrival=0.0)  # level 4
+    s.add(old, now=0.0)
+    fresh = job(2, arrival=0.5)
+    s.add(fresh, now=0.5)
+    assert ids(s.order(0.9)) == ids([fresh, old])
+    assert old.level == 4
+    # 1 s after its arrival without running: back to level 0, behind the jobs already there
+    assert ids(s.order(1.0)) == ids([fresh, old])
+    assert old.level == 0
+    assert s.describe()["promotions"] == 1
+    # it is not promoted again until it has waited another full limit
+    s.charge(fresh, 0.001, now=1.2)
+    s.order(1.5)
+    assert s.describe()["promotions"] == 1
+
+
+def test_running_resets_the_starvation_clock() -> None:
+    s = mlfq()
+    j = job(200)
+    s.add(j, 0.0)
+    s.charge(j, 0.001, now=0.9)
+    s.order(1.5)
+    assert j.level == 4  # last ran at 0.9: waited 0.6 s only
+
+
+def test_fcfs_orders_by_arrival_and_ignores_service() -> None:
+    s = FCFS()
+    a, b, c = job(500, arrival=1.0), job(1, arrival=2.0), job(1, arrival=3.0)
+    for j in (c, a, b):
+        s.add(j, 3.0)
+    s.charge(a, 100.0, now=4.0)
+    assert ids(s.order(10.0)) == ids([a, b, c])
+    assert s.queue_lengths() == [3]
+
+
+def test_remove_forgets_the_job() -> None:
+    s = mlfq()
+    a = job()
+    s.add(a, 0.0)
+    s.remove(a)
+    s.remove(a)
+    assert s.order(0.0) == []
+
+
+def test_make_scheduler_names() -> None:
+    assert make_scheduler("fcfs", Q, lambda n: 0.0).name == "fcfs"
+    assert make_scheduler("mlfq", Q, lambda n: 0.0).name == "mlfq"
+    with pytest.raises(ValueError, match="unknown scheduler 'sjf'"):
+        make_scheduler("sjf", Q, lambda n: 0.0)
+    with pytest.raises(ValueError, match="base_quantum"):
+        MLFQ(0.0)
