@@ -45,6 +45,10 @@ class QueueFull(Exception):
     """Too many jobs waiting; the API answers 429."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The model loop is not running (crashed or shutting down); the API answers 503."""
+
+
 class EngineLoadError(RuntimeError):
     """The model could not be loaded; the message says which and why."""
 
@@ -169,6 +173,7 @@ class Engine:
         self.preemptions = dict.fromkeys(Preemption, 0)
         self.iterations = 0
         self.tokens_generated = 0
+        self.failed: str | None = None  # set when the loop died; /health reports it
         self._thread = threading.Thread(target=self._loop, name="flockctl-engine", daemon=True)
         self._thread.start()
 
@@ -186,6 +191,8 @@ class Engine:
     # -- API side (event loop thread) ---------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: Any) -> JobHandle:
+        if self.failed or self._stopping:
+            raise EngineUnavailable(self.failed or "the engine is shutting down")
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty", "prompt")
@@ -285,6 +292,10 @@ class Engine:
     # -- the model loop -------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         try:
             while True:
                 with self._cv:
@@ -300,12 +311,13 @@ class Engine:
                         self._abort(item)
                 if self.scheduler.jobs:
                     self._iteration()
-        except Exception:  # a bug in the loop must not leave requests hanging forever
+        except Exception as exc:  # a bug in the loop must not leave requests hanging forever
             log.exception("the engine loop crashed")
+            self.failed = f"the engine loop crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
             for job_id in list(self._live):
-                self._abort(job_id, error="the engine is shutting down")
+                self._abort(job_id, error=self.failed or "the engine is shutting down")
 
     def _abort(self, job_id: str, error: str | None = None) -> None:
         handle = self._live.get(job_id)

@@ -45,6 +45,7 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+@torch.inference_mode()
 def calibrate(runner: Runner, max_tokens: int, batch: int, token_id: int = 0) -> Profile:
     """Time prefills at a few lengths and decode iterations at ``batch`` jobs.
 

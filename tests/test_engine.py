@@ -1,0 +1,248 @@
+"""The engine loop on a tiny real model: batching, preemption, swap and recompute keep greedy
+output identical to a plain one-sequence loop; cancel frees the cache; limits are enforced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tinymodel import build_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flockctl.engine.engine import Engine, EngineConfig, QueueFull, load_engine
+from flockctl.engine.job import FinishReason, InvalidRequest, JobState, Preemption, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+PROMPTS = [
+    "the quick brown fox",
+    "hello",
+    "tokens stream out one by one and the scheduler picks jobs from queues",
+    "memory holds keys and values for every sequence until the job is done",
+    "a flock of birds",
+    "servers answer requests in batches while quiet hills",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny: Path) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy continuations from full-sequence forwards, no cache, one prompt at a time."""
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(GREEDY.max_tokens):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+            out.append(ids[len(prompt) :])
+    return out
+
+
+def make_engine(tiny: Path, **kw: object) -> Iterator[Engine]:
+    engine = load_engine(EngineConfig(model=str(tiny), device="cpu", **kw), progress=False)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def engine(tiny: Path) -> Iterator[Engine]:
+    yield from make_engine(tiny, max_batch_size=8)
+
+
+async def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY):
+    handle = engine.submit(prompt, params)
+    pieces, ids, reason = [], [], None
+    async for delta in handle:
+        pieces.append(delta.text)
+        ids.extend(delta.token_ids)
+        reason = delta.finish_reason
+    return ids, pieces, reason, handle.job
+
+
+async def run_all(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY):
+    return await asyncio.gather(*(run(engine, p, params) for p in prompts))
+
+
+async def test_batched_greedy_equals_one_at_a_time(
+    tiny: Path, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    for engine in make_engine(tiny, max_batch_size=8):
+        results = await run_all(engine, prompts)
+        assert [r[0] for r in results] == reference
+        assert max(j.iterations for *_, j in results) == GREEDY.max_tokens
+    for engine in make_engine(tiny, max_batch_size=1, scheduler="fcfs"):
+        results = await run_all(engine, prompts)
+        assert [r[0] for r in results] == reference
+
+
+async def test_jobs_joining_mid_flight_get_the_same_tokens(
+    engine: Engine, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    first = asyncio.ensure_future(run(engine, prompts[2]))
+    await asyncio.sleep(0.05)
+    rest = await run_all(engine, prompts[3:])
+    assert (await first)[0] == reference[2]
+    assert [r[0] for r in rest] == reference[3:]
+
+
+@pytest.mark.parametrize("host_kv_budget", [None, 0], ids=["swap", "recompute"])
+async def test_kv_pressure_keeps_greedy_output_identical(
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    host_kv_budget: int | None,
+) -> None:
+    # 96 tokens of device KV for six jobs of up to ~40 tokens each: caches must move
+    for engine in make_engine(
+        tiny, max_batch_size=6, kv_budget=96, host_kv_budget=host_kv_budget, scheduler="mlfq"
+    ):
+        results = await run_all(engine, prompts)
+        assert [r[0] for r in results] == reference
+        stats = engine.stats()
+        kind = "swapped" if host_kv_budget is None else "recomputed"
+        assert stats["preemptions_total"][kind] > 0
+        per_job = sum(job.preemption_count for *_, job in results)
+        assert per_job == sum(stats["preemptions_total"].values())
+        if host_kv_budget is None:
+            assert stats["kv"]["swap_outs"] > 0
+            assert stats["kv"]["swap_ins"] == stats["kv"]["swap_outs"]
+        else:
+            assert stats["kv"]["recomputes"] > 0
+        assert stats["kv"]["used_tokens"] == 0
+        assert stats["kv"]["host_tokens"] == 0
+
+
+async def _long_then_short(engine: Engine, prompts: list[list[int]]):
+    long_params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    handle = engine.submit(prompts[0], long_params)
+    order: list[str] = []
+    seen = 0
+
+    async def consume_long() -> None:
+        nonlocal seen
+        async for delta in handle:
+            seen += len(delta.token_ids)
+            if delta.finish_reason:
+                order.append("long")
+
+    task = asyncio.ensure_future(consume_long())
+    while seen < 20:
+        await asyncio.sleep(0.005)
+    short = await run(engine, prompts[1], SamplingParams(max_tokens=4, temperature=0))
+    order.append("short")
+    await task
+    return order, handle.job, short[3]
+
+
+async def test_mlfq_preempts_a_long_job_for_a_new_short_one(
+    tiny: Path, prompts: list[list[int]]
+) -> None:
+    for engine in make_engine(tiny, max_batch_size=1, scheduler="mlfq", starvation_limit=60):
+        order, long_job, short_job = await _long_then_short(engine, prompts)
+        assert order == ["short", "long"]
+        assert long_job.level > short_job.level
+        assert long_job.preemption_count >= 1
+        assert long_job.preemptions[Preemption.DESCHEDULED] >= 1
+        assert short_job.preemption_count == 0
+        assert engine.stats()["preemptions_total"]["descheduled"] >= 1
+
+
+async def test_fcfs_runs_the_long_job_to_completion_first(
+    tiny: Path, prompts: list[list[int]]
+) -> None:
+    for engine in make_engine(tiny, max_batch_size=1, scheduler="fcfs"):
+        order, long_job, _short = await _long_then_short(engine, prompts)
+        assert order == ["long", "short"]
+        assert long_job.preemption_count == 0
+        assert engine.stats()["preemptions_total"] == {
+            "descheduled": 0,
+            "swapped": 0,
+            "recomputed": 0,
+        }
+
+
+async def test_streamed_pieces_are_the_decoded_text(engine: Engine, prompts: list[list[int]]):
+    ids, pieces, reason, job = await run(engine, prompts[0])
+    assert reason == FinishReason.LENGTH
+    assert "".join(pieces) == engine.tokenizer.decode(
+        ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    assert job.state == JobState.FINISHED and engine.job_info(job.id)["generated_tokens"] == 24
+
+
+async def test_stop_string_ends_the_job(
+    engine: Engine, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    text = engine.tokenizer.decode(reference[0], skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    ids, pieces, reason, _ = await run(
+        engine, prompts[0], SamplingParams(max_tokens=24, temperature=0, stop=(stop,))
+    )
+    assert reason == FinishReason.STOP
+    assert "".join(pieces) == text[: text.index(stop)]
+    assert len(ids) < 24
+
+
+async def test_seeded_sampling_is_reproducible_in_any_batch(
+    engine: Engine, prompts: list[list[int]]
+) -> None:
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    alone = (await run(engine, prompts[0], params))[0]
+    together = await asyncio.gather(
+        run(engine, prompts[1], SamplingParams(max_tokens=16, temperature=1.0)),
+        run(engine, prompts[0], params),
+    )
+    assert together[1][0] == alone
+
+
+async def test_cancel_frees_the_cache(engine: Engine, prompts: list[list[int]]) -> None:
+    handle = engine.submit(prompts[0], SamplingParams(max_tokens=200, temperature=0))
+    async for _delta in handle:
+        break
+    handle.cancel()
+    handle.cancel()
+    for _ in range(200):
+        if not engine.stats()["jobs"]:
+            break
+        await asyncio.sleep(0.01)
+    stats = engine.stats()
+    assert stats["jobs"] == [] and stats["kv"]["used_tokens"] == 0
+    assert engine.job_info(handle.job.id)["finish_reason"] == "abort"
+
+
+async def test_limits_are_enforced(tiny: Path, prompts: list[list[int]]) -> None:
+    for engine in make_engine(tiny, max_batch_size=1, max_waiting=2, kv_budget=512):
+        with pytest.raises(InvalidRequest, match="prompt is empty"):
+            engine.submit([], GREEDY)
+        with pytest.raises(InvalidRequest, match="context is 256 tokens") as err:
+            engine.submit([5] * 300, GREEDY)
+        assert err.value.param == "prompt"
+        with pytest.raises(InvalidRequest, match=r"250 in max_tokens") as err:
+            engine.submit([5] * 10, SamplingParams(max_tokens=250))
+        assert err.value.param == "max_tokens"
+        with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+            engine.submit([10**6], GREEDY)
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        handles = []
+        with pytest.raises(QueueFull, match="--max-waiting 2"):
+            for _ in range(5):
+                handles.append(engine.submit(prompts[0], long))
+        assert 2 <= len(handles) <= 3  # two waiting, plus the one running if it started
+        for h in handles:
+            h.cancel()
