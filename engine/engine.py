@@ -147,6 +147,8 @@ class Engine:
             block_size=config.block_size,
             host_budget_tokens=config.host_kv_budget,
         )
+        # a job can never be longer than the whole device budget
+        self.max_model_len = min(max_model_len, self.pool.budget_tokens)
         self.runner = Runner(model, self.pool, device)
         self.sampler = Sampler()
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -323,9 +325,9 @@ class Engine:
         handle = self._live.get(job_id)
         if handle is None or handle.job.state == JobState.FINISHED:
             return
-        self._finish(handle, FinishReason.ABORT, time.monotonic(), [])
-        if error:
-            self._deliver([(handle, Delta("", [], FinishReason.ABORT, error))])
+        deliveries: list[tuple[JobHandle, Delta]] = []
+        self._finish(handle, FinishReason.ABORT, time.monotonic(), deliveries, error)
+        self._deliver(deliveries)
 
     def _iteration(self) -> None:
         now = time.monotonic()
@@ -428,8 +430,7 @@ class Engine:
         self._recent[job.id] = job
         while len(self._recent) > RECENT_JOBS:
             self._recent.popitem(last=False)
-        if reason != FinishReason.ABORT:
-            self.metrics.observe_finished(job)
+        self.metrics.observe_finished(job)
         tokens = [token] if token is not None else []
         deliveries.append((handle, Delta(text, tokens, reason, error)))
 

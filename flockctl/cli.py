@@ -18,6 +18,7 @@ import typer
 
 from flockctl import __version__
 from flockctl.client import AdminClient, ClientError
+from flockctl.engine.cli import engine_app
 from flockctl.exitcodes import ExitCode
 from flockctl.state import running_daemon, state_dir, tail_lines, valid_name
 
@@ -30,8 +31,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+app.add_typer(engine_app, name="engine")
 
 NameOpt = Annotated[
     str, typer.Option("--name", "-n", help="Deployment name.", envvar="FLOCKCTL_NAME")
@@ -106,11 +110,31 @@ def up(
         int | None,
         typer.Option(help="Balancer port [default: 3000].", rich_help_panel=D, show_default=False),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model each local worker serves with flockctl's engine: a Hugging Face hub id,"
+            " a local path, or 'demo' (built locally, no download) [default: demo when neither"
+            " --worker-command nor --endpoint is given].",
+            rich_help_panel=W,
+            show_default=False,
+        ),
+    ] = None,
+    engine_args: Annotated[
+        str | None,
+        typer.Option(
+            help="Extra flags for `flockctl engine serve`, as one string split like a shell"
+            " would, e.g. --engine-args '--scheduler fcfs --device cpu'.",
+            rich_help_panel=W,
+            show_default=False,
+        ),
+    ] = None,
     worker_command: Annotated[
         str | None,
         typer.Option(
-            help="Shell command that starts one worker; {port} is its port, {worker_id}"
-            " its id. E.g. 'vllm serve MODEL --port {port}'.",
+            help="Command that starts one worker instead of flockctl's engine (any OpenAI"
+            " server); {port} is its port, {worker_id} its id. E.g. 'vllm serve MODEL --port"
+            " {port}'. Not with --model.",
             rich_help_panel=W,
         ),
     ] = None,
@@ -305,7 +329,14 @@ def up(
 ) -> None:
     """Start a deployment's daemon (balancer + autoscaler) in the background.
 
+    Workers run flockctl's engine serving --model (demo unless told otherwise), or
+    --worker-command, or are the --endpoint servers that already run.
+
     Examples:
+
+      flockctl up --model Qwen/Qwen2.5-0.5B-Instruct --min-workers 2
+
+      flockctl up --model demo --engine-args '--scheduler fcfs'
 
       flockctl up --worker-command 'vllm serve Qwen/Qwen2.5-0.5B --port {port}' --max-workers 4
 
@@ -331,6 +362,8 @@ def up(
         "host": host,
         "port": port,
         "worker_command": worker_command,
+        "model": model,
+        "engine_args": engine_args,
         "endpoints": endpoint or None,
         "min_workers": min_workers,
         "max_workers": max_workers,
@@ -399,9 +432,10 @@ def up(
     except ClientError as exc:
         fail(str(exc), exc.code)
     workers = cfg.initial_target()
+    serving = f" (engine, model {cfg.model})" if cfg.model is not None else ""
     say(
         f'deployment "{cfg.name}" is up at {record.endpoint} (pid {record.pid});'
-        f" {workers} worker{'s' if workers != 1 else ''} starting; watch them with"
+        f" {workers} worker{'s' if workers != 1 else ''} starting{serving}; watch them with"
         f" flockctl status{'' if cfg.name == 'default' else ' --name ' + cfg.name}"
     )
     _print_up(cfg.name, record.endpoint, record.pid, directory, as_json, False)

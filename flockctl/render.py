@@ -5,6 +5,7 @@ Every state has a glyph and a word, so nothing is shown by colour alone.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -22,6 +23,16 @@ STATE_STYLE: dict[str, tuple[str, str]] = {
     "TERMINATED": ("■", "dim"),
     "FAILED": ("✗", "bold red"),
 }
+#: An engine job's state, as the engine's ``/stats`` names it.
+JOB_STATE_STYLE: dict[str, tuple[str, str]] = {
+    "running": ("▶", "green"),
+    "waiting": ("○", "yellow"),
+    "preempted": ("◐", "magenta"),
+    "swapped": ("◌", "cyan"),
+    "finished": ("✓", "dim"),
+}
+#: Job rows the human view prints; ``status --json`` carries every job the daemon holds.
+MAX_JOB_ROWS = 50
 
 
 def ago(ts: float | None, now: float) -> str:
@@ -38,6 +49,157 @@ def ago(ts: float | None, now: float) -> str:
 def state_text(state: str) -> Text:
     glyph, style = STATE_STYLE.get(state, ("?", ""))
     return Text(f"{glyph} {state}", style=style)
+
+
+def job_state_text(state: Any) -> Text:
+    word = str(state) if state is not None else "unknown"
+    glyph, style = JOB_STATE_STYLE.get(word, ("?", ""))
+    return Text(f"{glyph} {word}", style=style)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
+def span(seconds: Any) -> str:
+    """A duration: tenths of a second while short, then like ``ago``."""
+    if not _number(seconds):
+        return "-"
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f}s"
+    return ago(1.0, 1.0 + seconds)
+
+
+def memory_pair(used: Any, total: Any) -> str:
+    """``used/total unit`` in the unit that suits the larger, ``-`` for an unknown side."""
+    known = [v for v in (used, total) if _number(v)]
+    if not known:
+        return "-"
+    unit, scale = "B", 1
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if max(known) < scale * 1024:
+            break
+        unit, scale = name, scale * 1024
+    digits = 0 if unit == "B" else 1
+    used_text, total_text = (
+        f"{v / scale:.{digits}f}" if _number(v) else "-" for v in (used, total)
+    )
+    return f"{used_text}/{total_text} {unit}"
+
+
+def natural_key(value: Any) -> tuple[Any, ...]:
+    """Sort key that puts ``job-2`` before ``job-10`` and ``w2`` before ``w10``."""
+    parts = re.split(r"(\d+)", str(value))
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def _table(*columns: tuple[str, str]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col, justify in columns:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    return table
+
+
+def engines_table(workers: list[dict[str, Any]]) -> Table:
+    """One row per engine worker: jobs queued per MLFQ level (highest priority first), job
+    counts, and device memory; narrow enough for an 80-column terminal."""
+    table = _table(
+        ("WORKER", "left"),
+        ("MODEL", "left"),
+        ("QUEUES", "left"),
+        ("RUN", "right"),
+        ("WAIT", "right"),
+        ("SWAP", "right"),
+        ("PREEMPT", "right"),
+        ("MEMORY", "right"),
+    )
+    for worker in workers:
+        stats = worker["engine"]
+        queues = stats.get("queue_lengths")
+        levels = " ".join(_count(n) for n in queues) if isinstance(queues, list) else "-"
+        mem = worker.get("gpu_memory") or {}
+        preempted = stats.get("preemptions_total")
+        total = (
+            sum(v for v in preempted.values() if isinstance(v, int))
+            if isinstance(preempted, dict)
+            else None
+        )
+        about = [stats.get("model"), stats.get("scheduler"), mem.get("device")]
+        table.add_row(
+            worker["id"],
+            " ".join(str(part) for part in about if part) or "-",
+            levels,
+            _count(stats.get("running")),
+            _count(stats.get("waiting")),
+            _count(stats.get("swapped")),
+            _count(total),
+            memory_pair(mem.get("used"), mem.get("total")),
+        )
+    return table
+
+
+def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
+    """Every engine job, by worker id then job id; returns the table and the rows left out."""
+    rows = [
+        (w["id"], job)
+        for w in workers
+        for job in (w["engine"].get("jobs") or [])
+        if isinstance(job, dict)
+    ]
+    rows.sort(key=lambda r: (natural_key(r[0]), natural_key(r[1].get("id"))))
+    table = _table(
+        ("WORKER", "left"),
+        ("JOB", "left"),
+        ("STATE", "left"),
+        ("LEVEL", "right"),
+        ("GENERATED", "right"),
+        ("PREEMPTIONS", "right"),
+        ("AGE", "right"),
+    )
+    for worker_id, job in rows[:MAX_JOB_ROWS]:
+        table.add_row(
+            worker_id,
+            str(job.get("id", "-")),
+            job_state_text(job.get("state")),
+            _count(job.get("level")),
+            _count(job.get("generated_tokens")),
+            _count(job.get("preemptions")),
+            span(job.get("age")),
+        )
+    omitted = sum(
+        n for w in workers if isinstance(n := w["engine"].get("jobs_omitted"), int) and n > 0
+    )
+    return table, max(0, len(rows) - MAX_JOB_ROWS) + omitted
+
+
+def engine_view(workers: list[dict[str, Any]], now: float) -> list[Any]:
+    """The engine part of the status view: a row per engine worker, then their jobs."""
+    engines = sorted(
+        (w for w in workers if isinstance(w.get("engine"), dict)),
+        key=lambda w: natural_key(w["id"]),
+    )
+    if not engines:
+        return []
+    parts: list[Any] = [Text(""), engines_table(engines)]
+    for w in engines:
+        if w.get("engine_stale"):
+            parts.append(
+                Text(
+                    f"⚠ {w['id']}: engine stats are stale (last pulled"
+                    f" {ago(w.get('engine_at'), now)} ago; the pulls since failed)",
+                    style="yellow",
+                )
+            )
+    parts.append(Text(""))
+    table, hidden = jobs_table(engines)
+    parts.append(table if table.row_count else Text("no jobs", style="dim"))
+    if hidden:
+        parts.append(Text(f"… {hidden} more jobs not shown", style="dim"))
+    return parts
 
 
 def status_view(snap: dict[str, Any]) -> Group:
@@ -96,4 +258,5 @@ def status_view(snap: dict[str, Any]) -> Group:
     if auto.get("launch_blocked"):
         parts.append(Text(f"✗ {auto['launch_blocked']}", style="bold red"))
     parts.append(table if snap["workers"] else Text("no workers", style="dim"))
+    parts.extend(engine_view(snap["workers"], now))
     return Group(*parts)

@@ -8,15 +8,33 @@ without guessing.
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 BALANCING_POLICIES = ("least-connection", "round-robin", "power-of-two")
 AUTOSCALERS = ("qlrm", "fixed")
 PROVISIONERS = ("local", "static")
+#: The model a local deployment serves when it is given neither a worker command nor endpoints:
+#: flockctl's engine builds it locally, so a deployment works offline out of the box.
+DEFAULT_MODEL = "demo"
+#: The two ways to say what a local worker runs; a deployment takes one of them.
+_WHAT_RUNS = frozenset({"model", "worker_command"})
+_ONE_OF_THEM = (
+    "--model runs flockctl's engine on each worker, --worker-command runs any other server;"
+    " give one of them"
+)
 
 # Top-level keys of a SkyPilot task YAML. They are accepted so one file can drive both a
 # SkyPilot launch and flockctl; the local and static provisioners do not use them.
@@ -72,6 +90,19 @@ class ProbeConfig(_Strict):
         return self
 
 
+def engine_command(model: str, engine_args: list[str] | tuple[str, ...] = ()) -> str:
+    """The worker command that runs flockctl's engine serving ``model`` on ``{port}``.
+
+    It runs with this interpreter (``sys.executable``), so the engine comes from the same
+    installation as the daemon, and every part is quoted so a model path with spaces survives.
+    """
+    parts = [sys.executable, "-m", "flockctl", "engine", "serve", "--model", model]
+    quoted = [shlex.quote(part) for part in parts]
+    quoted += ["--host", "127.0.0.1", "--port", "{port}"]
+    quoted += [shlex.quote(arg) for arg in engine_args]
+    return " ".join(quoted)
+
+
 class DeploymentConfig(_Strict):
     """Everything the daemon needs to run one deployment."""
 
@@ -80,6 +111,14 @@ class DeploymentConfig(_Strict):
     port: int = Field(3000, ge=1, le=65535)
     provisioner: Literal["local", "static"] | None = None
     worker_command: str | None = None
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="model flockctl's engine serves on each local worker (hub id, path or demo)",
+    )
+    engine_args: list[str] = Field(
+        default_factory=list, description="extra flags for `flockctl engine serve`"
+    )
     workdir: str | None = Field(None, description="directory the worker command runs in")
     endpoints: list[str] = Field(default_factory=list)
     min_workers: int = Field(1, ge=0)
@@ -102,22 +141,42 @@ class DeploymentConfig(_Strict):
     api_key: str | None = None
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _split_engine_args(cls, value: Any) -> Any:
+        """One string (``--engine-args '--scheduler fcfs'``) is split as a shell would."""
+        if isinstance(value, str):
+            try:
+                return shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> DeploymentConfig:
+        if self.model is not None and self.worker_command:
+            raise ValueError(f"model and worker_command cannot be used together: {_ONE_OF_THEM}")
+        if self.engine_args and self.worker_command:
+            raise ValueError(
+                "engine_args: only flockctl's engine (model) takes them; put the flags in"
+                " worker_command instead"
+            )
         if self.provisioner is None:
-            self.provisioner = "static" if self.endpoints and not self.worker_command else "local"
+            runs_something = self.worker_command or self.model is not None
+            self.provisioner = "static" if self.endpoints and not runs_something else "local"
         if self.provisioner == "local":
-            if not self.worker_command:
-                raise ValueError(
-                    "worker_command: the local provisioner needs a command that starts one worker,"
-                    " e.g. --worker-command 'vllm serve MODEL --port {port}'"
-                    " (or give --endpoint URL for servers that already run)"
-                )
-            if "{port}" not in self.worker_command:
+            if not self.worker_command and self.model is None:
+                self.model = DEFAULT_MODEL
+            if self.worker_command and "{port}" not in self.worker_command:
                 raise ValueError(
                     "worker_command: must contain {port}, the port flockctl assigns to each worker"
                 )
         if self.provisioner == "static":
+            if self.model is not None:
+                raise ValueError(
+                    "model: the static provisioner uses the --endpoint servers as they are;"
+                    " only local workers run flockctl's engine"
+                )
             if not self.endpoints:
                 raise ValueError("endpoints: the static provisioner needs at least one --endpoint")
             for url in self.endpoints:
@@ -135,6 +194,15 @@ class DeploymentConfig(_Strict):
         if self.autoscaler == "fixed" and self.replicas is None:
             self.replicas = self.min_workers
         return self
+
+    def local_command(self) -> str | None:
+        """The command line that starts one local worker: the given ``worker_command``, or
+        flockctl's engine serving ``model``. The only place a model becomes a command."""
+        if self.worker_command:
+            return self.worker_command
+        if self.model is not None:
+            return engine_command(self.model, self.engine_args)
+        return None
 
     def initial_target(self) -> int:
         """How many workers to start with."""
@@ -246,6 +314,14 @@ def resolve(
     origin: dict[str, str] = {}
     if spec is not None:
         values, origin = load_spec(spec)
+    given = {key for key, value in (flags or {}).items() if value is not None}
+    if len(given & _WHAT_RUNS) == 1:
+        # The model and the worker command are two answers to one question (what runs on a
+        # worker): a flag giving one overrides the file's answer, whichever form it took.
+        (flag,) = given & _WHAT_RUNS
+        for key in ("model", "engine_args") if flag == "worker_command" else ("worker_command",):
+            if key not in given:
+                values.pop(key, None)
     for key, value in (flags or {}).items():
         if value is None:
             continue
@@ -256,10 +332,18 @@ def resolve(
         origin[key] = (flag_names or {}).get(key, f"--{key.replace('_', '-')}")
     if flags and flags.get("replicas") is not None and "autoscaler" not in flags:
         values["autoscaler"] = "fixed"
+    if values.get("model") is not None and values.get("worker_command"):
+        both = f"{_label(origin, 'model')} and {_label(origin, 'worker_command')}"
+        raise ConfigError([f"{both} cannot be used together: {_ONE_OF_THEM}"])
     try:
         return DeploymentConfig.model_validate(values)
     except ValidationError as exc:
         raise ConfigError([_describe(err, origin) for err in exc.errors()]) from None
+
+
+def _label(origin: dict[str, str], key: str) -> str:
+    """Where a field's value came from, as the user wrote it (a flag, or a SPEC path)."""
+    return origin.get(key, key)
 
 
 def _describe(err: Any, origin: dict[str, str]) -> str:

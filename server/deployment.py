@@ -1,4 +1,4 @@
-"""One deployment: its config, workers, provisioner, autoscaler, prober and metrics, wired up.
+"""One deployment: config, workers, provisioner, autoscaler, prober, engine stats, metrics, wired.
 
 ``Deployment.start()`` and ``stop()`` run inside the app's lifespan; ``snapshot()`` is the status
 document (schema 1) that the CLI, the dashboard and scripts all read from ``GET /-/status``.
@@ -17,6 +17,7 @@ from flockctl import __version__
 from flockctl.server.autoscaler import AutoscalerPolicy, FixedPolicy, QueueLengthRunningMean
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.controller import Controller
+from flockctl.server.engine_stats import StatsPuller
 from flockctl.server.metrics import Metrics
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
@@ -46,10 +47,9 @@ def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
 def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     if cfg.provisioner == "static":
         return StaticProvisioner(cfg.endpoints)
-    assert cfg.worker_command is not None
-    return LocalProvisioner(
-        cfg.worker_command, state_dir, cwd=Path(cfg.workdir) if cfg.workdir else None
-    )
+    command = cfg.local_command()
+    assert command is not None
+    return LocalProvisioner(command, state_dir, cwd=Path(cfg.workdir) if cfg.workdir else None)
 
 
 class Deployment:
@@ -64,6 +64,7 @@ class Deployment:
         self.metrics = Metrics(self._gauges)
         self._probe_session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
+        self.stats: StatsPuller | None = None
         self.controller: Controller | None = None
         self._sampler: asyncio.Task[None] | None = None
 
@@ -77,6 +78,7 @@ class Deployment:
             connector=aiohttp.TCPConnector(limit=64, force_close=True)
         )
         self.prober = Prober(self.pool, self.cfg.probe, self._probe_session)
+        self.stats = StatsPuller(self.pool, self.cfg.probe, self._probe_session)
         self.controller = Controller(
             self.pool,
             self.provisioner,
@@ -87,6 +89,7 @@ class Deployment:
             max_start_failures=self.cfg.max_start_failures,
         )
         self.controller.start()
+        self.stats.start()
         self._sampler = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
@@ -101,6 +104,8 @@ class Deployment:
             await self.controller.stop()
         if self.prober is not None:
             await self.prober.close()
+        if self.stats is not None:
+            await self.stats.close()
         await self.provisioner.close()
         if self._probe_session is not None:
             await self._probe_session.close()
@@ -137,7 +142,8 @@ class Deployment:
                 "worker_capacity": cfg.worker_capacity,
                 "started_at": self.started_at,
                 "state_dir": str(self.state_dir),
-                "worker_command": cfg.worker_command,
+                "worker_command": cfg.local_command(),
+                "model": cfg.model,
                 "probe": cfg.probe.model_dump(),
             },
             "autoscaler": self.controller.to_dict() if self.controller else None,

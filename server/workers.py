@@ -66,8 +66,13 @@ class Worker:
     failures: int = 0
     probe_failures: int = 0
     last_probe: dict[str, Any] | None = None
+    #: Device memory ``{"used", "total", "device", "source"}`` from the engine's ``/stats``.
     gpu_memory: dict[str, Any] | None = None
+    #: The engine's ``/stats`` as last pulled; None for a worker that is not flockctl's engine.
     engine: dict[str, Any] | None = None
+    #: When ``engine`` was pulled (wall clock), and whether pulls have failed since.
+    engine_at: float | None = None
+    engine_stale: bool = False
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     #: Provisioner-private data (a process handle, a cluster name); never serialised.
     handle: Any = None
@@ -123,4 +128,6 @@ class Worker:
             "last_probe": self.last_probe,
             "gpu_memory": self.gpu_memory,
             "engine": self.engine,
+            "engine_at": self.engine_at,
+            "engine_stale": self.engine_stale,
         }

@@ -1,11 +1,14 @@
 """A small OpenAI-compatible server for the tests and benchmarks: real HTTP, canned tokens.
 
     python tests/fake_worker.py --port 8001 [--id w1] [--token-delay 0.02] [--tokens 16]
+        [--unhealthy-file F] [--engine-stats F]
 
 ``/health``, ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (``stream: true``
 gives SSE chunks ending with ``data: [DONE]``). Every answer carries ``x-worker-id`` so a test can
 tell which worker served it. ``/health`` answers 503 while the file named by ``--unhealthy-file``
-exists, and ``/fail`` always answers 500.
+exists, and ``/fail`` always answers 500. With ``--engine-stats FILE`` it stands in for
+flockctl's engine's ``/stats``: the file's JSON, read on every request (503 while the file is
+missing); without it ``/stats`` is 404, as on any server that is not the engine.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from aiohttp import web
 
 
 def build_app(
-    worker_id: str, tokens: int, token_delay: float, unhealthy: Path | None
+    worker_id: str,
+    tokens: int,
+    token_delay: float,
+    unhealthy: Path | None,
+    engine_stats: Path | None = None,
 ) -> web.Application:
     headers = {"x-worker-id": worker_id}
 
@@ -33,6 +40,14 @@ def build_app(
     async def models(_req: web.Request) -> web.Response:
         data = {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "tests"}]}
         return web.json_response(data, headers=headers)
+
+    async def stats(_req: web.Request) -> web.Response:
+        assert engine_stats is not None
+        try:
+            body = engine_stats.read_bytes()
+        except FileNotFoundError:
+            return web.json_response({"error": "no stats"}, status=503, headers=headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def fail(_req: web.Request) -> web.Response:
         return web.json_response(
@@ -106,6 +121,8 @@ def build_app(
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_route("*", "/fail", fail)
+    if engine_stats is not None:
+        app.router.add_get("/stats", stats)
     app.router.add_post("/v1/chat/completions", complete)
     app.router.add_post("/v1/completions", complete)
     return app
@@ -119,6 +136,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--unhealthy-file", type=Path)
+    parser.add_argument("--engine-stats", type=Path)
     args = parser.parse_args()
     try:
         import uvloop
@@ -126,7 +144,7 @@ def main() -> None:
         loop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
-    app = build_app(args.id, args.tokens, args.token_delay, args.unhealthy_file)
+    app = build_app(args.id, args.tokens, args.token_delay, args.unhealthy_file, args.engine_stats)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
 
 

@@ -54,9 +54,10 @@ def flockctl(*args: str, timeout: float = 60) -> Result:
     return result
 
 
-def worker_command(marker: Path) -> str:
+def worker_command(marker: Path, *extra: str) -> str:
     # The marker (a file that never exists) makes this test's workers findable by command line.
-    return f"{sys.executable} {FAKE_WORKER} --port {{port}} --unhealthy-file {marker}"
+    parts = [sys.executable, str(FAKE_WORKER), "--port", "{port}", "--unhealthy-file", str(marker)]
+    return " ".join([*parts, *extra])
 
 
 def processes_with(marker: Path) -> list[psutil.Process]:
@@ -90,7 +91,7 @@ def deployment(tmp_path: Path, flockctl_home: Path):
     port = free_port()
     started: list[str] = []
 
-    def up(*extra: str, name: str = "default") -> Result:
+    def up(*extra: str, name: str = "default", worker_args: tuple[str, ...] = ()) -> Result:
         result = flockctl(
             "up",
             "--name",
@@ -98,7 +99,7 @@ def deployment(tmp_path: Path, flockctl_home: Path):
             "--port",
             str(port),
             "--worker-command",
-            worker_command(marker),
+            worker_command(marker, *worker_args),
             "--min-workers",
             "2",
             "--max-workers",
@@ -288,6 +289,63 @@ def test_json_output_watch_and_unknown_logs(deployment, flockctl_home):
     assert snapshots[0]["generated_at"] < snapshots[2]["generated_at"]
 
 
+def test_status_shows_the_jobs_of_engine_workers(deployment, tmp_path):
+    # The fake worker serves this file at /stats, as flockctl's engine would.
+    stats = {
+        "engine": "flockctl",
+        "model": "demo",
+        "scheduler": "mlfq",
+        "device": {"type": "cpu", "memory_used": 2 << 30, "memory_total": 16 << 30},
+        "queue_lengths": [1, 0, 2],
+        "running": 1,
+        "waiting": 1,
+        "swapped": 1,
+        "jobs": [
+            {"id": "job-11", "state": "running", "level": 0, "generated_tokens": 9, "age": 2.5},
+            {"id": "job-3", "state": "preempted", "level": 2, "preemptions": 4, "age": 30},
+            {"id": "job-7", "state": "waiting", "level": 0, "generated_tokens": 0, "age": 0.1},
+        ],
+    }
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(stats))
+    assert deployment(worker_args=("--engine-stats", str(path))).code == 0
+
+    def engines() -> list[dict] | None:
+        workers = flockctl("status", "--json").json()["workers"]
+        found = [w for w in workers if w["state"] == "READY" and w["engine"]]
+        return found if len(found) == 2 else None
+
+    for worker in wait_for(engines, 30, "engine stats of two workers"):
+        assert worker["engine"]["jobs"] == stats["jobs"]
+        assert worker["engine"]["queue_lengths"] == [1, 0, 2]
+        assert worker["gpu_memory"]["used"] == 2 << 30 and worker["gpu_memory"]["device"] == "cpu"
+        assert worker["engine_stale"] is False
+
+    out = flockctl("status").out
+    jobs = [line.split()[:4] for line in out.splitlines() if "job-" in line]
+    assert jobs == [
+        ["w1", "job-3", "◐", "preempted"],
+        ["w1", "job-7", "○", "waiting"],
+        ["w1", "job-11", "▶", "running"],
+        ["w2", "job-3", "◐", "preempted"],
+        ["w2", "job-7", "○", "waiting"],
+        ["w2", "job-11", "▶", "running"],
+    ]
+    engines = [line.split() for line in out.splitlines() if "mlfq" in line]
+    assert [e[0] for e in engines] == ["w1", "w2"]
+    # model, scheduler, device, queues per level, run, wait, swap, preemptions, memory
+    row = "demo mlfq cpu 1 0 2 1 1 1 - 2.0/16.0 GiB"
+    assert engines[0][1:] == row.split()
+
+
+def test_model_is_not_combined_with_a_worker_command():
+    result = flockctl("up", "--model", "demo", "--worker-command", "x --port {port}")
+    assert result.code == 2
+    assert result.err.startswith("flockctl: --model and --worker-command cannot be used together:")
+
+
 def test_help_and_version():
-    assert "worker-command" in flockctl("up", "--help").out
+    help_text = flockctl("up", "--help").out
+    assert "--worker-command" in help_text and "--model" in help_text
+    assert "--engine-args" in help_text and "[default: 3000]" in help_text
     assert flockctl("--version").out.startswith("flockctl ")

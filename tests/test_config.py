@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from flockctl.server.config import ConfigError, resolve
+from flockctl.server.config import ConfigError, DeploymentConfig, resolve
+from flockctl.server.deployment import make_provisioner
+from flockctl.server.provisioners.local import argv_for
 
 CMD = "serve --port {port}"
 
@@ -125,7 +128,6 @@ def test_cross_field_problems():
         in problems(flags={"worker_command": CMD, "min_workers": 3, "max_workers": 2})[0]
     )
     assert "must contain {port}" in problems(flags={"worker_command": "vllm serve x"})[0]
-    assert "needs a command" in problems(flags={})[0]
     assert "not an http" in problems(flags={"endpoints": ["localhost:8000"]})[0]
 
 
@@ -136,3 +138,76 @@ def test_missing_spec_file(tmp_path):
 def test_endpoints_alone_mean_static():
     cfg = resolve(flags={"endpoints": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]})
     assert cfg.provisioner == "static" and cfg.initial_target() == 2
+    assert cfg.model is None and cfg.local_command() is None
+
+
+def engine_argv(model: str) -> list[str]:
+    return [sys.executable, "-m", "flockctl", "engine", "serve", "--model", model]
+
+
+def worker_argv(cfg: DeploymentConfig) -> list[str]:
+    command = cfg.local_command()
+    assert command is not None
+    return argv_for(command.replace("{port}", "8123"))
+
+
+ENGINE_TAIL = ["--host", "127.0.0.1", "--port", "8123"]
+
+
+def test_without_a_worker_command_or_endpoints_workers_run_the_demo_model():
+    cfg = resolve(flags={})
+    assert cfg.provisioner == "local" and cfg.model == "demo" and cfg.worker_command is None
+    assert worker_argv(cfg) == [*engine_argv("demo"), *ENGINE_TAIL]
+    assert cfg.probe.path == "/health"  # the engine answers it once the model is loaded
+
+
+def test_model_and_engine_args_become_the_worker_command(tmp_path):
+    cfg = resolve(flags={"model": "/models/my llama", "engine_args": "--scheduler fcfs --x 'a b'"})
+    assert worker_argv(cfg) == [
+        *engine_argv("/models/my llama"),
+        *ENGINE_TAIL,
+        "--scheduler",
+        "fcfs",
+        "--x",
+        "a b",
+    ]
+    path = spec(tmp_path, "flockctl:\n  model: Qwen/Qwen2.5-0.5B\n  engine_args: [--device, cpu]\n")
+    cfg = resolve(path)
+    assert worker_argv(cfg) == [*engine_argv("Qwen/Qwen2.5-0.5B"), *ENGINE_TAIL, "--device", "cpu"]
+    # The daemon re-reads the resolved config from config.json: the same command comes out.
+    again = DeploymentConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again.local_command() == cfg.local_command()
+    assert make_provisioner(again, tmp_path).command == cfg.local_command()
+
+
+def test_model_and_worker_command_together_are_refused_naming_both(tmp_path):
+    found = problems(
+        flags={"model": "demo", "worker_command": CMD},
+        flag_names={"model": "--model", "worker_command": "--worker-command"},
+    )
+    assert len(found) == 1
+    assert found[0].startswith("--model and --worker-command cannot be used together")
+    path = spec(tmp_path, f"flockctl:\n  model: demo\n  worker_command: '{CMD}'\n")
+    (found,) = problems(path)
+    assert f"{path}: flockctl.model and {path}: flockctl.worker_command cannot be used" in found
+    with pytest.raises(ValueError, match="model and worker_command cannot be used together"):
+        DeploymentConfig(model="demo", worker_command=CMD)
+
+
+def test_a_flag_for_what_runs_overrides_the_files_other_answer(tmp_path):
+    path = spec(tmp_path, f"flockctl:\n  worker_command: '{CMD}'\n")
+    cfg = resolve(path, {"model": "demo"})
+    assert cfg.worker_command is None and cfg.model == "demo"
+    path = spec(tmp_path, "flockctl:\n  model: demo\n  engine_args: [--device, cpu]\n")
+    cfg = resolve(path, {"worker_command": CMD})
+    assert cfg.local_command() == CMD and cfg.model is None and cfg.engine_args == []
+
+
+def test_engine_args_and_model_need_the_engine():
+    assert (
+        "engine_args: only flockctl's engine"
+        in problems(flags={"worker_command": CMD, "engine_args": "--scheduler fcfs"})[0]
+    )
+    assert "cannot split" in problems(flags={"engine_args": "'unclosed"})[0]
+    static = {"provisioner": "static", "endpoints": ["http://h:1"], "model": "demo"}
+    assert "model: the static provisioner" in problems(flags=static)[0]

@@ -1,0 +1,312 @@
+"""``flockctl engine``: run the project's own inference engine as an HTTP worker.
+
+    flockctl engine serve --model demo --port 8001
+    flockctl engine serve --model ./my-checkpoint --device cuda --scheduler fcfs
+    flockctl engine demo            # build the offline demo model now; print where it is
+
+The scripting commands (``flockctl up/status/logs/down``) import this module to register it, so
+it must not import torch or transformers: the engine is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+from flockctl.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from flockctl.engine.engine import Engine
+
+log = logging.getLogger("flockctl.engine")
+
+engine_app = typer.Typer(
+    name="engine",
+    help="Run flockctl's own inference engine: an OpenAI-, TGI- and FastServe-compatible HTTP"
+    " server for any Hugging Face causal LM, with MLFQ scheduling and token-level preemption.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cuda = "cuda"
+    mps = "mps"
+    cpu = "cpu"
+
+
+class DType(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class SchedulerName(str, enum.Enum):
+    mlfq = "mlfq"
+    fcfs = "fcfs"
+
+
+class LogLevel(str, enum.Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class _Stop(Exception):
+    """SIGINT/SIGTERM after uvicorn has drained: unwind so the engine is closed."""
+
+
+def say(message: str) -> None:
+    """One diagnostic line for the person at the terminal (stdout stays data)."""
+    print(f"flockctl: {message}", file=sys.stderr)
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    say(message)
+    raise typer.Exit(int(code))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before the (slow) model load, so a taken port fails at once.
+
+    The same as the daemon's; repeated here because the engine must not import the control
+    plane."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+S, M, L = "Serving", "Model", "Scheduling and limits"
+
+
+@engine_app.command(
+    epilog="Example: flockctl engine serve --model demo --port 8001, then curl"
+    " localhost:8001/v1/completions -H 'content-type: application/json'"
+    ' -d \'{"prompt": "def ", "max_tokens": 32}\'',
+)
+def serve(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Hugging Face hub id or local directory of a causal LM; 'demo' builds a small"
+            " model on this machine (no download; about two minutes the first time).",
+            rich_help_panel=M,
+        ),
+    ] = "demo",
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Name in /v1/models and the one accepted in requests' 'model' (default: --model).",
+            show_default=False,
+            rich_help_panel=M,
+        ),
+    ] = None,
+    device: Annotated[
+        Device,
+        typer.Option(help="auto picks CUDA, then Apple MPS, then CPU.", rich_help_panel=M),
+    ] = Device.auto,
+    dtype: Annotated[
+        DType,
+        typer.Option(
+            help="auto: bfloat16 on CUDA (float16 without bf16 support), float16 on MPS,"
+            " float32 on CPU.",
+            rich_help_panel=M,
+        ),
+    ] = DType.auto,
+    host: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=S)] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[
+        int,
+        typer.Option(
+            help="Port to listen on (0: any free port).", min=0, max=65535, rich_help_panel=S
+        ),
+    ] = 8000,
+    scheduler: Annotated[
+        SchedulerName,
+        typer.Option(
+            help="mlfq: FastServe's skip-join multi-level feedback queue (short jobs first,"
+            " token-level preemption); fcfs: first come, first served.",
+            rich_help_panel=L,
+        ),
+    ] = SchedulerName.mlfq,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Jobs run together in one iteration.", min=1, rich_help_panel=L)
+    ] = 8,
+    kv_budget: Annotated[
+        int | None,
+        typer.Option(
+            metavar="TOKENS",
+            help="Tokens of KV cache on the device; past it, preempted jobs' caches move to host"
+            " memory or are dropped and recomputed (default: from free memory).",
+            min=1,
+            show_default=False,
+            rich_help_panel=L,
+        ),
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Longest prompt + completion in tokens (default: the model's context).",
+            min=2,
+            show_default=False,
+            rich_help_panel=L,
+        ),
+    ] = None,
+    max_waiting: Annotated[
+        int,
+        typer.Option(
+            help="Jobs accepted beyond the running batch; more are refused with 429.",
+            min=1,
+            rich_help_panel=L,
+        ),
+    ] = 256,
+    seed: Annotated[
+        int, typer.Option(help="Seed for weights built here and for unseeded sampling.")
+    ] = 0,
+    log_level: Annotated[LogLevel, typer.Option(help="Log verbosity (stderr).")] = LogLevel.info,
+) -> None:
+    """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /generate,
+    /generate_stream, /health, /stats, /jobs/{id}, /metrics.
+
+    Exit codes: 0 stopped (SIGINT/SIGTERM), 1 the model cannot load, 2 bad flags, 7 port in use.
+    """
+    logging.basicConfig(
+        level=log_level.value.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            fail(
+                f"port {port} on {host} is already in use; choose another with --port",
+                ExitCode.ADDRESS_IN_USE,
+            )
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}", ExitCode.ERROR)
+
+    with sock:
+        from flockctl.engine.engine import EngineConfig, EngineLoadError, load_engine
+
+        try:
+            config = EngineConfig(
+                model=model,
+                served_model_name=served_model_name,
+                device=device.value,
+                dtype=dtype.value,
+                scheduler=scheduler.value,
+                max_batch_size=max_batch_size,
+                kv_budget=kv_budget,
+                max_model_len=max_model_len,
+                max_waiting=max_waiting,
+                seed=seed,
+            )
+        except ValueError as exc:
+            fail(str(exc), ExitCode.USAGE)
+        try:
+            engine = load_engine(config)
+        except Exception as exc:  # any reason the model cannot load is the same one line
+            log.debug("loading %s failed", model, exc_info=True)
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if not isinstance(exc, EngineLoadError):  # its message names the model already
+                reason = f"cannot load model {model!r}: {reason}"
+            fail(reason, ExitCode.ERROR)
+        try:
+            _serve(engine, sock, host)
+        finally:
+            engine.close()
+
+
+def _serve(engine: Engine, sock: socket.socket, host: str) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn finishes in-flight requests (up to 30 s) first."""
+    import uvicorn
+
+    from flockctl.engine.api import create_app
+
+    config = uvicorn.Config(
+        create_app(engine),
+        ws="none",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=30,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    port = sock.getsockname()[1]
+    log.info(
+        "flockctl engine: serving %s on %s (device %s, scheduler %s)",
+        engine.model_name,
+        _url(host, port),
+        engine.device,
+        engine.config.scheduler,
+    )
+
+    # uvicorn catches the signal, drains, then raises it again once it is done; by then these
+    # handlers are back in place and turn it into _Stop, so the caller can close the engine.
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    except _Stop:
+        log.info("flockctl engine: stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@engine_app.command()
+def demo(
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Cache directory (default: $FLOCKCTL_CACHE, else ~/.cache/flockctl).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a build is cached.")] = False,
+) -> None:
+    """Build the offline demo model pair (target and speculative draft) that --model demo
+    serves, or find the cached build; print their directories on stdout."""
+    from flockctl.engine.demo import DemoBuildError, ensure_demo
+
+    try:
+        paths = ensure_demo(root, force=force)
+    except DemoBuildError as exc:
+        fail(str(exc), ExitCode.ERROR)
+    print(f"target {paths.target}")
+    print(f"draft {paths.draft}")
+
+
+if __name__ == "__main__":
+    engine_app(prog_name="flockctl engine")

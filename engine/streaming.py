@@ -1,0 +1,88 @@
+"""Server-sent events and client disconnects, for routes that wait on a job.
+
+A job costs the engine an iteration slot for every token, so a request whose client has gone
+must stop its job at once, including while the job still waits in the queue and nothing is being
+sent (a failed send alone would notice only at the next token). Both helpers watch the ASGI
+``receive`` channel for ``http.disconnect`` next to the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from flockctl.engine.engine import JobHandle
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def sse(obj: Mapping[str, Any]) -> bytes:
+    """One event: ``data: <json>`` and a blank line (JSON escapes newlines, so it is one line)."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def until_disconnect(work: Awaitable[T], receive: Receive, handle: JobHandle) -> T | None:
+    """Run ``work`` while watching the connection for ``http.disconnect``.
+
+    Returns what ``work`` returns, or None if the client went away first; then, or if ``work``
+    failed, the job is cancelled. The body has already been read, so the only message left on
+    ``receive`` is the disconnect (uvicorn and httpx's ASGITransport both send it when the
+    connection drops or the response is complete).
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    finished = False
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            return None
+        result = task.result()
+        finished = True
+        return result
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))  # let it unwind; never re-raises its cancellation
+        if not finished:
+            handle.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        try:
+            message = await receive()
+        except Exception:  # a server that raises once the client is gone
+            return
+        if message["type"] == "http.disconnect":
+            return
+
+
+class EventStream(StreamingResponse):
+    """``text/event-stream`` of a job's events that cancels the job when the client hangs up,
+    even while the job waits in the queue and no event is being sent."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], handle: JobHandle):
+        super().__init__(events, headers=SSE_HEADERS)
+        self.events = events
+        self.handle = handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await until_disconnect(self.stream_response(send), receive, self.handle)
+        except OSError:  # the send failed: the client is gone (ASGI spec 2.4)
+            pass
+        finally:
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,82 @@
+"""A tiny real causal LM and tokenizer, built on the spot, for tests that need a model.
+
+Nothing is fetched from a hub: a byte-level BPE tokenizer is trained on a few KB of text written
+here, and a two-layer Llama with random weights (``torch.manual_seed``) is saved next to it. The
+result loads with ``AutoTokenizer`` / ``AutoModelForCausalLM`` like any local checkpoint, has a
+chat template and an end-of-sequence token, and is the same on every run.
+
+    from tinymodel import build_tiny_model
+    path = build_tiny_model(tmp_path / "tiny")
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+# Roles become plain text markers; the generation prompt ends with the assistant's marker.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_TEXT = (
+    "the a flock of birds flies over quiet hills while servers answer requests in batches "
+    "tokens stream out one by one and the scheduler picks jobs from queues that never starve "
+    "memory holds keys and values for every sequence until the job is done or preempted "
+    "hello world how are you today fine thanks and you the quick brown fox jumps over lazy dogs"
+)
+_WORDS = tuple(_TEXT.split())
+
+
+def corpus(n_lines: int = 400) -> list[str]:
+    """A few KB of deterministic text with enough repetition for BPE to learn merges."""
+    lines = []
+    for i, combo in zip(range(n_lines), itertools.cycle(itertools.permutations(_WORDS, 6))):
+        lines.append(f"{' '.join(combo)} {i % 97}.")
+    return lines
+
+
+def build_tiny_model(path: Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Write a tokenizer and a random two-layer Llama into ``path`` (created) and return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
