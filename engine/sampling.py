@@ -26,6 +26,9 @@ _NUCLEUS_WIDTHS = (128, 2048)
 # 1e-37 of the best one, far below what a float32 draw can reach, so its weight is exp(-87).
 _MIN_LOG_WEIGHT = -87.0
 
+# Temperatures this close to zero sample the argmax anyway, and dividing by them could overflow.
+_GREEDY_BELOW = 1e-5
+
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A generator for a seeded job, on the device its logits live on; None draws from torch's own.
@@ -61,20 +64,24 @@ class Sampler:
             raise ValueError(
                 f"{batch} rows of logits but {len(params)} params and {len(generators)} generators"
             )
-        greedy = [i for i, p in enumerate(params) if p.greedy]
+        # Rows are grouped by the work they need, not all sorted because one asked for top-p:
+        # a row's token must not depend on its neighbours' settings.
+        greedy: list[int] = []
+        plain: list[int] = []
+        filtered: list[int] = []
+        for i, p in enumerate(params):
+            if p.greedy or p.temperature < _GREEDY_BELOW:
+                greedy.append(i)
+            elif p.top_k > 0 or p.top_p < 1:
+                filtered.append(i)
+            else:
+                plain.append(i)
         if len(greedy) == batch:
             return logits.argmax(dim=-1).tolist()
 
         out = [0] * batch
         if greedy:
             self._put(out, greedy, logits[greedy].argmax(dim=-1))
-        # Rows are grouped by the work they need, not all sorted because one asked for top-p:
-        # a row's token must not depend on its neighbours' settings.
-        plain: list[int] = []
-        filtered: list[int] = []
-        for i, p in enumerate(params):
-            if not p.greedy:
-                (filtered if p.top_k > 0 or p.top_p < 1 else plain).append(i)
         if plain:
             self._put(out, plain, self._draw_plain(logits, plain, params, generators))
         if filtered:
@@ -107,16 +114,18 @@ class Sampler:
         top_k = [min(params[i].top_k, vocab) for i in rows]
         top_p = [params[i].top_p for i in rows]
         pending = list(range(len(rows)))
-        for width in (*_NUCLEUS_WIDTHS, vocab):
+        for level in (*_NUCLEUS_WIDTHS, vocab):
             ks = [top_k[j] for j in pending]
-            # A top-k row's candidates are its k best; only rows without top-k need the width.
-            width = max(*ks, 0 if all(ks) else width)
+            # A top-k row's candidates are its k best; only rows without top-k need the level.
+            unlimited = not all(ks)
+            width = min(max(*ks, level if unlimited else 0), vocab)
             sub = x if len(pending) == len(rows) else x[pending]
             ids, cdf, total, fits = self._candidates(
                 sub,
                 torch.tensor(ks, device=x.device),
                 torch.tensor([top_p[j] for j in pending], device=x.device),
-                min(width, vocab),
+                width,
+                unlimited,
             )
             fit = fits.tolist() if width < vocab else [True] * len(pending)
             if all(fit):
@@ -134,7 +143,7 @@ class Sampler:
 
     @staticmethod
     def _candidates(
-        x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int
+        x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int, unlimited: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The best ``width`` candidates of each row: ids, cumulative weights, the mass to draw
         from, and whether the row's nucleus fits among them (at full width it always does).
@@ -153,8 +162,9 @@ class Sampler:
         weights = weights.masked_fill(limited[:, None] & (position >= top_k[:, None]), 0.0)
         cdf = weights.cumsum(dim=-1)
         # Top-k rows draw from their k candidates; the others from the whole vocabulary.
-        vocab_mass = _weights(x - values[:, :1]).sum(dim=-1)
-        total = torch.where(limited, cdf[:, -1], vocab_mass)
+        total = cdf[:, -1]
+        if unlimited:
+            total = torch.where(limited, total, _weights(x - values[:, :1]).sum(dim=-1))
         # Nucleus: keep a candidate while the mass before it is below top_p of the total, i.e. the
         # smallest prefix holding at least top_p; the first candidate always stays.
         before = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=-1)

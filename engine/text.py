@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .job import InvalidRequest
+
 REPLACEMENT = "\ufffd"
 
 # Tokens kept in front of the newest ones when the window slides: the context a decoder needs to
@@ -83,7 +85,7 @@ class TextStream:
         if prompt_ids:
             self._window, self._done = self._context(list(prompt_ids))
         if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
+            raise InvalidRequest("stop strings must not be empty", "stop")
         self._stops = tuple(dict.fromkeys(stop))
         self._heads = tuple({s[0] for s in self._stops})
         self._held = ""  # final text that may be the start of a stop string
@@ -142,6 +144,8 @@ class TextStream:
         A window must not start inside a character: SentencePiece byte fallback decodes a run of
         byte tokens as a whole and turns all of it into U+FFFD when the run starts mid-character.
         Such a start shows as a leading U+FFFD; then the window stays as it is and slides later.
+        Only a clean end slides it, so output that keeps ending in invalid bytes makes the window,
+        and each decode, longer until a character completes.
         """
         tail = self._window[-_CONTEXT:]
         text = self._decode(tail)

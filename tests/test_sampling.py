@@ -28,9 +28,8 @@ def peaked_logits(steps: int, vocab: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
     base = -1.2 * ranks.log()
-    return torch.stack([base[torch.randperm(vocab, generator=g)] for _ in range(steps)]) + 0.5 * (
-        torch.randn(steps, vocab, generator=g)
-    )
+    shuffled = torch.stack([base[torch.randperm(vocab, generator=g)] for _ in range(steps)])
+    return shuffled + 0.5 * torch.randn(steps, vocab, generator=g)
 
 
 def test_greedy_is_argmax() -> None:
@@ -41,6 +40,22 @@ def test_greedy_is_argmax() -> None:
     assert Sampler().sample(logits.bfloat16(), params, [None] * 8) == (
         logits.bfloat16().float().argmax(dim=-1).tolist()
     )
+
+
+def test_vanishing_temperature_is_greedy() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=t, seed=1) for t in (1e-300, 1e-9, 1e-6, 1e-300)]
+    out = Sampler().sample(logits, params, [make_generator(1, "cpu")] * 4)
+    assert out == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.3), SamplingParams(top_p=0.99)])
+def test_masked_tokens_are_never_drawn(params: SamplingParams) -> None:
+    # -inf marks tokens a model must not produce (padding rows of the vocabulary, say).
+    logits = torch.tensor([float("-inf"), 0.0, float("-inf"), -1.0, -2.0, float("-inf")])
+    freq = draws(params, logits=logits)
+    assert freq[[0, 2, 5]].sum() == 0
+    assert (freq[[1, 3, 4]] > 0).all()
 
 
 def test_greedy_rows_in_a_mixed_batch() -> None:

@@ -17,11 +17,12 @@ from transformers import PreTrainedTokenizerFast
 
 from flockctl.engine.text import TextStream
 
-WORDS = (
+VOCABULARY = (
     "the quick brown fox jumps over a lazy dog while naïve café owners serve crème brûlée "
     "日本語 の テキスト ✓ done 🎉 party Straße über señor привет мир 数据 模型 👍🏽 résumé "
     "hello world stop here please"
-).split()
+)
+WORDS = VOCABULARY.split()
 # Never in the training text, so both tokenizers spell them with single bytes.
 UNSEEN = ("🦙", "数据", "🎉")
 
@@ -140,8 +141,11 @@ def test_character_split_over_tokens_arrives_whole(
     # The emoji really is spread over tokens that decode to U+FFFD on their own.
     assert sum("\ufffd" in decode(tokenizer, [i]) for i in ids) >= 2
     pieces, _ = stream(tokenizer, ids)
-    assert "🦙" in pieces[[i for i, p in enumerate(pieces) if "🦙" in p][0]]
     assert "".join(pieces) == "ok 🦙 ok"
+    assert not any("\ufffd" in p for p in pieces)
+    # It comes out with the token that completes it, not later.
+    completing = next(n for n in range(len(ids)) if "🦙" in decode(tokenizer, ids[: n + 1]))
+    assert "🦙" in pieces[completing]
 
 
 def test_sentencepiece_spaces_follow_context(metaspace: PreTrainedTokenizerFast) -> None:
