@@ -8,8 +8,8 @@ history back as a ``[batch, heads, blocks * block_size, head_dim]`` tensor. Posi
 not own are masked by the caller's 4D additive mask, so jobs of any length share one forward.
 
 Block 0 is scratch: padding positions write there and short block tables are padded with it.
-Blocks are zeroed when handed out, so masked positions never hold NaN from uninitialised memory
-(``0 * NaN`` would leak through the softmax).
+The pool is allocated empty and blocks are zeroed when handed out, so masked positions never
+hold NaN from uninitialised memory (``0 * NaN`` would leak through the softmax).
 """
 
 from __future__ import annotations
@@ -155,20 +155,26 @@ class KVPool:
         return flat.to(self.device)
 
     def _ensure_layer(self, layer: int, heads: int, dim: int) -> None:
-        if self.keys[layer] is None:
-            shape = (self.num_blocks * self.block_size, heads, dim)
-            self.keys[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.values[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self._fresh = []  # a new pool is all zeros
+        if self.keys[layer] is not None:
+            return
+        # empty, not zeros: on CPU untouched pages of a large budget never become resident.
+        # The scratch block and the blocks handed out so far are zeroed here; blocks handed out
+        # later are zeroed by _zero_fresh before the forward that uses them.
+        shape = (self.num_blocks * self.block_size, heads, dim)
+        owned = [SCRATCH, *(b for table in self.tables.values() for b in table)]
+        index = self._positions(owned, len(owned) * self.block_size)
+        for pools in (self.keys, self.values):
+            pools[layer] = torch.empty(shape, dtype=self.dtype, device=self.device)
+            pools[layer].index_fill_(0, index, 0)
+        self._fresh = []  # all owned now: zeroed here, and in later layers when they appear
 
     def _zero_fresh(self) -> None:
-        if not self._fresh or self.keys[0] is None:
-            self._fresh = []
+        if not self._fresh:
             return
         index = self._positions(self._fresh, len(self._fresh) * self.block_size)
         for layer in range(self.num_layers):
             for pool in (self.keys[layer], self.values[layer]):
-                if pool is not None:
+                if pool is not None:  # a layer not created yet zeroes owned blocks itself
                     pool.index_fill_(0, index, 0)
         self._fresh = []
 
