@@ -1,6 +1,6 @@
 """Scheduler comparison (FCFS against skip-join MLFQ) and batched decode against transformers.
 
-    python bench/scheduler.py [--model demo] [--max-batch-size 4] [--load 0.9] [--duration 60]
+    python bench/scheduler.py [--model demo] [--max-batch-size 4] [--load 0.9] [--duration 90]
                               [--jobs N] [--seed 0] [--in-process] [--quick]
 
 Part 1, schedulers. One engine server per scheduler (``flockctl engine serve --model M
@@ -8,23 +8,32 @@ Part 1, schedulers. One engine server per scheduler (``flockctl engine serve --m
 on errors and Ctrl-C too), each sent the same open-loop trace of ``/generate`` requests
 (FastServe's body, greedy, ``ignore_eos`` so every job generates exactly its drawn length):
 
-- Output lengths are heavy-tailed: with probability 0.88 a job is short, uniform on 4..24 tokens;
-  otherwise long, uniform on 150..400 tokens (mean 45.3 tokens; long jobs are 12% of the jobs and
-  73% of the tokens). Prompts are a dozen fixed code snippets of 10-30 tokens.
-- Arrivals are a Poisson process at ``--load`` times the engine's capacity for this mix. The
-  capacity is measured first on the FCFS server: a closed loop of ``2 * batch`` clients keeps the
-  batch full, the engine's ``tokens_generated`` counter gives tokens/s over a window, and
-  capacity in jobs/s is that divided by the mean output length. (The MLFQ server gets the same
-  closed loop as its warm-up, so both are reported.)
-- The trace (inter-arrival gaps drawn at rate 1 and lengths, both from ``--seed``) is scaled to
-  the chosen rate, so the two schedulers see exactly the same jobs at the same offsets.
+- Output lengths are heavy-tailed: 12% of a trace's jobs (exactly, at random places) are long,
+  uniform on 150..400 tokens; the rest are short, uniform on 4..24 (mean 45.3 tokens a job; the
+  long jobs carry 73% of the tokens). Prompts are a dozen fixed code snippets (9-23 tokens with
+  the demo's tokenizer).
+- Arrivals are a Poisson process offering ``--load`` times the engine's capacity for this mix.
+  The capacity is measured first on the FCFS server: a closed loop of ``2 * batch`` clients keeps
+  the batch full, and the engine's ``tokens_generated`` counter gives tokens/s over a window
+  (jobs/s is that over the mean output length; the figure the engine's start-up profile of one
+  decode step implies is printed beside it). The MLFQ server gets the same closed loop as its
+  warm-up, so both capacities are reported.
+- Lengths and gaps come from ``--seed``; the gaps are drawn at rate 1 and scaled, so both
+  schedulers see exactly the same jobs at the same offsets.
 
 Job completion time (JCT) is measured by the client, from sending the request to receiving the
-answer, and reported beside the server's own figure (job arrival to last token). Why MLFQ should
-win: with FCFS a batch of 4 fills with long jobs and short jobs queue behind them for seconds
-(head-of-line blocking); MLFQ demotes a job once it has had its quantum at a level, so a new
-short job enters above the long ones, takes a slot at once and finishes in a few dozen
-iterations.
+answer, and reported beside the server's own figure (job arrival to last token), for all jobs
+and for short and long ones apart. Why MLFQ should win: with FCFS a batch of 4 fills with long
+jobs and short jobs queue behind them for seconds (head-of-line blocking); MLFQ demotes a job
+once it has had its quantum at a level, so a new short job enters above the long ones, takes a
+slot at once and finishes in a few dozen iterations. The long jobs pay for it: they share the
+leftover slots and are preempted whenever short jobs arrive.
+
+``simulated`` replays the trace through the engine's own scheduler classes on a fake clock
+(every iteration costing what the closed loop measured, the MLFQ server's quanta): what the
+policy alone gives on these jobs. A measured speedup far from it points at the engine or the
+host rather than the policy. Each run also records the engine's CPU use (cores) and the host's
+load average: on a shared machine a busy neighbour shows there first.
 
 Part 2, decode throughput, in this process: 8 prompts of 32 tokens, 128 new tokens each, greedy
 with EOS ignored, through the engine (``max_batch_size`` 8, all submitted at once, timed until
@@ -90,6 +99,7 @@ PROMPTS = (
 CLOSED_LOOP_WARMUP_S = 2.0
 CAPACITY_WINDOW_S = 12.0
 PROGRESS_EVERY_S = 5.0
+HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 DECODE_BATCH = 8
 DECODE_PROMPT_TOKENS = 32
@@ -154,19 +164,29 @@ class Arrival:
 
 
 def draw_length(rng: random.Random) -> int:
+    """One output length of the mix, for the closed loop's endless stream of jobs."""
     low, high = LONG_TOKENS if rng.random() < LONG_FRACTION else SHORT_TOKENS
     return rng.randint(low, high)
 
 
-def make_trace(jobs: int, rate: float, seed: int) -> list[Arrival]:
-    """``jobs`` Poisson arrivals at ``rate`` per second. Gaps are drawn at rate 1 and scaled,
-    so a seed gives the same jobs in the same order whatever the rate."""
-    rng = random.Random(seed)
+def trace_lengths(jobs: int, seed: int) -> list[int]:
+    """Output lengths of a trace: exactly ``round(LONG_FRACTION * jobs)`` long jobs at random
+    places. Drawing each job's class independently would let a few hundred jobs carry 16% long
+    ones instead of 12%, a quarter more work than the rate was chosen for."""
+    rng = random.Random(f"{seed}/lengths")
+    long = set(rng.sample(range(jobs), round(LONG_FRACTION * jobs)))
+    return [rng.randint(*(LONG_TOKENS if i in long else SHORT_TOKENS)) for i in range(jobs)]
+
+
+def make_trace(lengths: list[int], rate: float, seed: int) -> list[Arrival]:
+    """Poisson arrivals at ``rate`` per second for jobs of these output lengths. Gaps are drawn
+    at rate 1 and scaled, so a seed gives the same jobs in the same order whatever the rate."""
+    rng = random.Random(f"{seed}/arrivals")
     at = 0.0
     trace = []
-    for _ in range(jobs):
+    for n in lengths:
         at += rng.expovariate(1.0)
-        trace.append(Arrival(at / rate, rng.choice(PROMPTS), draw_length(rng)))
+        trace.append(Arrival(at / rate, rng.choice(PROMPTS), n))
     return trace
 
 
@@ -312,17 +332,19 @@ class Server:
 
 
 async def wait_healthy(session: aiohttp.ClientSession, base: str, server: Server) -> None:
+    """Until ``/health`` answers 200; each probe has a timeout of its own, so a server that
+    accepts connections but never answers cannot stall the wait past ``timeout``."""
     timeout = 300.0
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         server.check()
         try:
-            async with session.get(base + "/health") as resp:
+            async with session.get(base + "/health", timeout=HEALTH_TIMEOUT) as resp:
                 if resp.status == 200:
                     return
                 last = f" (last answer: status {resp.status})"
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             last = f" (last error: {exc or type(exc).__name__})"
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{server.name} not healthy within {timeout:g}s{last}: {server.tail()}")
@@ -379,7 +401,7 @@ async def closed_loop(
     """Keep ``clients`` jobs of the length mix outstanding; measure the engine's token rate over
     ``window`` seconds after ``warmup``. Waits for the outstanding jobs before returning, so the
     engine is idle again."""
-    rng = random.Random(seed)
+    rng = random.Random(f"{seed}/closed-loop")
     stopping = False
     failures: list[str] = []
 
@@ -410,13 +432,15 @@ async def closed_loop(
         raise RuntimeError(f"the closed loop failed: {failures[0]}")
     tokens = after["tokens_generated"] - before["tokens_generated"]
     iterations = after["iterations"] - before["iterations"]
+    if not iterations:
+        raise RuntimeError(f"the engine ran no iteration in {seconds:.1f} s of closed loop")
     tokens_per_s = tokens / seconds
     return {
         "clients": clients,
         "window_s": round(seconds, 3),
         "tokens_per_s": round(tokens_per_s, 1),
         "iterations_per_s": round(iterations / seconds, 1),
-        "tokens_per_iteration": round(tokens / iterations, 3) if iterations else None,
+        "tokens_per_iteration": round(tokens / iterations, 3),
         "jobs_per_s": round(tokens_per_s / MEAN_OUTPUT_TOKENS, 3),
         "engine_cores_used": round(cpu / seconds, 2),
     }
@@ -424,6 +448,9 @@ async def closed_loop(
 
 @dataclass
 class Outcome:
+    """One job of an open-loop run: when it was sent and answered (client clock), and the
+    figures the engine gave for it."""
+
     arrival: Arrival
     sent: float = 0.0
     done: float = 0.0
@@ -606,12 +633,13 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
         async with engine_backend(args, scheduler, logs) as backend:
             say(f"{scheduler}: closed loop of {clients} clients to measure capacity")
             measured = await closed_loop(
-                backend, clients, args.closed_loop_warmup, args.capacity_window, args.seed + 1
+                backend, clients, args.closed_loop_warmup, args.capacity_window, args.seed
             )
-            detailed = await backend.stats(detailed=True)
-            decode_s = detailed["profile"]["decode_ms"] / 1000
+            profile = (await backend.stats(detailed=True))["profile"]
+            measured["iteration_ms"] = round(1000 / measured["iterations_per_s"], 3)
+            measured["profile_decode_ms"] = profile["decode_ms"]
             measured["from_profile_jobs_per_s"] = round(
-                detailed["profile"]["decode_batch"] / decode_s / MEAN_OUTPUT_TOKENS, 3
+                profile["decode_batch"] * 1000 / profile["decode_ms"] / MEAN_OUTPUT_TOKENS, 3
             )
             capacity[scheduler] = measured
             say(
@@ -619,10 +647,20 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
                 f" {measured['jobs_per_s']} jobs/s at {MEAN_OUTPUT_TOKENS:.1f} tokens a job"
                 f" (profile's decode step says {measured['from_profile_jobs_per_s']} jobs/s)"
             )
+            if profile["decode_ms"] > 3 * measured["iteration_ms"]:
+                say(
+                    f"{scheduler}: the engine's start-up profile timed a decode step at"
+                    f" {profile['decode_ms']:g} ms, {measured['iteration_ms']:g} ms under load:"
+                    " the host was busy when it started, and MLFQ's quanta (multiples of that"
+                    " step) are as many times longer than meant"
+                )
             if not trace:
-                rate = args.load * measured["jobs_per_s"]
-                jobs = args.jobs or max(1, round(rate * args.duration))
-                trace = make_trace(jobs, rate, args.seed)
+                expected_rate = args.load * measured["jobs_per_s"]
+                jobs = args.jobs or max(1, round(expected_rate * args.duration))
+                lengths = trace_lengths(jobs, args.seed)
+                # the rate that offers exactly --load of the measured tokens/s with these jobs
+                rate = args.load * measured["tokens_per_s"] * len(lengths) / sum(lengths)
+                trace = make_trace(lengths, rate, args.seed)
                 say(
                     f"trace: {jobs} jobs at {rate:.2f} jobs/s ({args.load:g} of capacity) over"
                     f" {trace[-1].at:.1f} s, {sum(a.long for a in trace)} long"
@@ -643,7 +681,7 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
 
     tokens = [a.max_new_tokens for a in trace]
     fcfs, mlfq = runs["fcfs"], runs["mlfq"]
-    iteration_s = 1 / capacity["fcfs"]["iterations_per_s"]
+    iteration_s = capacity["fcfs"]["iteration_ms"] / 1000
     simulated: dict[str, Any] = {
         name: simulate(trace, name, args.max_batch_size, iteration_s, mlfq["scheduler_detail"])
         for name in SCHEDULERS
@@ -690,10 +728,9 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
 
 
 def decode_prompts(tokenizer: Any, batch: int, length: int) -> list[list[int]]:
-    """``batch`` different windows of ``length`` tokens of real text (this file's source)."""
-    ids = tokenizer.encode(Path(__file__).read_text())
-    if len(ids) < batch * length:
-        raise RuntimeError(f"need {batch * length} prompt tokens, the text has {len(ids)}")
+    """``batch`` different windows of ``length`` tokens of the snippets, end to end, repeated."""
+    ids = tokenizer.encode("\n".join(PROMPTS) + "\n")
+    ids *= -(-batch * length // len(ids))
     return [ids[i * length : (i + 1) * length] for i in range(batch)]
 
 
@@ -869,8 +906,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--duration",
         type=float,
-        default=60.0,
-        help="seconds of arrivals per scheduler (default 60)",
+        default=90.0,
+        help="seconds of arrivals per scheduler (default 90)",
     )
     parser.add_argument(
         "--jobs", type=int, default=None, help="jobs in the trace (instead of --duration)"
@@ -918,6 +955,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.cuda.is_available(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
 
 
@@ -966,6 +1004,13 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets(schedulers, decode),
         "wall_s": round(time.monotonic() - started, 1),
     }
+    vs, met = schedulers["mlfq_vs_fcfs"], report["targets"]["met"]
+    say(
+        f"MLFQ against FCFS: mean JCT x{vs['mean_jct_speedup']}"
+        f" (target x{TARGET_MEAN_JCT_SPEEDUP:g}), p99 x{vs['p99_jct_speedup']},"
+        f" throughput x{vs['throughput_ratio']};"
+        f" decode engine/transformers {decode['engine_vs_transformers']}; targets met: {met}"
+    )
     print(json.dumps(report, indent=2))
     return 0
 
