@@ -186,6 +186,35 @@ def serve(
             rich_help_panel=L,
         ),
     ] = 256,
+    mlfq_levels: Annotated[
+        int,
+        typer.Option(
+            help="MLFQ levels; level k's quantum is 2**k decode iterations, the last level has"
+            " no limit.",
+            min=1,
+            max=16,
+            rich_help_panel=L,
+        ),
+    ] = 6,
+    starvation_limit: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="An MLFQ job that has not run for this long goes back to the top level.",
+            min=0.001,
+            rich_help_panel=L,
+        ),
+    ] = 5.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads torch uses (default: torch's, one per core). Engines sharing a"
+            " machine's cores should split them: oversubscribed threads can run 50x slower.",
+            min=1,
+            show_default=False,
+            rich_help_panel=M,
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed for weights built here and for unseeded sampling.")
     ] = 0,
@@ -226,6 +255,9 @@ def serve(
                 kv_budget=kv_budget,
                 max_model_len=max_model_len,
                 max_waiting=max_waiting,
+                mlfq_levels=mlfq_levels,
+                starvation_limit=starvation_limit,
+                threads=threads,
                 seed=seed,
             )
         except ValueError as exc:

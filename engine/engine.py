@@ -33,7 +33,7 @@ from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import Profile, calibrate
 from flockctl.engine.runner import Runner
 from flockctl.engine.sampling import Sampler, make_generator
-from flockctl.engine.scheduler import Scheduler, make_scheduler
+from flockctl.engine.scheduler import MLFQ, Scheduler, make_scheduler
 from flockctl.engine.text import TextStream
 
 log = logging.getLogger("flockctl.engine")
@@ -66,11 +66,14 @@ class EngineConfig:
     max_waiting: int = 256
     seed: int = 0
     block_size: int = 16
-    mlfq_levels: int = 8
+    mlfq_levels: int = 6
     starvation_limit: float = 5.0
+    threads: int | None = None  # torch CPU threads; None: torch's default
     host_kv_budget: int | None = None  # tokens of swap space in host memory; default: kv budget
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         for name in ("max_batch_size", "max_waiting", "block_size", "mlfq_levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -175,6 +178,7 @@ class Engine:
         self.preemptions = dict.fromkeys(Preemption, 0)
         self.iterations = 0
         self.tokens_generated = 0
+        self.decode_ewma: float | None = None
         self.failed: str | None = None  # set when the loop died; /health reports it
         self._thread = threading.Thread(target=self._loop, name="flockctl-engine", daemon=True)
         self._thread.start()
@@ -281,6 +285,9 @@ class Engine:
             out["jobs"] = [j.detail(now) for j in jobs]
             out["scheduler_detail"] = self.scheduler.describe()
             out["profile"] = self.profile.to_dict()
+            out["decode_ms_recent"] = (
+                round(self.decode_ewma * 1000, 3) if self.decode_ewma is not None else None
+            )
             out["recent_jobs"] = [j.detail(now) for j in list(self._recent.values())[-20:]]
             out["process_rss"] = psutil.Process().memory_info().rss
         return out
@@ -355,15 +362,17 @@ class Engine:
         prefill = [j for j in batch if j.needs_prefill]
         decode = [j for j in batch if not j.needs_prefill]
         deliveries: list[tuple[JobHandle, Delta]] = []
-        for group in (prefill, decode):
+        for group, is_decode in ((prefill, False), (decode, True)):
             if group:
-                self._step(group, deliveries)
+                self._step(group, deliveries, is_decode)
         self.iterations += 1
         self._deliver(deliveries)
         self._running = [j for j in batch if j.state == JobState.RUNNING]
         self._prefetch(order, chosen)
 
-    def _step(self, jobs: list[Job], deliveries: list[tuple[JobHandle, Delta]]) -> None:
+    def _step(
+        self, jobs: list[Job], deliveries: list[tuple[JobHandle, Delta]], decode: bool
+    ) -> None:
         start = time.perf_counter()
         try:
             logits = self.runner.forward(jobs)
@@ -382,6 +391,8 @@ class Engine:
                     )
             return
         elapsed = time.perf_counter() - start
+        if decode:
+            self._observe_decode(elapsed)
         now = time.monotonic()
         for job, handle, token in zip(jobs, handles, tokens, strict=True):
             job.iterations += 1
@@ -407,6 +418,18 @@ class Engine:
                 deliveries.append((handle, Delta(text, [token])))
             else:
                 self._finish(handle, reason, now, deliveries, text=text, token=token)
+
+    def _observe_decode(self, seconds: float) -> None:
+        """Keep the MLFQ base quantum at about one decode iteration as it runs now.
+
+        The start-up profile is one short measurement, and a busy host can make it wrong by an
+        order of magnitude; a moving average of real iterations follows the machine.
+        """
+        self.decode_ewma = (
+            seconds if self.decode_ewma is None else (0.9 * self.decode_ewma + 0.1 * seconds)
+        )
+        if isinstance(self.scheduler, MLFQ):
+            self.scheduler.base_quantum = self.decode_ewma
 
     def _finish(
         self,
@@ -551,6 +574,8 @@ def load_engine(config: EngineConfig, progress: bool = True) -> Engine:
     """Load the model and tokenizer, calibrate, start the model loop."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     path = config.model

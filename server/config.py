@@ -8,6 +8,7 @@ without guessing.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -201,8 +202,24 @@ class DeploymentConfig(_Strict):
         if self.worker_command:
             return self.worker_command
         if self.model is not None:
-            return engine_command(self.model, self.engine_args)
+            args = list(self.engine_args)
+            if not any(a == "--threads" or a.startswith("--threads=") for a in args):
+                args += ["--threads", str(self.threads_per_engine())]
+            return engine_command(self.model, args)
         return None
+
+    def threads_per_engine(self) -> int:
+        """CPU threads for each local engine: this machine's cores split between as many
+        engines as may run at once. Oversubscribed torch threads spin against each other and a
+        CPU decode step can take 50x longer; ``--engine-args '--threads N'`` overrides it."""
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        engines = (
+            self.replicas if self.autoscaler == "fixed" and self.replicas else self.max_workers
+        )
+        return max(1, cores // max(1, engines))
 
     def initial_target(self) -> int:
         """How many workers to start with."""

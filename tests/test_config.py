@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -157,8 +158,20 @@ ENGINE_TAIL = ["--host", "127.0.0.1", "--port", "8123"]
 def test_without_a_worker_command_or_endpoints_workers_run_the_demo_model():
     cfg = resolve(flags={})
     assert cfg.provisioner == "local" and cfg.model == "demo" and cfg.worker_command is None
-    assert worker_argv(cfg) == [*engine_argv("demo"), *ENGINE_TAIL]
+    threads = ["--threads", str(cfg.threads_per_engine())]
+    assert worker_argv(cfg) == [*engine_argv("demo"), *ENGINE_TAIL, *threads]
     assert cfg.probe.path == "/health"  # the engine answers it once the model is loaded
+
+
+def test_local_engines_split_the_cores_between_them(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert resolve(flags={"max_workers": 4}).threads_per_engine() == 4
+    assert resolve(flags={"max_workers": 32}).threads_per_engine() == 1
+    fixed = resolve(flags={"autoscaler": "fixed", "replicas": 2, "max_workers": 8})
+    assert fixed.threads_per_engine() == 8
+    # the user's own --threads wins
+    cfg = resolve(flags={"max_workers": 4, "engine_args": "--threads=3"})
+    assert worker_argv(cfg)[-1] == "--threads=3" and worker_argv(cfg).count("--threads") == 0
 
 
 def test_model_and_engine_args_become_the_worker_command(tmp_path):
@@ -170,10 +183,19 @@ def test_model_and_engine_args_become_the_worker_command(tmp_path):
         "fcfs",
         "--x",
         "a b",
+        "--threads",
+        str(cfg.threads_per_engine()),
     ]
     path = spec(tmp_path, "flockctl:\n  model: Qwen/Qwen2.5-0.5B\n  engine_args: [--device, cpu]\n")
     cfg = resolve(path)
-    assert worker_argv(cfg) == [*engine_argv("Qwen/Qwen2.5-0.5B"), *ENGINE_TAIL, "--device", "cpu"]
+    threads = ["--threads", str(cfg.threads_per_engine())]
+    assert worker_argv(cfg) == [
+        *engine_argv("Qwen/Qwen2.5-0.5B"),
+        *ENGINE_TAIL,
+        "--device",
+        "cpu",
+        *threads,
+    ]
     # The daemon re-reads the resolved config from config.json: the same command comes out.
     again = DeploymentConfig.model_validate(cfg.model_dump(mode="json"))
     assert again.local_command() == cfg.local_command()
