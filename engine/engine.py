@@ -163,7 +163,7 @@ class Engine:
         self.scheduler: Scheduler = make_scheduler(
             config.scheduler,
             base_quantum=self.profile.decode_seconds,
-            predict_prefill=self.profile.predict_prefill,
+            predict_prefill=self._predict_prefill,
             levels=config.mlfq_levels,
             starvation_limit=config.starvation_limit,
         )
@@ -418,6 +418,14 @@ class Engine:
                 deliveries.append((handle, Delta(text, [token])))
             else:
                 self._finish(handle, reason, now, deliveries, text=text, token=token)
+
+    def _predict_prefill(self, tokens: int) -> float:
+        """The start-up prefill model, rescaled by how decode iterations run now compared with
+        start-up, so skip-join compares a prediction and quanta measured in the same conditions."""
+        predicted = self.profile.predict_prefill(tokens)
+        if self.decode_ewma is None or self.profile.decode_seconds <= 0:
+            return predicted
+        return predicted * self.decode_ewma / self.profile.decode_seconds
 
     def _observe_decode(self, seconds: float) -> None:
         """Keep the MLFQ base quantum at about one decode iteration as it runs now.
