@@ -914,6 +914,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace (default 0)")
     parser.add_argument(
+        "--long-fraction",
+        type=float,
+        default=LONG_FRACTION,
+        help=f"share of long jobs in the mix (default {LONG_FRACTION})",
+    )
+    parser.add_argument(
+        "--long-tokens",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=list(LONG_TOKENS),
+        help=f"output tokens of a long job (default {LONG_TOKENS[0]} {LONG_TOKENS[1]})",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="drive load_engine() in this process instead of `flockctl engine serve`",
@@ -959,8 +973,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def set_mix(long_fraction: float, long_tokens: tuple[int, int]) -> None:
+    """Use another length mix than the default (``--long-fraction``, ``--long-tokens``)."""
+    global LONG_FRACTION, LONG_TOKENS, MEAN_OUTPUT_TOKENS
+    LONG_FRACTION, LONG_TOKENS = long_fraction, long_tokens
+    MEAN_OUTPUT_TOKENS = (1 - LONG_FRACTION) * sum(SHORT_TOKENS) / 2 + LONG_FRACTION * sum(
+        LONG_TOKENS
+    ) / 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_mix(args.long_fraction, tuple(args.long_tokens))
     runner: Callable[..., Any] = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
