@@ -64,11 +64,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-# Parts of the standard library that are data rather than code (codec tables, generated topic text),
-# the test suite (which is as large as the rest and full of odd edge cases), and whatever third-party
-# packages happen to be installed beside it (they differ from one machine to the next).
+# Parts of the standard library that are data rather than code (codec tables, generated topic
+# text), the test suite (which is as large as the rest and full of odd edge cases), and whatever
+# third-party packages happen to be installed beside it (they differ from one machine to the next).
 _SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"}
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "encodings",
+        "pydoc_data",
+    }
 )
 _MANIFEST = "manifest.json"
 
@@ -220,7 +228,10 @@ def _exclusive_lock(path: Path, progress: bool) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if progress:
-                print(f"waiting for another process to finish building {path.stem}", file=sys.stderr)
+                print(
+                    f"waiting for another process to finish building {path.stem}",
+                    file=sys.stderr,
+                )
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -283,7 +294,11 @@ def _build(out: Path, recipe: DemoRecipe, progress: bool) -> None:
                 "transformers": transformers.__version__,
                 "tokenizers": tokenizers.__version__,
             },
-            "text": {**source, "train_tokens": len(train_ids), "heldout_tokens": len(heldout_ids)},
+            "text": {
+                **source,
+                "train_tokens": len(train_ids),
+                "heldout_tokens": len(heldout_ids),
+            },
             "vocab_size": len(tokenizer),
             "params": {"target": _count(target), "draft": _count(draft)},
             "train_loss": {"target": target_loss, "draft": draft_loss},
@@ -363,7 +378,14 @@ def _read_stdlib(recipe: DemoRecipe) -> tuple[list[str], list[str], dict[str, An
 
 def _train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE: any text, in any script, encodes and decodes back exactly."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -489,7 +511,9 @@ def _train(
     w = recipe.distill_weight if teacher is not None else 0.0
     loss_value = float("nan")
     for _ in range(steps):
-        starts = torch.randint(0, len(ids) - recipe.seq_len - 1, (recipe.batch_size,), generator=generator)
+        starts = torch.randint(
+            0, len(ids) - recipe.seq_len - 1, (recipe.batch_size,), generator=generator
+        )
         window = torch.stack([ids[s : s + recipe.seq_len + 1] for s in starts.tolist()])
         inputs, labels = window[:, :-1], window[:, 1:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

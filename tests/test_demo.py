@@ -83,9 +83,7 @@ def test_chat_template_renders_a_prompt_for_the_assistant(built: DemoPaths) -> N
         {"role": "user", "content": "Write a loop."},
     ]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert text == (
-        "<|endoftext|><|system|>\nBe brief.\n<|user|>\nWrite a loop.\n<|assistant|>\n"
-    )
+    assert text == ("<|endoftext|><|system|>\nBe brief.\n<|user|>\nWrite a loop.\n<|assistant|>\n")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert tokenizer.convert_tokens_to_ids("<|assistant|>") in ids  # one token, not spelt out
