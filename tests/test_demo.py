@@ -6,7 +6,9 @@ runs in seconds; the real recipe differs only in sizes and step counts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from flockctl.engine import demo  # noqa: E402
 from flockctl.engine.demo import DemoPaths, DemoRecipe, ensure_demo  # noqa: E402
 
+VERSION = f"v{demo.DEMO_VERSION}"
 TINY = DemoRecipe(
     text_bytes=150_000,
     heldout_bytes=8_000,
@@ -84,8 +87,7 @@ def test_chat_template_renders_a_prompt_for_the_assistant(built: DemoPaths) -> N
     ]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == ("<|endoftext|><|system|>\nBe brief.\n<|user|>\nWrite a loop.\n<|assistant|>\n")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert tokenizer.convert_tokens_to_ids("<|assistant|>") in ids  # one token, not spelt out
     assert tokenizer.decode(ids) == text
 
@@ -159,7 +161,7 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(builds) == 1
     assert results[0] == results[1]
     assert (results[0].target.parent / "manifest.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["v1", "v1.lock"]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [VERSION, f"{VERSION}.lock"]
 
 
 def test_failed_build_leaves_nothing_that_looks_complete(
@@ -173,20 +175,26 @@ def test_failed_build_leaves_nothing_that_looks_complete(
     with pytest.raises(RuntimeError, match="half way"):
         ensure_demo(tmp_path, TINY, progress=False)
     assert not demo.demo_dir(tmp_path).exists()
-    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["v1.lock"]
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [f"{VERSION}.lock"]
 
 
 def test_changed_recipe_or_force_rebuilds(built: DemoPaths, tmp_path: Path) -> None:
-    paths = ensure_demo(tmp_path, TINY, progress=False)
+    shutil.copytree(built.target.parent.parent, tmp_path / "demo")
+    paths = demo._paths(demo.demo_dir(tmp_path))
     marker = paths.target.parent / "manifest.json"
     first = marker.stat().st_mtime_ns
-    changed = DemoRecipe(**{**manifest(paths)["recipe"], "draft_steps": 1})
-    ensure_demo(tmp_path, changed, progress=False)
+    assert ensure_demo(tmp_path, TINY, progress=False) == paths
+    assert marker.stat().st_mtime_ns == first
+
+    changed = dataclasses.replace(TINY, draft_steps=1)
+    assert ensure_demo(tmp_path, changed, progress=False) == paths
     assert manifest(paths)["recipe"]["draft_steps"] == 1
     second = marker.stat().st_mtime_ns
     assert second != first
+
     ensure_demo(tmp_path, changed, progress=False, force=True)
     assert marker.stat().st_mtime_ns != second
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [VERSION, f"{VERSION}.lock"]
 
 
 def test_cache_root_follows_the_environment(
