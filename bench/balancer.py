@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,10 +45,10 @@ from typing import Any
 
 import aiohttp
 import psutil
+from common import HOST, child_setup, cpu_seconds, free_port, percentile, say
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WORKER = ROOT / "tests" / "fake_worker.py"
-HOST = "127.0.0.1"
 TOKENS = 16
 CONCURRENCY = (1, 16, 64)
 SLOW_TOKEN_DELAY = 0.02
@@ -101,28 +100,7 @@ CASES = [
 ]
 
 
-def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (the child binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 # -- processes -----------------------------------------------------------------------------------
-
-
-def _child_setup() -> None:
-    """In each child before exec: its own session, and SIGTERM if the benchmark dies (Linux)."""
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class Processes:
@@ -143,7 +121,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.logs,
-                preexec_fn=_child_setup if sys.platform == "linux" else None,
+                preexec_fn=child_setup if sys.platform == "linux" else None,
                 start_new_session=sys.platform != "linux",
             )
         self.procs.append((name, proc))
@@ -179,20 +157,7 @@ class Processes:
         self.procs.clear()
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
-
-
 # -- load generation -----------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of already sorted ``values``."""
-    if not values:
-        return None
-    rank = max(1, min(len(values), -(-len(values) * q // 100)))
-    return values[int(rank) - 1]
 
 
 @dataclass

@@ -54,7 +54,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,11 +66,11 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import psutil
+from common import HOST, child_setup, cpu_seconds, free_port, percentile, say
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Engine
 
-HOST = "127.0.0.1"
 SCHEDULERS = ("fcfs", "mlfq")
 
 SHORT_TOKENS = (4, 24)
@@ -109,30 +108,6 @@ DECODE_RUNS = 3
 TARGET_MEAN_JCT_SPEEDUP = 2.0
 TARGET_THROUGHPUT_RATIO = 0.9
 TARGET_DECODE_RATIO = 0.9
-
-
-def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of already sorted ``values``."""
-    if not values:
-        return None
-    rank = max(1, min(len(values), -(-len(values) * q // 100)))
-    return values[int(rank) - 1]
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
 
 
 def mean(values: list[float]) -> float | None:
@@ -279,16 +254,6 @@ class InProcessBackend(Backend):
 # -- the server process ----------------------------------------------------------------------------
 
 
-def _child_setup() -> None:
-    """In the server before exec: its own session, and SIGTERM if the benchmark dies (Linux)."""
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 class Server:
     """One ``flockctl engine serve`` child; ``stop`` ends it by pid (SIGTERM, then SIGKILL)."""
 
@@ -302,7 +267,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=logs,
-                preexec_fn=_child_setup if sys.platform == "linux" else None,
+                preexec_fn=child_setup if sys.platform == "linux" else None,
                 start_new_session=sys.platform != "linux",
             )
 

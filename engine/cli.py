@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from flockctl.exitcodes import ExitCode
+from flockctl.net import bind
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Engine
@@ -78,23 +79,6 @@ def say(message: str) -> None:
 def fail(message: str, code: ExitCode) -> NoReturn:
     say(message)
     raise typer.Exit(int(code))
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket before the (slow) model load, so a taken port fails at once.
-
-    The same as the daemon's; repeated here because the engine must not import the control
-    plane."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(False)
-    return sock
 
 
 def _url(host: str, port: int) -> str:

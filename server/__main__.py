@@ -26,26 +26,13 @@ import uvicorn
 
 from flockctl import __version__
 from flockctl.exitcodes import ExitCode
+from flockctl.net import bind
 from flockctl.server.app import create_app
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.deployment import Deployment
 from flockctl.state import DaemonRecord, process_start_time, state_dir
 
 log = logging.getLogger("flockctl.daemon")
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the balancer's socket, or raise OSError with errno EADDRINUSE."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(False)
-    return sock
 
 
 def setup_logging() -> None:
