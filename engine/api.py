@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from flockctl.engine.engine import QueueFull
+from flockctl.engine.engine import EngineUnavailable, QueueFull
 from flockctl.engine.job import FinishReason, InvalidRequest, SamplingParams
 from flockctl.engine.protocol import (
     ChatRequest,
@@ -134,6 +134,8 @@ def create_app(engine: Engine) -> FastAPI:
             raise APIError(400, message, field) from exc
         except QueueFull as exc:
             raise APIError(429, str(exc), code="queue_full", kind="rate_limit_error") from exc
+        except EngineUnavailable as exc:
+            raise APIError(503, str(exc), code="engine_unavailable", kind="server_error") from exc
 
     # -- OpenAI -------------------------------------------------------------------------------
 
@@ -361,6 +363,10 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        # a dead model loop must fail the probe, so the balancer stops sending work here
+        if engine.failed or engine.closing:
+            reason = engine.failed or "the engine is shutting down"
+            raise APIError(503, reason, code="engine_unavailable", kind="server_error")
         return {"status": "ok", "model": engine.model_name}
 
     @app.get("/stats")

@@ -292,6 +292,10 @@ class Engine:
             out["process_rss"] = psutil.Process().memory_info().rss
         return out
 
+    @property
+    def closing(self) -> bool:
+        return self._stopping
+
     def close(self) -> None:
         with self._cv:
             self._stopping = True

@@ -667,3 +667,23 @@ def test_serve_answers_then_stops_on_sigterm(tiny: Path) -> None:
         f"flockctl engine: serving {NAME} on http://127.0.0.1:{port} (device cpu, scheduler fcfs)"
         in err
     )
+
+
+async def test_a_closed_engine_fails_health_and_refuses_work_with_503(tiny: Path) -> None:
+    engine = load_engine(
+        EngineConfig(model=str(tiny), served_model_name=NAME, device="cpu"), progress=False
+    )
+    transport = httpx.ASGITransport(app=create_app(engine))
+    async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
+        assert (await client.get("/health")).status_code == 200
+        engine.close()
+        error = error_of(await client.get("/health"), 503)
+        assert error["code"] == "engine_unavailable"
+        assert "shutting down" in error["message"]
+        for route, body in (
+            ("/v1/completions", {"prompt": "hi"}),
+            ("/generate", {"inputs": "hi"}),
+        ):
+            assert error_of(await client.post(route, json=body), 503)["code"] == (
+                "engine_unavailable"
+            )
