@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from flockctl.engine.tree import DEFAULT_TREE, format_tree, parse_tree
 from flockctl.exitcodes import ExitCode
 from flockctl.net import bind
 
@@ -60,6 +61,12 @@ class SchedulerName(str, enum.Enum):
     fcfs = "fcfs"
 
 
+class SpecMode(str, enum.Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class LogLevel(str, enum.Enum):
     debug = "debug"
     info = "info"
@@ -85,7 +92,7 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-S, M, L = "Serving", "Model", "Scheduling and limits"
+S, M, L, P = "Serving", "Model", "Scheduling and limits", "Speculative decoding"
 
 
 @engine_app.command(
@@ -199,6 +206,32 @@ def serve(
             rich_help_panel=M,
         ),
     ] = None,
+    draft_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A small speculative model (SSM) that drafts token trees for --model to verify;"
+            " repeat for several, whose trees merge. It must use the same tokenizer. With"
+            " --model demo, 'demo' is the demo's distilled draft.",
+            show_default=False,
+            rich_help_panel=P,
+        ),
+    ] = None,
+    spec_tree: Annotated[
+        str,
+        typer.Option(
+            help="Token-tree expansion: children per node at each depth, so 1,1,3,1 drafts a"
+            " chain of two, branches into three and extends each by one (3 + 2 + 3 nodes).",
+            rich_help_panel=P,
+        ),
+    ] = format_tree(DEFAULT_TREE),
+    spec: Annotated[
+        SpecMode,
+        typer.Option(
+            help="auto: speculate while it measurably pays, per job and per device (see"
+            " /stats); on: always; off: never. Ignored without --draft-model.",
+            rich_help_panel=P,
+        ),
+    ] = SpecMode.auto,
     seed: Annotated[
         int, typer.Option(help="Seed for weights built here and for unseeded sampling.")
     ] = 0,
@@ -207,7 +240,8 @@ def serve(
     """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /generate,
     /generate_stream, /health, /stats, /jobs/{id}, /metrics.
 
-    Exit codes: 0 stopped (SIGINT/SIGTERM), 1 the model cannot load, 2 bad flags, 7 port in use.
+    Exit codes: 0 stopped (SIGINT/SIGTERM), 1 a model cannot load (or a draft model's
+    tokenizer differs from the model's), 2 bad flags, 7 port in use.
     """
     logging.basicConfig(
         level=log_level.value.upper(),
@@ -215,6 +249,12 @@ def serve(
         stream=sys.stderr,
         force=True,
     )
+    try:
+        tree = parse_tree(spec_tree)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    if spec is SpecMode.on and not draft_model:
+        fail("--spec on needs at least one --draft-model", ExitCode.USAGE)
     try:
         sock = bind(host, port)
     except OSError as exc:
@@ -243,6 +283,9 @@ def serve(
                 starvation_limit=starvation_limit,
                 threads=threads,
                 seed=seed,
+                draft_models=tuple(draft_model or ()),
+                spec_tree=tree,
+                spec=spec.value,
             )
         except ValueError as exc:
             fail(str(exc), ExitCode.USAGE)

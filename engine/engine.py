@@ -27,14 +27,29 @@ import torch
 
 from flockctl import __version__
 from flockctl.engine.device import DeviceMemory, pick_device, pick_dtype
-from flockctl.engine.job import FinishReason, InvalidRequest, Job, JobState, Preemption
-from flockctl.engine.kv import KVPool
+from flockctl.engine.job import (
+    FinishReason,
+    InvalidRequest,
+    Job,
+    JobSpec,
+    JobState,
+    Preemption,
+)
+from flockctl.engine.kv import KVPool, OutOfBlocks
 from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import Profile, calibrate
-from flockctl.engine.runner import Runner
-from flockctl.engine.sampling import Sampler, make_generator
+from flockctl.engine.runner import Feed, Runner
+from flockctl.engine.sampling import Sampler, is_greedy, make_generator, probabilities
 from flockctl.engine.scheduler import MLFQ, Scheduler, make_scheduler
+from flockctl.engine.spec import (
+    SpecPolicy,
+    TokenTree,
+    draft_children,
+    verify_greedy,
+    verify_stochastic,
+)
 from flockctl.engine.text import TextStream
+from flockctl.engine.tree import DEFAULT_TREE, tree_nodes
 
 log = logging.getLogger("flockctl.engine")
 
@@ -70,6 +85,9 @@ class EngineConfig:
     starvation_limit: float = 5.0
     threads: int | None = None  # torch CPU threads; None: torch's default
     host_kv_budget: int | None = None  # tokens of swap space in host memory; default: kv budget
+    draft_models: tuple[str, ...] = ()  # speculative models (SSMs); 'demo': the demo's draft
+    spec_tree: tuple[int, ...] = DEFAULT_TREE  # children per node at each depth
+    spec: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -79,6 +97,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.kv_budget is not None and self.kv_budget < self.block_size:
             raise ValueError(f"kv_budget must be at least {self.block_size} tokens")
+        if self.spec not in ("auto", "on", "off"):
+            raise ValueError(f"spec must be auto, on or off, got {self.spec!r}")
+        if self.spec == "on" and not self.draft_models:
+            raise ValueError("--spec on needs at least one --draft-model")
+        if not self.spec_tree or any(w < 1 for w in self.spec_tree):
+            raise ValueError(f"spec_tree widths must be at least 1, got {self.spec_tree}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 
@@ -89,6 +113,25 @@ class Delta:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     error: str | None = None
+
+
+@dataclass
+class Drafter:
+    """One speculative model (SSM) with its own KV pool; it must share the LLM's tokenizer."""
+
+    name: str
+    model: torch.nn.Module
+    pool: KVPool
+    runner: Runner
+
+
+@dataclass
+class _Draft:
+    """One SSM's own tree for one job this iteration, and where its nodes went in the merged one."""
+
+    tree: TokenTree
+    merged: list[int]  # local node -> merged node
+    fed: set[int]  # local nodes the SSM has run (their keys/values are in its cache)
 
 
 class JobHandle:
@@ -130,8 +173,10 @@ class Engine:
         dtype: torch.dtype,
         model_name: str,
         max_model_len: int,
+        drafts: list[tuple[str, torch.nn.Module]] | None = None,
     ):
         self.model = model
+        self._draft_models = drafts or []
         self.tokenizer = tokenizer
         self.config = config
         self.device = device
@@ -153,6 +198,19 @@ class Engine:
         # a job can never be longer than the whole device budget
         self.max_model_len = min(max_model_len, self.pool.budget_tokens)
         self.runner = Runner(model, self.pool, device)
+        # each SSM keeps every job's cache too, with room for one tree per running job on top
+        draft_budget = budget + config.max_batch_size * tree_nodes(config.spec_tree)
+        self.drafters: list[Drafter] = []
+        for name, draft in self._draft_models:
+            layers = _num_layers(draft.config)
+            pool = KVPool(layers, draft_budget, device, dtype, block_size=config.block_size)
+            self.drafters.append(Drafter(name, draft, pool, Runner(draft, pool, device)))
+        self.spec_policy = SpecPolicy(config.spec if self.drafters else "off")
+        self.spec_depth: dict[str, int] = {}  # job -> tree depth this iteration
+        self.spec_steps = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
+        self.spec_accepted_per_pos = [0] * len(config.spec_tree)
         self.sampler = Sampler()
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -188,7 +246,9 @@ class Engine:
     def _default_budget(self) -> int:
         """KV tokens: 80% of free CUDA memory; on CPU/MPS a quarter of what is free, at most
         2 GiB; never more than every admissible job at full length could use."""
-        per_token = _kv_bytes_per_token(self.model.config, self.dtype)
+        per_token = _kv_bytes_per_token(self.model.config, self.dtype) + sum(
+            _kv_bytes_per_token(m.config, self.dtype) for _, m in self._draft_models
+        )
         free = self.memory.free_bytes()
         usable = free * 0.8 if self.device.type == "cuda" else min(free * 0.25, 2 * 2**30)
         ceiling = (self.config.max_batch_size + self.config.max_waiting) * self.max_model_len
@@ -231,6 +291,8 @@ class Engine:
                 " retry later"
             )
         job = Job(list(prompt_ids), params)
+        if self.drafters:
+            job.spec = JobSpec(draft_cached=[0] * len(self.drafters))
         handle = JobHandle(self, job, asyncio.get_running_loop())
         handle.stream = TextStream(self.tokenizer, prompt_ids, params.stop)
         handle.generator = make_generator(params.seed, self.device)
@@ -276,6 +338,7 @@ class Engine:
                 "swap_ins": self.pool.swap_ins,
                 "recomputes": self.pool.drops,
             },
+            "speculation": self.spec_stats(),
             "iterations": self.iterations,
             "tokens_generated": self.tokens_generated,
             "uptime": round(time.time() - self.started, 3),
@@ -291,6 +354,27 @@ class Engine:
             out["recent_jobs"] = [j.detail(now) for j in list(self._recent.values())[-20:]]
             out["process_rss"] = psutil.Process().memory_info().rss
         return out
+
+    def spec_stats(self) -> dict[str, Any] | None:
+        """Speculative decoding's figures; None without draft models."""
+        if not self.drafters:
+            return None
+        steps, drafted, accepted = (
+            self.spec_steps,
+            self.spec_draft_tokens,
+            self.spec_accepted_tokens,
+        )
+        return {
+            **self.spec_policy.describe(),
+            "draft_models": [d.name for d in self.drafters],
+            "tree": list(self.config.spec_tree),
+            "num_drafts": steps,
+            "num_draft_tokens": drafted,
+            "num_accepted_tokens": accepted,
+            "num_accepted_tokens_per_pos": list(self.spec_accepted_per_pos),
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+            "mean_accepted_length": round(1 + accepted / steps, 4) if steps else None,
+        }
 
     @property
     def closing(self) -> bool:
@@ -366,17 +450,27 @@ class Engine:
         prefill = [j for j in batch if j.needs_prefill]
         decode = [j for j in batch if not j.needs_prefill]
         deliveries: list[tuple[JobHandle, Delta]] = []
-        for group, is_decode in ((prefill, False), (decode, True)):
-            if group:
-                self._step(group, deliveries, is_decode)
+        if prefill:
+            self._step(prefill, deliveries)
+        if decode:
+            speculating = self.spec_policy.choose(decode) if self.drafters else []
+            if speculating:
+                self._speculate(decode, speculating, deliveries)
+            else:
+                elapsed = self._step(decode, deliveries)
+                if elapsed is not None:
+                    self._observe_decode(elapsed)
+                    if self.drafters:
+                        self.spec_policy.observe_iteration(False, len(decode), elapsed)
+                        for job in decode:
+                            self.spec_policy.observe_job(job, 0, 0, speculated=False)
         self.iterations += 1
         self._deliver(deliveries)
         self._running = [j for j in batch if j.state == JobState.RUNNING]
         self._prefetch(order, chosen)
 
-    def _step(
-        self, jobs: list[Job], deliveries: list[tuple[JobHandle, Delta]], decode: bool
-    ) -> None:
+    def _step(self, jobs: list[Job], deliveries: list[tuple[JobHandle, Delta]]) -> float | None:
+        """One forward and one sampled token per job; returns its seconds (None: it failed)."""
         start = time.perf_counter()
         try:
             logits = self.runner.forward(jobs)
@@ -385,43 +479,265 @@ class Engine:
                 logits, [j.params for j in jobs], [h.generator for h in handles]
             )
         except Exception as exc:  # e.g. out of device memory: fail these jobs, keep serving
-            log.exception("forward failed for %d jobs", len(jobs))
-            now = time.monotonic()
-            for job in jobs:
-                handle = self._live.get(job.id)
-                if handle is not None:
-                    self._finish(
-                        handle, FinishReason.ABORT, now, deliveries, f"engine error: {exc}"
-                    )
-            return
+            self._fail(jobs, exc, deliveries)
+            return None
         elapsed = time.perf_counter() - start
-        if decode:
-            self._observe_decode(elapsed)
         now = time.monotonic()
         for job, handle, token in zip(jobs, handles, tokens, strict=True):
-            job.iterations += 1
             self.scheduler.charge(job, elapsed, now)
+            self._emit(job, handle, [token], now, deliveries)
+        return elapsed
+
+    def _fail(
+        self, jobs: list[Job], exc: Exception, deliveries: list[tuple[JobHandle, Delta]]
+    ) -> None:
+        log.exception("forward failed for %d jobs", len(jobs))
+        now = time.monotonic()
+        for job in jobs:
+            handle = self._live.get(job.id)
+            if handle is not None:
+                self._finish(handle, FinishReason.ABORT, now, deliveries, f"engine error: {exc}")
+
+    def _emit(
+        self,
+        job: Job,
+        handle: JobHandle,
+        tokens: list[int],
+        now: float,
+        deliveries: list[tuple[JobHandle, Delta]],
+    ) -> None:
+        """Append ``tokens`` to the job's output in order, up to the first that finishes it."""
+        job.iterations += 1
+        if job.first_token is None:
+            job.first_token = now
+        stream = handle.stream
+        assert stream is not None
+        text = ""
+        emitted: list[int] = []
+        reason: FinishReason | None = None
+        for token in tokens:
             job.output_ids.append(token)
+            emitted.append(token)
             self.tokens_generated += 1
-            if job.first_token is None:
-                job.first_token = now
-            stream = handle.stream
-            assert stream is not None
             eos = token in self.eos_ids and not job.params.ignore_eos
-            text = "" if eos else stream.push([token])
+            if not eos:
+                text += stream.push([token])
             if eos or stream.stopped:
-                reason: FinishReason | None = FinishReason.STOP
+                reason = FinishReason.STOP
             elif (
                 len(job.output_ids) >= job.params.max_tokens
                 or job.total_tokens >= self.max_model_len
             ):
                 reason = FinishReason.LENGTH
-            else:
-                reason = None
-            if reason is None:
-                deliveries.append((handle, Delta(text, [token])))
-            else:
-                self._finish(handle, reason, now, deliveries, text=text, token=token)
+            if reason is not None:
+                break
+        if reason is None:
+            deliveries.append((handle, Delta(text, emitted)))
+        else:
+            self._finish(handle, reason, now, deliveries, text=text, tokens=emitted)
+
+    # -- speculative decoding -------------------------------------------------------------------
+
+    def _speculate(
+        self, jobs: list[Job], chosen: list[Job], deliveries: list[tuple[JobHandle, Delta]]
+    ) -> None:
+        """One speculative iteration for the decoding ``jobs``: the SSMs draft a token tree for
+        each job in ``chosen`` (one batched SSM forward per depth), then one LLM forward verifies
+        every tree at once; a job that does not speculate is a one-node tree in that forward."""
+        start = time.perf_counter()
+        handles = {j.id: self._live[j.id] for j in jobs}
+        trees = {
+            j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
+        }
+        try:
+            drafting = [j for j in chosen if self._reserve_tree(j)]
+            drafts = (
+                [
+                    self._draft(drafter, s, drafting, trees, handles)
+                    for s, drafter in enumerate(self.drafters)
+                ]
+                if drafting
+                else []
+            )
+            feeds = []
+            for job in jobs:
+                tree = trees[job.id]
+                nodes = list(range(len(tree)))
+                feeds.append(
+                    Feed.token_tree(
+                        tree.tokens, tree.depths, nodes, job.total_tokens - 1, tree.ancestry()
+                    )
+                )
+            logits = self.runner.run([j.id for j in jobs], feeds)
+            plain = [i for i, j in enumerate(jobs) if len(trees[j.id]) == 1]
+            sampled = (
+                self.sampler.sample(
+                    torch.cat([logits[i] for i in plain]),
+                    [jobs[i].params for i in plain],
+                    [handles[jobs[i].id].generator for i in plain],
+                )
+                if plain
+                else []
+            )
+            picks = dict(zip(plain, sampled, strict=True))
+            results: list[list[int]] = []
+            for i, job in enumerate(jobs):
+                tree = trees[job.id]
+                if i in picks:
+                    path, token = [0], picks[i]
+                elif is_greedy(job.params):
+                    path, token = verify_greedy(tree, logits[i].argmax(dim=-1).tolist())
+                else:
+                    probs = probabilities(logits[i], job.params)
+                    path, token = verify_stochastic(tree, probs, handles[job.id].generator)
+                self._keep_path(job, tree, path, drafts)
+                results.append([*tree.path_tokens(path[1:]), token])
+        except Exception as exc:
+            self._fail(jobs, exc, deliveries)
+            return
+        elapsed = time.perf_counter() - start
+        self.spec_policy.observe_iteration(True, len(jobs), elapsed)
+        now = time.monotonic()
+        unit = self.decode_ewma or self.profile.decode_seconds
+        for job, new in zip(jobs, results, strict=True):
+            # MLFQ quanta count verified tokens: each is charged as one decode iteration
+            self.scheduler.charge(job, unit * len(new), now)
+            self._emit(job, handles[job.id], new, now, deliveries)
+
+    def _reserve_tree(self, job: Job) -> bool:
+        """Room for this job's tree in the LLM's cache and every SSM's; False: not this time."""
+        remaining = min(
+            job.params.max_tokens - len(job.output_ids), self.max_model_len - job.total_tokens
+        )
+        depth = min(len(self.config.spec_tree), remaining - 1)
+        if depth < 1:
+            return False
+        local = tree_nodes(self.config.spec_tree[:depth])
+        root = job.total_tokens - 1
+        try:
+            self.pool.reserve(job.id, root + 1 + len(self.drafters) * (local - 1))
+        except OutOfBlocks:
+            return False
+        for s, drafter in enumerate(self.drafters):
+            try:
+                drafter.pool.reserve(job.id, root + local)
+            except OutOfBlocks:
+                # SSM caches are cheap to rebuild: drop those of jobs not running now
+                running = {j.id for j in self._running}
+                for other in list(drafter.pool.tables):
+                    if other not in running:
+                        drafter.pool.release(other)
+                        handle = self._live.get(other)
+                        if handle is not None and handle.job.spec is not None:
+                            handle.job.spec.draft_cached[s] = 0
+                try:
+                    drafter.pool.reserve(job.id, root + local)
+                except OutOfBlocks:
+                    return False
+        self.spec_depth[job.id] = depth
+        return True
+
+    def _draft(
+        self,
+        drafter: Drafter,
+        s: int,
+        jobs: list[Job],
+        trees: dict[str, TokenTree],
+        handles: dict[str, JobHandle],
+    ) -> dict[str, _Draft]:
+        """SSM ``s`` grows its tree for each job and merges it into ``trees``: one forward to
+        catch its cache up to the root, then one per depth for the new frontier."""
+        widths = self.config.spec_tree
+        ids = [j.id for j in jobs]
+        feeds = []
+        for job in jobs:
+            assert job.spec is not None
+            cached = job.spec.draft_cached[s]
+            feeds.append(Feed.linear((job.prompt_ids + job.output_ids)[cached:], cached))
+        rows = dict(zip(ids, drafter.runner.run(ids, feeds), strict=True))
+        out: dict[str, _Draft] = {}
+        frontier: dict[str, list[int]] = {}
+        for job in jobs:
+            assert job.spec is not None
+            job.spec.draft_cached[s] = job.total_tokens
+            out[job.id] = _Draft(TokenTree(trees[job.id].tokens[0]), [0], {0})
+            frontier[job.id] = [0]
+        for depth in range(1, len(widths) + 1):
+            grown: list[Job] = []
+            for job in jobs:
+                if self.spec_depth[job.id] < depth or not frontier[job.id]:
+                    continue
+                mine, merged = out[job.id], trees[job.id]
+                logits = _fit_vocab(rows[job.id], self.vocab_size)
+                children = draft_children(
+                    logits, widths[depth - 1], job.params, handles[job.id].generator
+                )
+                nodes = []
+                for node, (tokens, q) in zip(frontier[job.id], children, strict=True):
+                    parent = mine.merged[node]
+                    merged.drafts[parent][s] = (tokens, q)
+                    for token in tokens:
+                        nodes.append(mine.tree.add(node, token))
+                        mine.merged.append(merged.add(parent, token))
+                frontier[job.id] = nodes
+                if self.spec_depth[job.id] > depth:
+                    grown.append(job)
+            if not grown:
+                break
+            feeds = []
+            for job in grown:
+                mine = out[job.id]
+                nodes = frontier[job.id]
+                tree = mine.tree
+                feeds.append(
+                    Feed.token_tree(
+                        [tree.tokens[n] for n in nodes],
+                        [depth] * len(nodes),
+                        nodes,
+                        job.total_tokens - 1,
+                        tree.ancestry(),
+                    )
+                )
+                mine.fed.update(nodes)
+            grown_ids = [j.id for j in grown]
+            rows.update(zip(grown_ids, drafter.runner.run(grown_ids, feeds), strict=True))
+        return out
+
+    def _keep_path(
+        self, job: Job, tree: TokenTree, path: list[int], drafts: list[dict[str, _Draft]]
+    ) -> None:
+        """Keep the accepted path's keys and values (LLM and SSMs) where the next step expects
+        them, drop the rest, and count the step."""
+        root = job.total_tokens - 1
+        self.pool.move(job.id, [(root + node, root + i) for i, node in enumerate(path)])
+        job.cached_tokens = root + len(path)
+        self.pool.truncate(job.id, job.total_tokens + len(path))
+        speculated = len(tree) > 1
+        for s, by_job in enumerate(drafts):
+            mine = by_job.get(job.id)
+            if mine is None:
+                continue
+            local = {m: n for n, m in enumerate(mine.merged)}
+            moves = []
+            for i, node in enumerate(path[1:], start=1):
+                n = local.get(node)
+                if n is None or n not in mine.fed:
+                    break
+                moves.append((root + n, root + i))
+            pool = self.drafters[s].pool
+            pool.move(job.id, moves)
+            assert job.spec is not None
+            job.spec.draft_cached[s] = root + 1 + len(moves)
+            pool.truncate(job.id, job.total_tokens + len(path))
+        if job.spec is not None:
+            accepted = len(path) - 1
+            self.spec_policy.observe_job(job, len(tree) - 1, accepted, speculated)
+            if speculated:
+                self.spec_steps += 1
+                self.spec_draft_tokens += len(tree) - 1
+                self.spec_accepted_tokens += accepted
+                for i in range(accepted):
+                    self.spec_accepted_per_pos[i] += 1
 
     def _predict_prefill(self, tokens: int) -> float:
         """The start-up prefill model, rescaled by how decode iterations run now compared with
@@ -451,7 +767,7 @@ class Engine:
         deliveries: list[tuple[JobHandle, Delta]],
         error: str | None = None,
         text: str = "",
-        token: int | None = None,
+        tokens: list[int] | None = None,
     ) -> None:
         job = handle.job
         if reason != FinishReason.ABORT and handle.stream is not None and not handle.stream.stopped:
@@ -461,13 +777,15 @@ class Engine:
         job.finished = now
         self.scheduler.remove(job)
         self.pool.release(job.id)
+        for drafter in self.drafters:
+            drafter.pool.release(job.id)
+        self.spec_depth.pop(job.id, None)
         self._live.pop(job.id, None)
         self._recent[job.id] = job
         while len(self._recent) > RECENT_JOBS:
             self._recent.popitem(last=False)
         self.metrics.observe_finished(job)
-        tokens = [token] if token is not None else []
-        deliveries.append((handle, Delta(text, tokens, reason, error)))
+        deliveries.append((handle, Delta(text, tokens or [], reason, error)))
 
     def _deliver(self, deliveries: list[tuple[JobHandle, Delta]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[JobHandle, Delta]]] = {}
@@ -539,6 +857,16 @@ class Engine:
             return
 
 
+def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """SSM logits over the LLM's vocabulary: rows past it cut, missing ones never drafted."""
+    if logits.shape[-1] == vocab:
+        return logits
+    if logits.shape[-1] > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
 def _put_all(items: list[tuple[JobHandle, Delta]]) -> None:
     for handle, delta in items:
         handle.queue.put_nowait(delta)
@@ -583,27 +911,30 @@ def _context_length(model: Any, tokenizer: Any) -> int:
 
 
 def load_engine(config: EngineConfig, progress: bool = True) -> Engine:
-    """Load the model and tokenizer, calibrate, start the model loop."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load the model, its tokenizer and any draft models, calibrate, start the model loop."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
-    path = config.model
-    if config.model == "demo":
-        from flockctl.engine.demo import ensure_demo
-
-        path = str(ensure_demo(progress=progress).target)
+    path = _resolve(config.model, draft=False, progress=progress)
     torch.manual_seed(config.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineLoadError(f"cannot load model {config.model!r}: {first}") from exc
+    tokenizer, model = _load(config.model, path, dtype)
     model = model.to(device).eval()
+    drafts = []
+    for name in config.draft_models:
+        draft_tokenizer, draft = _load(name, _resolve(name, draft=True, progress=progress), dtype)
+        problem = tokenizer_mismatch(tokenizer, draft_tokenizer)
+        if problem:
+            raise EngineLoadError(
+                f"draft model {name!r} cannot speculate for {config.model!r}: {problem};"
+                " a draft must use the same tokenizer as the model it serves"
+            )
+        drafts.append((name, draft.to(device).eval()))
     context = _context_length(model, tokenizer)
+    for _name, draft in drafts:
+        draft_context = getattr(draft.config, "max_position_embeddings", None)
+        if isinstance(draft_context, int) and 0 < draft_context < context:
+            context = draft_context  # an SSM must reach every position the LLM does
     if config.max_model_len is not None:
         if config.max_model_len > context:
             raise EngineLoadError(
@@ -611,4 +942,45 @@ def load_engine(config: EngineConfig, progress: bool = True) -> Engine:
             )
         context = config.max_model_len
     name = config.served_model_name or config.model
-    return Engine(model, tokenizer, config, device, dtype, name, context)
+    return Engine(model, tokenizer, config, device, dtype, name, context, drafts)
+
+
+def _resolve(model: str, draft: bool, progress: bool) -> str:
+    """'demo' is the offline demo: its target, or for a draft its distilled SSM."""
+    if model != "demo":
+        return model
+    from flockctl.engine.demo import ensure_demo
+
+    paths = ensure_demo(progress=progress)
+    return str(paths.draft if draft else paths.target)
+
+
+def _load(name: str, path: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineLoadError(f"cannot load model {name!r}: {first}") from exc
+    return tokenizer, model
+
+
+def tokenizer_mismatch(a: Any, b: Any) -> str | None:
+    """Why two tokenizers would not map text to the same ids; None when they do."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"its tokenizer has {len(vb)} tokens, the model's has {len(va)}"
+    differ = [t for t, i in va.items() if vb.get(t) != i]
+    if differ:
+        return (
+            f"{len(differ)} of {len(va)} tokens have other ids in its tokenizer"
+            f" (for example {differ[0]!r})"
+        )
+    for attr in ("bos_token_id", "eos_token_id"):
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            return (
+                f"its {attr} is {getattr(b, attr, None)}, the model's is {getattr(a, attr, None)}"
+            )
+    return None

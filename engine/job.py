@@ -71,6 +71,33 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+@dataclass
+class JobSpec:
+    """Speculation counters of one job (shown in ``/jobs/{id}`` and ``/stats``)."""
+
+    steps: int = 0  # speculative steps (one verification each)
+    draft_tokens: int = 0  # tree nodes proposed
+    accepted_tokens: int = 0  # drafted tokens the LLM accepted
+    emitted_ewma: float | None = None  # recent tokens per step (accepted + 1)
+    skipped: int = 0  # iterations in a row it decoded without speculating
+    enabled: bool = True
+    draft_cached: list[int] = field(default_factory=list)  # per SSM, tokens in its cache
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "steps": self.steps,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": (
+                round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else None
+            ),
+            "mean_accepted_length": (
+                round(1 + self.accepted_tokens / self.steps, 4) if self.steps else None
+            ),
+        }
+
+
 _ids = itertools.count(1)
 
 
@@ -107,6 +134,7 @@ class Job:
     finished: float | None = None
     iterations: int = 0
     swaps: int = 0  # times its KV went to host memory
+    spec: JobSpec | None = None  # speculation counters, when the engine has SSMs
 
     def __post_init__(self) -> None:
         self.last_run = self.arrival
@@ -134,6 +162,7 @@ class Job:
             "prompt_tokens": len(self.prompt_ids),
             "generated_tokens": len(self.output_ids),
             "age": round(now - self.arrival, 3),
+            "speculation": self.spec.summary() if self.spec else None,
         }
 
     def detail(self, now: float | None = None) -> dict[str, Any]:

@@ -110,6 +110,30 @@ class KVPool:
         self.release(job_id)
         self.drops += 1
 
+    def move(self, job_id: str, moves: list[tuple[int, int]]) -> None:
+        """Copy the keys and values at slot ``src`` to slot ``dst`` for each ``(src, dst)``, in
+        order (speculative decoding keeps an accepted tree path this way)."""
+        moves = [(s, d) for s, d in moves if s != d]
+        if not moves or self.keys[0] is None:
+            return
+        blocks = torch.tensor(self.tables[job_id], dtype=torch.long)
+        slots = torch.tensor(moves, dtype=torch.long)
+        flat = blocks[slots // self.block_size] * self.block_size + slots % self.block_size
+        src, dst = flat[:, 0].to(self.device), flat[:, 1].to(self.device)
+        for layer in range(self.num_layers):
+            for pool in (self.keys[layer], self.values[layer]):
+                if pool is not None:
+                    pool.index_copy_(0, dst, pool.index_select(0, src))
+
+    def truncate(self, job_id: str, tokens: int) -> None:
+        """Give back the blocks of ``job_id`` past its first ``tokens`` slots."""
+        table = self.tables.get(job_id)
+        if table is None:
+            return
+        keep = max(1, self.blocks_for(tokens))
+        while len(table) > keep:
+            self.free.append(table.pop())
+
     def host_room(self, tokens: int) -> bool:
         return self.host_tokens + tokens <= self.host_budget_tokens
 

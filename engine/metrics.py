@@ -100,6 +100,30 @@ class _StatsCollector(Collector):
                 kv.get("host_tokens", 0),
             )
 
+        spec = stats.get("speculation")
+        if spec:
+            for key, doc in (
+                ("num_drafts", "Speculative steps: token trees drafted and verified"),
+                ("num_draft_tokens", "Tokens drafted by the speculative models (tree nodes)"),
+                ("num_accepted_tokens", "Drafted tokens the served model accepted"),
+            ):
+                yield CounterMetricFamily(
+                    f"flockctl_spec_decode_{key}", doc, value=spec.get(key, 0)
+                )
+            per_pos = CounterMetricFamily(
+                "flockctl_spec_decode_num_accepted_tokens_per_pos",
+                "Accepted drafted tokens by depth in the tree (0: the first after the root)",
+                labels=["position"],
+            )
+            for position, count in enumerate(spec.get("num_accepted_tokens_per_pos", ())):
+                per_pos.add_metric([str(position)], count)
+            yield per_pos
+            yield _gauge(
+                "flockctl_spec_decode_active",
+                "1 while the engine speculates (--spec auto turns it off when it does not pay)",
+                1.0 if spec.get("active") else 0.0,
+            )
+
         device = stats.get("device")
         if device:
             labels = ["device", "source"]

@@ -1,20 +1,70 @@
 """One batched forward for a set of jobs of different lengths over the paged KV cache.
 
-Each job feeds the tokens not yet in its cache: the whole prompt the first time (or prompt and
-output after its cache was dropped), one token afterwards. Rows are left-padded to the longest
-feed, so the last column is every job's last real token and ``logits_to_keep=1`` gives the next
-token's logits for all of them. A 4D additive mask lets each query see its own job's positions
-up to itself; explicit ``position_ids`` carry each job's true positions.
+Each job brings a :class:`Feed`: the tokens it adds this forward, their position ids, the slots of
+its block table their keys and values go to, and what each of them may attend to. An incremental
+feed is the tokens not yet cached (the whole prompt the first time, one token afterwards), at
+slots equal to their positions, each seeing everything up to itself. A token-tree feed (speculative
+decoding) puts tree node ``i`` at slot ``root + i`` with position ``root + depth``; a node sees the
+committed prefix and, inside the tree, only its ancestors and itself.
+
+Rows are left-padded to the longest feed, so every job's last ``keep`` tokens are the batch's last
+columns and ``logits_to_keep`` gives exactly the logits asked for. One 4D additive mask (0 attend,
+dtype min masked; a boolean mask is silently wrong with eager attention) and explicit
+``position_ids`` let jobs of any length and shape share the forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from flockctl.engine.job import Job
 from flockctl.engine.kv import SCRATCH, KVPool
+
+
+@dataclass
+class Feed:
+    """What one job adds to one forward. ``limits[i]``: the last slot token ``i`` sees in order;
+    ``tree``: extra visibility, a bool ``[len(tokens), width]`` over slots ``tree_base ...``."""
+
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    limits: list[int]
+    keep: int = 1
+    tree_base: int = 0
+    tree: torch.Tensor | None = None
+
+    @classmethod
+    def linear(cls, tokens: list[int], start: int, keep: int = 1) -> Feed:
+        """Tokens at positions (and slots) ``start ...``, each seeing everything up to itself."""
+        span = list(range(start, start + len(tokens)))
+        return cls(tokens, span, span, span, keep)
+
+    @classmethod
+    def token_tree(
+        cls,
+        tokens: list[int],
+        depths: list[int],
+        nodes: list[int],
+        root: int,
+        ancestry: torch.Tensor,
+    ) -> Feed:
+        """Tree nodes ``nodes`` (indices in their tree, with these tokens and depths); the tree's
+        root sits at slot and position ``root``. ``ancestry``: bool ``[tree size, tree size]``,
+        ``[i, j]`` true when node ``j`` is node ``i`` or one of its ancestors."""
+        index = torch.tensor(nodes, dtype=torch.long)
+        return cls(
+            tokens,
+            [root + d for d in depths],
+            [root + i for i in nodes],
+            [root - 1] * len(nodes),
+            keep=len(nodes),
+            tree_base=root,
+            tree=ancestry.index_select(0, index),
+        )
 
 
 class Runner:
@@ -30,31 +80,47 @@ class Runner:
 
     @torch.inference_mode()
     def forward(self, jobs: Sequence[Job]) -> torch.Tensor:
-        """Run one forward for ``jobs`` (KV blocks reserved by the caller); returns float32 logits
-        ``[len(jobs), vocab]`` for each job's next token and marks the fed tokens cached."""
+        """Feed each job the tokens not yet in its cache (KV blocks reserved by the caller);
+        returns float32 logits ``[len(jobs), vocab]`` for each job's next token and marks the fed
+        tokens cached."""
+        feeds = [Feed.linear(self.tokens(job), job.cached_tokens) for job in jobs]
+        logits = self.run([job.id for job in jobs], feeds)
+        for job, feed in zip(jobs, feeds, strict=True):
+            job.cached_tokens += len(feed.tokens)
+        return torch.cat(logits)
+
+    @torch.inference_mode()
+    def run(self, job_ids: Sequence[str], feeds: Sequence[Feed]) -> list[torch.Tensor]:
+        """One forward of ``feeds`` into the blocks of ``job_ids``; returns, per job, float32
+        logits ``[feed.keep, vocab]`` for its last ``keep`` tokens."""
         pool = self.pool
         bs = pool.block_size
-        feeds = [self.tokens(job) for job in jobs]
-        q = max(len(f) for f in feeds)
-        batch = len(jobs)
-        tables = [pool.tables[job.id] for job in jobs]
+        q = max(len(f.tokens) for f in feeds)
+        keep = max(f.keep for f in feeds)
+        batch = len(feeds)
+        tables = [pool.tables[job_id] for job_id in job_ids]
         kv_len = max(len(t) for t in tables) * bs
 
         ids = torch.zeros((batch, q), dtype=torch.long)
         pos = torch.zeros((batch, q), dtype=torch.long)
         write = torch.full((batch, q), SCRATCH * bs, dtype=torch.long)
-        limit = torch.full((batch, q), 0, dtype=torch.long)  # last kv position each query sees
-        for row, (job, feed, table) in enumerate(zip(jobs, feeds, tables, strict=True)):
-            n = len(feed)
-            start = job.cached_tokens
-            ids[row, q - n :] = torch.tensor(feed, dtype=torch.long)
-            positions = torch.arange(start, start + n, dtype=torch.long)
-            pos[row, q - n :] = positions
-            limit[row, q - n :] = positions
+        limit = torch.zeros((batch, q), dtype=torch.long)  # last slot each query sees in order
+        trees = []
+        for row, (feed, table) in enumerate(zip(feeds, tables, strict=True)):
+            n = len(feed.tokens)
+            ids[row, q - n :] = torch.tensor(feed.tokens, dtype=torch.long)
+            pos[row, q - n :] = torch.tensor(feed.positions, dtype=torch.long)
+            limit[row, q - n :] = torch.tensor(feed.limits, dtype=torch.long)
+            slots = torch.tensor(feed.slots, dtype=torch.long)
             blocks = torch.tensor(table, dtype=torch.long)
-            write[row, q - n :] = blocks[positions // bs] * bs + positions % bs
+            write[row, q - n :] = blocks[slots // bs] * bs + slots % bs
+            if feed.tree is not None:
+                trees.append((row, q - n, feed.tree_base, feed.tree))
         kv = torch.arange(kv_len, dtype=torch.long)
-        mask = torch.where(kv[None, None, :] <= limit[:, :, None], 0.0, self.mask_min)
+        allowed = kv[None, None, :] <= limit[:, :, None]
+        for row, first, base, tree in trees:
+            allowed[row, first:, base : base + tree.shape[1]] |= tree
+        mask = torch.where(allowed, 0.0, self.mask_min)
 
         cache = pool.view(tables, write.view(-1).to(self.device, non_blocking=True))
         out = self.model(
@@ -63,9 +129,8 @@ class Runner:
             position_ids=pos.to(self.device, non_blocking=True),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
-        for job, feed in zip(jobs, feeds, strict=True):
-            job.cached_tokens += len(feed)
         self.forwards += 1
-        return out.logits[:, -1, :].float()
+        logits = out.logits.float()
+        return [logits[row, keep - feed.keep :] for row, feed in enumerate(feeds)]

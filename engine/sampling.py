@@ -30,6 +30,11 @@ _MIN_LOG_WEIGHT = -87.0
 _GREEDY_BELOW = 1e-5
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether ``params`` pick the argmax (temperature 0 or near it, or top-k 1)."""
+    return params.greedy or params.temperature < _GREEDY_BELOW
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A generator for a seeded job, on the device its logits live on; None draws from torch's own.
 
@@ -70,7 +75,7 @@ class Sampler:
         plain: list[int] = []
         filtered: list[int] = []
         for i, p in enumerate(params):
-            if p.greedy or p.temperature < _GREEDY_BELOW:
+            if is_greedy(p):
                 greedy.append(i)
             elif p.top_k > 0 or p.top_p < 1:
                 filtered.append(i)
@@ -203,6 +208,33 @@ class Sampler:
     def _put(out: list[int], rows: list[int], tokens: torch.Tensor) -> None:
         for i, token in zip(rows, tokens.flatten().tolist(), strict=True):
             out[i] = token
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution :class:`Sampler` draws from for ``params``, as float32 probabilities
+    ``[rows, vocab]`` (one-hot on the argmax for greedy settings).
+
+    Speculative sampling needs the whole distribution, not one draw: it accepts a drafted token
+    with probability ``min(1, p/q)`` and otherwise samples from what is left of ``p``.
+    """
+    x = logits.float()
+    if is_greedy(params):
+        out = torch.zeros_like(x)
+        return out.scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
+    if params.temperature != 1:
+        x = x / params.temperature
+    values, ids = x.sort(dim=-1, descending=True)
+    weights = _weights(values - values[:, :1])
+    if params.top_k > 0:
+        weights[:, params.top_k :] = 0.0
+    if params.top_p < 1:
+        cdf = weights.cumsum(dim=-1)
+        before = cdf - weights
+        limit = params.top_p * cdf[:, -1:]
+        # the same nucleus as the sampler: every candidate whose preceding mass is below the limit
+        weights = torch.where(before < limit, weights, 0.0)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(x).scatter_(-1, ids, weights)
 
 
 def _weights(log_weights: torch.Tensor) -> torch.Tensor:

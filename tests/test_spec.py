@@ -1,0 +1,355 @@
+"""Speculative decoding: token trees, lossless verification (greedy and stochastic), the engine's
+speculative iterations on tiny real models, and the policy that turns speculation off."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tinymodel import build_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flockctl.engine.engine import Engine, EngineConfig, EngineLoadError, load_engine
+from flockctl.engine.job import Job, JobSpec, SamplingParams
+from flockctl.engine.spec import (
+    SpecPolicy,
+    TokenTree,
+    draft_children,
+    verify_greedy,
+    verify_stochastic,
+)
+from flockctl.engine.tree import parse_tree, tree_nodes
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+PROMPTS = [
+    "the quick brown fox",
+    "hello",
+    "tokens stream out one by one and the scheduler picks jobs from queues",
+    "memory holds keys and values for every sequence until the job is done",
+    "a flock of birds",
+]
+
+# -- tree shapes and trees ----------------------------------------------------------------------
+
+
+def test_parse_tree() -> None:
+    assert parse_tree("1,1,3,1") == (1, 1, 3, 1)
+    assert parse_tree(" 2, 2 ") == (2, 2)
+    assert tree_nodes((1, 1, 3, 1)) == 1 + 1 + 1 + 3 + 3
+    for bad, words in (
+        ("", "comma-separated"),
+        ("1,x", "comma-separated"),
+        ("1,0", "at least 1"),
+        (",".join(["1"] * 17), "at most 16 levels"),
+        ("8,8,8", "nodes"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            parse_tree(bad)
+
+
+def test_tree_merges_and_knows_ancestors() -> None:
+    tree = TokenTree(7)
+    a = tree.add(0, 1)
+    b = tree.add(0, 2)
+    assert tree.add(0, 1) == a  # the same token under the same parent is one node
+    c = tree.add(a, 3)
+    assert (len(tree), tree.depths[c], tree.parents[c]) == (4, 2, a)
+    anc = tree.ancestry()
+    assert anc[c].tolist() == [True, True, False, True]
+    assert anc[b].tolist() == [True, False, True, False]
+    assert tree.path_tokens([0, a, c]) == [7, 1, 3]
+
+
+def test_greedy_verification_follows_the_llm_and_adds_its_token() -> None:
+    tree = TokenTree(0)
+    one = tree.add(0, 1)
+    tree.add(0, 2)
+    three = tree.add(one, 3)
+    choice = {0: 1, one: 3, three: 9}
+    picks = [choice.get(i, 5) for i in range(len(tree))]
+    assert verify_greedy(tree, picks) == ([0, one, three], 9)  # whole path plus a bonus
+    picks[one] = 4
+    assert verify_greedy(tree, picks) == ([0, one], 4)  # rejected below: the LLM's correction
+    picks[0] = 6
+    assert verify_greedy(tree, picks) == ([0], 6)
+
+
+# -- stochastic verification keeps the LLM's distribution ---------------------------------------
+
+V = 5
+P_ROOT = torch.tensor([0.35, 0.25, 0.2, 0.15, 0.05])
+
+
+def p_after(token: int) -> torch.Tensor:
+    """The 'LLM' distribution after a first token (different for each)."""
+    w = torch.arange(1, V + 1, dtype=torch.float).roll(token) ** 2
+    return w / w.sum()
+
+
+# Two 'SSMs' that disagree with the LLM and with each other
+Q = [torch.tensor([0.05, 0.1, 0.2, 0.3, 0.35]), torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])]
+SAMPLED = SamplingParams(max_tokens=8, temperature=1.0)
+
+# chi-square critical values at p = 0.001
+CHI2_DF4 = 18.47
+CHI2_DF20 = 45.31
+
+
+def chi_square(observed: Counter, expected: dict) -> float:
+    return sum((observed.get(k, 0) - e) ** 2 / e for k, e in expected.items() if e > 0)
+
+
+def draw_tree(generator: torch.Generator) -> TokenTree:
+    """SSM 0 drafts two distinct tokens at the root, SSM 1 one; each child gets one more."""
+    tree = TokenTree(0)
+    for ssm, width in ((0, 2), (1, 1)):
+        ((tokens, q),) = draft_children(Q[ssm].log()[None], width, SAMPLED, generator)
+        tree.drafts[0][ssm] = (tokens, q)
+        for token in tokens:
+            child = tree.add(0, token)
+            ((below, q2),) = draft_children(Q[1 - ssm].log()[None], 1, SAMPLED, generator)
+            tree.drafts[child][ssm] = (below, q2)
+            tree.add(child, below[0])
+    return tree
+
+
+def llm_distributions(tree: TokenTree) -> torch.Tensor:
+    rows = []
+    for node in range(len(tree)):
+        depth = tree.depths[node]
+        rows.append(P_ROOT if depth == 0 else p_after(tree.path_tokens([node])[0]))
+    return torch.stack(rows)
+
+
+def test_stochastic_verification_preserves_the_llm_distribution() -> None:
+    generator = torch.Generator().manual_seed(1234)
+    n = 6000
+    first: Counter = Counter()
+    pairs: Counter = Counter()
+    drafted_first: Counter = Counter()
+    for _ in range(n):
+        tree = draw_tree(generator)
+        path, token = verify_stochastic(tree, llm_distributions(tree), generator)
+        out = [*tree.path_tokens(path[1:]), token]
+        first[out[0]] += 1
+        drafted_first[tree.drafts[0][0][0][0]] += 1
+        if len(out) >= 2:
+            pairs[(out[0], out[1])] += 1
+    expected = {x: n * float(P_ROOT[x]) for x in range(V)}
+    assert chi_square(first, expected) < CHI2_DF4
+    # given the first token, the second follows the LLM's distribution after it
+    seen = Counter()
+    for (x, _y), count in pairs.items():
+        seen[x] += count
+    expected_pairs = {
+        (x, y): seen[x] * float(p_after(x)[y]) for x in range(V) for y in range(V) if seen[x]
+    }
+    assert chi_square(pairs, expected_pairs) < CHI2_DF20
+    # the same statistic does fail on a distribution that is not the LLM's: the drafts'
+    assert chi_square(drafted_first, expected) > 10 * CHI2_DF4
+
+
+def test_greedy_drafts_are_lossless_for_sampled_jobs_too() -> None:
+    """A top-k draft proposes point masses; verification must still give the LLM's p."""
+    generator = torch.Generator().manual_seed(99)
+    n = 5000
+    first: Counter = Counter()
+    for _ in range(n):
+        tree = TokenTree(0)
+        tree.drafts[0][0] = ([0, 4], None)
+        tree.add(0, 0)
+        tree.add(0, 4)
+        path, token = verify_stochastic(tree, llm_distributions(tree), generator)
+        first[[*tree.path_tokens(path[1:]), token][0]] += 1
+    assert chi_square(first, {x: n * float(P_ROOT[x]) for x in range(V)}) < CHI2_DF4
+
+
+# -- the policy ----------------------------------------------------------------------------------
+
+
+def spec_job(emitted: float | None) -> Job:
+    job = Job([1, 2], GREEDY)
+    job.spec = JobSpec(emitted_ewma=emitted)
+    return job
+
+
+def test_policy_measures_then_keeps_what_pays() -> None:
+    policy = SpecPolicy("auto", probe_every=4, min_samples=2)
+    jobs = [spec_job(None), spec_job(None)]
+    assert policy.choose(jobs) == jobs  # nothing measured: speculate to learn its cost
+    for _ in range(2):
+        policy.observe_iteration(True, 2, 0.030)
+        policy.observe_iteration(False, 2, 0.010)
+    assert policy.cost_ratio(2) == pytest.approx(3.0)
+    good, poor = spec_job(4.0), spec_job(1.2)
+    assert policy.choose([good, poor]) == [good]  # 4 tokens a step beats a 3x cost; 1.2 loses
+    assert (good.spec.enabled, poor.spec.enabled) == (True, False)  # type: ignore[union-attr]
+    assert policy.describe()["active"] is True
+
+
+def test_policy_turns_the_device_off_and_probes_again() -> None:
+    policy = SpecPolicy("auto", probe_every=4, min_samples=1)
+    policy.observe_iteration(True, 1, 0.030)
+    policy.observe_iteration(False, 1, 0.010)
+    job = spec_job(1.5)
+    decisions = [bool(policy.choose([job])) for _ in range(8)]
+    assert decisions.count(True) == 2  # only the probes
+    stats = policy.describe()
+    assert stats["active"] is False and "costs 3.00 incremental steps" in stats["reason"]
+    assert SpecPolicy("on").choose([job]) == [job]
+    assert SpecPolicy("off").choose([job]) == []
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def near(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A draft close to the model: its weights with noise, so some drafts are rejected."""
+    path = tmp_path_factory.mktemp("near")
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.3 * p.std())
+    model.save_pretrained(path)
+    for f in tiny.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same tokenizer, unrelated random weights: its drafts are almost never accepted."""
+    return build_tiny_model(tmp_path_factory.mktemp("other"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny: Path) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy continuations from full-sequence forwards, no cache, one prompt at a time."""
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(GREEDY.max_tokens):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            out.append(ids[len(prompt) :])
+    return out
+
+
+def make_engine(tiny: Path, drafts: list[Path], **kw: object) -> Iterator[Engine]:
+    config = EngineConfig(
+        model=str(tiny), device="cpu", draft_models=tuple(str(d) for d in drafts), **kw
+    )
+    engine = load_engine(config, progress=False)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+async def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY):
+    handle = engine.submit(prompt, params)
+    ids = []
+    async for delta in handle:
+        ids.extend(delta.token_ids)
+    return ids, handle.job
+
+
+@pytest.mark.parametrize(
+    ("tree", "which", "kw"),
+    [
+        ((1, 1, 1), ["near"], {}),
+        ((2, 2, 1), ["near"], {}),
+        ((1, 1, 3, 1, 1, 1, 1, 1), ["near", "tiny"], {}),
+        ((3,), ["other", "near"], {}),
+        ((1, 2, 1), ["tiny"], {"kv_budget": 160, "scheduler": "mlfq", "host_kv_budget": 0}),
+    ],
+    ids=["chain", "wide", "specinfer-2ssm", "shallow-2ssm", "kv-pressure"],
+)
+async def test_greedy_speculative_output_equals_incremental(
+    request: pytest.FixtureRequest,
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    tree: tuple[int, ...],
+    which: list[str],
+    kw: dict,
+) -> None:
+    drafts = [request.getfixturevalue(name) for name in which]
+    for engine in make_engine(tiny, drafts, spec_tree=tree, spec="on", max_batch_size=4, **kw):
+        results = await asyncio.gather(*(run(engine, p) for p in prompts))
+        assert [ids for ids, _ in results] == reference
+        spec = engine.stats()["speculation"]
+        assert spec["num_drafts"] > 0
+        if "tiny" in which:  # a draft identical to the model: every drafted chain is accepted
+            assert spec["num_accepted_tokens"] > 0
+            assert spec["num_accepted_tokens_per_pos"][len(tree) - 1] > 0
+        jobs = [job for _, job in results]
+        assert sum(job.spec.steps for job in jobs) == spec["num_drafts"]  # type: ignore[union-attr]
+        assert engine.pool.used_tokens == 0  # every block came back
+        assert all(not d.pool.tables for d in engine.drafters)
+
+
+async def test_sampled_jobs_speculate_and_respect_limits(
+    tiny: Path, near: Path, prompts: list[list[int]]
+) -> None:
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    for engine in make_engine(tiny, [tiny, near], spec="on", spec_tree=(2, 1, 1)):
+        ids, job = await run(engine, prompts[0], params)
+        assert len(ids) == 30  # a tree never runs past max_tokens
+        assert job.spec.steps > 0 and job.spec.accepted_tokens > 0  # type: ignore[union-attr]
+        again, _ = await run(engine, prompts[0], params)
+        assert again == ids  # a seed reproduces a job run alone
+        detail = engine.job_info(job.id)
+        assert detail is not None and detail["speculation"]["mean_accepted_length"] > 1
+        text = engine.metrics.render()[0].decode()
+        assert "flockctl_spec_decode_num_drafts_total" in text
+        assert 'flockctl_spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text
+
+
+async def test_auto_stops_speculating_with_a_useless_draft(
+    tiny: Path, other: Path, prompts: list[list[int]]
+) -> None:
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    for engine in make_engine(tiny, [other], spec="auto", max_model_len=256):
+        ids, job = await run(engine, prompts[1], params)
+        assert len(ids) == 120
+        spec = engine.stats()["speculation"]
+        assert spec["mode"] == "auto"
+        assert spec["active"] is False, spec
+        assert job.spec.steps < 60  # type: ignore[union-attr]
+
+
+def test_a_draft_with_another_tokenizer_is_refused(
+    tiny: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    foreign = build_tiny_model(tmp_path_factory.mktemp("foreign"), vocab_size=300)
+    with pytest.raises(EngineLoadError, match="same tokenizer as the model"):
+        load_engine(
+            EngineConfig(model=str(tiny), device="cpu", draft_models=(str(foreign),)),
+            progress=False,
+        )
+
+
+def test_spec_on_needs_a_draft() -> None:
+    with pytest.raises(ValueError, match="--spec on needs at least one --draft-model"):
+        EngineConfig(model="x", spec="on")
