@@ -84,53 +84,54 @@ class Runner:
         returns float32 logits ``[len(jobs), vocab]`` for each job's next token and marks the fed
         tokens cached."""
         feeds = [Feed.linear(self.tokens(job), job.cached_tokens) for job in jobs]
-        logits = self.run([job.id for job in jobs], feeds)
+        logits = self._forward([job.id for job in jobs], feeds)
         for job, feed in zip(jobs, feeds, strict=True):
             job.cached_tokens += len(feed.tokens)
-        return torch.cat(logits)
+        return logits[:, -1]
 
     @torch.inference_mode()
     def run(self, job_ids: Sequence[str], feeds: Sequence[Feed]) -> list[torch.Tensor]:
         """One forward of ``feeds`` into the blocks of ``job_ids``; returns, per job, float32
         logits ``[feed.keep, vocab]`` for its last ``keep`` tokens."""
+        logits = self._forward(job_ids, feeds)
+        keep = logits.shape[1]
+        return [logits[row, keep - feed.keep :] for row, feed in enumerate(feeds)]
+
+    def _forward(self, job_ids: Sequence[str], feeds: Sequence[Feed]) -> torch.Tensor:
         pool = self.pool
         bs = pool.block_size
         q = max(len(f.tokens) for f in feeds)
         keep = max(f.keep for f in feeds)
-        batch = len(feeds)
         tables = [pool.tables[job_id] for job_id in job_ids]
         kv_len = max(len(t) for t in tables) * bs
 
-        ids = torch.zeros((batch, q), dtype=torch.long)
-        pos = torch.zeros((batch, q), dtype=torch.long)
-        write = torch.full((batch, q), SCRATCH * bs, dtype=torch.long)
-        limit = torch.zeros((batch, q), dtype=torch.long)  # last slot each query sees in order
+        scratch = SCRATCH * bs
+        ids, pos, write, limit = [], [], [], []  # rows left-padded to q
         trees = []
         for row, (feed, table) in enumerate(zip(feeds, tables, strict=True)):
-            n = len(feed.tokens)
-            ids[row, q - n :] = torch.tensor(feed.tokens, dtype=torch.long)
-            pos[row, q - n :] = torch.tensor(feed.positions, dtype=torch.long)
-            limit[row, q - n :] = torch.tensor(feed.limits, dtype=torch.long)
-            slots = torch.tensor(feed.slots, dtype=torch.long)
-            blocks = torch.tensor(table, dtype=torch.long)
-            write[row, q - n :] = blocks[slots // bs] * bs + slots % bs
+            pad = q - len(feed.tokens)
+            ids.append([0] * pad + feed.tokens)
+            pos.append([0] * pad + feed.positions)
+            limit.append([0] * pad + feed.limits)  # padding sees slot 0 only: no empty rows
+            write.append([scratch] * pad + [table[s // bs] * bs + s % bs for s in feed.slots])
             if feed.tree is not None:
-                trees.append((row, q - n, feed.tree_base, feed.tree))
+                trees.append((row, pad, feed.tree_base, feed.tree))
+        limits = torch.tensor(limit, dtype=torch.long)
         kv = torch.arange(kv_len, dtype=torch.long)
-        allowed = kv[None, None, :] <= limit[:, :, None]
+        allowed = kv[None, None, :] <= limits[:, :, None]
         for row, first, base, tree in trees:
             allowed[row, first:, base : base + tree.shape[1]] |= tree
         mask = torch.where(allowed, 0.0, self.mask_min)
 
-        cache = pool.view(tables, write.view(-1).to(self.device, non_blocking=True))
+        slots = torch.tensor(write, dtype=torch.long).view(-1)
+        cache = pool.view(tables, slots.to(self.device, non_blocking=True))
         out = self.model(
-            input_ids=ids.to(self.device, non_blocking=True),
+            input_ids=torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
             attention_mask=mask[:, None].to(self.device, dtype=pool.dtype, non_blocking=True),
-            position_ids=pos.to(self.device, non_blocking=True),
+            position_ids=torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep,
         )
         self.forwards += 1
-        logits = out.logits.float()
-        return [logits[row, keep - feed.keep :] for row, feed in enumerate(feeds)]
+        return out.logits.float()
