@@ -1,16 +1,36 @@
-"""What the benchmark scripts share: ports, progress lines, child processes, percentiles."""
+"""What the benchmark scripts share: ports, progress lines, child processes, percentiles, the
+prompts they send and a description of the machine."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import socket
 import sys
+from pathlib import Path
+from typing import Any
 
 import psutil
 
 HOST = "127.0.0.1"
+
+# Openings of Python code, the kind of text the demo model learned from
+PROMPTS = (
+    "def parse_args(argv):\n    parser = argparse.ArgumentParser(",
+    "class LRUCache:\n    def __init__(self, capacity):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "    for key, value in sorted(items.items()):\n        if",
+    "def read_config(path):\n    with open(path) as f:\n",
+    "    except KeyError as exc:\n        raise ValueError(",
+    'if __name__ == "__main__":\n    ',
+    'def __repr__(self):\n        return f"{type(self).__name__}(',
+    "    return [x for x in values if",
+    'class Timer:\n    """Measure elapsed time."""\n\n    def __enter__(self):',
+    "    result = {}\n    for line in text.splitlines():\n",
+    "def fetch(url, timeout=10):\n    request = urllib.request.Request(",
+)
 
 
 def free_port() -> int:
@@ -45,3 +65,24 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     rank = max(1, min(len(values), -(-len(values) * q // 100)))
     return values[int(rank) - 1]
+
+
+def machine() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }

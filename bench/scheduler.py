@@ -51,7 +51,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -66,7 +65,16 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import psutil
-from common import HOST, child_setup, cpu_seconds, free_port, percentile, say
+from common import (
+    HOST,
+    PROMPTS,
+    child_setup,
+    cpu_seconds,
+    free_port,
+    machine,
+    percentile,
+    say,
+)
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Engine
@@ -80,20 +88,6 @@ MEAN_OUTPUT_TOKENS = (1 - LONG_FRACTION) * sum(SHORT_TOKENS) / 2 + LONG_FRACTION
     LONG_TOKENS
 ) / 2
 
-PROMPTS = (
-    "def parse_args(argv):\n    parser = argparse.ArgumentParser(",
-    "class LRUCache:\n    def __init__(self, capacity):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "    for key, value in sorted(items.items()):\n        if",
-    "def read_config(path):\n    with open(path) as f:\n",
-    "    except KeyError as exc:\n        raise ValueError(",
-    'if __name__ == "__main__":\n    ',
-    'def __repr__(self):\n        return f"{type(self).__name__}(',
-    "    return [x for x in values if",
-    'class Timer:\n    """Measure elapsed time."""\n\n    def __enter__(self):',
-    "    result = {}\n    for line in text.splitlines():\n",
-    "def fetch(url, timeout=10):\n    request = urllib.request.Request(",
-)
 
 CLOSED_LOOP_WARMUP_S = 2.0
 CAPACITY_WINDOW_S = 12.0
@@ -915,27 +909,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.model != "demo" and Path(args.model).exists():  # servers run in a temporary dir
         args.model = str(Path(args.model).resolve())
     return args
-
-
-def machine() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.cuda.is_available(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-    }
 
 
 def set_mix(long_fraction: float, long_tokens: tuple[int, int]) -> None:

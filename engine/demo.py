@@ -105,10 +105,10 @@ class DemoRecipe:
     batch_size: int = 16
     # target
     target_hidden: int = 128
-    target_layers: int = 6
+    target_layers: int = 16
     target_heads: int = 2
     target_intermediate: int = 256
-    target_steps: int = 180
+    target_steps: int = 120
     target_lr: float = 0.05  # Muon, for the layers' matrices
     embedding_lr: float = 0.02  # AdamW, for embeddings and norms
     # draft: the target's embeddings and first draft_layers layers, then distilled from the target

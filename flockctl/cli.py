@@ -129,6 +129,16 @@ def up(
             show_default=False,
         ),
     ] = None,
+    draft_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A draft model each engine worker speculates with (SpecInfer token trees);"
+            " repeat for several. It must share --model's tokenizer; with --model demo,"
+            " 'demo' is the demo's draft.",
+            rich_help_panel=W,
+            show_default=False,
+        ),
+    ] = None,
     worker_command: Annotated[
         str | None,
         typer.Option(
@@ -364,6 +374,7 @@ def up(
         "worker_command": worker_command,
         "model": model,
         "engine_args": engine_args,
+        "draft_models": draft_model or None,
         "endpoints": endpoint or None,
         "min_workers": min_workers,
         "max_workers": max_workers,

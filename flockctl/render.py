@@ -97,6 +97,17 @@ def natural_key(value: Any) -> tuple[Any, ...]:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
+def spec_text(spec: Any) -> str:
+    """Speculative decoding at a glance: tokens per verification step (mean accepted length,
+    bonus token included), 'off' where the engine or job stopped speculating, '-' without it."""
+    if not isinstance(spec, dict):
+        return "-"
+    if spec.get("active") is False or spec.get("enabled") is False:
+        return "off"
+    length = spec.get("mean_accepted_length")
+    return f"{length:.2f}" if _number(length) else "on"
+
+
 def _table(*columns: tuple[str, str]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col, justify in columns:
@@ -115,6 +126,7 @@ def engines_table(workers: list[dict[str, Any]]) -> Table:
         ("WAIT", "right"),
         ("SWAP", "right"),
         ("PREEMPT", "right"),
+        ("SPEC", "right"),
         ("MEMORY", "right"),
     )
     for worker in workers:
@@ -137,6 +149,7 @@ def engines_table(workers: list[dict[str, Any]]) -> Table:
             _count(stats.get("waiting")),
             _count(stats.get("swapped")),
             _count(total),
+            spec_text(stats.get("speculation")),
             memory_pair(mem.get("used"), mem.get("total")),
         )
     return table
@@ -158,6 +171,7 @@ def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
         ("LEVEL", "right"),
         ("GENERATED", "right"),
         ("PREEMPTIONS", "right"),
+        ("SPEC", "right"),
         ("AGE", "right"),
     )
     for worker_id, job in rows[:MAX_JOB_ROWS]:
@@ -168,6 +182,7 @@ def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
             _count(job.get("level")),
             _count(job.get("generated_tokens")),
             _count(job.get("preemptions")),
+            spec_text(job.get("speculation")),
             span(job.get("age")),
         )
     omitted = sum(

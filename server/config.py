@@ -120,6 +120,10 @@ class DeploymentConfig(_Strict):
     engine_args: list[str] = Field(
         default_factory=list, description="extra flags for `flockctl engine serve`"
     )
+    draft_models: list[str] = Field(
+        default_factory=list,
+        description="speculative draft models for the engine (each becomes --draft-model)",
+    )
     workdir: str | None = Field(None, description="directory the worker command runs in")
     endpoints: list[str] = Field(default_factory=list)
     min_workers: int = Field(1, ge=0)
@@ -157,6 +161,10 @@ class DeploymentConfig(_Strict):
     def _consistent(self) -> DeploymentConfig:
         if self.model is not None and self.worker_command:
             raise ValueError(f"model and worker_command cannot be used together: {_ONE_OF_THEM}")
+        if self.draft_models and (self.worker_command or self.provisioner == "static"):
+            raise ValueError(
+                "draft_models: only flockctl's engine (model) speculates with draft models"
+            )
         if self.engine_args and self.worker_command:
             raise ValueError(
                 "engine_args: only flockctl's engine (model) takes them; put the flags in"
@@ -203,6 +211,8 @@ class DeploymentConfig(_Strict):
             return self.worker_command
         if self.model is not None:
             args = list(self.engine_args)
+            for draft in self.draft_models:
+                args += ["--draft-model", draft]
             if not any(a == "--threads" or a.startswith("--threads=") for a in args):
                 args += ["--threads", str(self.threads_per_engine())]
             return engine_command(self.model, args)
@@ -336,7 +346,8 @@ def resolve(
         # The model and the worker command are two answers to one question (what runs on a
         # worker): a flag giving one overrides the file's answer, whichever form it took.
         (flag,) = given & _WHAT_RUNS
-        for key in ("model", "engine_args") if flag == "worker_command" else ("worker_command",):
+        dropped = ("model", "engine_args", "draft_models")
+        for key in dropped if flag == "worker_command" else ("worker_command",):
             if key not in given:
                 values.pop(key, None)
     for key, value in (flags or {}).items():

@@ -300,8 +300,16 @@ def test_status_shows_the_jobs_of_engine_workers(deployment, tmp_path):
         "running": 1,
         "waiting": 1,
         "swapped": 1,
+        "speculation": {"active": True, "mean_accepted_length": 2.4},
         "jobs": [
-            {"id": "job-11", "state": "running", "level": 0, "generated_tokens": 9, "age": 2.5},
+            {
+                "id": "job-11",
+                "state": "running",
+                "level": 0,
+                "generated_tokens": 9,
+                "age": 2.5,
+                "speculation": {"enabled": True, "mean_accepted_length": 3.125},
+            },
             {"id": "job-3", "state": "preempted", "level": 2, "preemptions": 4, "age": 30},
             {"id": "job-7", "state": "waiting", "level": 0, "generated_tokens": 0, "age": 0.1},
         ],
@@ -334,8 +342,10 @@ def test_status_shows_the_jobs_of_engine_workers(deployment, tmp_path):
     engines = [line.split() for line in out.splitlines() if "mlfq" in line]
     assert [e[0] for e in engines] == ["w1", "w2"]
     # model, scheduler, device, queues per level, run, wait, swap, preemptions, memory
-    row = "demo mlfq cpu 1 0 2 1 1 1 - 2.0/16.0 GiB"
+    row = "demo mlfq cpu 1 0 2 1 1 1 - 2.40 2.0/16.0 GiB"
     assert engines[0][1:] == row.split()
+    running = next(line for line in out.splitlines() if "job-11" in line).split()
+    assert running[-2] == "3.12"  # the job's tokens per speculative step
 
 
 def test_model_is_not_combined_with_a_worker_command():

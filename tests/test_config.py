@@ -233,3 +233,21 @@ def test_engine_args_and_model_need_the_engine():
     assert "cannot split" in problems(flags={"engine_args": "'unclosed"})[0]
     static = {"provisioner": "static", "endpoints": ["http://h:1"], "model": "demo"}
     assert "model: the static provisioner" in problems(flags=static)[0]
+
+
+def test_draft_models_become_engine_flags_and_need_the_engine(tmp_path):
+    cfg = resolve(flags={"model": "demo", "draft_models": ["demo", "/drafts/small one"]})
+    argv = worker_argv(cfg)
+    assert argv[len(engine_argv("demo")) + len(ENGINE_TAIL) :][:4] == [
+        "--draft-model",
+        "demo",
+        "--draft-model",
+        "/drafts/small one",
+    ]
+    path = spec(tmp_path, "flockctl:\n  model: demo\n  draft_models: [demo]\n")
+    assert "--draft-model" in worker_argv(resolve(path))
+    assert "--draft-model" not in (resolve(path, {"worker_command": CMD}).local_command() or "")
+    assert (
+        "draft_models: only flockctl's engine"
+        in problems(flags={"worker_command": CMD, "draft_models": ["demo"]})[0]
+    )

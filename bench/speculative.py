@@ -1,0 +1,303 @@
+"""Speculative decoding against incremental decoding on the same engine, and against transformers'
+assisted generation on the same model pair.
+
+    python bench/speculative.py                     # the demo pair (--model demo)
+    python bench/speculative.py --quick             # a smoke run
+    python bench/speculative.py --model M --draft-model D --spec-tree 1,1,1,1
+
+One engine is loaded with the draft model(s); its speculation mode is switched between runs, so
+incremental, speculative and auto decoding use the same weights, caches and threads. Every variant
+completes the same prompts, one request at a time (batch 1, where speculation is meant to pay), in
+rounds that alternate the variants so drift on a busy machine hits them alike. Greedy output must be
+the same token for token across the engine's modes and transformers' plain and assisted generate
+(the script fails otherwise). A sampled pass (temperature 0.7) measures the engine with stochastic
+verification too. Prints one JSON object; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from common import PROMPTS, machine, say
+
+TARGET_SPEEDUP = 1.5  # speculative over incremental on the engine, greedy, batch 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/speculative.py",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--model", default="demo", help="served model (default: demo)")
+    parser.add_argument(
+        "--draft-model",
+        action="append",
+        help="speculative model; repeat for several (default with --model demo: demo's draft)",
+    )
+    parser.add_argument("--spec-tree", help="token-tree expansion (default: the engine's)")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens a request (128)")
+    parser.add_argument("--prompts", type=int, default=8, help="requests a round (8)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every variant (3)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 1 round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.rounds, args.tokens = 2, 1, min(args.tokens, 48)
+    if not args.draft_model:
+        if args.model != "demo":
+            parser.error("--draft-model is required unless --model demo")
+        args.draft_model = ["demo"]
+    return args
+
+
+async def engine_round(engine: Any, prompts: list[list[int]], params: Any) -> tuple[float, list]:
+    """Complete ``prompts`` one after another; seconds and each one's tokens."""
+    outputs = []
+    start = time.perf_counter()
+    for prompt in prompts:
+        handle = engine.submit(prompt, params)
+        tokens: list[int] = []
+        async for delta in handle:
+            if delta.error:
+                raise RuntimeError(f"engine job failed: {delta.error}")
+            tokens += delta.token_ids
+        outputs.append(tokens)
+    return time.perf_counter() - start, outputs
+
+
+def hf_round(
+    model: Any, prompts: list[list[int]], new: int, pad_id: int, assistant: Any = None
+) -> tuple[float, list]:
+    import torch
+
+    outputs = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,  # EOS is suppressed until then: exact lengths
+                do_sample=False,
+                pad_token_id=pad_id,
+                assistant_model=assistant,
+            )
+            outputs.append(out[0, ids.shape[1] :].tolist())
+    return time.perf_counter() - start, outputs
+
+
+def assisted_variants(depth: int) -> dict[str, dict[str, Any]]:
+    """transformers' defaults for an assistant, and drafts as deep as the engine's tree."""
+    return {
+        "assisted_default": {},
+        f"assisted_{depth}_tokens": {
+            "num_assistant_tokens": depth,
+            "num_assistant_tokens_schedule": "constant",
+            "assistant_confidence_threshold": 0.0,
+        },
+    }
+
+
+def spec_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    steps = after["num_drafts"] - before["num_drafts"]
+    drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
+    accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
+    return {
+        "steps": steps,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+        "mean_accepted_length": round(1 + accepted / steps, 4) if steps else None,
+    }
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
+    out: list[int | None] = []
+    for x, y in zip(a, b, strict=True):
+        i = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), None)
+        out.append(i if i is not None or len(x) == len(y) else min(len(x), len(y)))
+    return out
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from flockctl.engine.engine import EngineConfig, load_engine
+    from flockctl.engine.job import SamplingParams
+    from flockctl.engine.tree import parse_tree
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    extra = {"spec_tree": parse_tree(args.spec_tree)} if args.spec_tree else {}
+    config = EngineConfig(
+        model=args.model,
+        draft_models=tuple(args.draft_model),
+        spec="on",
+        max_batch_size=1,
+        **extra,
+    )
+    say(f"loading {args.model} with draft(s) {', '.join(args.draft_model)} in this process")
+    engine = await asyncio.to_thread(load_engine, config, False)
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = engine.tokenizer
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_id or 0
+        prompts = [tokenizer.encode(p) for p in (PROMPTS * 4)[: args.prompts]]
+        new = args.tokens
+        greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        sampled = [
+            SamplingParams(max_tokens=new, temperature=0.7, seed=i, ignore_eos=True)
+            for i in range(len(prompts))
+        ]
+        depth = len(engine.config.spec_tree)
+        assistant = engine.drafters[0].model
+        base_config = assistant.generation_config.to_dict()
+        policy = engine.spec_policy
+
+        async def run_engine(mode: str, params: Any = greedy) -> tuple[float, list]:
+            policy.mode = mode
+            if isinstance(params, list):
+                start = time.perf_counter()
+                outs = []
+                for prompt, p in zip(prompts, params, strict=True):
+                    _, (out,) = await engine_round(engine, [prompt], p)
+                    outs.append(out)
+                return time.perf_counter() - start, outs
+            return await engine_round(engine, prompts, params)
+
+        def run_hf(variant: str) -> tuple[float, list]:
+            if variant == "plain":
+                return hf_round(engine.model, prompts, new, pad_id)
+            settings = assisted_variants(depth)[variant]
+            assistant.generation_config.update(**{**base_config, **settings})
+            try:
+                return hf_round(engine.model, prompts, new, pad_id, assistant)
+            finally:
+                assistant.generation_config.update(**base_config)
+
+        variants: dict[str, Any] = {
+            "engine_incremental": lambda: run_engine("off"),
+            "engine_speculative": lambda: run_engine("on"),
+            "engine_auto": lambda: run_engine("auto"),
+            "engine_incremental_sampled": lambda: run_engine("off", sampled),
+            "engine_speculative_sampled": lambda: run_engine("on", sampled),
+            "transformers_generate": lambda: run_hf("plain"),
+            **{name: (lambda n=name: run_hf(n)) for name in assisted_variants(depth)},
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        outputs: dict[str, list] = {}
+        spec: dict[str, dict[str, Any]] = {}
+        tokens = len(prompts) * new
+        for round_ in range(args.rounds + 1):  # round 0 warms everything up
+            names = list(variants)
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                before = engine.spec_stats()
+                run = variants[name]
+                if name.startswith("engine"):
+                    elapsed, out = await run()
+                else:
+                    elapsed, out = await asyncio.to_thread(run)
+                if round_:
+                    seconds[name].append(elapsed)
+                    if name in ("engine_speculative", "engine_speculative_sampled", "engine_auto"):
+                        delta = spec_delta(before, engine.spec_stats())
+                        spec.setdefault(name, delta)
+                        if round_ == args.rounds:
+                            spec[name] = delta
+                outputs[name] = out
+                say(
+                    f"{'warm-up' if not round_ else f'round {round_}'}: {name}"
+                    f" {tokens / elapsed:.0f} tokens/s"
+                )
+        auto_state = policy.describe()
+    finally:
+        engine.close()
+
+    lengths = {len(o) for name, outs in outputs.items() for o in outs}
+    if lengths != {new}:
+        raise RuntimeError(f"runs generated {sorted(lengths)} tokens a request, not {new}")
+    greedy_names = [n for n in outputs if not n.endswith("_sampled")]
+    mismatched = [n for n in greedy_names if outputs[n] != outputs["engine_incremental"]]
+    tps = {name: round(tokens / statistics.median(s), 1) for name, s in seconds.items()}
+    best_assisted = max(tps[n] for n in assisted_variants(depth))
+    speedup = tps["engine_speculative"] / tps["engine_incremental"]
+    vs_assisted = tps["engine_speculative"] / best_assisted
+    return {
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+        "model": args.model,
+        "draft_models": args.draft_model,
+        "tree": list(engine.config.spec_tree),
+        "settings": {"prompts": len(prompts), "new_tokens": new, "rounds": args.rounds},
+        "tokens_per_s": tps,
+        "seconds": {name: [round(x, 4) for x in s] for name, s in seconds.items()},
+        "speculation": spec,
+        "auto_policy": auto_state,
+        "greedy_outputs_equal": not mismatched,
+        "greedy_mismatches": {
+            n: first_difference(outputs[n], outputs["engine_incremental"]) for n in mismatched
+        },
+        "ratios": {
+            "speculative_vs_incremental": round(speedup, 3),
+            "auto_vs_incremental": round(tps["engine_auto"] / tps["engine_incremental"], 3),
+            "sampled_speculative_vs_incremental": round(
+                tps["engine_speculative_sampled"] / tps["engine_incremental_sampled"], 3
+            ),
+            "speculative_vs_best_assisted": round(vs_assisted, 3),
+            "incremental_vs_transformers_generate": round(
+                tps["engine_incremental"] / tps["transformers_generate"], 3
+            ),
+        },
+        "targets": {
+            "speculative_vs_incremental": {
+                "value": round(speedup, 3),
+                "min": TARGET_SPEEDUP,
+                "pass": speedup >= TARGET_SPEEDUP,
+            },
+            "faster_than_assisted_generation": {
+                "value": round(vs_assisted, 3),
+                "min": 1.0,
+                "pass": vs_assisted > 1.0,
+            },
+            "greedy_outputs_equal": not mismatched,
+            "met": speedup >= TARGET_SPEEDUP and vs_assisted > 1.0 and not mismatched,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        report = asyncio.run(bench(args))
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except (RuntimeError, OSError, ValueError) as exc:
+        say(f"failed: {exc or type(exc).__name__}")
+        return 1
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(report, indent=2))
+    r = report["ratios"]
+    say(
+        f"speculative/incremental x{r['speculative_vs_incremental']} (target"
+        f" x{TARGET_SPEEDUP}), vs best assisted generation x{r['speculative_vs_best_assisted']},"
+        f" sampled x{r['sampled_speculative_vs_incremental']}, auto"
+        f" x{r['auto_vs_incremental']}; targets met: {report['targets']['met']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
