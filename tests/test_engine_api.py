@@ -594,7 +594,8 @@ def test_serve_help_explains_every_flag() -> None:
     assert r.returncode == 0
     for flag in ("--model", "--served-model-name", "--device", "--dtype", "--host", "--port",
                  "--scheduler", "--max-batch-size", "--kv-budget", "--max-model-len",
-                 "--max-waiting", "--seed", "--log-level", "Example"):  # fmt: skip
+                 "--max-waiting", "--seed", "--log-level", "--draft-model", "--spec-tree",
+                 "--spec", "Example"):  # fmt: skip
         assert flag in r.stdout, flag
     commands = engine_cli("--help")
     assert commands.returncode == 0
@@ -602,7 +603,15 @@ def test_serve_help_explains_every_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "flags", [["--device", "gpu"], ["--scheduler", "lifo"], ["--dtype", "int8"], ["--port", "-1"]]
+    "flags",
+    [
+        ["--device", "gpu"],
+        ["--scheduler", "lifo"],
+        ["--dtype", "int8"],
+        ["--port", "-1"],
+        ["--spec-tree", "1,0,2"],
+        ["--spec", "on"],
+    ],
 )
 def test_serve_refuses_bad_flag_values_as_usage_errors(flags: list[str]) -> None:
     r = engine_cli("serve", *flags)
@@ -687,3 +696,17 @@ async def test_a_closed_engine_fails_health_and_refuses_work_with_503(tiny: Path
             assert error_of(await client.post(route, json=body), 503)["code"] == (
                 "engine_unavailable"
             )
+
+
+def test_serve_refuses_a_draft_with_another_tokenizer_in_one_line(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "model")
+    draft = build_tiny_model(tmp_path / "draft", vocab_size=300)
+    r = engine_cli(
+        "serve", "--model", str(model), "--draft-model", str(draft), "--port", "0",
+        "--device", "cpu", "--log-level", "warning",
+    )  # fmt: skip
+    assert r.returncode == ExitCode.ERROR
+    lines = [line for line in r.stderr.splitlines() if line.startswith("flockctl:")]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"flockctl: draft model {str(draft)!r} cannot speculate for")
+    assert "same tokenizer" in lines[0]
