@@ -160,7 +160,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             SamplingParams(max_tokens=new, temperature=0.7, seed=i, ignore_eos=True)
             for i in range(len(prompts))
         ]
-        depth = len(engine.config.spec_tree)
+        depth = len(engine.spec_tree)
         assistant = engine.drafters[0].model
         base_config = assistant.generation_config.to_dict()
         policy = engine.spec_policy
@@ -238,7 +238,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {**machine(), "torch_threads": torch.get_num_threads()},
         "model": args.model,
         "draft_models": args.draft_model,
-        "tree": list(engine.config.spec_tree),
+        "tree": list(engine.spec_tree),
         "settings": {"prompts": len(prompts), "new_tokens": new, "rounds": args.rounds},
         "tokens_per_s": tps,
         "seconds": {name: [round(x, 4) for x in s] for name, s in seconds.items()},

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from flockctl.engine.tree import DEFAULT_TREE, format_tree, parse_tree
+from flockctl.engine.tree import CPU_TREE, GPU_TREE, format_tree, parse_tree
 from flockctl.exitcodes import ExitCode
 from flockctl.net import bind
 
@@ -220,10 +220,12 @@ def serve(
         str,
         typer.Option(
             help="Token-tree expansion: children per node at each depth, so 1,1,3,1 drafts a"
-            " chain of two, branches into three and extends each by one (3 + 2 + 3 nodes).",
+            " chain of two, branches into three and extends each by one (2 + 3 + 3 nodes)."
+            f" auto: {format_tree(GPU_TREE)} on CUDA (SpecInfer's), {format_tree(CPU_TREE)}"
+            " elsewhere, where every verified node costs arithmetic.",
             rich_help_panel=P,
         ),
-    ] = format_tree(DEFAULT_TREE),
+    ] = "auto",
     spec: Annotated[
         SpecMode,
         typer.Option(

@@ -113,7 +113,7 @@ class DemoRecipe:
     embedding_lr: float = 0.02  # AdamW, for embeddings and norms
     # draft: the target's embeddings and first draft_layers layers, then distilled from the target
     draft_layers: int = 2
-    draft_steps: int = 60
+    draft_steps: int = 150
     draft_lr: float = 0.04  # Muon
     distill_weight: float = 1.0  # loss = w * KL(target || draft) + (1 - w) * cross-entropy
     warmup_fraction: float = 0.1

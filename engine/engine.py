@@ -49,7 +49,7 @@ from flockctl.engine.spec import (
     verify_stochastic,
 )
 from flockctl.engine.text import TextStream
-from flockctl.engine.tree import DEFAULT_TREE, tree_nodes
+from flockctl.engine.tree import default_tree, tree_nodes
 
 log = logging.getLogger("flockctl.engine")
 
@@ -86,7 +86,7 @@ class EngineConfig:
     threads: int | None = None  # torch CPU threads; None: torch's default
     host_kv_budget: int | None = None  # tokens of swap space in host memory; default: kv budget
     draft_models: tuple[str, ...] = ()  # speculative models (SSMs); 'demo': the demo's draft
-    spec_tree: tuple[int, ...] = DEFAULT_TREE  # children per node at each depth
+    spec_tree: tuple[int, ...] | None = None  # children per node at each depth; None: device's
     spec: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
@@ -101,7 +101,9 @@ class EngineConfig:
             raise ValueError(f"spec must be auto, on or off, got {self.spec!r}")
         if self.spec == "on" and not self.draft_models:
             raise ValueError("--spec on needs at least one --draft-model")
-        if not self.spec_tree or any(w < 1 for w in self.spec_tree):
+        if self.spec_tree is not None and (
+            not self.spec_tree or any(w < 1 for w in self.spec_tree)
+        ):
             raise ValueError(f"spec_tree widths must be at least 1, got {self.spec_tree}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
@@ -199,7 +201,8 @@ class Engine:
         self.max_model_len = min(max_model_len, self.pool.budget_tokens)
         self.runner = Runner(model, self.pool, device)
         # each SSM keeps every job's cache too, with room for one tree per running job on top
-        draft_budget = budget + config.max_batch_size * tree_nodes(config.spec_tree)
+        self.spec_tree = config.spec_tree or default_tree(device.type)
+        draft_budget = budget + config.max_batch_size * tree_nodes(self.spec_tree)
         self.drafters: list[Drafter] = []
         for name, draft in self._draft_models:
             layers = _num_layers(draft.config)
@@ -210,7 +213,7 @@ class Engine:
         self.spec_steps = 0
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
-        self.spec_accepted_per_pos = [0] * len(config.spec_tree)
+        self.spec_accepted_per_pos = [0] * len(self.spec_tree)
         self.sampler = Sampler()
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -367,7 +370,7 @@ class Engine:
         return {
             **self.spec_policy.describe(),
             "draft_models": [d.name for d in self.drafters],
-            "tree": list(self.config.spec_tree),
+            "tree": list(self.spec_tree),
             "num_drafts": steps,
             "num_draft_tokens": drafted,
             "num_accepted_tokens": accepted,
@@ -609,10 +612,10 @@ class Engine:
         remaining = min(
             job.params.max_tokens - len(job.output_ids), self.max_model_len - job.total_tokens
         )
-        depth = min(len(self.config.spec_tree), remaining - 1)
+        depth = min(len(self.spec_tree), remaining - 1)
         if depth < 1:
             return False
-        local = tree_nodes(self.config.spec_tree[:depth])
+        local = tree_nodes(self.spec_tree[:depth])
         root = job.total_tokens - 1
         try:
             self.pool.reserve(job.id, root + 1 + len(self.drafters) * (local - 1))
@@ -647,7 +650,7 @@ class Engine:
     ) -> dict[str, _Draft]:
         """SSM ``s`` grows its tree for each job and merges it into ``trees``: one forward to
         catch its cache up to the root, then one per depth for the new frontier."""
-        widths = self.config.spec_tree
+        widths = self.spec_tree
         ids = [j.id for j in jobs]
         feeds = []
         for job in jobs:

@@ -24,7 +24,6 @@ from typing import Any, overload
 
 from flockctl.engine.engine import Engine, EngineConfig, load_engine
 from flockctl.engine.job import SamplingParams
-from flockctl.engine.tree import DEFAULT_TREE
 
 
 @dataclass(frozen=True)
@@ -101,13 +100,14 @@ class LLM:
         max_requests_per_batch: int = 8,
         max_seq_length: int | None = None,
         ssms: Sequence[SSM] = (),
-        spec_tree: Sequence[int] = DEFAULT_TREE,
+        spec_tree: Sequence[int] | None = None,
         spec: str = "auto",
         scheduler: str = "mlfq",
         kv_budget: int | None = None,
     ) -> None:
         """Fix the serving settings; ``max_requests_per_batch`` is the engine's batch size and
-        ``max_seq_length`` its longest prompt plus output (default: the model's context)."""
+        ``max_seq_length`` its longest prompt plus output (default: the model's context);
+        ``spec_tree`` the token-tree expansion (default: the device's, as ``--spec-tree auto``)."""
         if self.engine is not None:
             raise RuntimeError("the engine is running; call stop_server() before compile()")
         self.generation_config = generation_config or GenerationConfig()
@@ -117,7 +117,7 @@ class LLM:
             max_batch_size=max_requests_per_batch,
             max_model_len=max_seq_length,
             draft_models=tuple(s.model for s in ssms),
-            spec_tree=tuple(spec_tree),
+            spec_tree=tuple(spec_tree) if spec_tree else None,
             spec=spec if ssms else "off",
             scheduler=scheduler,
             kv_budget=kv_budget,

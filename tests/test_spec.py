@@ -23,7 +23,7 @@ from flockctl.engine.spec import (
     verify_greedy,
     verify_stochastic,
 )
-from flockctl.engine.tree import parse_tree, tree_nodes
+from flockctl.engine.tree import default_tree, parse_tree, tree_nodes
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 PROMPTS = [
@@ -41,6 +41,8 @@ def test_parse_tree() -> None:
     assert parse_tree("1,1,3,1") == (1, 1, 3, 1)
     assert parse_tree(" 2, 2 ") == (2, 2)
     assert tree_nodes((1, 1, 3, 1)) == 1 + 1 + 1 + 3 + 3
+    assert parse_tree("auto") is None  # the device's: wide on CUDA, a chain on a CPU
+    assert default_tree("cuda") == (1, 1, 3, 1, 1, 1, 1, 1) and default_tree("cpu") == (1, 1, 1, 1)
     for bad, words in (
         ("", "comma-separated"),
         ("1,x", "comma-separated"),
