@@ -599,7 +599,8 @@ class Engine:
             self._fail(jobs, exc, deliveries)
             return
         elapsed = time.perf_counter() - start
-        self.spec_policy.observe_iteration(True, len(jobs), elapsed)
+        if any(len(tree) > 1 for tree in trees.values()):  # else it was incremental after all
+            self.spec_policy.observe_iteration(True, len(jobs), elapsed)
         now = time.monotonic()
         unit = self.decode_ewma or self.profile.decode_seconds
         for job, new in zip(jobs, results, strict=True):
