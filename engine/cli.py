@@ -105,7 +105,7 @@ def serve(
         str,
         typer.Option(
             help="Hugging Face hub id or local directory of a causal LM; 'demo' builds a small"
-            " model on this machine (no download; about two minutes the first time).",
+            " model on this machine (no download; about five minutes the first time).",
             rich_help_panel=M,
         ),
     ] = "demo",

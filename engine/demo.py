@@ -2,16 +2,18 @@
 
 ``flockctl engine serve --model demo`` must work offline and on any machine, so the demo is trained
 here from text every Python installation carries: the standard library's own ``.py`` sources. One
-byte-level BPE tokenizer is shared by a ~6-layer target and a 2-layer draft; the draft is meant for
+byte-level BPE tokenizer is shared by a 16-layer target and a 2-layer draft; the draft is meant for
 speculative decoding, so it starts from the target's embeddings and first layers and is then
 distilled from the target's logits, which makes it agree with the target's greedy choice far more
-often than a draft trained alone on the same compute.
+often than a draft trained alone on the same compute. The target is deep and narrow on purpose: at
+these sizes a step's cost follows the number of layers, so the draft costs about a seventh of the
+target per step, the kind of gap that makes speculation pay with real model pairs.
 
 The build is deterministic for a given recipe, Python and machine (fixed seed, fixed step counts,
-never bounded by time), takes about two minutes on two CPU cores, and is cached under the user's
-cache directory (``cache_root()``), so later starts load it in seconds. ``manifest.json``, written
-last into a temporary directory that is then renamed into place, marks a complete build; an
-exclusive lock makes several workers starting at once build it once.
+never bounded by time), takes about five and a half minutes on two CPU cores, and is cached under
+the user's cache directory (``cache_root()``), so later starts load it in seconds.
+``manifest.json``, written last into a temporary directory that is then renamed into place, marks
+a complete build; an exclusive lock makes several workers starting at once build it once.
 
 Run ``python -m flockctl.engine.demo`` to build it ahead of time (``--force`` rebuilds).
 """

@@ -209,23 +209,43 @@ class KVPool:
         and values go to the flat slots ``write`` (``[batch * q]``, scratch for padding)."""
         self._zero_fresh()
         width = max(len(t) for t in tables)
-        padded = [t + [SCRATCH] * (width - len(t)) for t in tables]
-        table = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)
-        return BatchView(self, table, write)
+        bs = self.block_size
+        first = tables[0]
+        if len(tables) == 1 and first[-1] - first[0] == len(first) - 1:
+            # one job whose blocks follow each other (the usual case alone: blocks are handed
+            # out in order): its history is a slice of the pool, no gather at all
+            return BatchView(self, slice(first[0] * bs, (first[-1] + 1) * bs), 1, width * bs, write)
+        # every job's slots in order, padded with scratch: one index_select per layer gathers all
+        read = [
+            b * bs + o
+            for t in tables
+            for b in (*t, *[SCRATCH] * (width - len(t)))
+            for o in range(bs)
+        ]
+        index = torch.tensor(read, dtype=torch.long).to(self.device, non_blocking=True)
+        return BatchView(self, index, len(tables), width * bs, write)
 
 
 class BatchView(Cache):
     """The transformers ``Cache`` one batched forward writes into (see the module docstring)."""
 
-    def __init__(self, pool: KVPool, table: torch.Tensor, write: torch.Tensor):
+    def __init__(
+        self,
+        pool: KVPool,
+        read: torch.Tensor | slice,
+        batch: int,
+        kv_length: int,
+        write: torch.Tensor,
+    ):
         # Deliberately not Cache.__init__: no per-layer objects, everything lives in the pool.
         self.pool = pool
-        self.table = table
+        self.read = read  # [batch * kv_length] flat slots, each job's history in order; or a slice
+        self.batch = batch
         self.write = write
         self.layers = []
         self.layer_class_to_replicate = None
         self.offloading = False
-        self.kv_length = table.shape[1] * pool.block_size
+        self.kv_length = kv_length
 
     def update(
         self,
@@ -245,8 +265,9 @@ class BatchView(Cache):
         ):
             assert store is not None
             store.index_copy_(0, self.write, new.transpose(1, 2).reshape(batch * q, heads, dim))
-            blocks = store.view(pool.num_blocks, pool.block_size, heads, dim)[self.table]
-            out.append(blocks.view(batch, self.kv_length, heads, dim).transpose(1, 2))
+            read = self.read
+            history = store[read] if isinstance(read, slice) else store.index_select(0, read)
+            out.append(history.view(batch, self.kv_length, heads, dim).transpose(1, 2))
         return out[0], out[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
