@@ -196,6 +196,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             **{name: (lambda n=name: run_hf(n)) for name in assisted_variants(depth)},
         }
         seconds: dict[str, list[float]] = {name: [] for name in variants}
+        auto_state: dict[str, Any] = {}
         outputs: dict[str, list] = {}
         spec: dict[str, dict[str, Any]] = {}
         tokens = len(prompts) * new
@@ -217,11 +218,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         if round_ == args.rounds:
                             spec[name] = delta
                 outputs[name] = out
+                if name == "engine_auto":
+                    auto_state = policy.describe()  # what auto decided, and why
                 say(
                     f"{'warm-up' if not round_ else f'round {round_}'}: {name}"
                     f" {tokens / elapsed:.0f} tokens/s"
                 )
-        auto_state = policy.describe()
     finally:
         engine.close()
 

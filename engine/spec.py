@@ -232,10 +232,14 @@ class SpecPolicy:
             state.enabled = gain is None or gain > c
             if state.enabled or state.skipped + 1 >= self.probe_every:
                 chosen.append(job)
+        if any(j.spec is not None and j.spec.emitted_ewma is None for j in chosen):
+            # a job never measured: speculate once to learn what it yields
+            self.device_on, self.reason = True, "measuring a new job's acceptance"
+            return chosen
         tokens_spec = 0.0
         for job in jobs:
             gain = job.spec.emitted_ewma if job.spec else None
-            tokens_spec += (gain if gain is not None else c) if job in chosen else 1.0
+            tokens_spec += gain if gain is not None and job in chosen else 1.0
         pays = bool(chosen) and tokens_spec / c > batch
         self._since_probe += 1
         if pays:

@@ -197,6 +197,8 @@ def test_policy_measures_then_keeps_what_pays() -> None:
     assert (good.spec.enabled, poor.spec.enabled) == (True, False)  # type: ignore[union-attr]
     assert policy.describe()["active"] is True
     assert policy.choose([spec_job(4.0), spec_job(1.2)]) == []  # (4 + 1) / 3 < 2: not worth it
+    fresh = [spec_job(None), spec_job(1.2)]
+    assert policy.choose(fresh) == fresh[:1]  # a new job is measured before it is judged
 
 
 def test_policy_turns_the_device_off_and_probes_again() -> None:
