@@ -211,7 +211,7 @@ class KVPool:
         width = max(len(t) for t in tables)
         bs = self.block_size
         first = tables[0]
-        if len(tables) == 1 and first[-1] - first[0] == len(first) - 1:
+        if len(tables) == 1 and first == list(range(first[0], first[0] + len(first))):
             # one job whose blocks follow each other (the usual case alone: blocks are handed
             # out in order): its history is a slice of the pool, no gather at all
             return BatchView(self, slice(first[0] * bs, (first[-1] + 1) * bs), 1, width * bs, write)

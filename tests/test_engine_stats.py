@@ -364,18 +364,16 @@ def test_status_view_lists_jobs_by_worker_then_job_with_state_words():
         ("w10", "job-2"),
         ("w10", "job-10"),
     ]
-    # worker, job, glyph + state word, level, generated, preemptions, age
-    assert rows[0] == ["w2", "job-2", "◌", "swapped", "2", "17", "3", "1m15s"]
-    assert rows[1] == ["w2", "job-10", "▶", "running", "0", "5", "0", "1.2s"]
+    # worker, job, glyph + state word, level, generated, preemptions, speculation, age
+    assert rows[0] == ["w2", "job-2", "◌", "swapped", "2", "17", "3", "-", "1m15s"]
+    assert rows[1] == ["w2", "job-10", "▶", "running", "0", "5", "0", "-", "1.2s"]
     header = next(line for line in text.splitlines() if "JOB" in line).split()
-    assert header == ["WORKER", "JOB", "STATE", "LEVEL", "GENERATED", "PREEMPTIONS", "AGE"]
+    assert header == ["WORKER", "JOB", "STATE", "LEVEL", "GENERATED", "PREEMPTIONS", "SPEC", "AGE"]
     # Per engine worker: model, scheduler, device, queue per level, run/wait/swap, preemptions,
-    # device memory used/total.
+    # speculation (none here), device memory used/total.
     engines = [line.split() for line in text.splitlines() if "mlfq" in line]
-    assert engines == [
-        ["w2", "demo", "mlfq", "cpu", "3", "1", "0", "0", "2", "3", "1", "5", "0.1/23.3", "GiB"],
-        ["w10", "demo", "mlfq", "cpu", "3", "1", "0", "0", "2", "3", "1", "5", "0.1/23.3", "GiB"],
-    ]
+    row = ["demo", "mlfq", "cpu", "3", "1", "0", "0", "2", "3", "1", "5", "-", "0.1/23.3", "GiB"]
+    assert engines == [["w2", *row], ["w10", *row]]
     assert "stale" not in text
 
 
