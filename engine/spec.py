@@ -179,19 +179,23 @@ class SpecPolicy:
 
     For a batch of ``b`` decoding jobs the policy keeps the seconds of a speculative iteration and
     of an incremental one, as moving averages; their ratio ``c`` is what a speculative step costs
-    in incremental steps. A job whose recent steps emitted fewer than ``c`` tokens each loses by
-    speculating and decodes incrementally, trying again after ``probe_every`` iterations. When the
+    in incremental steps. A job whose recent steps emitted fewer than ``c`` tokens each (judged
+    after its first ``min_steps``) loses by speculating and decodes incrementally, trying again
+    after ``probe_every`` iterations. When the
     jobs left would still make fewer tokens per second than incremental decoding, the device
     stops speculating for the batch (again with a probe every ``probe_every`` iterations). While
     one side of the ratio is unknown for this batch size, it is measured first.
     """
 
-    def __init__(self, mode: str = "auto", probe_every: int = 32, min_samples: int = 3):
+    def __init__(
+        self, mode: str = "auto", probe_every: int = 32, min_samples: int = 3, min_steps: int = 4
+    ):
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"unknown speculation mode {mode!r}: expected auto, on or off")
         self.mode = mode
         self.probe_every = probe_every
         self.min_samples = min_samples
+        self.min_steps = min_steps
         self.spec_seconds: dict[int, _Ewma] = {}
         self.inc_seconds: dict[int, _Ewma] = {}
         self.device_on = True
@@ -229,7 +233,8 @@ class SpecPolicy:
             state = job.spec
             assert state is not None
             gain = state.emitted_ewma
-            state.enabled = gain is None or gain > c
+            # a few unlucky steps are no verdict: judge a job once it has a history
+            state.enabled = gain is None or state.steps < self.min_steps or gain > c
             if state.enabled or state.skipped + 1 >= self.probe_every:
                 chosen.append(job)
         if any(j.spec is not None and j.spec.emitted_ewma is None for j in chosen):
@@ -272,7 +277,7 @@ class SpecPolicy:
         state.accepted_tokens += accepted
         emitted = accepted + 1
         state.emitted_ewma = (
-            emitted if state.emitted_ewma is None else 0.7 * state.emitted_ewma + 0.3 * emitted
+            emitted if state.emitted_ewma is None else 0.85 * state.emitted_ewma + 0.15 * emitted
         )
 
     def describe(self) -> dict[str, Any]:

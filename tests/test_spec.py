@@ -176,9 +176,9 @@ def test_greedy_drafts_are_lossless_for_sampled_jobs_too() -> None:
 # -- the policy ----------------------------------------------------------------------------------
 
 
-def spec_job(emitted: float | None) -> Job:
+def spec_job(emitted: float | None, steps: int = 10) -> Job:
     job = Job([1, 2], GREEDY)
-    job.spec = JobSpec(emitted_ewma=emitted)
+    job.spec = JobSpec(emitted_ewma=emitted, steps=steps if emitted is not None else 0)
     return job
 
 
@@ -199,6 +199,8 @@ def test_policy_measures_then_keeps_what_pays() -> None:
     assert policy.choose([spec_job(4.0), spec_job(1.2)]) == []  # (4 + 1) / 3 < 2: not worth it
     fresh = [spec_job(None), spec_job(1.2)]
     assert policy.choose(fresh) == fresh[:1]  # a new job is measured before it is judged
+    young = spec_job(1.2, steps=2)
+    assert policy.choose([young]) == [young]  # two unlucky steps are no verdict yet
 
 
 def test_policy_turns_the_device_off_and_probes_again() -> None:
