@@ -181,10 +181,9 @@ class SpecPolicy:
     of an incremental one, as moving averages; their ratio ``c`` is what a speculative step costs
     in incremental steps. A job whose recent steps emitted fewer than ``c`` tokens each (judged
     after its first ``min_steps``) loses by speculating and decodes incrementally, trying again
-    after ``probe_every`` iterations. When the
-    jobs left would still make fewer tokens per second than incremental decoding, the device
-    stops speculating for the batch (again with a probe every ``probe_every`` iterations). While
-    one side of the ratio is unknown for this batch size, it is measured first.
+    after ``probe_every`` iterations. When the jobs left would still make fewer tokens per second
+    than incremental decoding, the device stops speculating for the batch until a job's probe
+    comes due. While one side of the ratio is unknown for this batch size, it is measured first.
     """
 
     def __init__(
@@ -229,25 +228,26 @@ class SpecPolicy:
         c = self.cost_ratio(batch)
         assert c is not None
         chosen = []
+        measuring = False
         for job in jobs:
             state = job.spec
             assert state is not None
             gain = state.emitted_ewma
             # a few unlucky steps are no verdict: judge a job once it has a history
-            state.enabled = gain is None or state.steps < self.min_steps or gain > c
-            if state.enabled or state.skipped + 1 >= self.probe_every:
+            young = gain is None or state.steps < self.min_steps
+            state.enabled = young or (gain is not None and gain > c)
+            due = state.skipped + 1 >= self.probe_every  # a losing job tries again now and then
+            if state.enabled or due:
                 chosen.append(job)
-        if any(j.spec is not None and j.spec.emitted_ewma is None for j in chosen):
-            # a job never measured: speculate once to learn what it yields
-            self.device_on, self.reason = True, "measuring a new job's acceptance"
+            measuring = measuring or young or (due and not state.enabled)
+        if measuring:
+            self.device_on, self.reason = True, "measuring what speculation yields for a job"
             return chosen
         tokens_spec = 0.0
         for job in jobs:
             gain = job.spec.emitted_ewma if job.spec else None
             tokens_spec += gain if gain is not None and job in chosen else 1.0
-        pays = bool(chosen) and tokens_spec / c > batch
-        self._since_probe += 1
-        if pays:
+        if chosen and tokens_spec / c > batch:
             self.device_on, self.reason = True, f"{tokens_spec / c / batch:.2f}x incremental"
             return chosen
         self.device_on = False
@@ -255,9 +255,6 @@ class SpecPolicy:
             f"a speculative step costs {c:.2f} incremental steps and yields"
             f" {tokens_spec / batch:.2f} tokens a job"
         )
-        if self._since_probe >= self.probe_every:
-            self._since_probe = 0
-            return list(jobs)
         return []
 
     def observe_iteration(self, speculative: bool, batch: int, seconds: float) -> None:

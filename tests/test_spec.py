@@ -208,8 +208,11 @@ def test_policy_turns_the_device_off_and_probes_again() -> None:
     policy.observe_iteration(True, 1, 0.030)
     policy.observe_iteration(False, 1, 0.010)
     job = spec_job(1.5)
-    decisions = [bool(policy.choose([job])) for _ in range(8)]
-    assert decisions.count(True) == 2  # only the probes
+    decisions = []
+    for _ in range(9):
+        decisions.append(bool(policy.choose([job])))
+        SpecPolicy.observe_job(job, 4, 0, speculated=decisions[-1])  # a probe that still loses
+    assert decisions == [False, False, False, True] * 2 + [False]  # only the probes
     stats = policy.describe()
     assert stats["active"] is False and "costs 3.00 incremental steps" in stats["reason"]
     assert SpecPolicy("on").choose([job]) == [job]
