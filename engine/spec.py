@@ -273,9 +273,11 @@ class SpecPolicy:
         state.draft_tokens += drafted
         state.accepted_tokens += accepted
         emitted = accepted + 1
-        state.emitted_ewma = (
-            emitted if state.emitted_ewma is None else 0.85 * state.emitted_ewma + 0.15 * emitted
-        )
+        # the plain mean of a job's first 20 steps, a moving average over about 20 after that:
+        # steady enough that a short run of rejections does not flip the verdict
+        alpha = max(1 / state.steps, 0.05)
+        previous = state.emitted_ewma if state.emitted_ewma is not None else emitted
+        state.emitted_ewma = previous + alpha * (emitted - previous)
 
     def describe(self) -> dict[str, Any]:
         ratios = {}
