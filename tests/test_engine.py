@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from tinymodel import build_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tinymodel import build_tiny_model, greedy_continuations
+from transformers import AutoTokenizer
 
 from flockctl.engine.engine import Engine, EngineConfig, QueueFull, load_engine
 from flockctl.engine.job import FinishReason, InvalidRequest, JobState, Preemption, SamplingParams
@@ -39,17 +38,7 @@ def prompts(tiny: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(tiny: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """Greedy continuations from full-sequence forwards, no cache, one prompt at a time."""
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
-    out = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = list(prompt)
-            for _ in range(GREEDY.max_tokens):
-                logits = model(torch.tensor([ids])).logits[0, -1]
-                ids.append(int(logits.argmax()))
-            out.append(ids[len(prompt) :])
-    return out
+    return greedy_continuations(tiny, prompts, GREEDY.max_tokens)
 
 
 def make_engine(tiny: Path, **kw: object) -> Iterator[Engine]:

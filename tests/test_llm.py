@@ -6,9 +6,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import torch
-from tinymodel import build_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tinymodel import build_tiny_model, greedy_continuations
+from transformers import AutoTokenizer
 
 import flockctl.engine as engine_pkg
 from flockctl.engine import LLM, SSM, GenerationConfig
@@ -24,12 +23,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def greedy_reference(path: Path, prompt: str, n: int) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = tokenizer.encode(prompt)
-    with torch.inference_mode():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(tokenizer.encode(prompt)) :]
+    return greedy_continuations(path, [tokenizer.encode(prompt)], n)[0]
 
 
 def test_llm_with_ssm_generates_the_greedy_continuation(tiny: Path) -> None:

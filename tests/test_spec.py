@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinymodel import build_tiny_model
+from tinymodel import build_tiny_model, greedy_continuations
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flockctl.engine.engine import Engine, EngineConfig, EngineLoadError, load_engine
@@ -257,16 +257,7 @@ def prompts(tiny: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(tiny: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """Greedy continuations from full-sequence forwards, no cache, one prompt at a time."""
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
-    out = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = list(prompt)
-            for _ in range(GREEDY.max_tokens):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            out.append(ids[len(prompt) :])
-    return out
+    return greedy_continuations(tiny, prompts, GREEDY.max_tokens)
 
 
 def make_engine(tiny: Path, drafts: list[Path], **kw: object) -> Iterator[Engine]:

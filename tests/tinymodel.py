@@ -80,3 +80,20 @@ def build_tiny_model(path: Path, *, vocab_size: int = 512, seed: int = 0) -> Pat
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def greedy_continuations(path: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """The reference the engine's greedy output is held to: full-sequence forwards with no cache,
+    one prompt at a time, ``new_tokens`` argmax tokens each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(new_tokens):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            out.append(ids[len(prompt) :])
+    return out
