@@ -710,3 +710,27 @@ def test_serve_refuses_a_draft_with_another_tokenizer_in_one_line(tmp_path: Path
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"flockctl: draft model {str(draft)!r} cannot speculate for")
     assert "same tokenizer" in lines[0]
+
+
+async def test_speculation_shows_in_stats_jobs_and_metrics(tiny: Path) -> None:
+    config = EngineConfig(
+        model=str(tiny), device="cpu", draft_models=(str(tiny),), spec="on", spec_tree=(1, 2)
+    )
+    engine = load_engine(config, progress=False)
+    try:
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
+            r = (await client.post("/v1/completions", json={"prompt": PROMPT, **GREEDY})).json()
+            job = await finished_job(client, r["id"])
+            assert job["speculation"]["steps"] > 0
+            assert job["speculation"]["mean_accepted_length"] > 1  # its own model as draft
+            spec = (await client.get("/stats")).json()["speculation"]
+            assert spec["mode"] == "on" and spec["tree"] == [1, 2]
+            assert spec["draft_models"] == [str(tiny)]
+            assert spec["num_accepted_tokens"] == job["speculation"]["accepted_tokens"]
+            metrics = (await client.get("/metrics")).text
+            accepted = spec["num_accepted_tokens"]
+            assert f"flockctl_spec_decode_num_accepted_tokens_total {accepted:.1f}" in metrics
+            assert "flockctl_spec_decode_active 1.0" in metrics
+    finally:
+        engine.close()
