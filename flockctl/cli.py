@@ -485,6 +485,56 @@ def _print_up(
         print(endpoint)
 
 
+def user_themes() -> Path:
+    """Where a user's own theme files live: ``$XDG_CONFIG_HOME/flockctl/themes``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "flockctl" / "themes"
+
+
+@app.command()
+def dashboard(
+    name: NameOpt = "default",
+    theme: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOCKCTL_THEME",
+            help="Colour theme: flockctl-dark, flockctl-light, flockctl-colorblind,"
+            " flockctl-terminal (the terminal's own palette), a Textual theme, or one of yours in"
+            " $XDG_CONFIG_HOME/flockctl/themes/*.toml [default: flockctl-dark].",
+            show_default=False,
+        ),
+    ] = None,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between status polls.", min=0.1, max=3600)
+    ] = 1.0,
+) -> None:
+    """Watch the deployment full-screen: workers, autoscaler, engine jobs, live (p pauses, q
+    quits). Exit 3 when no daemon runs under the name."""
+    check_name(name)
+    from flockctl.themes import DEFAULT_THEME, ThemeError, load_themes
+
+    try:
+        themes = load_themes(user_themes())
+    except ThemeError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    from textual.theme import BUILTIN_THEMES
+
+    chosen = theme or DEFAULT_THEME
+    if chosen not in themes and chosen not in BUILTIN_THEMES:
+        known = ", ".join(sorted({*themes, *BUILTIN_THEMES}))
+        fail(f"--theme {chosen!r}: no such theme; known: {known}", ExitCode.USAGE)
+    record = running_daemon(name)
+    if record is None:
+        fail(
+            f'no daemon named "{name}" is running; start one with flockctl up --name {name}',
+            ExitCode.NOT_RUNNING,
+        )
+    from flockctl.tui.app import Dashboard
+    from flockctl.tui.feed import Feed
+
+    Dashboard(Feed(record.endpoint, record.token), interval, themes, chosen).run()
+
+
 @app.command()
 def status(
     name: NameOpt = "default",

@@ -1,0 +1,2 @@
+"""The full-screen dashboard (``flockctl dashboard``); the only part of ``flockctl`` that imports
+Textual."""

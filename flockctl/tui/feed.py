@@ -1,0 +1,50 @@
+"""The dashboard's only connection to the daemon: the status snapshot and the admin calls.
+
+Widgets never talk HTTP; the app's polling worker and its actions do, through this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class FeedError(Exception):
+    """The daemon did not answer, or answered with an error; the message says which."""
+
+
+class Feed:
+    def __init__(self, endpoint: str, token: str | None, timeout: float = 5.0):
+        self.endpoint = endpoint
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=endpoint, headers=headers, timeout=timeout, trust_env=False
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise FeedError(
+                f"{self.endpoint} does not answer: {exc or type(exc).__name__}"
+            ) from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:200]
+            raise FeedError(f"{method} {path}: HTTP {resp.status_code}: {message}")
+        try:
+            return resp.json()
+        except ValueError:
+            raise FeedError(f"{method} {path}: the answer is not JSON") from None
+
+    async def status(self) -> dict[str, Any]:
+        snap = await self.call("GET", "/-/status")
+        if not isinstance(snap, dict) or "workers" not in snap:
+            raise FeedError("GET /-/status: not a status snapshot")
+        return snap
