@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -359,3 +360,34 @@ def test_help_and_version():
     assert "--worker-command" in help_text and "--model" in help_text
     assert "--engine-args" in help_text and "[default: 3000]" in help_text
     assert flockctl("--version").out.startswith("flockctl ")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_dashboard_under_tmux_shows_the_workers_of_a_real_daemon(deployment, flockctl_home):
+    assert deployment().code == 0
+    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+    socket_name = f"flockctl-test-{os.getpid()}"
+    tmux = ["tmux", "-L", socket_name]
+    command = (
+        f"env FLOCKCTL_HOME={flockctl_home} TERM=xterm-256color"
+        f" {sys.executable} -m flockctl dashboard --interval 0.2"
+    )
+    subprocess.run([*tmux, "new-session", "-d", "-x", "140", "-y", "40", command], check=True)
+    try:
+
+        def screen() -> str | None:
+            out = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True)
+            shown = out.stdout
+            return shown if all(word in shown for word in ("w1", "w2", "READY")) else None
+
+        text = wait_for(screen, 30, "the workers on the dashboard")
+        rows = [line for line in text.splitlines() if "● READY" in line]
+        assert len(rows) == 2, text
+        subprocess.run([*tmux, "send-keys", "q"], check=True)
+        wait_for(
+            lambda: subprocess.run([*tmux, "has-session"], capture_output=True).returncode != 0,
+            10,
+            "the dashboard to quit on q",
+        )
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
