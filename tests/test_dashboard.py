@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from textual.coordinate import Coordinate
 
 from flockctl.themes import ThemeError, load_theme, load_themes
 from flockctl.tui.app import Dashboard
@@ -119,7 +120,11 @@ async def until(pilot: Any, condition: Callable[[], bool], what: str, timeout: f
 
 
 def keys(table: Any) -> list[str]:
-    return [str(k.value) for k in table.rows]
+    """Row keys in the order the table shows them."""
+    return [
+        str(table.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value)
+        for row in range(table.row_count)
+    ]
 
 
 def cell(table: Any, row: str, column: str) -> str:

@@ -40,27 +40,36 @@ def _cell(value: Any) -> str:
 
 class KeyedTable(DataTable):
     """A table whose rows are kept by key: existing rows update in place, new keys are added and
-    gone keys removed, and rows stay in ``natural_key`` order of their keys."""
+    gone keys removed, and rows stay in ``natural_key`` order of their keys, which are the values
+    of the first ``key_columns`` columns joined by '/'."""
+
+    key_columns = 1
 
     def sync(self, rows: dict[str, list[Any]]) -> None:
-        current = [str(key.value) for key in self.rows]
-        wanted = sorted(rows, key=natural_key)
-        if current != wanted:
-            cursor = self.cursor_row
-            self.clear()
-            for key in wanted:
-                self.add_row(*rows[key], key=key)
-            if self.row_count:
-                self.move_cursor(row=min(cursor, self.row_count - 1))
-            return
+        current = {str(key.value) for key in self.rows}
+        for gone in current - rows.keys():
+            self.remove_row(gone)
         columns = list(self.columns)
+        added = False
         for key, cells in rows.items():
+            if key not in current:
+                self.add_row(*cells, key=key)
+                added = True
+                continue
             for column, cell in zip(columns, cells, strict=True):
                 if self.get_cell(key, column) != cell:
                     self.update_cell(key, column, cell)
+        if added:  # new rows go in key order among the others
+            self.sort(key=self._order)
 
+    def _order(self, row: Any) -> Any:
+        return natural_key(self._key_of(row))
+
+    def _key_of(self, row: Any) -> str:
+        return "/".join(str(cell) for cell in row[: self.key_columns])
 
 class WorkersTable(KeyedTable):
+    key_columns = 1
     COLUMNS = ("WORKER", "STATE", "PROVISIONER", "URL", "IN FLIGHT", "SERVED", "P50 MS", "MEMORY")
 
     def on_mount(self) -> None:
@@ -86,6 +95,7 @@ class WorkersTable(KeyedTable):
 
 
 class JobsTable(KeyedTable):
+    key_columns = 2
     COLUMNS = ("WORKER", "JOB", "STATE", "LEVEL", "GENERATED", "PREEMPTIONS", "SPEC", "AGE")
 
     def on_mount(self) -> None:
