@@ -68,6 +68,7 @@ class KeyedTable(DataTable):
     def _key_of(self, row: Any) -> str:
         return "/".join(str(cell) for cell in row[: self.key_columns])
 
+
 class WorkersTable(KeyedTable):
     key_columns = 1
     COLUMNS = ("WORKER", "STATE", "PROVISIONER", "URL", "IN FLIGHT", "SERVED", "P50 MS", "MEMORY")
