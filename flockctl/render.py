@@ -155,14 +155,35 @@ def engines_table(workers: list[dict[str, Any]]) -> Table:
     return table
 
 
-def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
-    """Every engine job, by worker id then job id; returns the table and the rows left out."""
-    rows = [
-        (w["id"], job)
+def engine_jobs(workers: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every job of the engine workers among ``workers``, with its worker's id."""
+    return [
+        (str(w["id"]), job)
         for w in workers
+        if isinstance(w.get("engine"), dict)
         for job in (w["engine"].get("jobs") or [])
         if isinstance(job, dict)
     ]
+
+
+def job_cells(worker_id: str, job: dict[str, Any]) -> list[Any]:
+    """A job's row: worker, job, state (glyph and word), level, generated tokens, preemptions,
+    speculation, age; the status view and the dashboard both show it so."""
+    return [
+        worker_id,
+        str(job.get("id", "-")),
+        job_state_text(job.get("state")),
+        _count(job.get("level")),
+        _count(job.get("generated_tokens")),
+        _count(job.get("preemptions")),
+        spec_text(job.get("speculation")),
+        span(job.get("age")),
+    ]
+
+
+def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
+    """Every engine job, by worker id then job id; returns the table and the rows left out."""
+    rows = engine_jobs(workers)
     rows.sort(key=lambda r: (natural_key(r[0]), natural_key(r[1].get("id"))))
     table = _table(
         ("WORKER", "left"),
@@ -175,16 +196,7 @@ def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
         ("AGE", "right"),
     )
     for worker_id, job in rows[:MAX_JOB_ROWS]:
-        table.add_row(
-            worker_id,
-            str(job.get("id", "-")),
-            job_state_text(job.get("state")),
-            _count(job.get("level")),
-            _count(job.get("generated_tokens")),
-            _count(job.get("preemptions")),
-            spec_text(job.get("speculation")),
-            span(job.get("age")),
-        )
+        table.add_row(*job_cells(worker_id, job))
     omitted = sum(
         n for w in workers if isinstance(n := w["engine"].get("jobs_omitted"), int) and n > 0
     )

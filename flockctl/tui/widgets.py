@@ -8,15 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable, Static
 
-from flockctl.render import (
-    ago,
-    job_state_text,
-    memory_pair,
-    natural_key,
-    span,
-    spec_text,
-    state_text,
-)
+from flockctl.render import ago, engine_jobs, job_cells, memory_pair, natural_key, state_text
 
 BAR_WIDTH = 10
 
@@ -44,6 +36,12 @@ class KeyedTable(DataTable):
     of the first ``key_columns`` columns joined by '/'."""
 
     key_columns = 1
+    COLUMNS: tuple[str, ...] = ()
+
+    def on_mount(self) -> None:
+        for name in self.COLUMNS:
+            self.add_column(name, key=name.lower())
+        self.cursor_type = "row"
 
     def sync(self, rows: dict[str, list[Any]]) -> None:
         current = {str(key.value) for key in self.rows}
@@ -73,11 +71,6 @@ class WorkersTable(KeyedTable):
     key_columns = 1
     COLUMNS = ("WORKER", "STATE", "PROVISIONER", "URL", "IN FLIGHT", "SERVED", "P50 MS", "MEMORY")
 
-    def on_mount(self) -> None:
-        for name in self.COLUMNS:
-            self.add_column(name, key=name.lower())
-        self.cursor_type = "row"
-
     def show(self, snap: dict[str, Any]) -> None:
         rows = {}
         for w in snap.get("workers") or []:
@@ -99,32 +92,9 @@ class JobsTable(KeyedTable):
     key_columns = 2
     COLUMNS = ("WORKER", "JOB", "STATE", "LEVEL", "GENERATED", "PREEMPTIONS", "SPEC", "AGE")
 
-    def on_mount(self) -> None:
-        for name in self.COLUMNS:
-            self.add_column(name, key=name.lower())
-        self.cursor_type = "row"
-
     def show(self, snap: dict[str, Any]) -> None:
-        rows = {}
-        for w in snap.get("workers") or []:
-            engine = w.get("engine")
-            if not isinstance(engine, dict):
-                continue
-            for job in engine.get("jobs") or []:
-                if not isinstance(job, dict):
-                    continue
-                key = f"{w['id']}/{job.get('id')}"
-                rows[key] = [
-                    str(w["id"]),
-                    _cell(job.get("id")),
-                    job_state_text(job.get("state")),
-                    _cell(job.get("level")),
-                    _cell(job.get("generated_tokens")),
-                    _cell(job.get("preemptions")),
-                    spec_text(job.get("speculation")),
-                    span(job.get("age")),
-                ]
-        self.sync(rows)
+        jobs = engine_jobs(snap.get("workers") or [])
+        self.sync({f"{w}/{job.get('id')}": job_cells(w, job) for w, job in jobs})
 
 
 class DeploymentLine(Static):
