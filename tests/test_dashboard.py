@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from textual.coordinate import Coordinate
 
 from flockctl.themes import ThemeError, load_theme, load_themes
 from flockctl.tui.app import Dashboard
@@ -121,14 +120,11 @@ async def until(pilot: Any, condition: Callable[[], bool], what: str, timeout: f
 
 def keys(table: Any) -> list[str]:
     """Row keys in the order the table shows them."""
-    return [
-        str(table.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value)
-        for row in range(table.row_count)
-    ]
+    return table.row_keys
 
 
 def cell(table: Any, row: str, column: str) -> str:
-    return str(table.get_cell(row, column))
+    return table.cell(row, column.upper())
 
 
 async def test_rows_appear_in_order_and_update_by_key(feed: StatusFeed) -> None:

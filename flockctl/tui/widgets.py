@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
+from rich.cells import cell_len
+from rich.segment import Segment
 from rich.text import Text
-from textual.widgets import DataTable, Static
+from textual import events
+from textual.binding import Binding, BindingType
+from textual.geometry import Size
+from textual.message import Message
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+from textual.widgets import Static
 
 from flockctl.render import ago, engine_jobs, job_cells, memory_pair, natural_key, state_text
 
 BAR_WIDTH = 10
+#: What a table cell holds: plain text, or styled text (a state glyph and word, a bar).
+Cell = str | Text
 
 
 def memory_bar(used: Any, total: Any) -> Text:
@@ -30,46 +40,238 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-class KeyedTable(DataTable):
-    """A table whose rows are kept by key: existing rows update in place, new keys are added and
-    gone keys removed, and rows stay in ``natural_key`` order of their keys, which are the values
-    of the first ``key_columns`` columns joined by '/'."""
+class LiveTable(ScrollView, can_focus=True):
+    """A table for data that changes on every poll: rows are kept by key in ``natural_key`` order
+    of their keys, and a new set of rows replaces the old one in one step.
 
-    key_columns = 1
-    COLUMNS: tuple[str, ...] = ()
+    Built for the dashboard's load (hundreds of rows whose counters all move each second): a sync
+    only stores the rows and measures the columns, and a refresh renders just the visible lines,
+    each from a cached strip. The cursor follows its row's key as rows come and go; ``enter`` (or
+    a click on the cursor row) posts ``LiveTable.Selected``. ``filter`` keeps the rows where any
+    cell contains the text (case-insensitive).
+    """
 
-    def on_mount(self) -> None:
-        for name in self.COLUMNS:
-            self.add_column(name, key=name.lower())
-        self.cursor_type = "row"
+    COLUMNS: ClassVar[tuple[str, ...]] = ()
+    #: Columns of numbers, aligned to the right.
+    RIGHT: ClassVar[frozenset[str]] = frozenset()
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"live-table--header", "live-table--cursor"}
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up,k", "cursor(-1)", "Up", show=False, id="table.up"),
+        Binding("down,j", "cursor(1)", "Down", show=False, id="table.down"),
+        Binding("pageup", "page(-1)", "Page up", show=False, id="table.page_up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, id="table.page_down"),
+        Binding("home", "first", "First", show=False, id="table.first"),
+        Binding("end", "last", "Last", show=False, id="table.last"),
+        Binding("enter", "select", "Detail", id="table.select"),
+    ]
+    DEFAULT_CSS = """
+    LiveTable {
+        background: $surface;
+        color: $foreground;
+        & > .live-table--header { text-style: bold; background: $panel; color: $foreground; }
+        &:ansi > .live-table--header { background: ansi_bright_blue; color: ansi_default; }
+        & > .live-table--cursor {
+            background: $block-cursor-blurred-background;
+            color: $block-cursor-blurred-foreground;
+            text-style: $block-cursor-blurred-text-style;
+        }
+        &:focus > .live-table--cursor {
+            background: $block-cursor-background;
+            color: $block-cursor-foreground;
+            text-style: $block-cursor-text-style;
+        }
+    }
+    """
+    GAP = 2
 
-    def sync(self, rows: dict[str, list[Any]]) -> None:
-        current = {str(key.value) for key in self.rows}
-        for gone in current - rows.keys():
-            self.remove_row(gone)
-        columns = list(self.columns)
-        added = False
-        for key, cells in rows.items():
-            if key not in current:
-                self.add_row(*cells, key=key)
-                added = True
-                continue
-            for column, cell in zip(columns, cells, strict=True):
-                if self.get_cell(key, column) != cell:
-                    self.update_cell(key, column, cell)
-        if added:  # new rows go in key order among the others
-            self.sort(key=self._order)
+    class Selected(Message):
+        """``enter`` on a row: ``key`` is the row's key."""
 
-    def _order(self, row: Any) -> Any:
-        return natural_key(self._key_of(row))
+        def __init__(self, table: LiveTable, key: str) -> None:
+            super().__init__()
+            self.table = table
+            self.key = key
 
-    def _key_of(self, row: Any) -> str:
-        return "/".join(str(cell) for cell in row[: self.key_columns])
+        @property
+        def control(self) -> LiveTable:
+            return self.table
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._rows: dict[str, tuple[Cell, ...]] = {}
+        self._order: list[str] = []  # every key, sorted
+        self._shown: list[str] = []  # the keys that pass the filter, in order
+        self._sort_keys: dict[str, Any] = {}
+        self._widths: list[int] = [cell_len(c) for c in self.COLUMNS]
+        self._strips: dict[tuple[int, bool], Strip] = {}
+        self._filter = ""
+        self._right = [name in self.RIGHT for name in self.COLUMNS]
+        self.cursor = 0
+        self._cursor_key: str | None = None
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def sync(self, rows: dict[str, list[Cell]]) -> None:
+        """Show ``rows`` (key -> cells), replacing what was shown."""
+        new = {key: tuple(cells) for key, cells in rows.items()}
+        if new.keys() != self._rows.keys():
+            for key in new.keys() - self._sort_keys.keys():
+                self._sort_keys[key] = natural_key(key)
+            for key in self._sort_keys.keys() - new.keys():
+                del self._sort_keys[key]
+            self._order = sorted(new, key=self._sort_keys.__getitem__)
+        self._rows = new
+        self._apply()
+
+    @property
+    def filter(self) -> str:
+        return self._filter
+
+    @filter.setter
+    def filter(self, text: str) -> None:
+        self._filter = text
+        self._apply()
+
+    def _apply(self) -> None:
+        needle = self._filter.casefold()
+        if needle:
+            self._shown = [k for k in self._order if needle in self._plain(k)]
+        else:
+            self._shown = self._order
+        widths = [cell_len(c) for c in self.COLUMNS]
+        for key in self._shown:
+            for i, cell in enumerate(self._rows[key]):
+                n = cell.cell_len if isinstance(cell, Text) else cell_len(cell)
+                if n > widths[i]:
+                    widths[i] = n
+        self._widths = widths
+        self._strips.clear()
+        if self._cursor_key in self._rows and self._cursor_key in self._shown:
+            self.cursor = self._shown.index(self._cursor_key)
+        self.cursor = max(0, min(self.cursor, len(self._shown) - 1))
+        self._cursor_key = self._shown[self.cursor] if self._shown else None
+        width = sum(widths) + self.GAP * len(widths)
+        self.virtual_size = Size(width, len(self._shown) + 1)
+        self.refresh()
+
+    def _plain(self, key: str) -> str:
+        return " ".join(c.plain if isinstance(c, Text) else c for c in self._rows[key]).casefold()
+
+    @property
+    def row_count(self) -> int:
+        """Rows shown (after the filter)."""
+        return len(self._shown)
+
+    @property
+    def row_keys(self) -> list[str]:
+        """The keys of the rows shown, top to bottom."""
+        return list(self._shown)
+
+    @property
+    def cursor_key(self) -> str | None:
+        return self._cursor_key
+
+    def cells(self, key: str) -> tuple[Cell, ...]:
+        return self._rows[key]
+
+    def cell(self, key: str, column: str) -> str:
+        """One cell's text, by row key and column name."""
+        cell = self._rows[key][self.COLUMNS.index(column)]
+        return cell.plain if isinstance(cell, Text) else cell
+
+    # -- cursor --------------------------------------------------------------------------------
+
+    def move_cursor(self, row: int) -> None:
+        if not self._shown:
+            return
+        self.cursor = max(0, min(row, len(self._shown) - 1))
+        self._cursor_key = self._shown[self.cursor]
+        self._strips.clear()
+        visible = max(1, self.scrollable_content_region.height - 1)
+        if self.cursor < self.scroll_y:
+            self.scroll_to(y=self.cursor, animate=False)
+        elif self.cursor >= self.scroll_y + visible:
+            self.scroll_to(y=self.cursor - visible + 1, animate=False)
+        self.refresh()
+
+    def action_cursor(self, step: int) -> None:
+        self.move_cursor(self.cursor + step)
+
+    def action_page(self, direction: int) -> None:
+        page = max(1, self.scrollable_content_region.height - 2)
+        self.move_cursor(self.cursor + direction * page)
+
+    def action_first(self) -> None:
+        self.move_cursor(0)
+
+    def action_last(self) -> None:
+        self.move_cursor(len(self._shown) - 1)
+
+    def action_select(self) -> None:
+        if self._cursor_key is not None:
+            self.post_message(self.Selected(self, self._cursor_key))
+
+    def on_click(self, event: events.Click) -> None:
+        row = int(self.scroll_y) + event.y - 1
+        if event.y < 1 or not 0 <= row < len(self._shown):
+            return
+        if row == self.cursor:
+            self.action_select()
+        else:
+            self.move_cursor(row)
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._strips.clear()
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        width = self.scrollable_content_region.width
+        base = self.rich_style
+        if y == 0:
+            strip = self._strip(-1, False)
+        else:
+            row = scroll_y + y - 1
+            if row >= len(self._shown):
+                return Strip.blank(width, base)
+            strip = self._strip(row, row == self.cursor)
+        return strip.crop_extend(scroll_x, scroll_x + width, base)
+
+    def _strip(self, row: int, cursor: bool) -> Strip:
+        cached = self._strips.get((row, cursor))
+        if cached is not None:
+            return cached
+        base = self.rich_style
+        if row < 0:
+            cells: tuple[Cell, ...] = self.COLUMNS
+            base = base + self.get_component_rich_style("live-table--header")
+        else:
+            cells = self._rows[self._shown[row]]
+        console = self.app.console
+        segments: list[Segment] = [Segment(" ", base)]
+        gap = Segment(" " * self.GAP, base)
+        for cell, width, right in zip(cells, self._widths, self._right, strict=False):
+            if isinstance(cell, Text):
+                parts = list(Segment.apply_style(cell.render(console), base))
+                pad = Segment(" " * (width - cell.cell_len), base)
+            else:
+                parts = [Segment(cell, base)]
+                pad = Segment(" " * (width - cell_len(cell)), base)
+            segments.extend([pad, *parts] if right else [*parts, pad])
+            segments.append(gap)
+        if cursor:
+            style = self.get_component_rich_style("live-table--cursor")
+            segments = list(Segment.apply_style(segments, post_style=style))
+        strip = Strip(segments)
+        self._strips[(row, cursor)] = strip
+        return strip
 
 
-class WorkersTable(KeyedTable):
-    key_columns = 1
+class WorkersTable(LiveTable):
     COLUMNS = ("WORKER", "STATE", "PROVISIONER", "URL", "IN FLIGHT", "SERVED", "P50 MS", "MEMORY")
+    RIGHT = frozenset({"IN FLIGHT", "SERVED", "P50 MS"})
 
     def show(self, snap: dict[str, Any]) -> None:
         rows = {}
@@ -88,9 +290,9 @@ class WorkersTable(KeyedTable):
         self.sync(rows)
 
 
-class JobsTable(KeyedTable):
-    key_columns = 2
+class JobsTable(LiveTable):
     COLUMNS = ("WORKER", "JOB", "STATE", "LEVEL", "GENERATED", "PREEMPTIONS", "SPEC", "AGE")
+    RIGHT = frozenset({"LEVEL", "GENERATED", "PREEMPTIONS", "SPEC", "AGE"})
 
     def show(self, snap: dict[str, Any]) -> None:
         jobs = engine_jobs(snap.get("workers") or [])
