@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -71,8 +72,43 @@ class AdminClient:
     def shutdown(self) -> dict[str, Any]:
         return self.request("POST", "/-/shutdown")
 
-    def add_worker(self, url: str | None = None) -> dict[str, Any]:
-        return self.request("POST", "/-/workers", json={"url": url} if url else None)
+    def worker(self, worker_id: str) -> dict[str, Any]:
+        """One worker with its probe history and command line."""
+        return self.request("GET", f"/-/workers/{_segment(worker_id)}")
+
+    def add_worker(self, url: str | None = None, model: str | None = None) -> dict[str, Any]:
+        """One more worker: at ``url`` (static deployments), or serving ``model`` (local)."""
+        body = {k: v for k, v in (("url", url), ("model", model)) if v is not None}
+        return self.request("POST", "/-/workers", json=body or None)
 
     def remove_worker(self, worker_id: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/-/workers/{worker_id}")
+        """Drain a worker and lower the target: the deployment gets smaller."""
+        return self.request("DELETE", f"/-/workers/{_segment(worker_id)}")
+
+    def drain_worker(self, worker_id: str) -> dict[str, Any]:
+        """Drain a worker and keep the target: a fresh worker replaces it."""
+        return self.request("POST", f"/-/workers/{_segment(worker_id)}/drain")
+
+    def set_bounds(
+        self, min_workers: int | None = None, max_workers: int | None = None
+    ) -> dict[str, Any]:
+        """New autoscaler bounds; returns the autoscaler section of the status snapshot."""
+        body = {
+            k: v
+            for k, v in (("min_workers", min_workers), ("max_workers", max_workers))
+            if v is not None
+        }
+        return self.request("PATCH", "/-/autoscaler", json=body)
+
+    def logs(self, target: str, tail: int = 200, offset: int | None = None) -> dict[str, Any]:
+        """Lines of the daemon's or a worker's log; pass the returned ``offset`` back to get
+        only the lines written since (``reset`` is true when the log started over)."""
+        params: dict[str, int] = {"tail": tail}
+        if offset is not None:
+            params["offset"] = offset
+        return self.request("GET", f"/-/logs/{_segment(target)}", params=params)
+
+
+def _segment(value: str) -> str:
+    """``value`` as one URL path segment (a ``/`` in it cannot reach another route)."""
+    return quote(value, safe="")

@@ -22,7 +22,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psutil
 
@@ -158,3 +158,74 @@ def tail_lines(path: Path, n: int) -> list[str]:
         return []
     lines = data.decode("utf-8", errors="replace").splitlines()
     return lines[-n:]
+
+
+@dataclass
+class LogChunk:
+    """Complete lines read from a log, and the byte offset to read on from."""
+
+    lines: list[str]
+    offset: int
+    reset: bool = False
+
+
+#: The most lines, and bytes, one read returns: a follower catching up polls again.
+MAX_LOG_LINES = 5000
+MAX_LOG_BYTES = 8 << 20
+
+
+def read_log(path: Path, tail: int = 200, offset: int | None = None) -> LogChunk:
+    """Read a log that is being appended to, for a reader that follows it by polling.
+
+    Without ``offset``: the last ``tail`` complete lines. With it: the complete lines written
+    since that byte offset (at most ``MAX_LOG_LINES``). Either way the returned offset is just
+    past the last complete line, so a line still being written comes whole on the next read. A
+    file now shorter than ``offset`` was truncated or rotated: it is read from its start and
+    ``reset`` says so. A missing file reads as empty.
+    """
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset is None:
+                return _read_tail(f, size, tail)
+            reset = size < offset
+            start = 0 if reset else offset
+            f.seek(start)
+            data = f.read(MAX_LOG_BYTES)
+    except FileNotFoundError:
+        return LogChunk([], 0, offset is not None and offset > 0)
+    cut = _nth_newline(data, MAX_LOG_LINES)
+    if cut < 0 and len(data) == MAX_LOG_BYTES:
+        cut = len(data) - 1  # one line longer than a whole read: hand it out in pieces
+    complete = data[: cut + 1]
+    return LogChunk(_split(complete), start + len(complete), reset)
+
+
+def _read_tail(f: BinaryIO, size: int, tail: int) -> LogChunk:
+    """The last ``tail`` complete lines, reading backwards from the end in blocks."""
+    pos, data = size, b""
+    while pos > 0 and data.count(b"\n") <= tail and size - pos < MAX_LOG_BYTES:
+        step = min(65536, pos)
+        pos -= step
+        f.seek(pos)
+        data = f.read(step) + data
+    complete = data[: data.rfind(b"\n") + 1]
+    lines = _split(complete)
+    if pos > 0 and lines:
+        lines = lines[1:]  # the first piece may have started before what was read
+    return LogChunk(lines[-tail:] if tail > 0 else [], pos + len(complete))
+
+
+def _nth_newline(data: bytes, n: int) -> int:
+    """The index of the ``n``-th newline in ``data``, else of its last one, else -1."""
+    index = -1
+    for _ in range(n):
+        found = data.find(b"\n", index + 1)
+        if found < 0:
+            break
+        index = found
+    return index
+
+
+def _split(complete: bytes) -> list[str]:
+    return [line.decode("utf-8", errors="replace") for line in complete.split(b"\n")[:-1]]

@@ -1,33 +1,61 @@
 """The daemon's ASGI app: the balancer in front, the FastAPI admin API behind it.
 
 Admin routes live under ``/-/`` and need the admin token (``Authorization: Bearer <token>``):
-``GET /-/status``, ``POST /-/workers``, ``DELETE /-/workers/{id}``, ``POST /-/shutdown``.
-``GET /metrics`` (Prometheus) and ``GET /health`` are open, like a worker's.
+
+- ``GET /-/status``: the status snapshot (schema 1) the CLI, the dashboard and scripts read;
+- ``GET /-/workers/{id}``: one worker as the snapshot shows it, plus ``probe_history`` (its last
+  30 readiness probes) and ``command`` (the command line it runs, where the provisioner knows it);
+- ``POST /-/workers`` ``{"url"?, "model"?}``: one more worker (the target goes up); ``url`` adds
+  an endpoint to a static deployment, ``model`` starts flockctl's engine serving that model;
+- ``DELETE /-/workers/{id}``: drain a worker and lower the target (remove it);
+- ``POST /-/workers/{id}/drain``: drain a worker and keep the target (recycle it: a fresh worker
+  replaces it);
+- ``PATCH /-/autoscaler`` ``{"min_workers"?, "max_workers"?}``: new bounds, applied at once;
+- ``GET /-/logs/{daemon|worker id}?tail=&offset=``: log lines, followed by polling with the
+  returned byte offset;
+- ``POST /-/shutdown``: drain every worker and stop.
+
+Errors are ``{"error": {"message", "type", "code"}}``. ``GET /metrics`` (Prometheus) and
+``GET /health`` are open, like a worker's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flockctl.server.deployment import Deployment
-from flockctl.server.provisioners import StaticProvisioner
+from flockctl.server.provisioners import LocalProvisioner, StaticProvisioner
 from flockctl.server.proxy import Balancer
-from flockctl.server.workers import LIVE, WorkerState
+from flockctl.server.workers import LIVE, Worker, WorkerState
+from flockctl.state import MAX_LOG_LINES, read_log
 
 
 class AddWorker(BaseModel):
-    """Body of ``POST /-/workers`` (optional): ``url`` for a static deployment."""
+    """Body of ``POST /-/workers`` (optional): ``url`` for a static deployment, or ``model`` for
+    a local one to start flockctl's engine serving that model on the new worker."""
 
     model_config = ConfigDict(extra="forbid")
     url: str | None = None
+    model: str | None = None
+
+
+class Bounds(BaseModel):
+    """Body of ``PATCH /-/autoscaler``: either bound, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_workers: int | None = None
+    max_workers: int | None = None
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -66,12 +94,17 @@ def create_app(
         openapi_url="/-/openapi.json",
     )
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(_req: Request, exc: HTTPException) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found", 409: "conflict"}.get(
-            exc.status_code, "invalid_request_error"
-        )
+    # Starlette's own errors too (an admin path with no route, a wrong method), in one shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {
+            401: "authentication_error",
+            404: "not_found",
+            405: "method_not_allowed",
+            409: "conflict",
+        }.get(exc.status_code, "invalid_request_error")
         resp = _error(exc.status_code, str(exc.detail), kind)
+        resp.headers.update(exc.headers or {})
         if exc.status_code == 401:
             resp.headers["www-authenticate"] = "Bearer"
         return resp
@@ -108,12 +141,46 @@ def create_app(
     async def status() -> dict[str, Any]:
         return deployment.snapshot()
 
+    def find(worker_id: str) -> Worker:
+        worker = deployment.pool.get(worker_id)
+        if worker is None:
+            known = ", ".join(w.id for w in deployment.pool) or "none"
+            raise HTTPException(404, f"no worker {worker_id!r}; known: {known}")
+        return worker
+
+    @app.get("/-/workers/{worker_id}", dependencies=guarded)
+    async def worker_detail(worker_id: str) -> dict[str, Any]:
+        worker = find(worker_id)
+        provisioner = deployment.provisioner
+        command = (
+            provisioner.command_line(worker) if isinstance(provisioner, LocalProvisioner) else None
+        )
+        return {
+            **worker.to_dict(),
+            "probe_history": list(worker.probe_history),
+            "command": command,
+        }
+
     @app.post("/-/workers", dependencies=guarded, status_code=201)
     async def add_worker(body: AddWorker | None = None) -> dict[str, Any]:
         controller = deployment.controller
         assert controller is not None
         provisioner = deployment.provisioner
+        url = body.url if body is not None else None
+        model = body.model if body is not None else None
+        if url is not None and model is not None:
+            raise HTTPException(
+                422,
+                "url and model cannot be used together: url adds an endpoint to a static"
+                " deployment, model starts a local worker running flockctl's engine",
+            )
+        if model is not None and not model.strip():
+            raise HTTPException(422, "model: must name a model (a hub id, a local path or demo)")
         if isinstance(provisioner, StaticProvisioner):
+            if model is not None:
+                raise HTTPException(
+                    422, "model: only a local deployment starts workers from a model"
+                )
             if body is None or not body.url:
                 if not provisioner.capacity(0):
                     raise HTTPException(
@@ -129,23 +196,93 @@ def create_app(
         if deployment.policy.name != "fixed" and live >= deployment.policy.max_workers:
             raise HTTPException(
                 409,
-                f"already at max_workers ({deployment.policy.max_workers});"
-                " restart with a larger --max-workers",
+                f"already at max_workers ({deployment.policy.max_workers}); raise max_workers"
+                " first (PATCH /-/autoscaler) or restart with a larger --max-workers",
             )
-        worker = controller.add_worker()
+        command = deployment.cfg.model_command(model) if model is not None else None
+        worker = controller.add_worker(command, model)
         return worker.to_dict()
+
+    def live_worker(worker_id: str) -> Worker:
+        worker = find(worker_id)
+        if worker.state not in LIVE:
+            raise HTTPException(409, f"worker {worker_id} is already {worker.state.value}")
+        return worker
 
     @app.delete("/-/workers/{worker_id}", dependencies=guarded, status_code=202)
     async def remove_worker(worker_id: str) -> dict[str, Any]:
         controller = deployment.controller
         assert controller is not None
-        worker = deployment.pool.get(worker_id)
-        if worker is None:
-            raise HTTPException(404, f"no worker {worker_id!r}")
-        if worker.state not in LIVE:
-            raise HTTPException(409, f"worker {worker_id} is already {worker.state.value}")
+        worker = live_worker(worker_id)
         controller.remove_worker(worker)
         return worker.to_dict()
+
+    @app.post("/-/workers/{worker_id}/drain", dependencies=guarded, status_code=202)
+    async def drain_worker(worker_id: str) -> dict[str, Any]:
+        controller = deployment.controller
+        assert controller is not None
+        worker = live_worker(worker_id)
+        controller.recycle_worker(worker)
+        return worker.to_dict()
+
+    @app.patch("/-/autoscaler", dependencies=guarded)
+    async def set_bounds(body: Bounds) -> dict[str, Any]:
+        controller = deployment.controller
+        assert controller is not None
+        if body.min_workers is None and body.max_workers is None:
+            raise HTTPException(422, "give min_workers, max_workers or both")
+        if isinstance(deployment.provisioner, StaticProvisioner):
+            raise HTTPException(
+                409, "a static deployment has one worker per endpoint; its bounds cannot change"
+            )
+        policy = deployment.policy
+        low = policy.min_workers if body.min_workers is None else body.min_workers
+        high = policy.max_workers if body.max_workers is None else body.max_workers
+        if low < 0 or high < 1 or low > high:
+            raise HTTPException(
+                422,
+                "bounds need 0 <= min_workers <= max_workers and max_workers >= 1;"
+                f" got min_workers {low}, max_workers {high}",
+            )
+        controller.set_bounds(low, high)
+        return controller.to_dict()
+
+    @app.get("/-/logs/{target:path}", dependencies=guarded)
+    async def logs(
+        target: str,
+        tail: int = Query(200, ge=0, le=MAX_LOG_LINES),
+        offset: int | None = Query(None, ge=0),
+    ) -> dict[str, Any]:
+        path = log_path(target)
+        chunk = await asyncio.to_thread(read_log, path, tail, offset)
+        return {
+            "target": target,
+            "offset": chunk.offset,
+            "lines": chunk.lines,
+            "reset": chunk.reset,
+        }
+
+    def log_path(target: str) -> Path:
+        """The log file of ``target``: the daemon's, or a worker's (one the pool knows, or one
+        with a log in ``workers/``); never a path built from anything else."""
+        directory = deployment.state_dir
+        logs_dir = directory / "workers"
+        if target == "daemon":
+            path = directory / "daemon.log"
+            if not path.is_file():
+                raise HTTPException(
+                    404,
+                    f"the daemon has no log file ({path} is missing): a daemon started with"
+                    " flockctl up --foreground logs to its stderr",
+                )
+            return path
+        worker = deployment.pool.get(target)
+        if worker is not None and worker.provisioner == StaticProvisioner.name:
+            raise HTTPException(404, f"worker {target} has no log: it is a static endpoint")
+        known = sorted((p.stem for p in logs_dir.glob("*.log")), key=lambda n: (len(n), n))
+        if "/" not in target and ".." not in target and (worker is not None or target in known):
+            return logs_dir / f"{target}.log"  # a worker still launching: its log is coming
+        raise HTTPException(404, f"no log for {target!r}; known: {', '.join(['daemon', *known])}")
 
     @app.post("/-/shutdown", dependencies=guarded, status_code=202)
     async def shutdown() -> dict[str, Any]:

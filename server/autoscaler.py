@@ -65,6 +65,16 @@ class AutoscalerPolicy:
     def operator_target(self, target: int) -> None:
         """An operator set the number of workers by hand (added or removed one)."""
 
+    def set_bounds(self, min_workers: int, max_workers: int) -> None:
+        """An operator changed min/max at run time; the next decision keeps within them."""
+        if not 0 <= min_workers <= max_workers or max_workers < 1:
+            raise ValueError(
+                f"bounds need 0 <= min_workers <= max_workers and max_workers >= 1;"
+                f" got min_workers {min_workers}, max_workers {max_workers}"
+            )
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+
     def thresholds(self) -> dict[str, float]:
         """The policy's settings, as the status snapshot shows them."""
         return {}
@@ -93,6 +103,11 @@ class FixedPolicy(AutoscalerPolicy):
     def operator_target(self, target: int) -> None:
         self.replicas = target
         self.max_workers = max(self.max_workers, target)
+
+    def set_bounds(self, min_workers: int, max_workers: int) -> None:
+        """min/max bound the fixed number: ``replicas`` moves into them and stays fixed there."""
+        super().set_bounds(min_workers, max_workers)
+        self.replicas = min(max(self.replicas, min_workers), max_workers)
 
     def decide(self, obs: Observation, now: float) -> Decision:
         if obs.target == self.replicas:

@@ -210,13 +210,23 @@ class DeploymentConfig(_Strict):
         if self.worker_command:
             return self.worker_command
         if self.model is not None:
-            args = list(self.engine_args)
+            return self.model_command(self.model)
+        return None
+
+    def model_command(self, model: str) -> str:
+        """The command line of a local worker running flockctl's engine serving ``model``.
+
+        It takes this deployment's ``engine_args`` (an engine deployment's flags apply to every
+        engine it starts) and the same ``--threads`` share, but its draft models only when
+        ``model`` is the deployment's own: a draft is trained for one target's tokenizer.
+        """
+        args = list(self.engine_args)
+        if model == self.model:
             for draft in self.draft_models:
                 args += ["--draft-model", draft]
-            if not any(a == "--threads" or a.startswith("--threads=") for a in args):
-                args += ["--threads", str(self.threads_per_engine())]
-            return engine_command(self.model, args)
-        return None
+        if not any(a == "--threads" or a.startswith("--threads=") for a in args):
+            args += ["--threads", str(self.threads_per_engine())]
+        return engine_command(model, args)
 
     def threads_per_engine(self) -> int:
         """CPU threads for each local engine: this machine's cores split between as many

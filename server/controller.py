@@ -5,6 +5,10 @@ asks the autoscaler policy for a target once per ``decide_interval``, launches t
 and drains the surplus. A crash loop (``max_start_failures`` workers in a row that failed before
 ever being READY) stops launching, and the reason is shown to the user until a worker is added
 by hand (``POST /-/workers``) or the deployment is restarted.
+
+Operators steer it through the admin API: add a worker (the target goes up), remove one (the
+target goes down), drain one to recycle it (the target stays, so a fresh worker replaces it), or
+change the min/max bounds (the target is moved into them at once).
 """
 
 from __future__ import annotations
@@ -164,8 +168,11 @@ class Controller:
         self._seq += 1
         return f"w{self._seq}"
 
-    def launch(self) -> Worker:
-        worker = Worker(id=self.next_id(), provisioner=self.provisioner.name)
+    def launch(self, command: str | None = None, model: str | None = None) -> Worker:
+        """Start one worker; ``command`` replaces the provisioner's command for it alone."""
+        worker = Worker(
+            id=self.next_id(), provisioner=self.provisioner.name, command=command, model=model
+        )
         self.pool.add(worker)
         self._launches[worker.id] = asyncio.create_task(
             self._launch(worker), name=f"launch-{worker.id}"
@@ -202,14 +209,19 @@ class Controller:
         elif worker.live:
             self.pool.set_state(worker, S.FAILED, reason or "launch abandoned")
 
-    def add_worker(self) -> Worker:
-        """An operator asked for one more worker: raise the target and clear a crash-loop stop."""
+    def add_worker(self, command: str | None = None, model: str | None = None) -> Worker:
+        """An operator asked for one more worker: raise the target and clear a crash-loop stop.
+
+        ``command`` (with the ``model`` it serves) makes this worker run something other than
+        the deployment's worker command.
+        """
         self.blocked = None
         self.start_failures = 0
         self.target = len(self.pool.live()) + 1
         self.policy.operator_target(self.target)
-        self.last_decision = DecisionRecord(time.time(), self.target, "worker added by operator")
-        return self.launch()
+        reason = "worker added by operator" + (f" (model {model})" if model else "")
+        self.last_decision = DecisionRecord(time.time(), self.target, reason)
+        return self.launch(command, model)
 
     def remove_worker(self, worker: Worker) -> None:
         """An operator removed a worker: lower the target (not below min) and drain it."""
@@ -219,6 +231,37 @@ class Controller:
             time.time(), self.target, f"worker {worker.id} removed by operator"
         )
         self.drain(worker)
+
+    def recycle_worker(self, worker: Worker) -> None:
+        """An operator drained a worker: keep the target, so a fresh worker replaces it.
+
+        A worker that ran its own command (another model) is replaced by one running the same;
+        any other is replaced by the next reconcile, like a worker that failed.
+        """
+        self.last_decision = DecisionRecord(
+            time.time(), self.target, f"worker {worker.id} drained by operator"
+        )
+        self.drain(worker)
+        if (
+            worker.command is not None
+            and self.blocked is None
+            and not self._stopping
+            and len(self.pool.live()) < self.target
+        ):
+            self.launch(worker.command, worker.model)
+
+    def set_bounds(self, min_workers: int, max_workers: int) -> None:
+        """An operator changed min/max: the policy keeps within them from now on, and the
+        target moves into them at once (workers launch or drain right away)."""
+        self.policy.set_bounds(min_workers, max_workers)
+        self.target = min(max(self.target, min_workers), max_workers)
+        self.last_decision = DecisionRecord(
+            time.time(),
+            self.target,
+            f"bounds set by operator: min {min_workers}, max {max_workers}",
+        )
+        log.info("bounds set by operator: min %d, max %d", min_workers, max_workers)
+        self.reconcile()
 
     def drain(self, worker: Worker) -> None:
         if worker.state not in LIVE:

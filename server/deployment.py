@@ -49,7 +49,8 @@ def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
         return StaticProvisioner(cfg.endpoints)
     command = cfg.local_command()
     assert command is not None
-    return LocalProvisioner(command, state_dir, cwd=Path(cfg.workdir) if cfg.workdir else None)
+    cwd = Path(cfg.workdir) if cfg.workdir else None
+    return LocalProvisioner(command, state_dir, cwd=cwd, model=cfg.model)
 
 
 class Deployment:

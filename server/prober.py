@@ -91,6 +91,7 @@ class Prober:
                     "detail": detail,
                     "ms": round((time.monotonic() - started) * 1000, 2),
                 }
+                worker.probe_history.append(worker.last_probe)
                 self._apply(worker, ok, detail)
                 poke.clear()
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -66,6 +66,14 @@ class Worker:
     failures: int = 0
     probe_failures: int = 0
     last_probe: dict[str, Any] | None = None
+    #: The last readiness probes ``{"at", "ok", "ms", "detail"}``, oldest first, for the worker
+    #: detail view (``GET /-/workers/{id}``); kept out of ``to_dict`` so the snapshot stays small.
+    probe_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=30))
+    #: The model the worker serves, where known (None for a custom worker command).
+    model: str | None = None
+    #: A command template that replaces the provisioner's own for this worker (an operator
+    #: started it with another model); None runs the deployment's worker command.
+    command: str | None = None
     #: Device memory ``{"used", "total", "device", "source"}`` from the engine's ``/stats``.
     gpu_memory: dict[str, Any] | None = None
     #: The engine's ``/stats`` as last pulled; None for a worker that is not flockctl's engine.
@@ -126,6 +134,7 @@ class Worker:
             "ready_at": self.ready_at,
             "ended_at": self.ended_at,
             "last_probe": self.last_probe,
+            "model": self.model,
             "gpu_memory": self.gpu_memory,
             "engine": self.engine,
             "engine_at": self.engine_at,

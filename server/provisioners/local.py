@@ -1,9 +1,11 @@
 """Workers as local processes: one command line per worker, each in its own process group.
 
 The command is a template: ``{port}`` becomes the port assigned to the worker and
-``{worker_id}`` its id (the environment also carries ``PORT`` and ``FLOCKCTL_WORKER_ID``). Output
-goes to ``workers/<id>.log``. Live workers are recorded in ``workers.json`` (pid and process
-start time) so a restarted daemon re-adopts them instead of leaving orphans.
+``{worker_id}`` its id (the environment also carries ``PORT`` and ``FLOCKCTL_WORKER_ID``). A
+worker may carry its own template (``Worker.command``: an operator started it with another model);
+it replaces the deployment's for that worker only. Output goes to ``workers/<id>.log``. Live
+workers are recorded in ``workers.json`` (pid, process start time, command and model) so a
+restarted daemon re-adopts them instead of leaving orphans.
 """
 
 from __future__ import annotations
@@ -52,11 +54,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 class _Handle:
     """What the provisioner knows of one worker's process."""
 
-    def __init__(self, pid: int, start_time: float, port: int, popen: subprocess.Popen | None):
+    def __init__(
+        self,
+        pid: int,
+        start_time: float,
+        port: int,
+        popen: subprocess.Popen | None,
+        command: str | None = None,
+    ):
         self.pid = pid
         self.start_time = start_time
         self.port = port
         self.popen = popen
+        self.command = command
 
 
 class LocalProvisioner(Provisioner):
@@ -69,8 +79,11 @@ class LocalProvisioner(Provisioner):
         host: str = "127.0.0.1",
         stop_timeout: float = 10.0,
         cwd: Path | None = None,
+        model: str | None = None,
     ) -> None:
         self.command = command
+        #: The model ``command`` serves (flockctl's engine), None for a custom worker command.
+        self.model = model
         self.cwd = cwd
         self.state_dir = state_dir
         self.host = host
@@ -79,13 +92,22 @@ class LocalProvisioner(Provisioner):
         self._table = state_dir / "workers.json"
         self._records: dict[str, dict[str, Any]] = {}
 
-    def render(self, worker_id: str, port: int) -> str:
-        return self.command.replace("{port}", str(port)).replace("{worker_id}", worker_id)
+    def render(self, worker_id: str, port: int, command: str | None = None) -> str:
+        """The command line of one worker: ``command`` (else the deployment's) filled in."""
+        template = command or self.command
+        return template.replace("{port}", str(port)).replace("{worker_id}", worker_id)
+
+    def command_line(self, worker: Worker) -> str | None:
+        """The command line ``worker`` runs, once it was launched (or re-adopted)."""
+        handle: _Handle | None = worker.handle
+        return handle.command if handle is not None else None
 
     async def launch(self, worker: Worker) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if worker.command is None:
+            worker.model = self.model
         port = free_port(self.host)
-        cmd = self.render(worker.id, port)
+        cmd = self.render(worker.id, port, worker.command)
         env = {**os.environ, "PORT": str(port), "FLOCKCTL_WORKER_ID": worker.id}
         log_path = self.log_dir / f"{worker.id}.log"
         with log_path.open("ab") as log:
@@ -101,7 +123,7 @@ class LocalProvisioner(Provisioner):
                 cwd=self.cwd,
             )
         start = process_start_time(popen.pid) or time.time()
-        worker.handle = _Handle(popen.pid, start, port, popen)
+        worker.handle = _Handle(popen.pid, start, port, popen, cmd)
         worker.pid = popen.pid
         worker.url = f"http://{self._client_host()}:{port}"
         self._records[worker.id] = {
@@ -111,6 +133,8 @@ class LocalProvisioner(Provisioner):
             "port": port,
             "url": worker.url,
             "command": cmd,
+            "template": worker.command,
+            "model": worker.model,
         }
         self._save()
 
@@ -192,8 +216,14 @@ class LocalProvisioner(Provisioner):
                 continue
             if not is_same_process(pid, start):
                 continue
+            template, command, model = rec.get("template"), rec.get("command"), rec.get("model")
             worker = Worker(id=worker_id, provisioner=self.name, url=url, pid=pid)
-            worker.handle = _Handle(pid, start, port, None)
+            worker.command = template if isinstance(template, str) else None
+            if "model" not in rec and worker.command is None:  # an older daemon's record
+                model = self.model
+            worker.model = model if isinstance(model, str) else None
+            cmd = command if isinstance(command, str) else None
+            worker.handle = _Handle(pid, start, port, None, cmd)
             worker.transition(WorkerState.PROVISIONING)
             worker.transition(WorkerState.STARTING, "re-adopted after a daemon restart")
             adopted.append(worker)
