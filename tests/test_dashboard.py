@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from rich.console import Console
+from textual.widgets import Input, RichLog
 
 from flockctl.themes import ThemeError, load_theme, load_themes
-from flockctl.tui.app import Dashboard
+from flockctl.tui.app import Dashboard, DashboardCommands, binding_ids
 from flockctl.tui.feed import Feed
+from flockctl.tui.screens import ConfirmScreen, FormScreen, LogsScreen, WorkerScreen
+from flockctl.tui.settings import SettingsError, load_keymap, remembered
 from flockctl.tui.widgets import JobsTable, WorkersTable
 
 TOKEN = "s3cret"
@@ -62,24 +67,77 @@ def snapshot() -> dict[str, Any]:
 
 
 class StatusFeed:
-    """Serves ``self.snap`` at ``/-/status`` to callers with the token; stoppable and restartable
-    on the same port."""
+    """Serves ``self.snap`` at ``/-/status`` to callers with the token, and the admin routes the
+    dashboard's screens and actions use, recording every call; stoppable and restartable on the
+    same port."""
 
     def __init__(self) -> None:
         self.snap = snapshot()
         self.requests = 0
         self.port = 0
+        self.calls: list[tuple[str, str, Any]] = []
+        self.log: list[str] = [f"line {i}" for i in range(5)]
+        self.answer: tuple[int, str] | None = None  # an error every admin action gets
         self._runner: web.AppRunner | None = None
 
+    def _authorised(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {TOKEN}"
+
     async def _status(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if not self._authorised(request):
             return web.json_response({"error": {"message": "bad token"}}, status=401)
         self.requests += 1
         return web.json_response(self.snap)
 
+    async def _worker(self, request: web.Request) -> web.Response:
+        wid = request.match_info["id"]
+        worker = next((w for w in self.snap["workers"] if w["id"] == wid), None)
+        if worker is None:
+            return web.json_response({"error": {"message": f"no worker {wid!r}"}}, status=404)
+        history = [
+            {"at": 1.0, "ok": True, "ms": 1.5, "detail": "HTTP 200"},
+            {"at": 2.0, "ok": False, "ms": None, "detail": "timed out after 5s"},
+            {"at": 3.0, "ok": True, "ms": 2.0, "detail": "HTTP 200"},
+        ]
+        return web.json_response({**worker, "probe_history": history, "command": "serve"})
+
+    async def _logs(self, request: web.Request) -> web.Response:
+        target = request.match_info["target"]
+        if target == "w10":
+            msg = "worker w10 has no log: it is a static endpoint"
+            return web.json_response({"error": {"message": msg}}, status=404)
+        lines = self.log
+        if "offset" in request.query:
+            offset = int(request.query["offset"])
+            if offset > len(lines):
+                return web.json_response(
+                    {"target": target, "offset": len(lines), "lines": lines, "reset": True}
+                )
+            new = lines[offset:]
+        else:
+            new = lines[-int(request.query.get("tail", 200)) :]
+        return web.json_response(
+            {"target": target, "offset": len(lines), "lines": new, "reset": False}
+        )
+
+    async def _action(self, request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else None
+        self.calls.append((request.method, request.path, body))
+        if self.answer is not None:
+            status, message = self.answer
+            return web.json_response({"error": {"message": message}}, status=status)
+        return web.json_response({"ok": True}, status=202)
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/-/status", self._status)
+        app.router.add_get("/-/workers/{id}", self._worker)
+        app.router.add_get("/-/logs/{target}", self._logs)
+        app.router.add_post("/-/workers", self._action)
+        app.router.add_post("/-/workers/{id}/drain", self._action)
+        app.router.add_delete("/-/workers/{id}", self._action)
+        app.router.add_patch("/-/autoscaler", self._action)
+        app.router.add_post("/-/shutdown", self._action)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -107,7 +165,8 @@ async def feed() -> AsyncIterator[StatusFeed]:
 
 
 def app_for(feed: StatusFeed, **kw: Any) -> Dashboard:
-    return Dashboard(Feed(feed.url, TOKEN, timeout=1.0), interval=0.05, themes=load_themes(), **kw)
+    kw.setdefault("interval", 0.2)
+    return Dashboard(Feed(feed.url, TOKEN, timeout=1.0), themes=load_themes(), **kw)
 
 
 async def until(pilot: Any, condition: Callable[[], bool], what: str, timeout: float = 5) -> None:
@@ -269,3 +328,231 @@ def test_cli_refuses_an_unknown_theme_and_a_missing_daemon(
     (tmp_path / "flockctl" / "themes" / "broken.toml").write_text('name = "b"\n')
     r = runner.invoke(app, ["dashboard"])
     assert r.exit_code == 2 and "broken.toml: [colors] must set at least 'primary'" in r.output
+
+
+def text(widget: Any) -> str:
+    """What a Static shows, as plain text (its content may be a Rich table)."""
+    console = Console(width=SIZE[0], file=io.StringIO(), record=True)
+    console.print(widget.content)
+    return console.export_text()
+
+
+async def ready(pilot: Any, app: Dashboard) -> None:
+    await until(pilot, lambda: app.query_one(WorkersTable).row_count == 2, "two worker rows")
+
+
+async def type_into(pilot: Any, selector: str, text: str) -> None:
+    box = pilot.app.screen.query_one(selector, Input)
+    box.value = text
+    box.focus()
+    await pilot.pause()
+
+
+async def test_each_action_sends_its_admin_call(feed: StatusFeed) -> None:
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+
+        async def sent(n: int) -> tuple[str, str, Any]:
+            await until(pilot, lambda: len(feed.calls) >= n, f"admin call {n}")
+            await pilot.pause(0.05)
+            assert len(feed.calls) == n, feed.calls  # exactly one call per action
+            return feed.calls[-1]
+
+        await pilot.press("a")
+        assert await sent(1) == ("POST", "/-/workers", None)
+
+        await pilot.press("d")  # the cursor is on the first worker: w2
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Drain worker w2?" in str(app.screen.query_one("#question").render())
+        await pilot.press("y")
+        assert await sent(2) == ("POST", "/-/workers/w2/drain", None)
+
+        await pilot.press("down", "x")
+        await pilot.press("n")  # cancelled: nothing sent
+        await pilot.pause(0.2)
+        assert len(feed.calls) == 2 and app.screen is app.overview
+        await pilot.press("x", "y")
+        assert await sent(3) == ("DELETE", "/-/workers/w10", None)
+
+        await pilot.press("b")
+        assert isinstance(app.screen, FormScreen)
+        await type_into(pilot, "#field-min", "5")
+        await type_into(pilot, "#field-max", "2")
+        await pilot.press("enter")  # refused in the form: min > max
+        assert "min 5, max 2" in str(app.screen.query_one("#problem").render())
+        await type_into(pilot, "#field-max", "8")
+        await pilot.press("enter")
+        assert await sent(4) == ("PATCH", "/-/autoscaler", {"min_workers": 5, "max_workers": 8})
+
+        await pilot.press("m")
+        await type_into(pilot, "#field-model", "tiny-llama")
+        await pilot.press("enter")
+        assert await sent(5) == ("POST", "/-/workers", {"model": "tiny-llama"})
+
+        await pilot.press("X")
+        assert "Shut deployment 'default' down?" in str(app.screen.query_one("#question").render())
+        await pilot.press("y")
+        assert await sent(6) == ("POST", "/-/shutdown", None)
+
+        feed.answer = (409, "already at max_workers (4)")
+        await pilot.press("a")
+        await sent(7)
+        await until(
+            pilot,
+            lambda: any("already at max_workers (4)" in n.message for n in app._notifications),
+            "the daemon's refusal shown",
+        )
+
+
+async def test_readonly_turns_every_action_off(feed: StatusFeed) -> None:
+    app = app_for(feed, readonly=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        for key in ("a", "d", "x", "b", "m", "X"):
+            await pilot.press(key)
+            await pilot.pause(0.05)
+            assert app.screen is app.overview, key  # no dialog opened
+        for action in ("add_worker", "drain", "remove", "bounds", "start_model", "shutdown"):
+            assert app.check_action(action, ()) is False
+            await app.run_action(action)  # even asked directly (a palette, a remapped key)
+        await pilot.pause(0.2)
+        assert feed.calls == []
+        names = [name for name, _cb, _help in DashboardCommands(app.screen)._commands()]
+        assert "Open worker w2" in names and not any("Drain" in n or "Add" in n for n in names)
+
+
+async def test_worker_detail_shows_probes_engine_and_log_and_esc_goes_back(
+    feed: StatusFeed,
+) -> None:
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("enter")  # on w2
+        assert isinstance(app.screen, WorkerScreen) and app.screen.worker_id == "w2"
+        probes = app.screen.query_one("#probes")
+        await until(pilot, lambda: "✓✗✓" in str(probes.render()), "the probe history")
+        assert "timed out after 5s" in str(probes.render())
+        engine = text(app.screen.query_one("#engine"))
+        assert "running" in engine and "L0" in engine
+        recent = app.screen.query_one("#recent", RichLog)
+        await until(pilot, lambda: len(recent.lines) == 5, "the worker's last log lines")
+        await pilot.press("l")
+        assert isinstance(app.screen, LogsScreen) and app.screen.target == "w2"
+        await pilot.press("escape", "escape")
+        assert app.screen is app.overview
+
+        await pilot.press("down", "enter")  # w10: a static endpoint, it has no log
+        await until(
+            pilot,
+            lambda: "no log: it is a static endpoint" in str(app.screen.query_one("#recent").lines),
+            "the log's absence explained",
+        )
+        del feed.snap["workers"][0]
+        await until(
+            pilot,
+            lambda: "no longer in this deployment" in str(app.screen.query_one("#title").render()),
+            "the worker gone",
+        )
+
+
+async def test_logs_follow_filter_timestamps_and_reset(feed: StatusFeed) -> None:
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("l")
+        logs = app.screen
+        assert isinstance(logs, LogsScreen) and logs.target == "daemon"
+        view = logs.query_one("#log", RichLog)
+        await until(pilot, lambda: len(view.lines) == 5, "the first lines")
+        feed.log += ["ERROR disk full", "line 6"]
+        await until(pilot, lambda: len(logs.lines) == 7, "the new lines, once each")
+        await pilot.pause(0.2)
+        assert [line for _at, line in logs.lines][-2:] == ["ERROR disk full", "line 6"]
+
+        await pilot.press("slash", *"error")
+        assert [s.text for s in view.lines] == ["ERROR disk full"]
+        assert "1 of 7 lines" in str(logs.query_one("#title").render())
+        await pilot.press("enter", "s")  # timestamps
+        assert view.lines[0].text.endswith(" ERROR disk full") and view.lines[0].text[2] == ":"
+        await pilot.press("escape")  # clears the filter, stays on the screen
+        assert app.screen is logs and len(view.lines) == 7
+        await pilot.press("f", "w")
+        assert not logs.follow and logs.wrap and view.wrap and not view.auto_scroll
+
+        feed.log = ["after rotation"]
+        await until(pilot, lambda: [ln for _at, ln in logs.lines] == ["after rotation"], "reset")
+
+
+async def test_filter_narrows_both_tables_and_the_cursor_keeps_its_row(feed: StatusFeed) -> None:
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        workers, jobs = app.query_one(WorkersTable), app.query_one(JobsTable)
+        await pilot.press("down")
+        assert workers.cursor_key == "w10"
+        del feed.snap["workers"][1]  # w2, above the cursor, goes
+        await until(pilot, lambda: workers.row_keys == ["w10"], "w2 gone")
+        assert workers.cursor_key == "w10"
+        feed.snap = snapshot()
+        await until(pilot, lambda: workers.row_count == 2, "w2 back")
+        assert workers.cursor_key == "w10" and workers.cursor == 1
+
+        await pilot.press("slash", *"job-10")
+        assert workers.row_keys == [] and jobs.row_keys == ["w2/job-10", "w10/job-10"]
+        await pilot.press("escape")
+        assert workers.row_count == 2 and jobs.row_count == 4
+
+
+async def test_keys_are_remapped_from_the_config_file(
+    feed: StatusFeed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    config = tmp_path / "flockctl" / "config.toml"
+    config.parent.mkdir()
+    config.write_text('[dashboard.keys]\npause = "space"\n"logs.wrap" = "W"\n')
+    keymap = load_keymap(binding_ids())
+    assert keymap == {"pause": "space", "logs.wrap": "W"}
+    app = app_for(feed, keymap=keymap)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("p")
+        assert app.running.is_set()  # p no longer pauses
+        await pilot.press("space")
+        assert not app.running.is_set()
+
+    for text, words in (
+        ('[dashboard.keys]\npuase = "space"\n', "'puase' is not a binding id; known: .*pause"),
+        ("[dashboard.keys]\npause = 3\n", "pause: must be a key name"),
+        ('[dashboard]\ntheme = "x"\n', r"unknown field\(s\): theme"),
+        ("[dashboard\n", "not valid TOML"),
+    ):
+        config.write_text(text)
+        with pytest.raises(SettingsError, match=words) as info:
+            load_keymap(binding_ids())
+        assert str(config) in str(info.value)
+
+
+async def test_the_picked_theme_is_remembered(
+    feed: StatusFeed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    app = app_for(feed, theme_name="flockctl-dark", remember_theme=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        app.theme = "flockctl-light"  # what picking it in the palette (t) does
+        await pilot.pause(0.1)
+    assert remembered() == {"theme": "flockctl-light"}
+
+
+async def test_no_color_keeps_states_readable(
+    feed: StatusFeed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        assert app.no_color
+        assert any(type(f).__name__ in ("Monochrome", "NoColor") for f in app._filters)
+        # Without colour the state still reads: a glyph and a word.
+        assert app.query_one(WorkersTable).cell("w2", "STATE") == "● READY"

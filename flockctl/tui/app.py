@@ -1,36 +1,51 @@
-"""``flockctl dashboard``: a Textual app that watches one deployment.
+"""``flockctl dashboard``: a Textual app that watches one deployment and steers it.
 
-One polling worker fetches ``GET /-/status`` and posts a message per snapshot, scheduling the next
-poll only after the last one finished; ``p`` pauses it. A daemon that stops answering shows as
+One polling worker fetches ``GET /-/status`` (and whatever the screen on top asked for through
+``paths()``: a worker's detail, a log from an offset) and posts one message per poll, scheduling
+the next only after the last one finished; ``p`` pauses it. A daemon that stops answering shows as
 disconnected over the last good data, and the worker keeps trying, so it reconnects by itself.
+Actions go through the admin API; the destructive ones ask first, and ``--readonly`` turns them
+all off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterable
+from functools import partial
 from typing import Any, ClassVar
 
-from textual.app import App, ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.message import Message
 from textual.theme import Theme
-from textual.widgets import Footer, Sparkline, Static
 
 from flockctl.tui.feed import Feed, FeedError
-from flockctl.tui.widgets import (
-    AutoscalerPanel,
-    DeploymentLine,
-    JobsTable,
-    WorkersTable,
+from flockctl.tui.screens import (
+    ConfirmScreen,
+    ConnectionLine,
+    FormScreen,
+    HelpScreen,
+    LiveScreen,
+    LogsScreen,
+    OverviewScreen,
+    WorkerScreen,
 )
+from flockctl.tui.settings import config_path, remember
+from flockctl.tui.widgets import LiveTable
+
+#: Actions that change the deployment: off with --readonly.
+MUTATING = frozenset({"add_worker", "start_model", "drain", "remove", "bounds", "shutdown"})
 
 
 class SnapshotArrived(Message):
-    def __init__(self, snap: dict[str, Any]) -> None:
+    def __init__(self, snap: dict[str, Any], extras: dict[str, Any]) -> None:
         super().__init__()
         self.snap = snap
+        self.extras = extras
 
 
 class FeedLost(Message):
@@ -39,22 +54,85 @@ class FeedLost(Message):
         self.error = error
 
 
+class DashboardCommands(Provider):
+    """The dashboard's actions in the command palette (ctrl+p)."""
+
+    def _commands(self) -> Iterable[tuple[str, Any, str]]:
+        app: Dashboard = self.app  # type: ignore[assignment]
+        yield "Show the daemon's log", partial(app.open_logs, "daemon"), "follow daemon.log"
+        yield "Pause or resume polling", app.action_toggle_pause, "stop or restart updates"
+        yield "Keys", app.action_help, "every key and its binding id"
+        workers = [str(w["id"]) for w in (app.snapshot or {}).get("workers") or []]
+        for worker in workers:
+            yield f"Open worker {worker}", partial(app.open_worker, worker), "detail screen"
+            yield f"Show the log of {worker}", partial(app.open_logs, worker), "follow its log"
+        if app.readonly:
+            return
+        yield "Add a worker", app.action_add_worker, "one more of the deployment's workers"
+        yield "Start an engine worker with a model…", app.action_start_model, "choose a model"
+        yield "Set min/max workers…", app.action_bounds, "the autoscaler's bounds"
+        yield "Shut the deployment down…", app.action_shutdown, "drain and stop everything"
+        for worker in workers:
+            yield f"Drain worker {worker}…", partial(app.drain, worker), "finish, then replace"
+            yield f"Remove worker {worker}…", partial(app.remove, worker), "and lower the target"
+
+    async def discover(self) -> Hits:
+        for name, callback, help_text in self._commands():
+            yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, callback, help_text in self._commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+
+
 class Dashboard(App[None]):
     TITLE = "flockctl"
     CSS = """
-    DeploymentLine { height: auto; padding: 0 1; background: $panel; }
-    #connection { height: 1; padding: 0 1; }
-    #connection.lost { background: $error; color: $text; }
-    #connection.paused { background: $warning; color: $text; }
+    DeploymentLine, #title { height: auto; padding: 0 1; background: $panel; }
+    ConnectionLine { height: auto; padding: 0 1; }
+    ConnectionLine.lost { background: $error; color: $text; }
+    ConnectionLine.paused { background: $warning; color: $text; }
     WorkersTable { height: 1fr; min-height: 5; }
     #scaling { height: 5; }
     #qlrm { width: 30%; min-width: 20; }
     AutoscalerPanel { width: 1fr; padding: 0 1; }
     JobsTable { height: 1fr; min-height: 5; }
+    #filter { dock: bottom; margin-bottom: 1; }
+    #columns { height: auto; }
+    #facts, #engine { width: 1fr; height: auto; padding: 1 1 0 1; }
+    #probes { height: auto; padding: 1 1 0 1; }
+    .heading { padding: 1 1 0 1; text-style: bold; }
+    #recent { height: 14; padding: 0 1; }
+    #log { height: 1fr; }
+    ConfirmScreen, FormScreen, HelpScreen { align: center middle; }
+    #dialog {
+        width: 72; height: auto; max-height: 90%; padding: 1 2;
+        border: thick $primary; background: $surface;
+    }
+    #question { text-style: bold; margin-bottom: 1; }
+    #buttons { height: auto; margin-top: 1; align-horizontal: right; }
+    #buttons Button { margin-left: 2; }
+    #problem { height: auto; color: $error; }
+    .hint { color: $text-muted; }
     """
-    BINDINGS: ClassVar[list[Binding]] = [
-        Binding("p", "toggle_pause", "Pause", id="pause"),
+    COMMANDS = App.COMMANDS | {DashboardCommands}
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit", id="quit"),
+        Binding("question_mark", "help", "Keys", id="help"),
+        Binding("p", "toggle_pause", "Pause", id="pause"),
+        Binding("slash", "filter", "Filter", id="filter"),
+        Binding("l", "logs", "Logs", id="logs"),
+        Binding("escape", "back", "Back", id="back"),
+        Binding("t", "change_theme", "Theme", id="theme"),
+        Binding("a", "add_worker", "Add", id="add_worker"),
+        Binding("m", "start_model", "Model", id="start_model"),
+        Binding("d", "drain", "Drain", id="drain"),
+        Binding("x", "remove", "Remove", id="remove"),
+        Binding("b", "bounds", "Min/max", id="bounds"),
+        Binding("X", "shutdown", "Shut down", id="shutdown", show=False),
     ]
 
     def __init__(
@@ -63,84 +141,347 @@ class Dashboard(App[None]):
         interval: float = 1.0,
         themes: dict[str, Theme] | None = None,
         theme_name: str | None = None,
+        *,
+        readonly: bool = False,
+        keymap: dict[str, str] | None = None,
+        remember_theme: bool = False,
     ) -> None:
         super().__init__()
         self.feed = feed
         self.interval = interval
+        self.readonly = readonly
         self._themes = themes or {}
         self._theme_name = theme_name
+        self._keymap = keymap or {}
+        self._remember_theme = remember_theme
         self.snapshot: dict[str, Any] | None = None
         self.snapshot_at: float | None = None
+        self.extras: dict[str, Any] = {}
         self.polls = 0
         self.running = asyncio.Event()
         self.running.set()
+        self._wake = asyncio.Event()
+        self._connection: tuple[str, str | None] = ("", None)
+        self._selectable = False
+        self.overview = OverviewScreen()
 
-    def compose(self) -> ComposeResult:
-        yield DeploymentLine("connecting…")
-        yield Static("", id="connection")
-        yield WorkersTable(id="workers")
-        with Horizontal(id="scaling"):
-            yield Sparkline([], id="qlrm")
-            yield AutoscalerPanel("")
-        yield JobsTable(id="jobs")
-        yield Footer()
+    # -- start, poll, show ---------------------------------------------------------------------
 
     def on_mount(self) -> None:
         for theme in self._themes.values():
             self.register_theme(theme)
         if self._theme_name:
             self.theme = self._theme_name
+        if self._keymap:
+            self.set_keymap(self._keymap)
+        if self._remember_theme:
+            self.theme_changed_signal.subscribe(self, self._on_theme_changed)
+        if self.readonly:
+            self.sub_title = "read-only"
         self.run_worker(self._poll(), name="status-poll", group="poll", exclusive=True)
+
+    def get_default_screen(self) -> OverviewScreen:
+        return self.overview
+
+    def _on_theme_changed(self, theme: Theme) -> None:
+        remember(theme=theme.name)
+
+    def live_screen(self) -> LiveScreen | None:
+        """The screen the poller feeds: the topmost live one (a dialog may sit on it)."""
+        for screen in reversed(self.screen_stack):
+            if isinstance(screen, LiveScreen):
+                return screen
+        return None
 
     async def _poll(self) -> None:
         while True:
             await self.running.wait()
+            screen = self.live_screen()
+            paths = screen.paths() if screen is not None else []
             try:
                 snap = await self.feed.status()
             except FeedError as exc:
                 self.post_message(FeedLost(str(exc)))
             else:
-                self.post_message(SnapshotArrived(snap))
+                extras: dict[str, Any] = {}
+                for path in paths:
+                    try:
+                        extras[path] = await self.feed.call("GET", path)
+                    except FeedError as exc:
+                        extras[path] = exc
+                self.post_message(SnapshotArrived(snap, extras))
             self.polls += 1
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+
+    def poll_now(self) -> None:
+        """Poll without waiting out the interval (after an action, or a new screen)."""
+        self._wake.set()
 
     def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
-        snap = message.snap
-        self.snapshot, self.snapshot_at = snap, time.time()
-        if not self.query(DeploymentLine):
-            return  # the app is closing: its widgets are gone
-        self.query_one(DeploymentLine).show(snap)
-        self.query_one(WorkersTable).show(snap)
-        self.query_one(JobsTable).show(snap)
-        self.query_one(AutoscalerPanel).show(snap)
-        history = (snap.get("autoscaler") or {}).get("qlrm_history") or []
-        self.query_one(Sparkline).data = [float(v) for _t, v in history] or [0.0]
+        self.snapshot, self.snapshot_at = message.snap, time.time()
+        self.extras = message.extras
+        screen = self.live_screen()
+        if screen is None or not screen.ready or not screen.query(ConnectionLine):
+            return  # not composed yet (it shows the data once it is), or the app is closing
+        screen.show(message.snap, message.extras)
+        selectable = screen.selected_worker() is not None
+        if selectable != self._selectable:  # drain and remove turn on or off in the footer
+            self._selectable = selectable
+            self.refresh_bindings()
         if self.running.is_set():
-            self._connection("", None)
+            self._set_connection("", None)
 
     def on_feed_lost(self, message: FeedLost) -> None:
-        if not self.query("#connection"):
-            return  # the app is closing
         last = (
             time.strftime("%H:%M:%S", time.localtime(self.snapshot_at))
             if self.snapshot_at
             else "never"
         )
-        self._connection(f"✗ disconnected: {message.error} (last data {last}; retrying)", "lost")
+        self._set_connection(
+            f"✗ disconnected: {message.error} (last data {last}; retrying)", "lost"
+        )
+
+    def _set_connection(self, text: str, state: str | None) -> None:
+        self._connection = (text, state)
+        screen = self.live_screen()
+        if screen is not None and screen.ready:
+            for line in screen.query(ConnectionLine):
+                line.show(text, state)
+
+    def resumed(self, screen: LiveScreen) -> None:
+        """``screen`` came back on top: show it the latest data at once."""
+        for line in screen.query(ConnectionLine):
+            line.show(*self._connection)
+        if self.snapshot is not None:
+            paths = screen.paths()
+            screen.show(self.snapshot, {p: v for p, v in self.extras.items() if p in paths})
+
+    # -- navigation ----------------------------------------------------------------------------
 
     def action_toggle_pause(self) -> None:
         if self.running.is_set():
             self.running.clear()
-            self._connection("⏸ paused: press p to resume", "paused")
+            self._set_connection("⏸ paused: press p to resume", "paused")
         else:
             self.running.set()
-            self._connection("", None)
+            self._set_connection("", None)
 
-    def _connection(self, text: str, state: str | None) -> None:
-        line = self.query_one("#connection", Static)
-        line.update(text)
-        line.set_class(state == "lost", "lost")
-        line.set_class(state == "paused", "paused")
+    def open_worker(self, worker_id: str) -> None:
+        self.push_screen(WorkerScreen(worker_id))
+        self.poll_now()
+
+    def open_logs(self, target: str) -> None:
+        self.push_screen(LogsScreen(target))
+        self.poll_now()
+
+    def action_logs(self) -> None:
+        screen = self.live_screen()
+        if isinstance(screen, LogsScreen):
+            return
+        worker = screen.selected_worker() if isinstance(screen, WorkerScreen) else None
+        self.open_logs(worker or "daemon")
+
+    def action_filter(self) -> None:
+        screen = self.live_screen()
+        if screen is not None:
+            screen.open_filter()
+
+    def action_back(self) -> None:
+        screen = self.screen
+        if isinstance(screen, LiveScreen) and screen.close_filter():
+            return
+        if screen is not self.overview and len(self.screen_stack) > 1:
+            self.pop_screen()
+
+    def action_help(self) -> None:
+        keys: dict[str, list[str]] = {}
+        what: dict[str, str] = {}
+        for active in self.screen.active_bindings.values():
+            binding = active.binding
+            if binding.id is None or not active.enabled:
+                continue
+            keys.setdefault(binding.id, []).append(self.get_key_display(binding))
+            what[binding.id] = binding.description
+        rows = [(" ".join(keys[i]), what[i], i) for i in keys]
+        rows.append(("ctrl+p", "Command palette: every action, workers by name", "-"))
+        self.push_screen(HelpScreen(rows, str(config_path()), self.readonly))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "back" and self.screen is self.overview:
+            return self.overview.filtering()
+        if action in MUTATING:
+            if self.readonly:
+                return False
+            if action in ("drain", "remove"):
+                screen = self.live_screen()
+                return None if screen is None or screen.selected_worker() is None else True
+            if not isinstance(self.screen, LiveScreen):
+                return False  # not under a dialog
+        return True
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def _act(self, what: str, method: str, path: str, body: Any = None) -> None:
+        """Send one admin call off the UI's back, then say how it went and poll at once."""
+
+        async def run() -> None:
+            try:
+                await self.feed.call(method, path, json=body)
+            except FeedError as exc:
+                self.notify(str(exc), title=f"{what}: failed", severity="error", timeout=8)
+            else:
+                self.notify(what, title="done")
+            self.poll_now()
+
+        self.run_worker(run(), group="actions")
+
+    def _refuse_readonly(self) -> bool:
+        if self.readonly:
+            self.notify("started with --readonly: actions are off", severity="warning")
+        return self.readonly
+
+    def action_add_worker(self) -> None:
+        if not self._refuse_readonly():
+            self._act("worker added", "POST", "/-/workers")
+
+    def action_start_model(self) -> None:
+        if self._refuse_readonly():
+            return
+        model = ((self.snapshot or {}).get("deployment") or {}).get("model") or "demo"
+
+        def chosen(values: dict[str, str] | None) -> None:
+            if values:
+                self._act(
+                    f"engine worker with {values['model']} starting",
+                    "POST",
+                    "/-/workers",
+                    {"model": values["model"]},
+                )
+
+        self.push_screen(
+            FormScreen(
+                "Start a local engine worker",
+                [("model", "model (a hub id, a local path, or demo)", str(model))],
+                lambda v: None if v["model"] else "a model is needed",
+            ),
+            chosen,
+        )
+
+    def action_bounds(self) -> None:
+        if self._refuse_readonly():
+            return
+        auto = (self.snapshot or {}).get("autoscaler") or {}
+
+        def check(values: dict[str, str]) -> str | None:
+            try:
+                low, high = int(values["min"]), int(values["max"])
+            except ValueError:
+                return "min and max must be whole numbers"
+            if low < 0 or high < 1 or low > high:
+                return f"need 0 <= min <= max and max >= 1 (got min {low}, max {high})"
+            return None
+
+        def chosen(values: dict[str, str] | None) -> None:
+            if values:
+                low, high = int(values["min"]), int(values["max"])
+                self._act(
+                    f"bounds set: min {low}, max {high}",
+                    "PATCH",
+                    "/-/autoscaler",
+                    {"min_workers": low, "max_workers": high},
+                )
+
+        self.push_screen(
+            FormScreen(
+                "Autoscaler bounds",
+                [
+                    ("min", "min workers", str(auto.get("min_workers", 0))),
+                    ("max", "max workers", str(auto.get("max_workers", 1))),
+                ],
+                check,
+            ),
+            chosen,
+        )
+
+    def _selected(self) -> str | None:
+        screen = self.live_screen()
+        return screen.selected_worker() if screen is not None else None
+
+    def _worker(self, worker_id: str) -> dict[str, Any]:
+        for w in (self.snapshot or {}).get("workers") or []:
+            if str(w.get("id")) == worker_id:
+                return w
+        return {}
+
+    def action_drain(self) -> None:
+        worker = self._selected()
+        if worker is not None:
+            self.drain(worker)
+
+    def action_remove(self) -> None:
+        worker = self._selected()
+        if worker is not None:
+            self.remove(worker)
+
+    def drain(self, worker_id: str) -> None:
+        if self._refuse_readonly():
+            return
+        busy = self._worker(worker_id).get("in_flight", 0)
+        self._confirm(
+            f"Drain worker {worker_id}?",
+            f"It takes no new requests, finishes the {busy} in flight, and stops; the"
+            " autoscaler starts a replacement (the target stays).",
+            "Drain",
+            lambda: self._act(f"{worker_id} draining", "POST", f"/-/workers/{worker_id}/drain"),
+        )
+
+    def remove(self, worker_id: str) -> None:
+        if self._refuse_readonly():
+            return
+        auto = (self.snapshot or {}).get("autoscaler") or {}
+        self._confirm(
+            f"Remove worker {worker_id}?",
+            f"It drains and stops, and the target drops by one (not below min_workers"
+            f" {auto.get('min_workers', '-')}).",
+            "Remove",
+            lambda: self._act(f"{worker_id} removed", "DELETE", f"/-/workers/{worker_id}"),
+        )
+
+    def action_shutdown(self) -> None:
+        if self._refuse_readonly():
+            return
+        d = (self.snapshot or {}).get("deployment") or {}
+        live = sum(
+            1
+            for w in (self.snapshot or {}).get("workers") or []
+            if w.get("state") not in ("TERMINATED", "FAILED")
+        )
+        self._confirm(
+            f"Shut deployment {d.get('name', '?')!r} down?",
+            f"Every worker ({live}) drains and stops, then the daemon exits; the endpoint"
+            f" {d.get('endpoint', '')} stops answering.",
+            "Shut down",
+            lambda: self._act("the deployment is shutting down", "POST", "/-/shutdown"),
+        )
+
+    def _confirm(self, question: str, consequence: str, yes: str, then: Any) -> None:
+        def answered(ok: bool | None) -> None:
+            if ok:
+                then()
+
+        self.push_screen(ConfirmScreen(question, consequence, yes), answered)
 
     async def on_unmount(self) -> None:
         await self.feed.close()
+
+
+def binding_ids() -> set[str]:
+    """Every binding id a config file's ``[dashboard.keys]`` may remap."""
+    ids = set()
+    for owner in (Dashboard, LiveTable, LogsScreen, ConfirmScreen, FormScreen, HelpScreen):
+        for binding in owner.BINDINGS:
+            if isinstance(binding, Binding) and binding.id:
+                ids.add(binding.id)
+    return ids

@@ -11,7 +11,12 @@ import httpx
 
 
 class FeedError(Exception):
-    """The daemon did not answer, or answered with an error; the message says which."""
+    """The daemon did not answer, or answered with an error; the message says which, and
+    ``status`` is the HTTP status of an error answer (None when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Feed:
@@ -26,6 +31,8 @@ class Feed:
         await self._http.aclose()
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self._http.is_closed:
+            raise FeedError(f"{method} {path}: the dashboard is closing")
         try:
             resp = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -37,7 +44,9 @@ class Feed:
                 message = resp.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = resp.text[:200]
-            raise FeedError(f"{method} {path}: HTTP {resp.status_code}: {message}")
+            raise FeedError(
+                f"{method} {path}: HTTP {resp.status_code}: {message}", resp.status_code
+            )
         try:
             return resp.json()
         except ValueError:
