@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -335,6 +336,14 @@ def up(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the daemon.", rich_help_panel=D)
     ] = 60.0,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--dashboard",
+            help="Once it is up, watch it full-screen (flockctl dashboard).",
+            rich_help_panel=D,
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a deployment's daemon (balancer + autoscaler) in the background.
@@ -400,6 +409,9 @@ def up(
     names = {"endpoints": "--endpoint", "probe": "probe flags"}
     target = name or _spec_name(spec) or "default"
     check_name(target)
+    if watch and (as_json or foreground or not wait):
+        clash = "--json" if as_json else "--foreground" if foreground else "--no-wait"
+        fail(f"--dashboard cannot be used with {clash}", ExitCode.USAGE)
     existing = running_daemon(target)
     if existing is not None:
         say(
@@ -407,6 +419,8 @@ def up(
             f" (pid {existing.pid}); stop it with flockctl down --name {target}"
         )
         _print_up(target, existing.endpoint, existing.pid, state_dir(target), as_json, True)
+        if watch:
+            run_dashboard(target, None, False, 1.0, offer_start=False)
         return
     try:
         cfg = resolve(spec, flags, names)
@@ -450,6 +464,8 @@ def up(
         f" flockctl status{'' if cfg.name == 'default' else ' --name ' + cfg.name}"
     )
     _print_up(cfg.name, record.endpoint, record.pid, directory, as_json, False)
+    if watch:
+        run_dashboard(cfg.name, None, False, 1.0, offer_start=False)
 
 
 def _spec_name(spec: Path | None) -> str | None:
@@ -500,18 +516,42 @@ def dashboard(
             envvar="FLOCKCTL_THEME",
             help="Colour theme: flockctl-dark, flockctl-light, flockctl-colorblind,"
             " flockctl-terminal (the terminal's own palette), a Textual theme, or one of yours in"
-            " $XDG_CONFIG_HOME/flockctl/themes/*.toml [default: flockctl-dark].",
+            " $XDG_CONFIG_HOME/flockctl/themes/*.toml [default: the last one picked with t, else"
+            " flockctl-dark].",
             show_default=False,
         ),
     ] = None,
+    readonly: Annotated[
+        bool,
+        typer.Option(
+            "--readonly", help="Watch only: the actions that change the deployment are off."
+        ),
+    ] = False,
     interval: Annotated[
         float, typer.Option(help="Seconds between status polls.", min=0.1, max=3600)
     ] = 1.0,
 ) -> None:
-    """Watch the deployment full-screen: workers, autoscaler, engine jobs, live (p pauses, q
-    quits). Exit 3 when no daemon runs under the name."""
+    """Watch and steer the deployment full-screen: workers, autoscaler, engine jobs, logs.
+
+    Keys: enter a worker's detail, l logs, / filter, p pause, a add a worker, d drain,
+    x remove, m start an engine worker with a model, b min/max workers, X shut down,
+    t theme, ? every key, ctrl+p command palette, q quit. Remap any key by its binding id in
+    $XDG_CONFIG_HOME/flockctl/config.toml under [dashboard.keys].
+
+    When no daemon runs under the name, a terminal gets an offer to start one (demo engine
+    workers, or a SPEC file); elsewhere the exit status is 3.
+    """
     check_name(name)
+    run_dashboard(name, theme, readonly, interval, offer_start=sys.stdin.isatty())
+
+
+def run_dashboard(
+    name: str, theme: str | None, readonly: bool, interval: float, offer_start: bool
+) -> None:
+    """Check the theme and the key map (exit 2 naming the problem), find the daemon, and run
+    the dashboard on it; without one, offer to start it when ``offer_start``, else exit 3."""
     from flockctl.themes import DEFAULT_THEME, ThemeError, load_themes
+    from flockctl.tui.settings import SettingsError, load_keymap, remembered
 
     try:
         themes = load_themes(user_themes())
@@ -519,20 +559,54 @@ def dashboard(
         fail(str(exc), ExitCode.USAGE)
     from textual.theme import BUILTIN_THEMES
 
-    chosen = theme or DEFAULT_THEME
-    if chosen not in themes and chosen not in BUILTIN_THEMES:
-        known = ", ".join(sorted({*themes, *BUILTIN_THEMES}))
-        fail(f"--theme {chosen!r}: no such theme; known: {known}", ExitCode.USAGE)
+    known = {*themes, *BUILTIN_THEMES}
+    if theme is not None and theme not in known:
+        fail(f"--theme {theme!r}: no such theme; known: {', '.join(sorted(known))}", ExitCode.USAGE)
+    last = remembered().get("theme")
+    chosen = theme or (last if last in known else DEFAULT_THEME)
+
+    from flockctl.tui.app import Dashboard, binding_ids
+    from flockctl.tui.feed import Feed
+
+    try:
+        keymap = load_keymap(binding_ids())
+    except SettingsError as exc:
+        fail(str(exc), ExitCode.USAGE)
     record = running_daemon(name)
-    if record is None:
+    if record is None and not offer_start:
         fail(
             f'no daemon named "{name}" is running; start one with flockctl up --name {name}',
             ExitCode.NOT_RUNNING,
         )
-    from flockctl.tui.app import Dashboard
-    from flockctl.tui.feed import Feed
+    app = Dashboard(
+        Feed(record.endpoint, record.token) if record is not None else None,
+        interval,
+        themes,
+        chosen,
+        readonly=readonly,
+        keymap=keymap,
+        remember_theme=True,
+        name=name,
+        starter=None if record is not None else partial(start_deployment, name),
+    )
+    app.run()
 
-    Dashboard(Feed(record.endpoint, record.token), interval, themes, chosen).run()
+
+def start_deployment(name: str, spec: Path | None, workers: int) -> tuple[str, str]:
+    """Start deployment ``name`` from ``spec``, or with ``workers`` local engine workers serving
+    the demo model; returns its endpoint and admin token, or raises ClientError."""
+    from flockctl import daemon
+    from flockctl.server.config import ConfigError, resolve
+
+    flags: dict[str, Any] = {"name": name, "workdir": os.getcwd()}
+    if spec is None:
+        flags.update(model="demo", min_workers=workers, max_workers=max(workers, 2))
+    try:
+        cfg = resolve(spec, flags, {"name": "--name"})
+    except ConfigError as exc:
+        raise ClientError("; ".join(exc.problems), ExitCode.USAGE) from None
+    record = daemon.launch(cfg.model_dump(mode="json"), state_dir(cfg.name), 60.0)
+    return record.endpoint, record.token
 
 
 @app.command()

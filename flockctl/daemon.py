@@ -93,6 +93,14 @@ def wait_until_up(proc: subprocess.Popen, directory: Path, timeout: float) -> Da
     )
 
 
+def launch(config: dict, directory: Path, timeout: float) -> DaemonRecord:
+    """Start a daemon for a resolved config (``DeploymentConfig.model_dump(mode="json")``) and
+    wait until it answers; ClientError says why it did not (a busy port, an early exit)."""
+    check_port(str(config["host"]), int(config["port"]))
+    write_config(directory, config)
+    return wait_until_up(spawn(str(config["name"]), directory), directory, timeout)
+
+
 @dataclass
 class StopResult:
     was_running: bool

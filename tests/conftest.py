@@ -36,6 +36,11 @@ def flockctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "flockctl-home"
     monkeypatch.setenv("FLOCKCTL_HOME", str(home))
     monkeypatch.delenv("FLOCKCTL_NAME", raising=False)
+    # The dashboard reads key bindings from the config dir and remembers its theme in the state
+    # dir: never the user's own.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    monkeypatch.delenv("FLOCKCTL_THEME", raising=False)
     return home
 
 

@@ -12,13 +12,22 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from conftest import fake_worker_command
 from rich.console import Console
 from textual.widgets import Input, RichLog
 
+from flockctl.client import ClientError
+from flockctl.server.provisioners.local import free_port
 from flockctl.themes import ThemeError, load_theme, load_themes
 from flockctl.tui.app import Dashboard, DashboardCommands, binding_ids
 from flockctl.tui.feed import Feed
-from flockctl.tui.screens import ConfirmScreen, FormScreen, LogsScreen, WorkerScreen
+from flockctl.tui.screens import (
+    ConfirmScreen,
+    FormScreen,
+    LogsScreen,
+    StartScreen,
+    WorkerScreen,
+)
 from flockctl.tui.settings import SettingsError, load_keymap, remembered
 from flockctl.tui.widgets import JobsTable, WorkersTable
 
@@ -328,6 +337,12 @@ def test_cli_refuses_an_unknown_theme_and_a_missing_daemon(
     (tmp_path / "flockctl" / "themes" / "broken.toml").write_text('name = "b"\n')
     r = runner.invoke(app, ["dashboard"])
     assert r.exit_code == 2 and "broken.toml: [colors] must set at least 'primary'" in r.output
+    (tmp_path / "flockctl" / "themes" / "broken.toml").unlink()
+    (tmp_path / "flockctl" / "config.toml").write_text('[dashboard.keys]\nstop = "s"\n')
+    r = runner.invoke(app, ["dashboard"])
+    assert r.exit_code == 2 and "'stop' is not a binding id" in r.output
+    r = runner.invoke(app, ["up", "--dashboard", "--json"])
+    assert r.exit_code == 2 and "--dashboard cannot be used with --json" in r.output
 
 
 def text(widget: Any) -> str:
@@ -556,3 +571,59 @@ async def test_no_color_keeps_states_readable(
         assert any(type(f).__name__ in ("Monochrome", "NoColor") for f in app._filters)
         # Without colour the state still reads: a glyph and a word.
         assert app.query_one(WorkersTable).cell("w2", "STATE") == "● READY"
+
+
+async def test_without_a_daemon_it_offers_to_start_one_then_watches_it(feed: StatusFeed) -> None:
+    asked: list[tuple[Path | None, int]] = []
+
+    def starter(spec: Path | None, workers: int) -> tuple[str, str]:
+        asked.append((spec, workers))
+        if spec is not None:
+            raise ClientError(f"{spec}: no such file")
+        return feed.url, TOKEN  # the deployment it "started"
+
+    app = Dashboard(None, 0.2, load_themes(), name="demo", starter=starter)
+    async with app.run_test(size=SIZE) as pilot:
+        assert isinstance(app.screen, StartScreen)
+        assert "No deployment named 'demo' is running" in text(app.screen.query_one("#question"))
+        for key in ("a", "d", "l", "slash"):
+            await pilot.press(key)  # nothing to act on yet
+        assert isinstance(app.screen, StartScreen) and feed.requests == 0
+
+        app.screen.query_one("#workers", Input).value = "0"
+        await pilot.click("#demo")
+        assert "0 is not a number from 1 to 64" in text(app.screen.query_one("#problem"))
+        app.screen.query_one("#spec", Input).value = "missing.yaml"
+        await pilot.click("#from-spec")
+        await until(pilot, lambda: "no such file" in text(app.screen.query_one("#problem")), "err")
+        assert not app.screen.query_one("#demo").disabled  # another try is possible
+
+        app.screen.query_one("#workers", Input).value = "3"
+        await pilot.click("#demo")
+        await ready(pilot, app)
+        assert asked == [(Path("missing.yaml"), 0), (None, 3)]
+        assert app.screen is app.overview
+
+
+def test_start_deployment_runs_a_real_daemon_from_a_spec(tmp_path: Path) -> None:
+    from flockctl import daemon
+    from flockctl.cli import start_deployment
+    from flockctl.state import running_daemon, state_dir
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "flockctl:\n"
+        f"  worker_command: {fake_worker_command()!r}\n"
+        "  min_workers: 1\n"
+        f"  port: {free_port()}\n"
+    )
+    try:
+        endpoint, token = start_deployment("started", spec, 0)
+        record = running_daemon("started")
+        assert record is not None and (record.endpoint, record.token) == (endpoint, token)
+        with pytest.raises(ClientError, match=r"spec\.yaml") as info:
+            start_deployment("other", tmp_path / "nope" / "spec.yaml", 0)
+        assert info.value.code == 2
+    finally:
+        daemon.stop("started", state_dir("started"), 30)
+    assert running_daemon("started") is None

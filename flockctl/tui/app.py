@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
 from textual.app import App
@@ -32,11 +33,14 @@ from flockctl.tui.screens import (
     LiveScreen,
     LogsScreen,
     OverviewScreen,
+    StartScreen,
     WorkerScreen,
 )
 from flockctl.tui.settings import config_path, remember
 from flockctl.tui.widgets import LiveTable
 
+#: Starts the deployment: (SPEC file or None for demo workers, how many) -> (endpoint, token).
+Starter = Callable[[Path | None, int], tuple[str, str]]
 #: Actions that change the deployment: off with --readonly.
 MUTATING = frozenset({"add_worker", "start_model", "drain", "remove", "bounds", "shutdown"})
 
@@ -107,7 +111,10 @@ class Dashboard(App[None]):
     .heading { padding: 1 1 0 1; text-style: bold; }
     #recent { height: 14; padding: 0 1; }
     #log { height: 1fr; }
-    ConfirmScreen, FormScreen, HelpScreen { align: center middle; }
+    ConfirmScreen, FormScreen, HelpScreen, StartScreen { align: center middle; }
+    .row { height: auto; }
+    .row Input { width: 1fr; }
+    #workers { width: 10; }
     #dialog {
         width: 72; height: auto; max-height: 90%; padding: 1 2;
         border: thick $primary; background: $surface;
@@ -137,7 +144,7 @@ class Dashboard(App[None]):
 
     def __init__(
         self,
-        feed: Feed,
+        feed: Feed | None,
         interval: float = 1.0,
         themes: dict[str, Theme] | None = None,
         theme_name: str | None = None,
@@ -145,9 +152,17 @@ class Dashboard(App[None]):
         readonly: bool = False,
         keymap: dict[str, str] | None = None,
         remember_theme: bool = False,
+        name: str = "default",
+        starter: Starter | None = None,
     ) -> None:
+        """``feed`` is the daemon to watch; without one, ``starter(spec, workers)`` starts the
+        deployment ``name`` (after the user chose how) and returns its endpoint and token."""
         super().__init__()
+        if feed is None and starter is None:
+            raise ValueError("a Dashboard needs a feed or a starter")
         self.feed = feed
+        self.deployment = name
+        self._starter = starter
         self.interval = interval
         self.readonly = readonly
         self._themes = themes or {}
@@ -178,7 +193,35 @@ class Dashboard(App[None]):
             self.theme_changed_signal.subscribe(self, self._on_theme_changed)
         if self.readonly:
             self.sub_title = "read-only"
-        self.run_worker(self._poll(), name="status-poll", group="poll", exclusive=True)
+        if self.feed is None:
+            self.push_screen(StartScreen(self.deployment))
+        else:
+            self._watch(self.feed)
+
+    def _watch(self, feed: Feed) -> None:
+        self.feed = feed
+        self.run_worker(self._poll(feed), name="status-poll", group="poll", exclusive=True)
+
+    def start_daemon(self, spec: str | None, workers: int) -> None:
+        """Start the deployment as the user chose on the start screen, then watch it."""
+        assert self._starter is not None
+        starter = self._starter
+
+        async def start() -> None:
+            try:
+                endpoint, token = await asyncio.to_thread(
+                    starter, Path(spec).expanduser() if spec else None, workers
+                )
+            except Exception as exc:  # a ClientError or ConfigError: its message says it all
+                if isinstance(self.screen, StartScreen):
+                    self.screen.problem(str(exc))
+                return
+            if isinstance(self.screen, StartScreen):
+                self.pop_screen()
+            self.notify(f"deployment {self.deployment!r} is up at {endpoint}", title="started")
+            self._watch(Feed(endpoint, token))
+
+        self.run_worker(start(), group="start", exclusive=True)
 
     def get_default_screen(self) -> OverviewScreen:
         return self.overview
@@ -193,20 +236,20 @@ class Dashboard(App[None]):
                 return screen
         return None
 
-    async def _poll(self) -> None:
+    async def _poll(self, feed: Feed) -> None:
         while True:
             await self.running.wait()
             screen = self.live_screen()
             paths = screen.paths() if screen is not None else []
             try:
-                snap = await self.feed.status()
+                snap = await feed.status()
             except FeedError as exc:
                 self.post_message(FeedLost(str(exc)))
             else:
                 extras: dict[str, Any] = {}
                 for path in paths:
                     try:
-                        extras[path] = await self.feed.call("GET", path)
+                        extras[path] = await feed.call("GET", path)
                     except FeedError as exc:
                         extras[path] = exc
                 self.post_message(SnapshotArrived(snap, extras))
@@ -278,7 +321,7 @@ class Dashboard(App[None]):
 
     def action_logs(self) -> None:
         screen = self.live_screen()
-        if isinstance(screen, LogsScreen):
+        if screen is None or isinstance(screen, LogsScreen):
             return
         worker = screen.selected_worker() if isinstance(screen, WorkerScreen) else None
         self.open_logs(worker or "daemon")
@@ -309,6 +352,8 @@ class Dashboard(App[None]):
         self.push_screen(HelpScreen(rows, str(config_path()), self.readonly))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if self.feed is None and action not in ("quit", "help", "change_theme"):
+            return False  # nothing to watch yet: the start screen is up
         if action == "back" and self.screen is self.overview:
             return self.overview.filtering()
         if action in MUTATING:
@@ -326,9 +371,13 @@ class Dashboard(App[None]):
     def _act(self, what: str, method: str, path: str, body: Any = None) -> None:
         """Send one admin call off the UI's back, then say how it went and poll at once."""
 
+        feed = self.feed
+        if feed is None:
+            return
+
         async def run() -> None:
             try:
-                await self.feed.call(method, path, json=body)
+                await feed.call(method, path, json=body)
             except FeedError as exc:
                 self.notify(str(exc), title=f"{what}: failed", severity="error", timeout=8)
             else:
@@ -474,13 +523,15 @@ class Dashboard(App[None]):
         self.push_screen(ConfirmScreen(question, consequence, yes), answered)
 
     async def on_unmount(self) -> None:
-        await self.feed.close()
+        if self.feed is not None:
+            await self.feed.close()
 
 
 def binding_ids() -> set[str]:
     """Every binding id a config file's ``[dashboard.keys]`` may remap."""
     ids = set()
-    for owner in (Dashboard, LiveTable, LogsScreen, ConfirmScreen, FormScreen, HelpScreen):
+    owners = (Dashboard, LiveTable, LogsScreen, ConfirmScreen, FormScreen, HelpScreen, StartScreen)
+    for owner in owners:
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 ids.add(binding.id)

@@ -540,3 +540,58 @@ class HelpScreen(ModalScreen[None]):
             yield Label("keys", id="question")
             yield Static(table)
             yield Static(note)
+
+
+class StartScreen(Screen[None]):
+    """No daemon runs under the name: offer to start one, then the app watches it."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "app.quit", "Quit", id="start.quit"),
+    ]
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.deployment = name
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(
+                f"No deployment named {self.deployment!r} is running. Start one?", id="question"
+            )
+            yield Label("Local engine workers serving the demo model (built on first use):")
+            with Horizontal(classes="row"):
+                yield Input("2", id="workers", type="integer", max_length=2)
+                yield Button("Start demo workers", variant="primary", id="demo")
+            yield Label("Or a SPEC file (a flockctl: and/or SkyServe service: section):")
+            with Horizontal(classes="row"):
+                yield Input(placeholder="path/to/service.yaml", id="spec")
+                yield Button("Start from SPEC", id="from-spec")
+            yield Static("", id="problem")
+            yield Static("esc quits without starting anything", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#demo", Button).focus()
+
+    def problem(self, text: str) -> None:
+        self.query_one("#problem", Static).update(Text(f"✗ {text}" if text else ""))
+        for button in self.query(Button):
+            button.disabled = False
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        spec: str | None = None
+        workers = 0
+        if event.button.id == "demo":
+            raw = self.query_one("#workers", Input).value.strip()
+            if not raw.isdigit() or not 1 <= int(raw) <= 64:
+                self.problem(f"workers: {raw or 'nothing'} is not a number from 1 to 64")
+                return
+            workers = int(raw)
+        else:
+            spec = self.query_one("#spec", Input).value.strip()
+            if not spec:
+                self.problem("give the path of a SPEC file")
+                return
+        for button in self.query(Button):
+            button.disabled = True
+        self.query_one("#problem", Static).update("starting the daemon…")
+        self.app.start_daemon(spec, workers)  # type: ignore[attr-defined]
