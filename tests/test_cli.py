@@ -380,7 +380,11 @@ def test_dashboard_under_tmux_shows_the_workers_of_a_real_daemon(deployment, flo
             shown = out.stdout
             return shown if all(word in shown for word in ("w1", "w2", "READY")) else None
 
-        text = wait_for(screen, 30, "the workers on the dashboard")
+        try:
+            text = wait_for(screen, 30, "the workers on the dashboard")
+        except AssertionError as exc:
+            shown = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True)
+            raise AssertionError(f"{exc}; the screen:\n{shown.stdout}") from None
         rows = [line for line in text.splitlines() if "● READY" in line]
         assert len(rows) == 2, text
         subprocess.run([*tmux, "send-keys", "q"], check=True)

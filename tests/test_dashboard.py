@@ -202,6 +202,10 @@ async def test_rows_appear_in_order_and_update_by_key(feed: StatusFeed) -> None:
         jobs = app.query_one(JobsTable)
         await until(pilot, lambda: workers.row_count == 2, "two worker rows")
         assert keys(workers) == ["w2", "w10"]  # natural order, not string order
+        lines = [workers.render_line(y).text for y in range(3)]  # drawn across the screen
+        header = "WORKER STATE PROVISIONER URL IN FLIGHT SERVED P50 MS MEMORY"
+        assert lines[0].split() == header.split()
+        assert lines[1].split()[:4] == ["w2", "●", "READY", "local"] and "2.0/8.0 GiB" in lines[1]
         assert cell(workers, "w2", "state") == "● READY"  # a glyph and a word, not colour alone
         assert cell(workers, "w2", "memory").endswith("2.0/8.0 GiB")
         assert keys(jobs) == ["w2/job-2", "w2/job-10", "w10/job-2", "w10/job-10"]
@@ -590,7 +594,7 @@ async def test_without_a_daemon_it_offers_to_start_one_then_watches_it(feed: Sta
             await pilot.press(key)  # nothing to act on yet
         assert isinstance(app.screen, StartScreen) and feed.requests == 0
 
-        app.screen.query_one("#workers", Input).value = "0"
+        app.screen.query_one("#worker-count", Input).value = "0"
         await pilot.click("#demo")
         assert "0 is not a number from 1 to 64" in text(app.screen.query_one("#problem"))
         app.screen.query_one("#spec", Input).value = "missing.yaml"
@@ -598,7 +602,7 @@ async def test_without_a_daemon_it_offers_to_start_one_then_watches_it(feed: Sta
         await until(pilot, lambda: "no such file" in text(app.screen.query_one("#problem")), "err")
         assert not app.screen.query_one("#demo").disabled  # another try is possible
 
-        app.screen.query_one("#workers", Input).value = "3"
+        app.screen.query_one("#worker-count", Input).value = "3"
         await pilot.click("#demo")
         await ready(pilot, app)
         assert asked == [(Path("missing.yaml"), 0), (None, 3)]

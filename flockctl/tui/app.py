@@ -114,7 +114,7 @@ class Dashboard(App[None]):
     ConfirmScreen, FormScreen, HelpScreen, StartScreen { align: center middle; }
     .row { height: auto; }
     .row Input { width: 1fr; }
-    #workers { width: 10; }
+    #worker-count { width: 10; }
     #dialog {
         width: 72; height: auto; max-height: 90%; padding: 1 2;
         border: thick $primary; background: $surface;

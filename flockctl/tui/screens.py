@@ -560,7 +560,7 @@ class StartScreen(Screen[None]):
             )
             yield Label("Local engine workers serving the demo model (built on first use):")
             with Horizontal(classes="row"):
-                yield Input("2", id="workers", type="integer", max_length=2)
+                yield Input("2", id="worker-count", type="integer", max_length=2)
                 yield Button("Start demo workers", variant="primary", id="demo")
             yield Label("Or a SPEC file (a flockctl: and/or SkyServe service: section):")
             with Horizontal(classes="row"):
@@ -581,7 +581,7 @@ class StartScreen(Screen[None]):
         spec: str | None = None
         workers = 0
         if event.button.id == "demo":
-            raw = self.query_one("#workers", Input).value.strip()
+            raw = self.query_one("#worker-count", Input).value.strip()
             if not raw.isdigit() or not 1 <= int(raw) <= 64:
                 self.problem(f"workers: {raw or 'nothing'} is not a number from 1 to 64")
                 return

@@ -66,6 +66,7 @@ class LiveTable(ScrollView, can_focus=True):
     ]
     DEFAULT_CSS = """
     LiveTable {
+        width: 1fr;
         background: $surface;
         color: $foreground;
         & > .live-table--header { text-style: bold; background: $panel; color: $foreground; }
