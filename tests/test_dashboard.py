@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from conftest import fake_worker_command
 from rich.console import Console
+from textual.command import CommandList, CommandPalette
 from textual.widgets import Input, RichLog
 
 from flockctl.client import ClientError
@@ -559,8 +560,14 @@ async def test_the_picked_theme_is_remembered(
     app = app_for(feed, theme_name="flockctl-dark", remember_theme=True)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
-        app.theme = "flockctl-light"  # what picking it in the palette (t) does
-        await pilot.pause(0.1)
+        await pilot.press("t")  # the theme picker: a palette of every registered theme
+        assert isinstance(app.screen, CommandPalette)
+        await pilot.press(*"flockctl-light")
+        found = app.screen.query_one(CommandList)
+        await until(pilot, lambda: found.option_count == 1, "the one theme that matches")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.theme == "flockctl-light", "the theme picked")
+        assert app.screen is app.overview
     assert remembered() == {"theme": "flockctl-light"}
 
 
