@@ -11,6 +11,14 @@ from flockctl.exitcodes import ExitCode
 from flockctl.state import DaemonRecord, running_daemon
 
 
+def error_message(resp: httpx.Response) -> str:
+    """What the daemon said in an error answer: its JSON ``error.message``, else the body."""
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:200]
+
+
 class ClientError(Exception):
     """A failure a command reports as one line on stderr with ``code`` as its exit status."""
 
@@ -58,10 +66,7 @@ class AdminClient:
                 ExitCode.UNREACHABLE,
             ) from None
         if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = resp.text[:200]
+            message = error_message(resp)
             code = ExitCode.NOT_FOUND if resp.status_code == 404 else ExitCode.UNREACHABLE
             raise ClientError(f"{method} {path}: HTTP {resp.status_code}: {message}", code)
         return resp.json()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from conftest import TOKEN, fake_worker_command
+from test_controller import states, until
 from yarl import URL
 
 from flockctl.client import AdminClient, ClientError
@@ -20,18 +21,6 @@ from flockctl.server.config import DeploymentConfig
 from flockctl.server.provisioners import LocalProvisioner
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import DaemonRecord, read_log
-
-
-async def until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def states(d) -> dict[str, str]:
-    return {w.id: w.state.value for w in d.deployment.pool}
 
 
 async def call(http, method: str, d, path: str, **kwargs) -> tuple[int, dict]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from flockctl.client import error_message
+
 
 class FeedError(Exception):
     """The daemon did not answer, or answered with an error; the message says which, and
@@ -40,12 +42,9 @@ class Feed:
                 f"{self.endpoint} does not answer: {exc or type(exc).__name__}"
             ) from None
         if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = resp.text[:200]
             raise FeedError(
-                f"{method} {path}: HTTP {resp.status_code}: {message}", resp.status_code
+                f"{method} {path}: HTTP {resp.status_code}: {error_message(resp)}",
+                resp.status_code,
             )
         try:
             return resp.json()
