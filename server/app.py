@@ -238,13 +238,10 @@ def create_app(
         policy = deployment.policy
         low = policy.min_workers if body.min_workers is None else body.min_workers
         high = policy.max_workers if body.max_workers is None else body.max_workers
-        if low < 0 or high < 1 or low > high:
-            raise HTTPException(
-                422,
-                "bounds need 0 <= min_workers <= max_workers and max_workers >= 1;"
-                f" got min_workers {low}, max_workers {high}",
-            )
-        controller.set_bounds(low, high)
+        try:
+            controller.set_bounds(low, high)
+        except ValueError as exc:  # the policy names both numbers
+            raise HTTPException(422, str(exc)) from None
         return controller.to_dict()
 
     @app.get("/-/logs/{target:path}", dependencies=guarded)
@@ -277,11 +274,13 @@ def create_app(
                 )
             return path
         worker = deployment.pool.get(target)
-        if worker is not None and worker.provisioner == StaticProvisioner.name:
-            raise HTTPException(404, f"worker {target} has no log: it is a static endpoint")
-        known = sorted((p.stem for p in logs_dir.glob("*.log")), key=lambda n: (len(n), n))
-        if "/" not in target and ".." not in target and (worker is not None or target in known):
+        if worker is not None:
+            if worker.provisioner == StaticProvisioner.name:
+                raise HTTPException(404, f"worker {target} has no log: it is a static endpoint")
             return logs_dir / f"{target}.log"  # a worker still launching: its log is coming
+        known = sorted((p.stem for p in logs_dir.glob("*.log")), key=lambda n: (len(n), n))
+        if "/" not in target and ".." not in target and target in known:
+            return logs_dir / f"{target}.log"
         raise HTTPException(404, f"no log for {target!r}; known: {', '.join(['daemon', *known])}")
 
     @app.post("/-/shutdown", dependencies=guarded, status_code=202)

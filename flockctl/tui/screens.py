@@ -23,6 +23,7 @@ from flockctl.tui.widgets import (
     JobsTable,
     LiveTable,
     WorkersTable,
+    cell_text,
     memory_bar,
 )
 
@@ -154,14 +155,6 @@ def _facts(rows: list[tuple[str, Any]]) -> Table:
     return table
 
 
-def _value(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 class WorkerScreen(LiveScreen):
     """One worker: what it is, its probes, its engine's queues and speculation, its last lines."""
 
@@ -221,16 +214,16 @@ class WorkerScreen(LiveScreen):
         now = time.time()
         mem = w.get("gpu_memory") or {}
         rows: list[tuple[str, Any]] = [
-            ("reason", _value(w.get("reason"))),
-            ("model", _value(w.get("model"))),
-            ("command", _value(w.get("command"))),
-            ("pid", _value(w.get("pid"))),
+            ("reason", cell_text(w.get("reason"))),
+            ("model", cell_text(w.get("model"))),
+            ("command", cell_text(w.get("command"))),
+            ("pid", cell_text(w.get("pid"))),
             ("created", f"{ago(w.get('created_at'), now)} ago"),
             ("ready", f"{ago(w.get('ready_at'), now)} ago" if w.get("ready_at") else "never"),
-            ("in flight", _value(w.get("in_flight"))),
-            ("served", _value(w.get("served"))),
-            ("failures", _value(w.get("failures"))),
-            ("p50 ms", _value(w.get("latency_p50_ms"))),
+            ("in flight", cell_text(w.get("in_flight"))),
+            ("served", cell_text(w.get("served"))),
+            ("failures", cell_text(w.get("failures"))),
+            ("p50 ms", cell_text(w.get("latency_p50_ms"))),
             ("memory", memory_bar(mem.get("used"), mem.get("total"))),
         ]
         if w.get("ended_at"):
@@ -250,16 +243,16 @@ class WorkerScreen(LiveScreen):
             levels.add_row(f"L{level}", Text(bar, style="bold"), str(n))
         kv = engine.get("kv") or {}
         rows: list[tuple[str, Any]] = [
-            ("model", _value(engine.get("model"))),
-            ("scheduler", _value(engine.get("scheduler"))),
+            ("model", cell_text(engine.get("model"))),
+            ("scheduler", cell_text(engine.get("scheduler"))),
             (
                 "jobs",
-                f"{_value(engine.get('running'))} running, {_value(engine.get('waiting'))}"
-                f" waiting, {_value(engine.get('swapped'))} swapped",
+                f"{cell_text(engine.get('running'))} running, {cell_text(engine.get('waiting'))}"
+                f" waiting, {cell_text(engine.get('swapped'))} swapped",
             ),
             ("queues", levels if queues else "-"),
             ("kv tokens", _of(kv.get("used_tokens"), kv.get("budget_tokens"))),
-            ("swaps", f"{_value(kv.get('swap_outs'))} out, {_value(kv.get('swap_ins'))} in"),
+            ("swaps", f"{cell_text(kv.get('swap_outs'))} out, {cell_text(kv.get('swap_ins'))} in"),
         ]
         spec = engine.get("speculation")
         if isinstance(spec, dict):
@@ -272,7 +265,7 @@ class WorkerScreen(LiveScreen):
                 ),
                 ("accepted", "-" if rate is None else f"{rate:.0%} of drafted tokens"),
                 ("tokens/step", spec_text(spec)),
-                ("per position", _value(spec.get("num_accepted_tokens_per_pos"))),
+                ("per position", cell_text(spec.get("num_accepted_tokens_per_pos"))),
             ]
         else:
             rows.append(("speculation", "off (no draft model)"))
@@ -284,7 +277,7 @@ class WorkerScreen(LiveScreen):
         out = Text.assemble(("probes  ", "bold"))
         if not history:
             last = worker.get("last_probe")
-            out.append(f"last: {_value(last)}" if last else "none yet")
+            out.append(f"last: {cell_text(last)}" if last else "none yet")
             return out
         for probe in history:
             ok = bool(probe.get("ok"))

@@ -32,7 +32,8 @@ def memory_bar(used: Any, total: Any) -> Text:
     return Text.assemble(("█" * filled, "bold"), ("░" * (BAR_WIDTH - filled), "dim"), f" {figures}")
 
 
-def _cell(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A snapshot value as a cell shows it: '-' for none, floats without trailing zeros."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -172,9 +173,6 @@ class LiveTable(ScrollView, can_focus=True):
     def cursor_key(self) -> str | None:
         return self._cursor_key
 
-    def cells(self, key: str) -> tuple[Cell, ...]:
-        return self._rows[key]
-
     def cell(self, key: str, column: str) -> str:
         """One cell's text, by row key and column name."""
         cell = self._rows[key][self.COLUMNS.index(column)]
@@ -281,11 +279,11 @@ class WorkersTable(LiveTable):
             rows[str(w["id"])] = [
                 str(w["id"]),
                 state_text(str(w.get("state", "?"))),
-                _cell(w.get("provisioner")),
-                _cell(w.get("url")),
-                _cell(w.get("in_flight")),
-                _cell(w.get("served")),
-                _cell(w.get("latency_p50_ms")),
+                cell_text(w.get("provisioner")),
+                cell_text(w.get("url")),
+                cell_text(w.get("in_flight")),
+                cell_text(w.get("served")),
+                cell_text(w.get("latency_p50_ms")),
                 memory_bar(mem.get("used"), mem.get("total")),
             ]
         self.sync(rows)
@@ -310,7 +308,7 @@ class DeploymentLine(Static):
                 (str(d.get("name", "?")), "bold"),
                 f"  {d.get('endpoint', '-')}  up {ago(d.get('started_at'), now)}",
                 f"  provisioner {d.get('provisioner', '-')}  policy {d.get('policy', '-')}",
-                f"  requests {r.get('total', 0)} ({_cell(r.get('rate'))}/s),",
+                f"  requests {r.get('total', 0)} ({cell_text(r.get('rate'))}/s),",
                 f" in flight {r.get('in_flight', 0)}, queued {r.get('queued', 0)},",
                 f" failed {r.get('failed', 0)}",
             )
@@ -325,12 +323,12 @@ class AutoscalerPanel(Static):
             return
         current = snap.get("ready_workers", 0)
         thresholds = a.get("thresholds") or {}
-        limits = ", ".join(f"{k} {_cell(v)}" for k, v in thresholds.items())
+        limits = ", ".join(f"{k} {cell_text(v)}" for k, v in thresholds.items())
         decision = a.get("last_decision") or {}
         self.update(
             Text.assemble(
                 ("autoscaler ", "bold"),
-                f"{a.get('policy', '?')}: qlrm {_cell(a.get('qlrm'))}",
+                f"{a.get('policy', '?')}: qlrm {cell_text(a.get('qlrm'))}",
                 f" ({limits})" if limits else "",
                 f"  target {a.get('target', '-')} / ready {current}",
                 f"  (bounds {a.get('min_workers', '-')}-{a.get('max_workers', '-')})\n",
