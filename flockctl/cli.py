@@ -86,8 +86,9 @@ def up(
     spec: Annotated[
         Path | None,
         typer.Argument(
-            help="Deployment YAML: a `flockctl:` section and/or SkyServe's `service:` section"
-            " (readiness_probe, replicas, replica_policy). Flags override it.",
+            help="Deployment YAML: a SkyPilot task (each worker is a cluster launched from"
+            " it), SkyServe's `service:` section (readiness_probe, replicas, replica_policy,"
+            " load_balancing_policy, ports) and/or a `flockctl:` section. Flags override it.",
             show_default=False,
         ),
     ] = None,
@@ -110,6 +111,16 @@ def up(
     port: Annotated[
         int | None,
         typer.Option(help="Balancer port [default: 3000].", rich_help_panel=D, show_default=False),
+    ] = None,
+    provisioner: Annotated[
+        str | None,
+        typer.Option(
+            help="local (worker processes here), skypilot (a cluster per worker, from the SPEC's"
+            " SkyPilot task) or static (the --endpoint servers) [default: skypilot when the SPEC"
+            " has resources or run, static with --endpoint, else local].",
+            rich_help_panel=W,
+            show_default=False,
+        ),
     ] = None,
     model: Annotated[
         str | None,
@@ -169,7 +180,16 @@ def up(
     autoscaler: Annotated[
         str | None,
         typer.Option(
-            help="qlrm (queue-length running mean) or fixed [default: qlrm].",
+            help="qlrm (queue-length running mean), request-rate (SkyServe's"
+            " target_qps_per_replica) or fixed [default: qlrm].",
+            rich_help_panel=A,
+            show_default=False,
+        ),
+    ] = None,
+    target_qps_per_replica: Annotated[
+        float | None,
+        typer.Option(
+            help="Requests per second one worker should take (sets --autoscaler request-rate).",
             rich_help_panel=A,
             show_default=False,
         ),
@@ -344,6 +364,14 @@ def up(
             rich_help_panel=D,
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the resolved plan (provisioner, workers, autoscaler, probe, balancer,"
+            " resources per worker) and start nothing; needs no cloud credentials.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a deployment's daemon (balancer + autoscaler) in the background.
@@ -362,9 +390,9 @@ def up(
       flockctl up --endpoint http://10.0.0.5:8000 --endpoint http://10.0.0.6:8000
 
       flockctl up service.yaml --port 8080
-    """
-    from flockctl.server.config import ConfigError, resolve
 
+      flockctl up examples/vllm.yaml --dry-run
+    """
     probe = {
         k: v
         for k, v in {
@@ -380,6 +408,7 @@ def up(
         "name": name,
         "host": host,
         "port": port,
+        "provisioner": provisioner,
         "worker_command": worker_command,
         "model": model,
         "engine_args": engine_args,
@@ -389,6 +418,7 @@ def up(
         "max_workers": max_workers,
         "replicas": replicas,
         "autoscaler": autoscaler,
+        "target_qps_per_replica": target_qps_per_replica,
         "autoscale_up": autoscale_up,
         "autoscale_down": autoscale_down,
         "queue_tracking_window": queue_tracking_window,
@@ -409,6 +439,14 @@ def up(
     names = {"endpoints": "--endpoint", "probe": "probe flags"}
     target = name or _spec_name(spec) or "default"
     check_name(target)
+    if dry_run:
+        if watch or foreground:
+            fail(
+                f"--dry-run cannot be used with {'--dashboard' if watch else '--foreground'}",
+                ExitCode.USAGE,
+            )
+        _dry_run(spec, flags, names, as_json)
+        return
     if watch and (as_json or foreground or not wait):
         clash = "--json" if as_json else "--foreground" if foreground else "--no-wait"
         fail(f"--dashboard cannot be used with {clash}", ExitCode.USAGE)
@@ -422,12 +460,9 @@ def up(
         if watch:
             run_dashboard(target, None, False, 1.0, offer_start=False)
         return
-    try:
-        cfg = resolve(spec, flags, names)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            say(problem)
-        raise typer.Exit(int(ExitCode.USAGE)) from None
+    cfg = _resolve_or_exit(spec, flags, names)
+    if cfg.provisioner == "skypilot":
+        _check_task(cfg, spec)
     directory = state_dir(cfg.name)
 
     from flockctl import daemon
@@ -466,6 +501,46 @@ def up(
     _print_up(cfg.name, record.endpoint, record.pid, directory, as_json, False)
     if watch:
         run_dashboard(cfg.name, None, False, 1.0, offer_start=False)
+
+
+def _resolve_or_exit(spec: Path | None, flags: dict[str, Any], names: dict[str, str]) -> Any:
+    from flockctl.server.config import ConfigError, resolve
+
+    try:
+        return resolve(spec, flags, names)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            say(problem)
+        raise typer.Exit(int(ExitCode.USAGE)) from None
+
+
+def _check_task(cfg: Any, spec: Path | None) -> None:
+    """Let SkyPilot parse the task now, so a bad one is a usage error here, not a worker that
+    fails minutes later."""
+    from flockctl.server.provisioners.sky_sdk import SkyError, describe
+
+    try:
+        describe(cfg.task, cfg.workdir)
+    except SkyError as exc:
+        fail(f"{spec}: SkyPilot refused the task: {exc}", ExitCode.USAGE)
+
+
+def _dry_run(
+    spec: Path | None, flags: dict[str, Any], names: dict[str, str], as_json: bool
+) -> None:
+    from flockctl.render import render_plan
+    from flockctl.server.deployment import plan
+    from flockctl.server.provisioners.sky_sdk import SkyError
+
+    cfg = _resolve_or_exit(spec, flags, names)
+    try:
+        resolved = plan(cfg)
+    except SkyError as exc:
+        fail(f"{spec}: SkyPilot refused the task: {exc}", ExitCode.USAGE)
+    if as_json:
+        print(json.dumps(resolved, indent=2))
+    else:
+        print(render_plan(resolved))
 
 
 def _spec_name(spec: Path | None) -> str | None:

@@ -22,6 +22,7 @@ STATE_STYLE: dict[str, tuple[str, str]] = {
     "DRAINING": ("◑", "magenta"),
     "TERMINATED": ("■", "dim"),
     "FAILED": ("✗", "bold red"),
+    "PREEMPTED": ("↯", "bold magenta"),
 }
 #: An engine job's state, as the engine's ``/stats`` names it.
 JOB_STATE_STYLE: dict[str, tuple[str, str]] = {
@@ -287,3 +288,50 @@ def status_view(snap: dict[str, Any]) -> Group:
     parts.append(table if snap["workers"] else Text("no workers", style="dim"))
     parts.extend(engine_view(snap["workers"], now))
     return Group(*parts)
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """``flockctl up --dry-run``: the resolved plan, one labelled line per part."""
+    workers = plan["workers"]
+    scaler = plan["autoscaler"]
+    probe = plan["probe"]
+    balancer = plan["balancer"]
+    worker = plan["worker"]
+    settings = ", ".join(f"{k} {v:g}" for k, v in scaler["thresholds"].items())
+    method = "POST" if probe.get("post_data") is not None else "GET"
+    rows = [
+        ("endpoint", plan["endpoint"]),
+        ("provisioner", plan["provisioner"]),
+        ("workers", f"start {workers['initial']}, min {workers['min']}, max {workers['max']}"),
+        ("autoscaler", scaler["policy"] + (f": {settings}" if settings else "")),
+        (
+            "probe",
+            f"{method} {probe['path']} every {probe['interval_seconds']:g}s, timeout"
+            f" {probe['timeout_seconds']:g}s, READY within {probe['initial_delay_seconds']:g}s,"
+            f" NOT_READY after {probe['failure_threshold']} failures",
+        ),
+        (
+            "balancer",
+            f"{balancer['policy']}, {balancer['worker_capacity']} requests per worker, up to"
+            f" {balancer['max_attempts']} attempts, queue {balancer['max_queue']} for"
+            f" {balancer['queue_timeout']:g}s",
+        ),
+    ]
+    if plan["provisioner"] == "skypilot":
+        rows.append(("cluster", f"{worker['first_cluster']}, ... (port {worker['port']})"))
+        rows += [("resources", option) for option in worker["resources"]]
+        if worker["use_spot"]:
+            fallback = f"{worker['base_ondemand_fallback_replicas']} on-demand kept"
+            if worker["dynamic_ondemand_fallback"]:
+                fallback += ", more while spot workers are not READY"
+            rows.append(("spot", f"yes; {fallback}"))
+        if worker.get("run"):
+            rows.append(("run", " ".join(worker["run"].split())[:200]))
+    elif plan["provisioner"] == "local":
+        rows.append(("command", worker["command"]))
+    else:
+        rows += [("endpoint", url) for url in worker["endpoints"]]
+    width = max(len(label) for label, _ in rows)
+    lines = [f'deployment "{plan["name"]}" (dry run: nothing was started)']
+    lines += [f"  {label.ljust(width)}  {value}" for label, value in rows]
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ Every decision carries a reason a user can read.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from itertools import pairwise
@@ -33,6 +34,8 @@ class Observation:
     live: int
     ready: int
     target: int
+    #: Requests that have reached the balancer since the daemon started (a running count).
+    arrived: int = 0
 
     @property
     def outstanding(self) -> int:
@@ -61,6 +64,11 @@ class AutoscalerPolicy:
 
     def history(self) -> list[tuple[float, float]]:
         return []
+
+    @property
+    def qps(self) -> float | None:
+        """The request rate the policy scales on, where it scales on one."""
+        return None
 
     def operator_target(self, target: int) -> None:
         """An operator set the number of workers by hand (added or removed one)."""
@@ -237,3 +245,137 @@ class QueueLengthRunningMean(AutoscalerPolicy):
         else:
             why = f"qlrm {mean:.2f} within [{self.autoscale_down:g}, {self.autoscale_up:g}]"
         return Decision(target, f"{why}: holding {target}")
+
+
+class RequestRate(AutoscalerPolicy):
+    """SkyServe's request-rate autoscaler: ``ceil(qps / target_qps_per_replica)`` workers.
+
+    As in SkyServe, the rate is the number of requests that arrived in the last ``window`` seconds
+    divided by ``window``, the wanted number is kept within min/max, and it must stay above (below)
+    the current target for ``upscale_delay`` (``downscale_delay``) seconds before the target moves
+    to it in one step. A deployment at zero workers scales up at once when requests arrive.
+    """
+
+    name = "request-rate"
+
+    def __init__(
+        self,
+        min_workers: int,
+        max_workers: int,
+        target_qps_per_replica: float,
+        upscale_delay: float = 300.0,
+        downscale_delay: float = 1200.0,
+        window: float = 60.0,
+    ) -> None:
+        if target_qps_per_replica <= 0:
+            raise ValueError("target_qps_per_replica must be above 0")
+        super().__init__(min_workers, max_workers)
+        self.target_qps_per_replica = target_qps_per_replica
+        self.upscale_delay = upscale_delay
+        self.downscale_delay = downscale_delay
+        self.window = window
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._qps: float | None = None
+        self._above_since: float | None = None
+        self._below_since: float | None = None
+
+    @property
+    def qps(self) -> float | None:
+        return self._qps
+
+    def thresholds(self) -> dict[str, float]:
+        return {
+            "target_qps_per_replica": self.target_qps_per_replica,
+            "upscale_delay": self.upscale_delay,
+            "downscale_delay": self.downscale_delay,
+            "qps_window": self.window,
+        }
+
+    def _rate(self, arrived: int, now: float) -> float:
+        """Requests per second over the last ``window`` seconds (SkyServe divides by the whole
+        window, so a burst right after start weighs as little as it would in SkyServe)."""
+        self._arrivals.append((now, arrived))
+        start = now - self.window
+        while len(self._arrivals) > 1 and self._arrivals[1][0] <= start:
+            self._arrivals.popleft()
+        # The oldest sample kept is the last one at or before the window's start.
+        self._qps = max(arrived - self._arrivals[0][1], 0) / self.window
+        return self._qps
+
+    def wanted(self, qps: float) -> int:
+        """The number of workers ``qps`` calls for, within min/max."""
+        raw = math.ceil(round(qps / self.target_qps_per_replica, 9))
+        return min(max(raw, self.min_workers), self.max_workers)
+
+    def decide(self, obs: Observation, now: float) -> Decision:
+        qps = self._rate(obs.arrived, now)
+        forced = self.bounds(obs.target)
+        if forced is not None:
+            self._above_since = self._below_since = None
+            return forced
+        target = obs.target
+        wanted = self.wanted(qps)
+        rate = f"{qps:.2f} req/s over {self.window:g}s"
+        per = f"target_qps_per_replica {self.target_qps_per_replica:g}"
+        if target == 0 and (wanted > 0 or obs.queued > 0) and self.max_workers > 0:
+            new = max(wanted, 1)
+            self._above_since = self._below_since = None
+            return Decision(new, f"{rate} and no worker: scaling from zero to {new}")
+        if wanted > target:
+            self._below_since = None
+            if self._above_since is None:
+                self._above_since = now
+            held = now - self._above_since
+            if held >= self.upscale_delay:
+                self._above_since = None
+                return Decision(
+                    wanted,
+                    f"{rate} wants {wanted} workers ({per}) for {held:.0f}s:"
+                    f" scaling up to {wanted}",
+                )
+            return Decision(
+                target,
+                f"{rate} wants {wanted} workers ({per}); scaling up in"
+                f" {self.upscale_delay - held:.0f}s if it holds",
+            )
+        if wanted < target:
+            self._above_since = None
+            if self._below_since is None:
+                self._below_since = now
+            held = now - self._below_since
+            if held >= self.downscale_delay:
+                self._below_since = None
+                return Decision(
+                    wanted,
+                    f"{rate} wants {wanted} workers ({per}) for {held:.0f}s:"
+                    f" scaling down to {wanted}",
+                )
+            return Decision(
+                target,
+                f"{rate} wants {wanted} workers ({per}); scaling down in"
+                f" {self.downscale_delay - held:.0f}s if it holds",
+            )
+        self._above_since = self._below_since = None
+        return Decision(target, f"{rate} wants {wanted} workers ({per}): holding {target}")
+
+
+@dataclass(frozen=True)
+class SpotPlan:
+    """SkyServe's spot placement with on-demand fallback, as pure arithmetic.
+
+    Of ``target`` workers, ``base_ondemand`` are on-demand and the rest spot. With ``dynamic``,
+    every spot worker the target wants but that is not READY (still launching, or preempted and
+    being replaced) is covered by one more on-demand worker, and those go again once the spot
+    ones are READY. On-demand workers never exceed the target.
+    """
+
+    base_ondemand: int = 0
+    dynamic: bool = False
+
+    def split(self, target: int, ready_spot: int) -> tuple[int, int]:
+        """How many (spot, on-demand) workers to keep for ``target``."""
+        spot = max(target - self.base_ondemand, 0)
+        ondemand = self.base_ondemand
+        if self.dynamic:
+            ondemand += max(spot - ready_spot, 0)
+        return spot, min(ondemand, target)

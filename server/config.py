@@ -8,7 +8,9 @@ without guessing.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -25,8 +27,14 @@ from pydantic import (
 )
 
 BALANCING_POLICIES = ("least-connection", "round-robin", "power-of-two")
-AUTOSCALERS = ("qlrm", "fixed")
-PROVISIONERS = ("local", "static")
+AUTOSCALERS = ("qlrm", "request-rate", "fixed")
+PROVISIONERS = ("local", "skypilot", "static")
+#: SkyServe's load-balancing policy names and the balancer policy each one is here.
+SKYSERVE_LB_POLICIES = {"least_load": "least-connection", "round_robin": "round-robin"}
+#: SkyServe's defaults for the request-rate autoscaler's delays, used when a ``service:`` section
+#: asks for ``target_qps_per_replica`` without them (flockctl's own defaults suit qlrm).
+SKYSERVE_UPSCALE_DELAY = 300.0
+SKYSERVE_DOWNSCALE_DELAY = 1200.0
 #: The model a local deployment serves when it is given neither a worker command nor endpoints:
 #: flockctl's engine builds it locally, so a deployment works offline out of the box.
 DEFAULT_MODEL = "demo"
@@ -37,8 +45,8 @@ _ONE_OF_THEM = (
     " give one of them"
 )
 
-# Top-level keys of a SkyPilot task YAML. They are accepted so one file can drive both a
-# SkyPilot launch and flockctl; the local and static provisioners do not use them.
+# Top-level keys of a SkyPilot task YAML. They make the task each SkyPilot worker runs; the local
+# and static provisioners do not use them.
 SKYPILOT_TASK_KEYS = frozenset(
     {
         "name",
@@ -110,7 +118,7 @@ class DeploymentConfig(_Strict):
     name: str = "default"
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
-    provisioner: Literal["local", "static"] | None = None
+    provisioner: Literal["local", "skypilot", "static"] | None = None
     worker_command: str | None = None
     model: str | None = Field(
         None,
@@ -128,8 +136,11 @@ class DeploymentConfig(_Strict):
     endpoints: list[str] = Field(default_factory=list)
     min_workers: int = Field(1, ge=0)
     max_workers: int = Field(2, ge=1)
-    autoscaler: Literal["qlrm", "fixed"] = "qlrm"
+    autoscaler: Literal["qlrm", "request-rate", "fixed"] = "qlrm"
     replicas: int | None = Field(None, ge=0)
+    target_qps_per_replica: float | None = Field(
+        None, gt=0, description="request-rate: requests per second one worker should take"
+    )
     autoscale_up: float = Field(7.0, ge=0)
     autoscale_down: float = Field(4.0, ge=0)
     queue_tracking_window: float = Field(600.0, gt=0)
@@ -145,6 +156,25 @@ class DeploymentConfig(_Strict):
     node_control_key: str | None = None
     api_key: str | None = None
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    task: dict[str, Any] | None = Field(
+        None, description="the SkyPilot task each skypilot worker launches (the SPEC's task fields)"
+    )
+    worker_port: int | None = Field(
+        None, ge=1, le=65535, description="the port the server listens on in each cluster"
+    )
+    base_ondemand_fallback_replicas: int = Field(
+        0, ge=0, description="on-demand workers kept besides the spot ones"
+    )
+    dynamic_ondemand_fallback: bool = Field(
+        False, description="launch on-demand workers while spot ones are not READY"
+    )
+    launch_attempts: int = Field(3, ge=1, le=20, description="tries per cluster launch")
+    launch_backoff: float = Field(
+        10.0, ge=0, description="seconds before the second launch try; doubles after each"
+    )
+    status_interval: float = Field(
+        30.0, gt=0, description="seconds between SkyPilot status refreshes (finds preemptions)"
+    )
 
     @field_validator("engine_args", mode="before")
     @classmethod
@@ -172,7 +202,20 @@ class DeploymentConfig(_Strict):
             )
         if self.provisioner is None:
             runs_something = self.worker_command or self.model is not None
-            self.provisioner = "static" if self.endpoints and not runs_something else "local"
+            if self.endpoints and not runs_something:
+                self.provisioner = "static"
+            elif self.task is not None and not runs_something and _asks_for_cloud(self.task):
+                self.provisioner = "skypilot"
+            else:
+                self.provisioner = "local"
+        if self.provisioner == "skypilot":
+            self._check_skypilot()
+        else:
+            for key in ("worker_port", "base_ondemand_fallback_replicas"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: only the skypilot provisioner uses it")
+            if self.dynamic_ondemand_fallback:
+                raise ValueError("dynamic_ondemand_fallback: only the skypilot provisioner uses it")
         if self.provisioner == "local":
             if not self.worker_command and self.model is None:
                 self.model = DEFAULT_MODEL
@@ -202,7 +245,45 @@ class DeploymentConfig(_Strict):
             )
         if self.autoscaler == "fixed" and self.replicas is None:
             self.replicas = self.min_workers
+        if self.autoscaler == "request-rate" and self.target_qps_per_replica is None:
+            raise ValueError(
+                "target_qps_per_replica: the request-rate autoscaler needs it (requests per"
+                " second one worker should take)"
+            )
         return self
+
+    def _check_skypilot(self) -> None:
+        """What a SkyPilot deployment needs: a task with a ``run:`` and the server's port."""
+        task = self.task or {}
+        if not task.get("run"):
+            raise ValueError(
+                "run: the skypilot provisioner launches the SPEC's SkyPilot task on each worker,"
+                " and its run: section must start the server"
+            )
+        for key in ("worker_command", "model", "endpoints", "engine_args", "draft_models"):
+            if getattr(self, key):
+                raise ValueError(
+                    f"{key}: the skypilot provisioner runs the task's run: section on each"
+                    " cluster; put the server's command there"
+                )
+        ports = _resource_ports(task.get("resources"))
+        if self.worker_port is None:
+            if len(ports) != 1:
+                raise ValueError(
+                    "service.ports: give the port the server listens on in each cluster"
+                    " (service.ports, or a single port in resources.ports)"
+                )
+            self.worker_port = ports[0]
+        spot = _uses_spot(task.get("resources"))
+        if (self.base_ondemand_fallback_replicas or self.dynamic_ondemand_fallback) and not spot:
+            raise ValueError(
+                "base_ondemand_fallback_replicas, dynamic_ondemand_fallback: on-demand fallback"
+                " is for spot workers; set resources.use_spot: true"
+            )
+
+    def uses_spot(self) -> bool:
+        """Whether the SkyPilot task asks for spot (preemptible) machines."""
+        return self.task is not None and _uses_spot(self.task.get("resources"))
 
     def local_command(self) -> str | None:
         """The command line that starts one local worker: the given ``worker_command``, or
@@ -250,54 +331,187 @@ class DeploymentConfig(_Strict):
         return self.min_workers
 
 
+def _resource_options(resources: Any) -> list[dict[str, Any]]:
+    """The resource mappings a task may run on: the top level and each ``any_of``/``ordered``."""
+    if not isinstance(resources, dict):
+        return []
+    options = [resources]
+    for key in ("any_of", "ordered"):
+        extra = resources.get(key)
+        if isinstance(extra, list):
+            options += [item for item in extra if isinstance(item, dict)]
+    return options
+
+
+def _resource_ports(resources: Any) -> list[int]:
+    """Every port the task's resources open (a range counts each of its ports)."""
+    found: set[int] = set()
+    for option in _resource_options(resources):
+        ports = option.get("ports")
+        for item in ports if isinstance(ports, list) else [ports]:
+            text = str(item).strip() if item is not None else ""
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+            if match:
+                low = int(match.group(1))
+                found.update(range(low, int(match.group(2) or low) + 1))
+    return sorted(found)
+
+
+def _uses_spot(resources: Any) -> bool:
+    return any(option.get("use_spot") is True for option in _resource_options(resources))
+
+
+def _asks_for_cloud(task: dict[str, Any]) -> bool:
+    """A SPEC that is a SkyPilot task (it says what to run, or on what machines)."""
+    return "run" in task or "resources" in task
+
+
+#: SkyServe ``readiness_probe`` fields and the probe settings they become.
+_PROBE_FIELDS = {
+    "path": "path",
+    "post_data": "post_data",
+    "initial_delay_seconds": "initial_delay_seconds",
+    "timeout_seconds": "timeout_seconds",
+    "headers": "headers",
+    "endpoint_probe_interval_seconds": "interval_seconds",
+}
+#: SkyServe ``replica_policy`` fields and the config fields they become.
+_POLICY_FIELDS = {
+    "min_replicas": "min_workers",
+    "max_replicas": "max_workers",
+    "target_qps_per_replica": "target_qps_per_replica",
+    "upscale_delay_seconds": "upscale_delay",
+    "downscale_delay_seconds": "downscale_delay",
+    "base_ondemand_fallback_replicas": "base_ondemand_fallback_replicas",
+    "dynamic_ondemand_fallback": "dynamic_ondemand_fallback",
+}
+_SERVICE_FIELDS = (
+    "readiness_probe",
+    "replicas",
+    "replica_policy",
+    "load_balancing_policy",
+    "ports",
+)
+
+
 def _service_overrides(service: Any, where: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Map SkyServe's ``service:`` section onto config fields, naming any unknown field."""
+    """Map SkyServe's ``service:`` section onto config fields, field by field.
+
+    What SkyServe does is kept: a probe given as a plain string is its path, and without any
+    ``readiness_probe`` the path is ``/``; ``replicas: N`` is a fixed number;
+    ``target_qps_per_replica`` selects the request-rate autoscaler with SkyServe's default delays;
+    ``replica_policy`` without ``max_replicas`` stays at ``min_replicas``. Fields flockctl does not
+    implement are errors that name the field, never silently ignored.
+    """
     if not isinstance(service, dict):
         raise ConfigError([f"{where}service: must be a mapping"])
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
-    known = {"readiness_probe", "replicas", "replica_policy"}
+    at = f"{where}service."
     for key in service:
-        if key not in known:
-            problems.append(f"{where}service.{key}: unknown or unsupported field")
-    probe = service.get("readiness_probe")
-    if probe is not None:
-        if isinstance(probe, str):
-            out["probe"] = {"path": probe}
-        elif isinstance(probe, dict):
-            out["probe"] = dict(probe)
-        else:
-            problems.append(f"{where}service.readiness_probe: must be a path or a mapping")
-        origin["probe"] = f"{where}service.readiness_probe"
+        if key not in _SERVICE_FIELDS:
+            problems.append(
+                f"{at}{key}: unknown or unsupported field (flockctl takes"
+                f" {', '.join(_SERVICE_FIELDS)})"
+            )
+    probe = service.get("readiness_probe", "/")
+    origin["probe"] = f"{at}readiness_probe"
+    if isinstance(probe, str):
+        out["probe"] = {"path": probe}
+    elif isinstance(probe, dict):
+        out["probe"] = {}
+        for key, value in probe.items():
+            if key not in _PROBE_FIELDS:
+                problems.append(f"{at}readiness_probe.{key}: unknown or unsupported field")
+                continue
+            if key == "post_data" and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{at}readiness_probe.post_data: not valid JSON: {exc}")
+                    continue
+            out["probe"][_PROBE_FIELDS[key]] = value
+        if "path" not in probe:
+            problems.append(f"{at}readiness_probe.path: required when readiness_probe is a mapping")
+    else:
+        problems.append(f"{at}readiness_probe: must be a path or a mapping")
     if "replicas" in service and "replica_policy" in service:
-        problems.append(
-            f"{where}service.replicas: cannot be used together with service.replica_policy"
-        )
+        problems.append(f"{at}replicas: cannot be used together with service.replica_policy")
     if "replicas" in service:
         out["autoscaler"] = "fixed"
         out["replicas"] = service["replicas"]
-        origin["replicas"] = f"{where}service.replicas"
+        origin["replicas"] = f"{at}replicas"
     policy = service.get("replica_policy")
     if policy is not None:
-        if not isinstance(policy, dict):
-            problems.append(f"{where}service.replica_policy: must be a mapping")
+        problems += _replica_policy(policy, f"{at}replica_policy", out, origin)
+    lb = service.get("load_balancing_policy")
+    if lb is not None:
+        mapped = SKYSERVE_LB_POLICIES.get(str(lb).lower())
+        if mapped is None:
+            problems.append(
+                f"{at}load_balancing_policy: {lb!r} is not supported (flockctl takes"
+                f" {', '.join(SKYSERVE_LB_POLICIES)})"
+            )
         else:
-            mapping = {"min_replicas": "min_workers", "max_replicas": "max_workers"}
-            for key, value in policy.items():
-                if key not in mapping:
-                    problems.append(
-                        f"{where}service.replica_policy.{key}: unknown or unsupported field"
-                    )
-                    continue
-                out[mapping[key]] = value
-                origin[mapping[key]] = f"{where}service.replica_policy.{key}"
-            if "max_replicas" not in policy and isinstance(policy.get("min_replicas"), int):
-                # As in SkyServe: without max_replicas the deployment stays at min_replicas.
-                out["max_workers"] = max(policy["min_replicas"], 1)
+            out["policy"] = mapped
+            origin["policy"] = f"{at}load_balancing_policy"
+    if "ports" in service:
+        out["worker_port"] = service["ports"]
+        origin["worker_port"] = f"{at}ports"
     if problems:
         raise ConfigError(problems)
     return out, origin
+
+
+def _replica_policy(policy: Any, at: str, out: dict[str, Any], origin: dict[str, str]) -> list[str]:
+    """Map ``replica_policy`` into ``out``; returns the problems found."""
+    if not isinstance(policy, dict):
+        return [f"{at}: must be a mapping"]
+    problems = []
+    for key, value in policy.items():
+        field = _POLICY_FIELDS.get(key)
+        if field is None:
+            problems.append(f"{at}.{key}: unknown or unsupported field")
+            continue
+        if key == "target_qps_per_replica" and isinstance(value, dict):
+            problems.append(
+                f"{at}.target_qps_per_replica: a target per accelerator is not supported;"
+                " give one number"
+            )
+            continue
+        out[field] = value
+        origin[field] = f"{at}.{key}"
+    if "target_qps_per_replica" in out:
+        out["autoscaler"] = "request-rate"
+        origin["autoscaler"] = f"{at}.target_qps_per_replica"
+        out.setdefault("upscale_delay", SKYSERVE_UPSCALE_DELAY)
+        out.setdefault("downscale_delay", SKYSERVE_DOWNSCALE_DELAY)
+    if "max_replicas" not in policy and isinstance(policy.get("min_replicas"), int):
+        # As in SkyServe: without max_replicas the deployment stays at min_replicas.
+        out["max_workers"] = max(policy["min_replicas"], 1)
+    return problems
+
+
+_ENV_VAR = re.compile(r"\$\{?\b([a-zA-Z_][a-zA-Z0-9_]*)\b\}?")
+
+
+def _fill_envs(service: Any, data: dict[str, Any]) -> Any:
+    """The ``service:`` section with the task's ``envs`` (and inline ``secrets``) filled in, as
+    SkyPilot does, so ``post_data: {model: $MODEL_ID}`` probes with the real model name."""
+    values: dict[str, str] = {}
+    for key in ("envs", "secrets"):
+        found = data.get(key)
+        if isinstance(found, dict):
+            values.update({str(k): str(v) for k, v in found.items() if v is not None})
+    if not values:
+        return service
+    text = json.dumps(service)
+    filled = _ENV_VAR.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+    try:
+        return json.loads(filled)
+    except json.JSONDecodeError:  # a value that breaks the JSON: leave the section as written
+        return service
 
 
 def load_spec(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -324,7 +538,11 @@ def load_spec(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     if "service" in data:
-        out, origin = _service_overrides(data["service"], where)
+        out, origin = _service_overrides(_fill_envs(data["service"], data), where)
+    task = {key: value for key, value in data.items() if key in SKYPILOT_TASK_KEYS}
+    if task:
+        out["task"] = task
+        origin["task"] = path.name
     section = data.get("flockctl")
     if section is not None:
         if not isinstance(section, dict):

@@ -1,10 +1,13 @@
 """The controller: keeps the number of live workers at the autoscaler's target.
 
-Every tick it checks each worker's resource (a local process that exited is FAILED at once),
-asks the autoscaler policy for a target once per ``decide_interval``, launches the missing workers
-and drains the surplus. A crash loop (``max_start_failures`` workers in a row that failed before
-ever being READY) stops launching, and the reason is shown to the user until a worker is added
-by hand (``POST /-/workers``) or the deployment is restarted.
+Every tick it checks each worker's resource (a local process that exited is FAILED at once, a
+spot cluster the cloud took back is PREEMPTED), asks the autoscaler policy for a target once per
+``decide_interval``, launches the missing workers and drains the surplus. Where the provisioner
+splits workers between spot and on-demand machines (SkyServe's on-demand fallback), each kind is
+kept at its own share of the target. A crash loop (``max_start_failures`` workers in a row that
+failed before ever being READY) stops launching, and the reason is shown to the user until a
+worker is added by hand (``POST /-/workers``) or the deployment is restarted. A preemption is not
+the worker's fault and does not count toward it.
 
 Operators steer it through the admin API: add a worker (the target goes up), remove one (the
 target goes down), drain one to recycle it (the target stays, so a fresh worker replaces it), or
@@ -81,6 +84,7 @@ class Controller:
             self.pool.add(worker)
             self.prober.watch(worker)
             log.info("re-adopted worker %s (pid %s, %s)", worker.id, worker.pid, worker.url)
+        self.provisioner.start()
         self._loop_task = asyncio.create_task(self._run(), name="controller")
 
     async def stop(self, drain: bool = True) -> None:
@@ -117,6 +121,7 @@ class Controller:
             live=len(live),
             ready=len(self.pool.ready()),
             target=self.target,
+            arrived=self.pool.arrived,
         )
 
     def step(self, now: float) -> None:
@@ -126,8 +131,9 @@ class Controller:
                 continue
             health = self.provisioner.health(worker)
             if not health.alive:
-                log.warning("worker %s FAILED: %s", worker.id, health.reason)
-                self.pool.set_state(worker, S.FAILED, health.reason)
+                state = S.PREEMPTED if health.preempted else S.FAILED
+                log.warning("worker %s %s: %s", worker.id, state.value, health.reason)
+                self.pool.set_state(worker, state, health.reason)
         if now >= self._next_decide:
             self._next_decide = now + self.decide_interval
             self.apply(self.policy.decide(self.observe(), now))
@@ -145,13 +151,33 @@ class Controller:
         if self._stopping:
             return
         live = self.pool.live()
-        missing = self.target - len(live)
+        plan = self.provisioner.spot_plan
+        if plan is None:
+            self._reconcile(live, self.target, None)
+            return
+        spot = [w for w in live if w.spot]
+        ondemand = [w for w in live if not w.spot]
+        want_spot, want_ondemand = self.split()
+        self._reconcile(spot, want_spot, True)
+        self._reconcile(ondemand, want_ondemand, False)
+
+    def split(self) -> tuple[int, int]:
+        """The target as (spot, on-demand) workers, under the provisioner's spot plan."""
+        plan = self.provisioner.spot_plan
+        if plan is None:
+            return 0, self.target
+        ready_spot = sum(1 for w in self.pool.live() if w.spot and w.state == S.READY)
+        return plan.split(self.target, ready_spot)
+
+    def _reconcile(self, live: list[Worker], want: int, spot: bool | None) -> None:
+        """Launch or drain workers of one kind until ``want`` of them are live."""
+        missing = want - len(live)
         if missing > 0 and self.blocked is None:
-            room = self.provisioner.capacity(len(live))
+            room = self.provisioner.capacity(len(self.pool.live()))
             if room is not None:
                 missing = min(missing, room)
             for _ in range(max(missing, 0)):
-                self.launch()
+                self.launch(spot=spot)
         elif missing < 0:
             for worker in self._victims(live, -missing):
                 self.drain(worker)
@@ -168,10 +194,17 @@ class Controller:
         self._seq += 1
         return f"w{self._seq}"
 
-    def launch(self, command: str | None = None, model: str | None = None) -> Worker:
-        """Start one worker; ``command`` replaces the provisioner's command for it alone."""
+    def launch(
+        self, command: str | None = None, model: str | None = None, spot: bool | None = None
+    ) -> Worker:
+        """Start one worker; ``command`` replaces the provisioner's command for it alone, and
+        ``spot`` asks for spot (True) or on-demand (False) machines where that applies."""
         worker = Worker(
-            id=self.next_id(), provisioner=self.provisioner.name, command=command, model=model
+            id=self.next_id(),
+            provisioner=self.provisioner.name,
+            command=command,
+            model=model,
+            spot=spot,
         )
         self.pool.add(worker)
         self._launches[worker.id] = asyncio.create_task(
@@ -217,11 +250,20 @@ class Controller:
         """
         self.blocked = None
         self.start_failures = 0
-        self.target = len(self.pool.live()) + 1
+        live = self.pool.live()
+        spot: bool | None = None
+        if self.provisioner.spot_plan is None:
+            self.target = len(live) + 1
+        else:
+            # Live workers may outnumber the target (on-demand covering spot ones not READY);
+            # the new worker is of the kind the raised target is short of.
+            self.target += 1
+            want_spot, _ = self.split()
+            spot = sum(1 for w in live if w.spot) < want_spot
         self.policy.operator_target(self.target)
         reason = "worker added by operator" + (f" (model {model})" if model else "")
         self.last_decision = DecisionRecord(time.time(), self.target, reason)
-        return self.launch(command, model)
+        return self.launch(command, model, spot)
 
     def remove_worker(self, worker: Worker) -> None:
         """An operator removed a worker: lower the target (not below min) and drain it."""
@@ -294,8 +336,9 @@ class Controller:
     # -- crash-loop guard ----------------------------------------------------------------------
 
     def _on_transition(self, worker: Worker, old: WorkerState) -> None:
-        if worker.state == S.FAILED and old not in (S.PENDING, S.PROVISIONING):
-            # Whatever failed it (exit, probe, timeout), what is left of it must go.
+        ended = worker.state in (S.FAILED, S.PREEMPTED)
+        if ended and old not in (S.PENDING, S.PROVISIONING):
+            # Whatever ended it (exit, probe, timeout, preemption), what is left of it must go.
             self._spawn(self.provisioner.terminate(worker))
         if worker.state == S.READY:
             self.start_failures = 0
@@ -318,6 +361,7 @@ class Controller:
             "min_workers": policy.min_workers,
             "max_workers": policy.max_workers,
             "qlrm": policy.qlrm,
+            "qps": policy.qps,
             "qlrm_history": [[round(t, 3), round(v, 4)] for t, v in policy.history()[-60:]],
             "last_decision": self.last_decision.to_dict(),
             "launch_blocked": self.blocked,
@@ -326,6 +370,15 @@ class Controller:
         thresholds = policy.thresholds()
         if thresholds:
             out["thresholds"] = thresholds
+        plan = self.provisioner.spot_plan
+        if plan is not None:
+            want_spot, want_ondemand = self.split()
+            out["spot"] = {
+                "base_ondemand_fallback_replicas": plan.base_ondemand,
+                "dynamic_ondemand_fallback": plan.dynamic,
+                "spot_target": want_spot,
+                "ondemand_target": want_ondemand,
+            }
         return out
 
 

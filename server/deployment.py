@@ -14,7 +14,13 @@ from typing import Any
 import aiohttp
 
 from flockctl import __version__
-from flockctl.server.autoscaler import AutoscalerPolicy, FixedPolicy, QueueLengthRunningMean
+from flockctl.server.autoscaler import (
+    AutoscalerPolicy,
+    FixedPolicy,
+    QueueLengthRunningMean,
+    RequestRate,
+    SpotPlan,
+)
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.controller import Controller
 from flockctl.server.engine_stats import StatsPuller
@@ -33,6 +39,15 @@ def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
         return FixedPolicy(len(cfg.endpoints), min_workers=0)
     if cfg.autoscaler == "fixed":
         return FixedPolicy(cfg.replicas or 0, cfg.min_workers, cfg.max_workers)
+    if cfg.autoscaler == "request-rate":
+        assert cfg.target_qps_per_replica is not None  # the config refuses it otherwise
+        return RequestRate(
+            cfg.min_workers,
+            cfg.max_workers,
+            cfg.target_qps_per_replica,
+            upscale_delay=cfg.upscale_delay,
+            downscale_delay=cfg.downscale_delay,
+        )
     return QueueLengthRunningMean(
         cfg.min_workers,
         cfg.max_workers,
@@ -47,10 +62,38 @@ def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
 def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     if cfg.provisioner == "static":
         return StaticProvisioner(cfg.endpoints)
+    if cfg.provisioner == "skypilot":
+        return make_skypilot(cfg, state_dir)
     command = cfg.local_command()
     assert command is not None
     cwd = Path(cfg.workdir) if cfg.workdir else None
     return LocalProvisioner(command, state_dir, cwd=cwd, model=cfg.model)
+
+
+def make_skypilot(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
+    from flockctl.server.provisioners.sky_sdk import make_sdk
+    from flockctl.server.provisioners.skypilot import SkyPilotProvisioner
+
+    assert cfg.task is not None and cfg.worker_port is not None  # the config refuses it otherwise
+    spot = cfg.uses_spot()
+    fallback = cfg.base_ondemand_fallback_replicas or cfg.dynamic_ondemand_fallback
+    return SkyPilotProvisioner(
+        cfg.task,
+        cfg.name,
+        cfg.worker_port,
+        state_dir,
+        make_sdk(),
+        base_dir=cfg.workdir,
+        spot=spot,
+        spot_plan=(
+            SpotPlan(cfg.base_ondemand_fallback_replicas, cfg.dynamic_ondemand_fallback)
+            if spot and fallback
+            else None
+        ),
+        launch_attempts=cfg.launch_attempts,
+        launch_backoff=cfg.launch_backoff,
+        status_interval=cfg.status_interval,
+    )
 
 
 class Deployment:
@@ -159,3 +202,52 @@ class Deployment:
             },
             "ready_workers": sum(1 for w in self.pool if w.state == WorkerState.READY),
         }
+
+
+def plan(cfg: DeploymentConfig) -> dict[str, Any]:
+    """What ``flockctl up`` would run, resolved (``--dry-run``): nothing is started, and for
+    SkyPilot only the task is parsed, which needs no cloud credentials.
+
+    Raises ``SkyError`` when SkyPilot refuses the task.
+    """
+    policy = make_autoscaler(cfg)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    out: dict[str, Any] = {
+        "name": cfg.name,
+        "endpoint": f"http://{host}:{cfg.port}",
+        "provisioner": cfg.provisioner,
+        "workers": {
+            "initial": cfg.initial_target(),
+            "min": policy.min_workers,
+            "max": policy.max_workers,
+        },
+        "autoscaler": {"policy": policy.name, "thresholds": policy.thresholds()},
+        "probe": cfg.probe.model_dump(),
+        "balancer": {
+            "policy": cfg.policy,
+            "worker_capacity": cfg.worker_capacity,
+            "queue_timeout": cfg.queue_timeout,
+            "max_queue": cfg.max_queue,
+            "max_attempts": cfg.max_attempts,
+        },
+    }
+    if cfg.provisioner == "static":
+        out["worker"] = {"endpoints": list(cfg.endpoints)}
+    elif cfg.provisioner == "local":
+        out["worker"] = {"command": cfg.local_command(), "model": cfg.model}
+    else:
+        from flockctl.server.provisioners.sky_sdk import describe
+        from flockctl.server.provisioners.skypilot import cluster_name
+
+        assert cfg.task is not None
+        described = describe(cfg.task, cfg.workdir)
+        described["resources"].sort()
+        out["worker"] = {
+            "first_cluster": cluster_name(cfg.name, "w1"),
+            "port": cfg.worker_port,
+            **described,
+            "base_ondemand_fallback_replicas": cfg.base_ondemand_fallback_replicas,
+            "dynamic_ondemand_fallback": cfg.dynamic_ondemand_fallback,
+            "launch_attempts": cfg.launch_attempts,
+        }
+    return out

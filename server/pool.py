@@ -41,6 +41,8 @@ class WorkerPool:
         self._ready: list[Worker] = []
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._listeners: list[Callable[[Worker, WorkerState], None]] = []
+        #: Requests that reached the balancer so far (the request-rate autoscaler's input).
+        self.arrived = 0
 
     # -- membership and state ------------------------------------------------------------------
 

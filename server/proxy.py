@@ -130,6 +130,7 @@ class Balancer:
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        self.pool.arrived += 1
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.api_key is not None:
             auth = next((v for k, v in headers if k == b"authorization"), None)

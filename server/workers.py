@@ -1,7 +1,9 @@
 """Workers and their state machine.
 
 ``PENDING -> PROVISIONING -> STARTING -> READY <-> NOT_READY -> DRAINING -> TERMINATED``, plus
-``FAILED`` (with a reason) from any live state. Every change goes through ``Worker.transition`` so
+``FAILED`` (with a reason) from any live state, and ``PREEMPTED`` when the cloud took a spot
+worker's machines away (it is replaced like a failed one, but it is not the worker's fault, so it
+does not count toward the crash-loop guard). Every change goes through ``Worker.transition`` so
 an impossible move is a bug that shows, not a silent inconsistency.
 """
 
@@ -23,22 +25,24 @@ class WorkerState(str, Enum):
     DRAINING = "DRAINING"
     TERMINATED = "TERMINATED"
     FAILED = "FAILED"
+    PREEMPTED = "PREEMPTED"
 
 
 S = WorkerState
 #: States that count toward the target number of workers.
 LIVE = frozenset({S.PENDING, S.PROVISIONING, S.STARTING, S.READY, S.NOT_READY})
-TERMINAL = frozenset({S.TERMINATED, S.FAILED})
+TERMINAL = frozenset({S.TERMINATED, S.FAILED, S.PREEMPTED})
 
 _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     S.PENDING: frozenset({S.PROVISIONING, S.DRAINING, S.FAILED, S.TERMINATED}),
-    S.PROVISIONING: frozenset({S.STARTING, S.DRAINING, S.FAILED}),
-    S.STARTING: frozenset({S.READY, S.DRAINING, S.FAILED}),
-    S.READY: frozenset({S.NOT_READY, S.DRAINING, S.FAILED}),
-    S.NOT_READY: frozenset({S.READY, S.DRAINING, S.FAILED}),
-    S.DRAINING: frozenset({S.TERMINATED, S.FAILED}),
+    S.PROVISIONING: frozenset({S.STARTING, S.DRAINING, S.FAILED, S.PREEMPTED}),
+    S.STARTING: frozenset({S.READY, S.DRAINING, S.FAILED, S.PREEMPTED}),
+    S.READY: frozenset({S.NOT_READY, S.DRAINING, S.FAILED, S.PREEMPTED}),
+    S.NOT_READY: frozenset({S.READY, S.DRAINING, S.FAILED, S.PREEMPTED}),
+    S.DRAINING: frozenset({S.TERMINATED, S.FAILED, S.PREEMPTED}),
     S.TERMINATED: frozenset(),
     S.FAILED: frozenset(),
+    S.PREEMPTED: frozenset(),
 }
 
 
@@ -74,6 +78,11 @@ class Worker:
     #: A command template that replaces the provisioner's own for this worker (an operator
     #: started it with another model); None runs the deployment's worker command.
     command: str | None = None
+    #: True for a worker on spot (preemptible) machines, False on on-demand ones, None where the
+    #: provisioner has no such notion (local processes, fixed URLs).
+    spot: bool | None = None
+    #: What the provisioner placed the worker on, for people (a SkyPilot cluster's name).
+    resource: str | None = None
     #: Device memory ``{"used", "total", "device", "source"}`` from the engine's ``/stats``.
     gpu_memory: dict[str, Any] | None = None
     #: The engine's ``/stats`` as last pulled; None for a worker that is not flockctl's engine.
@@ -135,6 +144,8 @@ class Worker:
             "ended_at": self.ended_at,
             "last_probe": self.last_probe,
             "model": self.model,
+            "spot": self.spot,
+            "resource": self.resource,
             "gpu_memory": self.gpu_memory,
             "engine": self.engine,
             "engine_at": self.engine_at,

@@ -505,7 +505,7 @@ class Dashboard(App[None]):
         live = sum(
             1
             for w in (self.snapshot or {}).get("workers") or []
-            if w.get("state") not in ("TERMINATED", "FAILED")
+            if w.get("state") not in ("TERMINATED", "FAILED", "PREEMPTED")
         )
         self._confirm(
             f"Shut deployment {d.get('name', '?')!r} down?",

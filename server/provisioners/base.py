@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from flockctl.server.autoscaler import SpotPlan
 from flockctl.server.workers import Worker
 
 
@@ -34,6 +35,8 @@ ALIVE = ResourceHealth(True)
 
 class Provisioner(ABC):
     name: str
+    #: How workers split between spot and on-demand machines (None: no such split).
+    spot_plan: SpotPlan | None = None
 
     @abstractmethod
     async def launch(self, worker: Worker) -> None:
@@ -52,6 +55,9 @@ class Provisioner(ABC):
     def capacity(self, live: int) -> int | None:
         """How many more workers can be launched now (None: no limit of the provisioner's own)."""
         return None
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin any background work (a status refresh); called inside the running loop."""
 
     def adopt(self) -> list[Worker]:
         """Workers whose resources outlived an earlier daemon of this deployment."""
