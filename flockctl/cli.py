@@ -743,12 +743,18 @@ def logs(
     ] = False,
     tail: Annotated[int, typer.Option("--tail", help="Lines to print first.", min=0)] = 100,
 ) -> None:
-    """Print the daemon's log or a worker's log (works after the daemon stopped, too)."""
+    """Print the daemon's log or a worker's log (works after the daemon stopped, too).
+
+    A SkyPilot worker's log is its cluster's job log, streamed through SkyPilot; the launch
+    progress is shown when the job has no log yet.
+    """
     check_name(name)
     directory = state_dir(name)
     if not directory.is_dir():
         fail(f'no deployment named "{name}" (nothing at {directory})', ExitCode.NOT_RUNNING)
     path = directory / ("daemon.log" if target == "daemon" else f"workers/{target}.log")
+    if target != "daemon" and "/" not in target and _cluster_logs(directory, target, follow, tail):
+        return
     if "/" in target or not path.is_file():
         known = sorted(p.stem for p in (directory / "workers").glob("*.log"))
         fail(
@@ -759,6 +765,35 @@ def logs(
         print(line)
     if follow:
         _follow(path)
+
+
+def _cluster_logs(directory: Path, worker_id: str, follow: bool, tail: int) -> bool:
+    """Stream a SkyPilot worker's job log; False when ``worker_id`` has no cluster (any more)."""
+    from flockctl.server.provisioners.skypilot import recorded_clusters
+
+    record = recorded_clusters(directory).get(worker_id)
+    if record is None:
+        return False
+    from flockctl.server.provisioners.sky_sdk import SkyError, make_sdk
+
+    cluster = record["cluster"]
+    try:
+        code = make_sdk().tail_logs(cluster, follow, tail, sys.stdout)
+    except KeyboardInterrupt:
+        return True
+    except SkyError as exc:
+        launch_log = directory / "workers" / f"{worker_id}.log"
+        if not launch_log.is_file():
+            fail(f"no job log for {worker_id} on cluster {cluster}: {exc}", ExitCode.NOT_FOUND)
+        say(f"no job log on cluster {cluster} yet ({exc}); its launch log follows")
+        for line in tail_lines(launch_log, tail):
+            print(line)
+        if follow:
+            _follow(launch_log)
+        return True
+    if code:
+        say(f"the job on cluster {cluster} ended with exit code {code}")
+    return True
 
 
 def _follow(path: Path) -> None:
@@ -800,15 +835,22 @@ def down(
                     "was_running": result.was_running,
                     "forced": result.forced,
                     "orphans_stopped": result.orphans,
+                    "problems": result.problems,
                 }
             )
         )
+    for problem in result.problems:
+        say(f"could not tear down {problem}; run `sky down` on it, then flockctl down again")
     if not result.was_running:
         extra = f"; stopped {result.orphans} worker(s) it had left" if result.orphans else ""
         say(f'no daemon named "{name}" is running{extra}')
+        if result.problems:
+            raise typer.Exit(int(ExitCode.ERROR))
         return
     how = " (forced after the drain timed out)" if result.forced else ""
     say(f'deployment "{name}" stopped{how}')
+    if result.problems:
+        raise typer.Exit(int(ExitCode.ERROR))
 
 
 def main() -> None:

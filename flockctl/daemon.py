@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -106,6 +106,8 @@ class StopResult:
     was_running: bool
     forced: bool = False
     orphans: int = 0
+    #: Resources that could not be removed, one line each (a cluster SkyPilot failed to down).
+    problems: list[str] = field(default_factory=list)
 
 
 def stop(name: str, directory: Path, timeout: float) -> StopResult:
@@ -125,6 +127,8 @@ def stop(name: str, directory: Path, timeout: float) -> StopResult:
                 _signal(record.pid, signal.SIGKILL)
                 _wait_gone(record, 5)
     result.orphans = len(_stop_recorded_workers(directory))
+    downed, result.problems = _down_recorded_clusters(directory)
+    result.orphans += len(downed)
     if record is not None and not record.alive():
         with contextlib.suppress(FileNotFoundError):
             (directory / "daemon.json").unlink()
@@ -143,6 +147,17 @@ def _wait_gone(record: DaemonRecord, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return not is_same_process(record.pid, record.start_time)
+
+
+def _down_recorded_clusters(directory: Path) -> tuple[list[str], list[str]]:
+    """SkyPilot clusters a dead daemon left behind (recorded in clusters.json)."""
+    from flockctl.server.provisioners.skypilot import down_recorded, recorded_clusters
+
+    if not recorded_clusters(directory):
+        return [], []
+    from flockctl.server.provisioners.sky_sdk import make_sdk
+
+    return down_recorded(directory, make_sdk())
 
 
 def _stop_recorded_workers(directory: Path) -> list[str]:

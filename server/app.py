@@ -176,6 +176,12 @@ def create_app(
             )
         if model is not None and not model.strip():
             raise HTTPException(422, "model: must name a model (a hub id, a local path or demo)")
+        if model is not None and deployment.cfg.provisioner == "skypilot":
+            raise HTTPException(
+                422,
+                "model: a SkyPilot deployment's workers run its task's run: section; add a"
+                " worker without a model",
+            )
         if isinstance(provisioner, StaticProvisioner):
             if model is not None:
                 raise HTTPException(

@@ -8,7 +8,8 @@ so a daemon, the CLI and the test itself share it:
 - ``clusters.json``: the clusters that exist (pid, port, spot);
 - ``calls.jsonl``: every call made, in order (``FakeSky.calls()`` reads it back);
 - ``script.json``: what to do next, written by the test: ``fail_launches`` (how many launches
-  fail, with ``error`` as SkyPilot's text) and ``launch_delay`` (seconds a launch takes).
+  fail, with ``error`` as SkyPilot's text), ``launch_delay`` (seconds a launch takes) and
+  ``worker_args`` (extra flags for the fake server, e.g. a token delay).
 
 ``preempt(cluster)`` is the cloud taking a spot cluster away.
 """
@@ -98,8 +99,11 @@ class FakeSky:
             raise SkyError(script.get("error", "ResourcesUnavailableError: no capacity"))
         port = _free_port()
         out = (self.dir / f"{state['cluster']}.log").open("ab")
+        out.write(f"job on {state['cluster']}: serving on port {port}\n".encode())
+        out.flush()
+        argv = [sys.executable, str(FAKE_WORKER), "--port", str(port), "--id", state["cluster"]]
         proc = subprocess.Popen(
-            [sys.executable, str(FAKE_WORKER), "--port", str(port), "--id", state["cluster"]],
+            [*argv, *script.get("worker_args", [])],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -109,7 +113,7 @@ class FakeSky:
         with _lock:
             clusters = self.clusters()
             clusters[state["cluster"]] = {"pid": proc.pid, "port": port, "spot": state["spot"]}
-            (self.dir / "clusters.json").write_text(json.dumps(clusters))
+            self._save(clusters)
 
     def cancel(self, request_id: str) -> None:
         self._record("cancel", request=request_id)
@@ -145,6 +149,12 @@ class FakeSky:
         with _lock, (self.dir / "calls.jsonl").open("a") as f:
             f.write(json.dumps({"method": method, **args}) + "\n")
 
+    def _save(self, clusters: dict[str, Any]) -> None:
+        """Written whole and renamed, so a reader in another process never sees half a file."""
+        tmp = self.dir / f"clusters.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(clusters))
+        tmp.replace(self.dir / "clusters.json")
+
     def _script(self) -> dict[str, Any]:
         path = self.dir / "script.json"
         return json.loads(path.read_text()) if path.exists() else {}
@@ -153,7 +163,7 @@ class FakeSky:
         with _lock:
             clusters = self.clusters()
             record = clusters.pop(cluster, None)
-            (self.dir / "clusters.json").write_text(json.dumps(clusters))
+            self._save(clusters)
         if record is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record["pid"], signal.SIGKILL)

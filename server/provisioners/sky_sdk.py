@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,10 +36,20 @@ def error_text(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _sky() -> Any:
-    os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
-    import sky
+_import_lock = threading.Lock()
 
+
+def _sky() -> Any:
+    """The ``sky`` module, imported once: launches run in threads, and two threads importing
+    SkyPilot at once can see a half-initialised module."""
+    with _import_lock:
+        os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
+        try:
+            import sky
+        except ImportError as exc:
+            raise SkyError(
+                f"SkyPilot is not installed ({exc}); install it with pip install 'flockctl[sky]'"
+            ) from None
     return sky
 
 
@@ -154,6 +165,7 @@ class SkySdk:
             raise SkyError(error_text(exc)) from None
 
     def endpoint(self, cluster: str, port: int) -> str:
+        """Where ``port`` on the cluster is reached: ``host:port`` or a URL."""
         sky = _sky()
         try:
             found = sky.get(sky.endpoints(cluster, port))
@@ -162,7 +174,7 @@ class SkySdk:
         url = found.get(port) or found.get(str(port))
         if not url:
             raise SkyError(f"cluster {cluster} exposes no endpoint for port {port}")
-        return url if "://" in url else f"http://{url}"
+        return str(url)
 
     def status(self, clusters: list[str]) -> dict[str, str]:
         """Each cluster's SkyPilot status (``UP``, ``INIT``, ``STOPPED``), refreshed from the

@@ -129,7 +129,7 @@ class SkyPilotProvisioner(Provisioner):
                 f" tr{'ies' if self.launch_attempts > 1 else 'y'}; SkyPilot said: {last}"
             )
         url = await self._call(self.sdk.endpoint, cluster, self.port)
-        worker.url = url.rstrip("/")
+        worker.url = (url if "://" in url else f"http://{url}").rstrip("/")
         self._records[worker.id]["url"] = worker.url
         self._save()
         self._status[cluster] = "UP"
