@@ -36,6 +36,16 @@ JOB_STATE_STYLE: dict[str, tuple[str, str]] = {
 MAX_JOB_ROWS = 50
 
 
+def scaling_input(autoscaler: dict[str, Any]) -> str:
+    """The figure the autoscaler scales on: the request rate (request-rate) or the queue-length
+    running mean (qlrm; ``-`` before the first sample)."""
+    qps = autoscaler.get("qps")
+    if qps is not None:
+        return f"rate {qps:.2f}/s"
+    qlrm = autoscaler.get("qlrm")
+    return f"qlrm {'-' if qlrm is None else f'{qlrm:.2f}'}"
+
+
 def ago(ts: float | None, now: float) -> str:
     if not ts:
         return "-"
@@ -242,12 +252,11 @@ def status_view(snap: dict[str, Any]) -> Group:
         f"  provisioner {dep['provisioner']}  policy {dep['policy']}",
         f"  up {ago(dep['started_at'], now)}",
     )
-    qlrm = auto.get("qlrm")
     scale = Text.assemble(
         ("autoscaler ", "bold"),
         f"{auto.get('policy')}  target {auto.get('target')}",
         f" (min {auto.get('min_workers')}, max {auto.get('max_workers')})",
-        f"  qlrm {'-' if qlrm is None else f'{qlrm:.2f}'}",
+        f"  {scaling_input(auto)}",
         f"  {(auto.get('last_decision') or {}).get('reason', '')}",
     )
     traffic = Text(

@@ -16,7 +16,15 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widgets import Static
 
-from flockctl.render import ago, engine_jobs, job_cells, memory_pair, natural_key, state_text
+from flockctl.render import (
+    ago,
+    engine_jobs,
+    job_cells,
+    memory_pair,
+    natural_key,
+    scaling_input,
+    state_text,
+)
 
 BAR_WIDTH = 10
 #: What a table cell holds: plain text, or styled text (a state glyph and word, a bar).
@@ -325,10 +333,12 @@ class AutoscalerPanel(Static):
         thresholds = a.get("thresholds") or {}
         limits = ", ".join(f"{k} {cell_text(v)}" for k, v in thresholds.items())
         decision = a.get("last_decision") or {}
+        qlrm = f"qlrm {cell_text(a.get('qlrm'))}"
+        figure = scaling_input(a) if a.get("qps") is not None else qlrm
         self.update(
             Text.assemble(
                 ("autoscaler ", "bold"),
-                f"{a.get('policy', '?')}: qlrm {cell_text(a.get('qlrm'))}",
+                f"{a.get('policy', '?')}: {figure}",
                 f" ({limits})" if limits else "",
                 f"  target {a.get('target', '-')} / ready {current}",
                 f"  (bounds {a.get('min_workers', '-')}-{a.get('max_workers', '-')})\n",
