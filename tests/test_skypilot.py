@@ -263,3 +263,38 @@ def test_down_tears_down_clusters_a_dead_daemon_left(tmp_path: Path, sky: FakeSk
     assert down.returncode == 0, down.stderr
     assert json.loads(down.stdout)["orphans_stopped"] == 1
     assert sky.clusters() == {}
+
+
+async def test_a_restarted_daemon_readopts_its_clusters(tmp_path: Path, sky: FakeSky) -> None:
+    """Clusters recorded by an earlier daemon: an UP one comes back as a STARTING worker (the
+    probe decides READY again); one whose launch the restart interrupted is torn down."""
+    from flockctl.server.provisioners.sky_sdk import make_sdk
+    from flockctl.server.provisioners.skypilot import SkyPilotProvisioner
+
+    request = sky.launch(TASK, "flockctl-d-w1", base_dir=None, spot=True, port=8000, envs={})
+    sky.wait(request)
+    url = "http://" + sky.endpoint("flockctl-d-w1", 8000)
+    (tmp_path / "clusters.json").write_text(
+        json.dumps(
+            {
+                "clusters": [
+                    {"id": "w1", "cluster": "flockctl-d-w1", "spot": True, "url": url},
+                    {"id": "w2", "cluster": "flockctl-d-w2", "spot": False},
+                ]
+            }
+        )
+    )
+    provisioner = SkyPilotProvisioner(TASK, "d", 8000, tmp_path, make_sdk(), status_interval=0.05)
+    (worker,) = provisioner.adopt()
+    assert (worker.id, worker.state, worker.url, worker.spot) == ("w1", S.STARTING, url, True)
+    provisioner.start()
+    try:
+        await until(lambda: "flockctl-d-w2" in [c["cluster"] for c in sky.calls("down")], "down")
+        await until(lambda: sky.calls("status"), "a status refresh")
+        assert provisioner.health(worker).alive
+        sky.preempt("flockctl-d-w1")
+        await until(lambda: not provisioner.health(worker).alive, "the preemption to show")
+        assert provisioner.health(worker).preempted
+        assert list(recorded_clusters(tmp_path)) == ["w1"]
+    finally:
+        await provisioner.close()
