@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from flockctl.server.autoscaler import FixedPolicy, Observation, QueueLengthRunningMean
+import pytest
+
+from flockctl.server.autoscaler import (
+    Decision,
+    FixedPolicy,
+    Observation,
+    QueueLengthRunningMean,
+    RequestRate,
+)
 
 
 def obs(in_flight: int = 0, queued: int = 0, live: int = 1, target: int = 1) -> Observation:
@@ -108,3 +116,175 @@ def test_fixed_policy_holds_and_follows_the_operator():
     assert p.decide(obs(target=1), 0).target == 2
     p.operator_target(3)
     assert p.decide(obs(target=2), 0).target == 3
+
+
+def rr(**kw) -> RequestRate:
+    # A one-second window makes the rate of each one-second sample the rate the policy sees, so
+    # a change of traffic shows at once and the tests can time the delays to the second.
+    args = dict(
+        min_workers=1,
+        max_workers=10,
+        target_qps_per_replica=1,
+        upscale_delay=20,
+        downscale_delay=60,
+        window=1,
+    )
+    args.update(kw)
+    return RequestRate(**args)
+
+
+class Traffic:
+    """Requests arriving at a steady rate, one decision a second; the target follows each one."""
+
+    def __init__(self, policy: RequestRate, target: int = 1) -> None:
+        self.policy = policy
+        self.target = target
+        self.t = 0
+        self.arrived = 0
+        self.targets: list[int] = []
+        # The first sample only sets the baseline the next one's arrivals are counted from.
+        policy.decide(Observation(0, 0, target, target, target, arrived=0), 0)
+
+    def run(self, rate: int, seconds: int) -> Decision:
+        for _ in range(seconds):
+            self.t += 1
+            self.arrived += rate
+            o = Observation(0, 0, self.target, self.target, self.target, arrived=self.arrived)
+            decision = self.policy.decide(o, self.t)
+            self.target = decision.target
+            self.targets.append(decision.target)
+        return decision
+
+
+def test_request_rate_scales_up_only_after_the_delay_straight_to_the_wanted_count():
+    traffic = Traffic(rr(upscale_delay=20))
+    d = traffic.run(1, 5)
+    assert d == Decision(
+        1, "1.00 req/s over 1s wants 1 workers (target_qps_per_replica 1): holding 1"
+    )
+    d = traffic.run(4, 1)  # t=6: the rate wants 4 workers from now on
+    assert d.target == 1
+    assert d.reason == (
+        "4.00 req/s over 1s wants 4 workers (target_qps_per_replica 1); scaling up in 20s if it"
+        " holds"
+    )
+    d = traffic.run(4, 19)  # t=25: 19 s of the 20
+    assert d.target == 1 and "scaling up in 1s" in d.reason
+    d = traffic.run(4, 1)  # t=26: 20 s held, one step from 1 to 4
+    assert d == Decision(
+        4, "4.00 req/s over 1s wants 4 workers (target_qps_per_replica 1) for 20s: scaling up to 4"
+    )
+    assert traffic.targets == [1] * 25 + [4]
+
+
+@pytest.mark.parametrize("dip", [2, 1], ids=["to-the-target", "below-the-target"])
+def test_request_rate_upscale_hold_restarts_when_the_rate_dips_back(dip: int):
+    traffic = Traffic(rr(upscale_delay=20), target=2)
+    traffic.run(2, 5)
+    traffic.run(4, 15)
+    traffic.run(dip, 1)  # one second at a rate the current target covers
+    d = traffic.run(4, 19)  # 35 s since the rate first rose, but only 18 s since the dip
+    assert d.target == 2, d.reason
+    assert traffic.run(4, 1).target == 2
+    assert traffic.run(4, 1).target == 4
+
+
+def test_request_rate_scales_down_after_the_downscale_delay():
+    traffic = Traffic(rr(upscale_delay=0, downscale_delay=60), target=4)
+    assert traffic.run(4, 10).reason.endswith("holding 4")
+    d = traffic.run(2, 60)  # the first of these seconds starts the hold: 59 s held
+    assert d.target == 4
+    assert d.reason == (
+        "2.00 req/s over 1s wants 2 workers (target_qps_per_replica 1); scaling down in 1s if it"
+        " holds"
+    )
+    d = traffic.run(2, 1)
+    assert d == Decision(
+        2,
+        "2.00 req/s over 1s wants 2 workers (target_qps_per_replica 1) for 60s: scaling down to 2",
+    )
+
+
+def test_request_rate_downscale_hold_restarts_when_the_rate_comes_back():
+    traffic = Traffic(rr(downscale_delay=60), target=3)
+    traffic.run(1, 40)
+    traffic.run(3, 1)  # t=41: the rate wants the 3 workers again
+    assert traffic.run(1, 60).target == 3  # 101 s since it first fell, 59 s since it came back
+    assert traffic.run(1, 1).target == 1
+
+
+def test_request_rate_never_leaves_min_and_max_workers():
+    busy = Traffic(rr(max_workers=3, upscale_delay=0))
+    d = busy.run(10_000, 5)
+    assert busy.targets == [3] * 5
+    assert d.reason == (
+        "10000.00 req/s over 1s wants 3 workers (target_qps_per_replica 1): holding 3"
+    )
+    idle = Traffic(rr(min_workers=2, downscale_delay=0), target=2)
+    d = idle.run(0, 100)
+    assert idle.targets == [2] * 100
+    assert d.reason.endswith("wants 2 workers (target_qps_per_replica 1): holding 2")
+
+
+def test_request_rate_forces_an_out_of_bounds_target_back():
+    p = rr(min_workers=2, max_workers=3)
+    assert p.decide(Observation(0, 0, 5, 5, 5), 0) == Decision(3, "above max_workers: scaling to 3")
+    assert p.decide(Observation(0, 0, 1, 1, 1), 1) == Decision(2, "below min_workers: scaling to 2")
+
+
+def test_request_rate_a_forced_move_restarts_the_upscale_hold():
+    p = rr(upscale_delay=20)
+    traffic = Traffic(p)
+    traffic.run(4, 4)  # the hold for 4 workers starts at t=1
+    p.set_bounds(2, 10)
+    assert traffic.run(4, 1) == Decision(2, "below min_workers: scaling to 2")
+    assert traffic.run(4, 20).target == 2  # held again from t=6, not from t=1
+    assert traffic.run(4, 1).target == 4
+
+
+def test_request_rate_scales_from_zero_at_once():
+    traffic = Traffic(rr(min_workers=0, upscale_delay=300), target=0)
+    assert traffic.run(0, 5).target == 0
+    d = traffic.run(3, 1)
+    assert d == Decision(3, "3.00 req/s over 1s and no worker: scaling from zero to 3")
+    # A request still queued when its arrival has left the window also wakes it up.
+    p = rr(min_workers=0, window=60)
+    assert p.decide(Observation(0, 0, 0, 0, 0, arrived=1), 0).target == 0
+    d = p.decide(Observation(0, 1, 0, 0, 0, arrived=1), 100)
+    assert d == Decision(1, "0.00 req/s over 60s and no worker: scaling from zero to 1")
+
+
+def test_request_rate_wants_exactly_n_workers_at_n_times_the_target():
+    # 2.1 req/s / 0.3 is 7.000000000000001 in floating point; that is 7 workers, not 8.
+    p = rr(target_qps_per_replica=0.3, upscale_delay=0, window=10)
+    p.decide(Observation(0, 0, 1, 1, 1, arrived=0), 0)
+    assert p.decide(Observation(0, 0, 1, 1, 1, arrived=21), 10).target == 7
+
+
+def test_request_rate_qps_counts_the_arrivals_of_the_last_window():
+    p = RequestRate(1, 4, target_qps_per_replica=2)
+    assert p.qps is None
+    seen = []
+    for now, arrived in [(0, 0), (30, 60), (60, 120), (90, 120), (150, 120)]:
+        p.decide(Observation(0, 0, 1, 1, 1, arrived=arrived), now)
+        seen.append(p.qps)
+    # Always divided by the whole 60 s window; at 90 s the arrivals before 30 s are out of it.
+    assert seen == [0, 1, 2, 1, 0]
+
+
+def test_request_rate_thresholds_are_skyserves_defaults_unless_given():
+    assert RequestRate(1, 4, 2.5).thresholds() == {
+        "target_qps_per_replica": 2.5,
+        "upscale_delay": 300,
+        "downscale_delay": 1200,
+        "qps_window": 60,
+    }
+    given = RequestRate(1, 4, 1, upscale_delay=5, downscale_delay=7, window=30)
+    assert given.thresholds() == {
+        "target_qps_per_replica": 1,
+        "upscale_delay": 5,
+        "downscale_delay": 7,
+        "qps_window": 30,
+    }
+    with pytest.raises(ValueError, match="target_qps_per_replica must be above 0"):
+        RequestRate(1, 4, 0)
