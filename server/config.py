@@ -211,11 +211,13 @@ class DeploymentConfig(_Strict):
         if self.provisioner == "skypilot":
             self._check_skypilot()
         else:
-            for key in ("worker_port", "base_ondemand_fallback_replicas"):
-                if getattr(self, key):
-                    raise ValueError(f"{key}: only the skypilot provisioner uses it")
-            if self.dynamic_ondemand_fallback:
-                raise ValueError("dynamic_ondemand_fallback: only the skypilot provisioner uses it")
+            # A local worker gets its own port; a SkyServe file's service.ports means nothing here.
+            self.worker_port = None
+            if self.base_ondemand_fallback_replicas or self.dynamic_ondemand_fallback:
+                raise ValueError(
+                    "base_ondemand_fallback_replicas: on-demand fallback is for the skypilot"
+                    " provisioner's spot workers"
+                )
         if self.provisioner == "local":
             if not self.worker_command and self.model is None:
                 self.model = DEFAULT_MODEL
@@ -276,9 +278,13 @@ class DeploymentConfig(_Strict):
             self.worker_port = ports[0]
         spot = _uses_spot(task.get("resources"))
         if (self.base_ondemand_fallback_replicas or self.dynamic_ondemand_fallback) and not spot:
+            key = (
+                "base_ondemand_fallback_replicas"
+                if self.base_ondemand_fallback_replicas
+                else "dynamic_ondemand_fallback"
+            )
             raise ValueError(
-                "base_ondemand_fallback_replicas, dynamic_ondemand_fallback: on-demand fallback"
-                " is for spot workers; set resources.use_spot: true"
+                f"{key}: on-demand fallback is for spot workers; set resources.use_spot: true"
             )
 
     def uses_spot(self) -> bool:
@@ -439,9 +445,15 @@ def _service_overrides(service: Any, where: str) -> tuple[dict[str, Any], dict[s
     if "replicas" in service and "replica_policy" in service:
         problems.append(f"{at}replicas: cannot be used together with service.replica_policy")
     if "replicas" in service:
+        # As in SkyServe, ``replicas: N`` is min_replicas = max_replicas = N.
+        replicas = service["replicas"]
         out["autoscaler"] = "fixed"
-        out["replicas"] = service["replicas"]
-        origin["replicas"] = f"{at}replicas"
+        out["replicas"] = replicas
+        for key in ("replicas", "min_workers", "max_workers"):
+            origin[key] = f"{at}replicas"
+        if isinstance(replicas, int) and not isinstance(replicas, bool):
+            out["min_workers"] = replicas
+            out["max_workers"] = max(replicas, 1)
     policy = service.get("replica_policy")
     if policy is not None:
         problems += _replica_policy(policy, f"{at}replica_policy", out, origin)
@@ -586,8 +598,14 @@ def resolve(
             value = {**base, **value}
         values[key] = value
         origin[key] = (flag_names or {}).get(key, f"--{key.replace('_', '-')}")
-    if flags and flags.get("replicas") is not None and "autoscaler" not in flags:
-        values["autoscaler"] = "fixed"
+    if flags and flags.get("autoscaler") is None:
+        # A flag that only one autoscaler reads selects it (the file's choice gives way).
+        if flags.get("replicas") is not None:
+            values["autoscaler"] = "fixed"
+            origin["autoscaler"] = _label(origin, "replicas")
+        elif flags.get("target_qps_per_replica") is not None:
+            values["autoscaler"] = "request-rate"
+            origin["autoscaler"] = _label(origin, "target_qps_per_replica")
     if values.get("model") is not None and values.get("worker_command"):
         both = f"{_label(origin, 'model')} and {_label(origin, 'worker_command')}"
         raise ConfigError([f"{both} cannot be used together: {_ONE_OF_THEM}"])
@@ -606,6 +624,10 @@ def _describe(err: Any, origin: dict[str, str]) -> str:
     loc = [str(part) for part in err.get("loc", ())]
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     if not loc:
+        # A check across fields names the field it is about first; say where that came from.
+        field, sep, rest = msg.partition(": ")
+        if sep and field in origin and not origin[field].startswith("--"):
+            return f"{origin[field]}: {rest}"
         return msg
     head = loc[0]
     where = origin.get(head, head)

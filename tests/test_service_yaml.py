@@ -222,11 +222,6 @@ def test_target_qps_alone_gets_skyserves_delays(tmp_path: Path) -> None:
     assert (thresholds["upscale_delay"], thresholds["downscale_delay"]) == (300, 1200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/config.py _service_overrides: replicas: N sets neither min_workers nor"
-    " max_workers, so the plan shows the defaults (min 1, max max(N, 2)) where SkyServe has N, N",
-)
 @pytest.mark.parametrize("source", ["replicas: 1", "replicas: 3", "tgi.yaml"])
 def test_replicas_is_a_fixed_number(tmp_path: Path, source: str) -> None:
     if source.endswith(".yaml"):
@@ -307,13 +302,6 @@ def test_provisioner_defaults_to_skypilot_for_a_task(tmp_path: Path) -> None:
     assert "engine serve --model demo" in local["worker"]["command"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/config.py resolve: --target-qps-per-replica never selects request-rate (its"
-    " help says it does), and --replicas never selects fixed: the CLI always passes an"
-    " 'autoscaler' key (None when not given), so `\"autoscaler\" not in flags` is always false;"
-    " both flags are silently ignored and the plan stays qlrm",
-)
 @pytest.mark.parametrize(
     ("flag", "policy", "thresholds"),
     [
