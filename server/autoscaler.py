@@ -96,6 +96,36 @@ class AutoscalerPolicy:
         return None
 
 
+class Hysteresis:
+    """How long a wish to move the target one way has held (SkyServe's upscale and downscale
+    counters, in seconds): the target moves only once the wish held for that way's delay."""
+
+    def __init__(self) -> None:
+        self._up_since: float | None = None
+        self._down_since: float | None = None
+
+    def reset(self) -> None:
+        self._up_since = self._down_since = None
+
+    def move(self, target: int, new: int, why: str, delay: float, now: float) -> Decision:
+        """``new`` once ``why`` has held ``delay`` seconds, else ``target`` and how long to go."""
+        up = new > target
+        if up:
+            self._down_since = None
+            self._up_since = now if self._up_since is None else self._up_since
+            since = self._up_since
+        else:
+            self._up_since = None
+            self._down_since = now if self._down_since is None else self._down_since
+            since = self._down_since
+        held = now - since
+        way = "up" if up else "down"
+        if held >= delay:
+            self.reset()
+            return Decision(new, f"{why} for {held:.0f}s: scaling {way} to {new}")
+        return Decision(target, f"{why}; scaling {way} in {delay - held:.0f}s if it holds")
+
+
 class FixedPolicy(AutoscalerPolicy):
     """Always ``replicas`` workers (SkyServe's ``replicas: N``)."""
 
@@ -147,8 +177,7 @@ class QueueLengthRunningMean(AutoscalerPolicy):
         self.downscale_delay = downscale_delay
         self._samples: deque[tuple[float, float]] = deque()
         self._mean: float | None = None
-        self._above_since: float | None = None
-        self._below_since: float | None = None
+        self._hold = Hysteresis()
         self._history: deque[tuple[float, float]] = deque(maxlen=history_points)
 
     @property
@@ -199,45 +228,17 @@ class QueueLengthRunningMean(AutoscalerPolicy):
         target = obs.target
         if target == 0 and obs.queued > 0:
             new = max(1, self.min_workers)
-            self._above_since = self._below_since = None
+            self._hold.reset()
             return Decision(
                 new, f"{obs.queued} requests waiting and no worker: scaling from zero to {new}"
             )
         if mean > self.autoscale_up and target < self.max_workers:
-            self._below_since = None
-            if self._above_since is None:
-                self._above_since = now
-            held = now - self._above_since
-            if held >= self.upscale_delay:
-                self._above_since = None
-                return Decision(
-                    target + 1,
-                    f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g} for {held:.0f}s:"
-                    f" scaling up to {target + 1}",
-                )
-            return Decision(
-                target,
-                f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g}; scaling up in"
-                f" {self.upscale_delay - held:.0f}s if it holds",
-            )
+            why = f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g}"
+            return self._hold.move(target, target + 1, why, self.upscale_delay, now)
         if mean < self.autoscale_down and target > self.min_workers:
-            self._above_since = None
-            if self._below_since is None:
-                self._below_since = now
-            held = now - self._below_since
-            if held >= self.downscale_delay:
-                self._below_since = None
-                return Decision(
-                    target - 1,
-                    f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g} for {held:.0f}s:"
-                    f" scaling down to {target - 1}",
-                )
-            return Decision(
-                target,
-                f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g}; scaling down in"
-                f" {self.downscale_delay - held:.0f}s if it holds",
-            )
-        self._above_since = self._below_since = None
+            why = f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g}"
+            return self._hold.move(target, target - 1, why, self.downscale_delay, now)
+        self._hold.reset()
         if mean > self.autoscale_up:
             why = f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g} but at max_workers"
         elif mean < self.autoscale_down:
@@ -276,8 +277,7 @@ class RequestRate(AutoscalerPolicy):
         self.window = window
         self._arrivals: deque[tuple[float, int]] = deque()
         self._qps: float | None = None
-        self._above_since: float | None = None
-        self._below_since: float | None = None
+        self._hold = Hysteresis()
 
     @property
     def qps(self) -> float | None:
@@ -311,7 +311,7 @@ class RequestRate(AutoscalerPolicy):
         qps = self._rate(obs.arrived, now)
         forced = self.bounds(obs.target)
         if forced is not None:
-            self._above_since = self._below_since = None
+            self._hold.reset()
             return forced
         target = obs.target
         wanted = self.wanted(qps)
@@ -319,43 +319,13 @@ class RequestRate(AutoscalerPolicy):
         per = f"target_qps_per_replica {self.target_qps_per_replica:g}"
         if target == 0 and (wanted > 0 or obs.queued > 0) and self.max_workers > 0:
             new = max(wanted, 1)
-            self._above_since = self._below_since = None
+            self._hold.reset()
             return Decision(new, f"{rate} and no worker: scaling from zero to {new}")
-        if wanted > target:
-            self._below_since = None
-            if self._above_since is None:
-                self._above_since = now
-            held = now - self._above_since
-            if held >= self.upscale_delay:
-                self._above_since = None
-                return Decision(
-                    wanted,
-                    f"{rate} wants {wanted} workers ({per}) for {held:.0f}s:"
-                    f" scaling up to {wanted}",
-                )
-            return Decision(
-                target,
-                f"{rate} wants {wanted} workers ({per}); scaling up in"
-                f" {self.upscale_delay - held:.0f}s if it holds",
-            )
-        if wanted < target:
-            self._above_since = None
-            if self._below_since is None:
-                self._below_since = now
-            held = now - self._below_since
-            if held >= self.downscale_delay:
-                self._below_since = None
-                return Decision(
-                    wanted,
-                    f"{rate} wants {wanted} workers ({per}) for {held:.0f}s:"
-                    f" scaling down to {wanted}",
-                )
-            return Decision(
-                target,
-                f"{rate} wants {wanted} workers ({per}); scaling down in"
-                f" {self.downscale_delay - held:.0f}s if it holds",
-            )
-        self._above_since = self._below_since = None
+        if wanted != target:
+            why = f"{rate} wants {wanted} workers ({per})"
+            delay = self.upscale_delay if wanted > target else self.downscale_delay
+            return self._hold.move(target, wanted, why, delay, now)
+        self._hold.reset()
         return Decision(target, f"{rate} wants {wanted} workers ({per}): holding {target}")
 
 
