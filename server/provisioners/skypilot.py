@@ -84,10 +84,9 @@ class SkyPilotProvisioner(Provisioner):
         self.log_dir = state_dir / "workers"
         self._table = state_dir / CLUSTERS_FILE
         self._records: dict[str, dict[str, Any]] = {}
-        #: Each launched cluster's last known SkyPilot status (None: it no longer exists).
-        self._status: dict[str, str | None] = {}
-        #: When each cluster finished launching (monotonic), so an older refresh is not trusted.
-        self._up_since: dict[str, float] = {}
+        #: Each launched cluster: when it came up (monotonic, so a refresh that started earlier is
+        #: not trusted for it) and its last known SkyPilot status (None: it no longer exists).
+        self._seen: dict[str, tuple[float, str | None]] = {}
         self._refresher: asyncio.Task[None] | None = None
         #: Recorded workers whose launch a daemon restart interrupted; start() tears them down.
         self._interrupted: list[Worker] = []
@@ -132,8 +131,7 @@ class SkyPilotProvisioner(Provisioner):
         worker.url = (url if "://" in url else f"http://{url}").rstrip("/")
         self._records[worker.id]["url"] = worker.url
         self._save()
-        self._status[cluster] = "UP"
-        self._up_since[cluster] = time.monotonic()
+        self._seen[cluster] = (time.monotonic(), "UP")
         self._note(worker, f"cluster {cluster} is UP; serving at {worker.url}")
 
     async def _launch_once(self, worker: Worker, cluster: str, envs: dict[str, str]) -> None:
@@ -183,7 +181,7 @@ class SkyPilotProvisioner(Provisioner):
 
     async def refresh(self) -> None:
         """Ask SkyPilot for the status of every cluster that finished launching."""
-        clusters = sorted(self._up_since)
+        clusters = sorted(self._seen)
         if not clusters:
             return
         asked = time.monotonic()
@@ -193,15 +191,15 @@ class SkyPilotProvisioner(Provisioner):
             log.warning("SkyPilot status refresh failed (kept the last one): %s", exc)
             return
         for cluster in clusters:
-            since = self._up_since.get(cluster)
-            if since is not None and since <= asked:
-                self._status[cluster] = found.get(cluster)
+            seen = self._seen.get(cluster)
+            if seen is not None and seen[0] <= asked:
+                self._seen[cluster] = (seen[0], found.get(cluster))
 
     def health(self, worker: Worker) -> ResourceHealth:
         cluster = worker.resource
-        if cluster is None or cluster not in self._status:
+        if cluster is None or cluster not in self._seen:
             return ALIVE
-        status = self._status[cluster]
+        status = self._seen[cluster][1]
         if status == "UP":
             return ALIVE
         what = "no longer exists" if status is None else f"is {status}, no longer UP"
@@ -240,8 +238,7 @@ class SkyPilotProvisioner(Provisioner):
     def forget(self, worker: Worker) -> None:
         record = self._records.pop(worker.id, None)
         if record is not None:
-            self._status.pop(record["cluster"], None)
-            self._up_since.pop(record["cluster"], None)
+            self._seen.pop(record["cluster"], None)
             self._save()
 
     def adopt(self) -> list[Worker]:
@@ -258,8 +255,7 @@ class SkyPilotProvisioner(Provisioner):
                 continue
             worker.transition(WorkerState.PROVISIONING)
             worker.transition(WorkerState.STARTING, "re-adopted after a daemon restart")
-            self._up_since[worker.resource] = time.monotonic()
-            self._status[worker.resource] = "UP"
+            self._seen[worker.resource] = (time.monotonic(), "UP")
             adopted.append(worker)
         return adopted
 
