@@ -298,3 +298,13 @@ async def test_a_restarted_daemon_readopts_its_clusters(tmp_path: Path, sky: Fak
         assert list(recorded_clusters(tmp_path)) == ["w1"]
     finally:
         await provisioner.close()
+
+
+async def test_a_model_cannot_be_added_to_a_skypilot_deployment(
+    daemon: Any, http: aiohttp.ClientSession
+) -> None:
+    d = await daemon(**fields(autoscaler="fixed", replicas=0))
+    body = {"model": "demo"}
+    async with http.post(f"{d.url}/-/workers", json=body, headers=d.admin) as resp:
+        assert resp.status == 422
+        assert "run: section" in (await resp.json())["error"]["message"]
