@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import sys
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -251,6 +252,10 @@ def serve(
         stream=sys.stderr,
         force=True,
     )
+    # A library's warning (a deprecation in transformers, say) goes to the log once, as a log
+    # line, not once per request as a bare stderr block.
+    logging.captureWarnings(True)
+    warnings.simplefilter("once")
     try:
         tree = parse_tree(spec_tree)
     except ValueError as exc:
@@ -269,6 +274,7 @@ def serve(
 
     with sock:
         from flockctl.engine.engine import EngineConfig, EngineLoadError, load_engine
+        from flockctl.engine.startup import StartupPhase, StartupResponder
 
         try:
             config = EngineConfig(
@@ -291,8 +297,12 @@ def serve(
             )
         except ValueError as exc:
             fail(str(exc), ExitCode.USAGE)
+        phase = StartupPhase()
         try:
-            engine = load_engine(config)
+            # While loading, the port answers 503 with the phase (the daemon shows it as the
+            # worker's reason); uvicorn takes the same socket over once the engine runs.
+            with StartupResponder(sock, phase):
+                engine = load_engine(config, progress=sys.stderr.isatty(), report=phase.set)
         except Exception as exc:  # any reason the model cannot load is the same one line
             log.debug("loading %s failed", model, exc_info=True)
             reason = " ".join(str(exc).split()) or type(exc).__name__

@@ -33,11 +33,12 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flockctl.engine.build_progress import BuildProgress, Phase
 from flockctl.exitcodes import ExitCode
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ _SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"}
 )
 _MANIFEST = "manifest.json"
+_WAIT_POLL = 0.5  # seconds between two tries of the lock while another process builds
 
 
 class DemoBuildError(RuntimeError):
@@ -166,25 +168,37 @@ def ensure_demo(
     progress: bool = True,
     *,
     force: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> DemoPaths:
     """Return the demo pair, building it first unless a complete build of ``recipe`` is cached.
 
     Safe to call from several processes at once: the build runs under an exclusive lock on
     ``<demo_dir>.lock``, so the first caller builds and the others wait, then find it complete.
     ``force`` rebuilds even when a complete build exists (``--force`` on the command line).
+    ``progress`` shows the build on stderr (a bar on a terminal, plain lines elsewhere);
+    ``report`` gets a one-line phase text on every step, also while waiting for another
+    process's build (whose progress it reads from ``<demo_dir>.progress``).
     """
     final = demo_dir(root)
     if not force and _is_complete(final, recipe):
         return _paths(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(final.with_name(final.name + ".lock"), final if progress else None):
+    progress_file = final.with_name(final.name + ".progress")
+    lock = final.with_name(final.name + ".lock")
+    with _exclusive_lock(lock, final if progress else None, progress_file, report):
         if not force and _is_complete(final, recipe):
             return _paths(final)  # another process built it while we waited
         for stale in final.parent.glob(final.name + ".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed
         tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+
+        def tell(text: str) -> None:
+            _write_progress(progress_file, text)
+            if report is not None:
+                report(text)
+
         try:
-            _build(tmp, recipe, progress)
+            _build(tmp, recipe, "auto" if progress else None, tell)
             if final.exists():
                 old = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
                 final.rename(old / "old")
@@ -192,7 +206,13 @@ def ensure_demo(
         finally:
             for leftover in final.parent.glob(final.name + ".tmp-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
+            progress_file.unlink(missing_ok=True)
     return _paths(final)
+
+
+def demo_is_built(recipe: DemoRecipe = DEFAULT_RECIPE, root: Path | None = None) -> bool:
+    """Whether a complete build of ``recipe`` is cached (reads a manifest; imports no torch)."""
+    return _is_complete(demo_dir(root), recipe)
 
 
 def _paths(directory: Path) -> DemoPaths:
@@ -213,9 +233,15 @@ def _is_complete(directory: Path, recipe: DemoRecipe) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path, announce: Path | None) -> Iterator[None]:
+def _exclusive_lock(
+    path: Path,
+    announce: Path | None,
+    progress_file: Path,
+    report: Callable[[str], None] | None,
+) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path``; say on stderr when it means waiting (for
-    ``announce`` to be built by another process), since that can take minutes."""
+    ``announce`` to be built by another process), since that can take minutes, and pass the
+    other build's progress (from ``progress_file``) to ``report`` while waiting."""
     import fcntl
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -225,16 +251,40 @@ def _exclusive_lock(path: Path, announce: Path | None) -> Iterator[None]:
         except BlockingIOError:
             if announce is not None:
                 print(f"waiting for another process to finish building {announce}", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            while True:
+                if report is not None:
+                    report(f"waiting for another build: {_read_progress(progress_file)}")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(_WAIT_POLL)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _write_progress(path: Path, text: str) -> None:
+    """Atomically, so a waiting process never reads half a line."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
+
+
+def _read_progress(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text.removeprefix("building ") or "the demo model"
+
+
 # ---------------------------------------------------------------------------------------- build
 
 
-def _build(out: Path, recipe: DemoRecipe, progress: bool) -> None:
+def _build(
+    out: Path, recipe: DemoRecipe, mode: str | None, report: Callable[[str], None]
+) -> None:
     """Train tokenizer, target and draft into ``out``; ``manifest.json`` is written last."""
     import tokenizers
     import torch
@@ -242,27 +292,28 @@ def _build(out: Path, recipe: DemoRecipe, progress: bool) -> None:
 
     started = time.perf_counter()
     bf16 = _native_bf16() if recipe.bf16 is None else recipe.bf16
-    with _Progress(progress) as bar, torch.random.fork_rng(devices=[]):
+    bar = BuildProgress(_plan(recipe), mode, report)
+    with bar, torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         generator = torch.Generator().manual_seed(recipe.seed)
 
-        bar.start("reading text", 1)
+        bar.start("reading text")
         train_docs, heldout_docs, source = _read_stdlib(recipe)
         bar.advance()
 
-        bar.start("tokenizer", 2)
+        bar.start("tokenizer")
         tokenizer = _train_tokenizer(train_docs, recipe.vocab_size)
         bar.advance()
         train_ids = _encode(tokenizer, train_docs)
         heldout_ids = _encode(tokenizer, heldout_docs)
         bar.advance()
 
-        bar.start("target", recipe.target_steps)
+        bar.start("target")
         target = _new_model(tokenizer, recipe, recipe.target_layers)
         target_loss = _train(target, None, train_ids, recipe, generator, bf16, bar)
         target.eval()
 
-        bar.start("draft", max(recipe.draft_steps, 1))
+        bar.start("draft")
         draft = _new_model(tokenizer, recipe, recipe.draft_layers)
         _copy_prefix(target, draft)
         draft_loss = _train(draft, target, train_ids, recipe, generator, bf16, bar)
@@ -271,7 +322,7 @@ def _build(out: Path, recipe: DemoRecipe, progress: bool) -> None:
             bar.advance()
         quality = _evaluate(target, draft, heldout_ids, recipe.seq_len)
 
-        bar.start("saving", 3)
+        bar.start("saving")
         for name, model in (("target", target), ("draft", draft)):
             with _quiet_transformers():
                 model.save_pretrained(out / name)
@@ -300,6 +351,18 @@ def _build(out: Path, recipe: DemoRecipe, progress: bool) -> None:
         }
         (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         bar.advance()
+
+
+def _plan(recipe: DemoRecipe) -> list[Phase]:
+    """The build's phases; a step's cost counts layer passes (a trained layer: forward and
+    backward, three; the draft's teacher: forward only, one), enough to say the time left."""
+    return [
+        Phase("reading text", 1, 0),
+        Phase("tokenizer", 2, 0),
+        Phase("target", recipe.target_steps, 3 * recipe.target_layers),
+        Phase("draft", max(recipe.draft_steps, 1), 3 * recipe.draft_layers + recipe.target_layers),
+        Phase("saving", 3, 0),
+    ]
 
 
 @contextlib.contextmanager
@@ -514,7 +577,7 @@ def _train(
     recipe: DemoRecipe,
     generator: torch.Generator,
     bf16: bool,
-    bar: _Progress,
+    bar: BuildProgress,
 ) -> float | None:
     """A fixed number of optimizer steps on random windows of ``ids``; returns the last loss.
 
@@ -625,58 +688,6 @@ def _evaluate(
 
 def _count(model: LlamaForCausalLM) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-class _Progress:
-    """One bar per build phase on stderr (a no-op when ``enabled`` is false)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._progress: Any = None
-        self._task: Any = None
-        self._phase = ""
-        self._phase_started = 0.0
-        self.seconds: dict[str, float] = {}  # wall time of each finished phase, for the manifest
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("demo model: {task.description:<12}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=Console(stderr=True),
-            )
-
-    def __enter__(self) -> _Progress:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def start(self, phase: str, total: int) -> None:
-        self.finish()
-        self._phase, self._phase_started = phase, time.perf_counter()
-        if self._progress is not None:
-            self._task = self._progress.add_task(phase, total=total, info="")
-
-    def finish(self) -> None:
-        if self._phase:
-            self.seconds[self._phase] = round(time.perf_counter() - self._phase_started, 1)
-
-    def advance(self, info: str = "") -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, info=info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -914,19 +915,31 @@ def _context_length(model: Any, tokenizer: Any) -> int:
     return min(sane) if sane else 2048
 
 
-def load_engine(config: EngineConfig, progress: bool = True) -> Engine:
-    """Load the model, its tokenizer and any draft models, calibrate, start the model loop."""
+def load_engine(
+    config: EngineConfig,
+    progress: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> Engine:
+    """Load the model, its tokenizer and any draft models, calibrate, start the model loop.
+
+    ``report`` hears each phase (``building demo model: target 62%, about 40 s left``,
+    ``loading weights of M``, ``calibrating``) for whoever asks a starting engine what it does.
+    """
+    tell = report or (lambda _text: None)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
-    path = _resolve(config.model, draft=False, progress=progress)
+    path = _resolve(config.model, draft=False, progress=progress, report=tell)
     torch.manual_seed(config.seed)
-    tokenizer, model = _load(config.model, path, dtype)
+    tell(f"loading weights: {config.model} on {device}")
+    tokenizer, model = _load(config.model, path, dtype, progress)
     model = model.to(device).eval()
     drafts = []
     for name in config.draft_models:
-        draft_tokenizer, draft = _load(name, _resolve(name, draft=True, progress=progress), dtype)
+        draft_path = _resolve(name, draft=True, progress=progress, report=tell)
+        tell(f"loading weights: draft model {name} on {device}")
+        draft_tokenizer, draft = _load(name, draft_path, dtype, progress)
         problem = tokenizer_mismatch(tokenizer, draft_tokenizer)
         if problem:
             raise EngineLoadError(
@@ -946,22 +959,28 @@ def load_engine(config: EngineConfig, progress: bool = True) -> Engine:
             )
         context = config.max_model_len
     name = config.served_model_name or config.model
+    tell("calibrating: timing a prefill and a decode step")
     return Engine(model, tokenizer, config, device, dtype, name, context, drafts)
 
 
-def _resolve(model: str, draft: bool, progress: bool) -> str:
+def _resolve(model: str, draft: bool, progress: bool, report: Callable[[str], None]) -> str:
     """'demo' is the offline demo: its target, or for a draft its distilled SSM."""
     if model != "demo":
         return model
     from flockctl.engine.demo import ensure_demo
 
-    paths = ensure_demo(progress=progress)
+    paths = ensure_demo(progress=progress, report=report)
     return str(paths.draft if draft else paths.target)
 
 
-def _load(name: str, path: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load(name: str, path: str, dtype: torch.dtype, progress: bool) -> tuple[Any, Any]:
+    """Tokenizer and model; transformers' own bars only where ``progress`` asks for them and
+    stderr is a terminal (in a worker's log file they are noise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not (progress and sys.stderr.isatty()):
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import logging
 import time
 from typing import Any
@@ -26,6 +28,9 @@ log = logging.getLogger("flockctl.prober")
 
 S = WorkerState
 PROBED = frozenset({S.STARTING, S.READY, S.NOT_READY})
+#: Bytes of a probe's answer read at most (a readiness answer is small; a phase fits easily).
+MAX_PROBE_BODY = 8192
+STARTING_SAYS = "starting: "
 
 
 class Prober:
@@ -58,7 +63,8 @@ class Prober:
         self._tasks.clear()
 
     async def probe_once(self, worker: Worker) -> tuple[bool, str]:
-        """One probe: (success, what happened)."""
+        """One probe: (success, what happened). A starting server that answers with a phase
+        (flockctl's engine: 503 ``{"status": "starting", "phase": ...}``) is quoted."""
         cfg = self.config
         url = f"{worker.url}{cfg.path}"
         timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds)
@@ -68,9 +74,10 @@ class Prober:
             method, kwargs["json"] = "POST", cfg.post_data
         try:
             async with self.session.request(method, url, **kwargs) as resp:
-                await resp.read()
+                body = await resp.content.read(MAX_PROBE_BODY)
                 ok = 200 <= resp.status < 300
-                return ok, f"HTTP {resp.status}"
+                phase = None if ok else _starting_phase(body)
+                return ok, f"HTTP {resp.status}" + (f" ({STARTING_SAYS}{phase})" if phase else "")
         except asyncio.TimeoutError:
             return False, f"no answer within {cfg.timeout_seconds:g}s"
         except aiohttp.ClientError as exc:
@@ -111,6 +118,7 @@ class Prober:
         worker.probe_failures += 1
         if worker.state == S.STARTING:
             waited = time.time() - (worker.started_at or worker.created_at)
+            worker.reason = _starting_reason(detail, cfg.path)
             if waited > cfg.initial_delay_seconds:
                 reason = (
                     f"not READY after {cfg.initial_delay_seconds:g}s"
@@ -124,8 +132,31 @@ class Prober:
             self.pool.set_state(worker, S.NOT_READY, reason)
 
 
+def _starting_phase(body: bytes) -> str | None:
+    """The phase a starting server reports in a JSON body, if it does (one line, bounded)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    phase = data.get("phase") if isinstance(data, dict) else None
+    if not isinstance(phase, str) or data.get("status") != "starting":
+        return None
+    return " ".join(phase.split())[:200] or None
+
+
+def _starting_reason(detail: str, path: str) -> str:
+    """A STARTING worker's reason: what it says it is doing, else that it does not answer yet."""
+    _, said, phase = detail.partition(f"({STARTING_SAYS}")
+    if said:
+        return phase.removesuffix(")")
+    if detail.startswith("HTTP "):
+        return f"starting; {path} answers {detail}"
+    return f"starting; no answer on {path} yet ({detail})"
+
+
 def _short_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connection refused" if "refused" in str(exc).lower() else f"cannot connect: {exc}"
+        refused = exc.os_error.errno == errno.ECONNREFUSED or "refused" in str(exc).lower()
+        return "connection refused" if refused else f"cannot connect: {exc}"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

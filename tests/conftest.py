@@ -91,6 +91,17 @@ class Daemon:
             await asyncio.sleep(0.02)
 
 
+async def until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll ``predicate`` until it returns something true (returned); fail naming ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (result := predicate()):
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return result
+
+
 def free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

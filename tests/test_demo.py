@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,9 +138,9 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
     builds: list[Path] = []
     real_build = demo._build
 
-    def counting_build(out: Path, recipe: DemoRecipe, progress: bool) -> None:
+    def counting_build(out: Path, recipe: DemoRecipe, *args: Any) -> None:
         builds.append(out)
-        real_build(out, recipe, progress)
+        real_build(out, recipe, *args)
 
     monkeypatch.setattr(demo, "_build", counting_build)
     start = threading.Barrier(2)
@@ -164,10 +166,41 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [VERSION, f"{VERSION}.lock"]
 
 
+def test_a_waiting_caller_reports_the_other_builds_progress(tmp_path: Path) -> None:
+    import fcntl
+
+    directory = tmp_path / "demo"
+    directory.mkdir()
+    (directory / f"{VERSION}.progress").write_text(
+        "building demo model: target 62%, about 40 s left\n"
+    )
+    told: list[str] = []
+    fd = os.open(directory / f"{VERSION}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process is building
+    waiter = threading.Thread(
+        target=ensure_demo, args=(tmp_path, TINY, False), kwargs={"report": told.append}
+    )
+    waiter.start()
+    try:
+        for _ in range(1000):
+            if told:
+                break
+            waiter.join(0.01)
+        assert told[0] == "waiting for another build: demo model: target 62%, about 40 s left"
+        assert waiter.is_alive()
+    finally:
+        os.close(fd)  # the other build ends; the waiter builds (its recipe is not cached)
+    waiter.join(60)
+    assert not waiter.is_alive()
+    assert demo.demo_is_built(TINY, tmp_path)
+    assert told[-1].startswith("building demo model: saving")
+    assert not (directory / f"{VERSION}.progress").exists()
+
+
 def test_failed_build_leaves_nothing_that_looks_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_build(out: Path, recipe: DemoRecipe, progress: bool) -> None:
+    def broken_build(out: Path, recipe: DemoRecipe, *_: Any) -> None:
         (out / "target").mkdir()
         raise RuntimeError("killed half way")
 
