@@ -22,6 +22,8 @@ from typing import Any
 from .job import InvalidRequest
 
 REPLACEMENT = "\ufffd"
+#: C0 controls and DEL, but not the whitespace ones text is made of (tab, newline, return).
+_CONTROLS = frozenset(chr(c) for c in [*range(32), 127]) - frozenset("\t\n\r")
 
 # Tokens kept in front of the newest ones when the window slides: the context a decoder needs to
 # give a token its leading space. One is enough for the decoders we know; two leaves a margin.
@@ -89,6 +91,7 @@ class TextStream:
         self._stops = tuple(dict.fromkeys(stop))
         self._heads = tuple({s[0] for s in self._stops})
         self._held = ""  # final text that may be the start of a stop string
+        self._controls = ""  # final text made only of control characters, held for the next
         self._pieces: list[str] = []
         self._stopped = False
         self._finished = False
@@ -124,6 +127,9 @@ class TextStream:
         self._done = end
         if end == len(text) and len(window) > _CONTEXT + _SLACK:
             self._slide()
+        new = self._join_controls(new)
+        if not new:
+            return ""
         if self._stops:
             return self._release(new, final=False)
         self._pieces.append(new)
@@ -136,7 +142,18 @@ class TextStream:
             return ""
         self._finished = True
         rest = self._decode(self._window)[self._done :] if self._window else ""
+        rest, self._controls = self._controls + rest, ""
         return self._release(rest, final=True)
+
+    def _join_controls(self, new: str) -> str:
+        """Hold a piece made only of control characters (a token that decodes to a lone BEL or
+        form feed, say) and pass it on with the next piece, so no streamed chunk is an invisible
+        control character on its own. The joined text is unchanged."""
+        new, self._controls = self._controls + new, ""
+        if new and all(c in _CONTROLS for c in new):
+            self._controls = new
+            return ""
+        return new
 
     def _slide(self) -> None:
         """Restart the window a few tokens back, at a token that begins a character.

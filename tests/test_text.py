@@ -291,3 +291,30 @@ def test_stop_strings_match_what_a_search_finds(byte_bpe: PreTrainedTokenizerFas
         pieces.append(ts.finish())
         assert "".join(pieces) == expected, stops
         assert ts.stopped == bool(ends)
+
+
+# --- control characters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["byte_bpe", "metaspace"])
+def test_a_control_character_never_is_a_piece_of_its_own(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    tokenizer = request.getfixturevalue(name)
+    text = "hello\x07 world\x0c\x1b done"
+    ids = encode(tokenizer, text)
+    pieces, _ = stream(tokenizer, ids)
+    assert "".join(pieces) == decode(tokenizer, ids)
+    shown = [p for p in pieces if p]
+    assert all(any(c.isprintable() or c in "\t\n\r" for c in p) for p in shown), shown
+    # and each one still reaches the client, escaped as JSON requires
+    assert "\\u0007" in json.dumps("".join(shown))
+
+
+def test_output_of_only_control_characters_arrives_at_finish(
+    byte_bpe: PreTrainedTokenizerFast,
+) -> None:
+    ids = encode(byte_bpe, "\x07\x07")
+    pieces, _ = stream(byte_bpe, ids)
+    assert pieces[:-1] == [""] * (len(pieces) - 1)
+    assert pieces[-1] == "\x07\x07"
