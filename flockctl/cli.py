@@ -155,8 +155,9 @@ def up(
         str | None,
         typer.Option(
             help="Command that starts one worker instead of flockctl's engine (any OpenAI"
-            " server); {port} is its port, {worker_id} its id. E.g. 'vllm serve MODEL --port"
-            " {port}'. Not with --model.",
+            " server); {port} is its port, {worker_id} its id, also in its environment as"
+            " $PORT and $FLOCKCTL_WORKER_ID. E.g. 'vllm serve MODEL --port {port}'. Not with"
+            " --model.",
             rich_help_panel=W,
         ),
     ] = None,
@@ -522,7 +523,16 @@ def _check_task(cfg: Any, spec: Path | None) -> None:
     try:
         describe(cfg.task, cfg.workdir)
     except SkyError as exc:
-        fail(f"{spec}: SkyPilot refused the task: {exc}", ExitCode.USAGE)
+        _sky_failed(spec, exc)
+
+
+def _sky_failed(spec: Path | None, exc: Exception) -> NoReturn:
+    """SkyPilot could not parse the SPEC's task: it is not installed, or it refused the task."""
+    from flockctl.server.provisioners.sky_sdk import SkyMissing
+
+    if isinstance(exc, SkyMissing):
+        fail(f"{spec} is a SkyPilot task: {exc}", ExitCode.ERROR)
+    fail(f"{spec}: SkyPilot refused the task: {exc}", ExitCode.USAGE)
 
 
 def _dry_run(
@@ -536,7 +546,7 @@ def _dry_run(
     try:
         resolved = plan(cfg)
     except SkyError as exc:
-        fail(f"{spec}: SkyPilot refused the task: {exc}", ExitCode.USAGE)
+        _sky_failed(spec, exc)
     if as_json:
         print(json.dumps(resolved, indent=2))
     else:
@@ -690,6 +700,14 @@ def status(
     as_json: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide",
+            help="Never cut or wrap a line, on a terminal too (piped output is cut only where"
+            " COLUMNS sets a width).",
+        ),
+    ] = False,
 ) -> None:
     """Show the deployment's workers, autoscaler and traffic (exit 3 when not running)."""
     check_name(name)
@@ -697,7 +715,7 @@ def status(
         client = AdminClient.for_name(name)
     except ClientError as exc:
         fail(str(exc), exc.code)
-    from flockctl.render import status_view
+    from flockctl.render import status_console, status_view
 
     try:
         with client:
@@ -706,27 +724,25 @@ def status(
                 if as_json:
                     print(json.dumps(snap, indent=2))
                 else:
-                    from rich.console import Console
-
-                    Console().print(status_view(snap))
+                    status_console(wide).print(status_view(snap))
                 return
-            _watch(client, as_json, interval)
+            _watch(client, as_json, interval, wide)
     except ClientError as exc:
         fail(str(exc), exc.code)
 
 
-def _watch(client: AdminClient, as_json: bool, interval: float) -> None:
-    from rich.console import Console
+def _watch(client: AdminClient, as_json: bool, interval: float, wide: bool) -> None:
     from rich.live import Live
 
-    from flockctl.render import status_view
+    from flockctl.render import status_console, status_view
 
     try:
         if as_json:
             while True:
                 print(json.dumps(client.status()), flush=True)
                 time.sleep(interval)
-        with Live(status_view(client.status()), console=Console(), auto_refresh=False) as live:
+        console = status_console(wide)
+        with Live(status_view(client.status()), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
                 live.update(status_view(client.status()), refresh=True)

@@ -5,11 +5,13 @@ Every state has a glyph and a word, so nothing is shown by colour alone.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -34,6 +36,24 @@ JOB_STATE_STYLE: dict[str, tuple[str, str]] = {
 }
 #: Job rows the human view prints; ``status --json`` carries every job the daemon holds.
 MAX_JOB_ROWS = 50
+#: The width of a console nothing may cut: tables do not expand and text is not padded, so each
+#: line is only as long as what it holds.
+UNBOUNDED = 1_000_000
+
+
+def status_console(wide: bool = False, file: TextIO | None = None) -> Console:
+    """The console ``flockctl status`` prints on.
+
+    On a terminal the view fits its width, or ``COLUMNS`` where that is set, as rich does. Piped
+    (a script, ``less``, a log) or with ``--wide`` every line is as long as it needs: whole URLs
+    and reasons, one line per table row, where rich would cut and wrap at 80 columns.
+    """
+    stream = file if file is not None else sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    fitted = bool(isatty and isatty()) or os.environ.get("COLUMNS", "").strip().isdigit()
+    if fitted and not wide:
+        return Console(file=file)
+    return Console(file=file, width=UNBOUNDED)
 
 
 def scaling_input(autoscaler: dict[str, Any]) -> str:
@@ -44,6 +64,26 @@ def scaling_input(autoscaler: dict[str, Any]) -> str:
         return f"rate {qps:.2f}/s"
     qlrm = autoscaler.get("qlrm")
     return f"qlrm {'-' if qlrm is None else f'{qlrm:.2f}'}"
+
+
+def scaling_text(autoscaler: dict[str, Any]) -> str:
+    """The scaling figure and the last decision's reason, each said once.
+
+    A policy's reason opens with the very figure it decided on (``qlrm 0.10 < autoscale_down
+    4 ...``, ``0.10 req/s over 60s wants ...``); the figure is shown apart only when the reason
+    does not state it (an operator's change, a bound, the initial target).
+    """
+    reason = str((autoscaler.get("last_decision") or {}).get("reason") or "")
+    qps, qlrm = autoscaler.get("qps"), autoscaler.get("qlrm")
+    if qps is not None:
+        stated = f"{qps:.2f} req/s"
+    elif qlrm is not None:
+        stated = f"qlrm {qlrm:.2f}"
+    else:
+        stated = None
+    if stated is not None and stated in reason:
+        return reason
+    return f"{scaling_input(autoscaler)}  {reason}".rstrip()
 
 
 def ago(ts: float | None, now: float) -> str:
@@ -256,8 +296,7 @@ def status_view(snap: dict[str, Any]) -> Group:
         ("autoscaler ", "bold"),
         f"{auto.get('policy')}  target {auto.get('target')}",
         f" (min {auto.get('min_workers')}, max {auto.get('max_workers')})",
-        f"  {scaling_input(auto)}",
-        f"  {(auto.get('last_decision') or {}).get('reason', '')}",
+        f"  {scaling_text(auto)}",
     )
     traffic = Text(
         f"requests {req['total']} total  {req['in_flight']} in flight  {req['queued']} queued"
@@ -328,6 +367,10 @@ def render_plan(plan: dict[str, Any]) -> str:
     ]
     if plan["provisioner"] == "skypilot":
         rows.append(("cluster", f"{worker['first_cluster']}, ... (port {worker['port']})"))
+        rows += [
+            (launch["id"], f"{launch['cluster']}, {'spot' if launch['spot'] else 'on-demand'}")
+            for launch in worker["launches"]
+        ]
         rows += [("resources", option) for option in worker["resources"]]
         if worker["use_spot"]:
             fallback = f"{worker['base_ondemand_fallback_replicas']} on-demand kept"

@@ -221,9 +221,10 @@ class DeploymentConfig(_Strict):
         if self.provisioner == "local":
             if not self.worker_command and self.model is None:
                 self.model = DEFAULT_MODEL
-            if self.worker_command and "{port}" not in self.worker_command:
+            if self.worker_command and not _takes_port(self.worker_command):
                 raise ValueError(
-                    "worker_command: must contain {port}, the port flockctl assigns to each worker"
+                    "worker_command: must contain {port}, or read $PORT (or ${PORT}) from its"
+                    " environment: the port flockctl assigns to each worker"
                 )
         if self.provisioner == "static":
             if self.model is not None:
@@ -365,6 +366,16 @@ def _resource_ports(resources: Any) -> list[int]:
 
 def _uses_spot(resources: Any) -> bool:
     return any(option.get("use_spot") is True for option in _resource_options(resources))
+
+
+#: ``$PORT`` or ``${PORT}``, not ``$PORTS``: how a shell command line reads the worker's port from
+#: its environment (the local provisioner sets ``PORT`` and runs such a command through a shell).
+_PORT_VAR = re.compile(r"\$(?:PORT\b|\{PORT\})")
+
+
+def _takes_port(command: str) -> bool:
+    """Whether a worker command listens where it is told: ``{port}`` filled in, or ``$PORT``."""
+    return "{port}" in command or _PORT_VAR.search(command) is not None
 
 
 def _asks_for_cloud(task: dict[str, Any]) -> bool:

@@ -70,13 +70,20 @@ def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     return LocalProvisioner(command, state_dir, cwd=cwd, model=cfg.model)
 
 
+def make_spot_plan(cfg: DeploymentConfig) -> SpotPlan | None:
+    """How SkyPilot workers split between spot and on-demand machines; None when they do not
+    (no spot, or spot without on-demand fallback: every worker is what the task asks for)."""
+    fallback = cfg.base_ondemand_fallback_replicas or cfg.dynamic_ondemand_fallback
+    if not (cfg.uses_spot() and fallback):
+        return None
+    return SpotPlan(cfg.base_ondemand_fallback_replicas, cfg.dynamic_ondemand_fallback)
+
+
 def make_skypilot(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     from flockctl.server.provisioners.sky_sdk import make_sdk
     from flockctl.server.provisioners.skypilot import SkyPilotProvisioner
 
     assert cfg.task is not None and cfg.worker_port is not None  # the config refuses it otherwise
-    spot = cfg.uses_spot()
-    fallback = cfg.base_ondemand_fallback_replicas or cfg.dynamic_ondemand_fallback
     return SkyPilotProvisioner(
         cfg.task,
         cfg.name,
@@ -84,12 +91,8 @@ def make_skypilot(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
         state_dir,
         make_sdk(),
         base_dir=cfg.workdir,
-        spot=spot,
-        spot_plan=(
-            SpotPlan(cfg.base_ondemand_fallback_replicas, cfg.dynamic_ondemand_fallback)
-            if spot and fallback
-            else None
-        ),
+        spot=cfg.uses_spot(),
+        spot_plan=make_spot_plan(cfg),
         launch_attempts=cfg.launch_attempts,
         launch_backoff=cfg.launch_backoff,
         status_interval=cfg.status_interval,
@@ -204,6 +207,24 @@ class Deployment:
         }
 
 
+def first_launches(cfg: DeploymentConfig) -> list[tuple[str, bool]]:
+    """The workers the controller launches first, in order, each with whether it is spot.
+
+    As ``Controller.reconcile`` does at start, when no spot worker is READY yet: the target
+    split by the spot plan, the spot workers launched first, then the on-demand ones (the
+    ``base_ondemand_fallback_replicas``, and with ``dynamic_ondemand_fallback`` one for each
+    spot worker until it is READY). Without a plan every worker is what the task asks for.
+    """
+    target = cfg.initial_target()
+    spot_plan = make_spot_plan(cfg)
+    if spot_plan is None:
+        kinds = [cfg.uses_spot()] * target
+    else:
+        spot, ondemand = spot_plan.split(target, ready_spot=0)
+        kinds = [True] * spot + [False] * ondemand
+    return [(f"w{n}", is_spot) for n, is_spot in enumerate(kinds, start=1)]
+
+
 def plan(cfg: DeploymentConfig) -> dict[str, Any]:
     """What ``flockctl up`` would run, resolved (``--dry-run``): nothing is started, and for
     SkyPilot only the task is parsed, which needs no cloud credentials.
@@ -244,6 +265,10 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
         described["resources"].sort()
         out["worker"] = {
             "first_cluster": cluster_name(cfg.name, "w1"),
+            "launches": [
+                {"id": worker_id, "cluster": cluster_name(cfg.name, worker_id), "spot": is_spot}
+                for worker_id, is_spot in first_launches(cfg)
+            ],
             "port": cfg.worker_port,
             **described,
             "base_ondemand_fallback_replicas": cfg.base_ondemand_fallback_replicas,

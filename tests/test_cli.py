@@ -49,6 +49,9 @@ def flockctl(*args: str, timeout: float = 60) -> Result:
         text=True,
         timeout=timeout,
         cwd=Path(__file__).parent,
+        # os.environ as a shell would pass it: pytest imports readline, which exports COLUMNS=80
+        # behind os.environ's back, and status would take that as a width to fit.
+        env=dict(os.environ),
     )
     result = Result(proc)
     assert result.heavy == "", f"flockctl {args[0]} imported {result.heavy}"
@@ -173,6 +176,9 @@ def test_up_balances_survives_a_killed_worker_and_down_cleans_up(deployment):
 
     table = flockctl("status")
     assert table.code == 0 and "READY" in table.out and "FAILED" in table.out
+    # Piped, a row is one whole line: its URL and its reason are never cut.
+    (failed_row,) = [line for line in table.out.splitlines() if line.startswith("w1 ")]
+    assert w1["url"] in failed_row and failed_row.rstrip().endswith(w1["reason"])
 
     logs = flockctl("logs", "--tail", "50")
     assert "worker w1 FAILED" in logs.out

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_WORKER
 
 from flockctl.server.config import ConfigError, DeploymentConfig, resolve
 from flockctl.server.deployment import make_provisioner
@@ -128,8 +129,25 @@ def test_cross_field_problems():
         "larger than max_workers"
         in problems(flags={"worker_command": CMD, "min_workers": 3, "max_workers": 2})[0]
     )
-    assert "must contain {port}" in problems(flags={"worker_command": "vllm serve x"})[0]
     assert "not an http" in problems(flags={"endpoints": ["localhost:8000"]})[0]
+
+
+@pytest.mark.parametrize(
+    "command", ["vllm serve x --port $PORT", "vllm serve x --port=${PORT}", "serve --port {port}"]
+)
+def test_a_worker_command_takes_its_port_as_port_or_from_the_environment(command):
+    assert resolve(flags={"worker_command": command}).worker_command == command
+
+
+@pytest.mark.parametrize("command", ["vllm serve x", "serve --port $PORTS", "serve ${PORT_X}"])
+def test_a_worker_command_that_ignores_its_port_is_refused_naming_both_ways(command):
+    (problem,) = problems(flags={"worker_command": command}, flag_names={})
+    assert problem.startswith("worker_command: must contain {port}, or read $PORT")
+
+
+async def test_a_worker_reading_dollar_port_listens_where_it_is_probed(daemon):
+    d = await daemon(worker_command=f"{sys.executable} {FAKE_WORKER} --port $PORT")
+    await d.wait_ready(1)
 
 
 def test_missing_spec_file(tmp_path):

@@ -7,7 +7,12 @@ with one line that names it. Nothing here launches anything.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -17,9 +22,18 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from flockctl.cli import app
+from flockctl.server.config import resolve
+from flockctl.server.controller import Controller
+from flockctl.server.deployment import make_autoscaler, make_spot_plan
+from flockctl.server.policies import make_policy
+from flockctl.server.pool import WorkerPool
+from flockctl.server.provisioners import Provisioner
+from flockctl.server.provisioners.skypilot import cluster_name
+from flockctl.server.workers import Worker
 from flockctl.state import state_dir
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+ROOT = Path(__file__).parent.parent
+EXAMPLES = ROOT / "examples"
 #: A SkyPilot task that serves on port 8000; each test adds its own service: section.
 TASK = """
 run: serve --port 8000
@@ -326,4 +340,123 @@ def test_human_dry_run_says_nothing_started(monkeypatch: pytest.MonkeyPatch) -> 
     assert "provisioner  skypilot" in out
     assert "autoscaler   request-rate: target_qps_per_replica 4" in out
     assert "resources    <Cloud>([Spot], {'L4': 1}, ports=['8000'])" in out
+    # base_ondemand_fallback_replicas: 1 and one worker to start: that one is on-demand.
+    assert "  w1           flockctl-default-w1, on-demand\n" in out
     assert not state_dir("default").exists()
+
+
+class HeldLaunches(Provisioner):
+    """A SkyPilot provisioner whose launches never finish: the workers stay as the controller
+    asked for them. As the real one, a worker not told spot or on-demand gets the task's kind."""
+
+    name = "skypilot"
+
+    def __init__(self, spot: bool, spot_plan: Any) -> None:
+        self.spot = spot
+        self.spot_plan = spot_plan
+
+    async def launch(self, worker: Worker) -> None:
+        if worker.spot is None:
+            worker.spot = self.spot
+        await asyncio.Event().wait()
+
+    async def terminate(self, worker: Worker) -> None:
+        return None
+
+
+async def controller_launches(path: Path) -> list[dict[str, Any]]:
+    """The workers the real controller launches first for the SPEC at ``path``."""
+    cfg = resolve(path, {"workdir": str(ROOT)})
+    pool = WorkerPool(make_policy(cfg.policy), cfg.worker_capacity, cfg.max_queue)
+    provisioner = HeldLaunches(cfg.uses_spot(), make_spot_plan(cfg))
+    policy = make_autoscaler(cfg)
+    # No prober: no launch finishes, so no worker is ever probed.
+    controller = Controller(pool, provisioner, policy, None, cfg.initial_target())
+    controller.step(1000.0)
+    await asyncio.sleep(0)  # each launch starts
+    launched = [{"id": w.id, "cluster": cluster_name(cfg.name, w.id), "spot": w.spot} for w in pool]
+    await controller.stop(drain=False)
+    return launched
+
+
+SPOT_TASK = TASK.replace("ports: 8000", "ports: 8000\n  use_spot: true")
+
+
+@pytest.mark.parametrize(
+    ("source", "kinds"),
+    [
+        ("engine-gpu.yaml", [False]),
+        (
+            SPOT_TASK + "service:\n  replica_policy: {min_replicas: 3, max_replicas: 4,"
+            " base_ondemand_fallback_replicas: 1}\n",
+            [True, True, False],
+        ),
+        (
+            SPOT_TASK + "service:\n  replica_policy: {min_replicas: 2, max_replicas: 4,"
+            " dynamic_ondemand_fallback: true}\n",
+            [True, True, False, False],
+        ),
+        (SPOT_TASK + "service:\n  replicas: 2\n", [True, True]),
+        (TASK + "service:\n  replicas: 2\n", [False, False]),
+    ],
+    ids=["engine-gpu", "base-fallback", "dynamic-fallback", "spot-only", "on-demand-only"],
+)
+async def test_dry_run_labels_each_worker_as_the_controller_launches_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, kinds: list[bool]
+) -> None:
+    monkeypatch.chdir(ROOT)
+    path = EXAMPLES / source if source.endswith(".yaml") else spec(tmp_path, source)
+    planned = plan(path)["worker"]["launches"]
+    assert [launch["spot"] for launch in planned] == kinds
+    assert planned == await controller_launches(path)
+
+
+#: Stands in for a machine without the sky extra: ``import sky`` fails as it would there.
+NO_SKY = "raise ImportError(\"No module named 'sky'\")\n"
+
+
+def dry_run_without_sky(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    hidden = tmp_path / "no-sky"
+    (hidden / "sky").mkdir(parents=True, exist_ok=True)
+    (hidden / "sky" / "__init__.py").write_text(NO_SKY)
+    path = os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "flockctl", "up", *args, "--dry-run"],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "provisioner"),
+    [
+        (["--worker-command", "serve --port {port}"], "local"),
+        (["SPEC"], "local"),
+        (["examples/vllm.yaml", "--provisioner", "local", "--model", "demo"], "local"),
+        (["--endpoint", "http://10.0.0.5:8000"], "static"),
+    ],
+    ids=["worker-command", "local-spec", "task-run-locally", "endpoints"],
+)
+def test_a_local_or_static_dry_run_needs_no_skypilot(
+    tmp_path: Path, args: list[str], provisioner: str
+) -> None:
+    local = spec(tmp_path, "service: {replicas: 2}\nflockctl: {worker_command: 'serve {port}'}\n")
+    result = dry_run_without_sky(tmp_path, *(str(local) if a == "SPEC" else a for a in args))
+    assert result.returncode == 0, result.stderr
+    assert f"provisioner  {provisioner}\n" in result.stdout
+
+
+def test_a_skypilot_dry_run_without_skypilot_names_readmes_install_command(
+    tmp_path: Path,
+) -> None:
+    result = dry_run_without_sky(tmp_path, "examples/vllm.yaml")
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("flockctl: examples/vllm.yaml is a SkyPilot task: SkyPilot is not")
+    found = re.search(r"install the sky extra with (.+)$", line)
+    assert found is not None, line
+    assert found.group(1) == 'pip install -e ".[sky]"'
+    assert f"`{found.group(1)}`" in (ROOT / "README.md").read_text()

@@ -23,8 +23,16 @@ from typing import Any, TextIO
 _REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
+#: The command that installs SkyPilot, as README gives it; every hint names this one.
+INSTALL_SKY = 'pip install -e ".[sky]"'
+
+
 class SkyError(RuntimeError):
     """A SkyPilot call failed; the message is SkyPilot's own text, on one line."""
+
+
+class SkyMissing(SkyError):
+    """SkyPilot cannot be imported: the ``sky`` extra is not installed."""
 
 
 def error_text(exc: BaseException, limit: int = 600) -> str:
@@ -47,8 +55,8 @@ def _sky() -> Any:
         try:
             import sky
         except ImportError as exc:
-            raise SkyError(
-                f"SkyPilot is not installed ({exc}); install it with pip install 'flockctl[sky]'"
+            raise SkyMissing(
+                f"SkyPilot is not installed ({exc}); install the sky extra with {INSTALL_SKY}"
             ) from None
     return sky
 
