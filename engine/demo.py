@@ -704,6 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     except DemoBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.ERROR)
+    except OSError as exc:
+        where = args.root or cache_root()
+        print(f"error: cannot build the demo under {where}: {exc}", file=sys.stderr)
+        return int(ExitCode.ERROR)
     manifest = json.loads((paths.target.parent / _MANIFEST).read_text())
     params = manifest["params"]
     print(

@@ -473,6 +473,7 @@ def up(
     except ClientError as exc:
         fail(str(exc), exc.code)
     daemon.write_config(directory, cfg.model_dump(mode="json"))
+    _build_demo_first(cfg, wait and not foreground)
 
     if foreground:
         from flockctl.server.__main__ import run, setup_logging
@@ -502,6 +503,24 @@ def up(
     _print_up(cfg.name, record.endpoint, record.pid, directory, as_json, False)
     if watch:
         run_dashboard(cfg.name, None, False, 1.0, offer_start=False)
+
+
+def _build_demo_first(cfg: Any, in_front: bool) -> None:
+    """Pay for the demo's one-time build here, with a progress bar, rather than behind STARTING
+    workers (see flockctl/demo_first.py); ``--no-wait`` and ``--foreground`` leave it to them."""
+    from flockctl import demo_first
+
+    if not (in_front and demo_first.serves_demo(cfg) and demo_first.demo_missing()):
+        return
+    say(
+        "building the demo model once before starting (about 2-3 minutes on two CPU cores;"
+        " later starts load it in seconds)"
+    )
+    if demo_first.build_demo() != 0:
+        fail(
+            "the demo model could not be built (see above); `flockctl engine demo` retries it",
+            ExitCode.ERROR,
+        )
 
 
 def _resolve_or_exit(spec: Path | None, flags: dict[str, Any], names: dict[str, str]) -> Any:

@@ -355,6 +355,19 @@ def test_status_shows_the_jobs_of_engine_workers(deployment, tmp_path):
     assert running[-2] == "3.12"  # the job's tokens per speculative step
 
 
+def test_up_builds_the_demo_in_front_and_stops_when_it_cannot(tmp_path, monkeypatch):
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("")
+    monkeypatch.setenv("FLOCKCTL_CACHE", str(not_a_directory))
+    r = flockctl("up", "--model", "demo", "--port", str(free_port()), timeout=120)
+    assert r.code == 1, r.err
+    assert "building the demo model once before starting" in r.err
+    assert f"cannot build the demo under {not_a_directory}" in r.err
+    assert "the demo model could not be built (see above)" in r.err
+    assert "Traceback" not in r.err
+    assert flockctl("status").code == 3  # no daemon was started
+
+
 def test_model_is_not_combined_with_a_worker_command():
     result = flockctl("up", "--model", "demo", "--worker-command", "x --port {port}")
     assert result.code == 2

@@ -253,3 +253,14 @@ def test_main_prints_the_two_paths(
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [f"target {built.target}", f"draft {built.draft}"]
     assert "next token" in captured.err
+
+
+def test_up_builds_the_demo_first_only_for_local_engine_workers_serving_it() -> None:
+    from flockctl.demo_first import serves_demo
+    from flockctl.server.config import DeploymentConfig
+
+    assert serves_demo(DeploymentConfig(model="demo"))
+    assert serves_demo(DeploymentConfig(model="./my-model", draft_models=["demo"]))
+    assert not serves_demo(DeploymentConfig(model="./my-model"))
+    assert not serves_demo(DeploymentConfig(worker_command="serve --port {port}"))
+    assert not serves_demo(DeploymentConfig(endpoints=["http://127.0.0.1:9"]))
