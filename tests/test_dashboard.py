@@ -15,13 +15,14 @@ from aiohttp import web
 from conftest import fake_worker_command
 from rich.console import Console
 from textual.command import CommandList, CommandPalette
-from textual.widgets import Input, RichLog
+from textual.widgets import Input, RichLog, Static
 
 from flockctl.client import ClientError
 from flockctl.server.provisioners.local import free_port
 from flockctl.themes import ThemeError, load_theme, load_themes
 from flockctl.tui.app import Dashboard, DashboardCommands, binding_ids
 from flockctl.tui.feed import Feed
+from flockctl.tui.layout import share_rows
 from flockctl.tui.screens import (
     ConfirmScreen,
     FormScreen,
@@ -204,7 +205,7 @@ async def test_rows_appear_in_order_and_update_by_key(feed: StatusFeed) -> None:
         await until(pilot, lambda: workers.row_count == 2, "two worker rows")
         assert keys(workers) == ["w2", "w10"]  # natural order, not string order
         lines = [workers.render_line(y).text for y in range(3)]  # drawn across the screen
-        header = "WORKER STATE PROVISIONER URL IN FLIGHT SERVED P50 MS MEMORY"
+        header = "WORKER STATE PROVISIONER URL IN FLIGHT SERVED P50 MS PREEMPT MEMORY"
         assert lines[0].split() == header.split()
         assert lines[1].split()[:4] == ["w2", "●", "READY", "local"] and "2.0/8.0 GiB" in lines[1]
         assert cell(workers, "w2", "state") == "● READY"  # a glyph and a word, not colour alone
@@ -357,6 +358,11 @@ def text(widget: Any) -> str:
     return console.export_text()
 
 
+def log_text(view: RichLog) -> str:
+    """A log view's lines as one text, wrapped lines joined again."""
+    return " ".join(" ".join(line.text.split()) for line in view.lines)
+
+
 async def ready(pilot: Any, app: Dashboard) -> None:
     await until(pilot, lambda: app.query_one(WorkersTable).row_count == 2, "two worker rows")
 
@@ -465,7 +471,7 @@ async def test_worker_detail_shows_probes_engine_and_log_and_esc_goes_back(
         await pilot.press("down", "enter")  # w10: a static endpoint, it has no log
         await until(
             pilot,
-            lambda: "no log: it is a static endpoint" in str(app.screen.query_one("#recent").lines),
+            lambda: "no log: it is a static endpoint" in log_text(app.screen.query_one("#recent")),
             "the log's absence explained",
         )
         del feed.snap["workers"][0]
@@ -638,3 +644,145 @@ def test_start_deployment_runs_a_real_daemon_from_a_spec(tmp_path: Path) -> None
     finally:
         daemon.stop("started", state_dir("started"), 30)
     assert running_daemon("started") is None
+
+
+def crowd(workers: int, jobs_each: int) -> dict[str, Any]:
+    """The recorded snapshot with ``workers`` engine workers of ``jobs_each`` jobs each."""
+    snap = snapshot()
+    base = snap["workers"][0]
+    snap["workers"] = []
+    for w in range(1, workers + 1):
+        worker = copy.deepcopy(base)
+        worker["id"] = f"w{w}"
+        worker["engine"]["jobs"] = [
+            {"id": f"job-{j}", "state": "running", "age": 1.0} for j in range(jobs_each)
+        ]
+        snap["workers"].append(worker)
+    return snap
+
+
+def test_share_rows_serves_the_smaller_need_in_full() -> None:
+    assert share_rows(30, [3, 101]) == [3, 27]  # few workers: the jobs get the rest
+    assert share_rows(30, [41, 5]) == [25, 5]  # few jobs: the workers get the rest
+    assert share_rows(30, [41, 101]) == [15, 15]  # both cut: half each
+    assert share_rows(31, [41, 101]) == [16, 15]
+    assert share_rows(30, [5, 9]) == [5, 25]  # both fit: the last one fills the screen
+    assert share_rows(0, [5, 9]) == [0, 0]
+
+
+async def test_tables_share_the_height_by_what_they_hold(feed: StatusFeed) -> None:
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        workers, jobs = app.query_one(WorkersTable), app.query_one(JobsTable)
+        await ready(pilot, app)
+
+        def heights() -> tuple[int, int]:
+            return workers.size.height, jobs.size.height
+
+        # Two workers and 4 jobs: the workers table is as tall as its rows, no blank rows.
+        await until(pilot, lambda: heights()[0] == 3, "the workers table fitting its 2 rows")
+        available = sum(heights())
+        assert available > 20 and heights()[1] == available - 3
+
+        feed.snap = crowd(2, 100)  # few workers, many jobs: the jobs get every other row
+        await until(pilot, lambda: jobs.row_count == 200, "200 jobs")
+        await until(pilot, lambda: heights() == (3, available - 3), "the jobs table growing")
+
+        feed.snap = crowd(40, 0)  # many workers, no jobs: the workers are no longer cut
+        feed.snap["workers"][0]["engine"]["jobs"] = [{"id": "job-1", "state": "running"}]
+        await until(pilot, lambda: workers.row_count == 40, "40 workers")
+        await until(pilot, lambda: heights() == (available - 3, 3), "the workers table growing")
+
+        feed.snap = crowd(40, 5)  # both cut: half each
+        await until(pilot, lambda: jobs.row_count == 200, "200 jobs")
+        await until(pilot, lambda: abs(heights()[0] - heights()[1]) <= 1, "an even split")
+        assert sum(heights()) == available
+
+
+async def test_figures_read_as_flockctl_status_prints_them(feed: StatusFeed) -> None:
+    feed.snap["autoscaler"]["qlrm"] = 0.00619762
+    feed.snap["workers"][1]["latency_p50_ms"] = 3.3333
+    feed.snap["workers"][0]["latency_p50_ms"] = 187.04
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        workers = app.query_one(WorkersTable)
+        panel = text(app.query_one("AutoscalerPanel"))
+        assert "qlrm 0.01 (autoscale_up 7" in panel and "0.0061" not in panel
+        assert cell(workers, "w2", "p50 ms") == "3.3"
+        assert cell(workers, "w10", "p50 ms") == "187.0"
+        await pilot.press("enter")
+        facts = app.screen.query_one("#facts")
+        await until(
+            pilot,
+            lambda: ["p50", "ms", "3.3"] in [line.split() for line in text(facts).splitlines()],
+            "p50 in the detail",
+        )
+
+
+async def test_memory_says_whose_and_preemptions_are_counted(feed: StatusFeed) -> None:
+    w10, w2 = feed.snap["workers"]
+    w2["gpu_memory"] |= {"device": "cuda:0", "source": "nvml"}
+    w10["gpu_memory"] |= {"device": "cpu", "source": "psutil"}
+    w2["engine"]["preemptions_total"] = {"descheduled": 4, "swapped": 1, "recomputed": 0}
+    w10["engine"] = None  # not flockctl's engine: nothing counted
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        workers = app.query_one(WorkersTable)
+        assert cell(workers, "w2", "memory") == "GPU cuda:0 ██░░░░░░░░ 2.0/8.0 GiB"
+        assert cell(workers, "w10", "memory") == "host       ██░░░░░░░░ 2.0/8.0 GiB"
+        lines = [workers.render_line(y).text for y in range(3)]
+        assert lines[1].index("█") == lines[2].index("█")  # the bars line up
+        assert cell(workers, "w2", "preempt") == "5" and cell(workers, "w10", "preempt") == "-"
+
+        await pilot.press("enter")  # w2
+        facts, engine = app.screen.query_one("#facts"), app.screen.query_one("#engine")
+        await until(pilot, lambda: "GPU cuda:0" in text(facts), "the memory in the detail")
+        assert "memory     GPU cuda:0 ██░░░░░░░░ 2.0/8.0 GiB (read by nvml)" in text(facts)
+        assert "preemptions  5 (4 descheduled, 1 swapped, 0 recomputed)" in text(engine)
+
+
+async def test_help_lists_every_screens_keys_including_esc(feed: StatusFeed) -> None:
+    app = app_for(feed, keymap={"logs.wrap": "W"})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("question_mark")
+        shown = [line for part in app.screen.query(Static) for line in text(part).splitlines()]
+
+        def keys_of(binding_id: str) -> str:
+            rows = [line for line in shown if line.split()[-1:] == [binding_id]]
+            assert rows, f"{binding_id} is not listed"
+            return rows[0].rsplit(None, 1)[0].rsplit("  ", 1)[0].strip()
+
+        assert keys_of("back") == "esc"  # listed though nothing is open to go back from
+        assert keys_of("filter") == "/"
+        assert keys_of("logs.follow") == "f" and keys_of("logs.timestamps") == "s"
+        assert keys_of("logs.wrap") == "W"  # as remapped
+        assert keys_of("confirm.no") == "n esc" and keys_of("form.cancel") == "esc"
+        assert keys_of("table.select") == "⏎" and keys_of("help.close") == "esc ? q"
+        listed = {line.split()[-1] for line in shown if line.strip()}
+        assert binding_ids() <= listed
+
+
+async def test_long_log_lines_draw_no_horizontal_scrollbar(feed: StatusFeed) -> None:
+    feed.log = ["x" * 300, "short"]
+    partial_blocks = "▉▊▋▌▍▎"  # a horizontal scrollbar's thumb ends
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("enter")
+        recent = app.screen.query_one("#recent", RichLog)
+        await until(pilot, lambda: "short" in log_text(recent), "the log lines")
+        assert log_text(recent).count("x") == 300  # wrapped: all of it shows
+        assert recent.scrollbar_size_horizontal == 0
+        assert not set(partial_blocks) & set(app.export_screenshot())
+
+        await pilot.press("l")
+        view = app.screen.query_one("#log", RichLog)
+        await until(pilot, lambda: len(view.lines) == 2, "the log view's lines")
+        assert view.virtual_size.width > view.size.width  # wrap is off: the line is cut...
+        assert view.scrollbar_size_horizontal == 0  # ...with no bar under it
+        assert not set(partial_blocks) & set(app.export_screenshot())
+        await pilot.press("right")
+        assert view.scroll_x > 0  # and it still scrolls sideways

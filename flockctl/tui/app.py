@@ -25,11 +25,11 @@ from textual.message import Message
 from textual.theme import Theme
 
 from flockctl.tui.feed import Feed, FeedError
+from flockctl.tui.help import HelpScreen, KeyRow, key_rows
 from flockctl.tui.screens import (
     ConfirmScreen,
     ConnectionLine,
     FormScreen,
-    HelpScreen,
     LiveScreen,
     LogsScreen,
     OverviewScreen,
@@ -99,18 +99,20 @@ class Dashboard(App[None]):
     ConnectionLine { height: auto; padding: 0 1; }
     ConnectionLine.lost { background: $error; color: $text; }
     ConnectionLine.paused { background: $warning; color: $text; }
-    WorkersTable { height: 1fr; min-height: 5; }
+    WorkersTable { height: 1fr; min-height: 3; }
     #scaling { height: 5; }
     #qlrm { width: 30%; min-width: 20; }
     AutoscalerPanel { width: 1fr; padding: 0 1; }
-    JobsTable { height: 1fr; min-height: 5; }
+    JobsTable { height: 1fr; min-height: 3; }
     #filter { dock: bottom; margin-bottom: 1; }
     #columns { height: auto; }
     #facts, #engine { width: 1fr; height: auto; padding: 1 1 0 1; }
     #probes { height: auto; padding: 1 1 0 1; }
     .heading { padding: 1 1 0 1; text-style: bold; }
-    #recent { height: 14; padding: 0 1; }
-    #log { height: 1fr; }
+    /* No horizontal scrollbar under log lines (its thumb's end showed as a stray ▋): the recent
+       lines wrap, and the log view still scrolls sideways with the arrow keys while wrap is off. */
+    #recent { height: 14; padding: 0 1; overflow-x: hidden; }
+    #log { height: 1fr; scrollbar-size-horizontal: 0; }
     ConfirmScreen, FormScreen, HelpScreen, StartScreen { align: center middle; }
     .row { height: auto; }
     .row Input { width: 1fr; }
@@ -119,6 +121,7 @@ class Dashboard(App[None]):
         width: 72; height: auto; max-height: 90%; padding: 1 2;
         border: thick $primary; background: $surface;
     }
+    HelpScreen #dialog { width: 96; max-width: 100%; }
     #question { text-style: bold; margin-bottom: 1; }
     #buttons { height: auto; margin-top: 1; align-horizontal: right; }
     #buttons Button { margin-left: 2; }
@@ -339,17 +342,20 @@ class Dashboard(App[None]):
             self.pop_screen()
 
     def action_help(self) -> None:
-        keys: dict[str, list[str]] = {}
-        what: dict[str, str] = {}
-        for active in self.screen.active_bindings.values():
-            binding = active.binding
-            if binding.id is None or not active.enabled:
-                continue
-            keys.setdefault(binding.id, []).append(self.get_key_display(binding))
-            what[binding.id] = binding.description
-        rows = [(" ".join(keys[i]), what[i], i) for i in keys]
-        rows.append(("ctrl+p", "Command palette: every action, workers by name", "-"))
-        self.push_screen(HelpScreen(rows, str(config_path()), self.readonly))
+        """Every key of every screen, not only the ones the screen on top has now."""
+        off: set[str] = set()
+        if self.readonly:
+            off = {
+                b.id
+                for b in Dashboard.BINDINGS
+                if isinstance(b, Binding) and b.action in MUTATING and b.id
+            }
+        sections: list[tuple[str, list[KeyRow]]] = []
+        for heading, bindings in key_sections():
+            rows = key_rows(bindings, self._keymap, self.get_key_display, off)
+            sections.append((heading, rows))
+        sections[0][1].append(("ctrl+p", "Command palette: every action and worker", "-"))
+        self.push_screen(HelpScreen(sections, str(config_path()), self.readonly))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if self.feed is None and action not in ("quit", "help", "change_theme"):
@@ -527,12 +533,24 @@ class Dashboard(App[None]):
             await self.feed.close()
 
 
+def key_sections() -> list[tuple[str, list[BindingType]]]:
+    """Every screen's keys under a heading saying where they work, in the order ``?`` lists them."""
+    return [
+        ("everywhere", Dashboard.BINDINGS),
+        ("workers and jobs tables", LiveTable.BINDINGS),
+        ("log view (l)", LogsScreen.BINDINGS),
+        ("confirmation", ConfirmScreen.BINDINGS),
+        ("forms (m, b)", FormScreen.BINDINGS),
+        ("start screen", StartScreen.BINDINGS),
+        ("this list", HelpScreen.BINDINGS),
+    ]
+
+
 def binding_ids() -> set[str]:
     """Every binding id a config file's ``[dashboard.keys]`` may remap."""
-    ids = set()
-    owners = (Dashboard, LiveTable, LogsScreen, ConfirmScreen, FormScreen, HelpScreen, StartScreen)
-    for owner in owners:
-        for binding in owner.BINDINGS:
-            if isinstance(binding, Binding) and binding.id:
-                ids.add(binding.id)
-    return ids
+    return {
+        binding.id
+        for _heading, bindings in key_sections()
+        for binding in bindings
+        if isinstance(binding, Binding) and binding.id
+    }

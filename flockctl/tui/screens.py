@@ -16,16 +16,10 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Input, Label, RichLog, Sparkline, Static
 
 from flockctl.render import ago, spec_text, state_text
+from flockctl.tui.cells import cell_text, memory_cell, ms_text, preemptions
 from flockctl.tui.feed import FeedError
-from flockctl.tui.widgets import (
-    AutoscalerPanel,
-    DeploymentLine,
-    JobsTable,
-    LiveTable,
-    WorkersTable,
-    cell_text,
-    memory_bar,
-)
+from flockctl.tui.layout import share_rows
+from flockctl.tui.widgets import AutoscalerPanel, DeploymentLine, JobsTable, LiveTable, WorkersTable
 
 
 class ConnectionLine(Static):
@@ -109,6 +103,10 @@ def filter_box() -> Input:
     return box
 
 
+#: Rows a table keeps however little it holds: its header and two rows.
+MIN_TABLE_ROWS = 3
+
+
 class OverviewScreen(LiveScreen):
     """Deployment, workers, autoscaler, engine jobs."""
 
@@ -130,6 +128,20 @@ class OverviewScreen(LiveScreen):
         self.query_one(AutoscalerPanel).show(snap)
         history = (snap.get("autoscaler") or {}).get("qlrm_history") or []
         self.query_one(Sparkline).data = [float(v) for _t, v in history] or [0.0]
+        self.fit_tables()
+
+    def fit_tables(self) -> None:
+        """Share the tables' rows by what each holds (``share_rows``): the workers table gets a
+        fixed height, the jobs table (``1fr``) the rest, so the two always fill the same rows."""
+        workers, jobs = self.query_one(WorkersTable), self.query_one(JobsTable)
+        available = workers.outer_size.height + jobs.outer_size.height
+        if available <= 0:
+            return  # not laid out yet: the next poll or resize fits them
+        needs = [max(MIN_TABLE_ROWS, t.rows_needed) for t in (workers, jobs)]
+        workers.styles.height = share_rows(available, needs)[0]  # a layout only when it changed
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self.fit_tables)
 
     def selected_worker(self) -> str | None:
         jobs = self.query_one(JobsTable)
@@ -140,6 +152,7 @@ class OverviewScreen(LiveScreen):
     def apply_filter(self, text: str) -> None:
         for table in self.query(LiveTable):
             table.filter = text
+        self.fit_tables()
 
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         self.app.open_worker(event.key.split("/", 1)[0])  # type: ignore[attr-defined]
@@ -173,7 +186,7 @@ class WorkerScreen(LiveScreen):
                 yield Static("", id="engine")
             yield Static("", id="probes")
             yield Label("recent log lines", classes="heading")
-            yield RichLog(id="recent", wrap=False, markup=False, auto_scroll=True)
+            yield RichLog(id="recent", wrap=True, markup=False, auto_scroll=True)
         yield Footer()
 
     def paths(self) -> list[str]:
@@ -213,6 +226,9 @@ class WorkerScreen(LiveScreen):
     def _facts(w: dict[str, Any]) -> Table:
         now = time.time()
         mem = w.get("gpu_memory") or {}
+        memory = memory_cell(mem)
+        if mem.get("source"):
+            memory.append(f" (read by {mem['source']})", style="dim")
         rows: list[tuple[str, Any]] = [
             ("reason", cell_text(w.get("reason"))),
             ("model", cell_text(w.get("model"))),
@@ -223,8 +239,8 @@ class WorkerScreen(LiveScreen):
             ("in flight", cell_text(w.get("in_flight"))),
             ("served", cell_text(w.get("served"))),
             ("failures", cell_text(w.get("failures"))),
-            ("p50 ms", cell_text(w.get("latency_p50_ms"))),
-            ("memory", memory_bar(mem.get("used"), mem.get("total"))),
+            ("p50 ms", ms_text(w.get("latency_p50_ms"))),
+            ("memory", memory),
         ]
         if w.get("ended_at"):
             rows.append(("ended", f"{ago(w.get('ended_at'), now)} ago"))
@@ -253,6 +269,7 @@ class WorkerScreen(LiveScreen):
             ("queues", levels if queues else "-"),
             ("kv tokens", _of(kv.get("used_tokens"), kv.get("budget_tokens"))),
             ("swaps", f"{cell_text(kv.get('swap_outs'))} out, {cell_text(kv.get('swap_ins'))} in"),
+            ("preemptions", _preemptions(engine)),
         ]
         spec = engine.get("speculation")
         if isinstance(spec, dict):
@@ -301,6 +318,15 @@ class WorkerScreen(LiveScreen):
         elif isinstance(logs, dict):
             for line in logs.get("lines") or []:
                 view.write(Text(str(line)))
+
+
+def _preemptions(engine: dict[str, Any]) -> str:
+    """``5 (4 descheduled, 1 swapped, 0 recomputed)``: the total, then each kind."""
+    kinds = engine.get("preemptions_total")
+    total = cell_text(preemptions(engine))
+    if not isinstance(kinds, dict) or not kinds:
+        return total
+    return f"{total} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})"
 
 
 def _of(used: Any, total: Any) -> str:
@@ -501,38 +527,6 @@ class FormScreen(ModalScreen[dict[str, str] | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
-
-
-class HelpScreen(ModalScreen[None]):
-    """Every key of the screen underneath, with its binding id (remappable in the config file)."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape,question_mark,q", "dismiss", "Close", id="help.close"),
-    ]
-
-    def __init__(self, rows: list[tuple[str, str, str]], config: str, readonly: bool) -> None:
-        super().__init__()
-        self.rows = rows
-        self.config = config
-        self.readonly = readonly
-
-    def compose(self) -> ComposeResult:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        table.add_column("KEY")
-        table.add_column("WHAT")
-        table.add_column("BINDING ID", style="dim")
-        for key, description, binding_id in self.rows:
-            table.add_row(key, description, binding_id)
-        note = Text(
-            f'\nRemap a key in {self.config}:\n[dashboard.keys]\npause = "space"\n',
-            style="dim",
-        )
-        if self.readonly:
-            note.append("\nRead-only: the actions that change the deployment are off.")
-        with VerticalScroll(id="dialog"):
-            yield Label("keys", id="question")
-            yield Static(table)
-            yield Static(note)
 
 
 class StartScreen(Screen[None]):

@@ -16,37 +16,11 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widgets import Static
 
-from flockctl.render import (
-    ago,
-    engine_jobs,
-    job_cells,
-    memory_pair,
-    natural_key,
-    scaling_input,
-    state_text,
-)
+from flockctl.render import ago, engine_jobs, job_cells, natural_key, scaling_input, state_text
+from flockctl.tui.cells import cell_text, memory_cell, memory_place, ms_text, preemptions
 
-BAR_WIDTH = 10
 #: What a table cell holds: plain text, or styled text (a state glyph and word, a bar).
 Cell = str | Text
-
-
-def memory_bar(used: Any, total: Any) -> Text:
-    """``█████░░░░░ 2.0/16.0 GiB``; the figures carry the meaning, the bar only shows it."""
-    figures = memory_pair(used, total)
-    if not isinstance(used, (int, float)) or not isinstance(total, (int, float)) or total <= 0:
-        return Text(figures)
-    filled = round(BAR_WIDTH * min(1.0, used / total))
-    return Text.assemble(("█" * filled, "bold"), ("░" * (BAR_WIDTH - filled), "dim"), f" {figures}")
-
-
-def cell_text(value: Any) -> str:
-    """A snapshot value as a cell shows it: '-' for none, floats without trailing zeros."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 class LiveTable(ScrollView, can_focus=True):
@@ -173,6 +147,11 @@ class LiveTable(ScrollView, can_focus=True):
         return len(self._shown)
 
     @property
+    def rows_needed(self) -> int:
+        """Screen rows that show every row: the header, the rows, a horizontal scrollbar."""
+        return len(self._shown) + 1 + self.scrollbar_size_horizontal
+
+    @property
     def row_keys(self) -> list[str]:
         """The keys of the rows shown, top to bottom."""
         return list(self._shown)
@@ -277,13 +256,25 @@ class LiveTable(ScrollView, can_focus=True):
 
 
 class WorkersTable(LiveTable):
-    COLUMNS = ("WORKER", "STATE", "PROVISIONER", "URL", "IN FLIGHT", "SERVED", "P50 MS", "MEMORY")
-    RIGHT = frozenset({"IN FLIGHT", "SERVED", "P50 MS"})
+    COLUMNS = (
+        "WORKER",
+        "STATE",
+        "PROVISIONER",
+        "URL",
+        "IN FLIGHT",
+        "SERVED",
+        "P50 MS",
+        "PREEMPT",
+        "MEMORY",
+    )
+    RIGHT = frozenset({"IN FLIGHT", "SERVED", "P50 MS", "PREEMPT"})
 
     def show(self, snap: dict[str, Any]) -> None:
+        workers = snap.get("workers") or []
+        memory = [w.get("gpu_memory") or {} for w in workers]
+        place = max((len(memory_place(mem)) for mem in memory), default=0)
         rows = {}
-        for w in snap.get("workers") or []:
-            mem = w.get("gpu_memory") or {}
+        for w, mem in zip(workers, memory, strict=True):
             rows[str(w["id"])] = [
                 str(w["id"]),
                 state_text(str(w.get("state", "?"))),
@@ -291,8 +282,9 @@ class WorkersTable(LiveTable):
                 cell_text(w.get("url")),
                 cell_text(w.get("in_flight")),
                 cell_text(w.get("served")),
-                cell_text(w.get("latency_p50_ms")),
-                memory_bar(mem.get("used"), mem.get("total")),
+                ms_text(w.get("latency_p50_ms")),
+                cell_text(preemptions(w.get("engine"))),
+                memory_cell(mem, place),
             ]
         self.sync(rows)
 
@@ -333,12 +325,10 @@ class AutoscalerPanel(Static):
         thresholds = a.get("thresholds") or {}
         limits = ", ".join(f"{k} {cell_text(v)}" for k, v in thresholds.items())
         decision = a.get("last_decision") or {}
-        qlrm = f"qlrm {cell_text(a.get('qlrm'))}"
-        figure = scaling_input(a) if a.get("qps") is not None else qlrm
         self.update(
             Text.assemble(
                 ("autoscaler ", "bold"),
-                f"{a.get('policy', '?')}: {figure}",
+                f"{a.get('policy', '?')}: {scaling_input(a)}",
                 f" ({limits})" if limits else "",
                 f"  target {a.get('target', '-')} / ready {current}",
                 f"  (bounds {a.get('min_workers', '-')}-{a.get('max_workers', '-')})\n",
