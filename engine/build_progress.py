@@ -37,6 +37,7 @@ class BuildProgress:
         mode: str | None = "auto",
         report: Callable[[str], None] | None = None,
         title: str = "demo model",
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "plain"
@@ -45,6 +46,7 @@ class BuildProgress:
         self._mode = mode
         self._report = report
         self._title = title
+        self._clock = clock
         self._bar: Any = None
         self._task: Any = None
         self._phase: Phase | None = None
@@ -84,21 +86,21 @@ class BuildProgress:
 
     def start(self, name: str) -> None:
         self.finish()
-        self._phase, self._done, self._phase_started = self._plan[name], 0, time.perf_counter()
+        self._phase, self._done, self._phase_started = self._plan[name], 0, self._clock()
         if self._bar is not None:
             self._task = self._bar.add_task(name, total=self._phase.steps, info="")
         self._tell("")
 
     def finish(self) -> None:
         if self._phase is not None:
-            self.seconds[self._phase.name] = round(time.perf_counter() - self._phase_started, 1)
+            self.seconds[self._phase.name] = round(self._clock() - self._phase_started, 1)
 
     def advance(self, info: str = "") -> None:
         phase = self._phase
         if phase is None:
             raise RuntimeError("advance() before start()")
         self._done += 1
-        now = time.perf_counter()
+        now = self._clock()
         if self._done == 1:
             self._first_step_done = now
         elif phase.cost > 0:  # timed from the second step: the first one also warms up
@@ -123,7 +125,7 @@ class BuildProgress:
             return f"building {self._title}"
         text = f"building {self._title}: {phase.name} {100 * self._done // max(1, phase.steps)}%"
         left = self.left_seconds()
-        if left is not None:
+        if left is not None and left >= 2.5:
             text += f", about {_round_seconds(left)} s left"
         return text
 

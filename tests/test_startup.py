@@ -56,7 +56,12 @@ def test_responder_answers_503_with_the_phase_then_hands_the_socket_over() -> No
 def test_build_progress_tells_percent_and_time_left(capsys: pytest.CaptureFixture[str]) -> None:
     told: list[str] = []
     plan = [Phase("tokenizer", 2, 0), Phase("target", 10, 3), Phase("draft", 10, 1)]
-    with BuildProgress(plan, mode="plain", report=told.append) as bar:
+    ticks = iter(range(1000))  # every reading of the clock is one second later
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    with BuildProgress(plan, mode="plain", report=told.append, clock=clock) as bar:
         bar.start("tokenizer")
         bar.advance()
         assert told[-1] == "building demo model: tokenizer 50%"
@@ -65,18 +70,17 @@ def test_build_progress_tells_percent_and_time_left(capsys: pytest.CaptureFixtur
         assert bar.left_seconds() is None  # the first step warms up; no rate yet
         for _ in range(4):
             bar.advance()
-        # 5 of 10 target steps: 5 more at cost 3 and 10 draft steps at cost 1 remain, 25 units
-        # against 12 units timed so far.
-        left = bar.left_seconds()
-        assert left is not None
-        assert told[-1].startswith("building demo model: target 50%, about ")
-        assert told[-1].endswith(" s left")
+        # 5 of 10 target steps, one clock reading (a second) each, the last 4 timed: 12 units
+        # in 4 s. Left: 5 more at cost 3 and 10 draft steps at cost 1, 25 units, about 8 s.
+        assert bar.left_seconds() == pytest.approx(25 * 4 / 12)
+        assert told[-1] == "building demo model: target 50%, about 10 s left"
         for _ in range(5):
             bar.advance()
         bar.start("draft")
         for _ in range(10):
             bar.advance()
         assert bar.left_seconds() == 0
+        assert told[-1] == "building demo model: draft 100%"
     err = capsys.readouterr().err
     # Plain lines for a log file: the first and the last of each phase at least, no escapes.
     assert "building demo model: target 100%" in err
