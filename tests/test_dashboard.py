@@ -709,6 +709,7 @@ async def test_figures_read_as_flockctl_status_prints_them(feed: StatusFeed) -> 
         workers = app.query_one(WorkersTable)
         panel = text(app.query_one("AutoscalerPanel"))
         assert "qlrm 0.01 (autoscale_up 7" in panel and "0.0061" not in panel
+        assert panel.count("qlrm 0.01") == 1 and "qlrm: " not in panel
         assert cell(workers, "w2", "p50 ms") == "3.3"
         assert cell(workers, "w10", "p50 ms") == "187.0"
         await pilot.press("enter")

@@ -325,10 +325,12 @@ class AutoscalerPanel(Static):
         thresholds = a.get("thresholds") or {}
         limits = ", ".join(f"{k} {cell_text(v)}" for k, v in thresholds.items())
         decision = a.get("last_decision") or {}
+        policy, figure = str(a.get("policy", "?")), scaling_input(a)
         self.update(
             Text.assemble(
                 ("autoscaler ", "bold"),
-                f"{a.get('policy', '?')}: {scaling_input(a)}",
+                # "qlrm 0.01", not "qlrm: qlrm 0.01"; "request-rate: rate 0.50/s"
+                figure if figure.startswith(policy) else f"{policy}: {figure}",
                 f" ({limits})" if limits else "",
                 f"  target {a.get('target', '-')} / ready {current}",
                 f"  (bounds {a.get('min_workers', '-')}-{a.get('max_workers', '-')})\n",
