@@ -1,7 +1,7 @@
 """A small OpenAI-compatible server for the tests and benchmarks: real HTTP, canned tokens.
 
     python tests/fake_worker.py --port 8001 [--id w1] [--token-delay 0.02] [--tokens 16]
-        [--unhealthy-file F] [--engine-stats F]
+        [--unhealthy-file F] [--engine-stats F] [--start-delay S]
 
 ``/health``, ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (``stream: true``
 gives SSE chunks ending with ``data: [DONE]``). Every answer carries ``x-worker-id`` so a test can
@@ -9,6 +9,7 @@ tell which worker served it. ``/health`` answers 503 while the file named by ``-
 exists, and ``/fail`` always answers 500. With ``--engine-stats FILE`` it stands in for
 flockctl's engine's ``/stats``: the file's JSON, read on every request (503 while the file is
 missing); without it ``/stats`` is 404, as on any server that is not the engine.
+``--start-delay S`` waits that long before listening, like a server loading a model.
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--unhealthy-file", type=Path)
     parser.add_argument("--engine-stats", type=Path)
+    parser.add_argument("--start-delay", type=float, default=0.0)
     args = parser.parse_args()
+    time.sleep(args.start_delay)
     try:
         import uvloop
 
