@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -141,12 +142,35 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 
 def _wait_gone(record: DaemonRecord, timeout: float) -> bool:
+    """Wait up to ``timeout`` for the daemon to exit; False if it did not.
+
+    Where the OS has pidfds (Linux) the wait is woken by the exit itself, so ``down`` returns as
+    soon as the daemon is gone; elsewhere it polls.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not is_same_process(record.pid, record.start_time):
-            return True
-        time.sleep(0.05)
-    return not is_same_process(record.pid, record.start_time)
+    pidfd = _pidfd(record.pid)
+    try:
+        while is_same_process(record.pid, record.start_time):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd is None:
+                time.sleep(min(0.05, left))
+            elif select.select([pidfd], [], [], left)[0]:
+                os.close(pidfd)  # it exited; polled from here on (a zombie counts as gone)
+                pidfd = None
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of process ``pid``, or None where there are none (not Linux) or no such process."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _down_recorded_clusters(directory: Path) -> tuple[list[str], list[str]]:

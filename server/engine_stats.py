@@ -9,7 +9,8 @@ engine behind the same URL).
 The pull belongs with the readiness probe (same session, same timeout and cadence) but runs in
 tasks of its own, one at most per worker, so a slow ``/stats`` never delays a probe. When pulls
 fail, the last good stats stay in the snapshot marked ``engine_stale`` until
-``failure_threshold`` pulls in a row have failed; then they are cleared.
+``failure_threshold`` pulls in a row have failed; then they are cleared, with a warning unless
+the worker is DRAINING (it is being stopped, so its engine going quiet is no fault).
 """
 
 from __future__ import annotations
@@ -188,12 +189,15 @@ class StatsPuller:
             if worker.engine is not None:
                 worker.engine_stale = True
                 if failures >= self.config.failure_threshold:
-                    log.warning(
-                        "worker %s: dropping its engine stats after %d failed pulls: %s",
-                        worker.id,
-                        failures,
-                        detail,
-                    )
+                    # A DRAINING worker is being stopped on purpose: that its engine stops
+                    # answering is expected, not a fault worth a warning.
+                    if worker.state != S.DRAINING:
+                        log.warning(
+                            "worker %s: dropping its engine stats after %d failed pulls: %s",
+                            worker.id,
+                            failures,
+                            detail,
+                        )
                     _clear(worker)
         return outcome
 

@@ -223,6 +223,38 @@ def test_down_stops_workers_left_by_a_dead_daemon(deployment, flockctl_home):
     assert processes_with(deployment.marker) == []
 
 
+@pytest.mark.e2e
+def test_down_of_idle_workers_logs_no_warning_and_leaves_no_process(
+    deployment, flockctl_home, tmp_path
+):
+    # Engine stats pulled every 50 ms, dropped with a warning after one failed pull: a pull
+    # that met a worker being stopped used to log it as a fault.
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"engine": "flockctl", "queue_lengths": [0], "jobs": []}))
+    up = deployment(
+        "--probe-interval",
+        "0.05",
+        "--failure-threshold",
+        "1",
+        worker_args=("--engine-stats", str(stats)),
+    )
+    assert up.code == 0, up.err
+
+    def engines_ready() -> list[dict] | None:
+        workers = flockctl("status", "--json").json()["workers"]
+        found = [w for w in workers if w["state"] == "READY" and w["engine"]]
+        return found if len(found) == 2 else None
+
+    pids = [w["pid"] for w in wait_for(engines_ready, 30, "two READY engine workers")]
+    down = flockctl("down")
+    assert down.code == 0 and down.err == 'flockctl: deployment "default" stopped'
+    assert processes_with(deployment.marker) == []
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    log = (flockctl_home / "default" / "daemon.log").read_text()
+    assert "worker w1 terminated" in log and "worker w2 terminated" in log
+    assert [line for line in log.splitlines() if "WARNING" in line] == []
+
+
 def test_port_in_use_is_a_clear_error(tmp_path):
     with free_socket() as sock:
         sock.listen()

@@ -155,6 +155,24 @@ async def test_shutdown_stops_local_workers(daemon, http):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
+async def test_shutdown_lets_a_request_in_flight_finish_first(daemon, http):
+    d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=1)
+    await d.wait_ready(1)
+    w1 = d.deployment.pool.get("w1")
+    payload = {"stream": True, "max_tokens": 40, "fake_token_delay": 0.05}
+    async with http.post(f"{d.url}{CHAT}", json=payload) as resp:
+        assert resp.status == 200
+        body = await resp.content.readline()  # streaming: the request is on w1 now
+        async with http.post(f"{d.url}/-/shutdown", headers=d.admin) as shut:
+            assert shut.status == 202
+        assert w1.in_flight == 1  # still streaming when the shutdown began
+        body += await resp.read()
+    assert body.count(b"chat.completion.chunk") == 40 and body.endswith(b"data: [DONE]\n\n")
+    await asyncio.wait_for(d.task, 20)
+    assert w1.state.value == "TERMINATED"
+    assert not psutil.pid_exists(w1.pid) or psutil.Process(w1.pid).status() == "zombie"
+
+
 async def test_admin_add_beyond_max_and_remove_twice_are_conflicts(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=1)
     await d.wait_ready(1)

@@ -10,6 +10,7 @@ import asyncio
 import copy
 import io
 import json
+import logging
 from pathlib import Path
 
 from aiohttp import web
@@ -290,6 +291,26 @@ async def test_draining_workers_are_pulled_and_ended_ones_cleared(upstream, http
     pool.set_state(worker, S.TERMINATED)
     puller.tick()
     assert not puller._pulls and worker.engine is None and worker.gpu_memory is None
+
+
+async def test_a_draining_worker_going_quiet_is_no_warning(upstream, http, tmp_path, caplog):
+    engines = {}
+    for worker_id in ("w1", "w2"):
+        path = stats_file(tmp_path, name=f"{worker_id}.json")
+        up = await upstream(build_app(worker_id, 4, 0.0, None, engine_stats=path))
+        pool, worker = ready_worker(up.url, worker_id)
+        puller = StatsPuller(pool, ProbeConfig(failure_threshold=1, timeout_seconds=2), http)
+        assert await puller.pull(worker) == Outcome.OK
+        path.unlink()  # the engine stops answering /stats (503)
+        engines[worker_id] = (pool, worker, puller)
+    pool, w2, puller = engines["w2"]
+    pool.set_state(w2, S.DRAINING)  # being stopped on purpose
+    with caplog.at_level(logging.INFO, logger="flockctl.stats"):
+        for _pool, worker, puller in engines.values():
+            assert await puller.pull(worker) == Outcome.FAILED
+            assert worker.engine is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("worker w1: dropping its engine stats")
 
 
 # -- the human view ----------------------------------------------------------------------------

@@ -51,6 +51,39 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of process ``pid``, or None where there are none (not Linux) or no such process.
+
+    Opened before the process is signalled, it keeps naming that process even if the pid is
+    reused after it exits.
+    """
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+async def _exit_of(pidfd: int, timeout: float) -> None:
+    """Return when the process behind ``pidfd`` exits, or after ``timeout``; closes ``pidfd``.
+
+    The pidfd turns readable at the exit, so the event loop is woken by the exit itself.
+    """
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(exited, timeout)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
 class _Handle:
     """What the provisioner knows of one worker's process."""
 
@@ -175,16 +208,27 @@ class LocalProvisioner(Provisioner):
         if handle.popen is not None and handle.popen.poll() is not None:
             self._kill_group(handle.pid, signal.SIGKILL)  # leftovers of the group, if any
         elif handle.popen is not None or is_same_process(handle.pid, handle.start_time):
+            pidfd = _pidfd(handle.pid)
             self._kill_group(handle.pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_timeout
-            while time.monotonic() < deadline and self._group_alive(handle):
-                await asyncio.sleep(0.05)
-            if self._group_alive(handle):
+            if not await self._stopped(handle, pidfd):
                 self._kill_group(handle.pid, signal.SIGKILL)
         if handle.popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 handle.popen.wait(timeout=1)
         self.forget(worker)
+
+    async def _stopped(self, handle: _Handle, pidfd: int | None) -> bool:
+        """Wait up to ``stop_timeout`` for the worker's process group to end; False if it did
+        not. The process's exit wakes the wait (through ``pidfd``), so a worker that stops at
+        once is not held up by a polling interval; the rest of its group, if any, is polled."""
+        deadline = time.monotonic() + self.stop_timeout
+        if pidfd is not None:
+            await _exit_of(pidfd, self.stop_timeout)
+        while self._group_alive(handle):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     @staticmethod
     def _kill_group(pgid: int, sig: signal.Signals) -> None:
