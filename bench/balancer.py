@@ -34,18 +34,17 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
-from common import HOST, child_setup, cpu_seconds, free_port, percentile, say
+from common import HOST, Processes, cpu_seconds, free_port, percentile, say, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WORKER = ROOT / "tests" / "fake_worker.py"
@@ -98,63 +97,6 @@ CASES = [
     SLOW,
     Case(True, SLOW_CONCURRENCY, SLOW_TOKEN_DELAY, burst=True),
 ]
-
-
-# -- processes -----------------------------------------------------------------------------------
-
-
-class Processes:
-    """Children started by the benchmark; ``stop_all`` ends every one of them, by pid."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None
-    ) -> psutil.Process:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.logs,
-                preexec_fn=child_setup if sys.platform == "linux" else None,
-                start_new_session=sys.platform != "linux",
-            )
-        self.procs.append((name, proc))
-        return psutil.Process(proc.pid)
-
-    def check(self) -> None:
-        """Raise if a child has exited: the benchmark would measure nothing useful."""
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.tail(name)}")
-
-    def tail(self, name: str, lines: int = 5) -> str:
-        try:
-            text = (self.logs / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def stop_all(self, timeout: float = 15.0) -> None:
-        for _name, proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for name, proc in self.procs:
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                say(f"{name} (pid {proc.pid}) ignored SIGTERM; killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-        self.procs.clear()
 
 
 # -- load generation -----------------------------------------------------------------------------
@@ -280,22 +222,6 @@ def summarize(case: Case, target: str, result: Result) -> dict[str, Any]:
     if result.first_error:
         row["first_error"] = result.first_error
     return row
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float, procs: Processes
-) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        procs.check()
-        try:
-            if await check():
-                return
-        except (aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
-            last = f" (last error: {exc or type(exc).__name__})"
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{what} not ready within {timeout:g}s{last}")
 
 
 def start_processes(procs: Processes, home: Path) -> tuple[list[str], str]:

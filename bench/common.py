@@ -3,15 +3,20 @@ prompts they send and a description of the machine."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 
 HOST = "127.0.0.1"
@@ -86,3 +91,77 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+
+
+class Processes:
+    """Children started by the benchmark; ``stop_all`` ends every one of them, by pid."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> psutil.Process:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.logs,
+                preexec_fn=child_setup if sys.platform == "linux" else None,
+                start_new_session=sys.platform != "linux",
+            )
+        self.procs.append((name, proc))
+        return psutil.Process(proc.pid)
+
+    def forget(self, pid: int) -> None:
+        """A child the benchmark killed on purpose: no longer checked nor stopped."""
+        self.procs = [(name, proc) for name, proc in self.procs if proc.pid != pid]
+
+    def check(self) -> None:
+        """Raise if a child has exited: the benchmark would measure nothing useful."""
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 5) -> str:
+        try:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        for _name, proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc in self.procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                say(f"{name} (pid {proc.pid}) ignored SIGTERM; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float, procs: Processes
+) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        procs.check()
+        try:
+            if await check():
+                return
+        except (aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
+            last = f" (last error: {exc or type(exc).__name__})"
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{what} not ready within {timeout:g}s{last}")
