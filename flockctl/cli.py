@@ -270,8 +270,18 @@ def up(
     max_attempts: Annotated[
         int | None,
         typer.Option(
-            help="Attempts per request on connect errors and 5xx before the first byte"
-            " [default: 3].",
+            help="Attempts per request on connect errors, timeouts and 502/503/504 before the"
+            " first byte (a 500 is retried once at most) [default: 3].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    upstream_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds to wait for a worker's next byte, the first included; before the first"
+            " byte reaches the client the request is retried on another worker, after it the"
+            " answer ends, and the worker leaves the rotation until a probe passes [default: 60].",
             rich_help_panel=B,
             show_default=False,
         ),
@@ -430,6 +440,7 @@ def up(
         "queue_timeout": queue_timeout,
         "max_queue": max_queue,
         "max_attempts": max_attempts,
+        "upstream_timeout": upstream_timeout,
         "api_key": api_key,
         "node_control_key": node_control_key,
         "drain_timeout": drain_timeout,

@@ -303,6 +303,7 @@ def create_app(
         deployment.metrics,
         max_attempts=deployment.cfg.max_attempts,
         queue_timeout=deployment.cfg.queue_timeout,
+        upstream_timeout=deployment.cfg.upstream_timeout,
         api_key=deployment.cfg.api_key,
         on_connect_error=deployment.on_connect_error,
     )

@@ -151,6 +151,12 @@ class DeploymentConfig(_Strict):
     queue_timeout: float = Field(60.0, gt=0)
     max_queue: int = Field(1000, ge=0)
     max_attempts: int = Field(3, ge=1, le=10)
+    upstream_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds to wait for a worker's next byte, the first included (nginx's"
+        " proxy_read_timeout)",
+    )
     drain_timeout: float = Field(30.0, ge=0)
     max_start_failures: int = Field(3, ge=1)
     node_control_key: str | None = None

@@ -187,6 +187,7 @@ class Deployment:
                 "provisioner": cfg.provisioner,
                 "policy": cfg.policy,
                 "worker_capacity": cfg.worker_capacity,
+                "upstream_timeout": cfg.upstream_timeout,
                 "started_at": self.started_at,
                 "state_dir": str(self.state_dir),
                 "worker_command": cfg.local_command(),
@@ -250,6 +251,7 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
             "queue_timeout": cfg.queue_timeout,
             "max_queue": cfg.max_queue,
             "max_attempts": cfg.max_attempts,
+            "upstream_timeout": cfg.upstream_timeout,
         },
     }
     if cfg.provisioner == "static":

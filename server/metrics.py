@@ -65,6 +65,11 @@ class Metrics:
         self.retries = Counter(
             "flockctl_retries", "Attempts retried on another worker", registry=self.registry
         )
+        self.retries_refused = Counter(
+            "flockctl_retries_refused",
+            "Failed attempts not retried because the retry budget was spent",
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(read_state))
         self._by_code: dict[int, Counter] = {}
         self.total = 0
@@ -96,6 +101,9 @@ class Metrics:
     def retry(self) -> None:
         self.retries.inc()
         self.retried += 1
+
+    def retry_refused(self) -> None:
+        self.retries_refused.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,9 +8,22 @@ included).
 The upstream side is ``flockctl.server.upstream.UpstreamPool``, a keep-alive HTTP/1.1 client
 made for relaying (see its docstring for why it is not aiohttp's).
 
-Failures: a connection error, or a 5xx answer, before anything was sent to the client is retried
-on another worker (``max_attempts`` in all, with backoff); once the first byte went out nothing is
-retried. A client that disconnects cancels the upstream request (its connection is closed).
+Failures, with Envoy's outlier detection and nginx's ``proxy_read_timeout`` as the models:
+
+- Every wait on a worker is bounded: connecting, and each next byte of the answer, the first one
+  included (``upstream_timeout``). A stopped worker still accepts connections, so only the second
+  finds it.
+- Before anything was sent to the client, a connect error, a timeout, a broken connection or a
+  502/503/504 answer is retried on another worker (``max_attempts`` in all, with backoff). A 500
+  may be the request's own fault (a poison request), so it is retried once at most: the second 500
+  goes to the client as it is. Retries must fit a ``RetryBudget``, so that failing workers never
+  get several times their usual load. Once the first byte went out nothing is retried: the upstream
+  connection is closed and the client's answer ends (an event stream with a last ``event: error``).
+- Passive health: a worker that times out, refuses or resets a connection leaves the rotation at
+  once (NOT_READY, with the request and what happened as the reason); its requests still running
+  go on, and the prober, poked, brings it back when it answers again.
+
+A client that disconnects cancels the upstream request (its connection is closed).
 """
 
 from __future__ import annotations
@@ -25,8 +38,9 @@ from typing import Any
 
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
+from flockctl.server.retry_budget import RetryBudget
 from flockctl.server.upstream import Connection, UpstreamError, UpstreamPool
-from flockctl.server.workers import Worker
+from flockctl.server.workers import Worker, WorkerState
 
 log = logging.getLogger("flockctl.proxy")
 
@@ -63,6 +77,11 @@ _HOP_RESPONSE = frozenset(
 )
 #: Answers up to this size with a Content-Length are read whole and sent in one message.
 _SMALL_BODY = 256 * 1024
+#: Answers retried on another worker: the worker (or one in front of it) says it cannot serve now.
+_RETRIED_STATUSES = frozenset({502, 503, 504})
+#: 500 answers after which a request is not retried again: two workers failed on it, so the
+#: request itself is the likely cause, and more workers would only fail on it too.
+_MAX_SERVER_ERRORS = 2
 
 
 def json_error(status: int, message: str, kind: str) -> tuple[int, bytes]:
@@ -80,6 +99,27 @@ async def send_json(send: Send, status: int, body: bytes, extra: list | None = N
 class _BrokenOff(Exception):
     """The worker failed after the answer's first bytes went to the client: nothing to retry."""
 
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(
+        k == b"content-type" and v.lower().startswith(b"text/event-stream") for k, v in headers
+    )
+
+
+def _sse_error(error: UpstreamError, last: bytes) -> bytes:
+    """A last ``event: error`` for a stream the worker stopped, in OpenAI's error shape.
+
+    It starts on an event boundary: if the worker stopped inside an event, that event is ended
+    first, so the client parses the error event whole.
+    """
+    _, body = json_error(504, f"the worker stopped answering: {error}", "upstream_timeout")
+    boundary = last.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+    return (b"" if boundary else b"\n\n") + b"event: error\ndata: " + body + b"\n\n"
+
 
 class Balancer:
     """ASGI entry point: the proxy for inference traffic, the admin app for the rest."""
@@ -95,6 +135,8 @@ class Balancer:
         api_key: str | None = None,
         on_connect_error: Callable[[Worker], None] | None = None,
         backoff: float = 0.05,
+        upstream_timeout: float = 60.0,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         self.admin_app = admin_app
         self.pool = pool
@@ -104,13 +146,17 @@ class Balancer:
         self.api_key = f"Bearer {api_key}".encode() if api_key else None
         self.on_connect_error = on_connect_error
         self.backoff = backoff
+        self.upstream_timeout = upstream_timeout
+        self.retry_budget = retry_budget or RetryBudget()
         self.upstream: UpstreamPool | None = None
 
     def open_session(self) -> UpstreamPool:
         """The shared upstream connections; created inside the running loop (lifespan)."""
         # Idle connections are dropped before uvicorn's (and so vLLM's) 5 s keep-alive ends, so a
         # request rarely meets a connection the worker is closing at that moment.
-        self.upstream = UpstreamPool(connect_timeout=10.0, idle_timeout=4.0)
+        self.upstream = UpstreamPool(
+            connect_timeout=10.0, idle_timeout=4.0, read_timeout=self.upstream_timeout
+        )
         return self.upstream
 
     async def close_session(self) -> None:
@@ -213,7 +259,9 @@ class Balancer:
         headers = self._upstream_headers(scope)
         deadline = time.monotonic() + self.queue_timeout
         tried: set[Worker] = set()
+        server_errors = 0
         attempt = 0
+        self.retry_budget.request()
         while True:
             if attempt:
                 self.metrics.retry()
@@ -243,29 +291,35 @@ class Balancer:
             try:
                 try:
                     conn = await upstream.send(worker.url or "", method, target, headers, body)
-                    if conn.status >= 500 and attempt < self.max_attempts:
+                    if conn.status in _RETRIED_STATUSES or conn.status == 500:
                         worker.failures += 1
                         tried.add(worker)
-                        continue
+                        if conn.status == 500:
+                            server_errors += 1
+                        if server_errors < _MAX_SERVER_ERRORS and self._may_retry(attempt):
+                            continue
                     await self._respond(conn, send)
                 except UpstreamError as exc:
                     # Nothing reached the client yet: another worker may answer instead.
                     worker.failures += 1
                     tried.add(worker)
-                    if self.on_connect_error is not None:
-                        self.on_connect_error(worker)
-                    if attempt < self.max_attempts:
+                    self._worker_failed(worker, exc, scope)
+                    if self._may_retry(attempt):
                         continue
+                    status = 504 if exc.kind == "timeout" else 502
+                    refused = attempt < self.max_attempts
+                    why = f"; not retried: {self.retry_budget.describe()}" if refused else ""
                     status, err = json_error(
-                        502, f"worker {worker.id} failed: {exc}", "upstream_error"
+                        status, f"worker {worker.id} failed: {exc}{why}", "upstream_error"
                     )
                     await send_json(send, status, err)
                     return status
                 except _BrokenOff as exc:
-                    # Bytes already went out: nothing can be retried; the client sees a cut.
+                    # Bytes already went out: nothing can be retried; the client's answer ends.
                     worker.failures += 1
                     log.warning("worker %s broke off a response: %s", worker.id, exc)
-                    return 502
+                    self._worker_failed(worker, exc.error, scope)
+                    return 504 if exc.error.kind == "timeout" else 502
                 worker.served += 1
                 worker.latencies.append(time.perf_counter() - t0)
                 return conn.status
@@ -273,6 +327,24 @@ class Balancer:
                 if conn is not None:
                     upstream.release(conn)
                 self.pool.release(worker)
+
+    def _may_retry(self, attempt: int) -> bool:
+        """Whether a failed attempt may be retried: attempts left, and room in the budget."""
+        if attempt >= self.max_attempts:
+            return False
+        if self.retry_budget.try_retry():
+            return True
+        self.metrics.retry_refused()
+        return False
+
+    def _worker_failed(self, worker: Worker, error: UpstreamError, scope: Scope) -> None:
+        """Passive health: a worker that times out, refuses or resets leaves the rotation now."""
+        if error.worker_at_fault and worker.state == WorkerState.READY:
+            reason = f"{error} on {scope['method']} {scope['path']}"
+            log.warning("worker %s is NOT_READY: %s", worker.id, reason)
+            self.pool.set_state(worker, WorkerState.NOT_READY, reason)
+        if self.on_connect_error is not None:
+            self.on_connect_error(worker)
 
     @staticmethod
     async def _respond(conn: Connection, send: Send) -> None:
@@ -286,6 +358,7 @@ class Balancer:
             await send({"type": "http.response.body", "body": data})
             return
         await send(start)
+        last = b""
         try:
             while True:
                 chunk = await conn.read_some()
@@ -294,5 +367,10 @@ class Balancer:
                     await send({"type": "http.response.body", "body": chunk})
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last = chunk
         except UpstreamError as exc:
-            raise _BrokenOff(str(exc)) from None
+            if exc.kind == "timeout" and _is_event_stream(headers):
+                # An event stream can say why it ends, and then end cleanly; any other answer is
+                # cut short (the connection closes) so the client cannot take it for whole.
+                await send({"type": "http.response.body", "body": _sse_error(exc, last)})
+            raise _BrokenOff(exc) from None

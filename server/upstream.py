@@ -7,6 +7,13 @@ they arrive, waking the waiting request directly with no extra task. There are n
 multidicts, cookies, redirects or payload objects: replacing aiohttp's client with this halved
 the balancer's CPU per streamed request (``bench/balancer.py``). Reading from a worker pauses
 when more than ``HIGH_WATER`` bytes wait for a slow client.
+
+Every wait on a worker is bounded. Connecting has ``connect_timeout``; after the request went out,
+``read_timeout`` bounds the wait for each next byte, the first included (nginx's
+``proxy_read_timeout``): a stopped worker's kernel still accepts connections and takes the
+request, so only this finds it. One timer per request checks the time of the last byte when it
+fires instead of being re-armed on every chunk, and time spent paused for a slow client does not
+count against the worker.
 """
 
 from __future__ import annotations
@@ -28,7 +35,21 @@ HIGH_WATER = 1024 * 1024
 
 
 class UpstreamError(Exception):
-    """A worker could not be reached, or broke off (or garbled) its answer."""
+    """A worker could not be reached, did not answer in time, or broke off (or garbled) its answer.
+
+    ``kind`` says which: ``connect`` (refused, unreachable, or the connect timed out), ``timeout``
+    (no byte within the read timeout), ``reset`` (the worker reset the connection), ``closed``
+    (it closed the connection before the answer ended), ``invalid`` (not HTTP/1.1).
+    """
+
+    def __init__(self, message: str, kind: str = "closed") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def worker_at_fault(self) -> bool:
+        """A sign that the worker itself is unwell, not only this request (passive health)."""
+        return self.kind in ("connect", "timeout", "reset")
 
 
 class Origin:
@@ -39,7 +60,7 @@ class Origin:
     def __init__(self, url: str) -> None:
         parsed = URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.raw_host:
-            raise UpstreamError(f"worker URL {url!r} is not an http(s) URL")
+            raise UpstreamError(f"worker URL {url!r} is not an http(s) URL", "connect")
         self.host = parsed.raw_host
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parsed.scheme == "https" else None
@@ -63,10 +84,12 @@ class Connection(asyncio.Protocol):
         "_body",
         "_buffered",
         "_interim",
+        "_last",
         "_loop",
         "_parser",
         "_paused",
         "_pool",
+        "_timer",
         "_waiter",
         "busy",
         "chunked",
@@ -96,9 +119,12 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.busy = False
         self.reused = False
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
+        self._disarm()
         self.received = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -147,6 +173,10 @@ class Connection(asyncio.Protocol):
             b"%s %s%s HTTP/1.1\r\nhost: %s\r\n%s%s\r\n%s"
             % (method, origin.prefix, target, origin.host_header, headers, length, body)
         )
+        timeout = self._pool.read_timeout
+        if timeout is not None:
+            self._last = self._loop.time()
+            self._timer = self._loop.call_at(self._last + timeout, self._check_timeout)
         while not self.ready:
             if self.error is not None:
                 raise self.error
@@ -181,6 +211,7 @@ class Connection(asyncio.Protocol):
         self._buffered = 0
         if self._paused and self.transport is not None:
             self._paused = False
+            self._last = self._loop.time()
             self.transport.resume_reading()
         return data
 
@@ -198,7 +229,30 @@ class Connection(asyncio.Protocol):
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None:
             self.error = error
+        self._disarm()
         self._wake()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_timeout(self) -> None:
+        """The read timer fired: fail the request if the worker sent nothing for that long."""
+        self._timer = None
+        timeout = self._pool.read_timeout
+        if timeout is None or not self.busy or self.complete or self.error is not None:
+            return
+        now = self._loop.time()
+        if self._paused:
+            # Reading is paused for a slow client: the worker is not the one keeping us waiting.
+            self._last = now
+        if now < self._last + timeout:
+            self._timer = self._loop.call_at(self._last + timeout, self._check_timeout)
+            return
+        message = f"no byte from the worker within {timeout:g}s (upstream timeout)"
+        self._fail(UpstreamError(message, "timeout"))
+        self.close()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -208,6 +262,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        self._last = self._loop.time()
         if not self.busy or self.complete:
             # Bytes nobody asked for: the connection is out of step, never reuse it.
             self.close()
@@ -215,19 +270,23 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail(UpstreamError(f"the worker's answer is not valid HTTP/1.1: {exc}"))
+            message = f"the worker's answer is not valid HTTP/1.1: {exc}"
+            self._fail(UpstreamError(message, "invalid"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pool.forget(self)
+        self._disarm()
         if self.busy and not self.complete:
-            if self.ready and exc is None and self.length is None and not self.chunked:
+            ended = self.ready and exc is None and self.error is None
+            if ended and self.length is None and not self.chunked:
                 # A body without a length ends when the worker closes the connection.
                 self.complete = True
                 self._wake()
+            elif exc is not None:
+                self._fail(UpstreamError(f"the worker reset the connection: {exc}", "reset"))
             else:
-                reason = f": {exc}" if exc else ""
-                self._fail(UpstreamError(f"the worker closed the connection{reason}"))
+                self._fail(UpstreamError("the worker closed the connection"))
 
     # -- httptools callbacks -------------------------------------------------------------------
 
@@ -262,6 +321,7 @@ class Connection(asyncio.Protocol):
             # The parser cannot know that an answer to HEAD has no body; the connection is not
             # reused after it.
             self.complete = True
+            self._disarm()
         self._wake()
 
     def on_body(self, data: bytes) -> None:
@@ -280,15 +340,26 @@ class Connection(asyncio.Protocol):
             return
         self.complete = True
         self.keep_alive = self._parser.should_keep_alive()
+        self._disarm()
         self._wake()
 
 
 class UpstreamPool:
-    """Keep-alive HTTP/1.1 connections to the workers, shared by every relayed request."""
+    """Keep-alive HTTP/1.1 connections to the workers, shared by every relayed request.
 
-    def __init__(self, connect_timeout: float = 10.0, idle_timeout: float = 4.0) -> None:
+    ``read_timeout`` (None: no limit) is the longest wait for a worker's next byte once a request
+    went out, the first byte of the answer included.
+    """
+
+    def __init__(
+        self,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 4.0,
+        read_timeout: float | None = None,
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
         self._origins: dict[str, Origin] = {}
         self._idle: dict[str, deque[Connection]] = {}
         self._open: set[Connection] = set()
@@ -321,9 +392,9 @@ class UpstreamPool:
         try:
             await conn.request(method, target, headers, body)
             return conn
-        except UpstreamError:
+        except UpstreamError as exc:
             self.release(conn)
-            if not conn.reused or conn.received:
+            if not conn.reused or conn.received or exc.kind not in ("closed", "reset"):
                 raise
         except BaseException:  # cancelled: the connection is in an unknown state
             self.release(conn)
@@ -375,10 +446,12 @@ class UpstreamPool:
             )
         except asyncio.TimeoutError:
             raise UpstreamError(
-                f"connecting to {url} timed out after {self.connect_timeout:g}s"
+                f"connecting to {url} timed out after {self.connect_timeout:g}s", "connect"
             ) from None
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+            raise UpstreamError(
+                f"cannot connect to {url}: {exc.strerror or exc}", "connect"
+            ) from None
         self._open.add(conn)
         return conn
 
@@ -387,6 +460,3 @@ class UpstreamPool:
             conn.close()
         self._open.clear()
         self._idle.clear()
-
-
-# -- the balancer ----------------------------------------------------------------------------------
