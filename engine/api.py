@@ -10,12 +10,15 @@
   text plus the job's scheduling figures. ``POST /generate_stream`` (and ``/generate/stream``)
   sends TGI's token events, the last one carrying the text and those figures.
 - ``GET /health``, ``/stats``, ``/stats/detailed``, ``/jobs/{id}``, ``/metrics`` for the control
-  plane's prober and for people.
+  plane's prober and for people; ``GET /openapi.json`` describes every route and body.
 
 Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: a body that is
 not JSON or fails validation is a 400 whose ``param`` names the field, an unknown model a 404, a
-full queue a 429. A client that hangs up cancels its job at once, so the engine never spends
-iterations on text nobody reads.
+full queue a 429. Bad input is never a 5xx: a body nested past 64 levels or holding a string that
+is not Unicode (a lone UTF-16 surrogate, in any field) is a 400 before it reaches a tokenizer. A
+bug's 500 says ``Connection: close``, as the server then drops the connection, so a client that
+keeps connections alive opens a new one instead of failing its next request. A client that hangs
+up cancels its job at once, so the engine never spends iterations on text nobody reads.
 
 Request bodies live in ``protocol.py``; SSE and disconnect handling in ``streaming.py``.
 """
@@ -31,18 +34,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
+from flockctl import __version__
 from flockctl.engine.engine import EngineUnavailable, QueueFull
 from flockctl.engine.job import FinishReason, InvalidRequest, SamplingParams
 from flockctl.engine.protocol import (
+    MAX_DEPTH,
     ChatRequest,
     CompletionRequest,
     GenerateRequest,
     OpenAIRequest,
     field_path,
+    first_surrogate,
+    too_deep,
 )
-from flockctl.engine.streaming import EventStream, sse, until_disconnect
+from flockctl.engine.streaming import EventStream, json_bytes, sse, until_disconnect
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Delta, Engine, JobHandle
@@ -51,6 +59,16 @@ M = TypeVar("M", bound=BaseModel)
 
 # Not a real status: nobody reads it. It marks, in access logs, a request whose client hung up.
 CLIENT_CLOSED = 499
+
+# The bodies the routes parse themselves; /openapi.json gets their schemas from here.
+BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatRequest, GenerateRequest)
+
+
+class SafeJSON(JSONResponse):
+    """JSON that a stray string cannot break: see ``json_bytes``."""
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
 
 
 class APIError(Exception):
@@ -74,12 +92,20 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
         headers = {"retry-after": "1"} if self.status == 429 else None
-        return JSONResponse({"error": body}, self.status, headers=headers)
+        return SafeJSON({"error": body}, self.status, headers=headers)
 
 
 def create_app(engine: Engine) -> FastAPI:
     """Build the engine's ASGI app; the caller owns ``engine`` (loads it, closes it after)."""
-    app = FastAPI(title="flockctl engine", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="flockctl engine",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        default_response_class=SafeJSON,
+    )
+    publish_bodies(app)
     created = int(time.time())
     tokenizer = engine.tokenizer
     special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
@@ -98,9 +124,10 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _bug(_req: Request, exc: Exception) -> JSONResponse:
-        # Still logged with its traceback by Starlette; the client gets the usual shape.
+        # Starlette re-raises the exception after this answer, and uvicorn then logs it and drops
+        # the connection: say so, or a keep-alive client sends its next request into a closed one.
         message = f"internal error: {type(exc).__name__}: {exc}"
-        return JSONResponse({"error": server_error(message)}, 500)
+        return SafeJSON({"error": server_error(message)}, 500, headers={"connection": "close"})
 
     @app.exception_handler(HTTPException)
     async def _http_error(req: Request, exc: HTTPException) -> JSONResponse:
@@ -154,7 +181,7 @@ def create_app(engine: Engine) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         body = await parse(request, CompletionRequest)
         check_openai(body)
@@ -164,12 +191,12 @@ def create_app(engine: Engine) -> FastAPI:
         head = openai_head(f"cmpl-{handle.job.id}", "text_completion")
         if body.stream:
             usage = body.include_usage
-            return EventStream(completion_events(handle, head, usage), handle)
+            return EventStream(completion_events(handle, head, usage), handle, openai_failed)
         text, _final = await run_to_end(request, handle)
         choice = {"index": 0, "text": text, "finish_reason": finish(handle), "logprobs": None}
-        return JSONResponse({**head, "choices": [choice], "usage": usage_of(handle)})
+        return SafeJSON({**head, "choices": [choice], "usage": usage_of(handle)})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
     async def chat_completions(request: Request) -> Response:
         body = await parse(request, ChatRequest)
         check_openai(body)
@@ -185,7 +212,8 @@ def create_app(engine: Engine) -> FastAPI:
         head = openai_head(f"chatcmpl-{handle.job.id}", "chat.completion")
         if body.stream:
             head["object"] = "chat.completion.chunk"
-            return EventStream(chat_events(handle, head, body.include_usage), handle)
+            events = chat_events(handle, head, body.include_usage)
+            return EventStream(events, handle, openai_failed)
         text, _final = await run_to_end(request, handle)
         choice = {
             "index": 0,
@@ -193,7 +221,7 @@ def create_app(engine: Engine) -> FastAPI:
             "finish_reason": finish(handle),
             "logprobs": None,
         }
-        return JSONResponse({**head, "choices": [choice], "usage": usage_of(handle)})
+        return SafeJSON({**head, "choices": [choice], "usage": usage_of(handle)})
 
     def check_openai(body: OpenAIRequest) -> None:
         check_model(body.model)
@@ -313,7 +341,7 @@ def create_app(engine: Engine) -> FastAPI:
             "seed": job.params.seed,
         }
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=body_schema(GenerateRequest))
     async def generate(request: Request) -> Response:
         body = await parse(request, GenerateRequest)
         handle = generate_job(body)
@@ -321,7 +349,7 @@ def create_app(engine: Engine) -> FastAPI:
         out: dict[str, Any] = {"generated_text": body.full_text(text), **figures(handle)}
         if body.wants_details:
             out["details"] = tgi_details(handle)
-        return JSONResponse(out)
+        return SafeJSON(out)
 
     async def generate_events(handle: JobHandle, body: GenerateRequest) -> AsyncIterator[bytes]:
         parts: list[str] = []
@@ -354,10 +382,20 @@ def create_app(engine: Engine) -> FastAPI:
     async def generate_stream(request: Request) -> Response:
         body = await parse(request, GenerateRequest)
         handle = generate_job(body)
-        return EventStream(generate_events(handle, body), handle)
+        return EventStream(generate_events(handle, body), handle, generate_failed)
 
-    app.add_api_route("/generate_stream", generate_stream, methods=["POST"])
-    app.add_api_route("/generate/stream", generate_stream, methods=["POST"])
+    # Two paths (TGI's, and the one some clients build from /generate), so two operation ids.
+    for path, operation in (
+        ("/generate_stream", "generate_stream"),
+        ("/generate/stream", "generate_stream_alias"),
+    ):
+        app.add_api_route(
+            path,
+            generate_stream,
+            methods=["POST"],
+            operation_id=operation,
+            openapi_extra=body_schema(GenerateRequest),
+        )
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -414,16 +452,52 @@ async def parse(request: Request, model: type[M]) -> M:
     raw = await request.body()
     if not raw.strip():
         raise APIError(400, "the request has no body; send a JSON object")
+    if too_deep(raw):  # before json.loads, which recurses once per level
+        raise APIError(
+            400,
+            f"the body nests deeper than {MAX_DEPTH} levels of arrays and objects;"
+            " no field of this API needs more than four",
+        )
     try:
         data = json.loads(raw)
     except ValueError as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, not {type(data).__name__}")
+    # Every string, known field or not: a lone surrogate breaks tokenizers and JSON encoding.
+    found = first_surrogate(data)
+    if found is not None:
+        param, problem = found
+        raise APIError(400, f"{param or 'the body'} {problem}", param or None)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that parses ``model`` itself (``parse``)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def publish_bodies(app: FastAPI) -> None:
+    """Put ``BODIES``' schemas (and the models they use) into the app's OpenAPI components:
+    FastAPI sees no body parameter on the routes, so it would not publish them itself."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        schema = build()  # FastAPI's own, built once and cached
+        if first:
+            _refs, defs = models_json_schema(
+                [(model, "validation") for model in BODIES],
+                ref_template="#/components/schemas/{model}",
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def server_error(message: str) -> dict[str, Any]:
@@ -433,6 +507,16 @@ def server_error(message: str) -> dict[str, Any]:
 def finish(handle: JobHandle) -> str | None:
     reason = handle.job.finish_reason
     return reason.value if reason is not None else None
+
+
+def openai_failed(message: str) -> bytes:
+    """The last events of an OpenAI stream whose events failed."""
+    return sse({"error": server_error(message)}) + b"data: [DONE]\n\n"
+
+
+def generate_failed(message: str) -> bytes:
+    """The last event of a TGI stream whose events failed, as TGI sends its errors."""
+    return sse({"error": message, "error_type": "generation"})
 
 
 def usage_of(handle: JobHandle) -> dict[str, int]:

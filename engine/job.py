@@ -65,10 +65,27 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}", "top_k")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty", "stop")
+        if any(lone_surrogate_at(s) is not None for s in self.stop):
+            # Kept on the job and shown by /jobs and /stats: it must encode, or those would fail.
+            raise InvalidRequest(
+                "stop strings must be Unicode text; one holds a lone UTF-16 surrogate", "stop"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Where ``text`` holds a lone UTF-16 surrogate (what JSON's ``"\\ud800"`` decodes to, and
+    UTF-8 cannot encode), or None for real text. Encoding is the test: it runs at C speed."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:  # a surrogate is the one thing UTF-8 refuses
+        return exc.start
+    return None
 
 
 @dataclass

@@ -1,16 +1,18 @@
-"""Shared fixtures: an isolated state home, real fake upstreams and a real daemon on 127.0.0.1."""
+"""Shared fixtures: an isolated state home, real fake upstreams and a real daemon on 127.0.0.1,
+and the engine's API over a tiny real model (built once per module that asks for it)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import httpx
 import pytest
 import uvicorn
 from aiohttp import web
@@ -20,6 +22,9 @@ from flockctl.server.__main__ import uvicorn_config
 from flockctl.server.app import create_app
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.deployment import Deployment
+
+if TYPE_CHECKING:  # torch comes with it: imported by the fixtures that need it, not by every test
+    from flockctl.engine.engine import Engine
 
 TESTS = Path(__file__).parent
 FAKE_WORKER = TESTS / "fake_worker.py"
@@ -151,3 +156,71 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Daemon
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# -- the engine's API on a tiny real model ---------------------------------------------------------
+
+#: The model name the ``engine`` fixture serves.
+TINY = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: Path) -> Iterator[Engine]:
+    from flockctl.engine.engine import EngineConfig, load_engine
+
+    config = EngineConfig(model=str(tiny), served_model_name=TINY, device="cpu", max_batch_size=4)
+    engine = load_engine(config, progress=False)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
+    from flockctl.engine.api import create_app as create_engine_app
+
+    transport = httpx.ASGITransport(app=create_engine_app(engine))
+    async with httpx.AsyncClient(transport=transport, base_url="http://engine") as c:
+        yield c
+
+
+@pytest.fixture
+async def served(engine: Engine) -> AsyncIterator[str]:
+    """The same app under a real uvicorn on 127.0.0.1, for what needs real connections."""
+    from flockctl.engine.api import create_app as create_engine_app
+
+    sock = free_socket()
+    config = uvicorn.Config(
+        create_engine_app(engine),
+        loop="none",
+        ws="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    await asyncio.wait_for(task, 30)
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The ``error`` object of an answer in OpenAI's error shape, checking status and shape."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    return error

@@ -14,14 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from conftest import free_port, free_socket
+from conftest import TINY, error_of, free_port, free_socket
 from tinymodel import build_tiny_model
 
 from flockctl.engine.api import create_app
@@ -29,54 +27,9 @@ from flockctl.engine.engine import Engine, EngineConfig, QueueFull, load_engine
 from flockctl.engine.job import SamplingParams
 from flockctl.exitcodes import ExitCode
 
-NAME = "tiny"
+NAME = TINY
 PROMPT = "the quick brown fox"
 GREEDY = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny: Path) -> Iterator[Engine]:
-    config = EngineConfig(model=str(tiny), served_model_name=NAME, device="cpu", max_batch_size=4)
-    engine = load_engine(config, progress=False)
-    try:
-        yield engine
-    finally:
-        engine.close()
-
-
-@pytest.fixture
-async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(engine))
-    async with httpx.AsyncClient(transport=transport, base_url="http://engine") as c:
-        yield c
-
-
-@pytest.fixture
-async def served(engine: Engine) -> AsyncIterator[str]:
-    """The same app under a real uvicorn on 127.0.0.1, for what needs real connections."""
-    sock = free_socket()
-    config = uvicorn.Config(
-        create_app(engine),
-        loop="none",
-        ws="none",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    await asyncio.wait_for(task, 30)
 
 
 def sse(response: httpx.Response) -> list[str]:
@@ -89,14 +42,6 @@ def sse(response: httpx.Response) -> list[str]:
     events = body[:-2].split("\n\n")
     assert all(e.startswith("data: ") and "\n" not in e for e in events), events
     return [e.removeprefix("data: ") for e in events]
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    return error
 
 
 async def finished_job(client: httpx.AsyncClient, job_id: str, timeout: float = 10) -> dict:
