@@ -39,32 +39,34 @@ def nested(depth: int) -> str:
 # -- strings that are not Unicode -----------------------------------------------------------------
 
 
+SURROGATES = [
+    ("/v1/completions", '{"prompt": "fox \\ud800", ' + SHORT + "}", "prompt"),
+    ("/v1/completions", '{"prompt": ["\\udfff"], ' + SHORT + "}", "prompt[0]"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["x", "\\udc00"], ' + SHORT + "}", "stop[1]"),
+    ("/v1/completions", '{"prompt": "hi", "model": "\\ud800", ' + SHORT + "}", "model"),
+    ("/v1/completions", '{"prompt": "hi", "user": "\\ud83d", ' + SHORT + "}", "user"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "a\\ud800b"}], ' + SHORT + "}",
+        "messages[0].content",
+    ),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+        "messages[0].content[0].text",
+    ),
+    (
+        "/generate",
+        '{"inputs": "hi", "parameters": {"stop": ["\\udbff"]}}',
+        "parameters.stop[0]",
+    ),
+    ("/generate_stream", '{"prompt": "\\ud800", "max_new_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": "hi", "metadata": {"\\ud800": 1}}', "metadata"),
+]
+
+
 @pytest.mark.parametrize(
-    ("path", "raw", "param"),
-    [
-        ("/v1/completions", '{"prompt": "fox \\ud800", ' + SHORT + "}", "prompt"),
-        ("/v1/completions", '{"prompt": ["\\udfff"], ' + SHORT + "}", "prompt[0]"),
-        ("/v1/completions", '{"prompt": "hi", "stop": ["x", "\\udc00"], ' + SHORT + "}", "stop[1]"),
-        ("/v1/completions", '{"prompt": "hi", "model": "\\ud800", ' + SHORT + "}", "model"),
-        ("/v1/completions", '{"prompt": "hi", "user": "\\ud83d", ' + SHORT + "}", "user"),
-        (
-            "/v1/chat/completions",
-            '{"messages": [{"role": "user", "content": "a\\ud800b"}], ' + SHORT + "}",
-            "messages[0].content",
-        ),
-        (
-            "/v1/chat/completions",
-            '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
-            "messages[0].content[0].text",
-        ),
-        (
-            "/generate",
-            '{"inputs": "hi", "parameters": {"stop": ["\\udbff"]}}',
-            "parameters.stop[0]",
-        ),
-        ("/generate_stream", '{"prompt": "\\ud800", "max_new_tokens": 2}', "prompt"),
-        ("/v1/completions", '{"prompt": "hi", "metadata": {"\\ud800": 1}}', "metadata"),
-    ],
+    ("path", "raw", "param"), SURROGATES, ids=[f"{path} {param}" for path, _, param in SURROGATES]
 )
 async def test_a_lone_surrogate_in_any_field_is_a_400_naming_it(
     client: httpx.AsyncClient, path: str, raw: str, param: str
@@ -290,14 +292,15 @@ def engine_schema(engine: Engine) -> Any:
 
 
 def few_tokens(body: Any, context: int) -> None:
+    """Cut a generated body's lengths that the engine would spend a generation on."""
     if not isinstance(body, dict):
         return
     for name in LENGTHS:
         value = body.get(name)
         if isinstance(value, int) and FUZZ_MAX_TOKENS < value <= context:
             body[name] = FUZZ_MAX_TOKENS
-    if "messages" in body and not any(name in body for name in LENGTHS):
-        body["max_tokens"] = FUZZ_MAX_TOKENS  # the chat default is the whole context
+    if "messages" in body and all(body.get(name) is None for name in LENGTHS):
+        body["max_tokens"] = FUZZ_MAX_TOKENS  # the chat default is the rest of the context
     few_tokens(body.get("parameters"), context)
 
 
@@ -310,7 +313,7 @@ def few_tokens(body: Any, context: int) -> None:
     # Generating bodies for these schemas can be slow on a loaded machine; that is not a fault.
     suppress_health_check=[HealthCheck.too_slow],
 )
-def test_fuzzed_requests_never_get_a_server_error(case: Any, engine: Engine) -> None:
+def test_fuzzed_requests_never_get_a_server_error(case: schemathesis.Case, engine: Engine) -> None:
     few_tokens(case.body, engine.max_model_len)
     response = case.call()
     assert response.status_code < 500, (
