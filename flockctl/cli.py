@@ -355,6 +355,24 @@ def up(
             show_default=False,
         ),
     ] = None,
+    replace_after: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a worker may stay NOT_READY before it is drained, stopped and replaced"
+            " (a static endpoint stays out of rotation instead) [default: 180].",
+            rich_help_panel=W,
+            show_default=False,
+        ),
+    ] = None,
+    workers_ceiling: Annotated[
+        int | None,
+        typer.Option(
+            help="The most workers any bound may ask for, here and through the admin API"
+            " [default: 64].",
+            rich_help_panel=W,
+            show_default=False,
+        ),
+    ] = None,
     foreground: Annotated[
         bool,
         typer.Option(
@@ -445,6 +463,8 @@ def up(
         "node_control_key": node_control_key,
         "drain_timeout": drain_timeout,
         "max_start_failures": max_start_failures,
+        "replace_after": replace_after,
+        "workers_ceiling": workers_ceiling,
         "probe": probe or None,
         "workdir": os.getcwd(),
     }

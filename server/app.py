@@ -10,10 +10,14 @@ Admin routes live under ``/-/`` and need the admin token (``Authorization: Beare
 - ``DELETE /-/workers/{id}``: drain a worker and lower the target (remove it);
 - ``POST /-/workers/{id}/drain``: drain a worker and keep the target (recycle it: a fresh worker
   replaces it);
-- ``PATCH /-/autoscaler`` ``{"min_workers"?, "max_workers"?}``: new bounds, applied at once;
+- ``PATCH /-/autoscaler`` ``{"min_workers"?, "max_workers"?}``: new bounds, applied at once
+  (never above ``workers_ceiling``: 422);
 - ``GET /-/logs/{daemon|worker id}?tail=&offset=``: log lines, followed by polling with the
   returned byte offset;
 - ``POST /-/shutdown``: drain every worker and stop.
+
+- ``GET /-/openapi.json``: this API's OpenAPI schema. There is no ``/-/docs`` page: a browser
+  cannot send the admin token, and the API must not describe itself to anyone without it.
 
 Errors are ``{"error": {"message", "type", "code"}}``. ``GET /metrics`` (Prometheus) and
 ``GET /health`` are open, like a worker's.
@@ -89,9 +93,9 @@ def create_app(
     app = FastAPI(
         title="flockctl daemon",
         lifespan=lifespan,
-        docs_url="/-/docs",
+        docs_url=None,
         redoc_url=None,
-        openapi_url="/-/openapi.json",
+        openapi_url=None,  # served below, behind the admin token
     )
 
     # Starlette's own errors too (an admin path with no route, a wrong method), in one shape.
@@ -136,6 +140,10 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(deployment.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/-/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/-/status", dependencies=guarded)
     async def status() -> dict[str, Any]:
@@ -199,6 +207,13 @@ def create_app(
         elif body is not None and body.url:
             raise HTTPException(422, "url: only a static deployment takes a worker URL")
         live = len(deployment.pool.live())
+        ceiling = deployment.cfg.workers_ceiling
+        if live >= ceiling:
+            raise HTTPException(
+                409,
+                f"already at the workers ceiling ({ceiling} workers); restart with a larger"
+                " --workers-ceiling to run more",
+            )
         if deployment.policy.name != "fixed" and live >= deployment.policy.max_workers:
             raise HTTPException(
                 409,
@@ -244,6 +259,14 @@ def create_app(
         policy = deployment.policy
         low = policy.min_workers if body.min_workers is None else body.min_workers
         high = policy.max_workers if body.max_workers is None else body.max_workers
+        ceiling = deployment.cfg.workers_ceiling
+        for key, value in (("max_workers", body.max_workers), ("min_workers", body.min_workers)):
+            if value is not None and value > ceiling:
+                raise HTTPException(
+                    422,
+                    f"{key}: {value} is above the workers ceiling ({ceiling}); restart with a"
+                    " larger --workers-ceiling to allow that many workers",
+                )
         try:
             controller.set_bounds(low, high)
         except ValueError as exc:  # the policy names both numbers

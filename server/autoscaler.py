@@ -11,7 +11,11 @@ repairs what FlockServe gets wrong:
 - a worker that is still starting does not freeze scaling (FlockServe holds while any worker is not
   live, so one worker stuck in launch blocks every decision);
 - a threshold must hold for ``upscale_delay`` / ``downscale_delay`` seconds before the target
-  moves, so one burst does not flap the deployment.
+  moves, so one burst does not flap the deployment;
+- it never scales below what the requests in flight and waiting need (``demand_floor``, which
+  ``request-rate`` honours too): a mean that says "scale down" while the only worker is still
+  starting for a waiting request would stop that worker, launch another for the same request,
+  and never serve it. The downscale delay starts once that demand is gone.
 
 Every decision carries a reason a user can read.
 """
@@ -36,6 +40,9 @@ class Observation:
     target: int
     #: Requests that have reached the balancer since the daemon started (a running count).
     arrived: int = 0
+    #: Requests one worker takes at once (``worker_capacity``), for the demand floor; 0 when not
+    #: known (then any request in flight or waiting needs one worker).
+    worker_capacity: int = 0
 
     @property
     def outstanding(self) -> int:
@@ -46,6 +53,39 @@ class Observation:
 class Decision:
     target: int
     reason: str
+    #: Workers kept that the policy would have let go, because requests need them (the demand
+    #: floor), and what they are kept for (``1 request waiting needs a worker``).
+    held: int = 0
+    held_for: str = ""
+
+
+def demand_floor(obs: Observation) -> int:
+    """The workers the requests in flight and waiting need now: ``ceil((in_flight + queued) /
+    worker_capacity)``, and one at least while any request is in flight or waiting.
+
+    No policy that follows demand scales below it. Requests on a draining worker still count
+    until they finish: the floor is at most the current target, so this can only delay a
+    scale-down, never cause a launch.
+    """
+    outstanding = max(obs.outstanding, 0)
+    if outstanding == 0:
+        return 0
+    if obs.worker_capacity <= 0:
+        return 1
+    return max(1, math.ceil(outstanding / obs.worker_capacity))
+
+
+def describe_demand(obs: Observation) -> str:
+    """What the demand floor holds workers for, as a user reads it: ``1 request waiting needs a
+    worker``, ``3 requests in flight and 2 waiting need 2 workers``."""
+    floor = demand_floor(obs)
+    first = obs.in_flight or obs.queued
+    where = "in flight" if obs.in_flight else "waiting"
+    said = f"{first} request{'' if first == 1 else 's'} {where}"
+    if obs.in_flight and obs.queued:
+        said += f" and {obs.queued} waiting"
+    verb = "needs" if obs.outstanding == 1 else "need"
+    return f"{said} {verb} {'a worker' if floor == 1 else f'{floor} workers'}"
 
 
 class AutoscalerPolicy:
@@ -94,6 +134,11 @@ class AutoscalerPolicy:
         if target > self.max_workers:
             return Decision(self.max_workers, f"above max_workers: scaling to {self.max_workers}")
         return None
+
+    def lowest(self, obs: Observation) -> int:
+        """The lowest target a scale-down may reach now: ``min_workers``, or the demand floor
+        where that is higher (never above ``max_workers``: the operator's bound wins)."""
+        return max(self.min_workers, min(demand_floor(obs), self.max_workers))
 
 
 class Hysteresis:
@@ -235,10 +280,15 @@ class QueueLengthRunningMean(AutoscalerPolicy):
         if mean > self.autoscale_up and target < self.max_workers:
             why = f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g}"
             return self._hold.move(target, target + 1, why, self.upscale_delay, now)
-        if mean < self.autoscale_down and target > self.min_workers:
+        lowest = self.lowest(obs)
+        if mean < self.autoscale_down and target > lowest:
             why = f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g}"
             return self._hold.move(target, target - 1, why, self.downscale_delay, now)
         self._hold.reset()
+        if mean < self.autoscale_down and target > self.min_workers:
+            why = f"qlrm {mean:.2f} < autoscale_down {self.autoscale_down:g}"
+            needs = describe_demand(obs)
+            return Decision(target, f"holding {target}: {needs} ({why})", 1, needs)
         if mean > self.autoscale_up:
             why = f"qlrm {mean:.2f} > autoscale_up {self.autoscale_up:g} but at max_workers"
         elif mean < self.autoscale_down:
@@ -321,12 +371,21 @@ class RequestRate(AutoscalerPolicy):
             new = max(wanted, 1)
             self._hold.reset()
             return Decision(new, f"{rate} and no worker: scaling from zero to {new}")
+        why = f"{rate} wants {wanted} workers ({per})"
+        if wanted < target:
+            floor = min(self.lowest(obs), target)
+            if floor > wanted:
+                needs = describe_demand(obs)
+                if floor == target:
+                    self._hold.reset()
+                    reason = f"holding {target}: {needs} ({why})"
+                    return Decision(target, reason, target - wanted, needs)
+                wanted, why = floor, f"{why}, {needs}"
         if wanted != target:
-            why = f"{rate} wants {wanted} workers ({per})"
             delay = self.upscale_delay if wanted > target else self.downscale_delay
             return self._hold.move(target, wanted, why, delay, now)
         self._hold.reset()
-        return Decision(target, f"{rate} wants {wanted} workers ({per}): holding {target}")
+        return Decision(target, f"{why}: holding {target}")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ SKYSERVE_DOWNSCALE_DELAY = 1200.0
 DEFAULT_MODEL = "demo"
 #: The two ways to say what a local worker runs; a deployment takes one of them.
 _WHAT_RUNS = frozenset({"model", "worker_command"})
+#: Environment variables that carry the deployment's keys (``--node-control-key``, ``--api-key``):
+#: a local worker, which may be any third-party server, never gets them.
+KEY_ENV_VARS = ("FLOCKCTL_NODE_CONTROL_KEY", "FLOCKCTL_API_KEY")
 _ONE_OF_THEM = (
     "--model runs flockctl's engine on each worker, --worker-command runs any other server;"
     " give one of them"
@@ -159,6 +162,12 @@ class DeploymentConfig(_Strict):
     )
     drain_timeout: float = Field(30.0, ge=0)
     max_start_failures: int = Field(3, ge=1)
+    replace_after: float = Field(
+        180.0, gt=0, description="seconds a worker may stay NOT_READY before it is replaced"
+    )
+    workers_ceiling: int = Field(
+        64, ge=1, description="the most workers any bound may ask for (at up and at run time)"
+    )
     node_control_key: str | None = None
     api_key: str | None = None
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -247,6 +256,13 @@ class DeploymentConfig(_Strict):
             raise ValueError(
                 f"min_workers ({self.min_workers}) is larger than max_workers ({self.max_workers})"
             )
+        for key in ("max_workers", "min_workers", "replicas"):
+            value = getattr(self, key)
+            if value is not None and value > self.workers_ceiling:
+                raise ValueError(
+                    f"{key}: {value} is above the workers ceiling ({self.workers_ceiling},"
+                    " workers_ceiling); raise --workers-ceiling to allow that many workers"
+                )
         if self.autoscale_down > self.autoscale_up:
             raise ValueError(
                 f"autoscale_down ({self.autoscale_down}) is larger than autoscale_up"

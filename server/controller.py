@@ -9,6 +9,15 @@ failed before ever being READY) stops launching, and the reason is shown to the 
 worker is added by hand (``POST /-/workers``) or the deployment is restarted. A preemption is not
 the worker's fault and does not count toward it.
 
+Scale-down never strands a request: the policies keep the workers that the requests in flight and
+waiting need (``autoscaler.demand_floor``), and while a request waits no worker that is still
+coming up (PENDING, PROVISIONING, STARTING) is taken, since that is the worker the request waits
+for. Otherwise scale-down takes workers out of rotation first, then those not serving yet, then
+idle READY ones, then the least busy. A worker's reason says when this holds it.
+
+A worker NOT_READY for ``replace_after`` seconds is drained, stopped and replaced (the target
+stays). Fixed URLs cannot be relaunched: such a worker stays out of rotation until it answers.
+
 Operators steer it through the admin API: add a worker (the target goes up), remove one (the
 target goes down), drain one to recycle it (the target stays, so a fresh worker replaces it), or
 change the min/max bounds (the target is moved into them at once).
@@ -23,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from flockctl.server.autoscaler import AutoscalerPolicy, Decision, Observation
+from flockctl.server.autoscaler import AutoscalerPolicy, Decision, Observation, describe_demand
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober
 from flockctl.server.provisioners.base import Provisioner
@@ -31,6 +40,21 @@ from flockctl.server.workers import LIVE, Worker, WorkerState
 
 log = logging.getLogger("flockctl.controller")
 S = WorkerState
+#: Workers on their way up: what a waiting request is waiting for.
+COMING_UP = frozenset({S.PENDING, S.PROVISIONING, S.STARTING})
+#: The order scale-down takes workers in, by state (then the least busy, then the newest).
+_TAKEN_FIRST = {S.NOT_READY: 0, S.PENDING: 1, S.PROVISIONING: 2, S.STARTING: 3, S.READY: 4}
+
+
+def scale_down_order(live: list[Worker], waiting: bool) -> list[Worker]:
+    """The workers scale-down may take now, first to go first.
+
+    Out of rotation (NOT_READY) first, then those not serving yet, then READY ones, idle before
+    busy. While requests wait (``waiting``), no worker coming up is taken at all: a request
+    waits for exactly that worker, and stopping it would launch another for the same request.
+    """
+    takeable = [w for w in live if not (waiting and w.state in COMING_UP)]
+    return sorted(takeable, key=lambda w: (_TAKEN_FIRST[w.state], w.in_flight, -w.created_at))
 
 
 @dataclass
@@ -55,6 +79,7 @@ class Controller:
         max_start_failures: int = 3,
         tick: float = 0.25,
         decide_interval: float = 1.0,
+        replace_after: float = 180.0,
     ) -> None:
         self.pool = pool
         self.provisioner = provisioner
@@ -65,6 +90,7 @@ class Controller:
         self.max_start_failures = max_start_failures
         self.tick = tick
         self.decide_interval = decide_interval
+        self.replace_after = replace_after
         self.last_decision = DecisionRecord(time.time(), initial_target, "initial target")
         self.blocked: str | None = None
         self.start_failures = 0
@@ -74,6 +100,8 @@ class Controller:
         self._loop_task: asyncio.Task[None] | None = None
         self._next_decide = 0.0
         self._stopping = False
+        #: Workers the last decision kept for the requests in flight and waiting, and why.
+        self._held: tuple[int, str] = (0, "")
         pool.on_transition(self._on_transition)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -122,6 +150,7 @@ class Controller:
             ready=len(self.pool.ready()),
             target=self.target,
             arrived=self.pool.arrived,
+            worker_capacity=self.pool.capacity,
         )
 
     def step(self, now: float) -> None:
@@ -134,6 +163,7 @@ class Controller:
                 state = S.PREEMPTED if health.preempted else S.FAILED
                 log.warning("worker %s %s: %s", worker.id, state.value, health.reason)
                 self.pool.set_state(worker, state, health.reason)
+        self.replace_unready(now)
         if now >= self._next_decide:
             self._next_decide = now + self.decide_interval
             self.apply(self.policy.decide(self.observe(), now))
@@ -145,21 +175,70 @@ class Controller:
                 "autoscaler: target %d -> %d: %s", self.target, decision.target, decision.reason
             )
         self.target = decision.target
+        self._held = (decision.held, decision.held_for)
         self.last_decision = DecisionRecord(time.time(), decision.target, decision.reason)
+
+    def replace_unready(self, now: float) -> None:
+        """Replace every worker NOT_READY for ``replace_after`` seconds; keep fixed URLs, which
+        cannot be relaunched, out of rotation (NOT_READY already is) until a probe passes."""
+        if self._stopping:
+            return
+        for worker in self.pool.live():
+            since = worker.not_ready_since
+            if worker.state != S.NOT_READY or since is None or now - since < self.replace_after:
+                continue
+            if self.provisioner.relaunches:
+                self.replace(worker)
+                continue
+            kept = (
+                f"NOT_READY for {self.replace_after:g}s; a static endpoint is kept out of"
+                " rotation until it answers"
+            )
+            if worker.reason != kept:
+                log.warning("worker %s (%s): %s", worker.id, worker.url, kept)
+                worker.reason = kept
+
+    def replace(self, worker: Worker) -> None:
+        """Drain ``worker`` (stopped once drained, by force if it does not stop) and launch its
+        replacement at once, of the same kind and command; the target stays."""
+        said = f"NOT_READY for {self.replace_after:g}s (replace_after)"
+        self.drain(worker)
+        if self.blocked is not None:
+            worker.reason = f"{said}: drained; not replaced while launching is stopped"
+        elif len(self.pool.live()) >= self.target:
+            worker.reason = f"{said}: drained; the target needs no replacement"
+        else:
+            model = worker.model if worker.command is not None else None
+            new = self.launch(worker.command, model, spot=worker.spot)
+            worker.reason = f"{said}: replaced by {new.id}"
+        log.warning("worker %s %s", worker.id, worker.reason)
 
     def reconcile(self) -> None:
         if self._stopping:
             return
         live = self.pool.live()
+        for worker in live:
+            worker.held = None
         plan = self.provisioner.spot_plan
         if plan is None:
             self._reconcile(live, self.target, None)
+        else:
+            spot = [w for w in live if w.spot]
+            ondemand = [w for w in live if not w.spot]
+            want_spot, want_ondemand = self.split()
+            self._reconcile(spot, want_spot, True)
+            self._reconcile(ondemand, want_ondemand, False)
+        self._mark_held()
+
+    def _mark_held(self) -> None:
+        """Say on the workers the last decision kept for the requests (those scale-down would
+        take first), so a user sees why a worker the policy wanted gone is still there."""
+        count, needs = self._held
+        if not count:
             return
-        spot = [w for w in live if w.spot]
-        ondemand = [w for w in live if not w.spot]
-        want_spot, want_ondemand = self.split()
-        self._reconcile(spot, want_spot, True)
-        self._reconcile(ondemand, want_ondemand, False)
+        free = [w for w in self.pool.live() if w.held is None]
+        for worker in scale_down_order(free, waiting=False)[:count]:
+            worker.held = f"kept: {needs}"
 
     def split(self) -> tuple[int, int]:
         """The target as (spot, on-demand) workers, under the provisioner's spot plan."""
@@ -179,14 +258,18 @@ class Controller:
             for _ in range(max(missing, 0)):
                 self.launch(spot=spot)
         elif missing < 0:
-            for worker in self._victims(live, -missing):
+            waiting = self.pool.queued > 0
+            taken = scale_down_order(live, waiting)[:-missing]
+            spared = [w for w in scale_down_order(live, False)[:-missing] if w not in taken]
+            for worker in taken:
                 self.drain(worker)
-
-    @staticmethod
-    def _victims(live: list[Worker], n: int) -> list[Worker]:
-        """Workers to remove first: those not serving (not READY), then the least busy."""
-        order = {S.PENDING: 0, S.PROVISIONING: 1, S.NOT_READY: 2, S.STARTING: 3, S.READY: 4}
-        return sorted(live, key=lambda w: (order[w.state], w.in_flight, -w.created_at))[:n]
+            if spared:
+                needs = describe_demand(self.observe())
+                for worker in spared:
+                    worker.held = (
+                        f"kept: {needs}, and a worker coming up is not scaled down while"
+                        " requests wait"
+                    )
 
     # -- actions -------------------------------------------------------------------------------
 
@@ -261,6 +344,7 @@ class Controller:
             want_spot, _ = self.split()
             spot = sum(1 for w in live if w.spot) < want_spot
         self.policy.operator_target(self.target)
+        self._held = (0, "")
         reason = "worker added by operator" + (f" (model {model})" if model else "")
         self.last_decision = DecisionRecord(time.time(), self.target, reason)
         return self.launch(command, model, spot)
@@ -269,6 +353,7 @@ class Controller:
         """An operator removed a worker: lower the target (not below min) and drain it."""
         self.target = max(self.policy.min_workers, len(self.pool.live()) - 1)
         self.policy.operator_target(self.target)
+        self._held = (0, "")
         self.last_decision = DecisionRecord(
             time.time(), self.target, f"worker {worker.id} removed by operator"
         )
@@ -297,6 +382,7 @@ class Controller:
         target moves into them at once (workers launch or drain right away)."""
         self.policy.set_bounds(min_workers, max_workers)
         self.target = min(max(self.target, min_workers), max_workers)
+        self._held = (0, "")
         self.last_decision = DecisionRecord(
             time.time(),
             self.target,

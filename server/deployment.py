@@ -134,6 +134,7 @@ class Deployment:
             initial_target=self.cfg.initial_target(),
             drain_timeout=self.cfg.drain_timeout,
             max_start_failures=self.cfg.max_start_failures,
+            replace_after=self.cfg.replace_after,
         )
         self.controller.start()
         self.stats.start()

@@ -64,6 +64,11 @@ class Worker:
     started_at: float | None = None
     ready_at: float | None = None
     ended_at: float | None = None
+    #: When the worker last went NOT_READY (None while it is not): ``replace_after`` counts from it.
+    not_ready_since: float | None = None
+    #: Why scale-down keeps this worker for now (requests waiting need it), None when nothing
+    #: holds it; shown after ``reason`` in the snapshot.
+    held: str | None = None
     ever_ready: bool = False
     in_flight: int = 0
     served: int = 0
@@ -105,6 +110,9 @@ class Worker:
         if reason is not None or new in (S.READY, S.STARTING):
             self.reason = reason
         now = time.time()
+        self.not_ready_since = now if new == S.NOT_READY else None
+        if new not in LIVE:
+            self.held = None
         if new == S.STARTING:
             self.started_at = now
         elif new == S.READY:
@@ -131,7 +139,7 @@ class Worker:
             "id": self.id,
             "provisioner": self.provisioner,
             "state": self.state.value,
-            "reason": self.reason,
+            "reason": "; ".join(r for r in (self.reason, self.held) if r) or None,
             "url": self.url,
             "pid": self.pid,
             "in_flight": self.in_flight,

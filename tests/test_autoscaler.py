@@ -10,11 +10,21 @@ from flockctl.server.autoscaler import (
     Observation,
     QueueLengthRunningMean,
     RequestRate,
+    demand_floor,
 )
 
 
-def obs(in_flight: int = 0, queued: int = 0, live: int = 1, target: int = 1) -> Observation:
-    return Observation(in_flight=in_flight, queued=queued, live=live, ready=live, target=target)
+def obs(
+    in_flight: int = 0, queued: int = 0, live: int = 1, target: int = 1, capacity: int = 0
+) -> Observation:
+    return Observation(
+        in_flight=in_flight,
+        queued=queued,
+        live=live,
+        ready=live,
+        target=target,
+        worker_capacity=capacity,
+    )
 
 
 def qlrm(**kw) -> QueueLengthRunningMean:
@@ -116,6 +126,59 @@ def test_fixed_policy_holds_and_follows_the_operator():
     assert p.decide(obs(target=1), 0).target == 2
     p.operator_target(3)
     assert p.decide(obs(target=2), 0).target == 3
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "queued", "capacity", "floor"),
+    [(0, 0, 30, 0), (1, 0, 30, 1), (0, 1, 30, 1), (0, 1, 0, 1), (30, 0, 30, 1), (31, 0, 30, 2),
+     (10, 50, 30, 2), (5, 5, 1, 10)],
+)  # fmt: skip
+def test_the_demand_floor_is_the_workers_outstanding_requests_fill(
+    in_flight, queued, capacity, floor
+):
+    o = obs(in_flight=in_flight, queued=queued, capacity=capacity)
+    assert demand_floor(o) == floor
+
+
+def test_qlrm_holds_the_worker_a_waiting_request_needs_however_low_the_mean():
+    # Scaled from zero for one request, its worker still starting: one request per live worker
+    # is under autoscale_down, and scaling down would strand the request.
+    p = qlrm(min_workers=0, downscale_delay=0)
+    d = p.decide(obs(queued=1, capacity=30), 0)
+    needs = "1 request waiting needs a worker"
+    assert d == Decision(1, f"holding 1: {needs} (qlrm 1.00 < autoscale_down 4)", 1, needs)
+    d = p.decide(obs(in_flight=1, capacity=30), 1)
+    assert d.target == 1 and d.reason.startswith("holding 1: 1 request in flight needs a worker")
+    assert p.decide(obs(capacity=30), 2).target == 0
+
+
+def test_qlrm_starts_the_downscale_delay_once_the_requests_are_gone():
+    p = qlrm(min_workers=0, window=1, downscale_delay=10)
+    for t in range(20):
+        assert p.decide(obs(queued=1, capacity=30), t).target == 1
+    d = p.decide(obs(capacity=30), 20)
+    assert d.target == 1 and "scaling down in 10s if it holds" in d.reason
+    assert p.decide(obs(capacity=30), 29).target == 1
+    assert p.decide(obs(capacity=30), 30).target == 0
+
+
+def test_qlrm_scales_down_to_the_workers_the_requests_fill_and_no_further():
+    p = qlrm(min_workers=0, autoscale_up=100, autoscale_down=50, downscale_delay=0)
+    assert p.decide(obs(in_flight=45, live=3, target=3, capacity=30), 0).target == 2
+    d = p.decide(obs(in_flight=45, live=2, target=2, capacity=30), 1)
+    assert d.target == 2 and d.held == 1
+    assert (
+        d.reason
+        == "holding 2: 45 requests in flight need 2 workers (qlrm 15.00 < autoscale_down 50)"
+    )
+
+
+def test_the_demand_floor_never_overrides_max_workers_nor_a_fixed_number():
+    p = qlrm(min_workers=0, max_workers=3)
+    p.set_bounds(0, 1)
+    d = p.decide(obs(in_flight=60, live=2, target=2, capacity=30), 0)
+    assert d.target == 1 and d.reason.startswith("above max_workers")
+    assert FixedPolicy(0).decide(obs(queued=5, live=0, target=0), 0).target == 0
 
 
 def rr(**kw) -> RequestRate:
@@ -288,3 +351,15 @@ def test_request_rate_thresholds_are_skyserves_defaults_unless_given():
     }
     with pytest.raises(ValueError, match="target_qps_per_replica must be above 0"):
         RequestRate(1, 4, 0)
+
+
+def test_request_rate_scales_down_no_further_than_the_requests_in_flight_need():
+    p = rr(min_workers=0, downscale_delay=0)
+    busy = obs(in_flight=31, live=3, target=3, capacity=30)
+    d = p.decide(busy, 0)  # no arrivals: the rate wants 0 workers
+    assert d.target == 2
+    assert "wants 0 workers (target_qps_per_replica 1), 31 requests in flight need 2" in d.reason
+    d = p.decide(obs(in_flight=31, live=2, target=2, capacity=30), 1)
+    assert d.target == 2 and d.held == 2
+    assert d.reason.startswith("holding 2: 31 requests in flight need 2 workers (0.00 req/s")
+    assert p.decide(obs(live=2, target=2, capacity=30), 2).target == 0

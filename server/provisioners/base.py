@@ -37,6 +37,9 @@ class Provisioner(ABC):
     name: str
     #: How workers split between spot and on-demand machines (None: no such split).
     spot_plan: SpotPlan | None = None
+    #: Whether a worker can be stopped and launched anew (False for fixed URLs): one NOT_READY
+    #: past ``replace_after`` is replaced where it can be, else kept out of rotation.
+    relaunches: bool = True
 
     @abstractmethod
     async def launch(self, worker: Worker) -> None:

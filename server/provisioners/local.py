@@ -6,6 +6,10 @@ worker may carry its own template (``Worker.command``: an operator started it wi
 it replaces the deployment's for that worker only. Output goes to ``workers/<id>.log``. Live
 workers are recorded in ``workers.json`` (pid, process start time, command and model) so a
 restarted daemon re-adopts them instead of leaving orphans.
+
+A worker may be any third-party server, so it never gets the deployment's keys: the variables
+that carry them (``KEY_ENV_VARS``) are taken out of its environment. Its log may hold what an
+earlier worker of the same id wrote; why a worker ended quotes only its own lines.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flockctl.server.config import KEY_ENV_VARS
 from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
 from flockctl.server.workers import Worker, WorkerState
-from flockctl.state import is_same_process, process_start_time, read_json, tail_lines
+from flockctl.state import is_same_process, process_start_time, read_json
 from flockctl.state import write_json_atomic as _write
 
 _SHELL_CHARS = frozenset("$`*?[~")
+#: Bytes at the end of a worker's log searched for the lines that say why it ended.
+_REASON_BYTES = 65536
 
 
 def argv_for(command: str) -> list[str]:
@@ -63,6 +70,31 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
+def worker_env(port: int, worker_id: str) -> dict[str, str]:
+    """The environment a local worker runs with: the daemon's, less the deployment's keys,
+    plus its port and id."""
+    env = {k: v for k, v in os.environ.items() if k not in KEY_ENV_VARS}
+    return {**env, "PORT": str(port), "FLOCKCTL_WORKER_ID": worker_id}
+
+
+def lines_since(path: Path, offset: int, n: int) -> list[str]:
+    """The last ``n`` lines written to ``path`` after byte ``offset``: one process's own output
+    in a log that earlier runs appended to (all of it if the file is now shorter than that)."""
+    try:
+        with path.open("rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            offset = offset if offset <= end else 0
+            start = max(offset, end - _REASON_BYTES)
+            f.seek(start)
+            data = f.read(end - start)
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if start > offset and lines:
+        lines = lines[1:]  # cut inside a line
+    return lines[-n:]
+
+
 async def _exit_of(pidfd: int, timeout: float) -> None:
     """Return when the process behind ``pidfd`` exits, or after ``timeout``; closes ``pidfd``.
 
@@ -94,12 +126,15 @@ class _Handle:
         port: int,
         popen: subprocess.Popen | None,
         command: str | None = None,
+        log_offset: int = 0,
     ):
         self.pid = pid
         self.start_time = start_time
         self.port = port
         self.popen = popen
         self.command = command
+        #: The log's size when this process started: its own lines come after it.
+        self.log_offset = log_offset
 
 
 class LocalProvisioner(Provisioner):
@@ -141,9 +176,10 @@ class LocalProvisioner(Provisioner):
             worker.model = self.model
         port = free_port(self.host)
         cmd = self.render(worker.id, port, worker.command)
-        env = {**os.environ, "PORT": str(port), "FLOCKCTL_WORKER_ID": worker.id}
+        env = worker_env(port, worker.id)
         log_path = self.log_dir / f"{worker.id}.log"
         with log_path.open("ab") as log:
+            log_offset = log.seek(0, os.SEEK_END)
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {cmd}\n".encode())
             log.flush()
             popen = subprocess.Popen(
@@ -156,7 +192,7 @@ class LocalProvisioner(Provisioner):
                 cwd=self.cwd,
             )
         start = process_start_time(popen.pid) or time.time()
-        worker.handle = _Handle(popen.pid, start, port, popen, cmd)
+        worker.handle = _Handle(popen.pid, start, port, popen, cmd, log_offset)
         worker.pid = popen.pid
         worker.url = f"http://{self._client_host()}:{port}"
         self._records[worker.id] = {
@@ -168,6 +204,7 @@ class LocalProvisioner(Provisioner):
             "command": cmd,
             "template": worker.command,
             "model": worker.model,
+            "log_offset": log_offset,
         }
         self._save()
 
@@ -182,12 +219,12 @@ class LocalProvisioner(Provisioner):
             code = handle.popen.poll()
             if code is None:
                 return ALIVE
-            return ResourceHealth(False, self._exit_reason(worker.id, code))
+            return ResourceHealth(False, self._exit_reason(worker.id, handle, code))
         if is_same_process(handle.pid, handle.start_time):
             return ALIVE
-        return ResourceHealth(False, self._exit_reason(worker.id, None))
+        return ResourceHealth(False, self._exit_reason(worker.id, handle, None))
 
-    def _exit_reason(self, worker_id: str, code: int | None) -> str:
+    def _exit_reason(self, worker_id: str, handle: _Handle, code: int | None) -> str:
         if code is None:
             what = "process exited"
         elif code < 0:
@@ -196,7 +233,7 @@ class LocalProvisioner(Provisioner):
             what = f"process exited with code {code}"
         last = [
             line
-            for line in tail_lines(self.log_dir / f"{worker_id}.log", 5)
+            for line in lines_since(self.log_dir / f"{worker_id}.log", handle.log_offset, 5)
             if line.strip() and not line.startswith("--- ")
         ]
         return f"{what}: {last[-1].strip()[:200]}" if last else what
@@ -267,7 +304,9 @@ class LocalProvisioner(Provisioner):
                 model = self.model
             worker.model = model if isinstance(model, str) else None
             cmd = command if isinstance(command, str) else None
-            worker.handle = _Handle(pid, start, port, None, cmd)
+            offset = rec.get("log_offset")
+            offset = offset if isinstance(offset, int) and offset >= 0 else 0
+            worker.handle = _Handle(pid, start, port, None, cmd, offset)
             worker.transition(WorkerState.PROVISIONING)
             worker.transition(WorkerState.STARTING, "re-adopted after a daemon restart")
             adopted.append(worker)

@@ -2,7 +2,8 @@
 
 Nothing is started or stopped; the provisioner only hands out the URLs not yet in use, so the
 pool never holds more workers than there are endpoints. A URL may be added at run time
-(``POST /-/workers {"url": ...}``).
+(``POST /-/workers {"url": ...}``). An endpoint that stops answering cannot be relaunched: it stays
+out of rotation until a probe passes again, however long that takes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from flockctl.server.workers import Worker
 
 class StaticProvisioner(Provisioner):
     name = "static"
+    relaunches = False
 
     def __init__(self, endpoints: list[str]) -> None:
         self.endpoints = [u.rstrip("/") for u in endpoints]
