@@ -286,6 +286,33 @@ def up(
             show_default=False,
         ),
     ] = None,
+    max_body_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Largest request body: a byte count or a number with K, M or G (binary);"
+            " a larger one is refused with 413 before it is read [default: 32M].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a client has to send a whole request head, then 408 and the connection"
+            " closes; its body gets 60 more [default: 10].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            help="Client connections held at once; more are answered 503 and closed (fewer when"
+            " the open-file limit needs a reserve for probes and workers) [default: 10000].",
+            rich_help_panel=B,
+            show_default=False,
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -459,6 +486,9 @@ def up(
         "max_queue": max_queue,
         "max_attempts": max_attempts,
         "upstream_timeout": upstream_timeout,
+        "max_body_size": max_body_size,
+        "header_timeout": header_timeout,
+        "max_connections": max_connections,
         "api_key": api_key,
         "node_control_key": node_control_key,
         "drain_timeout": drain_timeout,

@@ -30,6 +30,8 @@ from flockctl.net import bind
 from flockctl.server.app import create_app
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.deployment import Deployment
+from flockctl.server.http_protocol import protocol_class
+from flockctl.server.limits import KEEP_ALIVE_SECONDS, FrontDoor, raise_open_file_limit
 from flockctl.state import DaemonRecord, process_start_time, state_dir
 
 log = logging.getLogger("flockctl.daemon")
@@ -45,11 +47,12 @@ def setup_logging() -> None:
 
 
 def uvicorn_config(app: Any, cfg: DeploymentConfig) -> uvicorn.Config:
-    """How the daemon's app is served (the tests serve it the same way)."""
+    """How the daemon's app is served (the tests serve it the same way): uvicorn's httptools
+    protocol held to the front-door limits (``flockctl.server.http_protocol``)."""
     return uvicorn.Config(
         app,
         loop="none",
-        http="httptools",
+        http=protocol_class(FrontDoor.for_config(cfg)),
         ws="none",
         lifespan="on",
         access_log=False,
@@ -58,7 +61,7 @@ def uvicorn_config(app: Any, cfg: DeploymentConfig) -> uvicorn.Config:
         proxy_headers=False,
         log_config=None,
         timeout_graceful_shutdown=int(max(cfg.drain_timeout, 1)),
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         backlog=4096,
         server_header=False,
         date_header=False,
@@ -124,6 +127,7 @@ async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> 
 def run(cfg: DeploymentConfig, directory: Path) -> int:
     """Bind, serve, return an exit code. Used by ``__main__`` and ``flockctl up --foreground``."""
     directory.mkdir(parents=True, exist_ok=True)
+    raise_open_file_limit(cfg)
     try:
         sock = bind(cfg.host, cfg.port)
     except OSError as exc:

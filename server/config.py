@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from flockctl.server.limits import parse_size
+
 BALANCING_POLICIES = ("least-connection", "round-robin", "power-of-two")
 AUTOSCALERS = ("qlrm", "request-rate", "fixed")
 PROVISIONERS = ("local", "skypilot", "static")
@@ -160,6 +162,15 @@ class DeploymentConfig(_Strict):
         description="seconds to wait for a worker's next byte, the first included (nginx's"
         " proxy_read_timeout)",
     )
+    max_body_size: int = Field(
+        32 << 20, ge=1, description="largest request body in bytes (32M, 512K, ...); larger: 413"
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request head; then 408"
+    )
+    max_connections: int = Field(
+        10_000, ge=1, description="client connections held at once; more are answered 503"
+    )
     drain_timeout: float = Field(30.0, ge=0)
     max_start_failures: int = Field(3, ge=1)
     replace_after: float = Field(
@@ -201,6 +212,12 @@ class DeploymentConfig(_Strict):
             except ValueError as exc:
                 raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
         return value
+
+    @field_validator("max_body_size", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        """A size as a person writes it (``32M``), in a flag, a SPEC or the resolved JSON."""
+        return parse_size(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> DeploymentConfig:

@@ -24,6 +24,7 @@ from flockctl.server.autoscaler import (
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.controller import Controller
 from flockctl.server.engine_stats import StatsPuller
+from flockctl.server.limits import describe as describe_limits
 from flockctl.server.metrics import Metrics
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
@@ -189,6 +190,7 @@ class Deployment:
                 "policy": cfg.policy,
                 "worker_capacity": cfg.worker_capacity,
                 "upstream_timeout": cfg.upstream_timeout,
+                "limits": describe_limits(cfg),
                 "started_at": self.started_at,
                 "state_dir": str(self.state_dir),
                 "worker_command": cfg.local_command(),
@@ -253,6 +255,9 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
             "max_queue": cfg.max_queue,
             "max_attempts": cfg.max_attempts,
             "upstream_timeout": cfg.upstream_timeout,
+            "max_body_size": cfg.max_body_size,
+            "header_timeout": cfg.header_timeout,
+            "max_connections": cfg.max_connections,
         },
     }
     if cfg.provisioner == "static":
