@@ -18,12 +18,12 @@ import signal
 import socket
 import sys
 import warnings
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from flockctl.engine.demo.command import demo
 from flockctl.engine.tree import CPU_TREE, GPU_TREE, format_tree, parse_tree
 from flockctl.exitcodes import ExitCode
 from flockctl.net import bind
@@ -368,28 +368,9 @@ def _serve(engine: Engine, sock: socket.socket, host: str) -> None:
             signal.signal(sig, handler)
 
 
-@engine_app.command()
-def demo(
-    root: Annotated[
-        Path | None,
-        typer.Option(
-            help="Cache directory (default: $FLOCKCTL_CACHE, else ~/.cache/flockctl).",
-            show_default=False,
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option(help="Rebuild even if a build is cached.")] = False,
-) -> None:
-    """Build the offline demo model pair (target and speculative draft) that --model demo
-    serves, or find the cached build; print their directories on stdout."""
-    from flockctl.engine.demo import DemoBuildError, ensure_demo
-
-    try:
-        paths = ensure_demo(root, force=force)
-    except DemoBuildError as exc:
-        fail(str(exc), ExitCode.ERROR)
-    print(f"target {paths.target}")
-    print(f"draft {paths.draft}")
-
+# The same command as ``python -m flockctl.engine.demo``, which ``flockctl up`` runs to build the
+# demo in front of the user; it imports no torch until it builds.
+engine_app.command()(demo)
 
 if __name__ == "__main__":
     engine_app(prog_name="flockctl engine")

@@ -400,6 +400,26 @@ def test_up_builds_the_demo_in_front_and_stops_when_it_cannot(tmp_path, monkeypa
     assert flockctl("status").code == 3  # no daemon was started
 
 
+def test_engine_demo_and_python_m_engine_demo_are_one_command(tmp_path):
+    # flockctl up runs the second in a child process; a failure reads the same under either name.
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("")
+    args = ["--root", str(not_a_directory)]
+    r = flockctl("engine", "demo", *args)
+    child = subprocess.run(
+        [sys.executable, "-m", "flockctl.engine.demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent,
+        env=dict(os.environ),
+    )
+    assert (r.code, child.returncode) == (1, 1), child.stderr
+    assert r.err.startswith(f"flockctl: cannot build the demo under {not_a_directory}: ")
+    assert child.stderr == r.err + "\n"
+    assert r.out == child.stdout == ""
+
+
 def test_model_is_not_combined_with_a_worker_command():
     result = flockctl("up", "--model", "demo", "--worker-command", "x --port {port}")
     assert result.code == 2

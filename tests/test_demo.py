@@ -20,7 +20,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from flockctl.engine import demo  # noqa: E402
-from flockctl.engine.demo import DemoPaths, DemoRecipe, ensure_demo  # noqa: E402
+from flockctl.engine.demo import (  # noqa: E402
+    DemoPaths,
+    DemoRecipe,
+    build,
+    cache,
+    command,
+    ensure_demo,
+)
 
 VERSION = f"v{demo.DEMO_VERSION}"
 TINY = DemoRecipe(
@@ -136,13 +143,13 @@ def test_manifest_records_what_was_built(built: DemoPaths) -> None:
 
 def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     builds: list[Path] = []
-    real_build = demo._build
+    real_build = build.build_demo
 
     def counting_build(out: Path, recipe: DemoRecipe, *args: Any) -> None:
         builds.append(out)
         real_build(out, recipe, *args)
 
-    monkeypatch.setattr(demo, "_build", counting_build)
+    monkeypatch.setattr(build, "build_demo", counting_build)
     start = threading.Barrier(2)
     results: list[DemoPaths] = []
     errors: list[BaseException] = []
@@ -204,7 +211,7 @@ def test_failed_build_leaves_nothing_that_looks_complete(
         (out / "target").mkdir()
         raise RuntimeError("killed half way")
 
-    monkeypatch.setattr(demo, "_build", broken_build)
+    monkeypatch.setattr(build, "build_demo", broken_build)
     with pytest.raises(RuntimeError, match="half way"):
         ensure_demo(tmp_path, TINY, progress=False)
     assert not demo.demo_dir(tmp_path).exists()
@@ -213,7 +220,7 @@ def test_failed_build_leaves_nothing_that_looks_complete(
 
 def test_changed_recipe_or_force_rebuilds(built: DemoPaths, tmp_path: Path) -> None:
     shutil.copytree(built.target.parent.parent, tmp_path / "demo")
-    paths = demo._paths(demo.demo_dir(tmp_path))
+    paths = cache.paths_in(demo.demo_dir(tmp_path))
     marker = paths.target.parent / "manifest.json"
     first = marker.stat().st_mtime_ns
     assert ensure_demo(tmp_path, TINY, progress=False) == paths
@@ -245,11 +252,9 @@ def test_cache_root_follows_the_environment(
     assert demo.demo_dir(tmp_path) == tmp_path / "demo" / f"v{demo.DEMO_VERSION}"
 
 
-def test_main_prints_the_two_paths(
-    built: DemoPaths, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(demo, "DEFAULT_RECIPE", TINY)  # so main finds the tiny cached build
-    assert demo.main(["--root", str(built.target.parent.parent.parent)]) == 0
+def test_command_prints_the_two_paths(built: DemoPaths, capsys: pytest.CaptureFixture[str]) -> None:
+    root = built.target.parent.parent.parent
+    assert command.build_and_report(root, TINY) == 0  # the tiny build, cached by the fixture
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [f"target {built.target}", f"draft {built.draft}"]
     assert "next token" in captured.err

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from conftest import free_socket, until
 
-from flockctl.engine.build_progress import BuildProgress, Phase
+from flockctl.engine.demo.progress import BuildProgress, Phase
 from flockctl.engine.startup import StartupPhase, StartupResponder
 
 
