@@ -334,7 +334,7 @@ async def slow_headers(session: aiohttp.ClientSession, dep: Deployment) -> dict[
 
     async def watch() -> None:
         while not stop.is_set():
-            with contextlib.suppress(aiohttp.ClientError, OSError):
+            with contextlib.suppress(aiohttp.ClientError, OSError, KeyError):
                 for w in (await dep.status(session))["workers"]:
                     if w["state"] != "READY":
                         left_ready.add(w["id"])

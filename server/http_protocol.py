@@ -6,8 +6,10 @@ and its ``limit_concurrency`` only answers 503 once a whole head arrived, so idl
 still hold descriptors. ``FrontDoorProtocol`` adds, per connection (``flockctl.server.limits``
 says why each limit exists):
 
-- more than ``max_connections`` open: a new connection is answered 503 and closed at once, before
-  anything is read, so it never holds a descriptor that probes and upstreams need;
+- ``max_connections`` open: the connection idle the longest (kept alive between requests, or
+  still trickling its request head, then answered 408) is closed to make room for the new one;
+  when every connection has a request under way, the new one is answered 503 and closed at
+  once, before anything is read, so it never holds a descriptor that probes and upstreams need;
 - request line and headers over ``max_head_size``: 431. Bytes are counted as they arrive, before
   httptools joins a header's pieces (a 50 MB header line used to cost seconds of CPU);
 - a ``Content-Length`` over ``max_body_size``: 413 as soon as the head is parsed, before any body
@@ -85,11 +87,13 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         #: An error answer went out: what arrives now is dropped.
         self._answered = False
+        #: When this connection last had no request under way (opened, or finished one).
+        self._idle_since = 0.0
 
     # Connection events
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.front_door.max_connections:
+        if len(self.connections) >= self.front_door.max_connections and not self._make_room():
             # Closed at once, without reading: a connection over the cap must not hold a
             # descriptor (lingering here would let a flood of them do exactly that).
             self.transport = transport
@@ -108,7 +112,38 @@ class FrontDoorProtocol(HttpToolsProtocol):
             self.refusals.note(503, self.loop.time())
             return
         super().connection_made(transport)
-        self._arm(self.loop.time())
+        self._idle_since = self.loop.time()
+        self._arm(self._idle_since)
+
+    def _make_room(self) -> bool:
+        """At the cap, close the connection idle the longest, so that slow or idle clients
+        cannot hold the door shut: one kept alive between requests, or one still trickling its
+        request head (answered 408). Oldest first, so a flood of new connections evicts the
+        flood's own before anyone's. False when every connection has a request under way."""
+        idle = [c for c in self.connections if isinstance(c, FrontDoorProtocol) and c._idle()]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda conn: conn._idle_since)
+        victim._evict()
+        return True
+
+    def _idle(self) -> bool:
+        """No request under way: nothing read of one yet, or only part of its head."""
+        if self._answered or not self._reading_head or self.transport.is_closing():
+            return False
+        return self.cycle is None or self.cycle.response_complete
+
+    def _evict(self) -> None:
+        self._answered = True
+        self._disarm()
+        if self._head_bytes:
+            message = (
+                "the request head was still incomplete when the balancer, at its connection"
+                " limit, needed the connection for another client"
+            )
+            self.transport.write(self._error_bytes(408, message, "request_timeout"))
+            self.refusals.note(408, self.loop.time())
+        self.transport.close()  # now, without lingering: the descriptor is what is short
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -178,6 +213,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
         HttpToolsProtocol.on_body(self, body)
 
     def on_message_complete(self) -> None:
+        self._idle_since = self.loop.time()
         self._reading_head = True
         self._body_bytes = 0
         if self._timer is not None:

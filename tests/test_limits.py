@@ -52,17 +52,18 @@ def parse_answer(data: bytes) -> Answer:
     return Answer(status, headers, body)
 
 
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the daemon sends until it closes the connection (maybe nothing)."""
+    data = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
 async def answer_then_close(reader: asyncio.StreamReader) -> Answer:
     """Everything the daemon sends until it closes the connection, as one answer."""
-
-    async def read_all() -> bytes:
-        data = b""
-        with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(65536):
-                data += chunk
-        return data
-
-    data = await asyncio.wait_for(read_all(), STUCK)
+    data = await asyncio.wait_for(read_until_closed(reader), STUCK)
     assert data, "the daemon closed the connection without an answer"
     return parse_answer(data)
 
@@ -275,11 +276,35 @@ async def test_slow_stream_and_idle_client_outlive_the_header_deadline(daemon, u
     assert d.server.server_state.total_requests == 2
 
 
+async def test_at_the_cap_the_longest_idle_connection_makes_room(daemon, http):
+    d = await daemon(endpoints=["http://127.0.0.1:9"], max_connections=3, header_timeout=120)
+    connections = d.server.server_state.connections
+    slow = []
+    for i in range(3):  # slowloris: each sends part of a head, then nothing
+        reader, writer = await connect(d.url)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        await until(lambda i=i: len(connections) == i + 1, f"connection {i + 1} open")
+        slow.append((reader, writer))
+    async with http.get(f"{d.url}/health") as resp:
+        assert resp.status == 200
+    # the oldest slow one was answered 408 and closed to make room; the others are still open
+    answer = await answer_then_close(slow[0][0])
+    assert answer.status == 408
+    assert "connection limit" in answer.error()["message"]
+    assert not slow[1][1].is_closing() and not slow[2][1].is_closing()
+    for _, w in slow:
+        w.close()
+
+
 async def test_connections_past_the_cap_get_503_and_are_closed(daemon, http):
     d = await daemon(endpoints=["http://127.0.0.1:9"], max_connections=3, header_timeout=120)
-    held = [await connect(d.url) for _ in range(3)]
     connections = d.server.server_state.connections
-    await until(lambda: len(connections) == 3, "three open connections")
+    held = []
+    for i in range(3):  # each with a request under way: its head sent, its body half sent
+        reader, writer = await connect(d.url)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        await until(lambda i=i: len(connections) == i + 1, f"connection {i + 1} open")
+        held.append((reader, writer))
     reader, writer = await connect(d.url)
     answer = await answer_then_close(reader)
     writer.close()
@@ -405,8 +430,8 @@ async def test_idle_connection_flood_leaves_probes_their_descriptors(
     daemon_process, upstream, http
 ):
     # An open-file limit of 400 that cannot be raised, and 450 clients that connect and say
-    # nothing: the daemon holds as many as its reserve allows and refuses the rest at once,
-    # while its prober keeps reaching both workers.
+    # nothing: the daemon holds as many as its reserve allows, closing the longest idle to make
+    # room for each new one, while its prober keeps reaching both workers.
     apps = [counting_worker() for _ in range(2)]
     ups = [await upstream(app) for app, _ in apps]
     fields: dict[str, Any] = {
@@ -428,14 +453,16 @@ async def test_idle_connection_flood_leaves_probes_their_descriptors(
     await eventually(states, ["READY", "READY"], "both workers READY")
     cap = connection_cap(10_000, 400, descriptor_reserve(DeploymentConfig(**fields)))
     flood = [await connect(d.url) for _ in range(450)]
-    reads = [asyncio.create_task(answer_then_close(reader)) for reader, _ in flood]
+    reads = [asyncio.create_task(read_until_closed(reader)) for reader, _ in flood]
 
-    def refused_ones() -> list[asyncio.Task] | None:
+    def closed_ones() -> list[asyncio.Task] | None:
         done = [task for task in reads if task.done()]
         return done if len(done) >= len(flood) - cap else None
 
-    refused = await until(refused_ones, "the connections past the cap to be refused")
-    assert {t.result().status for t in refused} == {503}
+    closed = await until(closed_ones, "the connections past the cap to be closed")
+    # They had sent nothing: closed without a word (the oldest first), or refused with a 503.
+    assert all(not t.result() or parse_answer(t.result()).status == 503 for t in closed)
+    assert reads.index(closed[0]) < len(flood) - cap
     before = [hits["health"] for _, hits in apps]
     await until(
         lambda: all(h["health"] >= b + 20 for (_, h), b in zip(apps, before, strict=True)),
