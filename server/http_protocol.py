@@ -116,14 +116,15 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._arm(self._idle_since)
 
     def _make_room(self) -> bool:
-        """At the cap, close the connection idle the longest, so that slow or idle clients
-        cannot hold the door shut: one kept alive between requests, or one still trickling its
-        request head (answered 408). Oldest first, so a flood of new connections evicts the
-        flood's own before anyone's. False when every connection has a request under way."""
+        """At the cap, close a connection with no request under way, so that slow or idle
+        clients cannot hold the door shut: first one that never sent a whole request or is
+        trickling its head (answered 408), then one kept alive between requests; the oldest of
+        each first, so a flood of new connections evicts the flood's own before anyone's.
+        False when every connection has a request under way."""
         idle = [c for c in self.connections if isinstance(c, FrontDoorProtocol) and c._idle()]
         if not idle:
             return False
-        victim = min(idle, key=lambda conn: conn._idle_since)
+        victim = min(idle, key=lambda conn: (conn._kept_alive(), conn._idle_since))
         victim._evict()
         return True
 
@@ -132,6 +133,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
         if self._answered or not self._reading_head or self.transport.is_closing():
             return False
         return self.cycle is None or self.cycle.response_complete
+
+    def _kept_alive(self) -> bool:
+        """Between two requests, after a whole one: the last to go, since such a client is
+        likely to send the next one on it (a silent or trickling one goes first)."""
+        return self.cycle is not None and not self._head_bytes
 
     def _evict(self) -> None:
         self._answered = True
