@@ -315,7 +315,8 @@ async def engine_backend(
 ) -> AsyncIterator[Backend]:
     """An engine running ``scheduler``, for as long as the block runs; stopped on any exit."""
     if args.in_process:
-        from flockctl.engine.engine import EngineConfig, load_engine
+        from flockctl.engine.config import EngineConfig
+        from flockctl.engine.loader import load_engine
 
         config = EngineConfig(
             model=args.model, scheduler=scheduler, max_batch_size=args.max_batch_size
@@ -739,7 +740,8 @@ async def compare_decode(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from flockctl.engine.engine import EngineConfig, load_engine
+    from flockctl.engine.config import EngineConfig
+    from flockctl.engine.loader import load_engine
 
     say(f"decode: loading {args.model} in this process (max_batch_size {DECODE_BATCH})")
     config = EngineConfig(model=args.model, max_batch_size=DECODE_BATCH)

@@ -131,8 +131,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from flockctl.engine.engine import EngineConfig, load_engine
+    from flockctl.engine.config import EngineConfig
     from flockctl.engine.job import SamplingParams
+    from flockctl.engine.loader import load_engine
     from flockctl.engine.tree import parse_tree
 
     if args.threads:

@@ -53,7 +53,8 @@ from flockctl.engine.protocol import (
 from flockctl.engine.streaming import EventStream, json_bytes, sse, until_disconnect
 
 if TYPE_CHECKING:
-    from flockctl.engine.engine import Delta, Engine, JobHandle
+    from flockctl.engine.engine import Engine
+    from flockctl.engine.handle import Delta, JobHandle
 
 M = TypeVar("M", bound=BaseModel)
 

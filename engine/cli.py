@@ -274,7 +274,8 @@ def serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror}", ExitCode.ERROR)
 
     with sock:
-        from flockctl.engine.engine import EngineConfig, EngineLoadError, load_engine
+        from flockctl.engine.config import EngineConfig, EngineLoadError
+        from flockctl.engine.loader import load_engine
         from flockctl.engine.startup import StartupPhase, StartupResponder
 
         try:

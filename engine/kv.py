@@ -15,15 +15,37 @@ hold NaN from uninitialised memory (``0 * NaN`` would leak through the softmax).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
+
+from flockctl.engine.config import EngineLoadError
 
 SCRATCH = 0
 
 
 class OutOfBlocks(RuntimeError):
     pass
+
+
+def num_layers(config: Any) -> int:
+    """Layers of a transformers model config, whatever the architecture calls them."""
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise EngineLoadError("cannot tell how many layers this model has")
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Device bytes one cached token costs this model: keys and values in every layer."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 64)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return 2 * num_layers(config) * kv_heads * head_dim * itemsize
 
 
 @dataclass

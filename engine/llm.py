@@ -22,8 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
-from flockctl.engine.engine import Engine, EngineConfig, load_engine
+from flockctl.engine.config import EngineConfig
+from flockctl.engine.engine import Engine
 from flockctl.engine.job import SamplingParams
+from flockctl.engine.loader import load_engine
 
 
 @dataclass(frozen=True)

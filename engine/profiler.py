@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flockctl.engine.job import Job, SamplingParams
-from flockctl.engine.runner import Runner
+from flockctl.engine.runner import Feed, Runner
 
 
 @dataclass
@@ -55,12 +55,14 @@ def calibrate(runner: Runner, max_tokens: int, batch: int, token_id: int = 0) ->
     device = runner.device
     params = SamplingParams(max_tokens=1, temperature=0)
 
-    def timed(jobs: list[Job]) -> float:
+    def timed(jobs: list[Job], cached: int = 0) -> float:
+        """One forward feeding every job its tokens past the first ``cached``."""
         for job in jobs:
             pool.reserve(job.id, job.total_tokens)
         _sync(device)
         start = time.perf_counter()
-        runner.forward(jobs)
+        feeds = [Feed.linear((job.prompt_ids + job.output_ids)[cached:], cached) for job in jobs]
+        runner.run([job.id for job in jobs], feeds)
         _sync(device)
         return time.perf_counter() - start
 
@@ -82,7 +84,7 @@ def calibrate(runner: Runner, max_tokens: int, batch: int, token_id: int = 0) ->
     for _ in range(6):
         for job in jobs:
             job.output_ids.append(token_id)
-        steps.append(timed(jobs))
+        steps.append(timed(jobs, cached=jobs[0].total_tokens - 1))
     for job in jobs:
         pool.release(job.id)
     decode = statistics.median(steps[1:])
@@ -101,3 +103,34 @@ def calibrate(runner: Runner, max_tokens: int, batch: int, token_id: int = 0) ->
     else:
         a, b = samples[0][1], 0.0
     return Profile(decode, batch, a, b, samples)
+
+
+class DecodePace:
+    """What a decode iteration costs as the engine runs now, beside the start-up profile.
+
+    The start-up profile is one short measurement, and a busy host can make it wrong by an order
+    of magnitude; a moving average of real iterations follows the machine. The MLFQ's base quantum
+    and its prefill predictions both follow it.
+    """
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.ewma: float | None = None  # seconds of a plain decode iteration, recently
+
+    def observe(self, seconds: float) -> float:
+        """A plain decode iteration took ``seconds``; returns the moving average."""
+        self.ewma = seconds if self.ewma is None else (0.9 * self.ewma + 0.1 * seconds)
+        return self.ewma
+
+    @property
+    def decode_seconds(self) -> float:
+        """One decode iteration: as measured lately, else as profiled at start-up."""
+        return self.ewma or self.profile.decode_seconds
+
+    def predict_prefill(self, tokens: int) -> float:
+        """The start-up prefill model, rescaled by how decode iterations run now compared with
+        start-up, so skip-join compares a prediction and quanta measured in the same conditions."""
+        predicted = self.profile.predict_prefill(tokens)
+        if self.ewma is None or self.profile.decode_seconds <= 0:
+            return predicted
+        return predicted * self.ewma / self.profile.decode_seconds

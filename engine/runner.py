@@ -81,13 +81,10 @@ class Runner:
     @torch.inference_mode()
     def forward(self, jobs: Sequence[Job]) -> torch.Tensor:
         """Feed each job the tokens not yet in its cache (KV blocks reserved by the caller);
-        returns float32 logits ``[len(jobs), vocab]`` for each job's next token and marks the fed
-        tokens cached."""
+        returns float32 logits ``[len(jobs), vocab]`` for each job's next token. Afterwards every
+        token of each job is cached; the caller records that (the batcher owns the count)."""
         feeds = [Feed.linear(self.tokens(job), job.cached_tokens) for job in jobs]
-        logits = self._forward([job.id for job in jobs], feeds)
-        for job, feed in zip(jobs, feeds, strict=True):
-            job.cached_tokens += len(feed.tokens)
-        return logits[:, -1]
+        return self._forward([job.id for job in jobs], feeds)[:, -1]
 
     @torch.inference_mode()
     def run(self, job_ids: Sequence[str], feeds: Sequence[Feed]) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
 """Which jobs run in the next iteration: FCFS, and FastServe's skip-join MLFQ.
 
-A scheduler only orders jobs; the engine walks the order, takes as many as fit in the batch and
+A scheduler only orders jobs; the batcher walks the order, takes as many as fit in the batch and
 the KV budget, and counts a preemption for every running job that did not make it. Everything here
 is pure: the caller passes ``now`` and the measured cost of each iteration, so tests drive it
 with made-up numbers.
@@ -39,6 +39,10 @@ class Scheduler(ABC):
         """``job`` was in an iteration that cost ``seconds``."""
         job.last_run = now
 
+    @abstractmethod
+    def set_base_quantum(self, seconds: float) -> None:
+        """What one decode iteration costs as the engine runs now (it drifts with the host)."""
+
     def queue_lengths(self) -> list[int]:
         return [len(self.jobs)]
 
@@ -53,6 +57,9 @@ class FCFS(Scheduler):
 
     def order(self, now: float) -> list[Job]:
         return sorted(self.jobs.values(), key=lambda j: (j.arrival, j.queue_seq))
+
+    def set_base_quantum(self, seconds: float) -> None:
+        """FCFS has no quanta: nothing scales with the cost of an iteration."""
 
 
 class MLFQ(Scheduler):
@@ -88,6 +95,10 @@ class MLFQ(Scheduler):
         self.predict_prefill = predict_prefill or (lambda _n: 0.0)
         self.promotions = 0
         self.demotions = 0
+
+    def set_base_quantum(self, seconds: float) -> None:
+        """Every level's quantum scales with it: level ``k`` stays ``seconds * 2**k``."""
+        self.base_quantum = seconds
 
     def quantum(self, level: int) -> float:
         return self.base_quantum * (2**level)

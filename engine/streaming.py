@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from flockctl.engine.engine import JobHandle
+    from flockctl.engine.handle import JobHandle
 
 T = TypeVar("T")
 

@@ -173,7 +173,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny: Path) -> Iterator[Engine]:
-    from flockctl.engine.engine import EngineConfig, load_engine
+    from flockctl.engine.config import EngineConfig
+    from flockctl.engine.loader import load_engine
 
     config = EngineConfig(model=str(tiny), served_model_name=TINY, device="cpu", max_batch_size=4)
     engine = load_engine(config, progress=False)

@@ -11,8 +11,10 @@ import pytest
 from tinymodel import build_tiny_model, greedy_continuations
 from transformers import AutoTokenizer
 
-from flockctl.engine.engine import Engine, EngineConfig, QueueFull, load_engine
+from flockctl.engine.config import EngineConfig
+from flockctl.engine.engine import Engine, QueueFull
 from flockctl.engine.job import FinishReason, InvalidRequest, JobState, Preemption, SamplingParams
+from flockctl.engine.loader import load_engine
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 PROMPTS = [

@@ -23,8 +23,10 @@ from conftest import TINY, error_of, free_port, free_socket
 from tinymodel import build_tiny_model
 
 from flockctl.engine.api import create_app
-from flockctl.engine.engine import Engine, EngineConfig, QueueFull, load_engine
+from flockctl.engine.config import EngineConfig
+from flockctl.engine.engine import Engine, QueueFull
 from flockctl.engine.job import SamplingParams
+from flockctl.engine.loader import load_engine
 from flockctl.exitcodes import ExitCode
 
 NAME = TINY

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flockctl.engine.job import Job, SamplingParams
+from flockctl.engine.profiler import DecodePace, Profile
 from flockctl.engine.scheduler import FCFS, MLFQ, make_scheduler
 
 Q = 0.010  # base quantum: one decode iteration, 10 ms
@@ -141,3 +142,25 @@ def test_make_scheduler_names() -> None:
         make_scheduler("sjf", Q, lambda n: 0.0)
     with pytest.raises(ValueError, match="base_quantum"):
         MLFQ(0.0)
+
+
+def test_quanta_follow_the_decode_cost_the_engine_measures() -> None:
+    s = mlfq()
+    a = job(2)
+    s.add(a, 0.0)
+    s.set_base_quantum(0.004)  # the host got faster than the start-up profile said
+    assert s.describe()["quanta_ms"] == [4.0, 8.0, 16.0, 32.0, 64.0]
+    s.charge(a, 0.005, now=0.01)
+    assert a.level == 1  # 5 ms now outlasts the top level's quantum
+    fcfs = FCFS()
+    fcfs.set_base_quantum(0.004)  # no quanta: the order stays by arrival
+    assert fcfs.describe() == {"name": "fcfs"}
+
+
+def test_prefill_predictions_scale_with_how_decode_runs_now() -> None:
+    pace = DecodePace(Profile(0.010, 4, 0.002, 0.001))
+    assert pace.predict_prefill(10) == pytest.approx(0.012)  # nothing measured yet
+    assert pace.decode_seconds == 0.010
+    assert pace.observe(0.020) == pytest.approx(0.020)  # twice as slow as at start-up
+    assert pace.predict_prefill(10) == pytest.approx(0.024)
+    assert pace.observe(0.010) == pytest.approx(0.019)  # a moving average, not the last one

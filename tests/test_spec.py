@@ -14,8 +14,10 @@ import torch
 from tinymodel import build_tiny_model, greedy_continuations
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flockctl.engine.engine import Engine, EngineConfig, EngineLoadError, load_engine
+from flockctl.engine.config import EngineConfig, EngineLoadError
+from flockctl.engine.engine import Engine
 from flockctl.engine.job import Job, JobSpec, SamplingParams
+from flockctl.engine.loader import load_engine
 from flockctl.engine.spec import (
     SpecPolicy,
     TokenTree,

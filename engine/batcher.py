@@ -1,0 +1,146 @@
+"""Which jobs run this iteration and where their KV caches live: admission into the batch, KV
+residency, eviction, swap and prefetch, and the one place a preemption is counted.
+
+Each iteration the scheduler orders the live jobs; :meth:`Batcher.plan` walks that order and takes
+jobs into the batch while the batch has room and their KV fits the device budget, evicting
+lower-priority caches when it is short: to host memory while the host budget has room (a swap),
+else dropped, to be recomputed from the tokens when the job runs again. Every job that ran last
+iteration and was not taken is preempted. After the iteration :meth:`Batcher.end_iteration`
+brings the highest-priority swapped job back ahead of its turn when the device has room.
+
+Pure bookkeeping over a :class:`KVPool`: no model and no clock, so tests drive it with a CPU pool
+and hand-made jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flockctl.engine.job import Job, JobState, Preemption
+from flockctl.engine.kv import KVPool
+
+
+@dataclass
+class Plan:
+    """One iteration's batch and what making room for it did (each job once in each list)."""
+
+    batch: list[Job] = field(default_factory=list)  # runs this iteration, highest priority first
+    preempted: list[Job] = field(default_factory=list)  # ran last iteration, left the batch now
+    swapped_out: list[Job] = field(default_factory=list)  # caches moved to host memory
+    dropped: list[Job] = field(default_factory=list)  # caches dropped, to be recomputed
+    swapped_in: list[Job] = field(default_factory=list)  # caches back from host memory
+
+    @property
+    def chosen(self) -> set[str]:
+        return {job.id for job in self.batch}
+
+
+class Batcher:
+    def __init__(self, pool: KVPool, max_batch_size: int):
+        self.pool = pool
+        self.max_batch_size = max_batch_size
+        self.running: list[Job] = []  # the last batch, less the jobs that finished in it
+        self.preemptions = dict.fromkeys(Preemption, 0)
+
+    def plan(self, order: list[Job]) -> Plan:
+        """Take jobs from ``order`` (highest priority first) while the batch has room and their
+        next step's KV fits; preempt every running job left out. The batch is RUNNING after."""
+        plan = Plan()
+        chosen: set[str] = set()
+        for job in order:
+            if len(plan.batch) >= self.max_batch_size:
+                break
+            if not self._make_resident(job, order, chosen, plan):
+                break
+            plan.batch.append(job)
+            chosen.add(job.id)
+        for job in self.running:
+            if job.id not in chosen and job.state == JobState.RUNNING:
+                self._preempt(job, Preemption.DESCHEDULED, JobState.PREEMPTED, plan)
+        for job in plan.batch:
+            job.state = JobState.RUNNING
+        self.running = plan.batch
+        return plan
+
+    def end_iteration(self, order: list[Job], plan: Plan) -> Job | None:
+        """The batch ran: keep the jobs still running, then prefetch. Returns the job whose
+        cache came back from host memory, if one did."""
+        self.running = [j for j in plan.batch if j.state == JobState.RUNNING]
+        return self._prefetch(order, plan.chosen)
+
+    def mark_cached(self, job: Job, tokens: int) -> None:
+        """``job``'s first ``tokens`` tokens have their keys and values in its cache: the one
+        place ``job.cached_tokens`` is written (after a forward, a swap-in, a drop, and a
+        speculative step that keeps its accepted path)."""
+        job.cached_tokens = tokens
+
+    def release(self, job: Job) -> None:
+        """The job is finished: give its blocks back, on the device and on the host."""
+        self.pool.release(job.id)
+
+    # -- residency ------------------------------------------------------------------------------
+
+    def _make_resident(self, job: Job, order: list[Job], chosen: set[str], plan: Plan) -> bool:
+        """Reserve blocks for ``job``'s next step, evicting lower-priority caches if needed."""
+        pool = self.pool
+        need = job.total_tokens
+        while pool.shortfall(job.id, need) > 0:
+            victim = next(
+                (
+                    v
+                    for v in reversed(order)
+                    if v is not job and v.id not in chosen and pool.resident(v.id)
+                ),
+                None,
+            )
+            if victim is None:
+                return False
+            self._evict(victim, plan)
+        if job.state == JobState.SWAPPED:
+            self._swap_in(job)
+            plan.swapped_in.append(job)
+        pool.reserve(job.id, need)
+        return True
+
+    def _evict(self, job: Job, plan: Plan) -> None:
+        """Free ``job``'s device blocks: to host memory if there is room, else drop them."""
+        was_running = job.state == JobState.RUNNING
+        if self.pool.host_room(job.cached_tokens):
+            self.pool.swap_out(job.id, job.cached_tokens)
+            job.swaps += 1
+            kind, state = Preemption.SWAPPED, JobState.SWAPPED
+            plan.swapped_out.append(job)
+        else:
+            self.pool.drop(job.id)
+            self.mark_cached(job, 0)
+            kind, state = Preemption.RECOMPUTED, JobState.PREEMPTED
+            plan.dropped.append(job)
+        if was_running:
+            self._preempt(job, kind, state, plan)
+        else:
+            job.state = state
+
+    def _preempt(self, job: Job, kind: Preemption, state: JobState, plan: Plan) -> None:
+        """The one place a preemption is counted: an unfinished job left the batch."""
+        job.state = state
+        job.preemptions[kind] += 1
+        self.preemptions[kind] += 1
+        plan.preempted.append(job)
+
+    def _swap_in(self, job: Job) -> None:
+        self.mark_cached(job, self.pool.swap_in(job.id))
+        job.state = JobState.PREEMPTED
+
+    def _prefetch(self, order: list[Job], chosen: set[str]) -> Job | None:
+        """Bring the highest-priority swapped job back while there is room, ahead of its turn,
+        keeping a block per running job free for their next token."""
+        pool = self.pool
+        headroom = len(self.running) + 1
+        for job in order:
+            if job.state != JobState.SWAPPED or job.id in chosen:
+                continue
+            if len(pool.free) - headroom >= pool.blocks_for(job.total_tokens):
+                self._swap_in(job)
+                return job
+            return None
+        return None

@@ -1,0 +1,54 @@
+"""How an engine is set up (``flockctl engine serve``'s flags, checked when the config is made)
+and the one error that says a model could not be loaded.
+
+No torch here: whatever only builds or checks settings does not pay for the model stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class EngineLoadError(RuntimeError):
+    """The model could not be loaded; the message says which and why."""
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    scheduler: str = "mlfq"
+    max_batch_size: int = 8
+    kv_budget: int | None = None
+    max_model_len: int | None = None
+    max_waiting: int = 256
+    seed: int = 0
+    block_size: int = 16
+    mlfq_levels: int = 6
+    starvation_limit: float = 5.0
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    host_kv_budget: int | None = None  # tokens of swap space in host memory; default: kv budget
+    draft_models: tuple[str, ...] = ()  # speculative models (SSMs); 'demo': the demo's draft
+    spec_tree: tuple[int, ...] | None = None  # children per node at each depth; None: device's
+    spec: str = "auto"  # auto | on | off
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        for name in ("max_batch_size", "max_waiting", "block_size", "mlfq_levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_budget is not None and self.kv_budget < self.block_size:
+            raise ValueError(f"kv_budget must be at least {self.block_size} tokens")
+        if self.spec not in ("auto", "on", "off"):
+            raise ValueError(f"spec must be auto, on or off, got {self.spec!r}")
+        if self.spec == "on" and not self.draft_models:
+            raise ValueError("--spec on needs at least one --draft-model")
+        if self.spec_tree is not None and (
+            not self.spec_tree or any(w < 1 for w in self.spec_tree)
+        ):
+            raise ValueError(f"spec_tree widths must be at least 1, got {self.spec_tree}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

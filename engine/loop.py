@@ -1,0 +1,291 @@
+"""The model loop: one thread that runs iterations until the engine closes.
+
+Each iteration asks the scheduler for its order, the batcher for the batch (it admits jobs while
+their KV fits and preempts the rest), the runner for one forward for the jobs that need a prefill
+and one for the jobs that decode (or the speculator for a speculative iteration of the decoding
+ones), and the sampler for their tokens. The loop decides none of that itself: it owns only what
+follows, emitting each job's tokens into its text stream, finishing jobs, and delivering the
+pieces to the event loop with one ``call_soon_threadsafe`` per iteration and event loop.
+
+The asyncio side never touches the model: it submits and aborts through an inbox under a
+condition variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from flockctl.engine.batcher import Batcher
+from flockctl.engine.handle import Delta, JobHandle, put_all
+from flockctl.engine.job import FinishReason, Job, JobState
+from flockctl.engine.metrics import EngineMetrics
+from flockctl.engine.profiler import DecodePace
+from flockctl.engine.runner import Runner
+from flockctl.engine.sampling import Sampler
+from flockctl.engine.scheduler import Scheduler
+from flockctl.engine.speculator import Speculator
+
+log = logging.getLogger("flockctl.engine")
+
+RECENT_JOBS = 512
+
+Deliveries = list[tuple[JobHandle, Delta]]
+
+
+class ModelLoop:
+    """The model-loop thread with its inbox, the unfinished jobs' handles, the jobs finished
+    lately, and what the loop counts (iterations, tokens, why it died if it did)."""
+
+    def __init__(
+        self,
+        *,
+        scheduler: Scheduler,
+        batcher: Batcher,
+        runner: Runner,
+        speculator: Speculator,
+        sampler: Sampler,
+        pace: DecodePace,
+        metrics: EngineMetrics,
+        eos_ids: frozenset[int],
+        max_model_len: int,
+    ):
+        self.scheduler = scheduler
+        self.batcher = batcher
+        self.runner = runner
+        self.speculator = speculator
+        self.sampler = sampler
+        self.pace = pace
+        self.metrics = metrics
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.live: dict[str, JobHandle] = {}  # unfinished jobs by id (added by the API side)
+        self.recent: collections.OrderedDict[str, Job] = collections.OrderedDict()  # finished
+        self.iterations = 0
+        self.tokens_generated = 0
+        self.failed: str | None = None  # set when the loop died; /health reports it
+        self.stopping = False
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[str, Any]] = []
+        self._thread = threading.Thread(target=self._run, name="flockctl-engine", daemon=True)
+
+    # -- the API side (event loop thread) -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, handle: JobHandle) -> None:
+        self.live[handle.job.id] = handle
+        self._post(("submit", handle))
+
+    def abort(self, job_id: str) -> None:
+        self._post(("abort", job_id))
+
+    def stop(self) -> None:
+        with self._cv:
+            self.stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def _post(self, item: tuple[str, Any]) -> None:
+        with self._cv:
+            self._inbox.append(item)
+            self._cv.notify()
+
+    # -- the model loop thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._inbox and not self.scheduler.jobs and not self.stopping:
+                        self._cv.wait()
+                    if self.stopping:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                for kind, item in inbox:
+                    if kind == "submit":
+                        self.scheduler.add(item.job, time.monotonic())
+                    else:
+                        self._abort(item)
+                if self.scheduler.jobs:
+                    self._iteration()
+        except Exception as exc:  # a bug in the loop must not leave requests hanging forever
+            log.exception("the engine loop crashed")
+            self.failed = f"the engine loop crashed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            for job_id in list(self.live):
+                self._abort(job_id, error=self.failed or "the engine is shutting down")
+
+    def _abort(self, job_id: str, error: str | None = None) -> None:
+        handle = self.live.get(job_id)
+        if handle is None or handle.job.state == JobState.FINISHED:
+            return
+        deliveries: Deliveries = []
+        self._finish(handle, FinishReason.ABORT, time.monotonic(), deliveries, error)
+        self._deliver(deliveries)
+
+    def _iteration(self) -> None:
+        now = time.monotonic()
+        order = self.scheduler.order(now)
+        plan = self.batcher.plan(order)
+        for job in plan.batch:
+            if job.first_scheduled is None:
+                job.first_scheduled = now
+        if not plan.batch:
+            return
+
+        prefill = [j for j in plan.batch if j.needs_prefill]
+        decode = [j for j in plan.batch if not j.needs_prefill]
+        deliveries: Deliveries = []
+        if prefill:
+            self._step(prefill, deliveries)
+        if decode:
+            speculating = self.speculator.choose(decode)
+            if speculating:
+                self._speculate(decode, speculating, deliveries)
+            else:
+                elapsed = self._step(decode, deliveries)
+                if elapsed is not None:
+                    # the MLFQ base quantum stays at about one decode iteration as it runs now
+                    self.scheduler.set_base_quantum(self.pace.observe(elapsed))
+                    self.speculator.observe_plain(decode, elapsed)
+        self.iterations += 1
+        self._deliver(deliveries)
+        self.batcher.end_iteration(order, plan)
+
+    def _step(self, jobs: list[Job], deliveries: Deliveries) -> float | None:
+        """One forward and one sampled token per job; returns its seconds (None: it failed)."""
+        start = time.perf_counter()
+        try:
+            logits = self.runner.forward(jobs)
+            for job in jobs:
+                self.batcher.mark_cached(job, job.total_tokens)
+            handles = [self.live[j.id] for j in jobs]
+            tokens = self.sampler.sample(
+                logits, [j.params for j in jobs], [h.generator for h in handles]
+            )
+        except Exception as exc:  # e.g. out of device memory: fail these jobs, keep serving
+            self._fail(jobs, exc, deliveries)
+            return None
+        elapsed = time.perf_counter() - start
+        now = time.monotonic()
+        for job, handle, token in zip(jobs, handles, tokens, strict=True):
+            self.scheduler.charge(job, elapsed, now)
+            self._emit(job, handle, [token], now, deliveries)
+        return elapsed
+
+    def _fail(self, jobs: list[Job], exc: Exception, deliveries: Deliveries) -> None:
+        log.exception("forward failed for %d jobs", len(jobs))
+        now = time.monotonic()
+        for job in jobs:
+            handle = self.live.get(job.id)
+            if handle is not None:
+                self._finish(handle, FinishReason.ABORT, now, deliveries, f"engine error: {exc}")
+
+    def _emit(
+        self,
+        job: Job,
+        handle: JobHandle,
+        tokens: list[int],
+        now: float,
+        deliveries: Deliveries,
+    ) -> None:
+        """Append ``tokens`` to the job's output in order, up to the first that finishes it."""
+        job.iterations += 1
+        if job.first_token is None:
+            job.first_token = now
+        stream = handle.stream
+        assert stream is not None
+        text = ""
+        emitted: list[int] = []
+        reason: FinishReason | None = None
+        for token in tokens:
+            job.output_ids.append(token)
+            emitted.append(token)
+            self.tokens_generated += 1
+            eos = token in self.eos_ids and not job.params.ignore_eos
+            if not eos:
+                text += stream.push([token])
+            if eos or stream.stopped:
+                reason = FinishReason.STOP
+            elif (
+                len(job.output_ids) >= job.params.max_tokens
+                or job.total_tokens >= self.max_model_len
+            ):
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                break
+        if reason is None:
+            deliveries.append((handle, Delta(text, emitted)))
+        else:
+            self._finish(handle, reason, now, deliveries, text=text, tokens=emitted)
+
+    def _speculate(self, jobs: list[Job], chosen: list[Job], deliveries: Deliveries) -> None:
+        """A speculative iteration for the decoding ``jobs`` (``chosen`` draft trees), then each
+        job's verified tokens out in order."""
+        handles = {j.id: self.live[j.id] for j in jobs}
+        try:
+            accepted = self.speculator.step(
+                jobs,
+                chosen,
+                {job_id: h.generator for job_id, h in handles.items()},
+                {j.id for j in self.batcher.running},
+            )
+        except Exception as exc:
+            self._fail(jobs, exc, deliveries)
+            return
+        now = time.monotonic()
+        unit = self.pace.decode_seconds
+        for job, result in zip(jobs, accepted, strict=True):
+            self.batcher.mark_cached(job, result.cached)
+            # MLFQ quanta count verified tokens: each is charged as one decode iteration
+            self.scheduler.charge(job, unit * len(result.tokens), now)
+            self._emit(job, handles[job.id], result.tokens, now, deliveries)
+
+    def _finish(
+        self,
+        handle: JobHandle,
+        reason: FinishReason,
+        now: float,
+        deliveries: Deliveries,
+        error: str | None = None,
+        text: str = "",
+        tokens: list[int] | None = None,
+    ) -> None:
+        job = handle.job
+        if reason != FinishReason.ABORT and handle.stream is not None and not handle.stream.stopped:
+            text += handle.stream.finish()
+        job.state = JobState.FINISHED
+        job.finish_reason = reason
+        job.finished = now
+        self.scheduler.remove(job)
+        self.batcher.release(job)
+        self.speculator.release(job.id)
+        self.live.pop(job.id, None)
+        self.recent[job.id] = job
+        while len(self.recent) > RECENT_JOBS:
+            self.recent.popitem(last=False)
+        self.metrics.observe_finished(job)
+        deliveries.append((handle, Delta(text, tokens or [], reason, error)))
+
+    def _deliver(self, deliveries: Deliveries) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, Deliveries] = {}
+        for handle, delta in deliveries:
+            by_loop.setdefault(handle.loop, []).append((handle, delta))
+        for loop, items in by_loop.items():
+            # a closed event loop raises RuntimeError: nobody is listening any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(put_all, items)

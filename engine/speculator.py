@@ -1,0 +1,341 @@
+"""Speculative decoding in the model loop (SpecInfer): the draft models (SSMs) with their own KV
+caches, and one speculative iteration for the decoding jobs.
+
+The SSMs draft a token tree for each job the policy picks (one batched SSM forward per depth),
+then one LLM forward verifies every tree at once; a job that does not speculate is a one-node tree
+in that forward. The accepted path's keys and values are kept where the next step expects them,
+in the LLM's cache and in each SSM's. Trees, verification and the policy that decides whether
+speculating pays are pure and live in :mod:`flockctl.engine.spec`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flockctl.engine.config import EngineConfig
+from flockctl.engine.job import Job, JobSpec
+from flockctl.engine.kv import KVPool, OutOfBlocks, num_layers
+from flockctl.engine.runner import Feed, Runner
+from flockctl.engine.sampling import Sampler, is_greedy, probabilities
+from flockctl.engine.spec import (
+    SpecPolicy,
+    TokenTree,
+    draft_children,
+    verify_greedy,
+    verify_stochastic,
+)
+from flockctl.engine.tree import default_tree, tree_nodes
+
+
+@dataclass
+class Drafter:
+    """One speculative model (SSM) with its own KV pool; it must share the LLM's tokenizer."""
+
+    name: str
+    model: torch.nn.Module
+    pool: KVPool
+    runner: Runner
+
+
+@dataclass
+class _Draft:
+    """One SSM's own tree for one job this iteration, and where its nodes went in the merged one."""
+
+    tree: TokenTree
+    merged: list[int]  # local node -> merged node
+    fed: set[int]  # local nodes the SSM has run (their keys/values are in its cache)
+
+
+@dataclass
+class Accepted:
+    """One job's outcome of a speculative iteration."""
+
+    tokens: list[int]  # the accepted drafts, then the LLM's own token
+    cached: int  # the job's tokens whose keys and values the LLM's cache now holds
+
+
+class Speculator:
+    def __init__(
+        self,
+        drafts: list[tuple[str, torch.nn.Module]],
+        runner: Runner,
+        sampler: Sampler,
+        config: EngineConfig,
+        budget: int,
+        max_model_len: int,
+        vocab_size: int,
+    ):
+        self.runner = runner  # the LLM's: one forward verifies every job's tree
+        self.pool = runner.pool
+        self.sampler = sampler
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        device, dtype = runner.device, self.pool.dtype
+        # each SSM keeps every job's cache too, with room for one tree per running job on top
+        self.tree = config.spec_tree or default_tree(device.type)
+        draft_budget = budget + config.max_batch_size * tree_nodes(self.tree)
+        self.drafters: list[Drafter] = []
+        for name, draft in drafts:
+            pool = KVPool(
+                num_layers(draft.config), draft_budget, device, dtype, block_size=config.block_size
+            )
+            self.drafters.append(Drafter(name, draft, pool, Runner(draft, pool, device)))
+        self.policy = SpecPolicy(config.spec if self.drafters else "off")
+        self.depth: dict[str, int] = {}  # job -> tree depth this iteration
+        self._holding: dict[str, Job] = {}  # jobs that may have a cache in an SSM's pool
+        self.steps = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+        self.accepted_per_pos = [0] * len(self.tree)
+
+    def job_spec(self) -> JobSpec | None:
+        """A new job's speculation counters; None without draft models."""
+        return JobSpec(draft_cached=[0] * len(self.drafters)) if self.drafters else None
+
+    def choose(self, jobs: list[Job]) -> list[Job]:
+        """The decoding jobs that speculate this iteration (none: a plain decode step)."""
+        return self.policy.choose(jobs) if self.drafters else []
+
+    def observe_plain(self, jobs: list[Job], seconds: float) -> None:
+        """A decode iteration without speculation took ``seconds``: the policy's baseline."""
+        if not self.drafters:
+            return
+        self.policy.observe_iteration(False, len(jobs), seconds)
+        for job in jobs:
+            self.policy.observe_job(job, 0, 0, speculated=False)
+
+    def release(self, job_id: str) -> None:
+        """The job is finished: its SSM caches go."""
+        for drafter in self.drafters:
+            drafter.pool.release(job_id)
+        self.depth.pop(job_id, None)
+        self._holding.pop(job_id, None)
+
+    def stats(self) -> dict[str, Any] | None:
+        """Speculative decoding's figures; None without draft models."""
+        if not self.drafters:
+            return None
+        steps, drafted, accepted = self.steps, self.draft_tokens, self.accepted_tokens
+        return {
+            **self.policy.describe(),
+            "draft_models": [d.name for d in self.drafters],
+            "tree": list(self.tree),
+            "num_drafts": steps,
+            "num_draft_tokens": drafted,
+            "num_accepted_tokens": accepted,
+            "num_accepted_tokens_per_pos": list(self.accepted_per_pos),
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+            "mean_accepted_length": round(1 + accepted / steps, 4) if steps else None,
+        }
+
+    # -- one speculative iteration --------------------------------------------------------------
+
+    def step(
+        self,
+        jobs: list[Job],
+        chosen: list[Job],
+        generators: Mapping[str, torch.Generator | None],
+        running: Collection[str],
+    ) -> list[Accepted]:
+        """One speculative iteration for the decoding ``jobs``: the SSMs draft a token tree for
+        each job in ``chosen`` (one batched SSM forward per depth), then one LLM forward verifies
+        every tree at once; a job that does not speculate is a one-node tree in that forward.
+        ``running``: the jobs in this iteration's batch (the SSM caches of others may go)."""
+        start = time.perf_counter()
+        trees = {
+            j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
+        }
+        drafting = [j for j in chosen if self._reserve_tree(j, running)]
+        drafts = (
+            [
+                self._draft(drafter, s, drafting, trees, generators)
+                for s, drafter in enumerate(self.drafters)
+            ]
+            if drafting
+            else []
+        )
+        feeds = []
+        for job in jobs:
+            tree = trees[job.id]
+            nodes = list(range(len(tree)))
+            feeds.append(
+                Feed.token_tree(
+                    tree.tokens, tree.depths, nodes, job.total_tokens - 1, tree.ancestry()
+                )
+            )
+        logits = self.runner.run([j.id for j in jobs], feeds)
+        plain = [i for i, j in enumerate(jobs) if len(trees[j.id]) == 1]
+        sampled = (
+            self.sampler.sample(
+                torch.cat([logits[i] for i in plain]),
+                [jobs[i].params for i in plain],
+                [generators[jobs[i].id] for i in plain],
+            )
+            if plain
+            else []
+        )
+        picks = dict(zip(plain, sampled, strict=True))
+        results: list[Accepted] = []
+        for i, job in enumerate(jobs):
+            tree = trees[job.id]
+            if i in picks:
+                path, token = [0], picks[i]
+            elif is_greedy(job.params):
+                path, token = verify_greedy(tree, logits[i].argmax(dim=-1).tolist())
+            else:
+                probs = probabilities(logits[i], job.params)
+                path, token = verify_stochastic(tree, probs, generators[job.id])
+            cached = self._keep_path(job, tree, path, drafts)
+            results.append(Accepted([*tree.path_tokens(path[1:]), token], cached))
+        if any(len(tree) > 1 for tree in trees.values()):  # else it was incremental after all
+            self.policy.observe_iteration(True, len(jobs), time.perf_counter() - start)
+        return results
+
+    def _reserve_tree(self, job: Job, running: Collection[str]) -> bool:
+        """Room for this job's tree in the LLM's cache and every SSM's; False: not this time."""
+        remaining = min(
+            job.params.max_tokens - len(job.output_ids), self.max_model_len - job.total_tokens
+        )
+        depth = min(len(self.tree), remaining - 1)
+        if depth < 1:
+            return False
+        local = tree_nodes(self.tree[:depth])
+        root = job.total_tokens - 1
+        try:
+            self.pool.reserve(job.id, root + 1 + len(self.drafters) * (local - 1))
+        except OutOfBlocks:
+            return False
+        self._holding[job.id] = job
+        for s, drafter in enumerate(self.drafters):
+            try:
+                drafter.pool.reserve(job.id, root + local)
+            except OutOfBlocks:
+                # SSM caches are cheap to rebuild: drop those of jobs not running now
+                for other in list(drafter.pool.tables):
+                    if other not in running:
+                        drafter.pool.release(other)
+                        held = self._holding.get(other)
+                        if held is not None and held.spec is not None:
+                            held.spec.draft_cached[s] = 0
+                try:
+                    drafter.pool.reserve(job.id, root + local)
+                except OutOfBlocks:
+                    return False
+        self.depth[job.id] = depth
+        return True
+
+    def _draft(
+        self,
+        drafter: Drafter,
+        s: int,
+        jobs: list[Job],
+        trees: dict[str, TokenTree],
+        generators: Mapping[str, torch.Generator | None],
+    ) -> dict[str, _Draft]:
+        """SSM ``s`` grows its tree for each job and merges it into ``trees``: one forward to
+        catch its cache up to the root, then one per depth for the new frontier."""
+        widths = self.tree
+        ids = [j.id for j in jobs]
+        feeds = []
+        for job in jobs:
+            assert job.spec is not None
+            cached = job.spec.draft_cached[s]
+            feeds.append(Feed.linear((job.prompt_ids + job.output_ids)[cached:], cached))
+        rows = dict(zip(ids, drafter.runner.run(ids, feeds), strict=True))
+        out: dict[str, _Draft] = {}
+        frontier: dict[str, list[int]] = {}
+        for job in jobs:
+            assert job.spec is not None
+            job.spec.draft_cached[s] = job.total_tokens
+            out[job.id] = _Draft(TokenTree(trees[job.id].tokens[0]), [0], {0})
+            frontier[job.id] = [0]
+        for depth in range(1, len(widths) + 1):
+            grown: list[Job] = []
+            for job in jobs:
+                if self.depth[job.id] < depth or not frontier[job.id]:
+                    continue
+                mine, merged = out[job.id], trees[job.id]
+                logits = _fit_vocab(rows[job.id], self.vocab_size)
+                children = draft_children(logits, widths[depth - 1], job.params, generators[job.id])
+                nodes = []
+                for node, (tokens, q) in zip(frontier[job.id], children, strict=True):
+                    parent = mine.merged[node]
+                    merged.drafts[parent][s] = (tokens, q)
+                    for token in tokens:
+                        nodes.append(mine.tree.add(node, token))
+                        mine.merged.append(merged.add(parent, token))
+                frontier[job.id] = nodes
+                if self.depth[job.id] > depth:
+                    grown.append(job)
+            if not grown:
+                break
+            feeds = []
+            for job in grown:
+                mine = out[job.id]
+                nodes = frontier[job.id]
+                tree = mine.tree
+                feeds.append(
+                    Feed.token_tree(
+                        [tree.tokens[n] for n in nodes],
+                        [depth] * len(nodes),
+                        nodes,
+                        job.total_tokens - 1,
+                        tree.ancestry(),
+                    )
+                )
+                mine.fed.update(nodes)
+            grown_ids = [j.id for j in grown]
+            rows.update(zip(grown_ids, drafter.runner.run(grown_ids, feeds), strict=True))
+        return out
+
+    def _keep_path(
+        self, job: Job, tree: TokenTree, path: list[int], drafts: list[dict[str, _Draft]]
+    ) -> int:
+        """Keep the accepted path's keys and values (LLM and SSMs) where the next step expects
+        them, drop the rest, and count the step. Returns how many of the job's tokens the LLM's
+        cache holds now; the caller records it (the batcher owns that count)."""
+        root = job.total_tokens - 1
+        self.pool.move(job.id, [(root + node, root + i) for i, node in enumerate(path)])
+        self.pool.truncate(job.id, job.total_tokens + len(path))
+        speculated = len(tree) > 1
+        for s, by_job in enumerate(drafts):
+            mine = by_job.get(job.id)
+            if mine is None:
+                continue
+            local = {m: n for n, m in enumerate(mine.merged)}
+            moves = []
+            for i, node in enumerate(path[1:], start=1):
+                n = local.get(node)
+                if n is None or n not in mine.fed:
+                    break
+                moves.append((root + n, root + i))
+            pool = self.drafters[s].pool
+            pool.move(job.id, moves)
+            assert job.spec is not None
+            job.spec.draft_cached[s] = root + 1 + len(moves)
+            pool.truncate(job.id, job.total_tokens + len(path))
+        if job.spec is not None:
+            accepted = len(path) - 1
+            self.policy.observe_job(job, len(tree) - 1, accepted, speculated)
+            if speculated:
+                self.steps += 1
+                self.draft_tokens += len(tree) - 1
+                self.accepted_tokens += accepted
+                for i in range(accepted):
+                    self.accepted_per_pos[i] += 1
+        return root + len(path)
+
+
+def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """SSM logits over the LLM's vocabulary: rows past it cut, missing ones never drafted."""
+    if logits.shape[-1] == vocab:
+        return logits
+    if logits.shape[-1] > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
