@@ -4,6 +4,7 @@ output identical to a plain one-sequence loop; cancel frees the cache; limits ar
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,16 @@ from transformers import AutoTokenizer
 
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.engine import Engine, QueueFull
-from flockctl.engine.job import FinishReason, InvalidRequest, JobState, Preemption, SamplingParams
+from flockctl.engine.job import (
+    FinishReason,
+    InvalidRequest,
+    Job,
+    JobState,
+    Preemption,
+    SamplingParams,
+)
 from flockctl.engine.loader import load_engine
+from flockctl.engine.scheduler import MLFQ
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 PROMPTS = [
@@ -124,6 +133,17 @@ async def _long_then_short(engine: Engine, prompts: list[list[int]]):
     handle = engine.submit(prompts[0], long_params)
     order: list[str] = []
     seen = 0
+    # On a loaded host the engine's thread could finish the long job before this event loop
+    # gets to submit the short one: past 20 tokens, the engine waits for it before going on.
+    short_submitted = threading.Event()
+    scheduler_order = engine.scheduler.order
+
+    def order_once_the_short_one_is_in(now: float) -> list[Job]:
+        if len(handle.job.output_ids) >= 20:
+            short_submitted.wait(60)
+        return scheduler_order(now)
+
+    engine.scheduler.order = order_once_the_short_one_is_in
 
     async def consume_long() -> None:
         nonlocal seen
@@ -133,18 +153,39 @@ async def _long_then_short(engine: Engine, prompts: list[list[int]]):
                 order.append("long")
 
     task = asyncio.ensure_future(consume_long())
-    while seen < 20:
-        await asyncio.sleep(0.005)
-    short = await run(engine, prompts[1], SamplingParams(max_tokens=4, temperature=0))
+    try:
+        while seen < 20:
+            await asyncio.sleep(0.005)
+        short = engine.submit(prompts[1], SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        short_submitted.set()
+    async for _delta in short:
+        pass
     order.append("short")
     await task
-    return order, handle.job, short[3]
+    return order, handle.job, short.job
+
+
+def _one_quantum_per_iteration(scheduler: MLFQ) -> None:
+    """Make the MLFQ's clock count iterations: each costs one fixed quantum and no prefill is
+    predicted. Timed on a loaded host, one slow iteration can demote the short job below the
+    long one, which then runs to its end first."""
+    charge = scheduler.charge
+
+    def one_quantum(job: Job, _seconds: float, now: float) -> None:
+        charge(job, scheduler.base_quantum, now)
+
+    scheduler.charge = one_quantum
+    scheduler.set_base_quantum = lambda _seconds: None
+    scheduler.predict_prefill = lambda _tokens: 0.0
 
 
 async def test_mlfq_preempts_a_long_job_for_a_new_short_one(
     tiny: Path, prompts: list[list[int]]
 ) -> None:
     for engine in make_engine(tiny, max_batch_size=1, scheduler="mlfq", starvation_limit=60):
+        assert isinstance(engine.scheduler, MLFQ)
+        _one_quantum_per_iteration(engine.scheduler)
         order, long_job, short_job = await _long_then_short(engine, prompts)
         assert order == ["short", "long"]
         assert long_job.level > short_job.level
