@@ -107,7 +107,7 @@ def serve(
         str,
         typer.Option(
             help="Hugging Face hub id or local directory of a causal LM; 'demo' builds a small"
-            " model on this machine (no download; about five minutes the first time).",
+            " model on this machine (no download; about 2.5 minutes the first time).",
             rich_help_panel=M,
         ),
     ] = "demo",

@@ -10,7 +10,7 @@ these sizes a step's cost follows the number of layers, so the draft costs about
 target per step, the kind of gap that makes speculation pay with real model pairs.
 
 The build is deterministic for a given recipe, Python and machine (fixed seed, fixed step counts,
-never bounded by time), takes about five and a half minutes on two CPU cores, and is cached under
+never bounded by time), takes about two and a half minutes on two CPU cores, and is cached under
 the user's cache directory (``cache_root()``), so later starts load it in seconds.
 
 ``flockctl engine demo`` (or ``python -m flockctl.engine.demo``, the same command) builds it ahead
