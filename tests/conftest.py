@@ -1,11 +1,14 @@
 """Shared fixtures: an isolated state home, real fake upstreams and a real daemon on 127.0.0.1,
-and the engine's API over a tiny real model (built once per module that asks for it)."""
+and the engine's API over a tiny real model (built once per module that asks for it); and the
+one pair of polling helpers every test waits with, ``until`` (async) and ``until_sync``."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,23 +90,51 @@ class Daemon:
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKEN}"}
 
+    def states(self) -> dict[str, str]:
+        """Each worker's state by id, as ``/-/status`` would name it."""
+        return {w.id: w.state.value for w in self.deployment.pool}
+
     async def wait_ready(self, n: int, timeout: float = 15.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(self.deployment.pool.ready()) < n:
-            if asyncio.get_running_loop().time() > deadline:
-                states = [(w.id, w.state.value, w.reason) for w in self.deployment.pool]
-                raise AssertionError(f"not {n} READY workers after {timeout}s: {states}")
-            await asyncio.sleep(0.02)
+        pool = self.deployment.pool
+        try:
+            await until(lambda: len(pool.ready()) >= n, f"{n} READY workers", timeout)
+        except AssertionError as exc:
+            workers = [(w.id, w.state.value, w.reason) for w in pool]
+            raise AssertionError(f"{exc}: {workers}") from None
 
 
-async def until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll ``predicate`` until it returns something true (returned); fail naming ``what``."""
+async def until(
+    predicate: Callable[[], Any],
+    what: str,
+    timeout: float = 30.0,
+    *,
+    pause: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> Any:
+    """Poll ``predicate`` until it returns something true (returned); fail naming ``what``.
+
+    ``predicate`` may be a coroutine function (a check that makes a request). ``pause`` is how
+    to wait between tries: a Textual pilot's ``pause``, so the app handles its messages first.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not (result := predicate()):
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+        await pause(0.02)
+
+
+def until_sync(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """``until`` for tests outside an event loop (those that drive real processes)."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
     return result
 
 

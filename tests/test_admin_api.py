@@ -10,8 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from conftest import TOKEN, fake_worker_command
-from test_controller import states, until
+from conftest import TOKEN, fake_worker_command, until
 from yarl import URL
 
 from flockctl.client import AdminClient, ClientError
@@ -42,9 +41,9 @@ async def test_worker_detail_has_its_probe_history_and_command_line(daemon, http
     )
     await d.wait_ready(1)
     w1 = d.deployment.pool.get("w1")
-    await until(lambda: len(w1.probe_history) == 30, what="30 probes")
+    await until(lambda: len(w1.probe_history) == 30, "30 probes")
     first = w1.probe_history[0]["at"]
-    await until(lambda: w1.probe_history[0]["at"] > first, what="the history to roll on")
+    await until(lambda: w1.probe_history[0]["at"] > first, "the history to roll on")
     status, body = await call(http, "GET", d, "/-/workers/w1")
     assert status == 200
     assert body["id"] == "w1" and body["state"] == "READY" and body["model"] is None
@@ -84,7 +83,7 @@ async def test_a_static_worker_has_no_command_and_a_failed_probe_is_recorded(
     up = await upstream(build_app("u", 4, 0.0, marker))
     d = await daemon(endpoints=[up.url])
     w1 = d.deployment.pool.get("w1")
-    await until(lambda: len(w1.probe_history) >= 2, what="two probes")
+    await until(lambda: len(w1.probe_history) >= 2, "two probes")
     status, body = await call(http, "GET", d, "/-/workers/w1")
     assert status == 200 and body["command"] is None and body["model"] is None
     assert body["probe_history"][0]["ok"] is False
@@ -107,19 +106,19 @@ async def test_drain_keeps_the_target_so_a_replacement_comes_while_delete_lowers
     assert controller.last_decision.reason == "worker w1 drained by operator"
     status, body = await call(http, "POST", d, "/-/workers/w1/drain")
     assert status == 409 and message(body) == "worker w1 is already DRAINING"
-    await until(lambda: states(d).get("w3") == "READY", what="a replacement for w1")
-    assert states(d)["w1"] == "DRAINING"
+    await until(lambda: d.states().get("w3") == "READY", "a replacement for w1")
+    assert d.states()["w1"] == "DRAINING"
     w1.in_flight -= 1
-    await until(lambda: states(d)["w1"] == "TERMINATED", what="w1 terminated after its request")
+    await until(lambda: d.states()["w1"] == "TERMINATED", "w1 terminated after its request")
     assert controller.target == 2
 
     status, body = await call(http, "DELETE", d, "/-/workers/w2")
     assert status == 202 and body["state"] == "DRAINING"
     assert controller.target == 1
     assert controller.last_decision.reason == "worker w2 removed by operator"
-    await until(lambda: states(d)["w2"] == "TERMINATED", what="w2 terminated")
+    await until(lambda: d.states()["w2"] == "TERMINATED", "w2 terminated")
     await asyncio.sleep(0.6)  # a few controller ticks: no replacement for a removed worker
-    assert states(d) == {"w1": "TERMINATED", "w2": "TERMINATED", "w3": "READY"}
+    assert d.states() == {"w1": "TERMINATED", "w2": "TERMINATED", "w3": "READY"}
     status, snap = await call(http, "GET", d, "/-/status")
     assert snap["autoscaler"]["target"] == 1
 
@@ -143,7 +142,7 @@ async def test_recycling_a_worker_with_its_own_command_brings_back_the_same(daem
     await d.wait_ready(2)
     status, body = await call(http, "GET", d, "/-/workers/w3")
     assert "--id own" in body["command"] and body["model"] == "own-model"
-    assert controller.target == 2 and "w4" not in states(d)
+    assert controller.target == 2 and "w4" not in d.states()
 
 
 # -- a worker serving another model ----------------------------------------------------------
@@ -165,7 +164,7 @@ async def test_adding_a_worker_with_a_model_runs_the_engine_serving_that_model(
     assert body["id"] == "w1" and body["model"] == other
     assert d.deployment.controller.target == 1
     w1 = d.deployment.pool.get("w1")
-    await until(lambda: w1.pid is not None, what="the worker's process")
+    await until(lambda: w1.pid is not None, "the worker's process")
     status, body = await call(http, "GET", d, "/-/workers/w1")
     command = body["command"]
     assert f"engine serve --model {shlex.quote(other)}" in command
@@ -193,7 +192,7 @@ async def test_a_model_worker_body_is_checked(daemon, http, upstream):
     assert status == 422 and message(body).startswith("url and model cannot be used together")
     status, body = await call(http, "POST", d, "/-/workers", json={"model": 3})
     assert status == 422 and "model" in message(body)
-    assert states(d) == {}
+    assert d.states() == {}
 
     up = await upstream()
     s = await daemon(endpoints=[up.url])
@@ -261,8 +260,8 @@ async def test_patching_the_bounds_moves_the_target_at_once(daemon, http):
     assert body["target"] == 2  # within the new bounds: unchanged
     status, body = await call(http, "PATCH", d, "/-/autoscaler", json={"max_workers": 1})
     assert status == 200 and body["target"] == 1
-    await until(lambda: "TERMINATED" in states(d).values(), what="a worker drained")
-    assert sorted(states(d).values()) == ["READY", "TERMINATED"]
+    await until(lambda: "TERMINATED" in d.states().values(), "a worker drained")
+    assert sorted(d.states().values()) == ["READY", "TERMINATED"]
     # Adding beyond the new max is refused.
     status, body = await call(http, "POST", d, "/-/workers")
     assert status == 409 and "already at max_workers (1)" in message(body)
@@ -424,4 +423,4 @@ async def test_the_admin_client_speaks_every_route(daemon):
     assert "HTTP 422: url and model cannot be used together" in out["error"]
     assert out["missing"].code == ExitCode.NOT_FOUND
     assert "no log for '../daemon.json'" in str(out["missing"])
-    await until(lambda: "w3" in states(d), what="a replacement for the drained w1")
+    await until(lambda: "w3" in d.states(), "a replacement for the drained w1")

@@ -7,6 +7,7 @@ import json
 
 import aiohttp
 from aiohttp import web
+from conftest import until
 
 CHAT = "/v1/chat/completions"
 
@@ -122,12 +123,8 @@ async def test_connect_error_is_retried_and_worker_is_probed(daemon, upstream, h
             assert resp.status == 200
             assert resp.headers["x-worker-id"] == "good"
     # Probes (poked by the connect error) take the dead worker out of rotation.
-    for _ in range(100):
-        states = {w.url: w.state.value for w in d.deployment.pool}
-        if states[gone.url] == "NOT_READY":
-            break
-        await asyncio.sleep(0.05)
-    assert states[gone.url] == "NOT_READY"
+    dead = next(w for w in d.deployment.pool if w.url == gone.url)
+    await until(lambda: dead.state.value == "NOT_READY", "the dead worker NOT_READY")
 
 
 async def test_nothing_is_retried_after_the_first_byte(daemon, upstream, http):
@@ -192,11 +189,7 @@ async def test_client_disconnect_cancels_the_upstream_request(daemon, upstream, 
     assert d.deployment.pool.in_flight == 1
     resp.close()  # the client goes away mid-stream
     await asyncio.wait_for(cancelled.wait(), 5)
-    for _ in range(100):
-        if d.deployment.pool.in_flight == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert d.deployment.pool.in_flight == 0
+    await until(lambda: d.deployment.pool.in_flight == 0, "the request to end")
 
 
 async def test_no_ready_worker_waits_then_503(daemon, http):
@@ -212,10 +205,7 @@ async def test_no_ready_worker_waits_then_503(daemon, http):
 async def test_full_queue_gives_429(daemon, http):
     d = await daemon(endpoints=["http://127.0.0.1:9"], queue_timeout=5, max_queue=1)
     waiting = asyncio.create_task(http.post(f"{d.url}{CHAT}", json={}))
-    for _ in range(100):
-        if d.deployment.pool.queued == 1:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: d.deployment.pool.queued == 1, "a waiting request")
     async with http.post(f"{d.url}{CHAT}", json={}) as resp:
         assert resp.status == 429
         assert "too many requests waiting" in (await resp.json())["error"]["message"]
@@ -230,11 +220,7 @@ async def test_queued_request_is_served_once_a_worker_is_ready(daemon, upstream,
     up = await upstream(build_app("late", 4, 0.0, marker))
     d = await daemon(endpoints=[up.url], queue_timeout=10)
     request = asyncio.create_task(http.post(f"{d.url}{CHAT}", json={}))
-    for _ in range(100):
-        if d.deployment.pool.queued == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert d.deployment.pool.queued == 1
+    await until(lambda: d.deployment.pool.queued == 1, "a waiting request")
     marker.unlink()  # the worker turns healthy: READY, and the waiter is served
     resp = await asyncio.wait_for(request, 10)
     assert resp.status == 200
@@ -331,11 +317,7 @@ async def test_admin_add_and_remove_static_worker(daemon, upstream, http):
         assert "nope" in (await r.json())["error"]["message"]
     async with http.delete(f"{d.url}/-/workers/{added['id']}", headers=d.admin) as r:
         assert r.status == 202
-    for _ in range(100):
-        if d.deployment.pool.get(added["id"]).state.value == "TERMINATED":
-            break
-        await asyncio.sleep(0.02)
-    assert d.deployment.pool.get(added["id"]).state.value == "TERMINATED"
+    await until(lambda: d.states()[added["id"]] == "TERMINATED", "the removed worker's end")
     for _ in range(4):
         async with http.post(f"{d.url}{CHAT}", json={}) as resp:
             assert resp.headers["x-worker-id"] == "a"

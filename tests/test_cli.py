@@ -15,77 +15,16 @@ from pathlib import Path
 import aiohttp
 import psutil
 import pytest
-from conftest import FAKE_WORKER, free_port, free_socket
+from cli_driver import DRIVER, Result, flockctl, processes_with, ready_ids
+from conftest import FAKE_WORKER, free_port, free_socket, until_sync
 
-# Runs the CLI and reports, at exit, whether a heavy module got imported along the way.
-DRIVER = """
-import atexit, sys
-heavy = ("textual", "torch", "transformers")
-atexit.register(lambda: sys.stderr.write(
-    "HEAVY=" + ",".join(m for m in heavy if m in sys.modules) + "\\n"))
-from flockctl.cli import app
-app(sys.argv[1:], prog_name="flockctl")
-"""
-
-
-class Result:
-    def __init__(self, proc: subprocess.CompletedProcess):
-        self.code = proc.returncode
-        self.out = proc.stdout
-        lines = proc.stderr.splitlines()
-        heavy = [line for line in lines if line.startswith("HEAVY=")]
-        assert heavy, proc.stderr
-        self.heavy = heavy[-1].removeprefix("HEAVY=")
-        self.err = "\n".join(line for line in lines if not line.startswith("HEAVY="))
-
-    def json(self) -> dict:
-        return json.loads(self.out)
-
-
-def flockctl(*args: str, timeout: float = 60) -> Result:
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=Path(__file__).parent,
-        # os.environ as a shell would pass it: pytest imports readline, which exports COLUMNS=80
-        # behind os.environ's back, and status would take that as a width to fit.
-        env=dict(os.environ),
-    )
-    result = Result(proc)
-    assert result.heavy == "", f"flockctl {args[0]} imported {result.heavy}"
-    return result
+pytestmark = pytest.mark.e2e
 
 
 def worker_command(marker: Path, *extra: str) -> str:
     # The marker (a file that never exists) makes this test's workers findable by command line.
     parts = [sys.executable, str(FAKE_WORKER), "--port", "{port}", "--unhealthy-file", str(marker)]
     return " ".join([*parts, *extra])
-
-
-def processes_with(marker: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmd = proc.info["cmdline"] or []
-        if any(str(marker) in part for part in cmd) and proc.info["status"] != "zombie":
-            found.append(proc)
-    return found
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def ready_ids(name: str = "default") -> list[str]:
-    snap = flockctl("status", "--json", "--name", name).json()
-    return [w["id"] for w in snap["workers"] if w["state"] == "READY"]
 
 
 @pytest.fixture
@@ -148,7 +87,7 @@ def test_up_balances_survives_a_killed_worker_and_down_cleans_up(deployment):
     endpoint = result.out.strip()
     assert endpoint == f"http://127.0.0.1:{deployment.port}"
     assert "is up at" in result.err
-    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+    until_sync(lambda: len(ready_ids()) == 2, "two READY workers")
 
     async def burst(n: int) -> list[str]:
         async with aiohttp.ClientSession() as s:
@@ -167,7 +106,7 @@ def test_up_balances_survives_a_killed_worker_and_down_cleans_up(deployment):
     killed_at = time.monotonic()
     served = asyncio.run(burst(20))  # all succeed: w2 takes them, w1 is out at once
     assert set(served) <= {"w2", "w3"}
-    ids = wait_for(lambda: (r := ready_ids()) and "w3" in r and r, 30, "a replacement worker")
+    ids = until_sync(lambda: (r := ready_ids()) and "w3" in r and r, "a replacement worker")
     assert time.monotonic() - killed_at < 30
     assert sorted(ids) == ["w2", "w3"]
     snap = flockctl("status", "--json").json()
@@ -199,31 +138,30 @@ def test_up_balances_survives_a_killed_worker_and_down_cleans_up(deployment):
 
 def test_restarted_daemon_readopts_live_workers(deployment, flockctl_home):
     assert deployment().code == 0
-    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+    until_sync(lambda: len(ready_ids()) == 2, "two READY workers")
     before = {w["id"]: w["pid"] for w in flockctl("status", "--json").json()["workers"]}
     record = json.loads((flockctl_home / "default" / "daemon.json").read_text())
     os.kill(record["pid"], signal.SIGKILL)  # the daemon dies; its workers live on
-    wait_for(lambda: not psutil.pid_exists(record["pid"]), 10, "the daemon to die")
+    until_sync(lambda: not psutil.pid_exists(record["pid"]), "the daemon to die", 10)
     assert flockctl("status").code == 3
     assert deployment().code == 0
-    wait_for(lambda: len(ready_ids()) == 2, 30, "re-adopted workers READY")
+    until_sync(lambda: len(ready_ids()) == 2, "re-adopted workers READY")
     after = {w["id"]: w["pid"] for w in flockctl("status", "--json").json()["workers"]}
     assert after == before
 
 
 def test_down_stops_workers_left_by_a_dead_daemon(deployment, flockctl_home):
     assert deployment().code == 0
-    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+    until_sync(lambda: len(ready_ids()) == 2, "two READY workers")
     record = json.loads((flockctl_home / "default" / "daemon.json").read_text())
     os.kill(record["pid"], signal.SIGKILL)
-    wait_for(lambda: not psutil.pid_exists(record["pid"]), 10, "the daemon to die")
+    until_sync(lambda: not psutil.pid_exists(record["pid"]), "the daemon to die", 10)
     assert len(processes_with(deployment.marker)) == 2
     down = flockctl("down")
     assert down.code == 0 and "stopped 2 worker(s) it had left" in down.err
     assert processes_with(deployment.marker) == []
 
 
-@pytest.mark.e2e
 def test_down_of_idle_workers_logs_no_warning_and_leaves_no_process(
     deployment, flockctl_home, tmp_path
 ):
@@ -245,7 +183,7 @@ def test_down_of_idle_workers_logs_no_warning_and_leaves_no_process(
         found = [w for w in workers if w["state"] == "READY" and w["engine"]]
         return found if len(found) == 2 else None
 
-    pids = [w["pid"] for w in wait_for(engines_ready, 30, "two READY engine workers")]
+    pids = [w["pid"] for w in until_sync(engines_ready, "two READY engine workers")]
     down = flockctl("down")
     assert down.code == 0 and down.err == 'flockctl: deployment "default" stopped'
     assert processes_with(deployment.marker) == []
@@ -310,7 +248,7 @@ def test_json_output_watch_and_unknown_logs(deployment, flockctl_home):
     started = deployment("--no-wait", "--json")
     assert started.code == 0
     assert started.json()["state_dir"] == str(flockctl_home / "default")
-    wait_for(lambda: flockctl("status").code == 0, 30, "the daemon")
+    until_sync(lambda: flockctl("status").code == 0, "the daemon")
     result = flockctl("logs", "w99")
     assert result.code == 8
     assert "no log for 'w99'; known: daemon" in result.err
@@ -362,7 +300,7 @@ def test_status_shows_the_jobs_of_engine_workers(deployment, tmp_path):
         found = [w for w in workers if w["state"] == "READY" and w["engine"]]
         return found if len(found) == 2 else None
 
-    for worker in wait_for(engines, 30, "engine stats of two workers"):
+    for worker in until_sync(engines, "engine stats of two workers"):
         assert worker["engine"]["jobs"] == stats["jobs"]
         assert worker["engine"]["queue_lengths"] == [1, 0, 2]
         assert worker["gpu_memory"]["used"] == 2 << 30 and worker["gpu_memory"]["device"] == "cpu"
@@ -436,7 +374,7 @@ def test_help_and_version():
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_dashboard_under_tmux_shows_the_workers_of_a_real_daemon(deployment, flockctl_home):
     assert deployment().code == 0
-    wait_for(lambda: len(ready_ids()) == 2, 30, "two READY workers")
+    until_sync(lambda: len(ready_ids()) == 2, "two READY workers")
     socket_name = f"flockctl-test-{os.getpid()}"
     tmux = ["tmux", "-L", socket_name]
     command = (
@@ -452,17 +390,17 @@ def test_dashboard_under_tmux_shows_the_workers_of_a_real_daemon(deployment, flo
             return shown if all(word in shown for word in ("w1", "w2", "READY")) else None
 
         try:
-            text = wait_for(screen, 30, "the workers on the dashboard")
+            text = until_sync(screen, "the workers on the dashboard")
         except AssertionError as exc:
             shown = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True)
             raise AssertionError(f"{exc}; the screen:\n{shown.stdout}") from None
         rows = [line for line in text.splitlines() if "● READY" in line]
         assert len(rows) == 2, text
         subprocess.run([*tmux, "send-keys", "q"], check=True)
-        wait_for(
+        until_sync(
             lambda: subprocess.run([*tmux, "has-session"], capture_output=True).returncode != 0,
-            10,
             "the dashboard to quit on q",
+            10,
         )
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -6,44 +6,32 @@ import asyncio
 import sys
 
 import psutil
-from conftest import fake_worker_command
+from conftest import fake_worker_command, until
 
 CHAT = "/v1/chat/completions"
-
-
-async def until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def states(d) -> dict[str, str]:
-    return {w.id: w.state.value for w in d.deployment.pool}
 
 
 async def test_crash_loop_stops_launching_and_says_why(daemon, http):
     failing = f"{sys.executable} -c 'import sys; print(\"no such model\"); sys.exit(3)' {{port}}"
     d = await daemon(worker_command=failing, min_workers=1, max_start_failures=3)
     controller = d.deployment.controller
-    await until(lambda: controller.blocked is not None, what="the crash-loop guard")
+    await until(lambda: controller.blocked is not None, "the crash-loop guard")
     assert "3 workers in a row failed before becoming READY" in controller.blocked
     assert "process exited with code 3: no such model" in controller.blocked
     await asyncio.sleep(0.5)
-    assert states(d) == {"w1": "FAILED", "w2": "FAILED", "w3": "FAILED"}
+    assert d.states() == {"w1": "FAILED", "w2": "FAILED", "w3": "FAILED"}
     async with http.get(f"{d.url}/-/status", headers=d.admin) as resp:
         snap = await resp.json()
     assert snap["autoscaler"]["launch_blocked"] == controller.blocked
     # An operator adding a worker clears the stop and tries again.
     async with http.post(f"{d.url}/-/workers", headers=d.admin) as resp:
         assert resp.status == 201
-    await until(lambda: "w4" in states(d), what="a new launch")
+    await until(lambda: "w4" in d.states(), "a new launch")
 
 
 async def test_launch_failure_carries_the_error(daemon):
     d = await daemon(worker_command="/nonexistent/server --port {port}", max_start_failures=1)
-    await until(lambda: d.deployment.controller.blocked is not None, what="the guard")
+    await until(lambda: d.deployment.controller.blocked is not None, "the guard")
     w1 = d.deployment.pool.get("w1")
     assert w1.state.value == "FAILED"
     assert "launch failed" in w1.reason and "/nonexistent/server" in w1.reason
@@ -51,13 +39,17 @@ async def test_launch_failure_carries_the_error(daemon):
 
 async def test_scales_from_zero_on_the_first_request(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=0, max_workers=1)
-    await asyncio.sleep(0.3)
-    assert states(d) == {}
-    async with http.post(f"{d.url}{CHAT}", json={"max_tokens": 2}) as resp:
-        assert resp.status == 200
-    assert states(d) == {"w1": "READY"}
-    reason = d.deployment.controller.last_decision.reason
-    assert "scaling from zero" in reason or "holding 1" in reason
+    controller = d.deployment.controller
+    await until(lambda: controller.last_decision.reason != "initial target", "a first decision")
+    assert controller.target == 0 and d.states() == {}  # no request, no worker
+    request = asyncio.create_task(http.post(f"{d.url}{CHAT}", json={"max_tokens": 2}))
+    # Read the decision that raised the target before the next one (a second later) replaces it.
+    await until(lambda: controller.target == 1, "the target to rise")
+    assert "no worker: scaling from zero to 1" in controller.last_decision.reason
+    resp = await request
+    assert resp.status == 200
+    resp.release()
+    assert d.states() == {"w1": "READY"}
 
 
 async def test_qlrm_scales_up_under_load_and_back_down(daemon, http):
@@ -83,9 +75,9 @@ async def test_qlrm_scales_up_under_load_and_back_down(daemon, http):
     assert d.deployment.controller.target == 2
     assert d.deployment.policy.qlrm > 2
     await asyncio.gather(*load)
-    await until(lambda: list(states(d).values()).count("TERMINATED") == 1, 20, "a scale-down")
+    await until(lambda: list(d.states().values()).count("TERMINATED") == 1, "a scale-down")
     assert d.deployment.controller.target == 1
-    assert list(states(d).values()).count("READY") == 1
+    assert list(d.states().values()).count("READY") == 1
 
 
 async def test_removing_a_worker_drains_it_first(daemon, http):
@@ -95,7 +87,7 @@ async def test_removing_a_worker_drains_it_first(daemon, http):
     payload = {"max_tokens": 10, "fake_token_delay": 0.05}
     d.deployment.pool.get("w2").in_flight += 100  # steer the request to w1
     request = asyncio.create_task(http.post(f"{d.url}{CHAT}", json=payload))
-    await until(lambda: w1.in_flight == 1, what="the request on w1")
+    await until(lambda: w1.in_flight == 1, "the request on w1")
     d.deployment.pool.get("w2").in_flight -= 100
     pid = w1.pid
     async with http.delete(f"{d.url}/-/workers/w1", headers=d.admin) as resp:
@@ -104,7 +96,7 @@ async def test_removing_a_worker_drains_it_first(daemon, http):
     resp = await request
     assert resp.status == 200 and resp.headers["x-worker-id"] == "w1"
     resp.release()
-    await until(lambda: w1.state.value == "TERMINATED", what="w1 terminated")
+    await until(lambda: w1.state.value == "TERMINATED", "w1 terminated")
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     # min_workers is 2: a replacement comes up.
     await d.wait_ready(2)
@@ -118,12 +110,12 @@ async def test_worker_that_never_gets_ready_fails_after_initial_delay(daemon, tm
         probe={"interval_seconds": 0.05, "initial_delay_seconds": 1.0},
         max_start_failures=1,
     )
-    await until(lambda: states(d).get("w1") == "FAILED", what="w1 FAILED")
+    await until(lambda: d.states().get("w1") == "FAILED", "w1 FAILED")
     w1 = d.deployment.pool.get("w1")
     reason = w1.reason
     await until(
         lambda: not psutil.pid_exists(w1.pid) or psutil.Process(w1.pid).status() == "zombie",
-        what="the failed worker's process to be stopped",
+        "the failed worker's process to be stopped",
     )
     assert reason.startswith("not READY after 1s (initial_delay_seconds)")
     assert "HTTP 503" in reason
@@ -137,7 +129,7 @@ async def test_ready_worker_goes_not_ready_and_back(daemon, upstream, tmp_path):
     d = await daemon(endpoints=[up.url], probe={"interval_seconds": 0.05, "failure_threshold": 2})
     await d.wait_ready(1)
     marker.touch()
-    await until(lambda: states(d)["w1"] == "NOT_READY", what="NOT_READY")
+    await until(lambda: d.states()["w1"] == "NOT_READY", "NOT_READY")
     assert "2 probes of /health failed in a row: HTTP 503" in d.deployment.pool.get("w1").reason
     marker.unlink()
     await d.wait_ready(1)
@@ -186,7 +178,7 @@ async def test_admin_add_beyond_max_and_remove_twice_are_conflicts(daemon, http)
         assert "urll" in (await resp.json())["error"]["message"]
     async with http.delete(f"{d.url}/-/workers/w1", headers=d.admin) as resp:
         assert resp.status == 202
-    await until(lambda: states(d)["w1"] == "TERMINATED", what="w1 terminated")
+    await until(lambda: d.states()["w1"] == "TERMINATED", "w1 terminated")
     async with http.delete(f"{d.url}/-/workers/w1", headers=d.admin) as resp:
         assert resp.status == 409
         assert "already TERMINATED" in (await resp.json())["error"]["message"]

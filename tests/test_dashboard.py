@@ -6,19 +6,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import fake_worker_command
+from conftest import TOKEN, fake_worker_command, free_port, until
+from dashboard_data import SIZE, snapshot
 from rich.console import Console
 from textual.command import CommandList, CommandPalette
 from textual.widgets import Input, RichLog, Static
 
 from flockctl.client import ClientError
-from flockctl.server.provisioners.local import free_port
 from flockctl.themes import ThemeError, load_theme, load_themes
 from flockctl.tui.app import Dashboard, DashboardCommands, binding_ids
 from flockctl.tui.feed import Feed
@@ -32,49 +32,6 @@ from flockctl.tui.screens import (
 )
 from flockctl.tui.settings import SettingsError, load_keymap, remembered
 from flockctl.tui.widgets import JobsTable, WorkersTable
-
-TOKEN = "s3cret"
-SIZE = (140, 40)
-
-
-def snapshot() -> dict[str, Any]:
-    engine = {
-        "engine": "flockctl",
-        "queue_lengths": [1, 1],
-        "jobs": [
-            {"id": "job-10", "state": "running", "level": 0, "generated_tokens": 5, "age": 1.2},
-            {"id": "job-2", "state": "swapped", "level": 1, "preemptions": 3, "age": 75},
-        ],
-    }
-    worker = {
-        "state": "READY",
-        "provisioner": "local",
-        "in_flight": 1,
-        "served": 10,
-        "latency_p50_ms": 12.5,
-        "gpu_memory": {"used": 2 << 30, "total": 8 << 30},
-        "engine": engine,
-    }
-    return {
-        "schema": 1,
-        "deployment": {"name": "default", "endpoint": "http://127.0.0.1:3000", "policy": "lc"},
-        "autoscaler": {
-            "policy": "qlrm",
-            "target": 2,
-            "min_workers": 1,
-            "max_workers": 4,
-            "qlrm": 0.5,
-            "qlrm_history": [[1.0, 0.0], [2.0, 0.5]],
-            "thresholds": {"autoscale_up": 7, "autoscale_down": 4},
-            "last_decision": {"target": 2, "reason": "holding"},
-        },
-        "requests": {"total": 10, "in_flight": 1, "queued": 0, "failed": 0, "rate": 0.5},
-        "ready_workers": 2,
-        "workers": [
-            {**worker, "id": "w10", "url": "http://127.0.0.1:9010"},
-            {**copy.deepcopy(worker), "id": "w2", "url": "http://127.0.0.1:9002"},
-        ],
-    }
 
 
 class StatusFeed:
@@ -180,14 +137,6 @@ def app_for(feed: StatusFeed, **kw: Any) -> Dashboard:
     return Dashboard(Feed(feed.url, TOKEN, timeout=1.0), themes=load_themes(), **kw)
 
 
-async def until(pilot: Any, condition: Callable[[], bool], what: str, timeout: float = 5) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def keys(table: Any) -> list[str]:
     """Row keys in the order the table shows them."""
     return table.row_keys
@@ -202,7 +151,7 @@ async def test_rows_appear_in_order_and_update_by_key(feed: StatusFeed) -> None:
     async with app.run_test(size=SIZE) as pilot:
         workers = app.query_one(WorkersTable)
         jobs = app.query_one(JobsTable)
-        await until(pilot, lambda: workers.row_count == 2, "two worker rows")
+        await until(lambda: workers.row_count == 2, "two worker rows", pause=pilot.pause)
         assert keys(workers) == ["w2", "w10"]  # natural order, not string order
         lines = [workers.render_line(y).text for y in range(3)]  # drawn across the screen
         header = "WORKER STATE PROVISIONER URL IN FLIGHT SERVED P50 MS PREEMPT MEMORY"
@@ -215,12 +164,14 @@ async def test_rows_appear_in_order_and_update_by_key(feed: StatusFeed) -> None:
 
         feed.snap["workers"][0]["served"] = 99
         feed.snap["workers"][0]["state"] = "DRAINING"
-        await until(pilot, lambda: cell(workers, "w10", "served") == "99", "w10 served 99")
+        await until(
+            lambda: cell(workers, "w10", "served") == "99", "w10 served 99", pause=pilot.pause
+        )
         assert keys(workers) == ["w2", "w10"] and workers.row_count == 2
         assert "DRAINING" in cell(workers, "w10", "state")
 
         del feed.snap["workers"][1]
-        await until(pilot, lambda: keys(workers) == ["w10"], "w2 gone")
+        await until(lambda: keys(workers) == ["w10"], "w2 gone", pause=pilot.pause)
         assert keys(jobs) == ["w10/job-2", "w10/job-10"]
 
 
@@ -228,7 +179,7 @@ async def test_pause_stops_polling_and_resume_catches_up(feed: StatusFeed) -> No
     app = app_for(feed)
     async with app.run_test(size=SIZE) as pilot:
         workers = app.query_one(WorkersTable)
-        await until(pilot, lambda: workers.row_count == 2, "two worker rows")
+        await until(lambda: workers.row_count == 2, "two worker rows", pause=pilot.pause)
         await pilot.press("p")
         await pilot.pause(0.1)
         seen = feed.requests
@@ -238,7 +189,7 @@ async def test_pause_stops_polling_and_resume_catches_up(feed: StatusFeed) -> No
         assert cell(workers, "w10", "served") == "10"
         assert "paused" in str(app.query_one("#connection").render())
         await pilot.press("p")
-        await until(pilot, lambda: cell(workers, "w10", "served") == "42", "the update")
+        await until(lambda: cell(workers, "w10", "served") == "42", "the update", pause=pilot.pause)
 
 
 async def test_disconnect_keeps_the_last_data_and_reconnects(feed: StatusFeed) -> None:
@@ -246,22 +197,26 @@ async def test_disconnect_keeps_the_last_data_and_reconnects(feed: StatusFeed) -
     async with app.run_test(size=SIZE) as pilot:
         workers = app.query_one(WorkersTable)
         connection = app.query_one("#connection")
-        await until(pilot, lambda: workers.row_count == 2, "two worker rows")
+        await until(lambda: workers.row_count == 2, "two worker rows", pause=pilot.pause)
         await feed.stop()
-        await until(pilot, lambda: connection.has_class("lost"), "the disconnected line")
+        await until(
+            lambda: connection.has_class("lost"), "the disconnected line", pause=pilot.pause
+        )
         assert "disconnected" in str(connection.render())
         assert workers.row_count == 2  # the last good data stays
         feed.snap["workers"][0]["served"] = 7
         await feed.start()  # same port
-        await until(pilot, lambda: cell(workers, "w10", "served") == "7", "data after reconnect")
-        await until(pilot, lambda: not connection.has_class("lost"), "the line cleared")
+        await until(
+            lambda: cell(workers, "w10", "served") == "7", "data after reconnect", pause=pilot.pause
+        )
+        await until(lambda: not connection.has_class("lost"), "the line cleared", pause=pilot.pause)
 
 
 async def test_a_rejected_token_shows_as_the_daemons_answer(feed: StatusFeed) -> None:
     app = Dashboard(Feed(feed.url, "wrong", timeout=1.0), interval=0.05)
     async with app.run_test(size=SIZE) as pilot:
         connection = app.query_one("#connection")
-        await until(pilot, lambda: connection.has_class("lost"), "the error line")
+        await until(lambda: connection.has_class("lost"), "the error line", pause=pilot.pause)
         assert "HTTP 401: bad token" in str(connection.render())
 
 
@@ -271,7 +226,7 @@ async def test_a_rejected_token_shows_as_the_daemons_answer(feed: StatusFeed) ->
 async def test_each_theme_applies(feed: StatusFeed, name: str) -> None:
     app = app_for(feed, theme_name=name)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.query_one(WorkersTable).row_count == 2, "rows")
+        await until(lambda: app.query_one(WorkersTable).row_count == 2, "rows", pause=pilot.pause)
         assert app.theme == name
 
 
@@ -317,7 +272,7 @@ async def test_the_poller_waits_for_each_poll_before_the_next(feed: StatusFeed) 
     try:
         app = Dashboard(Feed(slow.url, TOKEN), interval=0.01)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: len(calls) >= 3, "three polls")
+            await until(lambda: len(calls) >= 3, "three polls", pause=pilot.pause)
         assert most == 1  # never two polls at once, however short the interval
     finally:
         await slow.stop()
@@ -364,7 +319,9 @@ def log_text(view: RichLog) -> str:
 
 
 async def ready(pilot: Any, app: Dashboard) -> None:
-    await until(pilot, lambda: app.query_one(WorkersTable).row_count == 2, "two worker rows")
+    await until(
+        lambda: app.query_one(WorkersTable).row_count == 2, "two worker rows", pause=pilot.pause
+    )
 
 
 async def type_into(pilot: Any, selector: str, text: str) -> None:
@@ -380,7 +337,7 @@ async def test_each_action_sends_its_admin_call(feed: StatusFeed) -> None:
         await ready(pilot, app)
 
         async def sent(n: int) -> tuple[str, str, Any]:
-            await until(pilot, lambda: len(feed.calls) >= n, f"admin call {n}")
+            await until(lambda: len(feed.calls) >= n, f"admin call {n}", pause=pilot.pause)
             await pilot.pause(0.05)
             assert len(feed.calls) == n, feed.calls  # exactly one call per action
             return feed.calls[-1]
@@ -425,9 +382,9 @@ async def test_each_action_sends_its_admin_call(feed: StatusFeed) -> None:
         await pilot.press("a")
         await sent(7)
         await until(
-            pilot,
             lambda: any("already at max_workers (4)" in n.message for n in app._notifications),
             "the daemon's refusal shown",
+            pause=pilot.pause,
         )
 
 
@@ -457,12 +414,14 @@ async def test_worker_detail_shows_probes_engine_and_log_and_esc_goes_back(
         await pilot.press("enter")  # on w2
         assert isinstance(app.screen, WorkerScreen) and app.screen.worker_id == "w2"
         probes = app.screen.query_one("#probes")
-        await until(pilot, lambda: "✓✗✓" in str(probes.render()), "the probe history")
+        await until(lambda: "✓✗✓" in str(probes.render()), "the probe history", pause=pilot.pause)
         assert "timed out after 5s" in str(probes.render())
         engine = text(app.screen.query_one("#engine"))
         assert "running" in engine and "L0" in engine
         recent = app.screen.query_one("#recent", RichLog)
-        await until(pilot, lambda: len(recent.lines) == 5, "the worker's last log lines")
+        await until(
+            lambda: len(recent.lines) == 5, "the worker's last log lines", pause=pilot.pause
+        )
         await pilot.press("l")
         assert isinstance(app.screen, LogsScreen) and app.screen.target == "w2"
         await pilot.press("escape", "escape")
@@ -470,15 +429,15 @@ async def test_worker_detail_shows_probes_engine_and_log_and_esc_goes_back(
 
         await pilot.press("down", "enter")  # w10: a static endpoint, it has no log
         await until(
-            pilot,
             lambda: "no log: it is a static endpoint" in log_text(app.screen.query_one("#recent")),
             "the log's absence explained",
+            pause=pilot.pause,
         )
         del feed.snap["workers"][0]
         await until(
-            pilot,
             lambda: "no longer in this deployment" in str(app.screen.query_one("#title").render()),
             "the worker gone",
+            pause=pilot.pause,
         )
 
 
@@ -490,9 +449,9 @@ async def test_logs_follow_filter_timestamps_and_reset(feed: StatusFeed) -> None
         logs = app.screen
         assert isinstance(logs, LogsScreen) and logs.target == "daemon"
         view = logs.query_one("#log", RichLog)
-        await until(pilot, lambda: len(view.lines) == 5, "the first lines")
+        await until(lambda: len(view.lines) == 5, "the first lines", pause=pilot.pause)
         feed.log += ["ERROR disk full", "line 6"]
-        await until(pilot, lambda: len(logs.lines) == 7, "the new lines, once each")
+        await until(lambda: len(logs.lines) == 7, "the new lines, once each", pause=pilot.pause)
         await pilot.pause(0.2)
         assert [line for _at, line in logs.lines][-2:] == ["ERROR disk full", "line 6"]
 
@@ -507,7 +466,9 @@ async def test_logs_follow_filter_timestamps_and_reset(feed: StatusFeed) -> None
         assert not logs.follow and logs.wrap and view.wrap and not view.auto_scroll
 
         feed.log = ["after rotation"]
-        await until(pilot, lambda: [ln for _at, ln in logs.lines] == ["after rotation"], "reset")
+        await until(
+            lambda: [ln for _at, ln in logs.lines] == ["after rotation"], "reset", pause=pilot.pause
+        )
 
 
 async def test_filter_narrows_both_tables_and_the_cursor_keeps_its_row(feed: StatusFeed) -> None:
@@ -518,10 +479,10 @@ async def test_filter_narrows_both_tables_and_the_cursor_keeps_its_row(feed: Sta
         await pilot.press("down")
         assert workers.cursor_key == "w10"
         del feed.snap["workers"][1]  # w2, above the cursor, goes
-        await until(pilot, lambda: workers.row_keys == ["w10"], "w2 gone")
+        await until(lambda: workers.row_keys == ["w10"], "w2 gone", pause=pilot.pause)
         assert workers.cursor_key == "w10"
         feed.snap = snapshot()
-        await until(pilot, lambda: workers.row_count == 2, "w2 back")
+        await until(lambda: workers.row_count == 2, "w2 back", pause=pilot.pause)
         assert workers.cursor_key == "w10" and workers.cursor == 1
 
         await pilot.press("slash", *"job-10")
@@ -570,9 +531,11 @@ async def test_the_picked_theme_is_remembered(
         assert isinstance(app.screen, CommandPalette)
         await pilot.press(*"flockctl-light")
         found = app.screen.query_one(CommandList)
-        await until(pilot, lambda: found.option_count == 1, "the one theme that matches")
+        await until(
+            lambda: found.option_count == 1, "the one theme that matches", pause=pilot.pause
+        )
         await pilot.press("enter")
-        await until(pilot, lambda: app.theme == "flockctl-light", "the theme picked")
+        await until(lambda: app.theme == "flockctl-light", "the theme picked", pause=pilot.pause)
         assert app.screen is app.overview
     assert remembered() == {"theme": "flockctl-light"}
 
@@ -612,7 +575,11 @@ async def test_without_a_daemon_it_offers_to_start_one_then_watches_it(feed: Sta
         assert "0 is not a number from 1 to 64" in text(app.screen.query_one("#problem"))
         app.screen.query_one("#spec", Input).value = "missing.yaml"
         await pilot.click("#from-spec")
-        await until(pilot, lambda: "no such file" in text(app.screen.query_one("#problem")), "err")
+        await until(
+            lambda: "no such file" in text(app.screen.query_one("#problem")),
+            "err",
+            pause=pilot.pause,
+        )
         assert not app.screen.query_one("#demo").disabled  # another try is possible
 
         app.screen.query_one("#worker-count", Input).value = "3"
@@ -622,6 +589,7 @@ async def test_without_a_daemon_it_offers_to_start_one_then_watches_it(feed: Sta
         assert app.screen is app.overview
 
 
+@pytest.mark.e2e
 def test_start_deployment_runs_a_real_daemon_from_a_spec(tmp_path: Path) -> None:
     from flockctl import daemon
     from flockctl.cli import start_deployment
@@ -680,22 +648,30 @@ async def test_tables_share_the_height_by_what_they_hold(feed: StatusFeed) -> No
             return workers.size.height, jobs.size.height
 
         # Two workers and 4 jobs: the workers table is as tall as its rows, no blank rows.
-        await until(pilot, lambda: heights()[0] == 3, "the workers table fitting its 2 rows")
+        await until(
+            lambda: heights()[0] == 3, "the workers table fitting its 2 rows", pause=pilot.pause
+        )
         available = sum(heights())
         assert available > 20 and heights()[1] == available - 3
 
         feed.snap = crowd(2, 100)  # few workers, many jobs: the jobs get every other row
-        await until(pilot, lambda: jobs.row_count == 200, "200 jobs")
-        await until(pilot, lambda: heights() == (3, available - 3), "the jobs table growing")
+        await until(lambda: jobs.row_count == 200, "200 jobs", pause=pilot.pause)
+        await until(
+            lambda: heights() == (3, available - 3), "the jobs table growing", pause=pilot.pause
+        )
 
         feed.snap = crowd(40, 0)  # many workers, no jobs: the workers are no longer cut
         feed.snap["workers"][0]["engine"]["jobs"] = [{"id": "job-1", "state": "running"}]
-        await until(pilot, lambda: workers.row_count == 40, "40 workers")
-        await until(pilot, lambda: heights() == (available - 3, 3), "the workers table growing")
+        await until(lambda: workers.row_count == 40, "40 workers", pause=pilot.pause)
+        await until(
+            lambda: heights() == (available - 3, 3), "the workers table growing", pause=pilot.pause
+        )
 
         feed.snap = crowd(40, 5)  # both cut: half each
-        await until(pilot, lambda: jobs.row_count == 200, "200 jobs")
-        await until(pilot, lambda: abs(heights()[0] - heights()[1]) <= 1, "an even split")
+        await until(lambda: jobs.row_count == 200, "200 jobs", pause=pilot.pause)
+        await until(
+            lambda: abs(heights()[0] - heights()[1]) <= 1, "an even split", pause=pilot.pause
+        )
         assert sum(heights()) == available
 
 
@@ -715,9 +691,9 @@ async def test_figures_read_as_flockctl_status_prints_them(feed: StatusFeed) -> 
         await pilot.press("enter")
         facts = app.screen.query_one("#facts")
         await until(
-            pilot,
             lambda: ["p50", "ms", "3.3"] in [line.split() for line in text(facts).splitlines()],
             "p50 in the detail",
+            pause=pilot.pause,
         )
 
 
@@ -739,7 +715,9 @@ async def test_memory_says_whose_and_preemptions_are_counted(feed: StatusFeed) -
 
         await pilot.press("enter")  # w2
         facts, engine = app.screen.query_one("#facts"), app.screen.query_one("#engine")
-        await until(pilot, lambda: "GPU cuda:0" in text(facts), "the memory in the detail")
+        await until(
+            lambda: "GPU cuda:0" in text(facts), "the memory in the detail", pause=pilot.pause
+        )
         assert "memory     GPU cuda:0 ██░░░░░░░░ 2.0/8.0 GiB (read by nvml)" in text(facts)
         assert "preemptions  5 (4 descheduled, 1 swapped, 0 recomputed)" in text(engine)
 
@@ -774,14 +752,14 @@ async def test_long_log_lines_draw_no_horizontal_scrollbar(feed: StatusFeed) -> 
         await ready(pilot, app)
         await pilot.press("enter")
         recent = app.screen.query_one("#recent", RichLog)
-        await until(pilot, lambda: "short" in log_text(recent), "the log lines")
+        await until(lambda: "short" in log_text(recent), "the log lines", pause=pilot.pause)
         assert log_text(recent).count("x") == 300  # wrapped: all of it shows
         assert recent.scrollbar_size_horizontal == 0
         assert not set(partial_blocks) & set(app.export_screenshot())
 
         await pilot.press("l")
         view = app.screen.query_one("#log", RichLog)
-        await until(pilot, lambda: len(view.lines) == 2, "the log view's lines")
+        await until(lambda: len(view.lines) == 2, "the log view's lines", pause=pilot.pause)
         assert view.virtual_size.width > view.size.width  # wrap is off: the line is cut...
         assert view.scrollbar_size_horizontal == 0  # ...with no bar under it
         assert not set(partial_blocks) & set(app.export_screenshot())

@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from test_dashboard import SIZE, TOKEN, snapshot
+from conftest import TOKEN, until
+from dashboard_data import SIZE, snapshot
 
 from flockctl.themes import load_themes
 from flockctl.tui.app import Dashboard
@@ -71,10 +72,11 @@ def dashboard(url: str, theme: str) -> Dashboard:
 
 async def rows_shown(pilot: Any) -> None:
     app = pilot.app
-    for _ in range(250):
-        if app.query_one(WorkersTable).row_count == 2 and app.query_one(JobsTable).row_count:
-            break
-        await pilot.pause(0.02)
+    await until(
+        lambda: app.query_one(WorkersTable).row_count == 2 and app.query_one(JobsTable).row_count,
+        "the rows",
+        pause=pilot.pause,
+    )
     await pilot.pause()
 
 
@@ -87,10 +89,11 @@ def test_worker_detail(snap_compare: Any, recorded: str) -> None:
     async def open_w2(pilot: Any) -> None:
         await rows_shown(pilot)
         await pilot.press("enter")  # the cursor starts on w2
-        for _ in range(250):
-            if "✓✓✗" in str(pilot.app.screen.query_one("#probes").content):
-                break
-            await pilot.pause(0.02)
+        await until(
+            lambda: "✓✓✗" in str(pilot.app.screen.query_one("#probes").content),
+            "the probe history",
+            pause=pilot.pause,
+        )
         await pilot.pause()
 
     app = dashboard(recorded, "flockctl-dark")

@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import TINY, error_of, free_port, free_socket
+from conftest import TINY, error_of, free_port, free_socket, until, until_sync
 from tinymodel import build_tiny_model
 
 from flockctl.engine.api import create_app
@@ -46,14 +45,12 @@ def sse(response: httpx.Response) -> list[str]:
     return [e.removeprefix("data: ") for e in events]
 
 
-async def finished_job(client: httpx.AsyncClient, job_id: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+async def finished_job(client: httpx.AsyncClient, job_id: str) -> dict:
+    async def finished() -> dict | None:
         r = await client.get(f"/jobs/{job_id}")
-        if r.status_code == 200 and r.json()["state"] == "finished":
-            return r.json()
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"job {job_id} not finished after {timeout}s")
+        return r.json() if r.status_code == 200 and r.json()["state"] == "finished" else None
+
+    return await until(finished, f"job {job_id} to finish")
 
 
 # -- OpenAI --------------------------------------------------------------------------------------
@@ -452,8 +449,7 @@ async def test_a_full_queue_is_a_429(tiny: Path) -> None:
     try:
         prompt = engine.tokenizer.encode(PROMPT)
         blockers.append(engine.submit(prompt, long))
-        while engine.stats()["running"] != 1:
-            await asyncio.sleep(0.001)
+        await until(lambda: engine.stats()["running"] == 1, "the first job running")
         blockers.append(engine.submit(prompt, long))  # one running, one waiting: full
         with pytest.raises(QueueFull):
             engine.submit(prompt, long)
@@ -502,10 +498,11 @@ async def test_a_waiting_client_that_hangs_up_cancels_its_job(served: str) -> No
     )
     await writer.drain()
     async with httpx.AsyncClient(base_url=served, timeout=30) as c:
-        jobs: list[dict] = []
-        while not jobs:
-            jobs = (await c.get("/stats")).json()["jobs"]
-            await asyncio.sleep(0.005)
+
+        async def listed() -> list[dict]:
+            return (await c.get("/stats")).json()["jobs"]
+
+        jobs = await until(listed, "the request's job")
         writer.close()
         await writer.wait_closed()
         info = await finished_job(c, jobs[0]["id"])
@@ -536,6 +533,7 @@ def test_the_engine_cli_imports_neither_torch_nor_transformers() -> None:
     assert out.stdout.strip() == ""
 
 
+@pytest.mark.e2e
 def test_serve_help_explains_every_flag() -> None:
     r = engine_cli("serve", "--help")
     assert r.returncode == 0
@@ -549,6 +547,7 @@ def test_serve_help_explains_every_flag() -> None:
     assert "serve" in commands.stdout and "demo" in commands.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "flags",
     [
@@ -566,6 +565,7 @@ def test_serve_refuses_bad_flag_values_as_usage_errors(flags: list[str]) -> None
     assert flags[0] in r.stderr
 
 
+@pytest.mark.e2e
 def test_serve_on_a_taken_port_is_one_line_and_exit_7() -> None:
     with free_socket() as taken:
         taken.listen()
@@ -577,6 +577,7 @@ def test_serve_on_a_taken_port_is_one_line_and_exit_7() -> None:
     )
 
 
+@pytest.mark.e2e
 def test_serve_a_model_that_cannot_load_is_one_line_and_exit_1(tmp_path: Path) -> None:
     r = engine_cli("serve", "--model", str(tmp_path), "--port", "0", "--log-level", "warning")
     assert r.returncode == ExitCode.ERROR
@@ -585,6 +586,7 @@ def test_serve_a_model_that_cannot_load_is_one_line_and_exit_1(tmp_path: Path) -
     assert lines[0].startswith(f"flockctl: cannot load model {str(tmp_path)!r}: ")
 
 
+@pytest.mark.e2e
 def test_serve_answers_then_stops_on_sigterm(tiny: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -597,15 +599,15 @@ def test_serve_answers_then_stops_on_sigterm(tiny: Path) -> None:
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
+
+        def healthy() -> bool:
             assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the engine never answered /health"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
             except httpx.TransportError:
-                time.sleep(0.2)
+                return False
+
+        until_sync(healthy, "the engine to answer /health", 120)
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions",
             json={"model": NAME, "prompt": PROMPT, "max_tokens": 4},
@@ -645,6 +647,7 @@ async def test_a_closed_engine_fails_health_and_refuses_work_with_503(tiny: Path
             )
 
 
+@pytest.mark.e2e
 def test_serve_refuses_a_draft_with_another_tokenizer_in_one_line(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "model")
     draft = build_tiny_model(tmp_path / "draft", vocab_size=300)

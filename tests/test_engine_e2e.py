@@ -10,13 +10,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port
-from test_cli import flockctl, processes_with, wait_for
+from cli_driver import flockctl, processes_with
+from conftest import free_port, until_sync
 from tinymodel import build_tiny_model
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
+    """The model at a path of this test's own: its engine processes are found by that path."""
     return build_tiny_model(tmp_path / "tiny-model-for-e2e")
 
 
@@ -47,7 +50,7 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
             workers = [w for w in snap["workers"] if w["state"] == "READY"]
             return workers if len(workers) == 2 else []
 
-        workers = wait_for(ready, 120, "two READY engine workers")
+        workers = until_sync(ready, "two READY engine workers", 120)
         assert len(processes_with(tiny)) >= 2  # the engines run our model, found by its path
 
         body = {
@@ -85,7 +88,7 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
                 }
                 return jobs if len(jobs) == 2 else {}
 
-            jobs = await asyncio.to_thread(wait_for, jobs_on_both, 30, "jobs on both workers")
+            jobs = await asyncio.to_thread(until_sync, jobs_on_both, "jobs on both workers")
             assert set(jobs) == {w["id"] for w in workers}
             for listed in jobs.values():
                 for job in listed:
@@ -109,4 +112,4 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
             assert len(set(texts)) == 1 and texts[0]  # greedy: every worker says the same
     finally:
         flockctl("down", "--timeout", "30")
-    assert wait_for(lambda: not processes_with(tiny), 10, "engine workers to exit")
+    assert until_sync(lambda: not processes_with(tiny), "engine workers to exit", 10)

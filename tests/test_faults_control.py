@@ -119,6 +119,7 @@ async def test_a_worker_coming_up_is_not_scaled_down_while_a_request_waits():
     assert busy.state == S.DRAINING
     assert "a worker coming up is not scaled down while requests wait" in coming.to_dict()["reason"]
     waiting.cancel()
+    pool.release(busy)  # its request ends, and so does its drain (not 30s later)
     await asyncio.gather(waiting, *controller._tasks, return_exceptions=True)
 
 

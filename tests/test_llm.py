@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from tinymodel import build_tiny_model, greedy_continuations
+from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
 import flockctl.engine as engine_pkg
@@ -14,11 +14,6 @@ from flockctl.engine import LLM, SSM, GenerationConfig
 from flockctl.engine.job import InvalidRequest
 
 PROMPTS = ["the quick brown fox", "hello world how are you"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def greedy_reference(path: Path, prompt: str, n: int) -> list[int]:

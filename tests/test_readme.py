@@ -20,8 +20,8 @@ from typing import Any
 import psutil
 import pytest
 import typer
-from conftest import free_port
-from test_cli import flockctl, ready_ids, wait_for
+from cli_driver import flockctl, ready_ids
+from conftest import free_port, until_sync
 
 from flockctl.cli import app
 
@@ -105,7 +105,7 @@ def test_the_quick_tour_runs_as_readme_shows(flockctl_home):
         chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
         assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
 
-        wait_for(lambda: len(ready_ids()) == 2, 60, "two READY workers")
+        until_sync(lambda: len(ready_ids()) == 2, "two READY workers", 60)
         status_argv, status_shown = tour["flockctl status"]
         status = run(status_argv, port)
         assert status.returncode == 0, status.stderr

@@ -430,6 +430,7 @@ def dry_run_without_sky(tmp_path: Path, *args: str) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "provisioner"),
     [
@@ -449,6 +450,7 @@ def test_a_local_or_static_dry_run_needs_no_skypilot(
     assert f"provisioner  {provisioner}\n" in result.stdout
 
 
+@pytest.mark.e2e
 def test_a_skypilot_dry_run_without_skypilot_names_readmes_install_command(
     tmp_path: Path,
 ) -> None:

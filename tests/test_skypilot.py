@@ -4,20 +4,19 @@ proxied requests are real HTTP. Task parsing is SkyPilot's own."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TESTS, free_port
+from conftest import TESTS, free_port, until, until_sync
 from fake_sky import FakeSky
 
 from flockctl.server.provisioners.skypilot import recorded_clusters
@@ -57,15 +56,6 @@ def fields(task: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         "drain_timeout": 20,
     }
     return {**base, **extra}
-
-
-async def until(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := check()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-    return result
 
 
 def state(d: Any, worker_id: str) -> WorkerState | None:
@@ -201,6 +191,7 @@ async def test_spot_workers_with_on_demand_fallback(
     }
 
 
+@pytest.mark.e2e
 def test_cli_up_logs_down_with_a_skypilot_task(tmp_path: Path, sky: FakeSky) -> None:
     """The whole path in real processes: up (the daemon launches through the SDK), status,
     logs (the job log streamed through the SDK), down (every cluster torn down)."""
@@ -224,14 +215,12 @@ def test_cli_up_logs_down_with_a_skypilot_task(tmp_path: Path, sky: FakeSky) -> 
     assert up.returncode == 0, up.stderr
     pid = json.loads(up.stdout)["pid"]
     try:
-        for _ in range(300):
+
+        def one_ready() -> dict[str, Any] | None:
             status = json.loads(flockctl("status", "--json").stdout)
-            if status["ready_workers"] == 1:
-                break
-            subprocess.run(["sleep", "0.1"])
-        else:
-            raise AssertionError(f"no READY worker: {status['workers']}")
-        (worker,) = status["workers"]
+            return status if status["ready_workers"] == 1 else None
+
+        (worker,) = until_sync(one_ready, "a READY worker", 60)["workers"]
         assert worker["provisioner"] == "skypilot"
         assert worker["resource"] == "flockctl-default-w1"
         logs = flockctl("logs", "w1", "--tail", "50")
@@ -246,6 +235,7 @@ def test_cli_up_logs_down_with_a_skypilot_task(tmp_path: Path, sky: FakeSky) -> 
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.e2e
 def test_down_tears_down_clusters_a_dead_daemon_left(tmp_path: Path, sky: FakeSky) -> None:
     from flockctl.state import state_dir
 

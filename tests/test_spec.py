@@ -4,15 +4,14 @@ speculative iterations on tiny real models, and the policy that turns speculatio
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from tinymodel import build_tiny_model, greedy_continuations
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tinymodel import build_near_model, build_tiny_model, greedy_continuations
+from transformers import AutoTokenizer
 
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.engine import Engine
@@ -225,24 +224,9 @@ def test_policy_turns_the_device_off_and_probes_again() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
 def near(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A draft close to the model: its weights with noise, so some drafts are rejected."""
-    path = tmp_path_factory.mktemp("near")
-    model = AutoModelForCausalLM.from_pretrained(tiny)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.3 * p.std())
-    model.save_pretrained(path)
-    for f in tiny.iterdir():
-        if "token" in f.name or f.name == "special_tokens_map.json":
-            shutil.copy(f, path / f.name)
-    return path
+    return build_near_model(tiny, tmp_path_factory.mktemp("near"))
 
 
 @pytest.fixture(scope="module")

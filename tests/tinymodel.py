@@ -3,7 +3,8 @@
 Nothing is fetched from a hub: a byte-level BPE tokenizer is trained on a few KB of text written
 here, and a two-layer Llama with random weights (``torch.manual_seed``) is saved next to it. The
 result loads with ``AutoTokenizer`` / ``AutoModelForCausalLM`` like any local checkpoint, has a
-chat template and an end-of-sequence token, and is the same on every run.
+chat template and an end-of-sequence token, and is the same on every run. The tests' models are
+built here (not the demo, which the product builds); most tests take conftest's ``tiny`` fixture.
 
     from tinymodel import build_tiny_model
     path = build_tiny_model(tmp_path / "tiny")
@@ -79,6 +80,28 @@ def build_tiny_model(path: Path, *, vocab_size: int = 512, seed: int = 0) -> Pat
         pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def build_near_model(model: Path, path: Path, *, noise: float = 0.3, seed: int = 5) -> Path:
+    """Write into ``path`` (created) a draft close to ``model``: its weights plus Gaussian noise
+    (``noise`` times each tensor's spread) and its very tokenizer, so a speculating engine
+    accepts some of the draft's tokens and rejects others."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    draft = AutoModelForCausalLM.from_pretrained(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * noise * p.std())
+    draft.save_pretrained(path)
+    for f in model.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, path / f.name)
     return path
 
 
