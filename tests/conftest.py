@@ -52,6 +52,24 @@ def flockctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def failing_worker(status: int) -> tuple[web.Application, dict[str, int]]:
+    """A worker whose probe passes and whose every chat request gets ``status`` (``hits["n"]``
+    counts them), with the error message ``boom STATUS``."""
+    app = web.Application()
+    hits = {"n": 0}
+
+    async def health(_r: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def answer(_r: web.Request) -> web.Response:
+        hits["n"] += 1
+        return web.json_response({"error": {"message": f"boom {status}"}}, status=status)
+
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/chat/completions", answer)
+    return app, hits
+
+
 @dataclass
 class Upstream:
     url: str

@@ -7,7 +7,7 @@ import json
 
 import aiohttp
 from aiohttp import web
-from conftest import until
+from conftest import failing_worker, until
 
 CHAT = "/v1/chat/completions"
 
@@ -68,25 +68,8 @@ async def test_least_connection_spreads_concurrent_requests(daemon, upstream, ht
     assert abs(served.count("u0") - served.count("u1")) <= 4
 
 
-def failing_app(status: int = 500) -> tuple[web.Application, dict[str, int]]:
-    """A worker whose probe passes but whose every inference request fails."""
-    app = web.Application()
-    hits = {"n": 0}
-
-    async def health(_r: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def fail(_r: web.Request) -> web.Response:
-        hits["n"] += 1
-        return web.json_response({"error": {"message": "boom"}}, status=status)
-
-    app.router.add_get("/health", health)
-    app.router.add_post(CHAT, fail)
-    return app, hits
-
-
 async def test_5xx_before_first_byte_is_retried_on_another_worker(daemon, upstream, http):
-    app, hits = failing_app(503)
+    app, hits = failing_worker(503)
     bad = await upstream(app)
     good = await upstream(worker_id="good")
     d = await daemon(endpoints=[bad.url, good.url], policy="round-robin")
@@ -102,13 +85,13 @@ async def test_5xx_before_first_byte_is_retried_on_another_worker(daemon, upstre
 
 
 async def test_last_attempt_5xx_is_passed_through(daemon, upstream, http):
-    app, hits = failing_app(500)
+    app, hits = failing_worker(500)
     bad = await upstream(app)
     d = await daemon(endpoints=[bad.url], max_attempts=2)
     await d.wait_ready(1)
     async with http.post(f"{d.url}{CHAT}", json={}) as resp:
         assert resp.status == 500
-        assert (await resp.json())["error"]["message"] == "boom"
+        assert (await resp.json())["error"]["message"] == "boom 500"
     assert hits["n"] == 2
 
 

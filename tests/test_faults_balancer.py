@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import fake_worker_command, until
+from conftest import failing_worker, fake_worker_command, until
 from fake_worker import build_app
 from typer.testing import CliRunner
 
@@ -154,23 +154,6 @@ def stoppable(worker_id: str) -> tuple[web.Application, Stop]:
     app = build_app(worker_id, 4, 0.0, None)
     app.middlewares.append(freeze)
     return app, stop
-
-
-def answering(status: int) -> tuple[web.Application, dict[str, int]]:
-    """A worker whose probe passes and whose every inference request gets ``status``."""
-    app = web.Application()
-    hits = {"n": 0}
-
-    async def health(_r: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def answer(_r: web.Request) -> web.Response:
-        hits["n"] += 1
-        return web.json_response({"error": {"message": f"boom {status}"}}, status=status)
-
-    app.router.add_get("/health", health)
-    app.router.add_post(CHAT, answer)
-    return app, hits
 
 
 RawWorker = Callable[[bytes], Awaitable[tuple[str, asyncio.Event]]]
@@ -351,7 +334,7 @@ async def test_a_plain_answer_that_stalls_is_cut_short(daemon, raw_worker, http)
 
 
 async def test_a_poison_request_reaches_two_workers_at_most(daemon, upstream, http):
-    workers = [answering(500) for _ in range(3)]
+    workers = [failing_worker(500) for _ in range(3)]
     ups = [await upstream(app) for app, _ in workers]
     d = await daemon(endpoints=[u.url for u in ups], max_attempts=3)
     await d.wait_ready(3)
@@ -368,7 +351,7 @@ async def test_a_poison_request_reaches_two_workers_at_most(daemon, upstream, ht
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 async def test_an_unavailable_worker_is_retried_around(daemon, upstream, http, status):
-    bad_app, hits = answering(status)
+    bad_app, hits = failing_worker(status)
     bad = await upstream(bad_app)
     good = await upstream(worker_id="good")
     d = await daemon(endpoints=[bad.url, good.url])
@@ -383,7 +366,7 @@ async def test_an_unavailable_worker_is_retried_around(daemon, upstream, http, s
 
 
 async def test_a_spent_retry_budget_relays_the_failure_and_counts_it(daemon, upstream, http):
-    bad_app, hits = answering(503)
+    bad_app, hits = failing_worker(503)
     bad = await upstream(bad_app)
     good = await upstream(worker_id="good")
     d = await daemon(endpoints=[bad.url, good.url])
