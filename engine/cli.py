@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from flockctl.console import fail
 from flockctl.engine.demo.command import demo
 from flockctl.engine.tree import CPU_TREE, GPU_TREE, format_tree, parse_tree
 from flockctl.exitcodes import ExitCode
@@ -78,16 +79,6 @@ class LogLevel(str, enum.Enum):
 
 class _Stop(Exception):
     """SIGINT/SIGTERM after uvicorn has drained: unwind so the engine is closed."""
-
-
-def say(message: str) -> None:
-    """One diagnostic line for the person at the terminal (stdout stays data)."""
-    print(f"flockctl: {message}", file=sys.stderr)
-
-
-def fail(message: str, code: ExitCode) -> NoReturn:
-    say(message)
-    raise typer.Exit(int(code))
 
 
 def _url(host: str, port: int) -> str:

@@ -19,16 +19,15 @@ import typer
 
 from flockctl import __version__
 from flockctl.client import AdminClient, ClientError
+from flockctl.console import fail, say
 from flockctl.engine.cli import engine_app
-from flockctl.exitcodes import ExitCode
+from flockctl.exitcodes import ExitCode, exit_codes_help
 from flockctl.state import running_daemon, state_dir, tail_lines, valid_name
 
 app = typer.Typer(
     name="flockctl",
     help="Turn LLM inference servers into one production endpoint: balancing, retries,"
-    " autoscaling and status, from the terminal.\n\nExit codes: 0 ok, 1 error, 2 usage,"
-    " 3 not running, 4 daemon failed to start, 5 timeout, 6 daemon unreachable,"
-    " 7 address in use, 8 not found.",
+    " autoscaling and status, from the terminal.\n\n" + exit_codes_help(),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -42,16 +41,6 @@ NameOpt = Annotated[
     str, typer.Option("--name", "-n", help="Deployment name.", envvar="FLOCKCTL_NAME")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
-
-
-def say(message: str) -> None:
-    """A diagnostic for the person at the terminal (stderr, so stdout stays data)."""
-    print(f"flockctl: {message}", file=sys.stderr)
-
-
-def fail(message: str, code: ExitCode) -> NoReturn:
-    say(message)
-    raise typer.Exit(int(code))
 
 
 def check_name(name: str) -> None:

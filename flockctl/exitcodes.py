@@ -19,14 +19,29 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit status of the flockctl commands (see the module docstring)."""
+    """Process exit status of the flockctl commands (see the module docstring); ``summary`` is
+    the few words ``flockctl --help`` lists it with."""
 
-    OK = 0
-    ERROR = 1
-    USAGE = 2
-    NOT_RUNNING = 3
-    START_FAILED = 4
-    TIMEOUT = 5
-    UNREACHABLE = 6
-    ADDRESS_IN_USE = 7
-    NOT_FOUND = 8
+    summary: str
+
+    def __new__(cls, value: int, summary: str) -> ExitCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.summary = summary
+        return member
+
+    OK = 0, "ok"
+    ERROR = 1, "error"
+    USAGE = 2, "usage"
+    NOT_RUNNING = 3, "not running"
+    START_FAILED = 4, "daemon failed to start"
+    TIMEOUT = 5, "timeout"
+    UNREACHABLE = 6, "daemon unreachable"
+    ADDRESS_IN_USE = 7, "address in use"
+    NOT_FOUND = 8, "not found"
+
+
+def exit_codes_help() -> str:
+    """The exit codes in one sentence, for ``--help``: written from the enum, so a new code is
+    listed as soon as it exists."""
+    return "Exit codes: " + ", ".join(f"{code.value} {code.summary}" for code in ExitCode) + "."

@@ -18,6 +18,8 @@ import pytest
 from cli_driver import DRIVER, Result, flockctl, processes_with, ready_ids
 from conftest import FAKE_WORKER, free_port, free_socket, until_sync
 
+from flockctl.exitcodes import ExitCode
+
 pytestmark = pytest.mark.e2e
 
 
@@ -369,6 +371,9 @@ def test_help_and_version():
     assert "--worker-command" in help_text and "--model" in help_text
     assert "--engine-args" in help_text and "[default: 3000]" in help_text
     assert flockctl("--version").out.startswith("flockctl ")
+    listed = " ".join(flockctl("--help").out.split())
+    for code in ExitCode:  # written from the enum, so none can be left out
+        assert f"{code.value} {code.summary}" in listed
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
