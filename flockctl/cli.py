@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -18,11 +17,14 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from flockctl import __version__
-from flockctl.client import AdminClient, ClientError
+from flockctl.client import ClientError
+from flockctl.commands.down import down
+from flockctl.commands.logs import logs
+from flockctl.commands.status import status
 from flockctl.console import fail, say
 from flockctl.engine.cli import engine_app
 from flockctl.exitcodes import ExitCode, exit_codes_help
-from flockctl.state import running_daemon, state_dir, tail_lines, valid_name
+from flockctl.state import running_daemon, state_dir, valid_name
 
 app = typer.Typer(
     name="flockctl",
@@ -763,179 +765,9 @@ def start_deployment(name: str, spec: Path | None, workers: int) -> tuple[str, s
     return record.endpoint, record.token
 
 
-@app.command()
-def status(
-    name: NameOpt = "default",
-    as_json: JsonOpt = False,
-    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
-    wide: Annotated[
-        bool,
-        typer.Option(
-            "--wide",
-            help="Never cut or wrap a line, on a terminal too (piped output is cut only where"
-            " COLUMNS sets a width).",
-        ),
-    ] = False,
-) -> None:
-    """Show the deployment's workers, autoscaler and traffic (exit 3 when not running)."""
-    check_name(name)
-    try:
-        client = AdminClient.for_name(name)
-    except ClientError as exc:
-        fail(str(exc), exc.code)
-    from flockctl.render import status_console, status_view
-
-    try:
-        with client:
-            if not watch:
-                snap = client.status()
-                if as_json:
-                    print(json.dumps(snap, indent=2))
-                else:
-                    status_console(wide).print(status_view(snap))
-                return
-            _watch(client, as_json, interval, wide)
-    except ClientError as exc:
-        fail(str(exc), exc.code)
-
-
-def _watch(client: AdminClient, as_json: bool, interval: float, wide: bool) -> None:
-    from rich.live import Live
-
-    from flockctl.render import status_console, status_view
-
-    try:
-        if as_json:
-            while True:
-                print(json.dumps(client.status()), flush=True)
-                time.sleep(interval)
-        console = status_console(wide)
-        with Live(status_view(client.status()), console=console, auto_refresh=False) as live:
-            while True:
-                time.sleep(interval)
-                live.update(status_view(client.status()), refresh=True)
-    except KeyboardInterrupt:
-        return
-
-
-@app.command()
-def logs(
-    target: Annotated[str, typer.Argument(help="'daemon' or a worker id.")] = "daemon",
-    name: NameOpt = "default",
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
-    ] = False,
-    tail: Annotated[int, typer.Option("--tail", help="Lines to print first.", min=0)] = 100,
-) -> None:
-    """Print the daemon's log or a worker's log (works after the daemon stopped, too).
-
-    A SkyPilot worker's log is its cluster's job log, streamed through SkyPilot; the launch
-    progress is shown when the job has no log yet.
-    """
-    check_name(name)
-    directory = state_dir(name)
-    if not directory.is_dir():
-        fail(f'no deployment named "{name}" (nothing at {directory})', ExitCode.NOT_RUNNING)
-    path = directory / ("daemon.log" if target == "daemon" else f"workers/{target}.log")
-    if target != "daemon" and "/" not in target and _cluster_logs(directory, target, follow, tail):
-        return
-    if "/" in target or not path.is_file():
-        known = sorted(p.stem for p in (directory / "workers").glob("*.log"))
-        fail(
-            f"no log for {target!r}; known: daemon{''.join(', ' + k for k in known)}",
-            ExitCode.NOT_FOUND,
-        )
-    for line in tail_lines(path, tail):
-        print(line)
-    if follow:
-        _follow(path)
-
-
-def _cluster_logs(directory: Path, worker_id: str, follow: bool, tail: int) -> bool:
-    """Stream a SkyPilot worker's job log; False when ``worker_id`` has no cluster (any more)."""
-    from flockctl.server.provisioners.skypilot import recorded_clusters
-
-    record = recorded_clusters(directory).get(worker_id)
-    if record is None:
-        return False
-    from flockctl.server.provisioners.sky_sdk import SkyError, make_sdk
-
-    cluster = record["cluster"]
-    try:
-        code = make_sdk().tail_logs(cluster, follow, tail, sys.stdout)
-    except KeyboardInterrupt:
-        return True
-    except SkyError as exc:
-        launch_log = directory / "workers" / f"{worker_id}.log"
-        if not launch_log.is_file():
-            fail(f"no job log for {worker_id} on cluster {cluster}: {exc}", ExitCode.NOT_FOUND)
-        say(f"no job log on cluster {cluster} yet ({exc}); its launch log follows")
-        for line in tail_lines(launch_log, tail):
-            print(line)
-        if follow:
-            _follow(launch_log)
-        return True
-    if code:
-        say(f"the job on cluster {cluster} ended with exit code {code}")
-    return True
-
-
-def _follow(path: Path) -> None:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            while True:
-                chunk = f.read()
-                if chunk:
-                    sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-                    sys.stdout.flush()
-                    continue
-                if path.stat().st_size < f.tell():  # truncated or rotated
-                    f.seek(0)
-                time.sleep(0.25)
-    except KeyboardInterrupt:
-        return
-
-
-@app.command()
-def down(
-    name: NameOpt = "default",
-    timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the drain before stopping by force.")
-    ] = 60.0,
-    as_json: JsonOpt = False,
-) -> None:
-    """Drain and stop every worker and the daemon (exit 0 when nothing was running)."""
-    check_name(name)
-    from flockctl import daemon
-
-    directory = state_dir(name)
-    result = daemon.stop(name, directory, timeout)
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "name": name,
-                    "was_running": result.was_running,
-                    "forced": result.forced,
-                    "orphans_stopped": result.orphans,
-                    "problems": result.problems,
-                }
-            )
-        )
-    for problem in result.problems:
-        say(f"could not tear down {problem}; run `sky down` on it, then flockctl down again")
-    if not result.was_running:
-        extra = f"; stopped {result.orphans} worker(s) it had left" if result.orphans else ""
-        say(f'no daemon named "{name}" is running{extra}')
-        if result.problems:
-            raise typer.Exit(int(ExitCode.ERROR))
-        return
-    how = " (forced after the drain timed out)" if result.forced else ""
-    say(f'deployment "{name}" stopped{how}')
-    if result.problems:
-        raise typer.Exit(int(ExitCode.ERROR))
+app.command()(status)
+app.command()(logs)
+app.command()(down)
 
 
 def main() -> None:
