@@ -592,7 +592,7 @@ async def test_without_a_daemon_it_offers_to_start_one_then_watches_it(feed: Sta
 @pytest.mark.e2e
 def test_start_deployment_runs_a_real_daemon_from_a_spec(tmp_path: Path) -> None:
     from flockctl import daemon
-    from flockctl.cli import start_deployment
+    from flockctl.tui.launch import start_deployment
     from flockctl.state import running_daemon, state_dir
 
     spec = tmp_path / "spec.yaml"
