@@ -592,8 +592,8 @@ async def test_without_a_daemon_it_offers_to_start_one_then_watches_it(feed: Sta
 @pytest.mark.e2e
 def test_start_deployment_runs_a_real_daemon_from_a_spec(tmp_path: Path) -> None:
     from flockctl import daemon
-    from flockctl.tui.launch import start_deployment
     from flockctl.state import running_daemon, state_dir
+    from flockctl.tui.launch import start_deployment
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(
