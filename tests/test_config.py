@@ -269,3 +269,42 @@ def test_draft_models_become_engine_flags_and_need_the_engine(tmp_path):
         "draft_models: only flockctl's engine"
         in problems(flags={"worker_command": CMD, "draft_models": ["demo"]})[0]
     )
+
+
+# up's flags that are not config fields, and those named apart from the field they set.
+UP_ONLY = {"spec", "foreground", "wait", "timeout", "watch", "dry_run", "as_json"}
+UP_FIELD = {
+    "draft_model": "draft_models",
+    "endpoint": "endpoints",
+    "readiness_path": "probe.path",
+    "initial_delay": "probe.initial_delay_seconds",
+    "probe_interval": "probe.interval_seconds",
+    "probe_timeout": "probe.timeout_seconds",
+    "failure_threshold": "probe.failure_threshold",
+}
+
+
+def test_up_flags_set_config_fields_and_state_their_defaults():
+    """Each of up's flags sets a config field, and a number its help gives as the default is
+    that field's default: the flags and the config cannot drift apart unnoticed."""
+    import re
+
+    from typer.main import get_command
+
+    from flockctl.cli import app
+    from flockctl.server.config import ProbeConfig
+
+    up = get_command(app).commands["up"]  # type: ignore[attr-defined]
+    checked = 0
+    for param in up.params:
+        if param.name in UP_ONLY:
+            continue
+        path = UP_FIELD.get(param.name, param.name).split(".")
+        model = ProbeConfig if path[0] == "probe" else DeploymentConfig
+        field = model.model_fields.get(path[-1])
+        assert field is not None, f"--{param.name} sets no config field {'.'.join(path)}"
+        stated = re.search(r"\[default: ([0-9]+(?:\.[0-9]+)?)\]", param.help or "")
+        if stated is not None:
+            assert float(stated.group(1)) == field.default, f"--{param.name}: {stated.group(0)}"
+            checked += 1
+    assert checked >= 20
