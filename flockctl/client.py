@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
+from flockctl import admin_routes as routes
 from flockctl.exitcodes import ExitCode
+from flockctl.schema import AutoscalerView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
 from flockctl.state import DaemonRecord, running_daemon
 
 
@@ -71,49 +72,41 @@ class AdminClient:
             raise ClientError(f"{method} {path}: HTTP {resp.status_code}: {message}", code)
         return resp.json()
 
-    def status(self) -> dict[str, Any]:
-        return self.request("GET", "/-/status")
+    def status(self) -> StatusSnapshot:
+        return self.request("GET", routes.STATUS)
 
     def shutdown(self) -> dict[str, Any]:
-        return self.request("POST", "/-/shutdown")
+        return self.request("POST", routes.SHUTDOWN)
 
-    def worker(self, worker_id: str) -> dict[str, Any]:
+    def worker(self, worker_id: str) -> WorkerDetail:
         """One worker with its probe history and command line."""
-        return self.request("GET", f"/-/workers/{_segment(worker_id)}")
+        return self.request("GET", routes.worker_path(worker_id))
 
-    def add_worker(self, url: str | None = None, model: str | None = None) -> dict[str, Any]:
+    def add_worker(self, url: str | None = None, model: str | None = None) -> WorkerView:
         """One more worker: at ``url`` (static deployments), or serving ``model`` (local)."""
         body = {k: v for k, v in (("url", url), ("model", model)) if v is not None}
-        return self.request("POST", "/-/workers", json=body or None)
+        return self.request("POST", routes.WORKERS, json=body or None)
 
-    def remove_worker(self, worker_id: str) -> dict[str, Any]:
+    def remove_worker(self, worker_id: str) -> WorkerView:
         """Drain a worker and lower the target: the deployment gets smaller."""
-        return self.request("DELETE", f"/-/workers/{_segment(worker_id)}")
+        return self.request("DELETE", routes.worker_path(worker_id))
 
-    def drain_worker(self, worker_id: str) -> dict[str, Any]:
+    def drain_worker(self, worker_id: str) -> WorkerView:
         """Drain a worker and keep the target: a fresh worker replaces it."""
-        return self.request("POST", f"/-/workers/{_segment(worker_id)}/drain")
+        return self.request("POST", routes.drain_path(worker_id))
 
     def set_bounds(
         self, min_workers: int | None = None, max_workers: int | None = None
-    ) -> dict[str, Any]:
+    ) -> AutoscalerView:
         """New autoscaler bounds; returns the autoscaler section of the status snapshot."""
         body = {
             k: v
             for k, v in (("min_workers", min_workers), ("max_workers", max_workers))
             if v is not None
         }
-        return self.request("PATCH", "/-/autoscaler", json=body)
+        return self.request("PATCH", routes.AUTOSCALER, json=body)
 
-    def logs(self, target: str, tail: int = 200, offset: int | None = None) -> dict[str, Any]:
+    def logs(self, target: str, tail: int = 200, offset: int | None = None) -> LogChunk:
         """Lines of the daemon's or a worker's log; pass the returned ``offset`` back to get
         only the lines written since (``reset`` is true when the log started over)."""
-        params: dict[str, int] = {"tail": tail}
-        if offset is not None:
-            params["offset"] = offset
-        return self.request("GET", f"/-/logs/{_segment(target)}", params=params)
-
-
-def _segment(value: str) -> str:
-    """``value`` as one URL path segment (a ``/`` in it cannot reach another route)."""
-    return quote(value, safe="")
+        return self.request("GET", routes.logs_path(target, tail=tail, offset=offset))

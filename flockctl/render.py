@@ -15,6 +15,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from flockctl.schema import AutoscalerView, EngineView, JobSummary, StatusSnapshot, WorkerView
+
 STATE_STYLE: dict[str, tuple[str, str]] = {
     "READY": ("●", "green"),
     "STARTING": ("◐", "yellow"),
@@ -56,7 +58,7 @@ def status_console(wide: bool = False, file: TextIO | None = None) -> Console:
     return Console(file=file, width=UNBOUNDED)
 
 
-def scaling_input(autoscaler: dict[str, Any]) -> str:
+def scaling_input(autoscaler: AutoscalerView) -> str:
     """The figure the autoscaler scales on: the request rate (request-rate) or the queue-length
     running mean (qlrm; ``-`` before the first sample)."""
     qps = autoscaler.get("qps")
@@ -66,14 +68,14 @@ def scaling_input(autoscaler: dict[str, Any]) -> str:
     return f"qlrm {'-' if qlrm is None else f'{qlrm:.2f}'}"
 
 
-def scaling_text(autoscaler: dict[str, Any]) -> str:
+def scaling_text(autoscaler: AutoscalerView) -> str:
     """The scaling figure and the last decision's reason, each said once.
 
     A policy's reason opens with the very figure it decided on (``qlrm 0.10 < autoscale_down
     4 ...``, ``0.10 req/s over 60s wants ...``); the figure is shown apart only when the reason
     does not state it (an operator's change, a bound, the initial target).
     """
-    reason = str((autoscaler.get("last_decision") or {}).get("reason") or "")
+    reason = autoscaler["last_decision"]["reason"] or ""
     qps, qlrm = autoscaler.get("qps"), autoscaler.get("qlrm")
     if qps is not None:
         stated = f"{qps:.2f} req/s"
@@ -166,7 +168,7 @@ def _table(*columns: tuple[str, str]) -> Table:
     return table
 
 
-def engines_table(workers: list[dict[str, Any]]) -> Table:
+def engines_table(workers: list[WorkerView]) -> Table:
     """One row per engine worker: jobs queued per MLFQ level (highest priority first), job
     counts, and device memory; narrow enough for an 80-column terminal."""
     table = _table(
@@ -181,10 +183,10 @@ def engines_table(workers: list[dict[str, Any]]) -> Table:
         ("MEMORY", "right"),
     )
     for worker in workers:
-        stats = worker["engine"]
+        stats: EngineView = worker["engine"] or {}
         queues = stats.get("queue_lengths")
         levels = " ".join(_count(n) for n in queues) if isinstance(queues, list) else "-"
-        mem = worker.get("gpu_memory") or {}
+        mem = worker["gpu_memory"] or {}
         preempted = stats.get("preemptions_total")
         total = (
             sum(v for v in preempted.values() if isinstance(v, int))
@@ -206,7 +208,7 @@ def engines_table(workers: list[dict[str, Any]]) -> Table:
     return table
 
 
-def engine_jobs(workers: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+def engine_jobs(workers: list[WorkerView]) -> list[tuple[str, JobSummary]]:
     """Every job of the engine workers among ``workers``, with its worker's id."""
     return [
         (str(w["id"]), job)
@@ -217,7 +219,7 @@ def engine_jobs(workers: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]
     ]
 
 
-def job_cells(worker_id: str, job: dict[str, Any]) -> list[Any]:
+def job_cells(worker_id: str, job: JobSummary) -> list[Any]:
     """A job's row: worker, job, state (glyph and word), level, generated tokens, preemptions,
     speculation, age; the status view and the dashboard both show it so."""
     return [
@@ -232,7 +234,7 @@ def job_cells(worker_id: str, job: dict[str, Any]) -> list[Any]:
     ]
 
 
-def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
+def jobs_table(workers: list[WorkerView]) -> tuple[Table, int]:
     """Every engine job, by worker id then job id; returns the table and the rows left out."""
     rows = engine_jobs(workers)
     rows.sort(key=lambda r: (natural_key(r[0]), natural_key(r[1].get("id"))))
@@ -249,12 +251,14 @@ def jobs_table(workers: list[dict[str, Any]]) -> tuple[Table, int]:
     for worker_id, job in rows[:MAX_JOB_ROWS]:
         table.add_row(*job_cells(worker_id, job))
     omitted = sum(
-        n for w in workers if isinstance(n := w["engine"].get("jobs_omitted"), int) and n > 0
+        n
+        for w in workers
+        if isinstance(n := (w["engine"] or {}).get("jobs_omitted"), int) and n > 0
     )
     return table, max(0, len(rows) - MAX_JOB_ROWS) + omitted
 
 
-def engine_view(workers: list[dict[str, Any]], now: float) -> list[Any]:
+def engine_view(workers: list[WorkerView], now: float) -> list[Any]:
     """The engine part of the status view: a row per engine worker, then their jobs."""
     engines = sorted(
         (w for w in workers if isinstance(w.get("engine"), dict)),
@@ -280,10 +284,10 @@ def engine_view(workers: list[dict[str, Any]], now: float) -> list[Any]:
     return parts
 
 
-def status_view(snap: dict[str, Any]) -> Group:
-    now = snap.get("generated_at") or time.time()
+def status_view(snap: StatusSnapshot) -> Group:
+    now = snap["generated_at"] or time.time()
     dep = snap["deployment"]
-    auto = snap.get("autoscaler") or {}
+    auto = snap["autoscaler"]
     req = snap["requests"]
     head = Text.assemble(
         (dep["name"], "bold"),
@@ -292,11 +296,15 @@ def status_view(snap: dict[str, Any]) -> Group:
         f"  provisioner {dep['provisioner']}  policy {dep['policy']}",
         f"  up {ago(dep['started_at'], now)}",
     )
-    scale = Text.assemble(
-        ("autoscaler ", "bold"),
-        f"{auto.get('policy')}  target {auto.get('target')}",
-        f" (min {auto.get('min_workers')}, max {auto.get('max_workers')})",
-        f"  {scaling_text(auto)}",
+    scale = (
+        Text.assemble(
+            ("autoscaler ", "bold"),
+            f"{auto['policy']}  target {auto['target']}",
+            f" (min {auto['min_workers']}, max {auto['max_workers']})",
+            f"  {scaling_text(auto)}",
+        )
+        if auto is not None
+        else Text.assemble(("autoscaler ", "bold"), "none yet (the daemon is starting)")
     )
     traffic = Text(
         f"requests {req['total']} total  {req['in_flight']} in flight  {req['queued']} queued"
@@ -317,7 +325,7 @@ def status_view(snap: dict[str, Any]) -> Group:
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for w in snap["workers"]:
-        p50 = w.get("latency_p50_ms")
+        p50 = w["latency_p50_ms"]
         table.add_row(
             w["id"],
             state_text(w["state"]),
@@ -328,10 +336,10 @@ def status_view(snap: dict[str, Any]) -> Group:
             "-" if p50 is None else f"{p50:.1f}",
             str(w["failures"]),
             ago(w["created_at"], now),
-            Text(w.get("reason") or "", style="dim"),
+            Text(w["reason"] or "", style="dim"),
         )
     parts: list[Any] = [head, scale, traffic]
-    if auto.get("launch_blocked"):
+    if auto is not None and auto["launch_blocked"]:
         parts.append(Text(f"✗ {auto['launch_blocked']}", style="bold red"))
     parts.append(table if snap["workers"] else Text("no workers", style="dim"))
     parts.extend(engine_view(snap["workers"], now))

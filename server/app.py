@@ -38,6 +38,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flockctl import admin_routes as routes
+from flockctl.schema import AutoscalerView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
 from flockctl.server.deployment import Deployment
 from flockctl.server.provisioners import LocalProvisioner, StaticProvisioner
 from flockctl.server.proxy import Balancer
@@ -141,12 +143,13 @@ def create_app(
     async def metrics() -> Response:
         return Response(deployment.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/-/openapi.json", dependencies=guarded, include_in_schema=False)
+    @app.get(routes.OPENAPI, dependencies=guarded, include_in_schema=False)
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 
-    @app.get("/-/status", dependencies=guarded)
-    async def status() -> dict[str, Any]:
+    # response_model=None: the typed answers go out as built, never filtered or re-validated.
+    @app.get(routes.STATUS, dependencies=guarded, response_model=None)
+    async def status() -> StatusSnapshot:
         return deployment.snapshot()
 
     def find(worker_id: str) -> Worker:
@@ -156,8 +159,8 @@ def create_app(
             raise HTTPException(404, f"no worker {worker_id!r}; known: {known}")
         return worker
 
-    @app.get("/-/workers/{worker_id}", dependencies=guarded)
-    async def worker_detail(worker_id: str) -> dict[str, Any]:
+    @app.get(routes.WORKER, dependencies=guarded, response_model=None)
+    async def worker_detail(worker_id: str) -> WorkerDetail:
         worker = find(worker_id)
         provisioner = deployment.provisioner
         command = (
@@ -169,8 +172,8 @@ def create_app(
             "command": command,
         }
 
-    @app.post("/-/workers", dependencies=guarded, status_code=201)
-    async def add_worker(body: AddWorker | None = None) -> dict[str, Any]:
+    @app.post(routes.WORKERS, dependencies=guarded, status_code=201, response_model=None)
+    async def add_worker(body: AddWorker | None = None) -> WorkerView:
         controller = deployment.controller
         assert controller is not None
         provisioner = deployment.provisioner
@@ -230,24 +233,24 @@ def create_app(
             raise HTTPException(409, f"worker {worker_id} is already {worker.state.value}")
         return worker
 
-    @app.delete("/-/workers/{worker_id}", dependencies=guarded, status_code=202)
-    async def remove_worker(worker_id: str) -> dict[str, Any]:
+    @app.delete(routes.WORKER, dependencies=guarded, status_code=202, response_model=None)
+    async def remove_worker(worker_id: str) -> WorkerView:
         controller = deployment.controller
         assert controller is not None
         worker = live_worker(worker_id)
         controller.remove_worker(worker)
         return worker.to_dict()
 
-    @app.post("/-/workers/{worker_id}/drain", dependencies=guarded, status_code=202)
-    async def drain_worker(worker_id: str) -> dict[str, Any]:
+    @app.post(routes.WORKER_DRAIN, dependencies=guarded, status_code=202, response_model=None)
+    async def drain_worker(worker_id: str) -> WorkerView:
         controller = deployment.controller
         assert controller is not None
         worker = live_worker(worker_id)
         controller.recycle_worker(worker)
         return worker.to_dict()
 
-    @app.patch("/-/autoscaler", dependencies=guarded)
-    async def set_bounds(body: Bounds) -> dict[str, Any]:
+    @app.patch(routes.AUTOSCALER, dependencies=guarded, response_model=None)
+    async def set_bounds(body: Bounds) -> AutoscalerView:
         controller = deployment.controller
         assert controller is not None
         if body.min_workers is None and body.max_workers is None:
@@ -273,12 +276,12 @@ def create_app(
             raise HTTPException(422, str(exc)) from None
         return controller.to_dict()
 
-    @app.get("/-/logs/{target:path}", dependencies=guarded)
+    @app.get(routes.LOGS, dependencies=guarded, response_model=None)
     async def logs(
         target: str,
         tail: int = Query(200, ge=0, le=MAX_LOG_LINES),
         offset: int | None = Query(None, ge=0),
-    ) -> dict[str, Any]:
+    ) -> LogChunk:
         path = log_path(target)
         chunk = await asyncio.to_thread(read_log, path, tail, offset)
         return {
@@ -293,7 +296,7 @@ def create_app(
         with a log in ``workers/``); never a path built from anything else."""
         directory = deployment.state_dir
         logs_dir = directory / "workers"
-        if target == "daemon":
+        if target == routes.DAEMON_LOG:
             path = directory / "daemon.log"
             if not path.is_file():
                 raise HTTPException(
@@ -310,9 +313,10 @@ def create_app(
         known = sorted((p.stem for p in logs_dir.glob("*.log")), key=lambda n: (len(n), n))
         if "/" not in target and ".." not in target and target in known:
             return logs_dir / f"{target}.log"
-        raise HTTPException(404, f"no log for {target!r}; known: {', '.join(['daemon', *known])}")
+        known.insert(0, routes.DAEMON_LOG)
+        raise HTTPException(404, f"no log for {target!r}; known: {', '.join(known)}")
 
-    @app.post("/-/shutdown", dependencies=guarded, status_code=202)
+    @app.post(routes.SHUTDOWN, dependencies=guarded, status_code=202)
     async def shutdown() -> dict[str, Any]:
         if request_shutdown is None:
             raise HTTPException(409, "this daemon cannot be shut down over the API")

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from flockctl.schema import AutoscalerView, DecisionView, SpotView
 from flockctl.server.autoscaler import AutoscalerPolicy, Decision, Observation, describe_demand
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober
@@ -63,7 +64,7 @@ class DecisionRecord:
     target: int
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> DecisionView:
         return {"at": self.at, "target": self.target, "reason": self.reason}
 
 
@@ -439,9 +440,10 @@ class Controller:
                 )
                 log.error("%s", self.blocked)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> AutoscalerView:
+        """The autoscaler as the status snapshot shows it (``autoscaler``)."""
         policy = self.policy
-        out: dict[str, Any] = {
+        out: AutoscalerView = {
             "policy": policy.name,
             "target": self.target,
             "min_workers": policy.min_workers,
@@ -459,12 +461,13 @@ class Controller:
         plan = self.provisioner.spot_plan
         if plan is not None:
             want_spot, want_ondemand = self.split()
-            out["spot"] = {
+            spot: SpotView = {
                 "base_ondemand_fallback_replicas": plan.base_ondemand,
                 "dynamic_ondemand_fallback": plan.dynamic,
                 "spot_target": want_spot,
                 "ondemand_target": want_ondemand,
             }
+            out["spot"] = spot
         return out
 
 

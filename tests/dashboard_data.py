@@ -1,5 +1,9 @@
 """What the dashboard tests show: a recorded ``/-/status`` snapshot of two engine workers, and
-the terminal size they draw it on (the screenshots in ``__snapshots__/`` are this size)."""
+the terminal size they draw it on (the screenshots in ``__snapshots__/`` are this size).
+
+It holds the keys the dashboard reads as always there (``flockctl.schema.StatusSnapshot``); the
+parts it draws as ``-`` when absent (a worker's pid, the deployment's provisioner) are left out,
+as the screenshots were taken so."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ def snapshot() -> dict[str, Any]:
             {"id": "job-2", "state": "swapped", "level": 1, "preemptions": 3, "age": 75},
         ],
     }
-    worker = {
+    worker: dict[str, Any] = {
         "state": "READY",
         "provisioner": "local",
         "in_flight": 1,
@@ -30,16 +34,24 @@ def snapshot() -> dict[str, Any]:
     }
     return {
         "schema": 1,
-        "deployment": {"name": "default", "endpoint": "http://127.0.0.1:3000", "policy": "lc"},
+        "deployment": {
+            "name": "default",
+            "endpoint": "http://127.0.0.1:3000",
+            "policy": "lc",
+            "model": None,
+        },
         "autoscaler": {
             "policy": "qlrm",
             "target": 2,
             "min_workers": 1,
             "max_workers": 4,
             "qlrm": 0.5,
+            "qps": None,
             "qlrm_history": [[1.0, 0.0], [2.0, 0.5]],
             "thresholds": {"autoscale_up": 7, "autoscale_down": 4},
-            "last_decision": {"target": 2, "reason": "holding"},
+            "last_decision": {"at": 2.0, "target": 2, "reason": "holding"},
+            "launch_blocked": None,
+            "consecutive_start_failures": 0,
         },
         "requests": {"total": 10, "in_flight": 1, "queued": 0, "failed": 0, "rate": 0.5},
         "ready_workers": 2,

@@ -49,15 +49,23 @@ def snapshot(autoscaler: dict[str, Any] | None = None) -> dict[str, Any]:
             "policy": "least-connection",
             "started_at": NOW - 41,
         },
-        "autoscaler": autoscaler
-        or {
-            "policy": "qlrm",
-            "target": 2,
-            "min_workers": 2,
-            "max_workers": 2,
-            "qlrm": 0.1,
-            "qps": None,
-            "last_decision": {"at": NOW - 1, "target": 2, "reason": QLRM_REASON},
+        "autoscaler": {
+            # what every autoscaler section holds, whatever the test's policy
+            "qlrm_history": [],
+            "launch_blocked": None,
+            "consecutive_start_failures": 0,
+            **(
+                autoscaler
+                or {
+                    "policy": "qlrm",
+                    "target": 2,
+                    "min_workers": 2,
+                    "max_workers": 2,
+                    "qlrm": 0.1,
+                    "qps": None,
+                    "last_decision": {"at": NOW - 1, "target": 2, "reason": QLRM_REASON},
+                }
+            ),
         },
         "requests": {"total": 1, "in_flight": 0, "queued": 0, "failed": 0, "retried": 0, "rate": 0},
         "workers": [

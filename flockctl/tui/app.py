@@ -24,6 +24,8 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.message import Message
 from textual.theme import Theme
 
+from flockctl import admin_routes as routes
+from flockctl.schema import AutoscalerView, StatusSnapshot, WorkerView
 from flockctl.tui.feed import Feed, FeedError
 from flockctl.tui.help import HelpScreen, KeyRow, key_rows
 from flockctl.tui.screens import (
@@ -46,7 +48,7 @@ MUTATING = frozenset({"add_worker", "start_model", "drain", "remove", "bounds", 
 
 
 class SnapshotArrived(Message):
-    def __init__(self, snap: dict[str, Any], extras: dict[str, Any]) -> None:
+    def __init__(self, snap: StatusSnapshot, extras: dict[str, Any]) -> None:
         super().__init__()
         self.snap = snap
         self.extras = extras
@@ -63,10 +65,11 @@ class DashboardCommands(Provider):
 
     def _commands(self) -> Iterable[tuple[str, Any, str]]:
         app: Dashboard = self.app  # type: ignore[assignment]
-        yield "Show the daemon's log", partial(app.open_logs, "daemon"), "follow daemon.log"
+        daemon_log = partial(app.open_logs, routes.DAEMON_LOG)
+        yield "Show the daemon's log", daemon_log, "follow daemon.log"
         yield "Pause or resume polling", app.action_toggle_pause, "stop or restart updates"
         yield "Keys", app.action_help, "every key and its binding id"
-        workers = [str(w["id"]) for w in (app.snapshot or {}).get("workers") or []]
+        workers = [str(w["id"]) for w in app.snapshot["workers"]] if app.snapshot else []
         for worker in workers:
             yield f"Open worker {worker}", partial(app.open_worker, worker), "detail screen"
             yield f"Show the log of {worker}", partial(app.open_logs, worker), "follow its log"
@@ -172,7 +175,7 @@ class Dashboard(App[None]):
         self._theme_name = theme_name
         self._keymap = keymap or {}
         self._remember_theme = remember_theme
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: StatusSnapshot | None = None
         self.snapshot_at: float | None = None
         self.extras: dict[str, Any] = {}
         self.polls = 0
@@ -327,7 +330,7 @@ class Dashboard(App[None]):
         if screen is None or isinstance(screen, LogsScreen):
             return
         worker = screen.selected_worker() if isinstance(screen, WorkerScreen) else None
-        self.open_logs(worker or "daemon")
+        self.open_logs(worker or routes.DAEMON_LOG)
 
     def action_filter(self) -> None:
         screen = self.live_screen()
@@ -399,19 +402,19 @@ class Dashboard(App[None]):
 
     def action_add_worker(self) -> None:
         if not self._refuse_readonly():
-            self._act("worker added", "POST", "/-/workers")
+            self._act("worker added", "POST", routes.WORKERS)
 
     def action_start_model(self) -> None:
         if self._refuse_readonly():
             return
-        model = ((self.snapshot or {}).get("deployment") or {}).get("model") or "demo"
+        model = (self.snapshot["deployment"].get("model") if self.snapshot else None) or "demo"
 
         def chosen(values: dict[str, str] | None) -> None:
             if values:
                 self._act(
                     f"engine worker with {values['model']} starting",
                     "POST",
-                    "/-/workers",
+                    routes.WORKERS,
                     {"model": values["model"]},
                 )
 
@@ -427,7 +430,7 @@ class Dashboard(App[None]):
     def action_bounds(self) -> None:
         if self._refuse_readonly():
             return
-        auto = (self.snapshot or {}).get("autoscaler") or {}
+        auto = self._autoscaler()
 
         def check(values: dict[str, str]) -> str | None:
             try:
@@ -444,7 +447,7 @@ class Dashboard(App[None]):
                 self._act(
                     f"bounds set: min {low}, max {high}",
                     "PATCH",
-                    "/-/autoscaler",
+                    routes.AUTOSCALER,
                     {"min_workers": low, "max_workers": high},
                 )
 
@@ -452,8 +455,8 @@ class Dashboard(App[None]):
             FormScreen(
                 "Autoscaler bounds",
                 [
-                    ("min", "min workers", str(auto.get("min_workers", 0))),
-                    ("max", "max workers", str(auto.get("max_workers", 1))),
+                    ("min", "min workers", str(auto["min_workers"] if auto else 0)),
+                    ("max", "max workers", str(auto["max_workers"] if auto else 1)),
                 ],
                 check,
             ),
@@ -464,11 +467,14 @@ class Dashboard(App[None]):
         screen = self.live_screen()
         return screen.selected_worker() if screen is not None else None
 
-    def _worker(self, worker_id: str) -> dict[str, Any]:
-        for w in (self.snapshot or {}).get("workers") or []:
-            if str(w.get("id")) == worker_id:
-                return w
-        return {}
+    def _worker_views(self) -> list[WorkerView]:
+        return self.snapshot["workers"] if self.snapshot else []
+
+    def _autoscaler(self) -> AutoscalerView | None:
+        return self.snapshot["autoscaler"] if self.snapshot else None
+
+    def _worker(self, worker_id: str) -> WorkerView | None:
+        return next((w for w in self._worker_views() if str(w["id"]) == worker_id), None)
 
     def action_drain(self) -> None:
         worker = self._selected()
@@ -483,42 +489,43 @@ class Dashboard(App[None]):
     def drain(self, worker_id: str) -> None:
         if self._refuse_readonly():
             return
-        busy = self._worker(worker_id).get("in_flight", 0)
+        worker = self._worker(worker_id)
+        busy = worker["in_flight"] if worker else 0
         self._confirm(
             f"Drain worker {worker_id}?",
             f"It takes no new requests, finishes the {busy} in flight, and stops; the"
             " autoscaler starts a replacement (the target stays).",
             "Drain",
-            lambda: self._act(f"{worker_id} draining", "POST", f"/-/workers/{worker_id}/drain"),
+            lambda: self._act(f"{worker_id} draining", "POST", routes.drain_path(worker_id)),
         )
 
     def remove(self, worker_id: str) -> None:
         if self._refuse_readonly():
             return
-        auto = (self.snapshot or {}).get("autoscaler") or {}
+        auto = self._autoscaler()
         self._confirm(
             f"Remove worker {worker_id}?",
             f"It drains and stops, and the target drops by one (not below min_workers"
-            f" {auto.get('min_workers', '-')}).",
+            f" {auto['min_workers'] if auto else '-'}).",
             "Remove",
-            lambda: self._act(f"{worker_id} removed", "DELETE", f"/-/workers/{worker_id}"),
+            lambda: self._act(f"{worker_id} removed", "DELETE", routes.worker_path(worker_id)),
         )
 
     def action_shutdown(self) -> None:
         if self._refuse_readonly():
             return
-        d = (self.snapshot or {}).get("deployment") or {}
+        d = self.snapshot["deployment"] if self.snapshot else None
         live = sum(
             1
-            for w in (self.snapshot or {}).get("workers") or []
-            if w.get("state") not in ("TERMINATED", "FAILED", "PREEMPTED")
+            for w in self._worker_views()
+            if w["state"] not in ("TERMINATED", "FAILED", "PREEMPTED")
         )
         self._confirm(
-            f"Shut deployment {d.get('name', '?')!r} down?",
+            f"Shut deployment {d['name'] if d else self.deployment!r} down?",
             f"Every worker ({live}) drains and stops, then the daemon exits; the endpoint"
-            f" {d.get('endpoint', '')} stops answering.",
+            f" {d['endpoint'] if d else ''} stops answering.",
             "Shut down",
-            lambda: self._act("the deployment is shutting down", "POST", "/-/shutdown"),
+            lambda: self._act("the deployment is shutting down", "POST", routes.SHUTDOWN),
         )
 
     def _confirm(self, question: str, consequence: str, yes: str, then: Any) -> None:

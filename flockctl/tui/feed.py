@@ -9,7 +9,9 @@ from typing import Any
 
 import httpx
 
+from flockctl import admin_routes as routes
 from flockctl.client import error_message
+from flockctl.schema import StatusSnapshot
 
 
 class FeedError(Exception):
@@ -51,8 +53,8 @@ class Feed:
         except ValueError:
             raise FeedError(f"{method} {path}: the answer is not JSON") from None
 
-    async def status(self) -> dict[str, Any]:
-        snap = await self.call("GET", "/-/status")
+    async def status(self) -> StatusSnapshot:
+        snap = await self.call("GET", routes.STATUS)
         if not isinstance(snap, dict) or "workers" not in snap:
-            raise FeedError("GET /-/status: not a status snapshot")
-        return snap
+            raise FeedError(f"GET {routes.STATUS}: not a status snapshot")
+        return snap  # type: ignore[return-value]

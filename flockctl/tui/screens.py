@@ -15,7 +15,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Input, Label, RichLog, Sparkline, Static
 
+from flockctl import admin_routes as routes
 from flockctl.render import ago, spec_text, state_text
+from flockctl.schema import EngineView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
 from flockctl.tui.cells import cell_text, memory_cell, ms_text, preemptions
 from flockctl.tui.feed import FeedError
 from flockctl.tui.layout import share_rows
@@ -48,7 +50,7 @@ class LiveScreen(Screen[None]):
         """Admin API paths (besides ``/-/status``) this screen wants fetched on every poll."""
         return []
 
-    def show(self, snap: dict[str, Any], extras: dict[str, Any]) -> None:
+    def show(self, snap: StatusSnapshot, extras: dict[str, Any]) -> None:
         """Render ``snap``; ``extras`` maps each of ``paths()`` to its JSON or a ``FeedError``."""
 
     def selected_worker(self) -> str | None:
@@ -121,12 +123,13 @@ class OverviewScreen(LiveScreen):
         yield filter_box()
         yield Footer()
 
-    def show(self, snap: dict[str, Any], extras: dict[str, Any]) -> None:
+    def show(self, snap: StatusSnapshot, extras: dict[str, Any]) -> None:
         self.query_one(DeploymentLine).show(snap)
         self.query_one(WorkersTable).show(snap)
         self.query_one(JobsTable).show(snap)
         self.query_one(AutoscalerPanel).show(snap)
-        history = (snap.get("autoscaler") or {}).get("qlrm_history") or []
+        autoscaler = snap["autoscaler"]
+        history = autoscaler["qlrm_history"] if autoscaler else []
         self.query_one(Sparkline).data = [float(v) for _t, v in history] or [0.0]
         self.fit_tables()
 
@@ -190,18 +193,26 @@ class WorkerScreen(LiveScreen):
         yield Footer()
 
     def paths(self) -> list[str]:
-        return [f"/-/workers/{self.worker_id}", f"/-/logs/{self.worker_id}?tail={self.LOG_LINES}"]
+        return [self._detail_path, self._log_path]
+
+    @property
+    def _detail_path(self) -> str:
+        return routes.worker_path(self.worker_id)
+
+    @property
+    def _log_path(self) -> str:
+        return routes.logs_path(self.worker_id, tail=self.LOG_LINES)
 
     def selected_worker(self) -> str | None:
         return self.worker_id
 
-    def show(self, snap: dict[str, Any], extras: dict[str, Any]) -> None:
-        detail = extras.get(f"/-/workers/{self.worker_id}")
-        worker = next(
-            (w for w in snap.get("workers") or [] if str(w.get("id")) == self.worker_id), None
+    def show(self, snap: StatusSnapshot, extras: dict[str, Any]) -> None:
+        detail: WorkerDetail | FeedError | None = extras.get(self._detail_path)
+        worker: WorkerView | None = next(
+            (w for w in snap["workers"] if str(w["id"]) == self.worker_id), None
         )
-        if isinstance(detail, dict):
-            worker = {**(worker or {}), **detail}
+        if isinstance(detail, dict):  # the worker as the snapshot has it, and more
+            worker = detail
         title = self.query_one("#title", Static)
         if worker is None:
             title.update(
@@ -220,10 +231,10 @@ class WorkerScreen(LiveScreen):
         self.query_one("#facts", Static).update(self._facts(worker))
         self.query_one("#engine", Static).update(self._engine(worker.get("engine")))
         self.query_one("#probes", Static).update(self._probes(worker, detail))
-        self._log(extras.get(f"/-/logs/{self.worker_id}?tail={self.LOG_LINES}"))
+        self._log(extras.get(self._log_path))
 
     @staticmethod
-    def _facts(w: dict[str, Any]) -> Table:
+    def _facts(w: WorkerView) -> Table:
         now = time.time()
         mem = w.get("gpu_memory") or {}
         memory = memory_cell(mem)
@@ -247,7 +258,7 @@ class WorkerScreen(LiveScreen):
         return _facts(rows)
 
     @staticmethod
-    def _engine(engine: Any) -> Any:
+    def _engine(engine: EngineView | None) -> Any:
         if not isinstance(engine, dict):
             return Text("not flockctl's engine: no queues or speculation to show", style="dim")
         queues = engine.get("queue_lengths") or []
@@ -289,7 +300,7 @@ class WorkerScreen(LiveScreen):
         return _facts(rows)
 
     @staticmethod
-    def _probes(worker: dict[str, Any], detail: Any) -> Text:
+    def _probes(worker: WorkerView, detail: WorkerDetail | FeedError | None) -> Text:
         history = detail.get("probe_history") if isinstance(detail, dict) else None
         out = Text.assemble(("probes  ", "bold"))
         if not history:
@@ -320,7 +331,7 @@ class WorkerScreen(LiveScreen):
                 view.write(Text(str(line)))
 
 
-def _preemptions(engine: dict[str, Any]) -> str:
+def _preemptions(engine: EngineView) -> str:
     """``5 (4 descheduled, 1 swapped, 0 recomputed)``: the total, then each kind."""
     kinds = engine.get("preemptions_total")
     total = cell_text(preemptions(engine))
@@ -370,13 +381,13 @@ class LogsScreen(LiveScreen):
 
     def paths(self) -> list[str]:
         if self.log_offset is None:
-            return [f"/-/logs/{self.target}?tail={self.TAIL}"]
-        return [f"/-/logs/{self.target}?offset={self.log_offset}"]
+            return [routes.logs_path(self.target, tail=self.TAIL)]
+        return [routes.logs_path(self.target, offset=self.log_offset)]
 
     def selected_worker(self) -> str | None:
-        return None if self.target == "daemon" else self.target
+        return None if self.target == routes.DAEMON_LOG else self.target
 
-    def show(self, snap: dict[str, Any], extras: dict[str, Any]) -> None:
+    def show(self, snap: StatusSnapshot, extras: dict[str, Any]) -> None:
         for path in self.paths():
             got = extras.get(path)
             if isinstance(got, FeedError):
@@ -386,7 +397,7 @@ class LogsScreen(LiveScreen):
                 self.error = None
                 self.take(got)
 
-    def take(self, answer: dict[str, Any]) -> None:
+    def take(self, answer: LogChunk) -> None:
         """Add what one fetch of the log returned."""
         if answer.get("reset"):
             self.lines.clear()

@@ -17,6 +17,7 @@ from textual.strip import Strip
 from textual.widgets import Static
 
 from flockctl.render import ago, engine_jobs, job_cells, natural_key, scaling_input, state_text
+from flockctl.schema import StatusSnapshot
 from flockctl.tui.cells import cell_text, memory_cell, memory_place, ms_text, preemptions
 
 #: What a table cell holds: plain text, or styled text (a state glyph and word, a bar).
@@ -269,21 +270,21 @@ class WorkersTable(LiveTable):
     )
     RIGHT = frozenset({"IN FLIGHT", "SERVED", "P50 MS", "PREEMPT"})
 
-    def show(self, snap: dict[str, Any]) -> None:
-        workers = snap.get("workers") or []
-        memory = [w.get("gpu_memory") or {} for w in workers]
+    def show(self, snap: StatusSnapshot) -> None:
+        workers = snap["workers"]
+        memory = [w["gpu_memory"] or {} for w in workers]
         place = max((len(memory_place(mem)) for mem in memory), default=0)
         rows = {}
         for w, mem in zip(workers, memory, strict=True):
             rows[str(w["id"])] = [
                 str(w["id"]),
-                state_text(str(w.get("state", "?"))),
+                state_text(w["state"]),
                 cell_text(w.get("provisioner")),
                 cell_text(w.get("url")),
                 cell_text(w.get("in_flight")),
                 cell_text(w.get("served")),
                 ms_text(w.get("latency_p50_ms")),
-                cell_text(preemptions(w.get("engine"))),
+                cell_text(preemptions(w["engine"])),
                 memory_cell(mem, place),
             ]
         self.sync(rows)
@@ -293,16 +294,16 @@ class JobsTable(LiveTable):
     COLUMNS = ("WORKER", "JOB", "STATE", "LEVEL", "GENERATED", "PREEMPTIONS", "SPEC", "AGE")
     RIGHT = frozenset({"LEVEL", "GENERATED", "PREEMPTIONS", "SPEC", "AGE"})
 
-    def show(self, snap: dict[str, Any]) -> None:
-        jobs = engine_jobs(snap.get("workers") or [])
+    def show(self, snap: StatusSnapshot) -> None:
+        jobs = engine_jobs(snap["workers"])
         self.sync({f"{w}/{job.get('id')}": job_cells(w, job) for w, job in jobs})
 
 
 class DeploymentLine(Static):
-    def show(self, snap: dict[str, Any], now: float | None = None) -> None:
-        d = snap.get("deployment") or {}
+    def show(self, snap: StatusSnapshot, now: float | None = None) -> None:
+        """The deployment and its traffic in one line; a part the snapshot lacks shows as '-'."""
+        d, r = snap["deployment"], snap["requests"]
         now = time.time() if now is None else now
-        r = snap.get("requests") or {}
         self.update(
             Text.assemble(
                 (str(d.get("name", "?")), "bold"),
@@ -316,25 +317,25 @@ class DeploymentLine(Static):
 
 
 class AutoscalerPanel(Static):
-    def show(self, snap: dict[str, Any]) -> None:
-        a = snap.get("autoscaler")
-        if not isinstance(a, dict):
-            self.update("autoscaler: none (static endpoints)")
+    def show(self, snap: StatusSnapshot) -> None:
+        a = snap["autoscaler"]
+        if a is None:
+            self.update("autoscaler: none yet (the daemon is starting)")
             return
-        current = snap.get("ready_workers", 0)
+        current = snap["ready_workers"]
         thresholds = a.get("thresholds") or {}
         limits = ", ".join(f"{k} {cell_text(v)}" for k, v in thresholds.items())
-        decision = a.get("last_decision") or {}
-        policy, figure = str(a.get("policy", "?")), scaling_input(a)
+        reason = a["last_decision"]["reason"]
+        policy, figure = a["policy"], scaling_input(a)
         self.update(
             Text.assemble(
                 ("autoscaler ", "bold"),
                 # "qlrm 0.01", not "qlrm: qlrm 0.01"; "request-rate: rate 0.50/s"
                 figure if figure.startswith(policy) else f"{policy}: {figure}",
                 f" ({limits})" if limits else "",
-                f"  target {a.get('target', '-')} / ready {current}",
-                f"  (bounds {a.get('min_workers', '-')}-{a.get('max_workers', '-')})\n",
-                f"last decision: {decision.get('reason') or '-'}",
-                (f"\n⚠ {a['launch_blocked']}", "bold") if a.get("launch_blocked") else "",
+                f"  target {a['target']} / ready {current}",
+                f"  (bounds {a['min_workers']}-{a['max_workers']})\n",
+                f"last decision: {reason or '-'}",
+                (f"\n⚠ {a['launch_blocked']}", "bold") if a["launch_blocked"] else "",
             )
         )

@@ -1,0 +1,304 @@
+"""The shapes of the two documents flockctl's parts exchange: the daemon's status snapshot
+(``GET /-/status``) and an engine's ``GET /stats``.
+
+Both are plain JSON objects on the wire; these ``TypedDict`` classes say which keys they carry and
+what each holds, so the daemon that writes a snapshot, and the CLI, the dashboard and scripts that
+read it, are checked against one declaration (they cost nothing at run time: a ``TypedDict`` is a
+``dict``). A key declared in a ``total=False`` class may be absent; every other key is always
+there. Values the daemon relays from a worker (``WorkerView.engine``, ``gpu_memory``) come from
+another process, possibly of another version: readers treat their keys as optional.
+
+Each document carries its version (``schema`` in the snapshot, ``schema_version`` in ``/stats``).
+A change of shape bumps it, and additions only: a reader written for version N keeps working on
+later versions. This module is the shared bottom layer: it imports nothing of the daemon, the
+engine, torch or Textual.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+#: The ``schema`` key of ``GET /-/status``.
+SNAPSHOT_SCHEMA_VERSION = 1
+#: The ``schema_version`` key of an engine's ``GET /stats``.
+STATS_SCHEMA_VERSION = 1
+
+# -- an engine's /stats ----------------------------------------------------------------------------
+
+
+class DeviceMemory(TypedDict):
+    """The engine's device and its memory, read through NVML, torch, or psutil (the host's RAM
+    when the engine runs on the CPU)."""
+
+    type: str
+    name: str
+    memory_used: int
+    memory_total: int
+    source: str
+
+
+class KVStats(TypedDict):
+    """The KV cache in tokens: on the device, swapped out to the host, and its traffic."""
+
+    budget_tokens: int
+    used_tokens: int
+    host_tokens: int
+    host_budget_tokens: int
+    block_size: int
+    swap_outs: int
+    swap_ins: int
+    recomputes: int
+
+
+class SpeculationStats(TypedDict):
+    """Speculative decoding's figures, present only when the engine has draft models."""
+
+    mode: str
+    active: bool
+    reason: str | None
+    cost_ratio_by_batch: dict[str, float]
+    draft_models: list[str]
+    tree: list[int]
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    num_accepted_tokens_per_pos: list[int]
+    acceptance_rate: float | None
+    mean_accepted_length: float | None
+
+
+class JobSpeculation(TypedDict):
+    """One job's speculation counters."""
+
+    enabled: bool
+    steps: int
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float | None
+    mean_accepted_length: float | None
+
+
+class JobSummary(TypedDict):
+    """One live job as ``/stats`` lists it; ``state`` is ``running``, ``waiting``,
+    ``preempted``, ``swapped`` or ``finished``."""
+
+    id: str
+    state: str
+    level: int
+    preemptions: int
+    prompt_tokens: int
+    generated_tokens: int
+    age: float
+    speculation: JobSpeculation | None
+
+
+class EngineStats(TypedDict):
+    """``GET /stats`` of flockctl's engine."""
+
+    schema_version: int
+    engine: str
+    version: str
+    model: str
+    scheduler: str
+    device: DeviceMemory
+    dtype: str
+    max_batch_size: int
+    max_model_len: int
+    #: Unfinished jobs per MLFQ level, the highest priority first.
+    queue_lengths: list[int]
+    running: int
+    waiting: int
+    swapped: int
+    #: Preemptions since start, by what happened to the KV cache.
+    preemptions_total: dict[str, int]
+    kv: KVStats
+    speculation: SpeculationStats | None
+    iterations: int
+    tokens_generated: int
+    uptime: float
+    jobs: list[JobSummary]
+
+
+class EngineView(EngineStats, total=False):
+    """A worker's ``/stats`` as the snapshot relays it: the jobs capped, ``jobs_omitted`` left
+    out. It comes from the worker, so a reader treats every key as optional."""
+
+    jobs_omitted: int
+
+
+# -- the daemon's status snapshot ------------------------------------------------------------------
+
+
+class ProbeView(TypedDict):
+    """The readiness probe every worker gets (SkyServe's ``readiness_probe`` fields)."""
+
+    path: str
+    post_data: dict[str, Any] | None
+    headers: dict[str, str]
+    initial_delay_seconds: float
+    timeout_seconds: float
+    interval_seconds: float
+    failure_threshold: int
+
+
+class OpenFiles(TypedDict):
+    soft: int | None
+    hard: int | None
+
+
+class LimitsView(TypedDict):
+    """The front door's limits; an open-file limit of None is unlimited."""
+
+    max_body_size: int
+    max_head_size: int
+    header_timeout: float
+    body_timeout: float
+    keep_alive_timeout: float
+    max_connections: int
+    connection_cap: int
+    open_files: OpenFiles
+
+
+class DeploymentView(TypedDict):
+    name: str
+    version: str
+    endpoint: str
+    provisioner: str
+    policy: str
+    worker_capacity: int
+    upstream_timeout: float
+    limits: LimitsView
+    started_at: float
+    state_dir: str
+    worker_command: str | None
+    model: str | None
+    probe: ProbeView
+
+
+class DecisionView(TypedDict):
+    """The autoscaler's last decision; ``reason`` is shown to the user as is."""
+
+    at: float
+    target: int
+    reason: str
+
+
+class SpotView(TypedDict):
+    """How the target splits between spot and on-demand workers (SkyServe's fallback)."""
+
+    base_ondemand_fallback_replicas: int
+    dynamic_ondemand_fallback: bool
+    spot_target: int
+    ondemand_target: int
+
+
+class _AutoscalerRequired(TypedDict):
+    policy: str
+    target: int
+    min_workers: int
+    max_workers: int
+    #: The queue-length running mean (None before the first sample, or for other policies).
+    qlrm: float | None
+    #: The request rate a request-rate policy scales on; None for the others.
+    qps: float | None
+    #: The last minute of ``[time, qlrm]`` pairs, oldest first.
+    qlrm_history: list[list[float]]
+    last_decision: DecisionView
+    #: Why launching stopped (a crash loop), or None.
+    launch_blocked: str | None
+    consecutive_start_failures: int
+
+
+class AutoscalerView(_AutoscalerRequired, total=False):
+    #: The policy's settings (absent for a policy without any).
+    thresholds: dict[str, float]
+    #: Present where the provisioner splits workers between spot and on-demand machines.
+    spot: SpotView
+
+
+class GpuMemory(TypedDict):
+    """A worker's device memory from its engine's ``/stats``; any part may be unknown."""
+
+    used: int | float | None
+    total: int | float | None
+    device: str | None
+    source: str | None
+
+
+class ProbeRecord(TypedDict):
+    """One readiness probe."""
+
+    at: float
+    ok: bool
+    detail: str
+    ms: float
+
+
+class WorkerView(TypedDict):
+    """One worker; ``state`` is a ``WorkerState`` name (``READY``, ``DRAINING``, ...)."""
+
+    id: str
+    provisioner: str
+    state: str
+    reason: str | None
+    url: str | None
+    pid: int | None
+    in_flight: int
+    served: int
+    failures: int
+    latency_p50_ms: float | None
+    created_at: float
+    started_at: float | None
+    ready_at: float | None
+    ended_at: float | None
+    last_probe: ProbeRecord | None
+    model: str | None
+    spot: bool | None
+    resource: str | None
+    gpu_memory: GpuMemory | None
+    #: The worker's engine stats; None for a worker that is not flockctl's engine.
+    engine: EngineView | None
+    engine_at: float | None
+    #: True while the last pulls of ``engine`` failed (it is the last good one).
+    engine_stale: bool
+
+
+class WorkerDetail(WorkerView):
+    """``GET /-/workers/{id}``: the worker, its last probes and its command line."""
+
+    probe_history: list[ProbeRecord]
+    command: str | None
+
+
+class RequestsView(TypedDict):
+    """The balancer's request counters; ``rate`` is requests per second, recently."""
+
+    total: int
+    in_flight: int
+    queued: int
+    failed: int
+    retried: int
+    rate: float
+
+
+class StatusSnapshot(TypedDict):
+    """``GET /-/status``: the one source for ``flockctl status``, the dashboard and scripts."""
+
+    schema: int
+    generated_at: float
+    deployment: DeploymentView
+    #: None only before the daemon has started its controller.
+    autoscaler: AutoscalerView | None
+    workers: list[WorkerView]
+    requests: RequestsView
+    ready_workers: int
+
+
+class LogChunk(TypedDict):
+    """``GET /-/logs/{target}``: lines of a log, and the byte ``offset`` to ask from next time
+    (``reset``: the log started over since that offset, so these lines begin it anew)."""
+
+    target: str
+    offset: int
+    lines: list[str]
+    reset: bool
