@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import FAKE_WORKER
 
-from flockctl.server.config import ConfigError, DeploymentConfig, resolve
+from flockctl.server.config import ConfigError, DeploymentConfig
 from flockctl.server.deployment import make_provisioner
 from flockctl.server.provisioners.local import argv_for
+from flockctl.server.spec_file import resolve
 
 CMD = "serve --port {port}"
 

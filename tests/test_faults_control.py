@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from flockctl.cli import app as cli_app
 from flockctl.server.autoscaler import QueueLengthRunningMean
-from flockctl.server.config import KEY_ENV_VARS
 from flockctl.server.controller import Controller, scale_down_order
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.provisioners import LocalProvisioner
 from flockctl.server.provisioners.base import Provisioner
+from flockctl.server.provisioners.local import KEY_ENV_VARS
 from flockctl.server.workers import Worker, WorkerState
 
 CHAT = "/v1/chat/completions"

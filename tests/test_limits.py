@@ -22,8 +22,9 @@ from aiohttp import web
 from conftest import TOKEN, free_port, until
 
 from flockctl.server import limits
-from flockctl.server.config import ConfigError, DeploymentConfig, resolve
+from flockctl.server.config import ConfigError, DeploymentConfig
 from flockctl.server.limits import connection_cap, descriptor_reserve, parse_size
+from flockctl.server.spec_file import resolve
 from flockctl.state import DaemonRecord, state_dir
 
 CHAT = "/v1/chat/completions"

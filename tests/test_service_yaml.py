@@ -22,13 +22,13 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from flockctl.cli import app
-from flockctl.server.config import resolve
 from flockctl.server.controller import Controller
 from flockctl.server.deployment import make_autoscaler, make_spot_plan
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.provisioners import Provisioner
 from flockctl.server.provisioners.skypilot import cluster_name
+from flockctl.server.spec_file import resolve
 from flockctl.server.workers import Worker
 from flockctl.state import state_dir
 

@@ -267,7 +267,8 @@ def _build_demo_first(cfg: Any, in_front: bool) -> None:
 
 
 def _resolve_or_exit(spec: Path | None, flags: dict[str, Any], names: dict[str, str]) -> Any:
-    from flockctl.server.config import ConfigError, resolve
+    from flockctl.server.config import ConfigError
+    from flockctl.server.spec_file import resolve
 
     try:
         return resolve(spec, flags, names)
@@ -319,7 +320,8 @@ def _spec_name(spec: Path | None) -> str | None:
     """The deployment name a SPEC sets, if it can be read at all (errors come later)."""
     if spec is None:
         return None
-    from flockctl.server.config import ConfigError, load_spec
+    from flockctl.server.config import ConfigError
+    from flockctl.server.spec_file import load_spec
 
     try:
         values, _ = load_spec(spec)

@@ -1,7 +1,7 @@
 """The options of ``flockctl up``, one alias each, grouped in ``--help`` by the panel they set.
 
 Every option defaults to None (the ``[default: ...]`` in its help is the config's) so that
-``flockctl.server.config.resolve`` can tell a flag given from one left out and let a SPEC file's
+``flockctl.server.spec_file.resolve`` can tell a flag given from one left out and let a SPEC file's
 value stand; ``up`` passes on only the flags that were given.
 """
 

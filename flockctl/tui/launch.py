@@ -115,7 +115,8 @@ def start_deployment(name: str, spec: Path | None, workers: int) -> tuple[str, s
     """Start deployment ``name`` from ``spec``, or with ``workers`` local engine workers serving
     the demo model; returns its endpoint and admin token, or raises ClientError."""
     from flockctl import daemon
-    from flockctl.server.config import ConfigError, resolve
+    from flockctl.server.config import ConfigError
+    from flockctl.server.spec_file import resolve
 
     flags: dict[str, Any] = {"name": name, "workdir": os.getcwd()}
     if spec is None:

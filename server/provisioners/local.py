@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flockctl.server.config import KEY_ENV_VARS
 from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import is_same_process, process_start_time, read_json
 from flockctl.state import write_json_atomic as _write
 
+#: Environment variables that carry the deployment's keys (``--node-control-key``, ``--api-key``):
+#: a local worker, which may be any third-party server, never gets them.
+KEY_ENV_VARS = ("FLOCKCTL_NODE_CONTROL_KEY", "FLOCKCTL_API_KEY")
 _SHELL_CHARS = frozenset("$`*?[~")
 #: Bytes at the end of a worker's log searched for the lines that say why it ended.
 _REASON_BYTES = 65536

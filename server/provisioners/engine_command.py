@@ -1,0 +1,61 @@
+"""The command line of a local worker: flockctl's engine serving a model, or the user's own
+command, which must listen on the port the local provisioner gives it.
+
+The config turns a model into a command only through ``engine_command``, so the daemon, its
+dry run and ``POST /-/workers {"model"}`` start the same engine the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+
+#: ``$PORT`` or ``${PORT}``, not ``$PORTS``: how a shell command line reads the worker's port from
+#: its environment (the local provisioner sets ``PORT`` and runs such a command through a shell).
+_PORT_VAR = re.compile(r"\$(?:PORT\b|\{PORT\})")
+
+
+def takes_port(command: str) -> bool:
+    """Whether a worker command listens where it is told: ``{port}`` filled in, or ``$PORT``."""
+    return "{port}" in command or _PORT_VAR.search(command) is not None
+
+
+def engine_command(
+    model: str,
+    engine_args: Sequence[str] = (),
+    draft_models: Sequence[str] = (),
+    threads: int | None = None,
+) -> str:
+    """The worker command that runs flockctl's engine serving ``model`` on ``{port}``.
+
+    It runs with this interpreter (``sys.executable``), so the engine comes from the same
+    installation as the daemon, and every part is quoted so a model path with spaces survives.
+    Each draft model becomes ``--draft-model``; ``threads`` becomes ``--threads`` unless
+    ``engine_args`` already sets it (the user's own choice wins).
+    """
+    args = list(engine_args)
+    for draft in draft_models:
+        args += ["--draft-model", draft]
+    if threads is not None and not any(
+        a == "--threads" or a.startswith("--threads=") for a in args
+    ):
+        args += ["--threads", str(threads)]
+    parts = [sys.executable, "-m", "flockctl", "engine", "serve", "--model", model]
+    quoted = [shlex.quote(part) for part in parts]
+    quoted += ["--host", "127.0.0.1", "--port", "{port}"]
+    quoted += [shlex.quote(arg) for arg in args]
+    return " ".join(quoted)
+
+
+def engine_threads(engines: int) -> int:
+    """CPU threads for each of ``engines`` local engines running at once: this machine's cores
+    split between them. Oversubscribed torch threads spin against each other and a CPU decode
+    step can take 50x longer; ``--engine-args '--threads N'`` overrides it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, engines))
