@@ -424,3 +424,30 @@ async def test_the_admin_client_speaks_every_route(daemon):
     assert out["missing"].code == ExitCode.NOT_FOUND
     assert "no log for '../daemon.json'" in str(out["missing"])
     await until(lambda: "w3" in d.states(), "a replacement for the drained w1")
+
+
+async def test_the_client_sends_ids_that_need_quoting_whole(daemon):
+    d = await daemon(endpoints=["http://127.0.0.1:1"])
+    port = int(d.url.rsplit(":", 1)[1])
+    record = DaemonRecord(os.getpid(), 0.0, "127.0.0.1", port, TOKEN, "test", "default")
+    odd = "w 1?x#y"  # unquoted, the daemon would see "w 1" and a query
+
+    def script() -> list[ClientError]:
+        errors = []
+        with AdminClient(record) as client:
+            for call in (
+                lambda: client.worker(odd),
+                lambda: client.drain_worker(odd),
+                lambda: client.remove_worker(odd),
+                lambda: client.logs(f"{odd}/../daemon"),
+            ):
+                try:
+                    call()
+                except ClientError as exc:
+                    errors.append(exc)
+        return errors
+
+    worker, drain, remove, logs = await asyncio.to_thread(script)
+    for error in (worker, drain, remove):
+        assert f"no worker {odd!r}; known: w1" in str(error) and error.code == ExitCode.NOT_FOUND
+    assert f"no log for '{odd}/../daemon'" in str(logs) and logs.code == ExitCode.NOT_FOUND

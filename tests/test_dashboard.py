@@ -388,6 +388,36 @@ async def test_each_action_sends_its_admin_call(feed: StatusFeed) -> None:
         )
 
 
+#: A worker id that only arrives whole as one quoted path segment: unquoted, the space, ``/``,
+#: ``?`` and ``#`` would split it into other path segments, a query and a fragment.
+ODD_ID = "w 2/a?b#c"
+
+
+async def test_ids_that_need_quoting_reach_their_worker(feed: StatusFeed) -> None:
+    feed.snap["workers"][1]["id"] = ODD_ID
+    app = app_for(feed)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        assert keys(app.query_one(WorkersTable)) == ["w10", ODD_ID]
+        await pilot.press("down", "enter")
+        assert isinstance(app.screen, WorkerScreen) and app.screen.worker_id == ODD_ID
+        probes = app.screen.query_one("#probes")
+        await until(lambda: "✓✗✓" in str(probes.render()), "its probe history", pause=pilot.pause)
+        recent = app.screen.query_one("#recent", RichLog)
+        await until(lambda: len(recent.lines) == 5, "its last log lines", pause=pilot.pause)
+
+        await pilot.press("d", "y")
+        await until(lambda: feed.calls, "the drain call", pause=pilot.pause)
+        assert feed.calls == [("POST", f"/-/workers/{ODD_ID}/drain", None)]
+        await pilot.press("escape")
+        jobs = app.query_one(JobsTable)
+        jobs.focus()
+        jobs.move_cursor(keys(jobs).index(f"{ODD_ID}/job-2"))
+        await pilot.press("x", "y")  # remove, from the worker's job row
+        await until(lambda: len(feed.calls) == 2, "the remove call", pause=pilot.pause)
+        assert feed.calls[1] == ("DELETE", f"/-/workers/{ODD_ID}", None)
+
+
 async def test_readonly_turns_every_action_off(feed: StatusFeed) -> None:
     app = app_for(feed, readonly=True)
     async with app.run_test(size=SIZE) as pilot:

@@ -149,7 +149,7 @@ class OverviewScreen(LiveScreen):
     def selected_worker(self) -> str | None:
         jobs = self.query_one(JobsTable)
         if self.focused is jobs and jobs.cursor_key is not None:
-            return jobs.cursor_key.split("/", 1)[0]
+            return JobsTable.worker_of(jobs.cursor_key)
         return self.query_one(WorkersTable).cursor_key
 
     def apply_filter(self, text: str) -> None:
@@ -158,7 +158,9 @@ class OverviewScreen(LiveScreen):
         self.fit_tables()
 
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
-        self.app.open_worker(event.key.split("/", 1)[0])  # type: ignore[attr-defined]
+        key = event.key
+        worker = JobsTable.worker_of(key) if isinstance(event.table, JobsTable) else key
+        self.app.open_worker(worker)  # type: ignore[attr-defined]
 
 
 def _facts(rows: list[tuple[str, Any]]) -> Table:

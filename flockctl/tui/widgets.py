@@ -298,6 +298,12 @@ class JobsTable(LiveTable):
         jobs = engine_jobs(snap["workers"])
         self.sync({f"{w}/{job.get('id')}": job_cells(w, job) for w, job in jobs})
 
+    @staticmethod
+    def worker_of(key: str) -> str:
+        """The worker id of a row key (``worker/job``): a worker id may hold a ``/``, an
+        engine's job id does not."""
+        return key.rsplit("/", 1)[0]
+
 
 class DeploymentLine(Static):
     def show(self, snap: StatusSnapshot, now: float | None = None) -> None:
