@@ -32,6 +32,7 @@ from flockctl.engine.scheduler import Scheduler, make_scheduler
 from flockctl.engine.spec import SpecPolicy
 from flockctl.engine.speculator import Drafter, Speculator
 from flockctl.engine.text import TextStream
+from flockctl.schema import STATS_SCHEMA_VERSION, EngineStats
 
 
 class QueueFull(Exception):
@@ -178,11 +179,12 @@ class Engine:
         job = handle.job if handle else self.model_loop.recent.get(job_id)
         return job.detail() if job else None
 
-    def stats(self, detailed: bool = False) -> dict[str, Any]:
+    def stats(self, detailed: bool = False) -> EngineStats:
         now = time.monotonic()
         jobs = [h.job for h in list(self.model_loop.live.values())]
         states = collections.Counter(j.state for j in jobs)
         out: dict[str, Any] = {
+            "schema_version": STATS_SCHEMA_VERSION,
             "engine": "flockctl",
             "version": __version__,
             "model": self.model_name,
@@ -221,7 +223,7 @@ class Engine:
             out["decode_ms_recent"] = round(ewma * 1000, 3) if ewma is not None else None
             out["recent_jobs"] = [j.detail(now) for j in recent]
             out["process_rss"] = psutil.Process().memory_info().rss
-        return out
+        return out  # type: ignore[return-value]
 
     def spec_stats(self) -> dict[str, Any] | None:
         """Speculative decoding's figures; None without draft models."""
