@@ -20,80 +20,66 @@ bug's 500 says ``Connection: close``, as the server then drops the connection, s
 keeps connections alive opens a new one instead of failing its next request. A client that hangs
 up cancels its job at once, so the engine never spends iterations on text nobody reads.
 
-Request bodies live in ``protocol.py``; SSE and disconnect handling in ``streaming.py``.
+Request bodies live in ``protocol.py``; OpenAI's routes in ``openai_routes.py``; the error shape,
+body parsing and job submission every route module shares in ``routes_common.py``; SSE and
+disconnect handling in ``streaming.py``.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from flockctl import __version__
-from flockctl.engine.engine import EngineUnavailable, QueueFull
-from flockctl.engine.job import FinishReason, InvalidRequest, SamplingParams
+from flockctl.engine import routes_common
+from flockctl.engine.embedding_routes import add_embedding_routes
+from flockctl.engine.job import INSTANCE, FinishReason, SamplingParams
+from flockctl.engine.openai_routes import openai_failed, register_openai
 from flockctl.engine.protocol import (
-    MAX_DEPTH,
     ChatRequest,
     CompletionRequest,
     GenerateRequest,
-    OpenAIRequest,
     field_path,
-    first_surrogate,
-    too_deep,
 )
-from flockctl.engine.streaming import EventStream, json_bytes, sse, until_disconnect
+from flockctl.engine.routes_common import (
+    CLIENT_CLOSED,
+    APIError,
+    SafeJSON,
+    body_schema,
+    collect,
+    finish,
+    parse,
+    run_to_end,
+    server_error,
+)
+from flockctl.engine.streaming import EventStream, sse
+from flockctl.engine.tgi_stream import tgi_events
+from flockctl.engine.tokenize_routes import add_tokenize_routes
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Engine
-    from flockctl.engine.handle import Delta, JobHandle
+    from flockctl.engine.handle import JobHandle
 
-M = TypeVar("M", bound=BaseModel)
-
-# Not a real status: nobody reads it. It marks, in access logs, a request whose client hung up.
-CLIENT_CLOSED = 499
+__all__ = [
+    "CLIENT_CLOSED",
+    "APIError",
+    "SafeJSON",
+    "collect",
+    "create_app",
+    "openai_failed",
+    "parse",
+    "run_to_end",
+]
 
 # The bodies the routes parse themselves; /openapi.json gets their schemas from here.
 BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatRequest, GenerateRequest)
-
-
-class SafeJSON(JSONResponse):
-    """JSON that a stray string cannot break: see ``json_bytes``."""
-
-    def render(self, content: Any) -> bytes:
-        return json_bytes(content)
-
-
-class APIError(Exception):
-    """An answer in OpenAI's error shape; raised anywhere in a route."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.kind = kind
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        headers = {"retry-after": "1"} if self.status == 429 else None
-        return SafeJSON({"error": body}, self.status, headers=headers)
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -107,7 +93,6 @@ def create_app(engine: Engine) -> FastAPI:
         default_response_class=SafeJSON,
     )
     publish_bodies(app)
-    created = int(time.time())
     tokenizer = engine.tokenizer
     special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
     eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -137,173 +122,16 @@ def create_app(engine: Engine) -> FastAPI:
             message = f"no route {req.method} {req.url.path}; see /v1/models, /generate, /stats"
         return APIError(exc.status_code, message, code=_snake(str(exc.detail))).response()
 
-    def check_model(model: str | None) -> None:
-        if model and model != engine.model_name:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist here; this server serves"
-                f" {engine.model_name!r}",
-                "model",
-                "model_not_found",
-            )
-
     def submit(
         prompt_ids: list[int],
         params: Callable[[], SamplingParams],
         fields: Mapping[str, str] | None = None,
     ) -> JobHandle:
-        """Hand a job to the engine; its refusals become 400/429. ``fields`` renames the
-        engine's parameter names (``max_tokens``, ``prompt``) to what this body called them."""
-        try:
-            return engine.submit(prompt_ids, params())
-        except InvalidRequest as exc:
-            field = (fields or {}).get(exc.param or "", exc.param)
-            message = str(exc) if field == exc.param else f"{field}: {exc}"
-            raise APIError(400, message, field) from exc
-        except QueueFull as exc:
-            raise APIError(429, str(exc), code="queue_full", kind="rate_limit_error") from exc
-        except EngineUnavailable as exc:
-            raise APIError(503, str(exc), code="engine_unavailable", kind="server_error") from exc
+        return routes_common.submit(engine, prompt_ids, params, fields)
 
-    # -- OpenAI -------------------------------------------------------------------------------
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": engine.model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "flockctl",
-                    "max_model_len": engine.max_model_len,
-                }
-            ],
-        }
-
-    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
-    async def completions(request: Request) -> Response:
-        body = await parse(request, CompletionRequest)
-        check_openai(body)
-        prompt = body.prompt
-        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        handle = submit(prompt_ids, lambda: body.sampling_params(default_max_tokens=16))
-        head = openai_head(f"cmpl-{handle.job.id}", "text_completion")
-        if body.stream:
-            usage = body.include_usage
-            return EventStream(completion_events(handle, head, usage), handle, openai_failed)
-        text, _final = await run_to_end(request, handle)
-        choice = {"index": 0, "text": text, "finish_reason": finish(handle), "logprobs": None}
-        return SafeJSON({**head, "choices": [choice], "usage": usage_of(handle)})
-
-    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
-    async def chat_completions(request: Request) -> Response:
-        body = await parse(request, ChatRequest)
-        check_openai(body)
-        prompt_ids = chat_prompt(body)
-        default = max(engine.max_model_len - len(prompt_ids), 1)
-        # The prompt is what the messages became: errors name the fields the client sent.
-        limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        handle = submit(
-            prompt_ids,
-            lambda: body.sampling_params(default_max_tokens=default),
-            {"prompt": "messages", "max_tokens": limit},
-        )
-        head = openai_head(f"chatcmpl-{handle.job.id}", "chat.completion")
-        if body.stream:
-            head["object"] = "chat.completion.chunk"
-            events = chat_events(handle, head, body.include_usage)
-            return EventStream(events, handle, openai_failed)
-        text, _final = await run_to_end(request, handle)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish(handle),
-            "logprobs": None,
-        }
-        return SafeJSON({**head, "choices": [choice], "usage": usage_of(handle)})
-
-    def check_openai(body: OpenAIRequest) -> None:
-        check_model(body.model)
-        unsupported = body.unsupported()
-        if unsupported is not None:
-            raise APIError(400, unsupported[1], unsupported[0], "unsupported_parameter")
-
-    def chat_prompt(body: ChatRequest) -> list[int]:
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(
-                400,
-                f"the model {engine.model_name!r} has no chat template, so it cannot take"
-                " messages; send a prompt to /v1/completions instead",
-                "messages",
-                "no_chat_template",
-            )
-        # Templates index message["content"]; an assistant turn may have sent none.
-        messages = [
-            {**m.model_dump(exclude_none=True), "content": m.content or ""} for m in body.messages
-        ]
-        try:
-            out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as exc:  # templates raise on what they refuse (roles out of order...)
-            raise APIError(
-                400, f"the chat template rejected the messages: {exc}", "messages"
-            ) from exc
-        ids = out["input_ids"] if isinstance(out, Mapping) else out
-        if ids and isinstance(ids[0], list):  # a batch of one
-            ids = ids[0]
-        return [int(t) for t in ids]
-
-    def openai_head(response_id: str, kind: str) -> dict[str, Any]:
-        return {
-            "id": response_id,
-            "object": kind,
-            "created": int(time.time()),
-            "model": engine.model_name,
-        }
-
-    async def completion_events(
-        handle: JobHandle, head: dict[str, Any], include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        extra = {"usage": None} if include_usage else {}
-        async for delta in handle:
-            if delta.error:
-                yield sse({"error": server_error(delta.error)})
-                break
-            if delta.text or delta.finish_reason is not None:
-                reason = delta.finish_reason.value if delta.finish_reason else None
-                choice = {"index": 0, "text": delta.text, "finish_reason": reason, "logprobs": None}
-                yield sse({**head, "choices": [choice], **extra})
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of(handle)})
-        yield b"data: [DONE]\n\n"
-
-    async def chat_events(
-        handle: JobHandle, head: dict[str, Any], include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(delta: dict[str, Any], reason: FinishReason | None = None) -> bytes:
-            choice = {
-                "index": 0,
-                "delta": delta,
-                "finish_reason": reason.value if reason else None,
-                "logprobs": None,
-            }
-            return sse({**head, "choices": [choice], **extra})
-
-        yield chunk({"role": "assistant", "content": ""})
-        async for delta in handle:
-            if delta.error:
-                yield sse({"error": server_error(delta.error)})
-                break
-            if delta.finish_reason is not None:
-                yield chunk({"content": delta.text} if delta.text else {}, delta.finish_reason)
-            elif delta.text:
-                yield chunk({"content": delta.text})
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of(handle)})
-        yield b"data: [DONE]\n\n"
+    register_openai(app, engine)
+    add_embedding_routes(app, engine)
+    add_tokenize_routes(app, engine)
 
     # -- TGI and FastServe -----------------------------------------------------------------------
 
@@ -353,31 +181,14 @@ def create_app(engine: Engine) -> FastAPI:
         return SafeJSON(out)
 
     async def generate_events(handle: JobHandle, body: GenerateRequest) -> AsyncIterator[bytes]:
-        parts: list[str] = []
-        index = 0
-        async for delta in handle:
-            if delta.error:
-                yield sse({"error": delta.error, "error_type": "generation"})
-                return
-            parts.append(delta.text)
-            index += max(len(delta.token_ids), 1)
-            token_id = delta.token_ids[-1] if delta.token_ids else None
-            token = {
-                "id": token_id,
-                "text": delta.text,
-                "logprob": None,
-                "special": token_id in special_ids,
+        def final(text: str) -> dict[str, Any]:
+            return {
+                "generated_text": body.full_text(text),
+                "details": tgi_details(handle),
+                **figures(handle),
             }
-            event: dict[str, Any] = {
-                "index": index,
-                "token": token,
-                "generated_text": None,
-                "details": None,
-            }
-            if delta.finish_reason is not None:
-                event["generated_text"] = body.full_text("".join(parts))
-                event["details"] = tgi_details(handle)
-                event.update(figures(handle))
+
+        async for event in tgi_events(handle, tokenizer, special_ids, final):
             yield sse(event)
 
     async def generate_stream(request: Request) -> Response:
@@ -406,20 +217,21 @@ def create_app(engine: Engine) -> FastAPI:
         if engine.failed or engine.closing:
             reason = engine.failed or "the engine is shutting down"
             raise APIError(503, reason, code="engine_unavailable", kind="server_error")
-        return {"status": "ok", "model": engine.model_name}
+        # the instance token begins every job id of this engine: the balancer learns it here
+        return {"status": "ok", "model": engine.model_name, "instance": INSTANCE}
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        return engine.stats()
+        return {**engine.stats(), "instance": INSTANCE}
 
     @app.get("/stats/detailed")
     async def stats_detailed() -> dict[str, Any]:
-        return engine.stats(detailed=True)
+        return {**engine.stats(detailed=True), "instance": INSTANCE}
 
     @app.get("/jobs/{job_id}")
     async def job(job_id: str) -> dict[str, Any]:
-        # The OpenAI routes answer with "cmpl-job-7"; take either form.
-        bare = job_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+        # The OpenAI routes answer with "cmpl-" and the job's id; take either form.
+        bare = job_id.rpartition("-")[2]
         info = engine.job_info(bare)
         if info is None:
             raise APIError(
@@ -441,47 +253,6 @@ def create_app(engine: Engine) -> FastAPI:
 # -- helpers shared by the routes -----------------------------------------------------------------
 
 
-async def parse(request: Request, model: type[M]) -> M:
-    """Read and validate a JSON body, here rather than by FastAPI: a body sent without a
-    content-type is taken as JSON, every failure gets the same 400 shape, and a non-JSON
-    content-type (``curl -d`` sends a form's) gets a 415 that says what to send."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type and not (content_type == "application/json" or content_type.endswith("+json")):
-        raise APIError(
-            415, f"send the body as JSON (content-type: application/json), not {content_type}"
-        )
-    raw = await request.body()
-    if not raw.strip():
-        raise APIError(400, "the request has no body; send a JSON object")
-    if too_deep(raw):  # before json.loads, which recurses once per level
-        raise APIError(
-            400,
-            f"the body nests deeper than {MAX_DEPTH} levels of arrays and objects;"
-            " no field of this API needs more than four",
-        )
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise APIError(400, f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise APIError(400, f"the body must be a JSON object, not {type(data).__name__}")
-    # Every string, known field or not: a lone surrogate breaks tokenizers and JSON encoding.
-    found = first_surrogate(data)
-    if found is not None:
-        param, problem = found
-        raise APIError(400, f"{param or 'the body'} {problem}", param or None)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
-
-
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that parses ``model`` itself (``parse``)."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
 def publish_bodies(app: FastAPI) -> None:
     """Put ``BODIES``' schemas (and the models they use) into the app's OpenAPI components:
     FastAPI sees no body parameter on the routes, so it would not publish them itself."""
@@ -501,60 +272,10 @@ def publish_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def server_error(message: str) -> dict[str, Any]:
-    return {"message": message, "type": "server_error", "param": None, "code": None}
-
-
-def finish(handle: JobHandle) -> str | None:
-    reason = handle.job.finish_reason
-    return reason.value if reason is not None else None
-
-
-def openai_failed(message: str) -> bytes:
-    """The last events of an OpenAI stream whose events failed."""
-    return sse({"error": server_error(message)}) + b"data: [DONE]\n\n"
-
-
 def generate_failed(message: str) -> bytes:
     """The last event of a TGI stream whose events failed, as TGI sends its errors."""
     return sse({"error": message, "error_type": "generation"})
 
 
-def usage_of(handle: JobHandle) -> dict[str, int]:
-    job = handle.job
-    prompt, completion = len(job.prompt_ids), len(job.output_ids)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
 def _snake(text: str) -> str:
     return "_".join(text.lower().split()) or "error"
-
-
-async def collect(handle: JobHandle) -> tuple[str, Delta]:
-    """The whole text of a job and its last delta."""
-    parts: list[str] = []
-    async for delta in handle:
-        parts.append(delta.text)
-        if delta.finish_reason is not None:
-            return "".join(parts), delta
-    raise RuntimeError(f"job {handle.job.id} ended without a finish reason")
-
-
-async def run_to_end(request: Request, handle: JobHandle) -> tuple[str, Delta]:
-    """Wait for a non-streaming job; a client gone first cancels it (the route answers 499)."""
-    outcome = await until_disconnect(collect(handle), request.receive, handle)
-    if outcome is None:
-        raise APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed")
-    text, final = outcome
-    if final.finish_reason is FinishReason.ABORT:
-        raise APIError(
-            503,
-            final.error or f"job {handle.job.id} was aborted",
-            code="aborted",
-            kind="server_error",
-        )
-    return text, final

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flockctl.engine.job import FinishReason, Job
+from flockctl.engine.job import FinishReason, Job, TokenLogprob
 from flockctl.engine.text import TextStream
 
 
@@ -24,6 +24,8 @@ class Delta:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # one per token of ``token_ids`` when the job's params ask for log-probabilities
+    logprobs: list[TokenLogprob] | None = None
 
 
 class JobHandle:

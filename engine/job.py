@@ -6,7 +6,9 @@ Pure data with no torch in it, so the scheduler can be tested without a model.
 from __future__ import annotations
 
 import enum
-import itertools
+import math
+import secrets
+import string
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +44,21 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+#: Log-probabilities a token may come with: its own and up to this many alternatives (OpenAI's cap).
+MAX_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one job picks its tokens and when it ends.
+
+    ``max_tokens`` 0 is allowed only with ``prompt_logprobs``: the job then scores its prompt
+    and generates nothing (how evaluation harnesses ask for a text's log-likelihood).
+    ``logprobs``: alternatives reported beside each generated token (None: no log-probabilities);
+    ``prompt_logprobs`` the same for the prompt's tokens. ``logit_bias`` is a tuple of
+    ``(token id, bias)`` so the params stay hashable.
+    """
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -51,12 +66,48 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens <= 0:
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
             raise InvalidRequest(
-                f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens"
+                f"max_tokens must be at least 1 (0 only with echo and logprobs), got"
+                f" {self.max_tokens}",
+                "max_tokens",
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value}", name)
+        if not 0 < self.repetition_penalty <= 2:
+            raise InvalidRequest(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+                "repetition_penalty",
+            )
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
+                "min_tokens",
+            )
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidRequest("stop_token_ids must not be negative", "stop_token_ids")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100 <= bias <= 100 or math.isnan(bias):
+                raise InvalidRequest(
+                    f"logit_bias maps token ids to a bias in [-100, 100], got {token}: {bias}",
+                    "logit_bias",
+                )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
         if self.temperature < 0:
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
@@ -75,6 +126,29 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the model's logits change before sampling (penalties, bias, min_tokens)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1
+            or self.logit_bias
+            or self.min_tokens
+        )
+
+    @property
+    def speculable(self) -> bool:
+        """Whether a speculative step can give this job what an incremental one would.
+
+        Penalties and ``min_tokens`` depend on the tokens before each position, which differ
+        from node to node of a draft tree, and log-probabilities are reported per incremental
+        step: such jobs decode incrementally (see also ``Speculator.can_speculate``).
+        """
+        return not (
+            self.adjusts_logits or self.logprobs is not None or self.prompt_logprobs is not None
+        )
+
 
 def lone_surrogate_at(text: str) -> int | None:
     """Where ``text`` holds a lone UTF-16 surrogate (what JSON's ``"\\ud800"`` decodes to, and
@@ -86,6 +160,15 @@ def lone_surrogate_at(text: str) -> int | None:
     except UnicodeEncodeError as exc:  # a surrogate is the one thing UTF-8 refuses
         return exc.start
     return None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the most likely alternatives at its position (best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -115,11 +198,32 @@ class JobSpec:
         }
 
 
-_ids = itertools.count(1)
+_ALPHABET = string.ascii_letters + string.digits
+#: Characters of the instance token that begins every id this process gives out.
+INSTANCE_CHARS = 6
+#: Characters of an id after the instance token: 16 base-62 characters are 95 random bits.
+ID_CHARS = 22
+
+
+def random_chars(n: int) -> str:
+    """``n`` random letters and digits from the OS's generator."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+#: This engine process's token, drawn when it starts. Every job id begins with it and the engine
+#: reports it in /health and /stats, so a balancer in front of several engines can send a
+#: per-job request (``GET /jobs/{id}``) to the one engine that holds that job, without a table.
+INSTANCE = random_chars(INSTANCE_CHARS)
 
 
 def next_job_id() -> str:
-    return f"job-{next(_ids)}"
+    """A job id unique across engines and restarts: the instance token and 16 random chars."""
+    return INSTANCE + random_chars(ID_CHARS - INSTANCE_CHARS)
+
+
+def instance_of(job_id: str) -> str:
+    """The instance token of a job or response id (``cmpl-``/``chatcmpl-`` prefix allowed)."""
+    return job_id.rpartition("-")[2][:INSTANCE_CHARS]
 
 
 @dataclass(eq=False)
@@ -133,6 +237,12 @@ class Job:
     state: JobState = JobState.WAITING
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    user: str | None = None  # OpenAI's ``user``: who asked, as the client says, for /jobs
+
+    # log-probabilities, when the params ask: one entry per output token, and per prompt token
+    # (None for the first, which has nothing before it)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # MLFQ
     level: int = 0
@@ -206,5 +316,12 @@ class Job:
                 "top_k": self.params.top_k,
                 "seed": self.params.seed,
                 "stop": list(self.params.stop),
+                "presence_penalty": self.params.presence_penalty,
+                "frequency_penalty": self.params.frequency_penalty,
+                "repetition_penalty": self.params.repetition_penalty,
+                "min_tokens": self.params.min_tokens,
+                "stop_token_ids": list(self.params.stop_token_ids),
+                "logprobs": self.params.logprobs,
             },
+            "user": self.user,
         }

@@ -7,6 +7,12 @@ ones), and the sampler for their tokens. The loop decides none of that itself: i
 follows, emitting each job's tokens into its text stream, finishing jobs, and delivering the
 pieces to the event loop with one ``call_soon_threadsafe`` per iteration and event loop.
 
+Jobs whose params a speculative step cannot honour (penalties, log-probabilities, a seed with
+sampling under ``--spec auto``: ``Speculator.can_speculate``) decode incrementally beside the
+speculating ones. A job
+that scores its prompt (``prompt_logprobs``, OpenAI's ``echo``) gets the logits of every prompt
+position from its prefill forward; with ``max_tokens`` 0 it ends there.
+
 The asyncio side never touches the model: it submits and aborts through an inbox under a
 condition variable.
 """
@@ -19,17 +25,18 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from flockctl.engine.batcher import Batcher
 from flockctl.engine.handle import Delta, JobHandle, put_all
-from flockctl.engine.job import FinishReason, Job, JobState
+from flockctl.engine.job import FinishReason, Job, JobState, TokenLogprob
 from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import DecodePace
-from flockctl.engine.runner import Runner
-from flockctl.engine.sampling import Sampler
+from flockctl.engine.runner import Feed, Runner
+from flockctl.engine.sampling import Sampler, adjust_logits, token_logprobs
 from flockctl.engine.scheduler import Scheduler
 from flockctl.engine.speculator import Speculator
 
@@ -88,6 +95,10 @@ class ModelLoop:
     def abort(self, job_id: str) -> None:
         self._post(("abort", job_id))
 
+    def run_soon(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on this thread before the next iteration (an embedding batch)."""
+        self._post(("call", call))
+
     def stop(self) -> None:
         with self._cv:
             self.stopping = True
@@ -117,6 +128,8 @@ class ModelLoop:
                 for kind, item in inbox:
                     if kind == "submit":
                         self.scheduler.add(item.job, time.monotonic())
+                    elif kind == "call":
+                        item()
                     else:
                         self._abort(item)
                 if self.scheduler.jobs:
@@ -153,9 +166,13 @@ class ModelLoop:
         if prefill:
             self._step(prefill, deliveries)
         if decode:
-            speculating = self.speculator.choose(decode)
+            plain = [j for j in decode if not self.speculator.can_speculate(j)]
+            speculable = [j for j in decode if j not in plain] if plain else decode
+            speculating = self.speculator.choose(speculable) if speculable else []
             if speculating:
-                self._speculate(decode, speculating, deliveries)
+                self._speculate(speculable, speculating, deliveries)
+                if plain:
+                    self._step(plain, deliveries)
             else:
                 elapsed = self._step(decode, deliveries)
                 if elapsed is not None:
@@ -170,22 +187,65 @@ class ModelLoop:
         """One forward and one sampled token per job; returns its seconds (None: it failed)."""
         start = time.perf_counter()
         try:
-            logits = self.runner.forward(jobs)
+            logits = self._forward(jobs)
             for job in jobs:
                 self.batcher.mark_cached(job, job.total_tokens)
             handles = [self.live[j.id] for j in jobs]
             tokens = self.sampler.sample(
-                logits, [j.params for j in jobs], [h.generator for h in handles]
+                adjust_logits(logits, jobs, self.eos_ids),
+                [j.params for j in jobs],
+                [h.generator for h in handles],
+            )
+            scored = [i for i, j in enumerate(jobs) if j.params.logprobs is not None]
+            logprobs = dict(
+                zip(
+                    scored,
+                    token_logprobs(
+                        logits[scored],
+                        [tokens[i] for i in scored],
+                        [jobs[i].params.logprobs or 0 for i in scored],
+                    ),
+                    strict=True,
+                )
+                if scored
+                else ()
             )
         except Exception as exc:  # e.g. out of device memory: fail these jobs, keep serving
             self._fail(jobs, exc, deliveries)
             return None
         elapsed = time.perf_counter() - start
         now = time.monotonic()
-        for job, handle, token in zip(jobs, handles, tokens, strict=True):
+        for i, (job, handle, token) in enumerate(zip(jobs, handles, tokens, strict=True)):
             self.scheduler.charge(job, elapsed, now)
-            self._emit(job, handle, [token], now, deliveries)
+            if job.params.max_tokens == 0:  # it only scored its prompt
+                self._finish(handle, FinishReason.LENGTH, now, deliveries)
+                continue
+            scores = [logprobs[i]] if i in logprobs else None
+            self._emit(job, handle, [token], now, deliveries, scores)
         return elapsed
+
+    def _forward(self, jobs: list[Job]) -> torch.Tensor:
+        """The runner's forward for ``jobs``: logits ``[len(jobs), vocab]`` for each one's next
+        token. A job that scores its prompt and has not yet is fed so that the logits of every
+        prompt position come back; their log-probabilities go on the job."""
+        first = [_scores_prompt(j) for j in jobs]
+        if not any(first):
+            return self.runner.forward(jobs)
+        feeds = []
+        for job, scoring in zip(jobs, first, strict=True):
+            tokens = self.runner.tokens(job)
+            feeds.append(Feed.linear(tokens, job.cached_tokens, len(tokens) if scoring else 1))
+        rows = self.runner.run([j.id for j in jobs], feeds)
+        for job, scoring, row in zip(jobs, first, rows, strict=True):
+            if scoring:
+                prompt = job.prompt_ids
+                scores = token_logprobs(
+                    row[: len(prompt) - 1],
+                    prompt[1:],
+                    [job.params.prompt_logprobs or 0] * (len(prompt) - 1),
+                )
+                job.prompt_logprobs = [None, *scores]
+        return torch.stack([row[-1] for row in rows])
 
     def _fail(self, jobs: list[Job], exc: Exception, deliveries: Deliveries) -> None:
         log.exception("forward failed for %d jobs", len(jobs))
@@ -202,8 +262,11 @@ class ModelLoop:
         tokens: list[int],
         now: float,
         deliveries: Deliveries,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
-        """Append ``tokens`` to the job's output in order, up to the first that finishes it."""
+        """Append ``tokens`` to the job's output in order, up to the first that finishes it
+        (an end-of-sequence token, unless ``ignore_eos``, or one of ``stop_token_ids``: neither
+        shows in the text). ``logprobs``: one per token, kept on the job and delivered."""
         job.iterations += 1
         if job.first_token is None:
             job.first_token = now
@@ -216,7 +279,9 @@ class ModelLoop:
             job.output_ids.append(token)
             emitted.append(token)
             self.tokens_generated += 1
-            eos = token in self.eos_ids and not job.params.ignore_eos
+            eos = (
+                token in self.eos_ids and not job.params.ignore_eos
+            ) or token in job.params.stop_token_ids
             if not eos:
                 text += stream.push([token])
             if eos or stream.stopped:
@@ -228,10 +293,15 @@ class ModelLoop:
                 reason = FinishReason.LENGTH
             if reason is not None:
                 break
+        scores = logprobs[: len(emitted)] if logprobs is not None else None
+        if scores:
+            job.logprobs.extend(scores)
         if reason is None:
-            deliveries.append((handle, Delta(text, emitted)))
+            deliveries.append((handle, Delta(text, emitted, logprobs=scores)))
         else:
-            self._finish(handle, reason, now, deliveries, text=text, tokens=emitted)
+            self._finish(
+                handle, reason, now, deliveries, text=text, tokens=emitted, logprobs=scores
+            )
 
     def _speculate(self, jobs: list[Job], chosen: list[Job], deliveries: Deliveries) -> None:
         """A speculative iteration for the decoding ``jobs`` (``chosen`` draft trees), then each
@@ -264,6 +334,7 @@ class ModelLoop:
         error: str | None = None,
         text: str = "",
         tokens: list[int] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         job = handle.job
         if reason != FinishReason.ABORT and handle.stream is not None and not handle.stream.stopped:
@@ -279,7 +350,7 @@ class ModelLoop:
         while len(self.recent) > RECENT_JOBS:
             self.recent.popitem(last=False)
         self.metrics.observe_finished(job)
-        deliveries.append((handle, Delta(text, tokens or [], reason, error)))
+        deliveries.append((handle, Delta(text, tokens or [], reason, error, logprobs)))
 
     def _deliver(self, deliveries: Deliveries) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, Deliveries] = {}
@@ -289,3 +360,12 @@ class ModelLoop:
             # a closed event loop raises RuntimeError: nobody is listening any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(put_all, items)
+
+
+def _scores_prompt(job: Job) -> bool:
+    """Whether ``job``'s next forward must score its prompt (asked, not done, nothing cached)."""
+    return (
+        job.params.prompt_logprobs is not None
+        and job.prompt_logprobs is None
+        and not job.cached_tokens
+    )

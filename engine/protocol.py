@@ -1,10 +1,11 @@
 """Request bodies of the engine's API, as pydantic models, and how each becomes SamplingParams.
 
-Validation is strict (``"16"`` is not a number, ``true`` is not an integer), so a client's mistake
-is a 400 naming the field rather than a guess. Fields that clients send but the engine cannot
-honour (``logprobs``, ``n`` > 1, penalties, ...) are accepted by the model and refused by
-``unsupported()`` with a message naming them: silently ignoring them would change the output.
-Unknown fields are ignored, as OpenAI's and TGI's client libraries send many optional ones.
+Validation is strict (``"16"`` is not a number, ``true`` is not an integer), and every range is
+checked here (``n`` 1-16, ``logprobs`` 0-20, penalties in [-2, 2], ...), so a client's mistake is
+a 400 naming the field rather than a guess. Fields that clients send but the engine cannot honour
+(``suffix``, ``tools``, ...) are accepted by the model and refused by ``unsupported()`` with a
+message naming them: silently ignoring them would change the output. Unknown fields are ignored,
+as OpenAI's and TGI's client libraries send many optional ones.
 
 Before a body reaches a model, two checks refuse what would otherwise fail deep inside the server:
 ``too_deep`` (json.loads recurses once per level of nesting) and ``first_surrogate`` (JSON's
@@ -28,7 +29,7 @@ from pydantic import (
     field_validator,
 )
 
-from flockctl.engine.job import SamplingParams, lone_surrogate_at
+from flockctl.engine.job import MAX_LOGPROBS, InvalidRequest, SamplingParams, lone_surrogate_at
 
 # The range torch.Generator.manual_seed takes.
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
@@ -142,53 +143,82 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+#: Choices one request may ask for (``n``), and prompts times choices in one completion request.
+MAX_N = 16
+MAX_CHOICES = 64
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+
 class OpenAIRequest(Body):
-    """What completions and chat completions share."""
+    """What completions and chat completions share (vLLM's extensions included)."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension (vLLM's); -1 or 0: off
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's; -1 or 0: off
     seed: Seed | None = None
     stop: StopList = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM's
     stream: bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # an extension (vLLM's), for benchmarks
-    n: int | None = None
+    ignore_eos: bool = False  # vLLM's, for benchmarks
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     best_of: int | None = None
-    logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None  # vLLM's
+    min_tokens: Annotated[int, Field(ge=0)] | None = None  # vLLM's
+    user: str | None = None
 
     # field -> why it is refused when set to anything truthy
-    REFUSED: ClassVar[dict[str, str]] = {
-        "logprobs": "logprobs are not supported by this engine",
-        "logit_bias": "logit_bias is not supported by this engine",
-        "presence_penalty": "presence_penalty is not supported by this engine",
-        "frequency_penalty": "frequency_penalty is not supported by this engine",
-    }
+    REFUSED: ClassVar[dict[str, str]] = {}
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def requested_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
         return self.max_tokens
+
+    def max_tokens_field(self) -> str:
+        """The field the client set the length with, for errors about it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def unsupported(self) -> tuple[str, str] | None:
         """The first field set to something this engine cannot do: (field, message)."""
-        if self.n not in (None, 1):
-            return "n", f"n must be 1 (one choice per request), got {self.n}"
-        if self.best_of not in (None, 1):
-            return "best_of", f"best_of must be 1, got {self.best_of}"
+        if self.best_of not in (None, 1, self.n):
+            return "best_of", f"best_of must equal n ({self.n}) or be left out, got {self.best_of}"
         for name, message in self.REFUSED.items():
             if getattr(self, name):
                 return name, message
         return None
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def wanted_logprobs(self) -> int | None:
+        """Alternatives per generated token, or None for no log-probabilities."""
+        return None
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias); a key that is not a token id is a 400."""
+        items = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise InvalidRequest(
+                    f'logit_bias keys are token ids as strings ("50256"), got {key!r}',
+                    "logit_bias",
+                )
+            items.append((int(key), bias))
+        return tuple(items)
+
+    def sampling_params(
+        self, default_max_tokens: int, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """Raises InvalidRequest (param names the field) for out-of-range values."""
         max_tokens = self.requested_max_tokens()
         return SamplingParams(
@@ -199,6 +229,14 @@ class OpenAIRequest(Body):
             seed=self.seed,
             stop=tuple(self.stop or ()),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_tokens=self.min_tokens or 0,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logit_bias=self.logit_bias_items(),
+            logprobs=self.wanted_logprobs(),
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -206,42 +244,72 @@ class OpenAIRequest(Body):
 _TEXT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 
-# What ``_one_prompt`` takes: a string or token ids, alone or as a batch of one.
+# What ``_prompts`` takes: a string or token ids, alone or as a batch.
 PromptSchema = WithJsonSchema(
     {
         "anyOf": [
             _TEXT,
             _TOKEN_IDS,
-            {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1},
-            {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+            {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_CHOICES},
+            {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_CHOICES},
         ],
-        "description": "one prompt: text or token ids, alone or in a list of one",
+        "description": "text or token ids, or a batch of either (one choice per prompt)",
     }
 )
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: Annotated[str | list[int], PromptSchema]
-    echo: Any = None
+    prompt: Annotated[list[str | list[int]], PromptSchema]
+    echo: bool = False
+    logprobs: LogprobCount | None = None
     suffix: Any = None
 
     REFUSED: ClassVar[dict[str, str]] = {
-        **OpenAIRequest.REFUSED,
-        "echo": "echo is not supported by this engine",
         "suffix": "suffix (insertion) is not supported by this engine",
     }
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        """One prompt per request: a string or a list of token ids, alone or in a list of one."""
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-            value = value[0]  # ["text"] or [[ids]]: a batch of one
-        elif isinstance(value, list) and len(value) > 1 and all(isinstance(v, str) for v in value):
-            raise ValueError(f"one prompt per request, got a list of {len(value)}")
-        if isinstance(value, str) or (isinstance(value, list) and all(_is_id(t) for t in value)):
-            return value
-        raise ValueError("prompt must be a string, a list of one string, or a list of token ids")
+    def _prompts(cls, value: Any) -> Any:
+        """OpenAI's four forms, as a list of prompts: a string, a list of strings, a list of
+        token ids, a list of lists of token ids."""
+        if isinstance(value, str) or (
+            isinstance(value, list) and value and all(_is_id(t) for t in value)
+        ):
+            return [value]
+        if isinstance(value, list) and value:
+            if len(value) > MAX_CHOICES:
+                raise ValueError(f"at most {MAX_CHOICES} prompts per request, got {len(value)}")
+            for item in value:
+                if not (
+                    isinstance(item, str)
+                    or (isinstance(item, list) and item and all(_is_id(t) for t in item))
+                ):
+                    break
+            else:
+                return value
+        raise ValueError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists"
+            " of token ids, none of them empty"
+        )
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if len(self.prompt) * self.n > MAX_CHOICES:
+            return "n", (
+                f"{len(self.prompt)} prompts times n={self.n} is {len(self.prompt) * self.n}"
+                f" choices; at most {MAX_CHOICES} per request"
+            )
+        return super().unsupported()
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprobs(self) -> int | None:
+        """Echoed prompts are scored when log-probabilities are asked, or when nothing is to be
+        generated (``max_tokens: 0``: the job's whole work is its prompt's prefill)."""
+        if not self.echo or (self.logprobs is None and self.requested_max_tokens() != 0):
+            return None
+        return self.logprobs or 0
 
 
 def _is_id(value: Any) -> bool:
@@ -291,28 +359,26 @@ class ChatMessage(Body):
 
 class ChatRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    top_logprobs: Any = None
+    logprobs: bool = False
+    top_logprobs: LogprobCount | None = None
     tools: Any = None
     functions: Any = None
     response_format: dict[str, Any] | None = None
 
     REFUSED: ClassVar[dict[str, str]] = {
-        **OpenAIRequest.REFUSED,
-        "top_logprobs": "top_logprobs are not supported by this engine",
         "tools": "tools (function calling) are not supported by this engine",
         "functions": "functions (function calling) are not supported by this engine",
     }
 
-    def requested_max_tokens(self) -> int | None:
-        if self.max_completion_tokens is not None:
-            return self.max_completion_tokens
-        return self.max_tokens
-
     def unsupported(self) -> tuple[str, str] | None:
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", 'only response_format {"type": "text"} is supported'
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TGIParameters(Body):

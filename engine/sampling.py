@@ -6,15 +6,21 @@ from its own generator and picks the token where that number falls (inverse CDF)
 token means a seeded job's generator advances the same way whatever else is in the batch, and a
 row's weights depend only on that row, so a seed reproduces its tokens in any batch, at any
 position.
+
+Before the draw, :func:`adjust_logits` applies what OpenAI and vLLM let a request change in the
+model's logits (``logit_bias``, presence, frequency and repetition penalties, ``min_tokens``),
+row by row. :func:`token_logprobs` reports the log-probabilities of the model's own distribution,
+before any of that and before temperature, top-k and top-p (vLLM's default, "raw" log-probs):
+what a token costs the model, whatever the request did to pick it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
-from .job import SamplingParams
+from .job import Job, SamplingParams, TokenLogprob
 
 # Candidates a top-p row without top-k looks at first, and the wider sets it falls back to when its
 # nucleus does not fit. Sorting a 32k vocabulary costs about 3 ms a row on a CPU core; the top 128
@@ -39,13 +45,85 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     """A generator for a seeded job, on the device its logits live on; None draws from torch's own.
 
     Jobs without a seed share the global generator: reproducibility was not asked for, and a
-    generator per job would cost a device allocation for nothing.
+    generator per job would cost a device allocation for nothing. The engine seeds that one from
+    the OS at start (unless ``--seed``), so two engines never draw the same numbers.
     """
     if seed is None:
         return None
     generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(seed)
+    generator.manual_seed(seed % 2**64)
     return generator
+
+
+def sibling_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of a request with ``seed`` and ``n`` > 1: the request's own
+    for the first, and for the others numbers far from it, so choices differ yet reproduce."""
+    if seed is None or index == 0:
+        return seed
+    # splitmix64's step: neighbouring seeds give unrelated streams
+    z = (seed + index * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def adjust_logits(
+    logits: torch.Tensor, jobs: Sequence[Job], eos_ids: Collection[int]
+) -> torch.Tensor:
+    """``logits`` ([batch, vocab], one row per job) with each job's logit changes applied:
+    repetition penalty (vLLM's: positive logits divided, negative multiplied, for every token of
+    prompt and output), frequency and presence penalties (OpenAI's: per occurrence and once, over
+    the output), ``logit_bias``, and end-of-sequence and ``stop_token_ids`` masked until
+    ``min_tokens`` are out. Rows of jobs that change nothing are left as they are (no copy when
+    none does)."""
+    rows = [i for i, job in enumerate(jobs) if job.params.adjusts_logits]
+    if not rows:
+        return logits
+    out = logits.float().clone()
+    vocab = out.shape[-1]
+    device = out.device
+    for i in rows:
+        job, p, x = jobs[i], jobs[i].params, out[i]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(job.prompt_ids + job.output_ids, device=device).unique()
+            seen = seen[seen < vocab]
+            values = x[seen]
+            x[seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+        if (p.frequency_penalty or p.presence_penalty) and job.output_ids:
+            counts = torch.bincount(torch.tensor(job.output_ids, device=device), minlength=vocab)[
+                :vocab
+            ].to(x.dtype)
+            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+        for token, bias in p.logit_bias:
+            if token < vocab:
+                x[token] += bias
+        if len(job.output_ids) < p.min_tokens:
+            banned = [t for t in (*eos_ids, *p.stop_token_ids) if t < vocab]
+            if banned:
+                x[banned] = float("-inf")
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]
+) -> list[TokenLogprob]:
+    """For each row of ``logits`` ([rows, vocab], the model's own), the log-probability of
+    ``tokens[row]`` and the ``top[row]`` most likely tokens with theirs (best first)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])
+    k = max(top, default=0)
+    best_values, best_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    out = []
+    for row, (token, lp) in enumerate(zip(tokens, chosen.squeeze(-1).tolist(), strict=True)):
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if top[row] and best_ids is not None and best_values is not None:
+            ids = best_ids[row, : top[row]].tolist()
+            values = best_values[row, : top[row]].tolist()
+            alternatives = tuple(zip(ids, values, strict=True))
+        out.append(TokenLogprob(token, lp, alternatives))
+    return out
 
 
 class Sampler:

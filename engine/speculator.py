@@ -97,6 +97,21 @@ class Speculator:
         """A new job's speculation counters; None without draft models."""
         return JobSpec(draft_cached=[0] * len(self.drafters)) if self.drafters else None
 
+    def can_speculate(self, job: Job) -> bool:
+        """Whether ``job`` may take part in speculative iterations.
+
+        Not when its params need an incremental step (``SamplingParams.speculable``), nor, under
+        ``--spec auto``, when it samples with a seed: there, whether a step speculates depends on
+        measured timings, and a speculative step draws other random numbers than an incremental
+        one, so the seed would not reproduce its text. With ``--spec on`` every step of every job
+        speculates, and a seed reproduces the text whatever else runs beside it.
+        """
+        if not self.drafters or not job.params.speculable:
+            return False
+        return not (
+            self.policy.mode == "auto" and job.params.seed is not None and not is_greedy(job.params)
+        )
+
     def choose(self, jobs: list[Job]) -> list[Job]:
         """The decoding jobs that speculate this iteration (none: a plain decode step)."""
         return self.policy.choose(jobs) if self.drafters else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from tinymodel import build_tiny_model
 from flockctl.engine.api import create_app
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.engine import Engine, QueueFull
-from flockctl.engine.job import SamplingParams
+from flockctl.engine.job import INSTANCE, SamplingParams
 from flockctl.engine.loader import load_engine
 from flockctl.exitcodes import ExitCode
 
@@ -69,7 +70,7 @@ async def test_models_and_health_name_the_served_model(
     assert isinstance(entry["created"], int)
     health = await client.get("/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "model": NAME}
+    assert health.json() == {"status": "ok", "model": NAME, "instance": INSTANCE}
 
 
 async def test_completion_answers_in_openais_shape_with_usage(
@@ -78,7 +79,7 @@ async def test_completion_answers_in_openais_shape_with_usage(
     r = await client.post("/v1/completions", json={"model": NAME, "prompt": PROMPT, **GREEDY})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["id"].startswith("cmpl-job-")
+    assert re.fullmatch(f"cmpl-{INSTANCE}[A-Za-z0-9]{{16}}", body["id"]), body["id"]
     assert body["object"] == "text_completion"
     assert body["model"] == NAME
     assert isinstance(body["created"], int)
@@ -161,7 +162,7 @@ async def test_chat_completion_and_its_stream_agree(
     r = await client.post("/v1/chat/completions", json=request)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["id"].startswith("chatcmpl-job-")
+    assert re.fullmatch(f"chatcmpl-{INSTANCE}[A-Za-z0-9]{{16}}", body["id"]), body["id"]
     assert body["object"] == "chat.completion"
     [choice] = body["choices"]
     assert choice["message"]["role"] == "assistant"
@@ -289,9 +290,9 @@ async def test_jobs_answer_for_both_id_forms(client: httpx.AsyncClient) -> None:
         assert info["finish_reason"] == "length"
         assert info["generated_tokens"] == 12
         assert info["preemptions_by_kind"] == {"descheduled": 0, "swapped": 0, "recomputed": 0}
-    error = error_of(await client.get("/jobs/job-999999"), 404)
+    error = error_of(await client.get(f"/jobs/cmpl-{INSTANCE}0000000000000000"), 404)
     assert error["code"] == "job_not_found"
-    assert "job-999999" in error["message"]
+    assert f"cmpl-{INSTANCE}0000000000000000" in error["message"]
 
 
 async def test_stats_are_the_engines(client: httpx.AsyncClient, engine: Engine) -> None:
@@ -304,7 +305,8 @@ async def test_stats_are_the_engines(client: httpx.AsyncClient, engine: Engine) 
     assert isinstance(stats["jobs"], list)
     detailed = (await client.get("/stats/detailed")).json()
     assert set(stats) < set(detailed)
-    assert set(detailed) == set(engine.stats(detailed=True))
+    assert set(detailed) == {*engine.stats(detailed=True), "instance"}
+    assert stats["instance"] == detailed["instance"] == INSTANCE
 
 
 async def test_metrics_expose_vllm_style_names(client: httpx.AsyncClient) -> None:
@@ -341,8 +343,10 @@ BAD = [
     # route, body, status, param
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
     ("/v1/completions", {"prompt": 123}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ["one", "two"]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["one", ""]}, 400, "prompt[1]"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [3, 99999]]}, 400, "prompt[1]"),
+    ("/v1/completions", {"prompt": ["a"] * 65}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[["deep"]]]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
@@ -357,9 +361,27 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
     ("/v1/completions", {"prompt": "hi", "stop": ["ok", 3]}, 400, "stop[1]"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": ["a"] * 5, "n": 16}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"1": 101}}, 400, "logit_bias.1"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids[0]"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [99999]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "user": 7}, 400, "user"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),  # noqa: E501
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),  # noqa: E501
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),  # noqa: E501
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {}, 400, "messages"),
