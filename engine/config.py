@@ -33,6 +33,8 @@ class EngineConfig:
     draft_models: tuple[str, ...] = ()  # speculative models (SSMs); 'demo': the demo's draft
     spec_tree: tuple[int, ...] | None = None  # children per node at each depth; None: device's
     spec: str = "auto"  # auto | on | off
+    pooling: str | None = None  # last | mean | cls; None: last (causal LM), cls (encoder)
+    max_tokens_per_batch: int | None = None  # tokens one iteration may feed; None: no cap
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -50,5 +52,11 @@ class EngineConfig:
             not self.spec_tree or any(w < 1 for w in self.spec_tree)
         ):
             raise ValueError(f"spec_tree widths must be at least 1, got {self.spec_tree}")
+        if self.pooling not in (None, "last", "mean", "cls"):
+            raise ValueError(f"pooling must be last, mean or cls, got {self.pooling!r}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise ValueError(
+                f"max_tokens_per_batch must be at least 1, got {self.max_tokens_per_batch}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -20,6 +20,7 @@ from flockctl import __version__
 from flockctl.engine.batcher import Batcher
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.device import DeviceMemory
+from flockctl.engine.embeddings import Embedder
 from flockctl.engine.handle import JobHandle
 from flockctl.engine.job import InvalidRequest, Job, JobState
 from flockctl.engine.kv import KVPool, kv_bytes_per_token, num_layers
@@ -44,6 +45,8 @@ class EngineUnavailable(RuntimeError):
 
 
 class Engine:
+    capabilities = ("generate", "embed")
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -116,6 +119,15 @@ class Engine:
             max_model_len=self.max_model_len,
         )
         self.model_loop.start()
+        # embedding batches run on the loop's thread between iterations; they are not jobs
+        self.embedder = Embedder(
+            model,
+            device,
+            pooling=config.pooling or "last",
+            max_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            run_soon=self.model_loop.run_soon,
+        )
 
     # -- sizing --------------------------------------------------------------------------------
 
@@ -211,6 +223,7 @@ class Engine:
             "speculation": self.spec_stats(),
             "iterations": self.model_loop.iterations,
             "tokens_generated": self.model_loop.tokens_generated,
+            "embeddings": self.embedder.stats(),
             "uptime": round(time.time() - self.started, 3),
             "jobs": [j.summary(now) for j in jobs],
         }
@@ -253,3 +266,4 @@ class Engine:
 
     def close(self) -> None:
         self.model_loop.stop()
+        self.embedder.close(self.failed or "the engine is shutting down")

@@ -41,7 +41,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flockctl import admin_routes as routes
 from flockctl.schema import AutoscalerView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
 from flockctl.server.deployment import Deployment
-from flockctl.server.provisioners import LocalProvisioner, StaticProvisioner
 from flockctl.server.proxy import Balancer
 from flockctl.server.workers import LIVE, Worker, WorkerState
 from flockctl.state import MAX_LOG_LINES, read_log
@@ -162,14 +161,10 @@ def create_app(
     @app.get(routes.WORKER, dependencies=guarded, response_model=None)
     async def worker_detail(worker_id: str) -> WorkerDetail:
         worker = find(worker_id)
-        provisioner = deployment.provisioner
-        command = (
-            provisioner.command_line(worker) if isinstance(provisioner, LocalProvisioner) else None
-        )
         return {
             **worker.to_dict(),
             "probe_history": list(worker.probe_history),
-            "command": command,
+            "command": deployment.provisioner.command_line(worker),
         }
 
     @app.post(routes.WORKERS, dependencies=guarded, status_code=201, response_model=None)
@@ -177,6 +172,7 @@ def create_app(
         controller = deployment.controller
         assert controller is not None
         provisioner = deployment.provisioner
+        can = provisioner.capabilities
         url = body.url if body is not None else None
         model = body.model if body is not None else None
         if url is not None and model is not None:
@@ -187,17 +183,9 @@ def create_app(
             )
         if model is not None and not model.strip():
             raise HTTPException(422, "model: must name a model (a hub id, a local path or demo)")
-        if model is not None and deployment.cfg.provisioner == "skypilot":
-            raise HTTPException(
-                422,
-                "model: a SkyPilot deployment's workers run its task's run: section; add a"
-                " worker without a model",
-            )
-        if isinstance(provisioner, StaticProvisioner):
-            if model is not None:
-                raise HTTPException(
-                    422, "model: only a local deployment starts workers from a model"
-                )
+        if model is not None and not can.runs_models:
+            raise HTTPException(422, f"model: {can.why_no_models}")
+        if can.takes_urls:
             if body is None or not body.url:
                 if not provisioner.capacity(0):
                     raise HTTPException(
@@ -255,10 +243,8 @@ def create_app(
         assert controller is not None
         if body.min_workers is None and body.max_workers is None:
             raise HTTPException(422, "give min_workers, max_workers or both")
-        if isinstance(deployment.provisioner, StaticProvisioner):
-            raise HTTPException(
-                409, "a static deployment has one worker per endpoint; its bounds cannot change"
-            )
+        if not deployment.provisioner.capabilities.bounds_change:
+            raise HTTPException(409, deployment.provisioner.capabilities.why_fixed_bounds)
         policy = deployment.policy
         low = policy.min_workers if body.min_workers is None else body.min_workers
         high = policy.max_workers if body.max_workers is None else body.max_workers
@@ -307,8 +293,9 @@ def create_app(
             return path
         worker = deployment.pool.get(target)
         if worker is not None:
-            if worker.provisioner == StaticProvisioner.name:
-                raise HTTPException(404, f"worker {target} has no log: it is a static endpoint")
+            can = deployment.provisioner.capabilities
+            if not can.has_logs:
+                raise HTTPException(404, f"worker {target} has no log: {can.why_no_logs}")
             return logs_dir / f"{target}.log"  # a worker still launching: its log is coming
         known = sorted((p.stem for p in logs_dir.glob("*.log")), key=lambda n: (len(n), n))
         if "/" not in target and ".." not in target and target in known:

@@ -290,11 +290,18 @@ async def test_a_restarted_daemon_readopts_its_clusters(tmp_path: Path, sky: Fak
         await provisioner.close()
 
 
-async def test_a_model_cannot_be_added_to_a_skypilot_deployment(
+async def test_a_skypilot_worker_has_a_log_and_no_command_and_takes_no_model(
     daemon: Any, http: aiohttp.ClientSession
 ) -> None:
-    d = await daemon(**fields(autoscaler="fixed", replicas=0))
+    d = await daemon(**fields(autoscaler="fixed", replicas=1))
+    await d.wait_ready(1)
+    async with http.get(f"{d.url}/-/workers/w1", headers=d.admin) as resp:
+        assert resp.status == 200 and (await resp.json())["command"] is None
+    async with http.get(f"{d.url}/-/logs/w1", headers=d.admin) as resp:
+        assert resp.status == 200
+        assert any("is UP" in line for line in (await resp.json())["lines"])
     body = {"model": "demo"}
     async with http.post(f"{d.url}/-/workers", json=body, headers=d.admin) as resp:
         assert resp.status == 422
         assert "run: section" in (await resp.json())["error"]["message"]
+    assert [w.id for w in d.deployment.pool] == ["w1"]  # nothing was started for the model

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from flockctl.server.provisioners.base import Provisioner, ResourceHealth
+from flockctl.server.provisioners.base import Capabilities, Provisioner, ResourceHealth
 from flockctl.server.provisioners.local import LocalProvisioner
 from flockctl.server.provisioners.static import StaticProvisioner
 
-__all__ = ["LocalProvisioner", "Provisioner", "ResourceHealth", "StaticProvisioner"]
+__all__ = [
+    "Capabilities",
+    "LocalProvisioner",
+    "Provisioner",
+    "ResourceHealth",
+    "StaticProvisioner",
+]

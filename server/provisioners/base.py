@@ -10,6 +10,10 @@ preempted), so local processes and fixed URLs are its easy cases:
   preempted cluster), independently of the HTTP readiness probe;
 - ``terminate(worker)`` removes it, after the pool drained it;
 - ``adopt()`` finds resources left by an earlier daemon of the same deployment.
+
+What else a provisioner's workers allow (a model named at run time, a log, new bounds) is
+declared once in its ``capabilities``; the admin API asks those, never which class it has, so a
+new provisioner gets the right answers by saying what it can do.
 """
 
 from __future__ import annotations
@@ -33,13 +37,41 @@ class ResourceHealth:
 ALIVE = ResourceHealth(True)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provisioner's workers allow beyond launch and terminate.
+
+    Where one cannot, its ``why_*`` text is the reason the admin API gives the user.
+    """
+
+    #: A worker can run flockctl's engine on a model named when it is added
+    #: (``POST /-/workers {"model"}``).
+    runs_models: bool = False
+    why_no_models: str = "only a local deployment starts workers from a model"
+    #: A worker can be a URL named when it is added (``POST /-/workers {"url"}``), given to
+    #: ``add_endpoint``.
+    takes_urls: bool = False
+    #: Each worker writes ``workers/<id>.log`` (``GET /-/logs/<id>``).
+    has_logs: bool = True
+    why_no_logs: str = "its provisioner keeps none"
+    #: The autoscaler's bounds can change at run time (``PATCH /-/autoscaler``).
+    bounds_change: bool = True
+    why_fixed_bounds: str = "this deployment's bounds cannot change"
+    #: A worker can be stopped and launched anew (not a fixed URL): one NOT_READY past
+    #: ``replace_after`` is replaced where it can be, else kept out of rotation.
+    relaunches: bool = True
+
+
 class Provisioner(ABC):
     name: str
+    capabilities: Capabilities = Capabilities()
     #: How workers split between spot and on-demand machines (None: no such split).
     spot_plan: SpotPlan | None = None
-    #: Whether a worker can be stopped and launched anew (False for fixed URLs): one NOT_READY
-    #: past ``replace_after`` is replaced where it can be, else kept out of rotation.
-    relaunches: bool = True
+
+    @property
+    def relaunches(self) -> bool:
+        """Whether a worker can be stopped and launched anew (``capabilities.relaunches``)."""
+        return self.capabilities.relaunches
 
     @abstractmethod
     async def launch(self, worker: Worker) -> None:
@@ -51,6 +83,14 @@ class Provisioner(ABC):
 
     def endpoint(self, worker: Worker) -> str | None:
         return worker.url
+
+    def command_line(self, worker: Worker) -> str | None:
+        """The command line ``worker`` runs, where the provisioner knows it (None elsewhere)."""
+        return None
+
+    def add_endpoint(self, url: str) -> None:
+        """Take one more worker URL; only where ``capabilities.takes_urls``."""
+        raise NotImplementedError(f"the {self.name} provisioner takes no worker URLs")
 
     def health(self, worker: Worker) -> ResourceHealth:
         return ALIVE

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
+from flockctl.server.provisioners.base import ALIVE, Capabilities, Provisioner, ResourceHealth
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import is_same_process, process_start_time, read_json
 from flockctl.state import write_json_atomic as _write
@@ -141,6 +141,7 @@ class _Handle:
 
 class LocalProvisioner(Provisioner):
     name = "local"
+    capabilities = Capabilities(runs_models=True)
 
     def __init__(
         self,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flockctl.server.autoscaler import SpotPlan
-from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
+from flockctl.server.provisioners.base import ALIVE, Capabilities, Provisioner, ResourceHealth
 from flockctl.server.provisioners.sky_sdk import SkyError, SkySdk, error_text
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import read_json, write_json_atomic
@@ -53,6 +53,10 @@ def recorded_clusters(state_dir: Path) -> dict[str, dict[str, Any]]:
 
 class SkyPilotProvisioner(Provisioner):
     name = "skypilot"
+    capabilities = Capabilities(
+        why_no_models="a SkyPilot deployment's workers run its task's run: section; add a"
+        " worker without a model"
+    )
 
     def __init__(
         self,

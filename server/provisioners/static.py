@@ -8,13 +8,22 @@ out of rotation until a probe passes again, however long that takes.
 
 from __future__ import annotations
 
-from flockctl.server.provisioners.base import Provisioner
+from flockctl.server.provisioners.base import Capabilities, Provisioner
 from flockctl.server.workers import Worker
 
 
 class StaticProvisioner(Provisioner):
     name = "static"
-    relaunches = False
+    capabilities = Capabilities(
+        takes_urls=True,
+        has_logs=False,
+        why_no_logs="it is a static endpoint",
+        bounds_change=False,
+        why_fixed_bounds=(
+            "a static deployment has one worker per endpoint; its bounds cannot change"
+        ),
+        relaunches=False,
+    )
 
     def __init__(self, endpoints: list[str]) -> None:
         self.endpoints = [u.rstrip("/") for u in endpoints]
