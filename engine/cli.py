@@ -70,6 +70,12 @@ class SpecMode(str, enum.Enum):
     off = "off"
 
 
+class Pooling(str, enum.Enum):
+    last = "last"
+    mean = "mean"
+    cls = "cls"
+
+
 class LogLevel(str, enum.Enum):
     debug = "debug"
     info = "info"
@@ -227,13 +233,23 @@ def serve(
             rich_help_panel=P,
         ),
     ] = SpecMode.auto,
+    pooling: Annotated[
+        Pooling | None,
+        typer.Option(
+            help="How /v1/embeddings pools hidden states: last token, mean of the tokens, or"
+            " first token (cls). Default: last for a causal LM, cls for an encoder model.",
+            show_default=False,
+            rich_help_panel=M,
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed for weights built here and for unseeded sampling.")
     ] = 0,
     log_level: Annotated[LogLevel, typer.Option(help="Log verbosity (stderr).")] = LogLevel.info,
 ) -> None:
-    """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /generate,
-    /generate_stream, /health, /stats, /jobs/{id}, /metrics.
+    """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models,
+    /v1/embeddings, /tokenize, /detokenize, /generate, /generate_stream, /health, /stats,
+    /jobs/{id}, /metrics. An encoder model (BERT-style) is served for embeddings only.
 
     Exit codes: 0 stopped (SIGINT/SIGTERM), 1 a model cannot load (or a draft model's
     tokenizer differs from the model's), 2 bad flags, 7 port in use.
@@ -287,6 +303,7 @@ def serve(
                 draft_models=tuple(draft_model or ()),
                 spec_tree=tree,
                 spec=spec.value,
+                pooling=pooling.value if pooling else None,
             )
         except ValueError as exc:
             fail(str(exc), ExitCode.USAGE)

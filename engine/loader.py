@@ -15,6 +15,8 @@ import torch
 
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import pick_device, pick_dtype
+from flockctl.engine.embeddings import is_encoder
+from flockctl.engine.encoder import EncoderEngine
 from flockctl.engine.engine import Engine
 
 
@@ -22,8 +24,11 @@ def load_engine(
     config: EngineConfig,
     progress: bool = True,
     report: Callable[[str], None] | None = None,
-) -> Engine:
+) -> Engine | EncoderEngine:
     """Load the model, its tokenizer and any draft models, calibrate, start the model loop.
+
+    A checkpoint that declares an encoder (a BERT-style ``AutoModel``) is served as an embedding
+    model: an :class:`EncoderEngine`, which embeds and refuses generation.
 
     ``report`` hears each phase (``building demo model: target 62%, about 40 s left``,
     ``loading weights of M``, ``calibrating``) for whoever asks a starting engine what it does.
@@ -38,6 +43,8 @@ def load_engine(
     tell(f"loading weights: {config.model} on {device}")
     tokenizer, model = _load(config.model, path, dtype, progress)
     model = model.to(device).eval()
+    if is_encoder(model.config):
+        return _encoder_engine(config, model, tokenizer, device, dtype)
     drafts = []
     for name in config.draft_models:
         draft_path = _resolve(name, draft=True, progress=progress, report=tell)
@@ -66,6 +73,25 @@ def load_engine(
     return Engine(
         model, tokenizer, config, device, dtype, name, context, eos_ids(model, tokenizer), drafts
     )
+
+
+def _encoder_engine(
+    config: EngineConfig, model: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype
+) -> EncoderEngine:
+    if config.draft_models:
+        raise EngineLoadError(
+            f"{config.model!r} is an embedding model (an encoder): it generates no text, so it"
+            " takes no --draft-model"
+        )
+    context = context_length(model, tokenizer)
+    if config.max_model_len is not None:
+        if config.max_model_len > context:
+            raise EngineLoadError(
+                f"--max-model-len {config.max_model_len} exceeds this model's context of {context}"
+            )
+        context = config.max_model_len
+    name = config.served_model_name or config.model
+    return EncoderEngine(model, tokenizer, config, device, dtype, name, context)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -101,14 +127,16 @@ def _resolve(model: str, draft: bool, progress: bool, report: Callable[[str], No
 def _load(name: str, path: str, dtype: torch.dtype, progress: bool) -> tuple[Any, Any]:
     """Tokenizer and model; transformers' own bars only where ``progress`` asks for them and
     stderr is a terminal (in a worker's log file they are noise)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not (progress and sys.stderr.isatty()):
         hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        encoder = is_encoder(AutoConfig.from_pretrained(path))
+        auto = AutoModel if encoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineLoadError(f"cannot load model {name!r}: {first}") from exc
