@@ -106,6 +106,30 @@ def test_flags_override_the_file(tmp_path):
             "service:\n  replicas: 2\n  replica_policy:\n    min_replicas: 1\n",
             "service.replicas: cannot be used together with service.replica_policy",
         ),
+        (
+            "service:\n  readiness_probe: {path: /h, post_data: '{bad'}\n",
+            "service.readiness_probe.post_data: not valid JSON: Expecting property name",
+        ),
+        (
+            "service:\n  readiness_probe: {timeout_seconds: 5}\n",
+            "service.readiness_probe.path: required when readiness_probe is a mapping",
+        ),
+        ("service:\n  readiness_probe: [/h]\n", "service.readiness_probe: must be a path or a"),
+        (
+            "service:\n  readiness_probe: {path: /h, headers: {X-Id: 5}}\n",
+            "service.readiness_probe.headers.X-Id: Input should be a valid string",
+        ),
+        ("service:\n  replica_policy: [1]\n", "service.replica_policy: must be a mapping"),
+        (
+            "service:\n  replica_policy: {min_replicas: lots}\n",
+            "service.replica_policy.min_replicas: Input should be a valid integer",
+        ),
+        (
+            "service:\n  replica_policy: {min_replicas: -1}\n",
+            "service.replica_policy.min_replicas: Input should be greater than or equal to 0",
+        ),
+        ("service:\n  ports: 99999\n", "service.ports: Input should be less than or equal to"),
+        ("service: [1]\n", "service: must be a mapping"),
         ("wat: 1\n", "wat: unknown top-level field"),
         ("flockctl: [1, 2]\n", "flockctl: must be a mapping"),
         ("flockctl:\n  policy: random\n  worker_command: 'x {port}'\n", "flockctl.policy: Input"),
