@@ -27,7 +27,7 @@ from flockctl.console import fail
 from flockctl.engine.demo.command import demo
 from flockctl.engine.tree import CPU_TREE, GPU_TREE, format_tree, parse_tree
 from flockctl.exitcodes import ExitCode
-from flockctl.net import bind
+from flockctl.net import bind, client_url
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Engine
@@ -85,10 +85,6 @@ class LogLevel(str, enum.Enum):
 
 class _Stop(Exception):
     """SIGINT/SIGTERM after uvicorn has drained: unwind so the engine is closed."""
-
-
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 S, M, L, P = "Serving", "Model", "Scheduling and limits", "Speculative decoding"
@@ -357,7 +353,7 @@ def _serve(engine: Engine, sock: socket.socket, host: str) -> None:
     log.info(
         "flockctl engine: serving %s on %s (device %s, scheduler %s)",
         engine.model_name,
-        _url(host, port),
+        client_url(host, port),
         engine.device,
         engine.config.scheduler,
     )

@@ -1,7 +1,8 @@
 """Where a deployment keeps its files, and how its daemon is recognised as alive.
 
 Layout of one deployment's state directory (``FLOCKCTL_HOME/<name>`` if ``FLOCKCTL_HOME`` is
-set, else ``$XDG_STATE_HOME/flockctl/<name>``, else ``~/.local/state/flockctl/<name>``)::
+set, else ``$XDG_STATE_HOME/flockctl/<name>``, else the platform's state directory:
+``~/.local/state/flockctl/<name>`` on Linux; see ``flockctl.paths``)::
 
     config.json     the resolved deployment config the daemon runs with (mode 0600)
     daemon.json     pid, process start time, endpoint, admin token, version (mode 0600)
@@ -26,6 +27,9 @@ from typing import Any, BinaryIO
 
 import psutil
 
+from flockctl import paths
+from flockctl.net import client_url
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -35,13 +39,8 @@ def valid_name(name: str) -> bool:
 
 
 def state_root() -> Path:
-    """The directory that holds one sub-directory per deployment."""
-    home = os.environ.get("FLOCKCTL_HOME")
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
-    return base / "flockctl"
+    """The directory that holds one sub-directory per deployment (``flockctl.paths``)."""
+    return paths.state_dir()
 
 
 def state_dir(name: str) -> Path:
@@ -106,12 +105,7 @@ class DaemonRecord:
 
     @property
     def endpoint(self) -> str:
-        host = self.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return client_url(self.host, self.port)
 
     def alive(self) -> bool:
         return is_same_process(self.pid, self.start_time)

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from flockctl import __version__
+from flockctl.net import client_url
 from flockctl.server.autoscaler import (
     AutoscalerPolicy,
     FixedPolicy,
@@ -118,8 +119,7 @@ class Deployment:
 
     @property
     def endpoint(self) -> str:
-        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
-        return f"http://{host}:{self.cfg.port}"
+        return client_url(self.cfg.host, self.cfg.port)
 
     async def start(self) -> None:
         self._probe_session = aiohttp.ClientSession(
@@ -236,10 +236,9 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
     Raises ``SkyError`` when SkyPilot refuses the task.
     """
     policy = make_autoscaler(cfg)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     out: dict[str, Any] = {
         "name": cfg.name,
-        "endpoint": f"http://{host}:{cfg.port}",
+        "endpoint": client_url(cfg.host, cfg.port),
         "provisioner": cfg.provisioner,
         "workers": {
             "initial": cfg.initial_target(),

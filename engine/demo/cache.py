@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flockctl import paths
 from flockctl.engine.demo.recipe import DEFAULT_RECIPE, DEMO_VERSION, DemoRecipe
 
 MANIFEST = "manifest.json"
@@ -38,12 +39,9 @@ class DemoPaths:
 
 def cache_root() -> Path:
     """flockctl's cache directory: ``$FLOCKCTL_CACHE``, else ``$XDG_CACHE_HOME/flockctl``, else
-    ``~/.cache/flockctl`` (rebuildable data only; nothing in it needs a backup)."""
-    if os.environ.get("FLOCKCTL_CACHE"):
-        return Path(os.environ["FLOCKCTL_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "flockctl"
-    return Path.home() / ".cache" / "flockctl"
+    the platform's (``~/.cache/flockctl`` on Linux; ``flockctl.paths``). Rebuildable data only;
+    nothing in it needs a backup."""
+    return paths.cache_dir()
 
 
 def demo_dir(root: Path | None = None) -> Path:

@@ -60,6 +60,7 @@ from flockctl.commands.up_options import (
 )
 from flockctl.console import emit_json, fail, say
 from flockctl.exitcodes import ExitCode
+from flockctl.net import client_url
 from flockctl.state import running_daemon, state_dir
 from flockctl.tui.launch import run_dashboard
 
@@ -230,7 +231,7 @@ def up(
             f'deployment "{cfg.name}" is starting (pid {proc.pid}); check it with'
             f" flockctl status --name {cfg.name}"
         )
-        _print_up(cfg.name, f"http://{cfg.host}:{cfg.port}", proc.pid, directory, as_json, False)
+        _print_up(cfg.name, client_url(cfg.host, cfg.port), proc.pid, directory, as_json, False)
         return
     try:
         record = daemon.wait_until_up(proc, directory, timeout)

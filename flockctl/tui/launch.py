@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flockctl import paths
 from flockctl.client import ClientError
 from flockctl.commands.common import NameOpt, check_name
 from flockctl.console import fail
@@ -22,9 +23,9 @@ from flockctl.state import running_daemon, state_dir
 
 
 def user_themes() -> Path:
-    """Where a user's own theme files live: ``$XDG_CONFIG_HOME/flockctl/themes``."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base).expanduser() / "flockctl" / "themes"
+    """Where a user's own theme files live: ``themes/`` in flockctl's config directory
+    (``$XDG_CONFIG_HOME/flockctl/themes``, else the platform's; ``flockctl.paths``)."""
+    return paths.config_dir() / "themes"
 
 
 def dashboard(

@@ -1,23 +1,26 @@
 """The dashboard's settings: key bindings from the user's config file, and the theme it remembers.
 
-``$XDG_CONFIG_HOME/flockctl/config.toml`` (default ``~/.config``) is the user's to write; the
-dashboard only reads it::
+``config.toml`` in flockctl's config directory (``$XDG_CONFIG_HOME/flockctl``, by default
+``~/.config/flockctl`` on Linux; see ``flockctl.paths``) is the user's to write; the dashboard
+only reads it::
 
     [dashboard.keys]
     pause = "space"          # a binding id = the key(s) that trigger it, comma-separated
     drain = "D"
 
-``$XDG_STATE_HOME/flockctl/dashboard.json`` (default ``~/.local/state``) is the dashboard's own: the
-theme last picked in the app, so the next start uses it.
+``dashboard.json`` in flockctl's state directory (``$FLOCKCTL_HOME``, else
+``$XDG_STATE_HOME/flockctl``, by default ``~/.local/state/flockctl`` on Linux) is the dashboard's
+own: the theme last picked in the app, so the next start uses it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from flockctl import paths
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,13 +33,13 @@ class SettingsError(Exception):
 
 
 def config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base).expanduser() / "flockctl" / "config.toml"
+    """The user's config file, read only."""
+    return paths.config_dir() / "config.toml"
 
 
 def state_path() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base).expanduser() / "flockctl" / "dashboard.json"
+    """What the dashboard remembers, beside the deployments' state directories."""
+    return paths.state_dir() / "dashboard.json"
 
 
 def load_keymap(known: set[str], path: Path | None = None) -> dict[str, str]:

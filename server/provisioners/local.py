@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flockctl.net import client_url
 from flockctl.server.provisioners.base import ALIVE, Capabilities, Provisioner, ResourceHealth
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import is_same_process, process_start_time, read_json
@@ -197,7 +198,7 @@ class LocalProvisioner(Provisioner):
         start = process_start_time(popen.pid) or time.time()
         worker.handle = _Handle(popen.pid, start, port, popen, cmd, log_offset)
         worker.pid = popen.pid
-        worker.url = f"http://{self._client_host()}:{port}"
+        worker.url = client_url(self.host, port)
         self._records[worker.id] = {
             "id": worker.id,
             "pid": popen.pid,
@@ -210,9 +211,6 @@ class LocalProvisioner(Provisioner):
             "log_offset": log_offset,
         }
         self._save()
-
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
     def health(self, worker: Worker) -> ResourceHealth:
         handle: _Handle | None = worker.handle
