@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import select
 import signal
@@ -127,8 +126,12 @@ def stop(name: str, directory: Path, timeout: float) -> StopResult:
             if not _wait_gone(record, 10):
                 _signal(record.pid, signal.SIGKILL)
                 _wait_gone(record, 5)
-    result.orphans = len(_stop_recorded_workers(directory))
-    downed, result.problems = _down_recorded_clusters(directory)
+    # What the daemon started and left behind, from its records alone. Imported here: the
+    # daemon's package is not loaded by the commands that never stop one.
+    from flockctl.server.offline import down_recorded_clusters, stop_recorded_workers
+
+    result.orphans = len(stop_recorded_workers(directory))
+    downed, result.problems = down_recorded_clusters(directory)
     result.orphans += len(downed)
     if record is not None and not record.alive():
         with contextlib.suppress(FileNotFoundError):
@@ -171,27 +174,3 @@ def _pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
-
-
-def _down_recorded_clusters(directory: Path) -> tuple[list[str], list[str]]:
-    """SkyPilot clusters a dead daemon left behind (recorded in clusters.json)."""
-    from flockctl.server.provisioners.skypilot import down_recorded, recorded_clusters
-
-    if not recorded_clusters(directory):
-        return [], []
-    from flockctl.server.provisioners.sky_sdk import make_sdk
-
-    return down_recorded(directory, make_sdk())
-
-
-def _stop_recorded_workers(directory: Path) -> list[str]:
-    """Workers a dead daemon left behind (recorded in workers.json, verified by start time)."""
-    table = directory / "workers.json"
-    try:
-        if not json.loads(table.read_text()).get("workers"):
-            return []
-    except (FileNotFoundError, ValueError, AttributeError):
-        return []
-    from flockctl.server.provisioners.local import LocalProvisioner
-
-    return LocalProvisioner("{port}", directory).kill_recorded()

@@ -7,7 +7,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,6 +21,7 @@ from typer.testing import CliRunner
 from flockctl.cli import app as cli_app
 from flockctl.server.autoscaler import QueueLengthRunningMean
 from flockctl.server.controller import Controller, scale_down_order
+from flockctl.server.offline import stop_recorded_workers
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.provisioners import LocalProvisioner
@@ -201,6 +204,35 @@ async def test_a_stopped_worker_process_is_killed_when_it_does_not_stop(tmp_path
     await until(lambda: proc.status() == psutil.STATUS_STOPPED, "the process stopped")
     await provisioner.terminate(w)
     assert not psutil.pid_exists(w.pid) or proc.status() == psutil.STATUS_ZOMBIE
+
+
+async def test_workers_a_dead_daemon_left_are_stopped_from_its_records_alone(tmp_path: Path):
+    provisioner = LocalProvisioner(fake_worker_command(), tmp_path)
+    workers = [Worker(id=f"w{i}", provisioner="local") for i in (1, 2)]
+    for w in workers:
+        await provisioner.launch(w)
+    # A record whose pid now belongs to another process (its start time differs): left alone.
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+    )
+    try:
+        table = json.loads((tmp_path / "workers.json").read_text())
+        started = psutil.Process(bystander.pid).create_time()
+        table["workers"].append({"id": "w3", "pid": bystander.pid, "start_time": started - 60})
+        (tmp_path / "workers.json").write_text(json.dumps(table))
+        # The workers are this test's children: reap them as they exit, as init would.
+        reaped = [asyncio.to_thread(w.handle.popen.wait, 30) for w in workers]
+        stopped, *codes = await asyncio.gather(
+            asyncio.to_thread(stop_recorded_workers, tmp_path), *reaped
+        )
+        assert stopped == ["w1", "w2"]
+        assert all(code is not None for code in codes)
+        assert bystander.poll() is None
+        assert json.loads((tmp_path / "workers.json").read_text()) == {"workers": []}
+        assert stop_recorded_workers(tmp_path) == []
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 # -- bounds have a ceiling ---------------------------------------------------------------------

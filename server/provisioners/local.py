@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flockctl.net import client_url
+from flockctl.server.offline import stop_recorded_workers
 from flockctl.server.provisioners.base import ALIVE, Capabilities, Provisioner, ResourceHealth
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import is_same_process, process_start_time, read_json
@@ -320,14 +321,5 @@ class LocalProvisioner(Provisioner):
 
     def kill_recorded(self, timeout: float = 5.0) -> list[str]:
         """Stop every recorded worker process (for ``down`` when the daemon itself is gone)."""
-        workers = self.adopt()
-        for worker in workers:
-            self._kill_group(worker.handle.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(self._group_alive(w.handle) for w in workers):
-            time.sleep(0.05)
-        for worker in workers:
-            if self._group_alive(worker.handle):
-                self._kill_group(worker.handle.pid, signal.SIGKILL)
-            self.forget(worker)
-        return [w.id for w in workers]
+        self._records.clear()
+        return stop_recorded_workers(self.state_dir, timeout)
