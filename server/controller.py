@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,7 @@ class Controller:
         tick: float = 0.25,
         decide_interval: float = 1.0,
         replace_after: float = 180.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = pool
         self.provisioner = provisioner
@@ -92,6 +94,9 @@ class Controller:
         self.tick = tick
         self.decide_interval = decide_interval
         self.replace_after = replace_after
+        #: What each tick's ``now`` is read from: wall-clock seconds, the clock a worker's
+        #: ``not_ready_since`` is on. A simulation or a test passes its own.
+        self.clock = clock
         self.last_decision = DecisionRecord(time.time(), initial_target, "initial target")
         self.blocked: str | None = None
         self.start_failures = 0
@@ -135,7 +140,7 @@ class Controller:
     async def _run(self) -> None:
         while True:
             try:
-                self.step(time.time())
+                self.step(self.clock())
             except Exception:  # pragma: no cover - a bug must not stop the control loop
                 log.exception("controller step failed")
             await asyncio.sleep(self.tick)
