@@ -44,6 +44,8 @@ def setup_logging() -> None:
         stream=sys.stderr,
         force=True,
     )
+    # httpx logs every request at INFO: every probe of every worker would fill the daemon's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def uvicorn_config(app: Any, cfg: DeploymentConfig) -> uvicorn.Config:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import httpx
 
 from flockctl import __version__
 from flockctl.net import client_url
@@ -29,7 +29,7 @@ from flockctl.server.limits import describe as describe_limits
 from flockctl.server.metrics import Metrics
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
-from flockctl.server.prober import Prober
+from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
 from flockctl.server.workers import WorkerState
 
@@ -111,7 +111,7 @@ class Deployment:
         self.provisioner = make_provisioner(cfg, state_dir)
         self.policy = make_autoscaler(cfg)
         self.metrics = Metrics(self._gauges)
-        self._probe_session: aiohttp.ClientSession | None = None
+        self._probe_session: httpx.AsyncClient | None = None
         self.prober: Prober | None = None
         self.stats: StatsPuller | None = None
         self.controller: Controller | None = None
@@ -122,9 +122,7 @@ class Deployment:
         return client_url(self.cfg.host, self.cfg.port)
 
     async def start(self) -> None:
-        self._probe_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, force_close=True)
-        )
+        self._probe_session = probe_client()
         self.prober = Prober(self.pool, self.cfg.probe, self._probe_session)
         self.stats = StatsPuller(self.pool, self.cfg.probe, self._probe_session)
         self.controller = Controller(
@@ -157,7 +155,7 @@ class Deployment:
             await self.stats.close()
         await self.provisioner.close()
         if self._probe_session is not None:
-            await self._probe_session.close()
+            await self._probe_session.aclose()
 
     def on_connect_error(self, worker: Any) -> None:
         if self.prober is not None:

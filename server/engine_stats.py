@@ -6,7 +6,7 @@ running/waiting/swapped counts, preemptions, KV use, device memory and its jobs.
 error, and such a worker is asked again only every ``recheck_seconds`` (it may be replaced by an
 engine behind the same URL).
 
-The pull belongs with the readiness probe (same session, same timeout and cadence) but runs in
+The pull belongs with the readiness probe (same HTTP client, same timeout and cadence) but runs in
 tasks of its own, one at most per worker, so a slow ``/stats`` never delays a probe. When pulls
 fail, the last good stats stay in the snapshot marked ``engine_stale`` until
 ``failure_threshold`` pulls in a row have failed; then they are cleared, with a warning unless
@@ -23,10 +23,11 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-import aiohttp
+import httpx
 
 from flockctl.server.config import ProbeConfig
 from flockctl.server.pool import WorkerPool
+from flockctl.server.prober import read_capped, short_error
 from flockctl.server.workers import TERMINAL, Worker, WorkerState
 
 log = logging.getLogger("flockctl.stats")
@@ -96,14 +97,14 @@ class StatsPuller:
         self,
         pool: WorkerPool,
         config: ProbeConfig,
-        session: aiohttp.ClientSession,
+        client: httpx.AsyncClient,
         recheck_seconds: float = 60.0,
         max_jobs: int = MAX_JOBS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.config = config
-        self.session = session
+        self.client = client
         self.recheck_seconds = recheck_seconds
         self.max_jobs = max_jobs
         self.clock = clock
@@ -204,18 +205,16 @@ class StatsPuller:
     async def fetch(self, url: str) -> tuple[Outcome, dict[str, Any] | None, str]:
         """GET ``url``: the outcome, the stats when there are some, and what happened."""
         cfg = self.config
-        timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds)
         try:
-            async with self.session.get(url, headers=cfg.headers or None, timeout=timeout) as resp:
-                if resp.status >= 500 or resp.status in (408, 429):
-                    return Outcome.FAILED, None, f"HTTP {resp.status}"
-                if resp.status != 200:
-                    return Outcome.NOT_ENGINE, None, f"HTTP {resp.status}"
-                body = await _read_capped(resp)
-        except asyncio.TimeoutError:
+            status, body = await asyncio.wait_for(self._get(url), cfg.timeout_seconds)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
             return Outcome.FAILED, None, f"no answer within {cfg.timeout_seconds:g}s"
-        except aiohttp.ClientError as exc:
-            return Outcome.FAILED, None, (str(exc) or type(exc).__name__).splitlines()[0][:200]
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return Outcome.FAILED, None, short_error(exc)
+        if status >= 500 or status in (408, 429):
+            return Outcome.FAILED, None, f"HTTP {status}"
+        if status != 200:
+            return Outcome.NOT_ENGINE, None, f"HTTP {status}"
         if body is None:
             return Outcome.NOT_ENGINE, None, f"a body over {MAX_BODY} bytes"
         try:
@@ -227,19 +226,25 @@ class StatsPuller:
             return Outcome.NOT_ENGINE, None, "JSON that is not flockctl engine stats"
         return Outcome.OK, stats, "HTTP 200"
 
+    async def _get(self, url: str) -> tuple[int, bytes | None]:
+        """The status and, for a 200, the body (None when it is over ``MAX_BODY``)."""
+        cfg = self.config
+        timeout = httpx.Timeout(cfg.timeout_seconds)
+        headers = cfg.headers or None
+        async with self.client.stream("GET", url, headers=headers, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                return resp.status_code, None
+            return resp.status_code, await _read_capped(resp)
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The body, or None when it is larger than ``MAX_BODY``."""
-    if (resp.content_length or 0) > MAX_BODY:
+
+async def _read_capped(resp: httpx.Response) -> bytes | None:
+    """The body, or None when it is larger than ``MAX_BODY`` (said or sent: a body is never
+    read past the cap)."""
+    length = resp.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
         return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(64 << 10):
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    body, whole = await read_capped(resp, MAX_BODY)
+    return body if whole else None
 
 
 def _clear(worker: Worker) -> None:

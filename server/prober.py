@@ -6,6 +6,12 @@
 - NOT_READY: one success makes it READY again.
 
 The balancer can ask for an early probe (``poke``) when a request to a worker fails to connect.
+
+Probes and engine-stats pulls share one ``httpx.AsyncClient`` (``probe_client``): a fresh
+connection for every probe (a worker that stopped accepting is found at once, not through a stale
+kept-alive socket), a bounded number at a time, and one deadline for a whole probe, so a worker
+that trickles its answer cannot hold a probe past ``timeout_seconds``. The relaying of requests
+has its own client (``flockctl.server.upstream``), made for that.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 import time
 from typing import Any
 
-import aiohttp
+import httpx
 
 from flockctl.server.config import ProbeConfig
 from flockctl.server.pool import WorkerPool
@@ -31,13 +37,65 @@ PROBED = frozenset({S.STARTING, S.READY, S.NOT_READY})
 #: Bytes of a probe's answer read at most (a readiness answer is small; a phase fits easily).
 MAX_PROBE_BODY = 8192
 STARTING_SAYS = "starting: "
+#: Probes and stats pulls in flight at once, over all workers (more wait for a free slot).
+MAX_PROBE_CONNECTIONS = 64
+
+
+def probe_client(max_connections: int = MAX_PROBE_CONNECTIONS) -> httpx.AsyncClient:
+    """The daemon's client for probes and stats pulls (each call passes its own timeout).
+
+    No connection is kept alive between two probes; proxies from the environment are ignored
+    (workers are reached directly) and redirects are not followed (a probe judges the answer
+    it gets).
+    """
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0),
+        timeout=httpx.Timeout(10.0),
+        trust_env=False,
+        follow_redirects=False,
+    )
+
+
+async def read_capped(resp: httpx.Response, cap: int) -> tuple[bytes, bool]:
+    """Up to ``cap`` bytes of a streamed response's body, and whether that is all of it."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            return b"".join(chunks)[:cap], False
+    return b"".join(chunks), True
+
+
+def short_error(exc: BaseException) -> str:
+    """One line saying why a request to a worker got no answer."""
+    if isinstance(exc, httpx.ConnectError):
+        cause = _os_error(exc)
+        if cause is not None and cause.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        return f"cannot connect: {cause or exc}".splitlines()[0][:200]
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The system's own error behind ``exc`` (httpx wraps it, and may wrap it twice)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 class Prober:
-    def __init__(self, pool: WorkerPool, config: ProbeConfig, session: aiohttp.ClientSession):
+    def __init__(self, pool: WorkerPool, config: ProbeConfig, client: httpx.AsyncClient):
         self.pool = pool
         self.config = config
-        self.session = session
+        self.client = client
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pokes: dict[str, asyncio.Event] = {}
 
@@ -66,22 +124,29 @@ class Prober:
         """One probe: (success, what happened). A starting server that answers with a phase
         (flockctl's engine: 503 ``{"status": "starting", "phase": ...}``) is quoted."""
         cfg = self.config
-        url = f"{worker.url}{cfg.path}"
-        timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds)
-        kwargs: dict[str, Any] = {"headers": cfg.headers or None, "timeout": timeout}
+        try:
+            status, body = await asyncio.wait_for(self._request(worker), cfg.timeout_seconds)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            return False, f"no answer within {cfg.timeout_seconds:g}s"
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return False, short_error(exc)
+        ok = 200 <= status < 300
+        phase = None if ok else _starting_phase(body)
+        return ok, f"HTTP {status}" + (f" ({STARTING_SAYS}{phase})" if phase else "")
+
+    async def _request(self, worker: Worker) -> tuple[int, bytes]:
+        """The probe's status and the start of its body (``MAX_PROBE_BODY`` bytes at most)."""
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            "headers": cfg.headers or None,
+            "timeout": httpx.Timeout(cfg.timeout_seconds),
+        }
         method = "GET"
         if cfg.post_data is not None:
             method, kwargs["json"] = "POST", cfg.post_data
-        try:
-            async with self.session.request(method, url, **kwargs) as resp:
-                body = await resp.content.read(MAX_PROBE_BODY)
-                ok = 200 <= resp.status < 300
-                phase = None if ok else _starting_phase(body)
-                return ok, f"HTTP {resp.status}" + (f" ({STARTING_SAYS}{phase})" if phase else "")
-        except asyncio.TimeoutError:
-            return False, f"no answer within {cfg.timeout_seconds:g}s"
-        except aiohttp.ClientError as exc:
-            return False, _short_error(exc)
+        async with self.client.stream(method, f"{worker.url}{cfg.path}", **kwargs) as resp:
+            body, _ = await read_capped(resp, MAX_PROBE_BODY)
+            return resp.status_code, body
 
     async def _loop(self, worker: Worker) -> None:
         cfg = self.config
@@ -152,11 +217,3 @@ def _starting_reason(detail: str, path: str) -> str:
     if detail.startswith("HTTP "):
         return f"starting; {path} answers {detail}"
     return f"starting; no answer on {path} yet ({detail})"
-
-
-def _short_error(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        refused = exc.os_error.errno == errno.ECONNREFUSED or "refused" in str(exc).lower()
-        return "connection refused" if refused else f"cannot connect: {exc}"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]

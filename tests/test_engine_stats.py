@@ -11,14 +11,18 @@ import copy
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
+import pytest
 from aiohttp import web
 from conftest import until
 from fake_worker import build_app
 from rich.console import Console
 
 from flockctl.render import status_view
+from flockctl.server import engine_stats
 from flockctl.server.config import ProbeConfig
 from flockctl.server.engine_stats import (
     Outcome,
@@ -28,6 +32,7 @@ from flockctl.server.engine_stats import (
 )
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
+from flockctl.server.prober import probe_client
 from flockctl.server.workers import Worker, WorkerState
 
 S = WorkerState
@@ -107,6 +112,13 @@ def ready_worker(url: str, worker_id: str = "w1") -> tuple[WorkerPool, Worker]:
     for state in (S.PROVISIONING, S.STARTING, S.READY):
         pool.set_state(worker, state)
     return pool, worker
+
+
+@pytest.fixture
+async def probes() -> AsyncIterator[httpx.AsyncClient]:
+    """The daemon's own client for probes and stats pulls."""
+    async with probe_client() as client:
+        yield client
 
 
 # -- what the snapshot keeps of an engine's answer ---------------------------------------------
@@ -196,11 +208,11 @@ async def test_stats_follow_the_engine(daemon, upstream, tmp_path):
 # -- one worker's pulls, step by step ----------------------------------------------------------
 
 
-async def test_failed_pulls_keep_stats_marked_stale_then_drop_them(upstream, http, tmp_path):
+async def test_failed_pulls_keep_stats_marked_stale_then_drop_them(upstream, probes, tmp_path):
     path = stats_file(tmp_path)
     engine = await upstream(build_app("e", 4, 0.0, None, engine_stats=path))
     pool, worker = ready_worker(engine.url)
-    puller = StatsPuller(pool, ProbeConfig(failure_threshold=3, timeout_seconds=2), http)
+    puller = StatsPuller(pool, ProbeConfig(failure_threshold=3, timeout_seconds=2), probes)
 
     assert await puller.pull(worker) == Outcome.OK
     assert worker.engine["model"] == "demo" and not worker.engine_stale
@@ -220,12 +232,14 @@ async def test_failed_pulls_keep_stats_marked_stale_then_drop_them(upstream, htt
     assert worker.engine is not None and not worker.engine_stale
 
 
-async def test_a_worker_without_engine_stats_is_asked_again_only_after_recheck(upstream, http):
+async def test_a_worker_without_engine_stats_is_asked_again_only_after_recheck(
+    upstream, probes
+):
     hits: list[str] = []
     plain = await upstream(counted(build_app("p", 4, 0.0, None), hits))
     pool, worker = ready_worker(plain.url)
     clock = Clock()
-    puller = StatsPuller(pool, ProbeConfig(), http, recheck_seconds=60, clock=clock)
+    puller = StatsPuller(pool, ProbeConfig(), probes, recheck_seconds=60, clock=clock)
 
     async def tick_and_settle() -> None:
         puller.tick()
@@ -241,7 +255,7 @@ async def test_a_worker_without_engine_stats_is_asked_again_only_after_recheck(u
     assert hits == ["/stats", "/stats"]
 
 
-async def test_what_counts_as_no_engine_and_what_as_a_failure(upstream, http):
+async def test_what_counts_as_no_engine_and_what_as_a_failure(upstream, probes):
     async def text(_req: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -257,7 +271,7 @@ async def test_what_counts_as_no_engine_and_what_as_a_failure(upstream, http):
     app.router.add_get("/broken/stats", broken)
     up = await upstream(app)
     pool, _ = ready_worker(up.url)
-    puller = StatsPuller(pool, ProbeConfig(timeout_seconds=2), http)
+    puller = StatsPuller(pool, ProbeConfig(timeout_seconds=2), probes)
     for prefix, expected in (
         ("/text", Outcome.NOT_ENGINE),
         ("/list", Outcome.NOT_ENGINE),
@@ -267,15 +281,61 @@ async def test_what_counts_as_no_engine_and_what_as_a_failure(upstream, http):
         outcome, stats, detail = await puller.fetch(f"{up.url}{prefix}/stats")
         assert (outcome, stats) == (expected, None), (prefix, detail)
     outcome, _, detail = await puller.fetch("http://127.0.0.1:9/stats")
-    assert outcome == Outcome.FAILED and detail
+    assert (outcome, detail) == (Outcome.FAILED, "connection refused")
 
 
-async def test_draining_workers_are_pulled_and_ended_ones_cleared(upstream, http, tmp_path):
+async def test_stats_bodies_past_the_cap_are_not_read_and_a_trickle_times_out(
+    upstream, probes, monkeypatch
+):
+    monkeypatch.setattr(engine_stats, "MAX_BODY", 1024)
+    big = json.dumps({**STATS, "padding": "x" * 2048})
+
+    async def said(_req: web.Request) -> web.Response:
+        return web.Response(text=big, content_type="application/json")
+
+    async def streamed(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()  # no length said: the cap is found while reading
+        await resp.prepare(req)
+        for start in range(0, len(big), 256):
+            await resp.write(big[start : start + 256].encode())
+        await resp.write_eof()
+        return resp
+
+    async def trickle(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(req)
+        for _ in range(600):  # one byte at a time, each well within a read timeout
+            await resp.write(b" ")
+            await asyncio.sleep(0.1)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/said/stats", said)
+    app.router.add_get("/streamed/stats", streamed)
+    app.router.add_get("/trickle/stats", trickle)
+    up = await upstream(app)
+    pool, _ = ready_worker(up.url)
+    puller = StatsPuller(pool, ProbeConfig(timeout_seconds=1), probes)
+    for prefix in ("/said", "/streamed"):
+        assert await puller.fetch(f"{up.url}{prefix}/stats") == (
+            Outcome.NOT_ENGINE,
+            None,
+            "a body over 1024 bytes",
+        ), prefix
+    assert await puller.fetch(f"{up.url}/trickle/stats") == (
+        Outcome.FAILED,
+        None,
+        "no answer within 1s",
+    )
+
+
+async def test_draining_workers_are_pulled_and_ended_ones_cleared(upstream, probes, tmp_path):
     hits: list[str] = []
     app = counted(build_app("e", 4, 0.0, None, engine_stats=stats_file(tmp_path)), hits)
     engine = await upstream(app)
     pool, worker = ready_worker(engine.url)
-    puller = StatsPuller(pool, ProbeConfig(), http)
+    puller = StatsPuller(pool, ProbeConfig(), probes)
     pool.set_state(worker, S.DRAINING)
     puller.tick()
     await asyncio.gather(*puller._pulls.values())
@@ -285,13 +345,13 @@ async def test_draining_workers_are_pulled_and_ended_ones_cleared(upstream, http
     assert not puller._pulls and worker.engine is None and worker.gpu_memory is None
 
 
-async def test_a_draining_worker_going_quiet_is_no_warning(upstream, http, tmp_path, caplog):
+async def test_a_draining_worker_going_quiet_is_no_warning(upstream, probes, tmp_path, caplog):
     engines = {}
     for worker_id in ("w1", "w2"):
         path = stats_file(tmp_path, name=f"{worker_id}.json")
         up = await upstream(build_app(worker_id, 4, 0.0, None, engine_stats=path))
         pool, worker = ready_worker(up.url, worker_id)
-        puller = StatsPuller(pool, ProbeConfig(failure_threshold=1, timeout_seconds=2), http)
+        puller = StatsPuller(pool, ProbeConfig(failure_threshold=1, timeout_seconds=2), probes)
         assert await puller.pull(worker) == Outcome.OK
         path.unlink()  # the engine stops answering /stats (503)
         engines[worker_id] = (pool, worker, puller)
