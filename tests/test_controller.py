@@ -1,16 +1,41 @@
-"""The controller with real worker processes: scaling, draining, probing, the crash-loop guard."""
+"""The controller with real worker processes: scaling, draining, probing, the crash-loop guard.
+
+These start worker processes, so they are end-to-end tests; test_controller_unit.py covers the
+same decisions in-process on a clock the test moves.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 import psutil
-from conftest import fake_worker_command, until
+import pytest
+from conftest import Daemon, fake_worker_command, until
 
 CHAT = "/v1/chat/completions"
 
 
+async def ticks(d: Daemon, n: int) -> None:
+    """Wait until the controller has run ``n`` more steps."""
+    controller = d.deployment.controller
+    step = controller.step
+    steps = 0
+
+    def counted(now: float) -> None:
+        nonlocal steps
+        steps += 1
+        step(now)
+
+    controller.step = counted
+    try:
+        await until(lambda: steps >= n, f"{n} controller steps")
+    finally:
+        del controller.step
+
+
+@pytest.mark.e2e
 async def test_crash_loop_stops_launching_and_says_why(daemon, http):
     failing = f"{sys.executable} -c 'import sys; print(\"no such model\"); sys.exit(3)' {{port}}"
     d = await daemon(worker_command=failing, min_workers=1, max_start_failures=3)
@@ -18,7 +43,7 @@ async def test_crash_loop_stops_launching_and_says_why(daemon, http):
     await until(lambda: controller.blocked is not None, "the crash-loop guard")
     assert "3 workers in a row failed before becoming READY" in controller.blocked
     assert "process exited with code 3: no such model" in controller.blocked
-    await asyncio.sleep(0.5)
+    await ticks(d, 3)  # a few more steps launch nothing
     assert d.states() == {"w1": "FAILED", "w2": "FAILED", "w3": "FAILED"}
     async with http.get(f"{d.url}/-/status", headers=d.admin) as resp:
         snap = await resp.json()
@@ -29,6 +54,7 @@ async def test_crash_loop_stops_launching_and_says_why(daemon, http):
     await until(lambda: "w4" in d.states(), "a new launch")
 
 
+@pytest.mark.e2e
 async def test_launch_failure_carries_the_error(daemon):
     d = await daemon(worker_command="/nonexistent/server --port {port}", max_start_failures=1)
     await until(lambda: d.deployment.controller.blocked is not None, "the guard")
@@ -37,21 +63,25 @@ async def test_launch_failure_carries_the_error(daemon):
     assert "launch failed" in w1.reason and "/nonexistent/server" in w1.reason
 
 
-async def test_scales_from_zero_on_the_first_request(daemon, http):
+@pytest.mark.e2e
+async def test_scales_from_zero_on_the_first_request(daemon, http, caplog):
+    caplog.set_level(logging.INFO, logger="flockctl.controller")
     d = await daemon(worker_command=fake_worker_command(), min_workers=0, max_workers=1)
     controller = d.deployment.controller
     await until(lambda: controller.last_decision.reason != "initial target", "a first decision")
     assert controller.target == 0 and d.states() == {}  # no request, no worker
-    request = asyncio.create_task(http.post(f"{d.url}{CHAT}", json={"max_tokens": 2}))
-    # Read the decision that raised the target before the next one (a second later) replaces it.
-    await until(lambda: controller.target == 1, "the target to rise")
-    assert "no worker: scaling from zero to 1" in controller.last_decision.reason
-    resp = await request
-    assert resp.status == 200
-    resp.release()
+    async with http.post(f"{d.url}{CHAT}", json={"max_tokens": 2}) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-worker-id"] == "w1"
     assert d.states() == {"w1": "READY"}
+    # Every change of target is logged; the last decision itself moves on each second.
+    changes = [m for m in caplog.messages if m.startswith("autoscaler: target")]
+    assert changes[0] == (
+        "autoscaler: target 0 -> 1: 1 requests waiting and no worker: scaling from zero to 1"
+    )
 
 
+@pytest.mark.e2e
 async def test_qlrm_scales_up_under_load_and_back_down(daemon, http):
     d = await daemon(
         worker_command=fake_worker_command(),
@@ -80,6 +110,7 @@ async def test_qlrm_scales_up_under_load_and_back_down(daemon, http):
     assert list(d.states().values()).count("READY") == 1
 
 
+@pytest.mark.e2e
 async def test_removing_a_worker_drains_it_first(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=2, max_workers=2)
     await d.wait_ready(2)
@@ -102,6 +133,7 @@ async def test_removing_a_worker_drains_it_first(daemon, http):
     await d.wait_ready(2)
 
 
+@pytest.mark.e2e
 async def test_worker_that_never_gets_ready_fails_after_initial_delay(daemon, tmp_path):
     marker = tmp_path / "unhealthy"
     marker.touch()
@@ -135,6 +167,7 @@ async def test_ready_worker_goes_not_ready_and_back(daemon, upstream, tmp_path):
     await d.wait_ready(1)
 
 
+@pytest.mark.e2e
 async def test_shutdown_stops_local_workers(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=2, max_workers=2)
     await d.wait_ready(2)
@@ -147,6 +180,7 @@ async def test_shutdown_stops_local_workers(daemon, http):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
+@pytest.mark.e2e
 async def test_shutdown_lets_a_request_in_flight_finish_first(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=1)
     await d.wait_ready(1)
@@ -165,6 +199,7 @@ async def test_shutdown_lets_a_request_in_flight_finish_first(daemon, http):
     assert not psutil.pid_exists(w1.pid) or psutil.Process(w1.pid).status() == "zombie"
 
 
+@pytest.mark.e2e
 async def test_admin_add_beyond_max_and_remove_twice_are_conflicts(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=1)
     await d.wait_ready(1)
