@@ -92,8 +92,29 @@ class JobSummary(TypedDict):
     speculation: JobSpeculation | None
 
 
-class EngineStats(TypedDict):
-    """``GET /stats`` of flockctl's engine."""
+class PrefixCacheStats(TypedDict):
+    """Reuse of cached KV blocks across jobs that share a prompt prefix."""
+
+    queries: int
+    hits: int
+    hit_rate: float | None
+    cached_blocks: int
+    idle_blocks: int
+    evictions: int
+
+
+class EmbeddingStats(TypedDict):
+    """``/v1/embeddings`` work, which runs between the model loop's iterations."""
+
+    pooling: str
+    requests: int
+    inputs: int
+    tokens: int
+    forwards: int
+    waiting: int
+
+
+class _EngineStatsRequired(TypedDict):
 
     schema_version: int
     engine: str
@@ -117,6 +138,16 @@ class EngineStats(TypedDict):
     tokens_generated: int
     uptime: float
     jobs: list[JobSummary]
+
+
+class EngineStats(_EngineStatsRequired, total=False):
+    """``GET /stats`` of flockctl's engine."""
+
+    #: The token that begins every id this engine process gives out (a job's, a response's).
+    instance: str
+    #: None while prefix caching is off.
+    prefix_cache: PrefixCacheStats | None
+    embeddings: EmbeddingStats
 
 
 class EngineView(EngineStats, total=False):
