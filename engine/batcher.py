@@ -8,6 +8,12 @@ else dropped, to be recomputed from the tokens when the job runs again. Every jo
 iteration and was not taken is preempted. After the iteration :meth:`Batcher.end_iteration`
 brings the highest-priority swapped job back ahead of its turn when the device has room.
 
+With prefix caching on, a job with nothing cached (new, or dropped for recompute) first shares
+the cached blocks holding the longest prefix of its tokens and starts its prefill after them; it
+always keeps its last token to compute, so its forward still yields the logits of its next one.
+After every forward the job's new full blocks are named in the cache (:meth:`Batcher.mark_cached`),
+so running jobs share with each other too, not only with finished ones.
+
 Pure bookkeeping over a :class:`KVPool`: no model and no clock, so tests drive it with a CPU pool
 and hand-made jobs.
 """
@@ -70,13 +76,27 @@ class Batcher:
 
     def mark_cached(self, job: Job, tokens: int) -> None:
         """``job``'s first ``tokens`` tokens have their keys and values in its cache: the one
-        place ``job.cached_tokens`` is written (after a forward, a swap-in, a drop, and a
-        speculative step that keeps its accepted path)."""
+        place ``job.cached_tokens`` is written (after a forward, a swap-in, a drop, a prefix
+        cache hit, and a speculative step that keeps its accepted path)."""
         job.cached_tokens = tokens
+        self._commit(job)
 
     def release(self, job: Job) -> None:
-        """The job is finished: give its blocks back, on the device and on the host."""
+        """The job is finished: give its blocks back, on the device and on the host. Its full
+        blocks stay in the prefix cache for later jobs until the pool needs the room."""
+        self._commit(job)
         self.pool.release(job.id)
+
+    def _commit(self, job: Job) -> None:
+        """Name the job's full blocks that hold known tokens in the prefix cache. A speculative
+        step caches its accepted drafts before they join the job's tokens: those blocks wait
+        for the next call."""
+        pool = self.pool
+        if pool.prefix is None:
+            return
+        full = min(job.cached_tokens, job.total_tokens) // pool.block_size
+        if full > pool.committed_blocks(job.id):
+            pool.commit(job.id, job.prompt_ids + job.output_ids, full)
 
     # -- residency ------------------------------------------------------------------------------
 
@@ -84,6 +104,7 @@ class Batcher:
         """Reserve blocks for ``job``'s next step, evicting lower-priority caches if needed."""
         pool = self.pool
         need = job.total_tokens
+        matched = self._share_prefix(job)
         while pool.shortfall(job.id, need) > 0:
             victim = next(
                 (
@@ -94,13 +115,34 @@ class Batcher:
                 None,
             )
             if victim is None:
+                if matched is not None:  # not this time: the shared blocks go back
+                    pool.release(job.id)
+                    self.mark_cached(job, 0)
                 return False
             self._evict(victim, plan)
         if job.state == JobState.SWAPPED:
             self._swap_in(job)
             plan.swapped_in.append(job)
         pool.reserve(job.id, need)
+        if matched is not None and pool.prefix is not None:
+            pool.prefix.count(need, matched)
         return True
+
+    def _share_prefix(self, job: Job) -> int | None:
+        """Start a job with nothing cached on the cached blocks of its longest cached prefix,
+        its last token left to compute; returns the tokens shared (None: no lookup made)."""
+        pool = self.pool
+        if (
+            pool.prefix is None
+            or job.cached_tokens
+            or job.state == JobState.SWAPPED
+            or pool.resident(job.id)
+        ):
+            return None
+        tokens = job.prompt_ids + job.output_ids
+        matched = pool.match(job.id, tokens, len(tokens) - 1)
+        self.mark_cached(job, matched)
+        return matched
 
     def _evict(self, job: Job, plan: Plan) -> None:
         """Free ``job``'s device blocks: to host memory if there is room, else drop them."""
@@ -139,7 +181,7 @@ class Batcher:
         for job in order:
             if job.state != JobState.SWAPPED or job.id in chosen:
                 continue
-            if len(pool.free) - headroom >= pool.blocks_for(job.total_tokens):
+            if pool.available - headroom >= pool.blocks_for(job.total_tokens):
                 self._swap_in(job)
                 return job
             return None

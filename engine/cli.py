@@ -70,6 +70,11 @@ class SpecMode(str, enum.Enum):
     off = "off"
 
 
+class OnOff(str, enum.Enum):
+    on = "on"
+    off = "off"
+
+
 class Pooling(str, enum.Enum):
     last = "last"
     mean = "mean"
@@ -155,6 +160,15 @@ def serve(
             rich_help_panel=L,
         ),
     ] = None,
+    prefix_caching: Annotated[
+        OnOff,
+        typer.Option(
+            help="Keep the KV cache of prompt prefixes (a shared system prompt, a conversation so"
+            " far) and reuse it for later requests that start the same way; evicted least"
+            " recently used when the KV budget needs the room.",
+            rich_help_panel=L,
+        ),
+    ] = OnOff.on,
     max_model_len: Annotated[
         int | None,
         typer.Option(
@@ -290,6 +304,7 @@ def serve(
                 scheduler=scheduler.value,
                 max_batch_size=max_batch_size,
                 kv_budget=kv_budget,
+                prefix_caching=prefix_caching is OnOff.on,
                 max_model_len=max_model_len,
                 max_waiting=max_waiting,
                 mlfq_levels=mlfq_levels,

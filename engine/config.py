@@ -33,6 +33,7 @@ class EngineConfig:
     draft_models: tuple[str, ...] = ()  # speculative models (SSMs); 'demo': the demo's draft
     spec_tree: tuple[int, ...] | None = None  # children per node at each depth; None: device's
     spec: str = "auto"  # auto | on | off
+    prefix_caching: bool = True  # share the KV blocks of prompt prefixes seen before
     pooling: str | None = None  # last | mean | cls; None: last (causal LM), cls (encoder)
     max_tokens_per_batch: int | None = None  # tokens one iteration may feed; None: no cap
 

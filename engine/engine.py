@@ -78,6 +78,7 @@ class Engine:
             dtype,
             block_size=config.block_size,
             host_budget_tokens=config.host_kv_budget,
+            prefix_caching=config.prefix_caching,
         )
         # a job can never be longer than the whole device budget
         self.max_model_len = min(max_model_len, self.pool.budget_tokens)
@@ -221,6 +222,7 @@ class Engine:
                 "recomputes": self.pool.drops,
             },
             "speculation": self.spec_stats(),
+            "prefix_cache": self.pool.prefix.stats() if self.pool.prefix is not None else None,
             "iterations": self.model_loop.iterations,
             "tokens_generated": self.model_loop.tokens_generated,
             "embeddings": self.embedder.stats(),

@@ -10,6 +10,14 @@ not own are masked by the caller's 4D additive mask, so jobs of any length share
 Block 0 is scratch: padding positions write there and short block tables are padded with it.
 The pool is allocated empty and blocks are zeroed when handed out, so masked positions never
 hold NaN from uninitialised memory (``0 * NaN`` would leak through the softmax).
+
+With prefix caching (:mod:`flockctl.engine.prefix_cache`) a block may sit in several jobs' tables:
+each block has a reference count, and a full block whose keys and values are all written is named
+by the hash of the prefix it ends, so a later job with the same prefix takes a reference instead of
+computing it. A job only ever writes past its cached tokens, and only full cached blocks are
+shared, so a shared block is never written (:meth:`KVPool.check_private` guards the writers). A
+cached block no job references stays cached, idle, until the pool has no free block left; then
+the least recently used idle block is handed out instead.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from flockctl.engine.config import EngineLoadError
+from flockctl.engine.prefix_cache import BlockKey, PrefixCache, block_keys
 
 SCRATCH = 0
 
@@ -55,6 +64,9 @@ class HostCopy:
     tokens: int
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer [tokens, heads, dim]
     values: list[torch.Tensor] = field(default_factory=list)
+    # prefix keys of its leading full blocks: on the way back, those still cached on the device
+    # are shared again instead of copied
+    prefix_keys: list[BlockKey] = field(default_factory=list)
 
 
 class KVPool:
@@ -66,6 +78,7 @@ class KVPool:
         dtype: torch.dtype,
         block_size: int = 16,
         host_budget_tokens: int | None = None,
+        prefix_caching: bool = False,
     ):
         self.num_layers = num_layers
         self.block_size = block_size
@@ -75,7 +88,11 @@ class KVPool:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.free: list[int] = list(range(self.num_blocks - 1, 0, -1))  # pop() hands out 1, 2, ...
+        self.refs = [0] * self.num_blocks  # tables holding each block
         self.tables: dict[str, list[int]] = {}
+        self.prefix = PrefixCache() if prefix_caching else None
+        # per job, the prefix keys of its leading full blocks offered to the cache so far
+        self.chains: dict[str, list[BlockKey]] = {}
         self.host: dict[str, HostCopy] = {}
         self.host_budget_tokens = (
             host_budget_tokens if host_budget_tokens is not None else budget_tokens
@@ -93,7 +110,13 @@ class KVPool:
 
     @property
     def used_tokens(self) -> int:
-        return sum(len(t) for t in self.tables.values()) * self.block_size
+        """Device tokens in blocks some job references (a shared block counts once)."""
+        return (self.num_blocks - 1 - self.available) * self.block_size
+
+    @property
+    def available(self) -> int:
+        """Blocks a reservation can take: the free ones and the idle cached ones."""
+        return len(self.free) + (len(self.prefix.idle) if self.prefix is not None else 0)
 
     @property
     def host_tokens(self) -> int:
@@ -105,7 +128,7 @@ class KVPool:
     def shortfall(self, job_id: str, tokens: int) -> int:
         """Blocks still to find before ``job_id`` can hold ``tokens`` tokens on the device."""
         have = len(self.tables.get(job_id, ()))
-        return max(0, self.blocks_for(tokens) - have - len(self.free))
+        return max(0, self.blocks_for(tokens) - have - self.available)
 
     def resident(self, job_id: str) -> bool:
         return job_id in self.tables
@@ -116,17 +139,98 @@ class KVPool:
         """Make ``job_id``'s table cover ``tokens`` positions."""
         table = self.tables.setdefault(job_id, [])
         need = self.blocks_for(tokens) - len(table)
-        if need > len(self.free):
-            raise OutOfBlocks(f"{job_id} needs {need} more blocks, {len(self.free)} free")
+        if need > self.available:
+            raise OutOfBlocks(f"{job_id} needs {need} more blocks, {self.available} free")
         for _ in range(need):
-            block = self.free.pop()
-            table.append(block)
-            self._fresh.append(block)
+            table.append(self._take())
 
     def release(self, job_id: str) -> None:
-        """Forget the job everywhere (finished, aborted, or dropped for recompute)."""
-        self.free.extend(reversed(self.tables.pop(job_id, [])))
+        """Forget the job everywhere (finished, aborted, or dropped for recompute). Its cached
+        blocks stay cached, idle, for later jobs with the same prefix."""
+        self._let_go(job_id)
         self.host.pop(job_id, None)
+
+    def _take(self) -> int:
+        """A block for one table: a free one, else the least recently used idle cached one."""
+        if self.free:
+            block = self.free.pop()
+        else:
+            evicted = self.prefix.evict() if self.prefix is not None else None
+            if evicted is None:
+                raise OutOfBlocks("no free block")
+            block = evicted
+        self.refs[block] = 1
+        self._fresh.append(block)
+        return block
+
+    def _hold(self, block: int) -> None:
+        if self.refs[block] == 0 and self.prefix is not None:
+            self.prefix.claim(block)
+        self.refs[block] += 1
+
+    def _put(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] > 0:
+            return
+        if self.prefix is not None and self.prefix.holds(block):
+            self.prefix.park(block)
+        else:
+            self.free.append(block)
+
+    def _let_go(self, job_id: str) -> list[int]:
+        """Drop the job's references to its device blocks; returns its table. The tail goes
+        first, so a prefix's end is evicted before its start, which more jobs share."""
+        table = self.tables.pop(job_id, [])
+        for block in reversed(table):
+            self._put(block)
+        self.chains.pop(job_id, None)
+        return table
+
+    # -- prefix caching ------------------------------------------------------------------------
+
+    def match(self, job_id: str, tokens: list[int], limit: int) -> int:
+        """Share the cached blocks holding the longest prefix of ``tokens`` (at most ``limit``
+        tokens, whole blocks only) as ``job_id``'s first blocks; returns how many tokens they
+        hold. The job must hold no blocks yet."""
+        if self.prefix is None or job_id in self.tables:
+            return 0
+        keys = block_keys(tokens[: max(0, limit)], self.block_size)
+        blocks = self.prefix.match(keys)
+        for block in blocks:
+            self._hold(block)
+        self.tables[job_id] = list(blocks)
+        self.chains[job_id] = keys[: len(blocks)]
+        return len(blocks) * self.block_size
+
+    def committed_blocks(self, job_id: str) -> int:
+        """Leading full blocks of the job already offered to the prefix cache."""
+        return len(self.chains.get(job_id, ()))
+
+    def commit(self, job_id: str, tokens: list[int], blocks: int) -> None:
+        """The job's first ``blocks`` blocks hold the keys and values of ``tokens`` (at least
+        that many full blocks of them): name them in the prefix cache so later jobs share them."""
+        table = self.tables.get(job_id)
+        if self.prefix is None or table is None:
+            return
+        chain = self.chains.setdefault(job_id, [])
+        blocks = min(blocks, len(table))
+        if blocks <= len(chain):
+            return
+        parent = chain[-1] if chain else None
+        new = block_keys(tokens[: blocks * self.block_size], self.block_size, len(chain), parent)
+        for index, key in enumerate(new, start=len(chain)):
+            self.prefix.add(table[index], key)
+        chain.extend(new)
+
+    def check_private(self, job_id: str, first_slot: int) -> None:
+        """Raise unless every block of the job from slot ``first_slot`` on is the job's alone
+        and unnamed: what a forward or a move is about to write must never be shared."""
+        table = self.tables[job_id]
+        for block in table[first_slot // self.block_size :]:
+            if self.refs[block] != 1 or (self.prefix is not None and self.prefix.holds(block)):
+                raise RuntimeError(
+                    f"{job_id} would write KV block {block}, which holds a cached prefix"
+                )
 
     def drop(self, job_id: str) -> None:
         self.release(job_id)
@@ -138,6 +242,7 @@ class KVPool:
         moves = [(s, d) for s, d in moves if s != d]
         if not moves or self.keys[0] is None:
             return
+        self.check_private(job_id, min(d for _, d in moves))
         blocks = torch.tensor(self.tables[job_id], dtype=torch.long)
         slots = torch.tensor(moves, dtype=torch.long)
         flat = blocks[slots // self.block_size] * self.block_size + slots % self.block_size
@@ -154,15 +259,20 @@ class KVPool:
             return
         keep = max(1, self.blocks_for(tokens))
         while len(table) > keep:
-            self.free.append(table.pop())
+            self._put(table.pop())
+        chain = self.chains.get(job_id)
+        if chain is not None:
+            del chain[len(table) :]
 
     def host_room(self, tokens: int) -> bool:
         return self.host_tokens + tokens <= self.host_budget_tokens
 
     def swap_out(self, job_id: str, tokens: int) -> None:
-        """Copy the job's first ``tokens`` cached positions to host memory, free its blocks."""
-        table = self.tables.pop(job_id)
-        copy = HostCopy(tokens)
+        """Copy the job's first ``tokens`` cached positions to host memory, free its blocks.
+        Shared blocks are copied too and only lose this job's reference: the host copy is whole
+        whatever happens to them on the device meanwhile."""
+        table = self.tables[job_id]
+        copy = HostCopy(tokens, prefix_keys=list(self.chains.get(job_id, ())))
         if tokens and self.keys[0] is not None:
             index = self._positions(table, tokens)
             pin = self.device.type == "cuda"
@@ -175,21 +285,35 @@ class KVPool:
                     dst.append(host)
             if pin:
                 torch.cuda.current_stream(self.device).synchronize()
-        self.free.extend(reversed(table))
+        self._let_go(job_id)
         self.host[job_id] = copy
         self.swap_outs += 1
 
     def swap_in(self, job_id: str) -> int:
-        """Bring a swapped job's cache back; returns its cached token count."""
+        """Bring a swapped job's cache back; returns its cached token count. Leading blocks
+        whose prefix is still cached on the device are shared again rather than copied."""
         copy = self.host[job_id]
-        self.reserve(job_id, max(copy.tokens, 1))
-        if copy.tokens and copy.keys:
+        shared = 0
+        if self.prefix is not None:
+            blocks = self.prefix.match(copy.prefix_keys[: copy.tokens // self.block_size])
+            for block in blocks:
+                self._hold(block)
+            self.tables[job_id] = list(blocks)
+            self.chains[job_id] = copy.prefix_keys[: len(blocks)]
+            shared = len(blocks) * self.block_size
+        try:
+            self.reserve(job_id, max(copy.tokens, 1))
+        except OutOfBlocks:
+            self._let_go(job_id)  # still swapped: the host copy stays
+            raise
+        if copy.tokens > shared and copy.keys:
             self._zero_fresh()
-            index = self._positions(self.tables[job_id], copy.tokens)
+            index = self._positions(self.tables[job_id], copy.tokens)[shared:]
             for layer in range(self.num_layers):
                 for dst, src in ((self.keys[layer], copy.keys), (self.values[layer], copy.values)):
                     assert dst is not None
-                    dst.index_copy_(0, index, src[layer].to(self.device, non_blocking=True))
+                    part = src[layer][shared:]
+                    dst.index_copy_(0, index, part.to(self.device, non_blocking=True))
         del self.host[job_id]
         self.swap_ins += 1
         return copy.tokens

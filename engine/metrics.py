@@ -124,6 +124,20 @@ class _StatsCollector(Collector):
                 1.0 if spec.get("active") else 0.0,
             )
 
+        prefix = stats.get("prefix_cache")
+        if prefix:
+            # vLLM's names: hits over queries is the share of prompt tokens not computed
+            yield CounterMetricFamily(
+                "flockctl_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                value=prefix.get("queries", 0),
+            )
+            yield CounterMetricFamily(
+                "flockctl_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache (their prefill was skipped)",
+                value=prefix.get("hits", 0),
+            )
+
         device = stats.get("device")
         if device:
             labels = ["device", "source"]

@@ -11,6 +11,9 @@ Rows are left-padded to the longest feed, so every job's last ``keep`` tokens ar
 columns and ``logits_to_keep`` gives exactly the logits asked for. One 4D additive mask (0 attend,
 dtype min masked; a boolean mask is silently wrong with eager attention) and explicit
 ``position_ids`` let jobs of any length and shape share the forward.
+
+A job whose prompt starts with a cached prefix begins its first feed after it: its first tokens'
+keys and values are read from blocks it shares with other jobs and never written again.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ class Runner:
         ids, pos, write, limit = [], [], [], []  # rows left-padded to q
         trees = []
         for row, (feed, table) in enumerate(zip(feeds, tables, strict=True)):
+            if feed.slots:  # a block shared through the prefix cache is never written
+                pool.check_private(job_ids[row], min(feed.slots))
             pad = q - len(feed.tokens)
             ids.append([0] * pad + feed.tokens)
             pos.append([0] * pad + feed.positions)
