@@ -62,6 +62,7 @@ from flockctl.engine.routes_common import (
 from flockctl.engine.streaming import EventStream, sse
 from flockctl.engine.tgi_stream import tgi_events
 from flockctl.engine.tokenize_routes import add_tokenize_routes
+from flockctl.schema import EngineStats
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Engine
@@ -220,8 +221,8 @@ def create_app(engine: Engine) -> FastAPI:
         # the instance token begins every job id of this engine: the balancer learns it here
         return {"status": "ok", "model": engine.model_name, "instance": INSTANCE}
 
-    @app.get("/stats")
-    async def stats() -> dict[str, Any]:
+    @app.get("/stats", response_model=None)  # sent as built: never filtered by the type
+    async def stats() -> EngineStats:
         return {**engine.stats(), "instance": INSTANCE}
 
     @app.get("/stats/detailed")
