@@ -14,6 +14,7 @@ import enum
 import errno
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -253,8 +254,15 @@ def serve(
         ),
     ] = None,
     seed: Annotated[
-        int, typer.Option(help="Seed for weights built here and for unseeded sampling.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="Seed for weights built here and for requests sent without a seed. Default: one"
+            " drawn from the OS at start, so two engines never sample alike (flockctl up gives"
+            " each local worker its own, in FLOCKCTL_ENGINE_SEED).",
+            envvar="FLOCKCTL_ENGINE_SEED",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Log verbosity (stderr).")] = LogLevel.info,
 ) -> None:
     """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models,
@@ -310,7 +318,7 @@ def serve(
                 mlfq_levels=mlfq_levels,
                 starvation_limit=starvation_limit,
                 threads=threads,
-                seed=seed,
+                seed=secrets.randbits(63) if seed is None else seed,
                 draft_models=tuple(draft_model or ()),
                 spec_tree=tree,
                 spec=spec.value,

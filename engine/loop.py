@@ -233,8 +233,11 @@ class ModelLoop:
             return self.runner.forward(jobs)
         feeds = []
         for job, scoring in zip(jobs, first, strict=True):
-            tokens = self.runner.tokens(job)
-            feeds.append(Feed.linear(tokens, job.cached_tokens, len(tokens) if scoring else 1))
+            if scoring:  # from the first token, even where a cached prefix holds the start
+                tokens = job.prompt_ids + job.output_ids
+                feeds.append(Feed.linear(tokens, 0, len(tokens)))
+            else:
+                feeds.append(Feed.linear(self.runner.tokens(job), job.cached_tokens))
         rows = self.runner.run([j.id for j in jobs], feeds)
         for job, scoring, row in zip(jobs, first, rows, strict=True):
             if scoring:
@@ -363,9 +366,5 @@ class ModelLoop:
 
 
 def _scores_prompt(job: Job) -> bool:
-    """Whether ``job``'s next forward must score its prompt (asked, not done, nothing cached)."""
-    return (
-        job.params.prompt_logprobs is not None
-        and job.prompt_logprobs is None
-        and not job.cached_tokens
-    )
+    """Whether ``job``'s next forward must score its prompt (asked, and not done yet)."""
+    return job.params.prompt_logprobs is not None and job.prompt_logprobs is None

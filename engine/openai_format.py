@@ -6,26 +6,72 @@ tokens and the chosen one (vLLM's and OpenAI's legacy shape; a prompt's first to
 in both lists, having nothing before it). Chat: ``{"content": [{"token", "logprob", "bytes",
 "top_logprobs": [...]}]}`` with exactly ``top_logprobs`` alternatives.
 
-A token's text is what it decodes to on its own; a token that holds part of a character (byte-level
-BPE) decodes to U+FFFD, and its ``bytes`` are those of that text, as vLLM reports them.
+A token's text is what it decodes to on its own. A token that holds only part of a character
+(byte-level BPE, SentencePiece byte fallback) cannot be text: as OpenAI does, it is written
+``bytes:\\xe2\\x80``, so no two tokens share a key of ``top_logprobs``, and chat's ``bytes`` are
+its own bytes.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from flockctl.engine.job import TokenLogprob
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: how byte-level BPE spells raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class LogprobFormat:
     def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
         self.text = functools.lru_cache(maxsize=65536)(self._text)
+        self.raw = functools.lru_cache(maxsize=65536)(self._raw)
 
     def _text(self, token: int) -> str:
-        return self._tokenizer.decode([token], skip_special_tokens=False)
+        text = self._tokenizer.decode([token], skip_special_tokens=False)
+        if "\ufffd" in text:
+            raw = self.raw(token)
+            if raw is not None and b"\xef\xbf\xbd" not in raw:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text
+
+    def _raw(self, token: int) -> bytes | None:
+        """The bytes a token stands for, when its vocabulary spells them out; else None."""
+        piece = self._tokenizer.convert_ids_to_tokens(token)
+        if not isinstance(piece, str):
+            return None
+        byte = _BYTE_TOKEN.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        table = _byte_level_decoder()
+        if piece and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return None
+
+    def token_bytes(self, token: int) -> list[int]:
+        text = self.text(token)
+        if text.startswith("bytes:"):
+            raw = self.raw(token)
+            assert raw is not None
+            return list(raw)
+        return list(text.encode())
 
     def completion(
         self, ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int
@@ -39,7 +85,7 @@ class LogprobFormat:
         for n, token in enumerate(tokens):
             entry = entries[n] if n < len(entries) else None
             offsets.append(offset)
-            offset += len(token)
+            offset += 0 if token.startswith("bytes:") else len(token)
             if entry is None:
                 token_logprobs.append(None)
                 top.append(None)
@@ -59,14 +105,13 @@ class LogprobFormat:
         """Chat's ``logprobs`` for generated tokens ``ids`` with their ``entries``."""
         content = []
         for token, entry in zip(ids, entries, strict=False):
-            text = self.text(token)
             content.append(
                 {
-                    "token": text,
+                    "token": self.text(token),
                     "logprob": entry.logprob,
-                    "bytes": list(text.encode()),
+                    "bytes": self.token_bytes(token),
                     "top_logprobs": [
-                        {"token": (t := self.text(i)), "logprob": lp, "bytes": list(t.encode())}
+                        {"token": self.text(i), "logprob": lp, "bytes": self.token_bytes(i)}
                         for i, lp in entry.top
                     ],
                 }

@@ -1,6 +1,7 @@
 """The balancer's request path: a plain ASGI handler in front of the FastAPI admin app.
 
-Every path outside ``/-/``, ``/metrics`` and ``/health`` is relayed to a READY worker. The hot
+Every path outside ``/-/``, ``/metrics`` and ``/health`` is relayed to a READY worker, but
+``/jobs/{id}``, which goes to the worker holding that job (``flockctl.server.jobs``). The hot
 path skips FastAPI's routing and response classes on purpose: it reads the request body once,
 takes a worker slot, and relays the upstream's status, headers and body bytes unchanged (SSE
 included).
@@ -36,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from flockctl.server.jobs import JOBS_PREFIX, holder, not_found
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
 from flockctl.server.retry_budget import RetryBudget
@@ -172,7 +174,40 @@ class Balancer:
         if path.startswith("/-/") or path in ("/metrics", "/health"):
             await self.admin_app(scope, receive, send)
             return
+        if path.startswith(JOBS_PREFIX):
+            await self.job(scope, send)
+            return
         await self.proxy(scope, receive, send)
+
+    async def job(self, scope: Scope, send: Send) -> None:
+        """``/jobs/{id}``: relayed to the worker whose engine holds the job, else a 404 here."""
+        started = time.perf_counter()
+        job_id = scope["path"][len(JOBS_PREFIX) :]
+        worker = holder(self.pool, job_id)
+        upstream = self.upstream
+        if worker is None or upstream is None:
+            await send_json(send, 404, not_found(job_id))
+            self.metrics.observe(404, time.perf_counter() - started)
+            return
+        method = scope["method"].encode("latin-1")
+        target = scope.get("raw_path") or scope["path"].encode()
+        status = 502
+        conn: Connection | None = None
+        try:
+            conn = await upstream.send(
+                worker.url or "", method, target, self._upstream_headers(scope), b""
+            )
+            status = conn.status
+            await self._respond(conn, send)
+        except UpstreamError as exc:
+            status, err = json_error(502, f"worker {worker.id} failed: {exc}", "upstream_error")
+            await send_json(send, status, err)
+        except _BrokenOff:
+            pass
+        finally:
+            if conn is not None:
+                upstream.release(conn)
+            self.metrics.observe(status, time.perf_counter() - started)
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

@@ -381,7 +381,7 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "user": 7}, 400, "user"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),  # noqa: E501
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),  # noqa: E501
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),  # noqa: E501
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {}, 400, "messages"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -76,8 +77,10 @@ def _pidfd(pid: int) -> int | None:
 
 def worker_env(port: int, worker_id: str) -> dict[str, str]:
     """The environment a local worker runs with: the daemon's, less the deployment's keys,
-    plus its port and id."""
+    plus its port and id, and its own seed for flockctl's engine (``--seed``'s variable), so
+    no two workers sample alike (unless the daemon itself was given one for all)."""
     env = {k: v for k, v in os.environ.items() if k not in KEY_ENV_VARS}
+    env.setdefault("FLOCKCTL_ENGINE_SEED", str(secrets.randbits(63)))
     return {**env, "PORT": str(port), "FLOCKCTL_WORKER_ID": worker_id}
 
 
