@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from flockctl.schema import EngineView, GpuMemory
 from flockctl.server.config import ProbeConfig
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import read_capped, short_error
@@ -48,7 +49,7 @@ class Outcome(str, Enum):
     FAILED = "failed"  # no answer, or a server error: keep the last stats for a while
 
 
-def engine_view(payload: Any, max_jobs: int = MAX_JOBS) -> dict[str, Any] | None:
+def engine_view(payload: Any, max_jobs: int = MAX_JOBS) -> EngineView | None:
     """The engine's stats as the snapshot carries them, or None when ``payload`` is not the
     ``/stats`` of flockctl's engine.
 
@@ -69,7 +70,7 @@ def engine_view(payload: Any, max_jobs: int = MAX_JOBS) -> dict[str, Any] | None
     return view
 
 
-def gpu_memory_of(stats: dict[str, Any]) -> dict[str, Any] | None:
+def gpu_memory_of(stats: EngineView) -> GpuMemory | None:
     """``{"used", "total", "device", "source"}`` from the stats' ``device``, or None."""
     device = stats.get("device")
     if not isinstance(device, dict):
@@ -202,7 +203,7 @@ class StatsPuller:
                     _clear(worker)
         return outcome
 
-    async def fetch(self, url: str) -> tuple[Outcome, dict[str, Any] | None, str]:
+    async def fetch(self, url: str) -> tuple[Outcome, EngineView | None, str]:
         """GET ``url``: the outcome, the stats when there are some, and what happened."""
         cfg = self.config
         try:
