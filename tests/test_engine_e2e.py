@@ -92,7 +92,7 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
             assert set(jobs) == {w["id"] for w in workers}
             for listed in jobs.values():
                 for job in listed:
-                    assert job["id"].startswith("job-")
+                    assert re.fullmatch("[A-Za-z0-9]{22}", job["id"]), job["id"]
                     assert job["state"] in {"waiting", "running", "preempted", "swapped"}
                     assert isinstance(job["level"], int) and isinstance(job["preemptions"], int)
                     assert job["prompt_tokens"] > 0
@@ -106,7 +106,7 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
             human = flockctl("status")
             assert human.code == 0
             # Jobs finish between two reads; the table must list live ones under their worker.
-            assert re.search(r"^w[12]\s+job-\d+\s", human.out, re.MULTILINE), human.out
+            assert re.search(r"^w[12]\s+[A-Za-z0-9]{22}\s", human.out, re.MULTILINE), human.out
 
             texts = await asyncio.wait_for(asyncio.gather(*tasks), 120)
             assert len(set(texts)) == 1 and texts[0]  # greedy: every worker says the same
