@@ -17,7 +17,6 @@ import psutil
 import torch
 
 from flockctl import __version__
-from flockctl.engine.batcher import Batcher
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.device import DeviceMemory
 from flockctl.engine.embeddings import Embedder
@@ -33,6 +32,7 @@ from flockctl.engine.scheduler import Scheduler, make_scheduler
 from flockctl.engine.spec import SpecPolicy
 from flockctl.engine.speculator import Drafter, Speculator
 from flockctl.engine.text import TextStream
+from flockctl.engine.token_budget import make_batcher
 from flockctl.schema import STATS_SCHEMA_VERSION, EngineStats
 
 
@@ -82,7 +82,7 @@ class Engine:
         )
         # a job can never be longer than the whole device budget
         self.max_model_len = min(max_model_len, self.pool.budget_tokens)
-        self.batcher = Batcher(self.pool, config.max_batch_size)
+        self.batcher = make_batcher(self.pool, config)  # with --max-tokens-per-batch's cap
         self.runner = Runner(model, self.pool, device)
         self.sampler = Sampler()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import runpy
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
 import flockctl.engine as engine_pkg
+import flockctl.engine.llm as llm_module
 from flockctl.engine import LLM, SSM, GenerationConfig
-from flockctl.engine.job import InvalidRequest
+from flockctl.engine.job import InvalidRequest, Job, SamplingParams
+from flockctl.engine.token_budget import within_budget
 
 PROMPTS = ["the quick brown fox", "hello world how are you"]
 
@@ -73,3 +76,84 @@ def test_bad_settings_are_refused_at_compile() -> None:
         llm.compile(GenerationConfig(do_sample=True, topp=0.0))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         engine_pkg.Nope  # noqa: B018
+
+
+# -- FlexFlow Serve's names ------------------------------------------------------------------
+
+QUICKSTART = Path(__file__).parent.parent / "examples" / "flexflow_quickstart.py"
+
+
+@pytest.fixture(autouse=True)
+def fresh_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ff.init`` settles defaults for the process: each test starts without them."""
+    monkeypatch.setattr(llm_module, "RUNTIME", {})
+
+
+def test_flexflows_quickstart_runs_with_only_its_import_changed(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLOCKCTL_LLM", str(tiny))
+    monkeypatch.setenv("FLOCKCTL_SSM", str(tiny))
+    script = runpy.run_path(str(QUICKSTART))
+    llm, result = script["llm"], script["result"]
+    assert llm.engine is None  # stop_server ran
+    assert llm._config.max_batch_size == 16 and llm._config.max_model_len == 256
+    assert llm._config.max_tokens_per_batch == 128
+    assert llm._config.draft_models == (str(tiny),)
+    prompt = "Here are some travel tips for Tokyo:\n"
+    greedy = greedy_reference(tiny, prompt, len(result.output_tokens))
+    assert result.output_tokens == greedy  # do_sample=False: greedy, speculating or not
+    assert result.input_text == prompt and result.output_text
+
+
+def test_generate_takes_flexflows_max_length_counting_the_prompt(tiny: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    lengths = [len(tokenizer.encode(p)) for p in PROMPTS]
+    llm = LLM(str(tiny), device="cpu")
+    llm.compile(GenerationConfig(do_sample=False, ignore_eos=True), 4, 64, 16)
+    try:
+        results = llm.generate(PROMPTS, max_length=12)
+        assert [len(r.output_tokens) for r in results] == [12 - n for n in lengths]
+        assert [r.output_tokens for r in results] == [
+            greedy_reference(tiny, p, 12 - n) for p, n in zip(PROMPTS, lengths, strict=True)
+        ]
+        with pytest.raises(InvalidRequest, match="max_length") as refused:
+            llm.generate(PROMPTS[1], max_length=lengths[1])
+        assert refused.value.param == "max_length"
+        with pytest.raises(ValueError, match="not both"):
+            llm.generate(PROMPTS[0], 4, max_length=12)
+    finally:
+        llm.stop_server()
+
+
+def test_a_token_budget_takes_jobs_in_order_while_their_tokens_fit() -> None:
+    params = SamplingParams(max_tokens=4)
+    long, short, other = Job([1] * 10, params), Job([2] * 3, params), Job([3] * 4, params)
+    decoding = Job([4] * 6, params)
+    decoding.cached_tokens = 6  # only its next token to feed
+    assert within_budget([long, short, other], 8) == [long]  # the first runs whatever it costs
+    assert within_budget([short, long, other, decoding], 8) == [short, other, decoding]
+    assert within_budget([decoding, short, other], 4) == [decoding, short]
+
+
+def test_flexflows_init_takes_what_applies_and_refuses_what_cannot_be_done(
+    tiny: Path,
+) -> None:
+    ff_init = llm_module.init
+    ff_init(num_gpus=0, memory_per_gpu=1000, zero_copy_memory_per_node=1000, num_cpus=1)
+    llm = LLM(str(tiny))
+    assert llm._base["device"] == "cpu" and llm._base["threads"] == 1
+    ff_init({"num_gpus": 1, "memory_per_gpu": 1000, "zero_copy_memory_per_node": 1000})
+    assert LLM(str(tiny))._base["device"] == "auto"
+    for bad, match in (
+        ({"use_4bit_quantization": True}, "use_4bit_quantization"),
+        ({"offload": True}, "offload"),
+        ({"num_gpu": 1}, "num_gpu"),
+        ({"num_cpus": 0}, "num_cpus"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ff_init(bad)
+    with pytest.raises(ValueError, match="not both"):
+        ff_init({"num_gpus": 1}, num_cpus=2)
+    with pytest.raises(ValueError, match="tensor_parallelism_degree"):
+        ff_init(tensor_parallelism_degree=0)
