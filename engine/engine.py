@@ -82,7 +82,7 @@ class Engine:
         )
         # a job can never be longer than the whole device budget
         self.max_model_len = min(max_model_len, self.pool.budget_tokens)
-        self.batcher = make_batcher(self.pool, config)  # with --max-tokens-per-batch's cap
+        self.batcher = make_batcher(self.pool, config)  # capped by max_tokens_per_batch
         self.runner = Runner(model, self.pool, device)
         self.sampler = Sampler()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
