@@ -9,8 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flockctl.engine.job import SamplingParams
-from flockctl.engine.sampling import Sampler, make_generator
+from flockctl.engine.job import Job, SamplingParams
+from flockctl.engine.sampling import (
+    Sampler,
+    adjust_logits,
+    make_generator,
+    sibling_seed,
+    token_logprobs,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -206,3 +212,61 @@ def test_mismatched_lengths_are_rejected() -> None:
         Sampler().sample(torch.zeros(2, 5), [SamplingParams()], [None, None])
     with pytest.raises(ValueError, match="batch, vocab"):
         Sampler().sample(torch.zeros(5), [SamplingParams()], [None])
+
+
+# -- what a request changes in the logits, and the log-probabilities it is told -------------------
+
+
+def job_with(params: SamplingParams, prompt: list[int], output: list[int]) -> Job:
+    job = Job(list(prompt), params)
+    job.output_ids = list(output)
+    return job
+
+
+def test_penalties_bias_and_min_tokens_change_exactly_their_tokens() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0, 3.0]])
+    cases = [
+        # repetition (vLLM's): every prompt and output token, positive divided, negative multiplied
+        (SamplingParams(repetition_penalty=2.0), [1], [0, 0], [1.0, -2.0, 0.5, 1.0, 0.0, 3.0]),
+        # frequency per occurrence in the output, presence once
+        (SamplingParams(frequency_penalty=0.5), [3], [0, 0, 2], [1.0, -1.0, 0.0, 1.0, 0.0, 3.0]),
+        (SamplingParams(presence_penalty=0.5), [3], [0, 0, 2], [1.5, -1.0, 0.0, 1.0, 0.0, 3.0]),
+        (SamplingParams(logit_bias=((4, 10.0), (5, -3.0))), [1], [], [2, -1, 0.5, 1, 10, 0]),
+    ]
+    for params, prompt, output, expected in cases:
+        got = adjust_logits(logits, [job_with(params, prompt, output)], eos_ids={9})
+        assert got[0].tolist() == pytest.approx(expected), params
+    # until min_tokens are out, end-of-sequence and stop_token_ids cannot be drawn
+    held = SamplingParams(min_tokens=2, stop_token_ids=(3,))
+    early = adjust_logits(logits, [job_with(held, [1], [0])], eos_ids={5})[0]
+    assert early[3] == early[5] == float("-inf") and early[0] == 2.0
+    late = adjust_logits(logits, [job_with(held, [1], [0, 0])], eos_ids={5})[0]
+    assert late.tolist() == logits[0].tolist()
+
+
+def test_rows_that_change_nothing_stay_as_they_are() -> None:
+    logits = torch.randn(3, 8)
+    plain = job_with(SamplingParams(), [1], [2])
+    assert adjust_logits(logits, [plain, plain, plain], eos_ids=()) is logits
+    biased = job_with(SamplingParams(logit_bias=((0, 1.0),)), [1], [2])
+    got = adjust_logits(logits, [plain, biased, plain], eos_ids=())
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[2], logits[2])
+    assert got[1, 0] == pytest.approx(float(logits[1, 0]) + 1)
+
+
+def test_token_logprobs_are_the_log_softmax_with_the_best_alternatives() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+    entries = token_logprobs(logits, [0, 2], [2, 0])
+    expected = torch.log_softmax(logits, dim=-1)
+    assert entries[0].token == 0 and entries[0].logprob == pytest.approx(float(expected[0, 0]))
+    assert [t for t, _ in entries[0].top] == [1, 2]
+    assert entries[0].top[0][1] == pytest.approx(float(expected[0, 1]))
+    assert entries[1].top == () and entries[1].logprob == pytest.approx(float(expected[1, 2]))
+
+
+def test_sibling_seeds_differ_and_reproduce() -> None:
+    assert sibling_seed(None, 3) is None
+    assert sibling_seed(7, 0) == 7
+    seeds = [sibling_seed(7, i) for i in range(16)]
+    assert len(set(seeds)) == 16 and seeds == [sibling_seed(7, i) for i in range(16)]
+    assert sibling_seed(7, 1) != sibling_seed(8, 0)  # not simply the next seed
