@@ -130,13 +130,15 @@ class Batcher:
 
     def _share_prefix(self, job: Job) -> int | None:
         """Start a job with nothing cached on the cached blocks of its longest cached prefix,
-        its last token left to compute; returns the tokens shared (None: no lookup made)."""
+        its last token left to compute; returns the tokens shared (None: no lookup made). A job
+        that is to score its prompt needs the logits of every prompt position: it computes all."""
         pool = self.pool
         if (
             pool.prefix is None
             or job.cached_tokens
             or job.state == JobState.SWAPPED
             or pool.resident(job.id)
+            or (job.params.prompt_logprobs is not None and job.prompt_logprobs is None)
         ):
             return None
         tokens = job.prompt_ids + job.output_ids

@@ -124,6 +124,14 @@ def test_a_new_job_shares_the_cached_prefix_and_computes_only_the_rest() -> None
     assert held(b.pool, second) == second.prompt_ids
 
 
+def test_a_job_that_scores_its_prompt_computes_all_of_it() -> None:
+    b = batcher(64)
+    run(b, [first := job(SYSTEM)])
+    scoring = Job(list(SYSTEM), SamplingParams(max_tokens=4, prompt_logprobs=1))
+    b.plan([first, scoring])  # echo needs the logits of every prompt position
+    assert scoring.cached_tokens == 0 and b.pool.tables[scoring.id][0] != b.pool.tables[first.id][0]
+
+
 def test_a_job_always_computes_its_last_token() -> None:
     b = batcher(64)
     run(b, [first := job(SYSTEM)], finished=())
