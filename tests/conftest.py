@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated state home, real fake upstreams and a real daemon on 127.0.0.1,
-and the engine's API over a tiny real model (built once per module that asks for it); and the
-one pair of polling helpers every test waits with, ``until`` (async) and ``until_sync``."""
+and the engine's API over a tiny real model (built once per run, loaded once per module that
+asks for it); and the one pair of polling helpers every test waits with, ``until`` (async) and
+``until_sync``."""
 
 from __future__ import annotations
 
@@ -213,8 +214,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 TINY = "tiny"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' tiny model, built once for the whole run: tests only read it."""
     from tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tinymodel import build_tiny_model, greedy_continuations
+from conftest import until
+from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
 from flockctl.engine.config import EngineConfig
@@ -34,11 +35,6 @@ PROMPTS = [
     "a flock of birds",
     "servers answer requests in batches while quiet hills",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +91,10 @@ async def test_jobs_joining_mid_flight_get_the_same_tokens(
     engine: Engine, prompts: list[list[int]], reference: list[list[int]]
 ) -> None:
     first = asyncio.ensure_future(run(engine, prompts[2]))
-    await asyncio.sleep(0.05)
+    await until(
+        lambda: any(j["generated_tokens"] for j in engine.stats()["jobs"]),
+        "the first job to be decoding",
+    )
     rest = await run_all(engine, prompts[3:])
     assert (await first)[0] == reference[2]
     assert [r[0] for r in rest] == reference[3:]
@@ -129,9 +128,10 @@ async def test_kv_pressure_keeps_greedy_output_identical(
 
 
 async def _long_then_short(engine: Engine, prompts: list[list[int]]):
+    """Run a long job, submit a short one once the long one has 20 tokens, and return the
+    order the engine finished them in (by its own finish times), with both jobs."""
     long_params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     handle = engine.submit(prompts[0], long_params)
-    order: list[str] = []
     seen = 0
     # On a loaded host the engine's thread could finish the long job before this event loop
     # gets to submit the short one: past 20 tokens, the engine waits for it before going on.
@@ -149,20 +149,21 @@ async def _long_then_short(engine: Engine, prompts: list[list[int]]):
         nonlocal seen
         async for delta in handle:
             seen += len(delta.token_ids)
-            if delta.finish_reason:
-                order.append("long")
 
     task = asyncio.ensure_future(consume_long())
     try:
-        while seen < 20:
-            await asyncio.sleep(0.005)
+        await until(lambda: seen >= 20, "20 tokens of the long job")
         short = engine.submit(prompts[1], SamplingParams(max_tokens=4, temperature=0))
     finally:
         short_submitted.set()
     async for _delta in short:
         pass
-    order.append("short")
     await task
+    # The finish times are stamped by the engine's one thread as it ends each job: their order
+    # is the engine's, whichever stream this event loop happened to read to its end first.
+    jobs = {"long": handle.job, "short": short.job}
+    assert all(job.finished is not None for job in jobs.values())
+    order = sorted(jobs, key=lambda name: jobs[name].finished)
     return order, handle.job, short.job
 
 
@@ -183,7 +184,8 @@ def _one_quantum_per_iteration(scheduler: MLFQ) -> None:
 async def test_mlfq_preempts_a_long_job_for_a_new_short_one(
     tiny: Path, prompts: list[list[int]]
 ) -> None:
-    for engine in make_engine(tiny, max_batch_size=1, scheduler="mlfq", starvation_limit=60):
+    # No promotion for starving: the long job waits only for the short one's four iterations.
+    for engine in make_engine(tiny, max_batch_size=1, scheduler="mlfq", starvation_limit=3600):
         assert isinstance(engine.scheduler, MLFQ)
         _one_quantum_per_iteration(engine.scheduler)
         order, long_job, short_job = await _long_then_short(engine, prompts)
@@ -249,10 +251,7 @@ async def test_cancel_frees_the_cache(engine: Engine, prompts: list[list[int]]) 
         break
     handle.cancel()
     handle.cancel()
-    for _ in range(200):
-        if not engine.stats()["jobs"]:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not engine.stats()["jobs"], "the cancelled job to leave")
     stats = engine.stats()
     assert stats["jobs"] == [] and stats["kv"]["used_tokens"] == 0
     assert engine.job_info(handle.job.id)["finish_reason"] == "abort"
