@@ -129,7 +129,7 @@ async def test_completion_logprobs_in_openais_shape_streamed_and_not(
     assert streamed == lp.tokens
     values = [
         v for c in chunks for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs
-    ]  # noqa: E501
+    ]
     assert values == pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
@@ -204,7 +204,7 @@ async def test_echo_scores_the_prompt_as_transformers_does(
     # scores of a batch of prompts, streamed, agree with the plain answer
     chunks = await streamed_completion(
         oai, prompt=[text, text], echo=True, max_tokens=0, logprobs=1
-    )  # noqa: E501
+    )
     for index in (0, 1):
         values = [
             v
