@@ -10,21 +10,38 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar
 
+from flockctl.server.request_meta import NO_META, RequestMeta
 from flockctl.server.workers import Worker
 
 
 class BalancingPolicy:
-    """Pick one worker out of a non-empty list of candidates."""
+    """Pick one worker out of a non-empty list of candidates.
+
+    ``needs_meta`` says whether ``choose`` reads the request's ``RequestMeta``; when it is False
+    (and nothing else needs it) the balancer never parses request bodies and passes ``NO_META``.
+    The ``observe_*`` hooks and ``worker_changed`` let a policy learn from relayed traffic and
+    from workers leaving READY; by default they do nothing.
+    """
 
     name: ClassVar[str]
     registry: ClassVar[dict[str, type[BalancingPolicy]]] = {}
+    needs_meta: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         BalancingPolicy.registry[cls.name] = cls
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
         raise NotImplementedError
+
+    def observe_first_byte(self, worker: Worker, seconds: float) -> None:
+        """A relayed answer's first byte came ``seconds`` after the request was sent."""
+
+    def observe_end(self, worker: Worker, seconds: float, chunks: int) -> None:
+        """A relayed answer ended ``seconds`` after its first byte, in ``chunks`` reads."""
+
+    def worker_changed(self, worker: Worker, old: object) -> None:
+        """A worker changed state (a pool transition listener)."""
 
 
 class LeastConnection(BalancingPolicy):
@@ -32,7 +49,7 @@ class LeastConnection(BalancingPolicy):
 
     name = "least-connection"
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
         best = candidates[0]
         for w in candidates[1:]:
             if w.in_flight < best.in_flight or (
@@ -50,7 +67,7 @@ class RoundRobin(BalancingPolicy):
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
         w = candidates[self._next % len(candidates)]
         self._next += 1
         return w
@@ -64,7 +81,7 @@ class PowerOfTwo(BalancingPolicy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Worker]) -> Worker:
+    def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
         if len(candidates) == 1:
             return candidates[0]
         a, b = self._rng.sample(range(len(candidates)), 2)

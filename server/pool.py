@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from flockctl.server.policies import BalancingPolicy
+from flockctl.server.request_meta import NO_META, RequestMeta
 from flockctl.server.workers import LIVE, TERMINAL, Worker, WorkerState
 
 
@@ -43,6 +44,7 @@ class WorkerPool:
         self._listeners: list[Callable[[Worker, WorkerState], None]] = []
         #: Requests that reached the balancer so far (the request-rate autoscaler's input).
         self.arrived = 0
+        self._listeners.append(policy.worker_changed)
 
     # -- membership and state ------------------------------------------------------------------
 
@@ -102,7 +104,9 @@ class WorkerPool:
     def in_flight(self) -> int:
         return sum(w.in_flight for w in self._workers.values())
 
-    def try_acquire(self, tried: set[Worker] | None = None) -> Worker | None:
+    def try_acquire(
+        self, tried: set[Worker] | None = None, meta: RequestMeta = NO_META
+    ) -> Worker | None:
         """A slot on a READY worker under capacity, preferring workers not in ``tried``."""
         cap = self.capacity
         free = [w for w in self._ready if w.in_flight < cap]
@@ -112,14 +116,16 @@ class WorkerPool:
             fresh = [w for w in free if w not in tried]
             if fresh:
                 free = fresh
-        worker = self.policy.choose(free)
+        worker = self.policy.choose(free, meta)
         worker.in_flight += 1
         return worker
 
-    async def acquire(self, timeout: float, tried: set[Worker] | None = None) -> Worker:
+    async def acquire(
+        self, timeout: float, tried: set[Worker] | None = None, meta: RequestMeta = NO_META
+    ) -> Worker:
         """Wait (FIFO, bounded) for a slot; raises QueueFull or NoWorker."""
         if not self._waiters:
-            worker = self.try_acquire(tried)
+            worker = self.try_acquire(tried, meta)
             if worker is not None:
                 return worker
         if len(self._waiters) >= self.max_queue:
@@ -150,7 +156,7 @@ class WorkerPool:
                 raise
             finally:
                 timer.cancel()
-            worker = self.try_acquire(tried)
+            worker = self.try_acquire(tried, meta)
             if worker is not None:
                 if self._waiters and self._has_free_slot():
                     self._wake(1)

@@ -40,6 +40,7 @@ from typing import Any
 from flockctl.server.jobs import JOBS_PREFIX, holder, not_found
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
+from flockctl.server.request_meta import NO_META, extract
 from flockctl.server.retry_budget import RetryBudget
 from flockctl.server.upstream import Connection, UpstreamError, UpstreamPool
 from flockctl.server.workers import Worker, WorkerState
@@ -151,6 +152,11 @@ class Balancer:
         self.upstream_timeout = upstream_timeout
         self.retry_budget = retry_budget or RetryBudget()
         self.upstream: UpstreamPool | None = None
+
+    @property
+    def needs_meta(self) -> bool:
+        """Whether request bodies are parsed for routing; the default policy never needs it."""
+        return self.pool.policy.needs_meta
 
     def open_session(self) -> UpstreamPool:
         """The shared upstream connections; created inside the running loop (lifespan)."""
@@ -292,6 +298,8 @@ class Balancer:
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
         headers = self._upstream_headers(scope)
+        meta = extract(scope["headers"], body) if self.needs_meta else NO_META
+        policy = self.pool.policy
         deadline = time.monotonic() + self.queue_timeout
         tried: set[Worker] = set()
         server_errors = 0
@@ -303,7 +311,7 @@ class Balancer:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
             attempt += 1
             try:
-                worker = await self.pool.acquire(max(deadline - time.monotonic(), 0.0), tried)
+                worker = await self.pool.acquire(max(deadline - time.monotonic(), 0.0), tried, meta)
             except QueueFull:
                 status, err = json_error(
                     429,
@@ -333,7 +341,10 @@ class Balancer:
                             server_errors += 1
                         if server_errors < _MAX_SERVER_ERRORS and self._may_retry(attempt):
                             continue
-                    await self._respond(conn, send)
+                    t1 = time.perf_counter()
+                    policy.observe_first_byte(worker, t1 - t0)
+                    chunks = await self._respond(conn, send)
+                    policy.observe_end(worker, time.perf_counter() - t1, chunks)
                 except UpstreamError as exc:
                     # Nothing reached the client yet: another worker may answer instead.
                     worker.failures += 1
@@ -382,8 +393,10 @@ class Balancer:
             self.on_connect_error(worker)
 
     @staticmethod
-    async def _respond(conn: Connection, send: Send) -> None:
-        """Relay the answer: UpstreamError before its first byte went out, _BrokenOff after."""
+    async def _respond(conn: Connection, send: Send) -> int:
+        """Relay the answer: UpstreamError before its first byte went out, _BrokenOff after.
+
+        Returns how many body reads it relayed (1 for an answer sent whole)."""
         headers = [(k, v) for k, v in conn.headers if k not in _HOP_RESPONSE]
         start = {"type": "http.response.start", "status": conn.status, "headers": headers}
         length = conn.length
@@ -391,16 +404,18 @@ class Balancer:
             data = await conn.read_all()
             await send(start)
             await send({"type": "http.response.body", "body": data})
-            return
+            return 1
         await send(start)
         last = b""
+        chunks = 0
         try:
             while True:
                 chunk = await conn.read_some()
+                chunks += 1
                 if conn.complete:
                     # The last bytes and the end of the answer go out in one message.
                     await send({"type": "http.response.body", "body": chunk})
-                    return
+                    return chunks
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 last = chunk
         except UpstreamError as exc:
