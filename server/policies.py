@@ -2,16 +2,47 @@
 
 A policy only chooses among candidates the pool already filtered (READY, under capacity, not yet
 tried for this request); it never sees I/O, so it is cheap enough for every request.
+
+- ``least-connection`` (the default), ``round-robin``, ``power-of-two``: load only.
+- ``latency``: the expected completion time of each of two random workers, from moving
+  estimates of their time to first byte and per streamed chunk (Finagle's peak EWMA: a slow
+  answer counts at once, fast ones pull the estimate down, and an idle worker's estimate decays
+  towards zero so that it is tried again with a real request).
+- ``prefix``: the worker that was already sent the longest part of the prompt (its KV cache
+  likely holds it), unless that match is short or the worker is much busier than the least
+  loaded one; sessions stick to their worker (SGLang's cache-aware router as the model).
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
+from flockctl.server.radix import PrefixTree
 from flockctl.server.request_meta import NO_META, RequestMeta
-from flockctl.server.workers import Worker
+from flockctl.server.workers import Worker, WorkerState
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The tunables of the policies that have any (``flockctl up --prefix-...``)."""
+
+    #: Shortest match, as a share of the prompt, that routes by prefix.
+    prefix_min_match: float = 0.5
+    #: A matched worker is taken only while its (in flight + 1) is within this factor of the
+    #: least loaded candidate's.
+    prefix_balance: float = 2.0
+    #: Characters of prompt text remembered per worker.
+    prefix_tree_chars: int = 1_000_000
+    #: Sessions remembered (least recently used forgotten first).
+    sessions: int = 65_536
+    #: Seconds over which an idle worker's latency estimate decays by a factor e.
+    latency_decay: float = 10.0
 
 
 class BalancingPolicy:
@@ -31,6 +62,10 @@ class BalancingPolicy:
         super().__init_subclass__(**kwargs)
         BalancingPolicy.registry[cls.name] = cls
 
+    @classmethod
+    def from_settings(cls, settings: PolicySettings) -> BalancingPolicy:
+        return cls()
+
     def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
         raise NotImplementedError
 
@@ -44,19 +79,24 @@ class BalancingPolicy:
         """A worker changed state (a pool transition listener)."""
 
 
+def least_loaded(candidates: Sequence[Worker]) -> Worker:
+    """The worker with the fewest requests in flight; ties go to the one that served fewer."""
+    best = candidates[0]
+    for w in candidates[1:]:
+        if w.in_flight < best.in_flight or (
+            w.in_flight == best.in_flight and w.served < best.served
+        ):
+            best = w
+    return best
+
+
 class LeastConnection(BalancingPolicy):
     """The worker with the fewest requests in flight; ties go to the one that served fewer."""
 
     name = "least-connection"
 
     def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
-        best = candidates[0]
-        for w in candidates[1:]:
-            if w.in_flight < best.in_flight or (
-                w.in_flight == best.in_flight and w.served < best.served
-            ):
-                best = w
-        return best
+        return least_loaded(candidates)
 
 
 class RoundRobin(BalancingPolicy):
@@ -89,10 +129,199 @@ class PowerOfTwo(BalancingPolicy):
         return wa if wa.in_flight <= wb.in_flight else wb
 
 
-def make_policy(name: str) -> BalancingPolicy:
+class _PeakEwma:
+    """A moving estimate that takes a higher sample at once and decays with time otherwise."""
+
+    __slots__ = ("stamp", "value")
+
+    def __init__(self, now: float) -> None:
+        self.value = 0.0
+        self.stamp = now
+
+    def get(self, now: float, tau: float) -> float:
+        return self.value * math.exp(-max(now - self.stamp, 0.0) / tau)
+
+    def observe(self, sample: float, now: float, tau: float) -> None:
+        current = self.get(now, tau)
+        if sample > current:
+            self.value = sample
+        else:
+            w = math.exp(-max(now - self.stamp, 0.0) / tau)
+            self.value = self.value * w + sample * (1.0 - w)
+        self.stamp = now
+
+
+class _Estimate:
+    __slots__ = ("chunk", "first_byte")
+
+    def __init__(self, now: float) -> None:
+        self.first_byte = _PeakEwma(now)
+        self.chunk = _PeakEwma(now)
+
+
+class Latency(BalancingPolicy):
+    """Of two random workers, the one expected to finish a request first.
+
+    A worker's expected time is its estimated time to first byte plus its time per chunk times
+    the chunks an answer has on average, multiplied by (in flight + 1). A worker never measured,
+    or idle for a while, estimates near zero: it gets the next request, which measures it.
+    """
+
+    name = "latency"
+
+    def __init__(
+        self,
+        decay: float = 10.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.decay = decay
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._estimates: dict[str, _Estimate] = {}
+        #: Moving mean of relayed reads per answer, over all workers.
+        self.chunks = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: PolicySettings) -> BalancingPolicy:
+        return cls(decay=settings.latency_decay)
+
+    def _estimate(self, worker: Worker) -> _Estimate:
+        est = self._estimates.get(worker.id)
+        if est is None:
+            est = self._estimates[worker.id] = _Estimate(self._clock())
+        return est
+
+    def expected(self, worker: Worker) -> float:
+        """Seconds a new request on ``worker`` is expected to take, its queue included."""
+        est = self._estimates.get(worker.id)
+        if est is None:
+            return 0.0
+        now = self._clock()
+        one = est.first_byte.get(now, self.decay) + est.chunk.get(now, self.decay) * self.chunks
+        return one * (worker.in_flight + 1)
+
+    def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = self._rng.sample(range(len(candidates)), 2)
+        wa, wb = candidates[a], candidates[b]
+        ca, cb = self.expected(wa), self.expected(wb)
+        if ca == cb:
+            return wa if wa.in_flight <= wb.in_flight else wb
+        return wa if ca < cb else wb
+
+    def observe_first_byte(self, worker: Worker, seconds: float) -> None:
+        self._estimate(worker).first_byte.observe(seconds, self._clock(), self.decay)
+
+    def observe_end(self, worker: Worker, seconds: float, chunks: int) -> None:
+        chunks = max(chunks, 1)
+        self._estimate(worker).chunk.observe(seconds / chunks, self._clock(), self.decay)
+        self.chunks += 0.1 * (chunks - self.chunks)
+
+    def worker_changed(self, worker: Worker, old: object) -> None:
+        if worker.state != WorkerState.READY:
+            self._estimates.pop(worker.id, None)
+
+
+class Prefix(BalancingPolicy):
+    """The worker already sent the longest part of the prompt, within a load bound; sessions stick.
+
+    A request with a session (``x-session-id``, or OpenAI's ``user``) goes to its session's
+    worker while that worker is READY with a free slot. Otherwise the worker whose remembered
+    prompts match the longest prefix of this one is taken when the match covers at least
+    ``min_match`` of the prompt and its (in flight + 1) is within ``balance`` times the least
+    loaded candidate's; else the least loaded one. The prompt is then remembered for the
+    worker taken.
+    """
+
+    name = "prefix"
+    needs_meta = True
+
+    def __init__(
+        self,
+        min_match: float = 0.5,
+        balance: float = 2.0,
+        tree_chars: int = 1_000_000,
+        sessions: int = 65_536,
+    ) -> None:
+        self.min_match = min_match
+        self.balance = balance
+        self.tree = PrefixTree(tree_chars)
+        self.max_sessions = sessions
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+        #: Decisions so far by reason: session, prefix, load.
+        self.decisions = {"session": 0, "prefix": 0, "load": 0}
+
+    @classmethod
+    def from_settings(cls, settings: PolicySettings) -> BalancingPolicy:
+        return cls(
+            settings.prefix_min_match,
+            settings.prefix_balance,
+            settings.prefix_tree_chars,
+            settings.sessions,
+        )
+
+    def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
+        worker, why = self._pick(candidates, meta)
+        self.decisions[why] += 1
+        if meta.prompt_text:
+            self.tree.insert(meta.prompt_text, worker.id)
+        if meta.session is not None and why != "session":
+            self._sessions[meta.session] = worker.id
+            self._sessions.move_to_end(meta.session)
+            if len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return worker
+
+    def session_worker(self, session: str) -> str | None:
+        """The id of the worker a session sticks to, if any."""
+        return self._sessions.get(session)
+
+    def _pick(self, candidates: Sequence[Worker], meta: RequestMeta) -> tuple[Worker, str]:
+        if meta.session is not None:
+            wid = self._sessions.get(meta.session)
+            if wid is not None:
+                for w in candidates:
+                    if w.id == wid:
+                        self._sessions.move_to_end(meta.session)
+                        return w, "session"
+        least = least_loaded(candidates)
+        text = meta.prompt_text
+        if not text or len(candidates) == 1:
+            return least, "load"
+        matched = self.tree.match(text)
+        best: Worker | None = None
+        best_len = 0
+        for w in candidates:
+            n = matched.get(w.id, 0)
+            if n > best_len or (
+                best is not None and n == best_len and w.in_flight < best.in_flight
+            ):
+                best, best_len = w, n
+        if (
+            best is not None
+            and best_len >= self.min_match * len(text)
+            and best.in_flight + 1 <= self.balance * (least.in_flight + 1)
+        ):
+            return best, "prefix"
+        return least, "load"
+
+    def worker_changed(self, worker: Worker, old: object) -> None:
+        """A worker out of READY is forgotten: its cache and sessions can no longer be relied on."""
+        if worker.state == WorkerState.READY:
+            return
+        self.tree.remove(worker.id)
+        gone = [s for s, wid in self._sessions.items() if wid == worker.id]
+        for s in gone:
+            del self._sessions[s]
+
+
+def make_policy(name: str, settings: PolicySettings | None = None) -> BalancingPolicy:
     """The policy registered as ``name``; ValueError names the known ones."""
     try:
-        return BalancingPolicy.registry[name]()
+        cls = BalancingPolicy.registry[name]
     except KeyError:
         known = ", ".join(sorted(BalancingPolicy.registry))
         raise ValueError(f"unknown balancing policy {name!r} (known: {known})") from None
+    return cls.from_settings(settings or PolicySettings())
