@@ -111,6 +111,13 @@ def register_openai(app: FastAPI, engine: Engine) -> None:
         body = await parse(request, CompletionRequest)
         check_openai(body)
         prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompt]
+        vocab = engine.vocab_size
+        for k, ids in enumerate(prompts):  # before a tokenizer sees them: it overflows on some
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                param = f"prompt[{k}]" if len(prompts) > 1 else "prompt"
+                message = f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})"
+                raise APIError(400, message, param)
         texts = [
             p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False)
             for p in body.prompt

@@ -19,7 +19,7 @@ import schemathesis
 from conftest import TINY, error_of
 from hypothesis import HealthCheck, settings
 
-from flockctl.engine import api
+from flockctl.engine import api, openai_routes
 from flockctl.engine.engine import Engine
 from flockctl.engine.job import InvalidRequest, SamplingParams
 
@@ -32,8 +32,9 @@ async def post(client: httpx.AsyncClient, path: str, raw: str) -> httpx.Response
 
 
 def nested(depth: int) -> str:
-    """A body whose ``user`` field makes it ``depth`` levels deep, the body itself the first."""
-    return '{"prompt": "hi", ' + SHORT + ', "user": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+    """A body whose ``pad`` field (unknown, so ignored) makes it ``depth`` levels deep, the
+    body itself the first."""
+    return '{"prompt": "hi", ' + SHORT + ', "pad": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
 
 
 # -- strings that are not Unicode -----------------------------------------------------------------
@@ -186,7 +187,7 @@ async def test_a_stream_that_fails_ends_with_an_error_event_and_keeps_the_connec
     def broken(handle: Any) -> dict[str, int]:
         raise RuntimeError("a bug at the end of the stream")
 
-    monkeypatch.setattr(api, "usage_of", broken)
+    monkeypatch.setattr(openai_routes.Choices, "usage", broken)
     usage = {"include_usage": True}
     body = {"prompt": "hi", "max_tokens": 2, "stream": True, "stream_options": usage}
     first, _headers, raw, second = await asyncio.to_thread(
