@@ -94,7 +94,21 @@ class DeploymentConfig(_Strict):
     queue_tracking_window: float = Field(600.0, gt=0)
     upscale_delay: float = Field(30.0, ge=0)
     downscale_delay: float = Field(120.0, ge=0)
-    policy: Literal["least-connection", "round-robin", "power-of-two"] = "least-connection"
+    policy: Literal["least-connection", "round-robin", "power-of-two", "latency", "prefix"] = (
+        "least-connection"
+    )
+    prefix_min_match: float = Field(
+        0.5, ge=0, le=1, description="prefix policy: shortest match, as a share of the prompt"
+    )
+    prefix_balance: float = Field(
+        2.0,
+        ge=1,
+        description="prefix policy: a matched worker's (in flight + 1) may be at most this many"
+        " times the least loaded one's",
+    )
+    prefix_tree_chars: int = Field(
+        1_000_000, ge=1, description="prefix policy: characters of prompt text kept per worker"
+    )
     worker_capacity: int = Field(30, ge=1)
     queue_timeout: float = Field(60.0, gt=0)
     max_queue: int = Field(1000, ge=0)

@@ -27,7 +27,7 @@ from flockctl.server.controller import Controller
 from flockctl.server.engine_stats import StatsPuller
 from flockctl.server.limits import describe as describe_limits
 from flockctl.server.metrics import Metrics
-from flockctl.server.policies import make_policy
+from flockctl.server.policies import PolicySettings, make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
@@ -107,7 +107,8 @@ class Deployment:
         self.state_dir = state_dir
         self.token = token
         self.started_at = time.time()
-        self.pool = WorkerPool(make_policy(cfg.policy), cfg.worker_capacity, cfg.max_queue)
+        routing = PolicySettings(cfg.prefix_min_match, cfg.prefix_balance, cfg.prefix_tree_chars)
+        self.pool = WorkerPool(make_policy(cfg.policy, routing), cfg.worker_capacity, cfg.max_queue)
         self.provisioner = make_provisioner(cfg, state_dir)
         self.policy = make_autoscaler(cfg)
         self.metrics = Metrics(self._gauges)

@@ -187,7 +187,39 @@ DownscaleDelayOpt = Annotated[
 PolicyOpt = Annotated[
     str | None,
     typer.Option(
-        help="least-connection, round-robin or power-of-two [default: least-connection].",
+        help="least-connection, round-robin, power-of-two, latency (fastest expected answer)"
+        " or prefix (the worker that saw the prompt's prefix; sessions stick)"
+        " [default: least-connection].",
+        rich_help_panel=B,
+        show_default=False,
+    ),
+]
+
+PrefixMinMatchOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="--policy prefix: shortest prefix match, as a share of the prompt, that routes by"
+        " prefix [default: 0.5].",
+        rich_help_panel=B,
+        show_default=False,
+    ),
+]
+
+PrefixBalanceOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="--policy prefix: route by prefix only while that worker's load is within this"
+        " factor of the least loaded one's [default: 2.0].",
+        rich_help_panel=B,
+        show_default=False,
+    ),
+]
+
+PrefixTreeCharsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="--policy prefix: characters of prompt text remembered per worker, least recently"
+        " used forgotten first [default: 1000000].",
         rich_help_panel=B,
         show_default=False,
     ),
