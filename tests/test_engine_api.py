@@ -546,6 +546,7 @@ def engine_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.e2e
 def test_the_engine_cli_imports_neither_torch_nor_transformers() -> None:
     code = (
         "import sys, flockctl.engine.cli; "
