@@ -42,12 +42,8 @@ from flockctl.engine import routes_common
 from flockctl.engine.embedding_routes import add_embedding_routes
 from flockctl.engine.job import INSTANCE, FinishReason, SamplingParams
 from flockctl.engine.openai_routes import openai_failed, register_openai
-from flockctl.engine.protocol import (
-    ChatRequest,
-    CompletionRequest,
-    GenerateRequest,
-    field_path,
-)
+from flockctl.engine.protocol import ChatRequest, CompletionRequest, field_path
+from flockctl.engine.protocol_tgi import GenerateRequest
 from flockctl.engine.routes_common import (
     CLIENT_CLOSED,
     APIError,
