@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -33,11 +35,59 @@ if TYPE_CHECKING:  # torch comes with it: imported by the fixtures that need it,
 TESTS = Path(__file__).parent
 FAKE_WORKER = TESTS / "fake_worker.py"
 TOKEN = "test-admin-token"
+_REPO = TESTS.parent
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
 def fake_worker_command(*extra: str) -> str:
     """A --worker-command that runs the tests' fake OpenAI server."""
     return " ".join([sys.executable, str(FAKE_WORKER), "--port", "{port}", *extra])
+
+
+def _started_by_flockctl() -> bool:
+    """Whether the process being started is one of this repository's code (the CLI, the
+    daemon, a provisioner, a test) rather than a library's (``platform`` asking ``uname``): the
+    first caller outside the machinery that starts processes decides."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith("<"):
+            path = Path(name).resolve()
+            machinery = path.is_relative_to(_STDLIB) and (
+                path.name == "subprocess.py" or path.parent.name == "asyncio"
+            )
+            if not machinery:
+                return path.is_relative_to(_REPO)
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture(autouse=True)
+def only_e2e_tests_start_processes(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """A test that starts a process of flockctl's (the CLI, the daemon, a worker, an engine)
+    is an end-to-end test and carries ``@pytest.mark.e2e``, which keeps ``-m "not e2e"`` a
+    fast in-process loop. One without the marker that starts one fails, naming the command."""
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    started: list[str] = []
+    popen_init = subprocess.Popen.__init__
+
+    def init(self: subprocess.Popen[Any], args: Any, *rest: Any, **kw: Any) -> None:
+        if _started_by_flockctl():
+            started.append(args if isinstance(args, str) else " ".join(map(str, args)))
+        popen_init(self, args, *rest, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", init)
+    yield
+    if started:
+        pytest.fail(
+            f"this test starts processes ({'; '.join(started)[:300]}): mark it"
+            " @pytest.mark.e2e, or test the same thing in-process",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TOKEN, fake_worker_command, until
 from yarl import URL
 
@@ -34,6 +35,7 @@ def message(body: dict) -> str:
 # -- worker detail ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_worker_detail_has_its_probe_history_and_command_line(daemon, http):
     d = await daemon(
         worker_command=fake_worker_command(),
@@ -62,6 +64,7 @@ async def test_worker_detail_has_its_probe_history_and_command_line(daemon, http
     assert snap["workers"][0]["model"] is None
 
 
+@pytest.mark.e2e
 async def test_worker_detail_of_an_unknown_worker_names_the_known_ones(daemon, http):
     d = await daemon(worker_command=fake_worker_command())
     await d.wait_ready(1)
@@ -93,6 +96,7 @@ async def test_a_static_worker_has_no_command_and_a_failed_probe_is_recorded(
 # -- recycle (drain) and remove --------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_drain_keeps_the_target_so_a_replacement_comes_while_delete_lowers_it(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), autoscaler="fixed", replicas=2)
     await d.wait_ready(2)
@@ -128,6 +132,7 @@ async def test_drain_keeps_the_target_so_a_replacement_comes_while_delete_lowers
     assert status == 409 and message(body) == "worker w2 is already TERMINATED"
 
 
+@pytest.mark.e2e
 async def test_recycling_a_worker_with_its_own_command_brings_back_the_same(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=2)
     await d.wait_ready(1)
@@ -148,6 +153,7 @@ async def test_recycling_a_worker_with_its_own_command_brings_back_the_same(daem
 # -- a worker serving another model ----------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_adding_a_worker_with_a_model_runs_the_engine_serving_that_model(
     daemon, http, tmp_path
 ):
@@ -212,6 +218,7 @@ def test_a_model_command_takes_the_deployments_engine_args_and_drafts_only_for_i
     assert "--x" not in custom.model_command("m") and "--threads" in custom.model_command("m")
 
 
+@pytest.mark.e2e
 async def test_a_readopted_worker_keeps_its_own_command_and_model(tmp_path: Path):
     sleeper = f"{sys.executable} -c 'import time; time.sleep(60)' {{port}} {{worker_id}}"
     first = LocalProvisioner("srv --port {port}", tmp_path, model="main", stop_timeout=2)
@@ -237,6 +244,7 @@ async def test_a_readopted_worker_keeps_its_own_command_and_model(tmp_path: Path
 # -- bounds ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_patching_the_bounds_moves_the_target_at_once(daemon, http):
     d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=2)
     await d.wait_ready(1)
@@ -342,6 +350,7 @@ async def test_following_the_daemon_log_by_offset(daemon, http):
     assert body["lines"] == [] and body["offset"] == 6
 
 
+@pytest.mark.e2e
 async def test_worker_logs_and_what_is_not_a_log(daemon, http, upstream):
     d = await daemon(worker_command=fake_worker_command(), min_workers=1)
     await d.wait_ready(1)
@@ -390,6 +399,7 @@ def test_reading_a_log_returns_at_most_5000_lines_at_a_time(tmp_path: Path):
 # -- the client ------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_the_admin_client_speaks_every_route(daemon):
     d = await daemon(worker_command=fake_worker_command(), min_workers=1, max_workers=2)
     await d.wait_ready(1)

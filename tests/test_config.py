@@ -37,7 +37,7 @@ def test_defaults_follow_flockserve():
         "least-connection",
         "qlrm",
     )
-    assert (cfg.min_workers, cfg.max_workers, cfg.worker_capacity) == (1, 2, 30)
+    assert (cfg.min_workers, cfg.max_workers, cfg.worker_capacity) == (1, 2, None)
     assert (cfg.autoscale_up, cfg.autoscale_down, cfg.queue_tracking_window) == (7, 4, 600)
     assert cfg.provisioner == "local" and cfg.initial_target() == 1
 
@@ -170,6 +170,7 @@ def test_a_worker_command_that_ignores_its_port_is_refused_naming_both_ways(comm
     assert problem.startswith("worker_command: must contain {port}, or read $PORT")
 
 
+@pytest.mark.e2e
 async def test_a_worker_reading_dollar_port_listens_where_it_is_probed(daemon):
     d = await daemon(worker_command=f"{sys.executable} {FAKE_WORKER} --port $PORT")
     await d.wait_ready(1)

@@ -422,6 +422,7 @@ def test_upstream_timeout_flag_reaches_the_plan():
 # -- a real worker process, stopped --------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_a_stopped_worker_process_costs_no_request(daemon, http):
     d = await daemon(
         worker_command=fake_worker_command(),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import typer
 from conftest import FAKE_WORKER, TOKEN, fake_worker_command, until
 from fake_worker import build_app
@@ -62,6 +63,7 @@ def launched(d) -> int:
 # -- scale-down never strands a request --------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_a_request_waiting_for_a_slow_worker_is_served_by_the_one_launched_for_it(
     daemon, http
 ):
@@ -148,6 +150,7 @@ def test_scale_down_takes_idle_workers_first_and_none_coming_up_while_requests_w
 # -- a worker NOT_READY too long ---------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_a_worker_not_ready_past_replace_after_is_stopped_and_replaced(daemon, tmp_path):
     sick = tmp_path / "sick"
     d = await daemon(
@@ -195,6 +198,7 @@ async def test_a_static_endpoint_not_ready_stays_out_of_rotation_until_it_answer
     assert w1.reason is None
 
 
+@pytest.mark.e2e
 async def test_a_stopped_worker_process_is_killed_when_it_does_not_stop(tmp_path):
     provisioner = LocalProvisioner(fake_worker_command(), tmp_path, stop_timeout=0.5)
     w = Worker(id="w1", provisioner="local")
@@ -206,6 +210,7 @@ async def test_a_stopped_worker_process_is_killed_when_it_does_not_stop(tmp_path
     assert not psutil.pid_exists(w.pid) or proc.status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.e2e
 async def test_workers_a_dead_daemon_left_are_stopped_from_its_records_alone(tmp_path: Path):
     provisioner = LocalProvisioner(fake_worker_command(), tmp_path)
     workers = [Worker(id=f"w{i}", provisioner="local") for i in (1, 2)]
@@ -267,6 +272,7 @@ async def test_the_admin_api_refuses_bounds_above_the_workers_ceiling(daemon, ht
         assert resp.status == 200
 
 
+@pytest.mark.e2e
 async def test_adding_workers_by_hand_stops_at_the_ceiling(daemon, http):
     d = await daemon(
         worker_command=fake_worker_command(), autoscaler="fixed", replicas=1, workers_ceiling=2
@@ -298,6 +304,7 @@ async def test_the_api_schema_needs_the_admin_token_and_there_is_no_docs_page(
             assert "swagger" not in (await resp.text()).lower()
 
 
+@pytest.mark.e2e
 async def test_local_workers_do_not_get_the_deployments_keys(daemon, tmp_path, monkeypatch):
     monkeypatch.setenv("FLOCKCTL_NODE_CONTROL_KEY", TOKEN)
     monkeypatch.setenv("FLOCKCTL_API_KEY", "the-api-key")
@@ -318,6 +325,7 @@ def test_every_key_the_cli_reads_from_the_environment_is_kept_from_workers():
     assert set(keys.values()) == set(KEY_ENV_VARS)
 
 
+@pytest.mark.e2e
 async def test_a_failed_workers_reason_quotes_only_its_own_log_lines(tmp_path):
     logs = tmp_path / "workers"
     logs.mkdir()

@@ -334,11 +334,13 @@ def heavy(modules: set[str], banned: Iterable[str]) -> list[str]:
     return sorted(name for name in modules if under(name, banned))
 
 
+@pytest.mark.e2e
 def test_importing_the_cli_loads_no_torch_textual_or_daemon() -> None:
     banned = (*ML, "textual", DAEMON, "uvicorn", "fastapi")
     assert heavy(loaded_after("import flockctl.cli"), banned) == []
 
 
+@pytest.mark.e2e
 def test_importing_the_daemon_loads_no_engine_dashboard_or_aiohttp() -> None:
     banned = (*ML, "textual", ENGINE, *DASHBOARD, "aiohttp")
     assert heavy(loaded_after("import flockctl.server.__main__"), banned) == []

@@ -111,8 +111,10 @@ def test_a_spec_or_the_resolved_config_takes_sizes_alike(tmp_path):
 def test_connection_cap_keeps_descriptors_for_probes_and_upstreams():
     cfg = DeploymentConfig(endpoints=["http://127.0.0.1:9", "http://127.0.0.1:10"])
     reserve = descriptor_reserve(cfg)
-    # Two workers each with 30 request slots need their upstream connections and probes.
-    assert reserve > 2 * cfg.worker_capacity
+    # Two workers each with 30 request slots (their capacity is theirs to say) need their
+    # upstream connections and probes.
+    assert cfg.worker_capacity is None
+    assert reserve > 2 * limits.AUTO_CAPACITY_SLOTS
     assert connection_cap(10_000, 1024, reserve) == 1024 - reserve
     assert connection_cap(500, 1 << 20, reserve) == 500
     assert connection_cap(10_000, resource.RLIM_INFINITY, reserve) == 10_000
@@ -122,6 +124,7 @@ def test_connection_cap_keeps_descriptors_for_probes_and_upstreams():
     assert descriptor_reserve(big) > reserve
 
 
+@pytest.mark.e2e
 def test_bad_max_body_size_is_a_usage_error_naming_the_flag(tmp_path):
     def up(*args: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "flockctl", "up", "--endpoint", "http://127.0.0.1:9"]
@@ -416,6 +419,7 @@ def counting_worker() -> tuple[web.Application, dict[str, int]]:
     return app, hits
 
 
+@pytest.mark.e2e
 async def test_daemon_raises_its_open_file_limit(daemon_process, http):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard <= 256:

@@ -69,6 +69,7 @@ def test_each_provisioner_declares_what_its_workers_allow(
             provisioner.add_endpoint("http://127.0.0.1:10")
 
 
+@pytest.mark.e2e
 async def test_only_a_local_worker_knows_its_command_line(tmp_path: Path) -> None:
     found = provisioners(tmp_path)
     local, static = found["local"], found["static"]

@@ -63,6 +63,7 @@ def state(d: Any, worker_id: str) -> WorkerState | None:
     return worker.state if worker is not None else None
 
 
+@pytest.mark.e2e
 async def test_scale_up_then_down_drains_before_the_cluster_goes(
     daemon: Any, sky: FakeSky, http: aiohttp.ClientSession
 ) -> None:
@@ -93,6 +94,7 @@ async def test_scale_up_then_down_drains_before_the_cluster_goes(
     assert len(d.deployment.pool.live()) == 1 and d.deployment.controller.target == 1
 
 
+@pytest.mark.e2e
 async def test_a_preempted_spot_worker_is_replaced(daemon: Any, sky: FakeSky) -> None:
     task = {**TASK, "resources": {"ports": 8000, "use_spot": True}}
     d = await daemon(**fields(task, autoscaler="fixed", replicas=1))
@@ -109,6 +111,7 @@ async def test_a_preempted_spot_worker_is_replaced(daemon: Any, sky: FakeSky) ->
     await until(lambda: "flockctl-default-w1" in [c["cluster"] for c in sky.calls("down")], "down")
 
 
+@pytest.mark.e2e
 async def test_a_failed_launch_is_retried_with_skypilots_text_in_the_log(
     daemon: Any, sky: FakeSky
 ) -> None:
@@ -158,6 +161,7 @@ async def test_a_launch_no_longer_wanted_is_cancelled(
     assert recorded_clusters(d.deployment.state_dir) == {}
 
 
+@pytest.mark.e2e
 async def test_spot_workers_with_on_demand_fallback(
     daemon: Any, sky: FakeSky, http: aiohttp.ClientSession
 ) -> None:
@@ -255,6 +259,7 @@ def test_down_tears_down_clusters_a_dead_daemon_left(tmp_path: Path, sky: FakeSk
     assert sky.clusters() == {}
 
 
+@pytest.mark.e2e
 async def test_a_restarted_daemon_readopts_its_clusters(tmp_path: Path, sky: FakeSky) -> None:
     """Clusters recorded by an earlier daemon: an UP one comes back as a STARTING worker (the
     probe decides READY again); one whose launch the restart interrupted is torn down."""
@@ -290,6 +295,7 @@ async def test_a_restarted_daemon_readopts_its_clusters(tmp_path: Path, sky: Fak
         await provisioner.close()
 
 
+@pytest.mark.e2e
 async def test_a_skypilot_worker_has_a_log_and_no_command_and_takes_no_model(
     daemon: Any, http: aiohttp.ClientSession
 ) -> None:
