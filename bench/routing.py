@@ -1,0 +1,333 @@
+"""Routing policies on real engines: prefix routing for multi-turn chat, latency routing around a
+slow worker.
+
+    python bench/routing.py [--mode prefix|latency|both] [--model demo] [--sessions 8]
+                            [--turns 4] [--system-chars 2400] [--rate 1.0] [--think 1.0]
+                            [--max-tokens 8] [--requests 40] [--seed 0]
+
+Each configuration starts two engine workers (``flockctl engine serve``) and a foreground daemon
+over them (``flockctl up --endpoint A --endpoint B --policy P``) on free 127.0.0.1 ports, runs
+the same trace through the daemon, reads each engine's ``/stats``, and stops everything it
+started (on errors and Ctrl-C too). Stdout gets one JSON object; progress goes to stderr.
+
+``--mode prefix``: a multi-turn chat trace. Sessions start as a Poisson process (``--rate`` per
+second); each has a system prompt of ``--system-chars`` characters of its own (the demo's code
+snippets in a session-seeded order) and ``--turns`` turns, each the whole conversation so far
+(the engine's earlier answers included) plus a new question, sent ``--think`` seconds (mean,
+exponential) after the previous answer ended. Run three ways: least-connection with the engines'
+``--prefix-caching off``, least-connection with it on, ``--policy prefix`` with it on. Reported:
+mean and p99 time to first token (the first streamed chunk), requests and tokens per second,
+and the prompt tokens served from the engines' caches (their ``/stats`` ``prefix_cache``).
+
+``--mode latency``: ``--requests`` independent completions (no shared prefix; caching off) as a
+Poisson process, against one engine with ``--fast-args`` and one with ``--slow-args`` (fewer
+threads), with least-connection and with ``--policy latency``; reported: mean and p99 latency.
+
+Both engines share this machine's cores with the daemon and the client, so a run is a
+comparison within one run, not an absolute figure; the load average is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from common import HOST, PROMPTS, Processes, free_port, percentile, say, wait_until
+
+TARGET_PREFIX_VS_OFF = 2.0
+TARGET_PREFIX_VS_ON = 1.3
+TARGET_LATENCY = 1.3
+
+
+def system_prompt(session: int, chars: int) -> str:
+    order = list(PROMPTS)
+    random.Random(session).shuffle(order)
+    text = f"# session {session}: answer as the code below would.\n" + "\n".join(order)
+    return (text * (chars // len(text) + 1))[:chars]
+
+
+async def stream(
+    http: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int
+) -> tuple[float, float, str, int]:
+    """One streamed completion: (time to first chunk, whole time, text, tokens)."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    first = 0.0
+    text: list[str] = []
+    tokens = 0
+    async with http.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"completion failed: {r.status} {await r.text()}")
+        async for line in r.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            event = json.loads(line[6:])
+            choice = event["choices"][0]
+            if choice.get("text"):
+                if not first:
+                    first = time.perf_counter() - t0
+                text.append(choice["text"])
+                tokens += 1
+    return first, time.perf_counter() - t0, "".join(text), tokens
+
+
+async def chat_trace(http: aiohttp.ClientSession, url: str, args: argparse.Namespace) -> dict:
+    """The multi-turn trace; every request's TTFT and tokens."""
+    rng = random.Random(args.seed)
+    starts: list[float] = []
+    t = 0.0
+    for _ in range(args.sessions):
+        t += rng.expovariate(args.rate)
+        starts.append(t)
+    thinks = [[rng.expovariate(1 / args.think) for _ in range(args.turns)] for _ in starts]
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def session(i: int) -> None:
+        nonlocal tokens
+        await asyncio.sleep(starts[i])
+        conversation = system_prompt(i, args.system_chars)
+        for turn in range(args.turns):
+            question = PROMPTS[(i + turn) % len(PROMPTS)]
+            conversation += f"\n# user: {question}\n# assistant:"
+            ttft, _, answer, n = await stream(http, url, conversation, args.max_tokens)
+            ttfts.append(ttft)
+            tokens += n
+            conversation += answer
+            await asyncio.sleep(thinks[i][turn])
+
+    began = time.perf_counter()
+    await asyncio.gather(*(session(i) for i in range(args.sessions)))
+    wall = time.perf_counter() - began
+    return {"ttfts": ttfts, "tokens": tokens, "wall": wall}
+
+
+async def independent_trace(
+    http: aiohttp.ClientSession, url: str, args: argparse.Namespace
+) -> dict:
+    """``--requests`` unrelated completions as a Poisson process; each one's whole latency."""
+    rng = random.Random(args.seed)
+    latencies: list[float] = []
+    tokens = 0
+
+    async def one(i: int, at: float) -> None:
+        nonlocal tokens
+        await asyncio.sleep(at)
+        order = list(PROMPTS)
+        random.Random(1000 + i).shuffle(order)
+        prompt = f"# request {i}\n" + "\n".join(order)[: args.system_chars // 4]
+        _, whole, _, n = await stream(http, url, prompt, args.max_tokens)
+        latencies.append(whole)
+        tokens += n
+
+    at = 0.0
+    jobs = []
+    for i in range(args.requests):
+        at += rng.expovariate(args.latency_rate)
+        jobs.append(one(i, at))
+    began = time.perf_counter()
+    await asyncio.gather(*jobs)
+    return {"latencies": latencies, "tokens": tokens, "wall": time.perf_counter() - began}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+async def run_config(
+    args: argparse.Namespace,
+    name: str,
+    policy: str,
+    engine_args: list[str],
+    trace: str,
+) -> dict[str, Any]:
+    """Two engines and a daemon with ``policy``; the trace through it; everything stopped."""
+    with tempfile.TemporaryDirectory(prefix="flockctl-routing-") as tmp:
+        procs = Processes(Path(tmp))
+        try:
+            engines = []
+            for i, extra in enumerate(engine_args, 1):
+                port = free_port()
+                argv = [sys.executable, "-m", "flockctl", "engine", "serve", "--model", args.model]
+                argv += ["--host", HOST, "--port", str(port), *shlex.split(extra)]
+                procs.start(f"engine{i}", argv)
+                engines.append(f"http://{HOST}:{port}")
+            port = free_port()
+            argv = [sys.executable, "-m", "flockctl", "up", "--foreground", "--name", "routing"]
+            argv += ["--host", HOST, "--port", str(port), "--policy", policy]
+            for url in engines:
+                argv += ["--endpoint", url]
+            argv += ["--probe-interval", "1"]
+            env = {**os.environ, "FLOCKCTL_HOME": str(Path(tmp) / "home")}
+            env.pop("FLOCKCTL_NAME", None)
+            procs.start("daemon", argv, env)
+            balancer = f"http://{HOST}:{port}"
+            timeout = aiohttp.ClientTimeout(total=600)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+
+                async def ready() -> bool:
+                    async with http.get(balancer + "/health") as r:
+                        return r.status == 200 and (await r.json())["ready_workers"] == 2
+
+                await wait_until(ready, f"{name}: the daemon and both engines", 300, procs)
+                say(f"{name}: running the {trace} trace")
+                if trace == "chat":
+                    result = await chat_trace(http, balancer, args)
+                else:
+                    result = await independent_trace(http, balancer, args)
+                procs.check()
+                caches = []
+                for url in engines:
+                    async with http.get(url + "/stats") as r:
+                        caches.append((await r.json()).get("prefix_cache"))
+        finally:
+            procs.stop_all()
+    return {"policy": policy, "engine_args": engine_args, **result, "caches": caches}
+
+
+def chat_row(run: dict[str, Any]) -> dict[str, Any]:
+    ttfts = sorted(run["ttfts"])
+    queries = sum((c or {}).get("queries", 0) for c in run["caches"])
+    hits = sum((c or {}).get("hits", 0) for c in run["caches"])
+    return {
+        "policy": run["policy"],
+        "engine_args": run["engine_args"],
+        "requests": len(ttfts),
+        "ttft_mean_ms": _ms(sum(ttfts) / len(ttfts)),
+        "ttft_p99_ms": _ms(percentile(ttfts, 99)),
+        "requests_per_s": round(len(ttfts) / run["wall"], 3),
+        "tokens_per_s": round(run["tokens"] / run["wall"], 2),
+        "cache_hit_rate": round(hits / queries, 4) if queries else None,
+    }
+
+
+def latency_row(run: dict[str, Any]) -> dict[str, Any]:
+    lat = sorted(run["latencies"])
+    return {
+        "policy": run["policy"],
+        "engine_args": run["engine_args"],
+        "requests": len(lat),
+        "latency_mean_ms": _ms(sum(lat) / len(lat)),
+        "latency_p99_ms": _ms(percentile(lat, 99)),
+        "requests_per_s": round(len(lat) / run["wall"], 3),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.mode in ("prefix", "both"):
+        t = args.threads
+        off = f"--threads {t} --prefix-caching off"
+        on = f"--threads {t} --prefix-caching on"
+        rows = {
+            "least-connection/caching-off": chat_row(
+                await run_config(args, "lc-off", "least-connection", [off, off], "chat")
+            ),
+            "least-connection/caching-on": chat_row(
+                await run_config(args, "lc-on", "least-connection", [on, on], "chat")
+            ),
+            "prefix/caching-on": chat_row(
+                await run_config(args, "prefix-on", "prefix", [on, on], "chat")
+            ),
+        }
+        prefix = rows["prefix/caching-on"]["ttft_mean_ms"]
+        vs_off = ratio(rows["least-connection/caching-off"]["ttft_mean_ms"], prefix)
+        vs_on = ratio(rows["least-connection/caching-on"]["ttft_mean_ms"], prefix)
+        out["prefix"] = {
+            "runs": rows,
+            "ttft_mean_ratio_vs_prefix": {
+                "least-connection/caching-off": vs_off,
+                "least-connection/caching-on": vs_on,
+            },
+            "targets": {
+                "vs_caching_off": {"value": vs_off, "min": TARGET_PREFIX_VS_OFF},
+                "vs_caching_on": {"value": vs_on, "min": TARGET_PREFIX_VS_ON},
+                "met": bool(
+                    vs_off
+                    and vs_on
+                    and vs_off >= TARGET_PREFIX_VS_OFF
+                    and vs_on >= TARGET_PREFIX_VS_ON
+                ),
+            },
+        }
+    if args.mode in ("latency", "both"):
+        pair = [args.fast_args + " --prefix-caching off", args.slow_args + " --prefix-caching off"]
+        rows = {
+            policy: latency_row(await run_config(args, policy, policy, pair, "independent"))
+            for policy in ("least-connection", "latency")
+        }
+        r = ratio(rows["least-connection"]["latency_mean_ms"], rows["latency"]["latency_mean_ms"])
+        out["latency"] = {
+            "runs": rows,
+            "latency_mean_ratio_least_connection_over_latency": r,
+            "targets": {"value": r, "min": TARGET_LATENCY, "met": bool(r and r >= TARGET_LATENCY)},
+        }
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench/routing.py", description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=("prefix", "latency", "both"), default="both")
+    p.add_argument("--model", default="demo", help="engine --model (default demo)")
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-chars", type=int, default=2400)
+    p.add_argument("--rate", type=float, default=1.0, help="sessions started per second")
+    p.add_argument("--think", type=float, default=1.0, help="mean seconds between turns")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="engine threads (prefix mode)")
+    p.add_argument("--requests", type=int, default=40, help="latency mode: requests")
+    p.add_argument("--latency-rate", type=float, default=2.0, help="latency mode: requests/s")
+    p.add_argument("--fast-args", default="--threads 2", help="latency mode: the fast engine")
+    p.add_argument("--slow-args", default="--threads 1", help="latency mode: the slow engine")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    try:
+        report = asyncio.run(bench(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        say("interrupted; the engines and daemons are stopped")
+        return 130
+    except RuntimeError as exc:
+        say(f"failed: {exc}")
+        return 1
+    report["settings"] = {k: v for k, v in vars(args).items()}
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
