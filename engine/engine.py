@@ -129,6 +129,7 @@ class Engine:
             vocab_size=self.vocab_size,
             run_soon=self.model_loop.run_soon,
         )
+        pass  # PLANTED
 
     # -- sizing --------------------------------------------------------------------------------
 
@@ -205,6 +206,8 @@ class Engine:
             "device": self.memory.read(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_batch_size": self.config.max_batch_size,
+            # Requests taken at once: the running batch plus the waiting room (more get 429).
+            "capacity": self.config.max_batch_size + self.config.max_waiting,
             "max_model_len": self.max_model_len,
             "queue_lengths": self.scheduler.queue_lengths(),
             "running": states[JobState.RUNNING],

@@ -284,6 +284,22 @@ def engine_view(workers: list[WorkerView], now: float) -> list[Any]:
     return parts
 
 
+def capacity_words(flag: int | None) -> str:
+    """What ``--worker-capacity`` means for the balancer, in words."""
+    if flag is None:
+        return "capacity from each worker (else no limit)"
+    return f"{flag} requests per worker"
+
+
+def capacity_cell(worker: WorkerView) -> str:
+    """A worker's capacity and where it came from (``264 worker``, ``30 flag``, ``-``)."""
+    cap = worker.get("capacity")
+    if cap is None:
+        return "-"
+    source = worker.get("capacity_source")
+    return f"{cap} {source}" if source else str(cap)
+
+
 def status_view(snap: StatusSnapshot) -> Group:
     now = snap["generated_at"] or time.time()
     dep = snap["deployment"]
@@ -317,6 +333,7 @@ def status_view(snap: StatusSnapshot) -> Group:
         ("PID", "right"),
         ("URL", "left"),
         ("IN FLIGHT", "right"),
+        ("CAPACITY", "right"),
         ("SERVED", "right"),
         ("P50 MS", "right"),
         ("FAILS", "right"),
@@ -332,6 +349,7 @@ def status_view(snap: StatusSnapshot) -> Group:
             str(w["pid"] or "-"),
             w["url"] or "-",
             str(w["in_flight"]),
+            capacity_cell(w),
             str(w["served"]),
             "-" if p50 is None else f"{p50:.1f}",
             str(w["failures"]),
@@ -368,7 +386,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         ),
         (
             "balancer",
-            f"{balancer['policy']}, {balancer['worker_capacity']} requests per worker, up to"
+            f"{balancer['policy']}, {capacity_words(balancer['worker_capacity'])}, up to"
             f" {balancer['max_attempts']} attempts, queue {balancer['max_queue']} for"
             f" {balancer['queue_timeout']:g}s",
         ),

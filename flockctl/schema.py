@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 #: The ``schema`` key of ``GET /-/status``.
-SNAPSHOT_SCHEMA_VERSION = 1
+SNAPSHOT_SCHEMA_VERSION = 2
 #: The ``schema_version`` key of an engine's ``GET /stats``.
-STATS_SCHEMA_VERSION = 1
+STATS_SCHEMA_VERSION = 2
 
 # -- an engine's /stats ----------------------------------------------------------------------------
 
@@ -145,6 +145,9 @@ class EngineStats(_EngineStatsRequired, total=False):
 
     #: The token that begins every id this engine process gives out (a job's, a response's).
     instance: str
+    #: Requests the engine takes at once (running batch plus waiting room; more get 429). The
+    #: balancer makes it the worker's capacity unless ``--worker-capacity`` is given.
+    capacity: int
     #: None while prefix caching is off.
     prefix_cache: PrefixCacheStats | None
     embeddings: EmbeddingStats
@@ -196,7 +199,8 @@ class DeploymentView(TypedDict):
     endpoint: str
     provisioner: str
     policy: str
-    worker_capacity: int
+    #: ``--worker-capacity``; None: each worker's own (from its /stats), else no limit.
+    worker_capacity: int | None
     upstream_timeout: float
     limits: LimitsView
     started_at: float
@@ -284,6 +288,16 @@ class WorkerView(TypedDict):
     ended_at: float | None
     last_probe: ProbeRecord | None
     model: str | None
+    #: Every model the worker answers to (its ``model`` and its ``/v1/models``); empty while
+    #: unknown, and then it may be sent any model.
+    models: list[str]
+    #: Its worker group (``flockctl: groups``); None in a deployment without groups.
+    group: str | None
+    #: Requests the balancer sends it at once; None: no limit.
+    capacity: int | None
+    #: Where ``capacity`` came from: ``flag`` (--worker-capacity), ``worker`` (its /stats), or
+    #: None (no limit).
+    capacity_source: str | None
     spot: bool | None
     resource: str | None
     gpu_memory: GpuMemory | None

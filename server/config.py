@@ -109,7 +109,12 @@ class DeploymentConfig(_Strict):
     prefix_tree_chars: int = Field(
         1_000_000, ge=1, description="prefix policy: characters of prompt text kept per worker"
     )
-    worker_capacity: int = Field(30, ge=1)
+    worker_capacity: int | None = Field(
+        None,
+        ge=1,
+        description="requests per worker at once; None: what the worker reports (flockctl's"
+        " engine), else no limit",
+    )
     queue_timeout: float = Field(60.0, gt=0)
     max_queue: int = Field(1000, ge=0)
     max_attempts: int = Field(3, ge=1, le=10)

@@ -15,6 +15,7 @@ import httpx
 
 from flockctl import __version__
 from flockctl.net import client_url
+from flockctl.schema import SNAPSHOT_SCHEMA_VERSION
 from flockctl.server.autoscaler import (
     AutoscalerPolicy,
     FixedPolicy,
@@ -33,7 +34,7 @@ from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
 from flockctl.server.workers import WorkerState
 
-SCHEMA = 1
+SCHEMA = SNAPSHOT_SCHEMA_VERSION
 
 
 def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:

@@ -6,6 +6,9 @@ running/waiting/swapped counts, preemptions, KV use, device memory and its jobs.
 error, and such a worker is asked again only every ``recheck_seconds`` (it may be replaced by an
 engine behind the same URL).
 
+An engine's ``capacity`` (requests it takes at once) becomes the worker's capacity at the balancer
+unless ``--worker-capacity`` was given.
+
 The pull belongs with the readiness probe (same HTTP client, same timeout and cadence) but runs in
 tasks of its own, one at most per worker, so a slow ``/stats`` never delays a probe. When pulls
 fail, the last good stats stay in the snapshot marked ``engine_stale`` until
@@ -168,6 +171,7 @@ class StatsPuller:
                     stats.get("scheduler"),
                 )
             worker.engine = stats
+            self._take_capacity(worker, stats)
             worker.gpu_memory = gpu_memory_of(stats)
             worker.engine_at = time.time()
             worker.engine_stale = False
@@ -202,6 +206,17 @@ class StatsPuller:
                         )
                     _clear(worker)
         return outcome
+
+    def _take_capacity(self, worker: Worker, stats: EngineView) -> None:
+        """The requests the engine takes at once (its running batch plus its waiting room, more
+        it refuses with 429): the balancer queues the rest instead of sending them to a 429."""
+        cap = stats.get("capacity")
+        reported = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+        if reported != worker.reported_capacity:
+            if worker.capacity_flag is None:
+                log.info("worker %s takes %s requests at once (its /stats)", worker.id, reported)
+            worker.reported_capacity = reported
+            self.pool.capacity_changed(worker)
 
     async def fetch(self, url: str) -> tuple[Outcome, EngineView | None, str]:
         """GET ``url``: the outcome, the stats when there are some, and what happened."""

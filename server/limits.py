@@ -105,12 +105,16 @@ class FrontDoor:
         )
 
 
+#: Upstream connections reserved per worker when its capacity comes from the worker (unknown here).
+AUTO_CAPACITY_SLOTS = 30
+
+
 def descriptor_reserve(cfg: DeploymentConfig) -> int:
     """Descriptors that client connections must never take: the daemon's own, plus for each
     worker it may run one upstream connection per request slot (``worker_capacity``) and a few
     for its probe and process."""
     workers = max(cfg.max_workers, cfg.replicas or 0, len(cfg.endpoints))
-    return BASE_RESERVE + workers * (cfg.worker_capacity + 4)
+    return BASE_RESERVE + workers * ((cfg.worker_capacity or AUTO_CAPACITY_SLOTS) + 4)
 
 
 def connection_cap(max_connections: int, open_files: int, reserve: int) -> int:

@@ -39,6 +39,10 @@ MAX_PROBE_BODY = 8192
 STARTING_SAYS = "starting: "
 #: Probes and stats pulls in flight at once, over all workers (more wait for a free slot).
 MAX_PROBE_CONNECTIONS = 64
+#: Where an OpenAI-compatible server lists the models it serves.
+MODELS_PATH = "/v1/models"
+#: Bytes of a ``/v1/models`` answer read at most.
+MAX_MODELS_BODY = 256 * 1024
 
 
 def probe_client(max_connections: int = MAX_PROBE_CONNECTIONS) -> httpx.AsyncClient:
@@ -98,6 +102,8 @@ class Prober:
         self.client = client
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pokes: dict[str, asyncio.Event] = {}
+        #: Workers whose ``/v1/models`` was asked once already (the answer does not change).
+        self._listed: set[str] = set()
 
     def watch(self, worker: Worker) -> None:
         """Start probing ``worker`` (idempotent); the loop ends when the worker leaves PROBED."""
@@ -134,6 +140,33 @@ class Prober:
         phase = None if ok else _starting_phase(body)
         return ok, f"HTTP {status}" + (f" ({STARTING_SAYS}{phase})" if phase else "")
 
+    async def list_models(self, worker: Worker) -> None:
+        """Record the models ``worker``'s ``/v1/models`` lists (OpenAI's shape). A server that
+        does not answer it keeps only the model it was started with, or none: then it may be
+        sent any model."""
+        try:
+            names = await asyncio.wait_for(self._models(worker), self.config.timeout_seconds)
+        except (asyncio.TimeoutError, httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            log.info("worker %s: no model list at %s (%s)", worker.id, MODELS_PATH, exc)
+            names = []
+        worker.learn_models(names)
+        self.pool.models_changed()
+        if worker.models:
+            log.info("worker %s serves %s", worker.id, ", ".join(worker.models))
+
+    async def _models(self, worker: Worker) -> list[str]:
+        timeout = httpx.Timeout(self.config.timeout_seconds)
+        url = f"{worker.url}{MODELS_PATH}"
+        async with self.client.stream(
+            "GET", url, headers=self.config.headers or None, timeout=timeout
+        ) as resp:
+            if resp.status_code != 200:
+                raise ValueError(f"HTTP {resp.status_code}")
+            body, whole = await read_capped(resp, MAX_MODELS_BODY)
+        if not whole:
+            raise ValueError(f"a body over {MAX_MODELS_BODY} bytes")
+        return model_ids(json.loads(body))
+
     async def _request(self, worker: Worker) -> tuple[int, bytes]:
         """The probe's status and the start of its body (``MAX_PROBE_BODY`` bytes at most)."""
         cfg = self.config
@@ -164,6 +197,12 @@ class Prober:
                     "ms": round((time.monotonic() - started) * 1000, 2),
                 }
                 worker.probe_history.append(worker.last_probe)
+                if ok and worker.state != S.READY and worker.id not in self._listed:
+                    # Before it takes requests: routing by model needs to know what it serves.
+                    self._listed.add(worker.id)
+                    await self.list_models(worker)
+                    if worker.state not in PROBED:
+                        break
                 self._apply(worker, ok, detail)
                 poke.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -195,6 +234,14 @@ class Prober:
             reason = f"{worker.probe_failures} probes of {cfg.path} failed in a row: {detail}"
             log.warning("worker %s is NOT_READY: %s", worker.id, reason)
             self.pool.set_state(worker, S.NOT_READY, reason)
+
+
+def model_ids(payload: Any) -> list[str]:
+    """The ids in an OpenAI ``/v1/models`` answer (``{"data": [{"id": ...}, ...]}``)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("not an OpenAI model list")
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def _starting_phase(body: bytes) -> str | None:

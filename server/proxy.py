@@ -40,6 +40,7 @@ from typing import Any
 from flockctl.server.jobs import JOBS_PREFIX, holder, not_found
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
+from flockctl.server.prober import MODELS_PATH
 from flockctl.server.request_meta import NO_META, extract
 from flockctl.server.retry_budget import RetryBudget
 from flockctl.server.upstream import Connection, UpstreamError, UpstreamPool
@@ -152,11 +153,14 @@ class Balancer:
         self.upstream_timeout = upstream_timeout
         self.retry_budget = retry_budget or RetryBudget()
         self.upstream: UpstreamPool | None = None
+        #: When the balancer started (the ``created`` of the models it lists).
+        self.started = time.time()
 
     @property
     def needs_meta(self) -> bool:
-        """Whether request bodies are parsed for routing; the default policy never needs it."""
-        return self.pool.policy.needs_meta
+        """Whether request bodies are parsed for routing: the policy reads them, or more than
+        one model is served (routing by model). The default single-model path never parses."""
+        return self.pool.policy.needs_meta or self.pool.routes_by_model
 
     def open_session(self) -> UpstreamPool:
         """The shared upstream connections; created inside the running loop (lifespan)."""
@@ -182,6 +186,9 @@ class Balancer:
             return
         if path.startswith(JOBS_PREFIX):
             await self.job(scope, send)
+            return
+        if path == MODELS_PATH and scope["method"] == "GET" and self.pool.routes_by_model:
+            await self.models(send)
             return
         await self.proxy(scope, receive, send)
 
@@ -214,6 +221,16 @@ class Balancer:
             if conn is not None:
                 upstream.release(conn)
             self.metrics.observe(status, time.perf_counter() - started)
+
+    async def models(self, send: Send) -> None:
+        """``GET /v1/models`` where several models are served: all of them, in OpenAI's shape."""
+        started = time.perf_counter()
+        data = [
+            {"id": model, "object": "model", "created": int(self.started), "owned_by": "flockctl"}
+            for model in self.pool.models()
+        ]
+        await send_json(send, 200, json.dumps({"object": "list", "data": data}).encode())
+        self.metrics.observe(200, time.perf_counter() - started)
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -299,6 +316,12 @@ class Balancer:
             target += b"?" + scope["query_string"]
         headers = self._upstream_headers(scope)
         meta = extract(scope["headers"], body) if self.needs_meta else NO_META
+        if self.pool.unknown_model(meta.model):
+            served = ", ".join(self.pool.models())
+            message = f"model: {meta.model!r} is not served here; served models: {served}"
+            error = {"message": message, "type": "model_not_found", "param": "model", "code": 404}
+            await send_json(send, 404, json.dumps({"error": error}).encode())
+            return 404
         policy = self.pool.policy
         deadline = time.monotonic() + self.queue_timeout
         tried: set[Worker] = set()

@@ -80,6 +80,16 @@ class Worker:
     probe_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=30))
     #: The model the worker serves, where known (None for a custom worker command).
     model: str | None = None
+    #: Every model name the worker answers to: ``model`` and what its ``/v1/models`` listed
+    #: when it turned READY. Empty while unknown; such a worker may be sent any model.
+    models: tuple[str, ...] = ()
+    #: The worker group it belongs to (``flockctl: groups``); None in a deployment without groups.
+    group: str | None = None
+    #: Requests the worker says it takes at once (flockctl's engine: running batch plus waiting
+    #: room, from its ``/stats``); None where it does not say.
+    reported_capacity: int | None = None
+    #: ``--worker-capacity`` where it was given (the pool sets it): it wins over the worker's own.
+    capacity_flag: int | None = None
     #: A command template that replaces the provisioner's own for this worker (an operator
     #: started it with another model); None runs the deployment's worker command.
     command: str | None = None
@@ -126,6 +136,32 @@ class Worker:
     def live(self) -> bool:
         return self.state in LIVE
 
+    @property
+    def capacity(self) -> int | None:
+        """Requests the balancer sends it at once: the flag, else what it reports, else no limit."""
+        return self.capacity_flag if self.capacity_flag is not None else self.reported_capacity
+
+    @property
+    def capacity_source(self) -> str | None:
+        """Where ``capacity`` came from: ``flag``, ``worker``, or None (no limit)."""
+        if self.capacity_flag is not None:
+            return "flag"
+        return "worker" if self.reported_capacity is not None else None
+
+    def has_room(self) -> bool:
+        cap = self.capacity
+        return cap is None or self.in_flight < cap
+
+    def serves(self, model: str | None) -> bool:
+        """Whether a request for ``model`` may go to this worker: any request without a model,
+        and any model while the worker's models are not known."""
+        return model is None or not self.models or model in self.models
+
+    def learn_models(self, listed: list[str]) -> None:
+        """Record the models the worker's ``/v1/models`` listed (its own ``model`` stays)."""
+        names = [self.model] if self.model else []
+        self.models = tuple(dict.fromkeys([*names, *listed]))
+
     def latency_p50(self) -> float | None:
         if not self.latencies:
             return None
@@ -152,6 +188,10 @@ class Worker:
             "ended_at": self.ended_at,
             "last_probe": self.last_probe,
             "model": self.model,
+            "models": list(self.models),
+            "group": self.group,
+            "capacity": self.capacity,
+            "capacity_source": self.capacity_source,
             "spot": self.spot,
             "resource": self.resource,
             "gpu_memory": self.gpu_memory,

@@ -1,7 +1,7 @@
 """A small OpenAI-compatible server for the tests and benchmarks: real HTTP, canned tokens.
 
     python tests/fake_worker.py --port 8001 [--id w1] [--token-delay 0.02] [--tokens 16]
-        [--unhealthy-file F] [--engine-stats F] [--start-delay S]
+        [--unhealthy-file F] [--engine-stats F] [--start-delay S] [--model NAME]
 
 ``/health``, ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (``stream: true``
 gives SSE chunks ending with ``data: [DONE]``). Every answer carries ``x-worker-id`` so a test can
@@ -10,6 +10,7 @@ exists, and ``/fail`` always answers 500. With ``--engine-stats FILE`` it stands
 flockctl's engine's ``/stats``: the file's JSON, read on every request (503 while the file is
 missing); without it ``/stats`` is 404, as on any server that is not the engine.
 ``--start-delay S`` waits that long before listening, like a server loading a model.
+``--model NAME`` is the model its ``/v1/models`` lists and its answers name (default ``fake``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def build_app(
     token_delay: float,
     unhealthy: Path | None,
     engine_stats: Path | None = None,
+    model: str = "fake",
 ) -> web.Application:
     headers = {"x-worker-id": worker_id}
 
@@ -39,7 +41,7 @@ def build_app(
         return web.json_response({"status": "ok"}, headers=headers)
 
     async def models(_req: web.Request) -> web.Response:
-        data = {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "tests"}]}
+        data = {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "tests"}]}
         return web.json_response(data, headers=headers)
 
     async def stats(_req: web.Request) -> web.Response:
@@ -85,7 +87,7 @@ def build_app(
                     "id": "fake-1",
                     "object": kind,
                     "created": created,
-                    "model": "fake",
+                    "model": model,
                     "system_fingerprint": worker_id,
                     "choices": [choice],
                     "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
@@ -109,7 +111,7 @@ def build_app(
                 "id": "fake-1",
                 "object": f"{kind}.chunk",
                 "created": created,
-                "model": "fake",
+                "model": model,
                 "system_fingerprint": worker_id,
                 "choices": [choice],
             }
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--unhealthy-file", type=Path)
     parser.add_argument("--engine-stats", type=Path)
     parser.add_argument("--start-delay", type=float, default=0.0)
+    parser.add_argument("--model", default="fake")
     args = parser.parse_args()
     time.sleep(args.start_delay)
     try:
@@ -147,7 +150,9 @@ def main() -> None:
         loop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
-    app = build_app(args.id, args.tokens, args.token_delay, args.unhealthy_file, args.engine_stats)
+    app = build_app(
+        args.id, args.tokens, args.token_delay, args.unhealthy_file, args.engine_stats, args.model
+    )
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
+from conftest import until
+from fake_worker import build_app
 
 from flockctl.server.policies import PowerOfTwo, make_policy
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
@@ -63,8 +66,10 @@ def test_power_of_two_prefers_the_less_loaded_of_two():
 
 
 def test_unknown_policy_names_the_known_ones():
-    with pytest.raises(ValueError, match="least-connection, power-of-two, round-robin"):
+    with pytest.raises(ValueError, match="unknown balancing policy 'random'") as info:
         make_policy("random")
+    for name in ("least-connection", "power-of-two", "round-robin"):
+        assert name in str(info.value)
 
 
 def test_capacity_and_tried_workers_are_respected():
@@ -144,3 +149,63 @@ async def test_cancelled_waiter_passes_its_wakeup_on():
     t1.cancel()  # ... which goes away before it runs
     got = await asyncio.wait_for(t2, 1)
     assert got is a
+
+
+def test_capacity_is_the_flag_else_what_the_worker_reports_else_none():
+    auto = WorkerPool(make_policy("least-connection"), capacity=None, max_queue=10)
+    w = ready_worker(auto, "a")
+    assert (w.capacity, w.capacity_source) == (None, None)
+    assert all(auto.try_acquire() is w for _ in range(500))  # no limit
+    w.reported_capacity = 264
+    assert (w.capacity, w.capacity_source) == (264, "worker")
+    flagged = WorkerPool(make_policy("least-connection"), capacity=30, max_queue=10)
+    f = ready_worker(flagged, "f")
+    f.reported_capacity = 264
+    assert (f.capacity, f.capacity_source) == (30, "flag")
+    assert f.to_dict()["capacity"] == 30 and f.to_dict()["capacity_source"] == "flag"
+
+
+async def test_a_worker_reporting_more_capacity_wakes_waiters():
+    pool = WorkerPool(make_policy("least-connection"), capacity=None, max_queue=10)
+    w = ready_worker(pool, "a")
+    w.reported_capacity = 1
+    assert pool.try_acquire() is w
+    waiters = [asyncio.create_task(pool.acquire(5.0)) for _ in range(2)]
+    await until(lambda: pool.queued == 2, "two requests waiting")
+    w.reported_capacity = 3
+    pool.capacity_changed(w)
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [w, w]
+    assert w.in_flight == 3
+
+
+async def test_an_engine_reporting_its_capacity_in_stats_caps_its_requests(
+    daemon, upstream, http, tmp_path
+):
+    stats = tmp_path / "stats.json"
+    stats.write_text(
+        json.dumps({"engine": "flockctl", "queue_lengths": [], "jobs": [], "capacity": 2})
+    )
+    engine = await upstream(build_app("e", 4, 0.0, None, engine_stats=stats))
+    d = await daemon(endpoints=[engine.url])
+    await d.wait_ready(1)
+    pool = d.deployment.pool
+    await until(lambda: pool.ready()[0].capacity == 2, "the capacity from /stats")
+    view = d.deployment.snapshot()["workers"][0]
+    assert (view["capacity"], view["capacity_source"]) == (2, "worker")
+    seen: list[tuple[int, int]] = []
+
+    async def one() -> None:
+        async with http.post(
+            f"{d.url}/v1/chat/completions", json={"fake_token_delay": 0.05, "max_tokens": 4}
+        ) as resp:
+            assert resp.status == 200
+
+    async def sample() -> None:
+        while not all(t.done() for t in requests):
+            seen.append((pool.in_flight, pool.queued))
+            await asyncio.sleep(0.005)
+
+    requests = [asyncio.create_task(one()) for _ in range(5)]
+    await asyncio.gather(sample(), *requests)
+    assert max(f for f, _ in seen) == 2
+    assert max(q for _, q in seen) >= 2

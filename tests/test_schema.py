@@ -37,8 +37,8 @@ from flockctl.schema import (
 
 #: The fingerprint of each version's declared shape (``fingerprint`` below). A new version adds
 #: its line; the old lines stay, so no two versions can claim the same shape.
-SNAPSHOT_SHAPES = {1: "757cfd083085aded"}
-STATS_SHAPES = {1: "493925497c462cdc"}
+SNAPSHOT_SHAPES = {1: "757cfd083085aded", 2: "4446a94f93cd3644"}
+STATS_SHAPES = {1: "493925497c462cdc", 2: "b91510926e37f15a"}
 
 
 def problems(value: Any, kind: Any, where: str) -> list[str]:

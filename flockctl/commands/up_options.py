@@ -228,7 +228,8 @@ PrefixTreeCharsOpt = Annotated[
 WorkerCapacityOpt = Annotated[
     int | None,
     typer.Option(
-        help="Concurrent requests per worker; more wait in the queue [default: 30].",
+        help="Concurrent requests per worker; more wait in the queue [default: what the worker"
+        " reports (flockctl's engine: its batch plus waiting room), else no limit].",
         rich_help_panel=B,
         show_default=False,
     ),
