@@ -37,7 +37,7 @@ def test_defaults_follow_flockserve():
         "least-connection",
         "qlrm",
     )
-    assert (cfg.min_workers, cfg.max_workers, cfg.worker_capacity) == (1, 2, 30)
+    assert (cfg.min_workers, cfg.max_workers, cfg.worker_capacity) == (1, 2, None)
     assert (cfg.autoscale_up, cfg.autoscale_down, cfg.queue_tracking_window) == (7, 4, 600)
     assert cfg.provisioner == "local" and cfg.initial_target() == 1
 

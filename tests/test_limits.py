@@ -111,8 +111,10 @@ def test_a_spec_or_the_resolved_config_takes_sizes_alike(tmp_path):
 def test_connection_cap_keeps_descriptors_for_probes_and_upstreams():
     cfg = DeploymentConfig(endpoints=["http://127.0.0.1:9", "http://127.0.0.1:10"])
     reserve = descriptor_reserve(cfg)
-    # Two workers each with 30 request slots need their upstream connections and probes.
-    assert reserve > 2 * cfg.worker_capacity
+    # Two workers each with 30 request slots (their capacity is theirs to say) need their
+    # upstream connections and probes.
+    assert cfg.worker_capacity is None
+    assert reserve > 2 * limits.AUTO_CAPACITY_SLOTS
     assert connection_cap(10_000, 1024, reserve) == 1024 - reserve
     assert connection_cap(500, 1 << 20, reserve) == 500
     assert connection_cap(10_000, resource.RLIM_INFINITY, reserve) == 10_000
