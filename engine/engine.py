@@ -129,7 +129,7 @@ class Engine:
             vocab_size=self.vocab_size,
             run_soon=self.model_loop.run_soon,
         )
-        pass  # PLANTED
+        self.model_loop.on_exit.append(self.embedder.close)
 
     # -- sizing --------------------------------------------------------------------------------
 

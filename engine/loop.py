@@ -79,6 +79,9 @@ class ModelLoop:
         self.tokens_generated = 0
         self.failed: str | None = None  # set when the loop died; /health reports it
         self.stopping = False
+        # called with the reason once the loop has exited (crashed or stopped), after the jobs
+        # it held were failed: whatever else waits on this thread (embedding batches) is failed too
+        self.on_exit: list[Callable[[str], None]] = []
         self._cv = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
         self._thread = threading.Thread(target=self._run, name="flockctl-engine", daemon=True)
@@ -139,8 +142,11 @@ class ModelLoop:
             self.failed = f"the engine loop crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
+            reason = self.failed or "the engine is shutting down"
             for job_id in list(self.live):
-                self._abort(job_id, error=self.failed or "the engine is shutting down")
+                self._abort(job_id, error=reason)
+            for listener in self.on_exit:
+                listener(reason)
 
     def _abort(self, job_id: str, error: str | None = None) -> None:
         handle = self.live.get(job_id)

@@ -12,13 +12,14 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import TINY, error_of, free_port, until_sync
+from conftest import TINY, error_of, free_port, until, until_sync
 from tinymodel import greedy_continuations
 from transformers import AutoModel, AutoTokenizer
 
@@ -293,3 +294,32 @@ def test_serve_answers_the_openai_clients_embeddings_with_the_pooling_asked(tiny
     for text, item in zip(TEXTS, out.data, strict=True):
         assert close_to(item.embedding, reference(tiny, tokenizer.encode(text), "mean"))
     assert out.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in TEXTS)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_an_embedding_waiting_when_the_model_loop_dies_is_failed_not_left_hanging(
+    tiny: Path,
+) -> None:
+    config = EngineConfig(model=str(tiny), served_model_name=TINY, device="cpu")
+    engine = load_engine(config, progress=False)
+    try:
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
+            held, release = threading.Event(), threading.Event()
+
+            def hold_then_crash() -> None:
+                held.set()
+                release.wait(timeout=60)
+                raise RuntimeError("a planted fault")
+
+            # the loop's thread is busy in the planted call when the embedding arrives, so the
+            # embedding's batch is still waiting on that thread when it dies
+            engine.model_loop.run_soon(hold_then_crash)
+            assert await asyncio.to_thread(held.wait, 60)
+            request = asyncio.ensure_future(client.post("/v1/embeddings", json={"input": "hi"}))
+            await until(lambda: engine.embedder.stats()["waiting"] == 1, "the input to queue")
+            release.set()
+            r = await asyncio.wait_for(request, timeout=60)
+            assert "a planted fault" in error_of(r, 503)["message"]
+    finally:
+        engine.close()
