@@ -4,8 +4,9 @@ flockctl's engine begins every job id (and so every response id, ``cmpl-<id>``) 
 token, a few random characters drawn when the engine process starts, and reports that token in
 its ``/stats``. The stats puller keeps each worker's stats, so finding the holder of a job is a
 look-up among the workers, with nothing stored per request: the relay of inference traffic does
-no work for this. A job whose token no worker reports (its engine ended, or the id is made up)
-gets a 404 from the balancer itself, in the same error shape as its other answers.
+no work for this. A job whose token no worker reports is asked of the live workers whose token is
+not known yet (one that turned READY since the last pull); when none holds it (its engine ended,
+or the id is made up) the balancer answers 404 itself, in the same error shape as its others.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def holder(workers: Iterable[Worker], job_id: str) -> Worker | None:
         if worker.state in HOLDING and worker.url and stats and stats.get("instance") == token:
             return worker
     return None
+
+
+def unlearned(workers: Iterable[Worker]) -> list[Worker]:
+    """Live workers whose instance token is not known yet (turned READY since the last stats
+    pull, or not flockctl's engine): where a job with an unknown token may still be."""
+    return [
+        w
+        for w in workers
+        if w.state in HOLDING and w.url and not (w.engine and w.engine.get("instance"))
+    ]
 
 
 def not_found(job_id: str) -> bytes:

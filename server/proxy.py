@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from flockctl.server.jobs import JOBS_PREFIX, holder, not_found
+from flockctl.server.jobs import JOBS_PREFIX, holder, not_found, unlearned
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
 from flockctl.server.prober import MODELS_PATH
@@ -196,30 +196,43 @@ class Balancer:
         """``/jobs/{id}``: relayed to the worker whose engine holds the job, else a 404 here."""
         started = time.perf_counter()
         job_id = scope["path"][len(JOBS_PREFIX) :]
-        worker = holder(self.pool, job_id)
+        known = holder(self.pool, job_id)
         upstream = self.upstream
-        if worker is None or upstream is None:
+        candidates = [known] if known is not None else unlearned(self.pool)
+        if not candidates or upstream is None:
             await send_json(send, 404, not_found(job_id))
             self.metrics.observe(404, time.perf_counter() - started)
             return
         method = scope["method"].encode("latin-1")
         target = scope.get("raw_path") or scope["path"].encode()
-        status = 502
-        conn: Connection | None = None
+        headers = self._upstream_headers(scope)
+        status = 404
         try:
-            conn = await upstream.send(
-                worker.url or "", method, target, self._upstream_headers(scope), b""
-            )
-            status = conn.status
-            await self._respond(conn, send)
-        except UpstreamError as exc:
-            status, err = json_error(502, f"worker {worker.id} failed: {exc}", "upstream_error")
-            await send_json(send, status, err)
+            for worker in candidates:
+                conn: Connection | None = None
+                try:
+                    conn = await upstream.send(worker.url or "", method, target, headers, b"")
+                    if conn.status == 404 and known is None:
+                        await conn.read_all()  # not this one: ask the next
+                        continue
+                    status = conn.status
+                    await self._respond(conn, send)
+                    return
+                except UpstreamError as exc:
+                    if known is None:
+                        continue
+                    status, err = json_error(
+                        502, f"worker {worker.id} failed: {exc}", "upstream_error"
+                    )
+                    await send_json(send, status, err)
+                    return
+                finally:
+                    if conn is not None:
+                        upstream.release(conn)
+            await send_json(send, 404, not_found(job_id))
         except _BrokenOff:
             pass
         finally:
-            if conn is not None:
-                upstream.release(conn)
             self.metrics.observe(status, time.perf_counter() - started)
 
     async def models(self, send: Send) -> None:
