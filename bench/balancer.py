@@ -1,6 +1,7 @@
 """Balancer overhead: the same requests sent straight to two fake workers and through the daemon.
 
     python bench/balancer.py [--duration 8] [--requests N] [--warmup 0.5] [--quick]
+                             [--policies least-connection,prefix]
 
 The script is the load generator (one aiohttp ClientSession, pooled keep-alive connections) and
 runs in a process of its own. It starts two fake OpenAI-compatible workers and a foreground
@@ -23,6 +24,13 @@ window sees steady state only. Latency figures are for requests completed in the
 figures are each process's user+system time in the window divided by those requests, which
 holds even when the client, the daemon and the workers share a few cores (latencies on a small
 machine include waiting for a core).
+
+``--policies A,B,...`` measures what each balancing policy costs instead: one daemon per policy
+over the same two workers, streamed requests at concurrency 16 and 64 through each (no direct
+cases), each request one of 32 chat conversations with a 2 KB system prompt and up to four
+turns, so ``prefix`` parses every body and walks and extends its tree as it would for chat
+traffic. It reports each policy's balancer CPU per request and its ratio to the first policy's
+(target for ``prefix``: at most 2x least-connection's).
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ DONE = b"data: [DONE]\n\n"
 TARGET_CPU_MS = 0.5
 TARGET_ADDED_P50_MS = 1.0
 TARGET_TTFB_P99_MS = 5.0
+TARGET_POLICY_CPU_RATIO = 2.0
+POLICY_CONCURRENCY = (16, 64)
+CONVERSATIONS = 32
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,8 @@ class Case:
     concurrency: int
     token_delay: float = 0.0
     burst: bool = False
+    #: Chat conversations the clients cycle through (0: one short message for every request).
+    conversations: int = 0
 
     @property
     def name(self) -> str:
@@ -89,6 +102,22 @@ class Case:
         if self.token_delay:
             body["fake_token_delay"] = self.token_delay
         return json.dumps(body).encode()
+
+    def payloads(self) -> list[bytes]:
+        """The bodies the clients send, client ``i`` the ``i % len``-th one."""
+        if not self.conversations:
+            return [self.payload()]
+        out = []
+        for i in range(self.conversations):
+            system = f"Conversation {i // 4}. You answer questions about code. " * 36
+            messages = [{"role": "system", "content": system[:2048]}]
+            for turn in range(i % 4):
+                messages.append({"role": "user", "content": f"question {turn} about sorting"})
+                messages.append({"role": "assistant", "content": f"answer {turn}, at length"})
+            messages.append({"role": "user", "content": "and now?"})
+            body = {"model": "fake", "messages": messages, "max_tokens": TOKENS, "stream": True}
+            out.append(json.dumps(body).encode())
+        return out
 
 
 SLOW = Case(True, SLOW_CONCURRENCY, SLOW_TOKEN_DELAY)
@@ -122,7 +151,7 @@ async def run_load(
     max_requests: int | None,
 ) -> Result:
     """Closed-loop load; measures a window after ``warmup`` while the load keeps running."""
-    payload = case.payload()
+    payloads = case.payloads()
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     ttfbs: list[float] = []
@@ -137,6 +166,7 @@ async def run_load(
         if case.spread:
             await asyncio.sleep(case.spread * i / case.concurrency)
         n = i
+        payload = payloads[i % len(payloads)]
         while not stopping:
             url = urls[n % len(urls)]
             n += 1
@@ -224,24 +254,33 @@ def summarize(case: Case, target: str, result: Result) -> dict[str, Any]:
     return row
 
 
-def start_processes(procs: Processes, home: Path) -> tuple[list[str], str]:
-    """Two fake workers and a daemon balancing over them; returns their base URLs."""
+def start_processes(
+    procs: Processes, home: Path, policies: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Two fake workers and a daemon balancing over them per policy (``daemon-POLICY``; one
+    ``daemon`` when no policy is named); returns the workers' and each daemon's base URLs."""
     upstreams = []
     for i in (1, 2):
         port = free_port()
         argv = [sys.executable, str(FAKE_WORKER), "--host", HOST, "--port", str(port)]
         procs.start(f"worker{i}", [*argv, "--id", f"w{i}", "--tokens", str(TOKENS)])
         upstreams.append(f"http://{HOST}:{port}")
-    port = free_port()
-    argv = [sys.executable, "-m", "flockctl", "up", "--foreground", "--name", "bench"]
-    argv += ["--host", HOST, "--port", str(port)]
-    for url in upstreams:
-        argv += ["--endpoint", url]
-    argv += ["--worker-capacity", "1000", "--max-queue", "10000", "--probe-interval", "1"]
-    env = {**os.environ, "FLOCKCTL_HOME": str(home)}
-    env.pop("FLOCKCTL_NAME", None)
-    procs.start("daemon", argv, env)
-    return upstreams, f"http://{HOST}:{port}"
+    daemons: dict[str, str] = {}
+    for policy in policies or [None]:
+        port = free_port()
+        name = "daemon" if policy is None else f"daemon-{policy}"
+        argv = [sys.executable, "-m", "flockctl", "up", "--foreground", "--name", name]
+        argv += ["--host", HOST, "--port", str(port)]
+        for url in upstreams:
+            argv += ["--endpoint", url]
+        argv += ["--worker-capacity", "1000", "--max-queue", "10000", "--probe-interval", "1"]
+        if policy is not None:
+            argv += ["--policy", policy]
+        env = {**os.environ, "FLOCKCTL_HOME": str(home)}
+        env.pop("FLOCKCTL_NAME", None)
+        procs.start(name, argv, env)
+        daemons[name] = f"http://{HOST}:{port}"
+    return upstreams, daemons
 
 
 async def bench(args: argparse.Namespace, procs: Processes, home: Path) -> dict[str, Any]:
@@ -250,9 +289,10 @@ async def bench(args: argparse.Namespace, procs: Processes, home: Path) -> dict[
     if task is not None:
         with contextlib.suppress(NotImplementedError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    upstreams, balancer = start_processes(procs, home)
+    upstreams, daemons = start_processes(procs, home, args.policies)
     workers = [psutil.Process(p.pid) for name, p in procs.procs if name.startswith("worker")]
-    daemon = psutil.Process(procs.procs[-1][1].pid)
+    pids = {name: psutil.Process(p.pid) for name, p in procs.procs if name.startswith("daemon")}
+    balancer, daemon = daemons.get("daemon", ""), pids.get("daemon")
     me = psutil.Process()
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -264,13 +304,17 @@ async def bench(args: argparse.Namespace, procs: Processes, home: Path) -> dict[
             async with session.get(url + "/health") as resp:
                 return resp.status == 200
 
-        async def daemon_ready() -> bool:
-            async with session.get(balancer + "/health") as resp:
+        async def daemon_ready(url: str) -> bool:
+            async with session.get(url + "/health") as resp:
                 return resp.status == 200 and (await resp.json())["ready_workers"] == 2
 
         for url in upstreams:
             await wait_until(lambda url=url: healthy(url), f"fake worker {url}", 30, procs)
-        await wait_until(daemon_ready, "the daemon", 60, procs)
+        for name, url in daemons.items():
+            await wait_until(lambda url=url: daemon_ready(url), name, 60, procs)
+        if args.policies:
+            return await bench_policies(args, procs, session, daemons, pids, workers)
+        assert daemon is not None
         say(f"workers {', '.join(upstreams)}; daemon {balancer} (pid {daemon.pid})")
 
         # What the daemon spends with no traffic (probes, samplers), for scale.
@@ -294,6 +338,42 @@ async def bench(args: argparse.Namespace, procs: Processes, home: Path) -> dict[
                 row = results[f"{target}/{case.name}"] = summarize(case, target, result)
                 say(progress_line(f"{target}/{case.name}", row))
     return {"idle_cpu_ms_per_s": round(idle_cpu * 1000, 1), "cases": results}
+
+
+async def bench_policies(
+    args: argparse.Namespace,
+    procs: Processes,
+    session: aiohttp.ClientSession,
+    daemons: dict[str, str],
+    pids: dict[str, psutil.Process],
+    workers: list[psutil.Process],
+) -> dict[str, Any]:
+    """Each policy's daemon under the same chat traffic; CPU per request side by side."""
+    results: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, float | None] = {}
+    for c in POLICY_CONCURRENCY:
+        case = Case(True, c, conversations=CONVERSATIONS)
+        for policy in args.policies:
+            name = f"daemon-{policy}"
+            watched = {"balancer": pids[name], "worker1": workers[0], "worker2": workers[1]}
+            result = await run_load(
+                session,
+                [daemons[name] + "/v1/chat/completions"],
+                case,
+                watched,
+                args.warmup,
+                args.duration,
+                args.requests,
+            )
+            procs.check()
+            result.cpu["workers"] = result.cpu.pop("worker1") + result.cpu.pop("worker2")
+            row = results[f"{policy}/{case.name}"] = summarize(case, policy, result)
+            say(progress_line(f"{policy}/{case.name}", row))
+        base = results[f"{args.policies[0]}/{case.name}"]["balancer_cpu_ms_per_req"]
+        for policy in args.policies[1:]:
+            cpu = results[f"{policy}/{case.name}"]["balancer_cpu_ms_per_req"]
+            ratios[f"{policy}/{case.name}"] = round(cpu / base, 3) if base else None
+    return {"cases": results, "cpu_ratio_to_" + args.policies[0]: ratios}
 
 
 def progress_line(name: str, row: dict[str, Any]) -> str:
@@ -369,6 +449,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 s per case, 0.2 s warm-up"
     )
+    parser.add_argument(
+        "--policies",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=None,
+        help="compare balancing policies' CPU per request (e.g. least-connection,prefix)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 1.0, 0.2
@@ -397,6 +483,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             procs.stop_all()
+    if args.policies:
+        ratios = next(v for k, v in measured.items() if k.startswith("cpu_ratio_to_"))
+        worst = max((r for r in ratios.values() if r is not None), default=None)
+        measured["targets"] = {
+            "worst_cpu_ratio": {"value": worst, "max": TARGET_POLICY_CPU_RATIO},
+            "met": worst is not None and worst <= TARGET_POLICY_CPU_RATIO,
+        }
+        measured["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        measured["wall_s"] = round(time.monotonic() - started, 1)
+        print(json.dumps(measured, indent=2))
+        return 0
     results = measured["cases"]
     vs = compare(results)
     report = {
