@@ -41,8 +41,11 @@ class WorkerPool:
         capacity: int | None,
         max_queue: int,
         keep_ended: int = 20,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
+        #: What queue timeouts are measured on (``flockctl simulate`` passes simulated time).
+        self.clock = clock
         #: ``--worker-capacity`` where given; None: each worker's own (reported, else no limit).
         self.capacity = capacity
         #: Requests waiting at most, per model.
@@ -192,12 +195,12 @@ class WorkerPool:
         queue = self._waiters.setdefault(model, deque())
         if len(queue) >= self.max_queue:
             raise QueueFull
-        deadline = time.monotonic() + timeout
+        deadline = self.clock() + timeout
         loop = asyncio.get_running_loop()
         seq = next(self._arrival)
         first = True
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 raise NoWorker
             fut: asyncio.Future[None] = loop.create_future()
