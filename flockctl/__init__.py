@@ -36,4 +36,5 @@ SHARED_LAYER: tuple[str, ...] = (
     "flockctl.paths",
     "flockctl.schema",
     "flockctl.state",
+    "flockctl.telemetry",
 )
