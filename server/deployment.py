@@ -27,7 +27,7 @@ from flockctl.server.config import DeploymentConfig
 from flockctl.server.controller import Controller
 from flockctl.server.engine_stats import StatsPuller
 from flockctl.server.limits import describe as describe_limits
-from flockctl.server.metrics import Metrics
+from flockctl.server.metrics import GaugeState, Metrics
 from flockctl.server.policies import PolicySettings, make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober, probe_client
@@ -163,7 +163,7 @@ class Deployment:
         if self.prober is not None:
             self.prober.poke(worker)
 
-    def _gauges(self) -> dict[str, Any]:
+    def _gauges(self) -> GaugeState:
         counts: dict[str, int] = {}
         for w in self.pool:
             counts[w.state.value] = counts.get(w.state.value, 0) + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -19,8 +20,19 @@ from flockctl.server.workers import WorkerState
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+class GaugeState(TypedDict):
+    """The state the gauges show, read from the deployment at scrape time."""
+
+    in_flight: int
+    queued: int
+    #: Workers by ``WorkerState`` value; a state with none may be absent.
+    workers: dict[str, int]
+    qlrm: float | None
+    target: int
+
+
 class _StateCollector(Collector):
-    def __init__(self, read: Callable[[], dict[str, float | dict[str, int] | None]]):
+    def __init__(self, read: Callable[[], GaugeState]):
         self._read = read
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -33,7 +45,6 @@ class _StateCollector(Collector):
         )
         workers = GaugeMetricFamily("flockctl_workers", "Workers by state", labels=["state"])
         counts = state["workers"]
-        assert isinstance(counts, dict)
         for s in WorkerState:
             workers.add_metric([s.value], counts.get(s.value, 0))
         yield workers
@@ -48,7 +59,7 @@ class _StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, read_state: Callable[[], dict[str, float | dict[str, int] | None]]):
+    def __init__(self, read_state: Callable[[], GaugeState]):
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter(
             "flockctl_requests",
