@@ -58,6 +58,7 @@ from flockctl.engine.routes_common import (
 from flockctl.engine.streaming import EventStream, sse
 from flockctl.engine.tgi_stream import tgi_events
 from flockctl.engine.tokenize_routes import add_tokenize_routes
+from flockctl.engine.tracing import TraceContextMiddleware
 from flockctl.schema import EngineStats
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ def create_app(engine: Engine) -> FastAPI:
         default_response_class=SafeJSON,
     )
     publish_bodies(app)
+    observer = getattr(engine, "observer", None)  # an encoder engine runs no jobs
+    if observer is not None and observer.active:
+        app.add_middleware(TraceContextMiddleware)  # a job's span continues its caller's trace
     tokenizer = engine.tokenizer
     special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
     eos_id = getattr(tokenizer, "eos_token_id", None)

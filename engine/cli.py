@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import importlib.util
 import logging
 import os
 import secrets
@@ -263,6 +264,23 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    otel_collector_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Send traces (a span per job, continuing the caller's traceparent) and metrics"
+            " to this OpenTelemetry collector: http://host:4318 (OTLP/HTTP) or grpc://host:4317"
+            " (OTLP/gRPC). Default: OTEL_EXPORTER_OTLP_ENDPOINT. Needs the otel extra.",
+            show_default=False,
+        ),
+    ] = None,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            "--access-log",
+            help="Log one JSON line per finished job to stderr: job id, trace id, status,"
+            " tokens, queue/ttft/e2e ms, preemptions.",
+        ),
+    ] = False,
     log_level: Annotated[LogLevel, typer.Option(help="Log verbosity (stderr).")] = LogLevel.info,
 ) -> None:
     """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models,
@@ -288,6 +306,9 @@ def serve(
         fail(str(exc), ExitCode.USAGE)
     if spec is SpecMode.on and not draft_model:
         fail("--spec on needs at least one --draft-model", ExitCode.USAGE)
+    _check_telemetry(otel_collector_endpoint)
+    if access_log:
+        _log_access()
     try:
         sock = bind(host, port)
     except OSError as exc:
@@ -323,6 +344,8 @@ def serve(
                 spec_tree=tree,
                 spec=spec.value,
                 pooling=pooling.value if pooling else None,
+                otel_collector_endpoint=otel_collector_endpoint,
+                access_log=access_log,
             )
         except ValueError as exc:
             fail(str(exc), ExitCode.USAGE)
@@ -343,6 +366,35 @@ def serve(
         finally:
             engine.close()
     _exit_at_once()
+
+
+def _check_telemetry(flag: str | None) -> None:
+    """A collector endpoint that cannot work is a usage error before the model loads."""
+    from flockctl.telemetry import TelemetryError, parse_endpoint, resolve_endpoint
+
+    endpoint = resolve_endpoint(flag)
+    if endpoint is None:
+        return
+    try:
+        parse_endpoint(endpoint)
+    except TelemetryError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    if importlib.util.find_spec("opentelemetry.sdk") is None:
+        fail(
+            f"sending to the collector {endpoint} needs OpenTelemetry: pip install"
+            " 'flockctl[otel]'",
+            ExitCode.USAGE,
+        )
+
+
+def _log_access() -> None:
+    """The access log's lines are bare JSON on stderr, one per job, not log records."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("flockctl.engine.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def _exit_at_once() -> NoReturn:

@@ -36,6 +36,9 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes seen before
     pooling: str | None = None  # last | mean | cls; None: last (causal LM), cls (encoder)
     max_tokens_per_batch: int | None = None  # tokens one iteration may feed; None: no cap
+    # OTLP collector for traces and metrics; None: OTEL_EXPORTER_OTLP_ENDPOINT, else none
+    otel_collector_endpoint: str | None = None
+    access_log: bool = False  # a JSON line per finished job on stderr
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from typing import Any
 
@@ -33,7 +34,9 @@ from flockctl.engine.spec import SpecPolicy
 from flockctl.engine.speculator import Drafter, Speculator
 from flockctl.engine.text import TextStream
 from flockctl.engine.token_budget import make_batcher
+from flockctl.engine.tracing import TRACEPARENT, JobObserver
 from flockctl.schema import STATS_SCHEMA_VERSION, EngineStats
+from flockctl.telemetry import setup as setup_telemetry
 
 
 class QueueFull(Exception):
@@ -107,7 +110,11 @@ class Engine:
             levels=config.mlfq_levels,
             starvation_limit=config.starvation_limit,
         )
-        self.metrics = EngineMetrics(self.stats)
+        self.metrics = EngineMetrics(self.stats, model_name)
+        # before the loop starts: a bad endpoint or a missing extra fails here, nothing to stop
+        self.telemetry = setup_telemetry(
+            "flockctl-engine", config.otel_collector_endpoint, registry=self.metrics.registry
+        )
         self.model_loop = ModelLoop(
             scheduler=self.scheduler,
             batcher=self.batcher,
@@ -130,6 +137,15 @@ class Engine:
             run_soon=self.model_loop.run_soon,
         )
         self.model_loop.on_exit.append(self.embedder.close)
+        # the access log and the job spans, off the model loop (see tracing.py)
+        self.observer = JobObserver(model_name, self.telemetry, config.access_log)
+        if self.observer.active:
+            self.model_loop.on_finished = self._job_finished
+
+    def _job_finished(self, handle: JobHandle) -> None:
+        """On the model loop: hand the finished job to its request's event loop."""
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody to tell
+            handle.loop.call_soon_threadsafe(self.observer.finished, handle.job)
 
     # -- sizing --------------------------------------------------------------------------------
 
@@ -180,7 +196,7 @@ class Engine:
                 f"{waiting} jobs are already waiting (--max-waiting {self.config.max_waiting});"
                 " retry later"
             )
-        job = Job(list(prompt_ids), params)
+        job = Job(list(prompt_ids), params, traceparent=TRACEPARENT.get())
         job.spec = self.speculator.job_spec()
         handle = JobHandle(job, asyncio.get_running_loop(), self.model_loop.abort)
         handle.stream = TextStream(self.tokenizer, prompt_ids, params.stop)
@@ -272,3 +288,5 @@ class Engine:
     def close(self) -> None:
         self.model_loop.stop()
         self.embedder.close(self.failed or "the engine is shutting down")
+        if self.telemetry is not None:
+            self.telemetry.shutdown()

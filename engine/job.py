@@ -262,9 +262,22 @@ class Job:
     iterations: int = 0
     swaps: int = 0  # times its KV went to host memory
     spec: JobSpec | None = None  # speculation counters, when the engine has SSMs
+    # W3C trace context of the request that made it (its span continues that trace)
+    traceparent: str | None = None
+    # The job's timeline, appended on the model loop (one tuple per event, nothing more):
+    # (event, monotonic time, detail) with events admitted (detail: MLFQ level), scheduled,
+    # preempted (kind), swapped_out, swapped_in, first_token, finished (reason).
+    events: list[tuple[str, float, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.last_run = self.arrival
+
+    def record(self, event: str, now: float, detail: Any = None) -> None:
+        self.events.append((event, now, detail))
+
+    @property
+    def level_at_admission(self) -> int | None:
+        return next((d for e, _, d in self.events if e == "admitted"), None)
 
     @property
     def total_tokens(self) -> int:
@@ -324,4 +337,8 @@ class Job:
                 "logprobs": self.params.logprobs,
             },
             "user": self.user,
+            "events": [
+                {"event": e, "at": round(t - self.arrival, 6), "detail": d}
+                for e, t, d in self.events
+            ],
         }

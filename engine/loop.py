@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from flockctl.engine.batcher import Batcher
+from flockctl.engine.batcher import Batcher, Plan
 from flockctl.engine.handle import Delta, JobHandle, put_all
-from flockctl.engine.job import FinishReason, Job, JobState, TokenLogprob
+from flockctl.engine.job import FinishReason, Job, JobState, Preemption, TokenLogprob
 from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import DecodePace
 from flockctl.engine.runner import Feed, Runner
@@ -82,6 +82,9 @@ class ModelLoop:
         # called with the reason once the loop has exited (crashed or stopped), after the jobs
         # it held were failed: whatever else waits on this thread (embedding batches) is failed too
         self.on_exit: list[Callable[[str], None]] = []
+        # called on this thread with each finished job's handle (the engine hands the job to
+        # its event loop for the access log and its span); None: nobody asked
+        self.on_finished: Callable[[JobHandle], None] | None = None
         self._cv = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
         self._thread = threading.Thread(target=self._run, name="flockctl-engine", daemon=True)
@@ -130,7 +133,9 @@ class ModelLoop:
                     inbox, self._inbox = self._inbox, []
                 for kind, item in inbox:
                     if kind == "submit":
-                        self.scheduler.add(item.job, time.monotonic())
+                        now = time.monotonic()
+                        self.scheduler.add(item.job, now)
+                        item.job.record("admitted", now, item.job.level)
                     elif kind == "call":
                         item()
                     else:
@@ -163,6 +168,9 @@ class ModelLoop:
         for job in plan.batch:
             if job.first_scheduled is None:
                 job.first_scheduled = now
+                job.record("scheduled", now)
+        if plan.preempted or plan.swapped_out or plan.swapped_in:
+            _record_plan(plan, now)
         if not plan.batch:
             return
 
@@ -187,7 +195,9 @@ class ModelLoop:
                     self.speculator.observe_plain(decode, elapsed)
         self.iterations += 1
         self._deliver(deliveries)
-        self.batcher.end_iteration(order, plan)
+        prefetched = self.batcher.end_iteration(order, plan)
+        if prefetched is not None:
+            prefetched.record("swapped_in", time.monotonic())
 
     def _step(self, jobs: list[Job], deliveries: Deliveries) -> float | None:
         """One forward and one sampled token per job; returns its seconds (None: it failed)."""
@@ -279,6 +289,7 @@ class ModelLoop:
         job.iterations += 1
         if job.first_token is None:
             job.first_token = now
+            job.record("first_token", now)
         stream = handle.stream
         assert stream is not None
         text = ""
@@ -351,6 +362,7 @@ class ModelLoop:
         job.state = JobState.FINISHED
         job.finish_reason = reason
         job.finished = now
+        job.record("finished", now, reason.value)
         self.scheduler.remove(job)
         self.batcher.release(job)
         self.speculator.release(job.id)
@@ -360,6 +372,8 @@ class ModelLoop:
             self.recent.popitem(last=False)
         self.metrics.observe_finished(job)
         deliveries.append((handle, Delta(text, tokens or [], reason, error, logprobs)))
+        if self.on_finished is not None:
+            self.on_finished(handle)
 
     def _deliver(self, deliveries: Deliveries) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, Deliveries] = {}
@@ -369,6 +383,22 @@ class ModelLoop:
             # a closed event loop raises RuntimeError: nobody is listening any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(put_all, items)
+
+
+def _record_plan(plan: Plan, now: float) -> None:
+    """Put what making room did on the jobs' timelines: each preemption by kind, each swap."""
+    for job in plan.swapped_out:
+        job.record("swapped_out", now)
+    for job in plan.preempted:
+        if job.state == JobState.SWAPPED:
+            kind = Preemption.SWAPPED
+        elif job in plan.dropped:
+            kind = Preemption.RECOMPUTED
+        else:
+            kind = Preemption.DESCHEDULED
+        job.record("preempted", now, kind.value)
+    for job in plan.swapped_in:
+        job.record("swapped_in", now)
 
 
 def _scores_prompt(job: Job) -> bool:

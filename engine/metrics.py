@@ -11,6 +11,9 @@ Two kinds of series, fed two ways, so that the model loop pays next to nothing:
 - Per-request figures (latency histograms, finish reasons, token totals) are fed once per finished
   job by ``observe_finished``, which the loop thread calls; prometheus_client's metrics take a lock
   per update, so that is thread-safe and costs a few microseconds.
+
+The latency histograms carry vLLM's ``model_name`` label. With ``--otel-collector-endpoint`` the
+same registry is sent over OTLP too (``flockctl.telemetry`` reads it at export time).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+# vLLM's time-per-output-token buckets
+TPOT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
 )  # fmt: skip
 LATENCY_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
@@ -158,7 +166,7 @@ class EngineMetrics:
     """The engine's ``/metrics``: a registry of its own, so two engines in one process (tests)
     never share a series."""
 
-    def __init__(self, stats: StatsReader):
+    def __init__(self, stats: StatsReader, model_name: str = ""):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_StatsCollector(stats))
         r = self.registry
@@ -176,23 +184,41 @@ class EngineMetrics:
         self._generation_tokens = Counter(
             "flockctl_generation_tokens", "Tokens generated for finished requests", registry=r
         )
-        self._ttft = Histogram(
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            family = Histogram(name, doc, ["model_name"], buckets=buckets, registry=r)
+            return family.labels(model_name)
+
+        self._ttft = histogram(
             "flockctl_time_to_first_token_seconds",
             "From arrival to the first generated token",
-            buckets=TTFT_BUCKETS,
-            registry=r,
+            TTFT_BUCKETS,
         )
-        self._e2e = Histogram(
+        self._tpot = histogram(
+            "flockctl_time_per_output_token_seconds",
+            "Mean time between output tokens of a request (its decode time over its tokens"
+            " after the first)",
+            TPOT_BUCKETS,
+        )
+        self._e2e = histogram(
             "flockctl_e2e_request_latency_seconds",
             "From arrival to the last token, for requests that were not aborted",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self._queue = Histogram(
+        self._queue = histogram(
             "flockctl_request_queue_time_seconds",
             "From arrival to the first iteration that ran the request",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+        )
+        self._prefill = histogram(
+            "flockctl_request_prefill_time_seconds",
+            "From the first iteration that ran the request to its first token",
+            LATENCY_BUCKETS,
+        )
+        self._decode = histogram(
+            "flockctl_request_decode_time_seconds",
+            "From the first token to the last",
+            LATENCY_BUCKETS,
         )
 
     def observe_finished(self, job: Job) -> None:
@@ -209,10 +235,17 @@ class EngineMetrics:
             self._queue.observe(job.first_scheduled - job.arrival)
         if reason is FinishReason.ABORT:
             return
-        if job.first_token is not None:
-            self._ttft.observe(job.first_token - job.arrival)
-        if job.finished is not None:
-            self._e2e.observe(job.finished - job.arrival)
+        first, end = job.first_token, job.finished
+        if first is not None:
+            self._ttft.observe(first - job.arrival)
+            if job.first_scheduled is not None:
+                self._prefill.observe(first - job.first_scheduled)
+        if end is not None:
+            self._e2e.observe(end - job.arrival)
+            if first is not None:
+                self._decode.observe(end - first)
+                if len(job.output_ids) > 1:
+                    self._tpot.observe((end - first) / (len(job.output_ids) - 1))
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
