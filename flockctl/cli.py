@@ -16,6 +16,7 @@ import typer
 from flockctl import __version__
 from flockctl.commands.down import down
 from flockctl.commands.logs import logs
+from flockctl.commands.simulate import simulate
 from flockctl.commands.status import status
 from flockctl.commands.up import up
 from flockctl.engine.cli import engine_app
@@ -57,6 +58,7 @@ app.command()(dashboard)
 app.command()(status)
 app.command()(logs)
 app.command()(down)
+app.command()(simulate)
 
 
 def main() -> None:
