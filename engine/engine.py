@@ -12,7 +12,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
@@ -38,6 +38,9 @@ from flockctl.engine.tracing import TRACEPARENT, JobObserver
 from flockctl.schema import STATS_SCHEMA_VERSION, EngineStats
 from flockctl.telemetry import setup as setup_telemetry
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class QueueFull(Exception):
     """Too many jobs waiting; the API answers 429."""
@@ -52,7 +55,7 @@ class Engine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         tokenizer: Any,
         config: EngineConfig,
         device: torch.device,
@@ -88,7 +91,9 @@ class Engine:
         self.batcher = make_batcher(self.pool, config)  # capped by max_tokens_per_batch
         self.runner = Runner(model, self.pool, device)
         self.sampler = Sampler()
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        logits = model.get_output_embeddings()
+        assert logits is not None and isinstance(logits.weight, torch.Tensor)
+        self.vocab_size = int(logits.weight.shape[0])
         self.speculator = Speculator(
             self._draft_models,
             self.runner,
