@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import socket
 import subprocess
 import sys
@@ -31,6 +32,12 @@ from flockctl.server.deployment import Deployment
 
 if TYPE_CHECKING:  # torch comes with it: imported by the fixtures that need it, not by every test
     from flockctl.engine.engine import Engine
+
+# The tests' models are tiny: one torch thread runs them faster than one per core, whose threads
+# spin waiting for each other whenever another process has a core (2-3x the wall time on a busy
+# two-core machine). Set before torch loads; an explicit OMP_NUM_THREADS is kept. Worker and
+# engine processes the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TESTS = Path(__file__).parent
 FAKE_WORKER = TESTS / "fake_worker.py"
