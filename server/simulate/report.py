@@ -195,7 +195,7 @@ def sweep_table(rows: list[dict[str, Any]], names: list[str], console: Console) 
     """One row per setting of the grid; the Pareto front of cost vs p99 TTFT marked ``*``."""
     table = Table(title="sweep (* = Pareto front of cost vs p99 TTFT)", title_justify="left")
     for name in names:
-        table.add_column(name)
+        table.add_column(name.replace("_", "-"), no_wrap=True)
     for col in ("cost", "worker-s", "TTFT p99", "latency p99", "SLO", "refused", "max w", "front"):
         table.add_column(col, justify="right")
     for row in rows:

@@ -15,6 +15,7 @@ its first byte and end reported to the policy.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class SimProvisioner(Provisioner):
             return
         self._lost.add(worker.id)
         self.preempted += 1
+        self.lifetimes[worker.id][1] = self.loop.time()  # the cloud stops billing it now
         worker.handle.lose()
 
     async def terminate(self, worker: Worker) -> None:
@@ -234,6 +236,11 @@ class Simulation:
             self.raw.max_workers = max(self.raw.max_workers, len(self.pool.live()))
 
     def run(self) -> Raw:
+        # The controller's log lines would say what the scale events already say, thousands of
+        # times over, stamped with the wall clock.
+        quiet = logging.getLogger("flockctl.controller")
+        was = quiet.disabled
+        quiet.disabled = True
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self._main())
@@ -241,6 +248,7 @@ class Simulation:
             self._shutdown()
             asyncio.set_event_loop(None)
             self.loop.close()
+            quiet.disabled = was
         return self.raw
 
     async def _main(self) -> None:
