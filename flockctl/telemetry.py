@@ -146,12 +146,14 @@ class Telemetry:
         tracer_provider: TracerProvider,
         meter_provider: MeterProvider,
         counts: SpanCounts,
+        span_exporter: Any = None,
     ):
         self.service_name = service_name
         self.endpoint = endpoint
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.counts = counts
+        self.span_exporter = span_exporter  # the OTLP exporter the spans go through
         self._closed = False
 
     def tracer(self, name: str = _SCOPE) -> Tracer:
@@ -250,6 +252,7 @@ def _build(service_name: str, where: Endpoint, registry: PrometheusRegistry | No
         tracer_provider,
         meter_provider,
         counts,
+        span_exporter,
     )
     _register_span_counters(telemetry)
     return telemetry

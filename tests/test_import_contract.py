@@ -32,6 +32,12 @@ DASHBOARD = ("flockctl.tui", "flockctl.themes")
 #: The CLI's commands: at module level they load neither torch nor textual nor the daemon.
 CLI = ("flockctl.cli", "flockctl.commands")
 ML = ("torch", "transformers")
+#: Loaded only when a collector endpoint is set (flockctl.telemetry.setup imports it then).
+OTEL = "opentelemetry"
+#: What of it a server may load without an endpoint: FastAPI itself imports OpenTelemetry's API
+#: (contexts, no-op tracers), but the SDK, the exporters, protobuf and gRPC stay out.
+OTEL_SDK = ("opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.proto", "grpc",
+            "google.protobuf")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -336,11 +342,18 @@ def heavy(modules: set[str], banned: Iterable[str]) -> list[str]:
 
 @pytest.mark.e2e
 def test_importing_the_cli_loads_no_torch_textual_or_daemon() -> None:
-    banned = (*ML, "textual", DAEMON, "uvicorn", "fastapi")
+    banned = (*ML, "textual", DAEMON, "uvicorn", "fastapi", OTEL)
     assert heavy(loaded_after("import flockctl.cli"), banned) == []
 
 
 @pytest.mark.e2e
 def test_importing_the_daemon_loads_no_engine_dashboard_or_aiohttp() -> None:
-    banned = (*ML, "textual", ENGINE, *DASHBOARD, "aiohttp")
+    banned = (*ML, "textual", ENGINE, *DASHBOARD, "aiohttp", *OTEL_SDK)
     assert heavy(loaded_after("import flockctl.server.__main__"), banned) == []
+
+
+@pytest.mark.e2e
+def test_importing_the_engine_loads_no_opentelemetry() -> None:
+    """The engine's server, its engine and its CLI; telemetry is set up only with an endpoint."""
+    statement = "import flockctl.engine.api, flockctl.engine.engine, flockctl.engine.cli"
+    assert heavy(loaded_after(statement), (*OTEL_SDK, DAEMON, *DASHBOARD)) == []
