@@ -7,6 +7,7 @@ set, else ``$XDG_STATE_HOME/flockctl/<name>``, else the platform's state directo
     config.json     the resolved deployment config the daemon runs with (mode 0600)
     daemon.json     pid, process start time, endpoint, admin token, version (mode 0600)
     daemon.log      the daemon's log
+    requests.jsonl  one JSON line per request the balancer served (rotated: .1, .2, .3 older)
     workers.json    live local workers, so a restarted daemon can re-adopt them
     workers/<id>.log
 
@@ -46,6 +47,19 @@ def state_root() -> Path:
 def state_dir(name: str) -> Path:
     """The state directory of deployment ``name`` (not created)."""
     return state_root() / name
+
+
+#: The balancer's request log in a state directory; rotated copies are ``requests.jsonl.N``.
+REQUEST_LOG = "requests.jsonl"
+#: How many request log files are kept, the live one included.
+REQUEST_LOG_FILES = 4
+
+
+def request_log_files(directory: Path) -> list[Path]:
+    """The request log files of a deployment that exist, oldest first (the live one last)."""
+    live = directory / REQUEST_LOG
+    candidates = [live.with_name(f"{REQUEST_LOG}.{n}") for n in range(REQUEST_LOG_FILES - 1, 0, -1)]
+    return [p for p in [*candidates, live] if p.is_file()]
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:

@@ -54,7 +54,7 @@ def uvicorn_config(app: Any, cfg: DeploymentConfig) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         loop="none",
-        http=protocol_class(FrontDoor.for_config(cfg)),
+        http=protocol_class(FrontDoor.for_config(cfg), getattr(app, "refused", None)),
         ws="none",
         lifespan="on",
         access_log=False,

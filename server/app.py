@@ -42,8 +42,9 @@ from flockctl import admin_routes as routes
 from flockctl.schema import AutoscalerView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
 from flockctl.server.deployment import Deployment
 from flockctl.server.proxy import Balancer
+from flockctl.server.request_log import RequestLog
 from flockctl.server.workers import LIVE, Worker, WorkerState
-from flockctl.state import MAX_LOG_LINES, read_log
+from flockctl.state import MAX_LOG_LINES, REQUEST_LOG, read_log
 
 
 class AddWorker(BaseModel):
@@ -320,5 +321,7 @@ def create_app(
         upstream_timeout=deployment.cfg.upstream_timeout,
         api_key=deployment.cfg.api_key,
         on_connect_error=deployment.on_connect_error,
+        request_log=RequestLog(deployment.state_dir / REQUEST_LOG),
+        otel_endpoint=deployment.cfg.otel_collector_endpoint,
     )
     return balancer

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from flockctl.server.limits import parse_size
 from flockctl.server.provisioners import sky_task
 from flockctl.server.provisioners.engine_command import engine_command, engine_threads, takes_port
+from flockctl.telemetry import parse_endpoint
 
 #: The model a local deployment serves when it is given neither a worker command nor endpoints:
 #: flockctl's engine builds it locally, so a deployment works offline out of the box.
@@ -143,6 +144,11 @@ class DeploymentConfig(_Strict):
     )
     node_control_key: str | None = None
     api_key: str | None = None
+    otel_collector_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector the daemon and its engine workers send traces and"
+        " metrics to: http://host:4318 (OTLP/HTTP) or grpc://host:4317 (OTLP/gRPC)",
+    )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     task: dict[str, Any] | None = Field(
         None, description="the SkyPilot task each skypilot worker launches (the SPEC's task fields)"
@@ -173,6 +179,14 @@ class DeploymentConfig(_Strict):
                 return shlex.split(value)
             except ValueError as exc:
                 raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+        return value
+
+    @field_validator("otel_collector_endpoint")
+    @classmethod
+    def _otel_endpoint(cls, value: str | None) -> str | None:
+        """An endpoint the exporters can use, checked before any process starts."""
+        if value is not None:
+            parse_endpoint(value)  # TelemetryError is a ValueError naming the problem
         return value
 
     @field_validator("max_body_size", mode="before")
@@ -314,7 +328,13 @@ class DeploymentConfig(_Strict):
         ``model`` is the deployment's own: a draft is trained for one target's tokenizer.
         """
         drafts = self.draft_models if model == self.model else []
-        return engine_command(model, self.engine_args, drafts, self.threads_per_engine())
+        return engine_command(
+            model,
+            self.engine_args,
+            drafts,
+            self.threads_per_engine(),
+            otel_collector_endpoint=self.otel_collector_endpoint,
+        )
 
     def threads_per_engine(self) -> int:
         """CPU threads for each local engine: this machine's cores split between as many

@@ -32,8 +32,10 @@ Per request it adds about 1 us of CPU (the balancer spends 80-100 us).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -69,11 +71,17 @@ class Refusals:
             self.counts.clear()
 
 
+#: Told of each refusal: status, method and path (None where the head never came), client host.
+OnRefused = Callable[[int, "str | None", "str | None", "str | None"], None]
+
+
 class FrontDoorProtocol(HttpToolsProtocol):
     """One client connection; ``protocol_class`` binds the limits it applies."""
 
     front_door: FrontDoor
     refusals: Refusals
+    #: Where refusals are counted and logged (the balancer's ``/metrics`` and request log).
+    on_refused: OnRefused | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,7 +117,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
                 )
             )
             transport.close()
-            self.refusals.note(503, self.loop.time())
+            self._refused(503, transport)
             return
         super().connection_made(transport)
         self._idle_since = self.loop.time()
@@ -148,7 +156,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
                 " limit, needed the connection for another client"
             )
             self.transport.write(self._error_bytes(408, message, "request_timeout"))
-            self.refusals.note(408, self.loop.time())
+            self._refused(408, self.transport)
         self.transport.close()  # now, without lingering: the descriptor is what is short
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -304,7 +312,25 @@ class FrontDoorProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():  # not under TLS
             self.transport.write_eof()
         self._timer = self.loop.call_later(self.front_door.linger, self.transport.close)
+        self._refused(status, self.transport)
+
+    def _refused(self, status: int, transport: asyncio.BaseTransport) -> None:
+        """Count a refusal, log it in batches, and tell ``on_refused`` what is known of it."""
         self.refusals.note(status, self.loop.time())
+        if self.on_refused is None:
+            return
+        method = path = None
+        url: bytes = getattr(self, "url", b"")
+        if url:  # the request line came: its method and path are known
+            path = url.split(b"?", 1)[0].decode("latin-1")
+            with contextlib.suppress(httptools.HttpParserError):
+                method = self.parser.get_method().decode("latin-1")
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        try:
+            self.on_refused(status, method, path, client)
+        except Exception:  # the refusal itself must go out whatever the log does
+            log.exception("recording a refused request failed")
 
     def _error_bytes(self, status: int, message: str, kind: str, extra: bytes = b"") -> bytes:
         _, body = json_error(status, message, kind)
@@ -319,10 +345,13 @@ class FrontDoorProtocol(HttpToolsProtocol):
         return b"".join(head)
 
 
-def protocol_class(front_door: FrontDoor) -> type[FrontDoorProtocol]:
-    """A protocol class for ``uvicorn.Config(http=...)`` that applies ``front_door``."""
+def protocol_class(
+    front_door: FrontDoor, on_refused: OnRefused | None = None
+) -> type[FrontDoorProtocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` that applies ``front_door`` and tells
+    ``on_refused`` of every request or connection it refuses."""
     return type(
         "FrontDoorProtocol",
         (FrontDoorProtocol,),
-        {"front_door": front_door, "refusals": Refusals()},
+        {"front_door": front_door, "refusals": Refusals(), "on_refused": staticmethod(on_refused)},
     )

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable
 from typing import TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from flockctl.server.request_log import RequestLog
 from flockctl.server.workers import WorkerState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -58,6 +59,23 @@ class _StateCollector(Collector):
         )
 
 
+class _RequestLogCollector(Collector):
+    """What the request log wrote and dropped, read at scrape time (its writer thread counts)."""
+
+    def __init__(self, request_log: RequestLog) -> None:
+        self._log = request_log
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "flockctl_request_log_written", "Request log lines written", self._log.written
+        )
+        yield CounterMetricFamily(
+            "flockctl_request_log_dropped",
+            "Request log lines dropped: the queue to the writer was full, or a write failed",
+            self._log.dropped,
+        )
+
+
 class Metrics:
     def __init__(self, read_state: Callable[[], GaugeState]):
         self.registry = CollectorRegistry(auto_describe=False)
@@ -79,6 +97,12 @@ class Metrics:
         self.retries_refused = Counter(
             "flockctl_retries_refused",
             "Failed attempts not retried because the retry budget was spent",
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "flockctl_refused",
+            "Requests and connections refused at the front door, by status code",
+            ["code"],
             registry=self.registry,
         )
         self.registry.register(_StateCollector(read_state))
@@ -115,6 +139,14 @@ class Metrics:
 
     def retry_refused(self) -> None:
         self.retries_refused.inc()
+
+    def refused(self, status: int) -> None:
+        """A request or connection answered at the front door (``http_protocol``)."""
+        self.refusals.labels(code=str(status)).inc()
+
+    def track_request_log(self, request_log: RequestLog) -> None:
+        """Export what ``request_log`` wrote and dropped."""
+        self.registry.register(_RequestLogCollector(request_log))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -41,8 +41,10 @@ from flockctl.server.jobs import JOBS_PREFIX, holder, not_found, unlearned
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
 from flockctl.server.prober import MODELS_PATH
+from flockctl.server.request_log import Attempt, RequestLog, RequestRecord
 from flockctl.server.request_meta import NO_META, extract
 from flockctl.server.retry_budget import RetryBudget
+from flockctl.server.tracing import BalancerTracing, start_tracing
 from flockctl.server.upstream import Connection, UpstreamError, UpstreamPool
 from flockctl.server.workers import Worker, WorkerState
 
@@ -79,6 +81,8 @@ _HOP_RESPONSE = frozenset(
         b"upgrade",
     }
 )
+#: With tracing on, the client's trace context is replaced by the attempt span's.
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 #: Answers up to this size with a Content-Length are read whole and sent in one message.
 _SMALL_BODY = 256 * 1024
 #: Answers retried on another worker: the worker (or one in front of it) says it cannot serve now.
@@ -141,6 +145,8 @@ class Balancer:
         backoff: float = 0.05,
         upstream_timeout: float = 60.0,
         retry_budget: RetryBudget | None = None,
+        request_log: RequestLog | None = None,
+        otel_endpoint: str | None = None,
     ) -> None:
         self.admin_app = admin_app
         self.pool = pool
@@ -152,6 +158,13 @@ class Balancer:
         self.backoff = backoff
         self.upstream_timeout = upstream_timeout
         self.retry_budget = retry_budget or RetryBudget()
+        self.request_log = request_log
+        if request_log is not None:
+            metrics.track_request_log(request_log)
+        self.otel_endpoint = otel_endpoint
+        #: Set while traces are sent (an endpoint, or ``OTEL_EXPORTER_OTLP_ENDPOINT``).
+        self.tracing: BalancerTracing | None = None
+        self._hop_request = _HOP_REQUEST
         self.upstream: UpstreamPool | None = None
         #: When the balancer started (the ``created`` of the models it lists).
         self.started = time.time()
@@ -163,7 +176,13 @@ class Balancer:
         return self.pool.policy.needs_meta or self.pool.routes_by_model
 
     def open_session(self) -> UpstreamPool:
-        """The shared upstream connections; created inside the running loop (lifespan)."""
+        """The shared upstream connections, the request log's writer and the OpenTelemetry
+        exporters; started inside the running loop (lifespan)."""
+        if self.request_log is not None:
+            self.request_log.start()
+        self.tracing = start_tracing(self.otel_endpoint, self.metrics.registry)
+        if self.tracing is not None:
+            self._hop_request = _HOP_REQUEST | _TRACE_HEADERS
         # Idle connections are dropped before uvicorn's (and so vLLM's) 5 s keep-alive ends, so a
         # request rarely meets a connection the worker is closing at that moment.
         self.upstream = UpstreamPool(
@@ -175,6 +194,12 @@ class Balancer:
         if self.upstream is not None:
             await self.upstream.close()
             self.upstream = None
+        tracing, self.tracing = self.tracing, None
+        self._hop_request = _HOP_REQUEST
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)
+        if self.request_log is not None:
+            await asyncio.to_thread(self.request_log.close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -249,12 +274,16 @@ class Balancer:
         started = time.perf_counter()
         self.pool.arrived += 1
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        client = scope.get("client")
+        rec = RequestRecord(scope["method"], scope["path"], client[0] if client else None, started)
+        if self.request_log is not None or self.tracing is not None:
+            _identify(rec, headers)
         if self.api_key is not None:
             auth = next((v for k, v in headers if k == b"authorization"), None)
             if auth != self.api_key:
                 status, body = json_error(401, "missing or wrong API key", "authentication_error")
                 await send_json(send, status, body, [(b"www-authenticate", b"Bearer")])
-                self.metrics.observe(status, time.perf_counter() - started)
+                self._done(rec, status, time.perf_counter() - started)
                 return
         # Read the body once, before any retry (re-reading after a retry would hang).
         message = await receive()
@@ -271,6 +300,7 @@ class Balancer:
                 if not message.get("more_body", False):
                     break
             body = b"".join(parts)
+        rec.bytes_in = len(body)
 
         task = asyncio.current_task()
         assert task is not None
@@ -285,8 +315,10 @@ class Balancer:
 
         watcher = asyncio.get_running_loop().create_task(watch())
         status = 499
+        if self.tracing is not None:
+            self.tracing.start(rec, scope)
         try:
-            status = await self._relay(scope, body, send)
+            status = await self._relay(scope, body, send, rec)
         except asyncio.CancelledError:
             if not gone:
                 raise
@@ -295,7 +327,28 @@ class Balancer:
         finally:
             done = True
             watcher.cancel()
-            self.metrics.observe(status, time.perf_counter() - started)
+            self._done(rec, status, time.perf_counter() - started)
+
+    def refused(
+        self, status: int, method: str | None, path: str | None, client: str | None
+    ) -> None:
+        """A request or connection the front door refused (``http_protocol``): it never reached
+        the relay, and is counted in ``/metrics`` and logged all the same."""
+        self.metrics.refused(status)
+        if self.request_log is not None:
+            rec = RequestRecord(method or "-", path or "-", client, time.perf_counter())
+            rec.status = status
+            self.request_log.add(rec)
+
+    def _done(self, rec: RequestRecord, status: int, seconds: float) -> None:
+        """A request ended: count it, end its trace, log it."""
+        self.metrics.observe(status, seconds)
+        rec.status = status
+        rec.latency = seconds
+        if rec.span is not None:
+            self.tracing.finish(rec)  # type: ignore[union-attr]
+        if self.request_log is not None:
+            self.request_log.add(rec)
 
     def _upstream_headers(self, scope: Scope) -> bytes:
         """The request's header lines as sent to the worker (Host and length added later).
@@ -303,10 +356,11 @@ class Balancer:
         The peer's address is appended to X-Forwarded-For, one line for the whole chain.
         """
         skip_auth = self.api_key is not None
+        hop = self._hop_request
         parts: list[bytes] = []
         forwarded: list[bytes] = []
         for k, v in scope["headers"]:
-            if k in _HOP_REQUEST or (skip_auth and k == b"authorization"):
+            if k in hop or (skip_auth and k == b"authorization"):
                 continue
             if k == b"x-forwarded-for":
                 forwarded.append(v)
@@ -319,8 +373,10 @@ class Balancer:
             parts += (b"x-forwarded-for: ", b", ".join(forwarded), b"\r\n")
         return b"".join(parts)
 
-    async def _relay(self, scope: Scope, body: bytes, send: Send) -> int:
-        """Send the request to a worker (retrying before the first byte); returns the status."""
+    async def _relay(self, scope: Scope, body: bytes, send: Send, rec: RequestRecord) -> int:
+        """Send the request to a worker (retrying before the first byte); returns the status.
+
+        What each attempt met goes into ``rec`` (the request log and the trace read it)."""
         upstream = self.upstream
         assert upstream is not None, "the balancer's upstream pool is opened in the app lifespan"
         method = scope["method"].encode("latin-1")
@@ -329,6 +385,9 @@ class Balancer:
             target += b"?" + scope["query_string"]
         headers = self._upstream_headers(scope)
         meta = extract(scope["headers"], body) if self.needs_meta else NO_META
+        if meta is not NO_META:
+            rec.model = meta.model
+            rec.user = _user(meta.session, scope["headers"])
         if self.pool.unknown_model(meta.model):
             served = ", ".join(self.pool.models())
             message = f"model: {meta.model!r} is not served here; served models: {served}"
@@ -346,6 +405,7 @@ class Balancer:
                 self.metrics.retry()
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
             attempt += 1
+            waited = time.perf_counter()
             try:
                 worker = await self.pool.acquire(max(deadline - time.monotonic(), 0.0), tried, meta)
             except QueueFull:
@@ -366,10 +426,18 @@ class Balancer:
                 await send_json(send, status, err, [(b"retry-after", b"5")])
                 return status
             t0 = time.perf_counter()
+            rec.queue += t0 - waited
+            rec.worker = worker.id
+            tried_now = Attempt(worker.id)
+            rec.attempts.append(tried_now)
+            sent = headers
+            if rec.span is not None:
+                sent = headers + self.tracing.attempt(rec, tried_now)  # type: ignore[union-attr]
             conn: Connection | None = None
             try:
                 try:
-                    conn = await upstream.send(worker.url or "", method, target, headers, body)
+                    conn = await upstream.send(worker.url or "", method, target, sent, body)
+                    tried_now.status = conn.status
                     if conn.status in _RETRIED_STATUSES or conn.status == 500:
                         worker.failures += 1
                         tried.add(worker)
@@ -379,10 +447,11 @@ class Balancer:
                             continue
                     t1 = time.perf_counter()
                     policy.observe_first_byte(worker, t1 - t0)
-                    chunks = await self._respond(conn, send)
+                    chunks = await self._respond(conn, send, rec)
                     policy.observe_end(worker, time.perf_counter() - t1, chunks)
                 except UpstreamError as exc:
                     # Nothing reached the client yet: another worker may answer instead.
+                    tried_now.error = f"{exc.kind}: {exc}"
                     worker.failures += 1
                     tried.add(worker)
                     self._worker_failed(worker, exc, scope)
@@ -398,6 +467,7 @@ class Balancer:
                     return status
                 except _BrokenOff as exc:
                     # Bytes already went out: nothing can be retried; the client's answer ends.
+                    tried_now.error = f"{exc.error.kind}: {exc}"
                     worker.failures += 1
                     log.warning("worker %s broke off a response: %s", worker.id, exc)
                     self._worker_failed(worker, exc.error, scope)
@@ -406,6 +476,11 @@ class Balancer:
                 worker.latencies.append(time.perf_counter() - t0)
                 return conn.status
             finally:
+                tried_now.ms = (time.perf_counter() - t0) * 1000
+                if rec.model is None:
+                    rec.model = worker.model
+                if rec.span is not None:
+                    self.tracing.end_attempt(tried_now)  # type: ignore[union-attr]
                 if conn is not None:
                     upstream.release(conn)
                 self.pool.release(worker)
@@ -429,10 +504,11 @@ class Balancer:
             self.on_connect_error(worker)
 
     @staticmethod
-    async def _respond(conn: Connection, send: Send) -> int:
+    async def _respond(conn: Connection, send: Send, rec: RequestRecord | None = None) -> int:
         """Relay the answer: UpstreamError before its first byte went out, _BrokenOff after.
 
-        Returns how many body reads it relayed (1 for an answer sent whole)."""
+        Returns how many body reads it relayed (1 for an answer sent whole). ``rec`` gets the
+        time to first byte, the bytes sent and the answer's last bytes (its token usage)."""
         headers = [(k, v) for k, v in conn.headers if k not in _HOP_RESPONSE]
         start = {"type": "http.response.start", "status": conn.status, "headers": headers}
         length = conn.length
@@ -440,17 +516,25 @@ class Balancer:
             data = await conn.read_all()
             await send(start)
             await send({"type": "http.response.body", "body": data})
+            if rec is not None:
+                rec.answered(data, len(data))
             return 1
         await send(start)
+        if rec is not None:
+            rec.answered(b"", 0)
         last = b""
         chunks = 0
+        sent = 0
         try:
             while True:
                 chunk = await conn.read_some()
                 chunks += 1
+                sent += len(chunk)
                 if conn.complete:
                     # The last bytes and the end of the answer go out in one message.
                     await send({"type": "http.response.body", "body": chunk})
+                    if rec is not None:
+                        rec.ended(last, chunk, sent)
                     return chunks
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 last = chunk
@@ -459,4 +543,22 @@ class Balancer:
                 # An event stream can say why it ends, and then end cleanly; any other answer is
                 # cut short (the connection closes) so the client cannot take it for whole.
                 await send({"type": "http.response.body", "body": _sse_error(exc, last)})
+            if rec is not None:
+                rec.bytes_out = sent
             raise _BrokenOff(exc) from None
+
+
+def _identify(rec: RequestRecord, headers: list[tuple[bytes, bytes]]) -> None:
+    """The client's own request id (``x-request-id``) and trace id (W3C ``traceparent``)."""
+    for k, v in headers:
+        if k == b"x-request-id":
+            rec.request_id = v.decode("latin-1")[:128]
+        elif k == b"traceparent" and len(v) >= 55:
+            rec.trace_id = v[3:35].decode("latin-1")
+
+
+def _user(session: str | None, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The body's ``user`` where the request meta read it: its session, unless a header set it."""
+    if session is None or any(k == b"x-session-id" for k, _ in headers):
+        return None
+    return session

@@ -1,5 +1,6 @@
-"""``flockctl logs``: the daemon's or a worker's log from the state directory, or a SkyPilot
-worker's job log through SkyPilot; it needs no running daemon."""
+"""``flockctl logs``: the daemon's or a worker's log from the state directory, a SkyPilot
+worker's job log through SkyPilot, or the balancer's request log (``flockctl logs requests``,
+``flockctl.commands.request_logs``); it needs no running daemon."""
 
 from __future__ import annotations
 
@@ -11,29 +12,42 @@ from typing import Annotated
 
 import typer
 
-from flockctl.commands.common import NameOpt, check_name
+from flockctl.commands.common import JsonOpt, NameOpt, check_name
+from flockctl.commands.request_logs import SlowOpt, StatusOpt, request_logs
 from flockctl.console import fail, say
 from flockctl.exitcodes import ExitCode
 from flockctl.state import state_dir, tail_lines
 
 
 def logs(
-    target: Annotated[str, typer.Argument(help="'daemon' or a worker id.")] = "daemon",
+    target: Annotated[
+        str, typer.Argument(help="'daemon', a worker id, or 'requests' (the request log).")
+    ] = "daemon",
     name: NameOpt = "default",
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
     tail: Annotated[int, typer.Option("--tail", help="Lines to print first.", min=0)] = 100,
+    as_json: JsonOpt = False,
+    status: StatusOpt = None,
+    slow: SlowOpt = None,
 ) -> None:
-    """Print the daemon's log or a worker's log (works after the daemon stopped, too).
+    """Print the daemon's log, a worker's log, or the request log (works after the daemon
+    stopped, too).
 
     A SkyPilot worker's log is its cluster's job log, streamed through SkyPilot; the launch
-    progress is shown when the job has no log yet.
+    progress is shown when the job has no log yet. `flockctl logs requests` prints a table of
+    the requests the balancer served (JSON lines with --json), filtered by --status and --slow.
     """
     check_name(name)
+    if target != "requests" and (as_json or status or slow is not None):
+        fail("--json, --status and --slow apply to: flockctl logs requests", ExitCode.USAGE)
     directory = state_dir(name)
     if not directory.is_dir():
         fail(f'no deployment named "{name}" (nothing at {directory})', ExitCode.NOT_RUNNING)
+    if target == "requests":
+        request_logs(directory, follow=follow, tail=tail, as_json=as_json, status=status, slow=slow)
+        return
     path = directory / ("daemon.log" if target == "daemon" else f"workers/{target}.log")
     if target != "daemon" and "/" not in target and _cluster_logs(directory, target, follow, tail):
         return

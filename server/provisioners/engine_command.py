@@ -28,13 +28,16 @@ def engine_command(
     engine_args: Sequence[str] = (),
     draft_models: Sequence[str] = (),
     threads: int | None = None,
+    *,
+    otel_collector_endpoint: str | None = None,
 ) -> str:
     """The worker command that runs flockctl's engine serving ``model`` on ``{port}``.
 
     It runs with this interpreter (``sys.executable``), so the engine comes from the same
     installation as the daemon, and every part is quoted so a model path with spaces survives.
     Each draft model becomes ``--draft-model``; ``threads`` becomes ``--threads`` unless
-    ``engine_args`` already sets it (the user's own choice wins).
+    ``engine_args`` already sets it (the user's own choice wins); the same holds for
+    ``--otel-collector-endpoint``, so the engine's traces go where the daemon's do.
     """
     args = list(engine_args)
     for draft in draft_models:
@@ -43,11 +46,17 @@ def engine_command(
         a == "--threads" or a.startswith("--threads=") for a in args
     ):
         args += ["--threads", str(threads)]
+    if otel_collector_endpoint is not None and not _has_flag(args, "--otel-collector-endpoint"):
+        args += ["--otel-collector-endpoint", otel_collector_endpoint]
     parts = [sys.executable, "-m", "flockctl", "engine", "serve", "--model", model]
     quoted = [shlex.quote(part) for part in parts]
     quoted += ["--host", "127.0.0.1", "--port", "{port}"]
     quoted += [shlex.quote(arg) for arg in args]
     return " ".join(quoted)
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(f"{flag}=") for a in args)
 
 
 def engine_threads(engines: int) -> int:

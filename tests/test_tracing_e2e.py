@@ -1,0 +1,170 @@
+"""The balancer's traces reach a real OTLP/HTTP collector: a span per request under the client's
+trace, a child span per attempt whose traceparent the worker receives, metrics beside them; and a
+collector that is down or never answers changes nothing for requests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+from conftest import free_port, until
+from otlp_receiver import OtlpReceiver, otlp_receiver
+
+from flockctl.state import REQUEST_LOG
+
+CHAT = "/v1/chat/completions"
+SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 2, 3
+
+
+@pytest.fixture(autouse=True)
+def quick_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans and metrics leave within a fraction of a second, and a dead collector fails fast."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+
+
+def recording_worker(status: int, seen: list[str]) -> web.Application:
+    """A worker answering ``status`` to chat requests, keeping each request's traceparent."""
+
+    async def health(_r: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("traceparent", ""))
+        if status != 200:
+            return web.json_response({"error": {"message": "busy"}}, status=status)
+        usage = {"prompt_tokens": 2, "completion_tokens": 1}
+        return web.json_response({"choices": [{"message": {"content": "x"}}], "usage": usage})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post(CHAT, chat)
+    return app
+
+
+def logged(directory: Any) -> list[dict[str, Any]]:
+    path = directory / REQUEST_LOG
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+async def test_a_retried_request_is_one_trace_with_a_span_per_attempt(daemon, upstream, http):
+    bad_seen: list[str] = []
+    good_seen: list[str] = []
+    bad = await upstream(recording_worker(503, bad_seen))
+    good = await upstream(recording_worker(200, good_seen))
+    with otlp_receiver() as otlp:
+        d = await daemon(
+            endpoints=[bad.url, good.url],
+            policy="round-robin",
+            otel_collector_endpoint=otlp.endpoint,
+        )
+        await d.wait_ready(2)
+        sent: list[tuple[str, str]] = []
+        for n in range(2):  # round robin tries the failing worker first for one of them
+            trace_id, parent = f"{n + 1:032x}", f"{n + 1:016x}"
+            sent.append((trace_id, parent))
+            headers = {"traceparent": f"00-{trace_id}-{parent}-01"}
+            async with http.post(f"{d.url}{CHAT}", json={}, headers=headers) as resp:
+                assert resp.status == 200
+        records = await until(
+            lambda: len(logged(d.deployment.state_dir)) == 2 and logged(d.deployment.state_dir),
+            "two request log lines",
+        )
+        retried = next(r for r in records if len(r["attempts"]) == 2)
+        trace_id = retried["trace_id"]
+        parent = dict(sent)[trace_id]  # the log names the client's trace
+        spans = await until(
+            lambda: len(otlp.spans_in(trace_id)) >= 3 and otlp.spans_in(trace_id),
+            "the retried request's three spans",
+        )
+        (root,) = [s for s in spans if s.kind == SPAN_KIND_SERVER]
+        assert root.service == "flockctl-balancer"
+        assert root.name == f"POST {CHAT}"
+        assert root.parent_span_id == parent  # continued from the client's traceparent
+        assert root.attributes["flockctl.attempts"] == 2
+        assert root.attributes["http.response.status_code"] == 200
+        assert root.attributes["flockctl.worker"] == retried["worker"]
+        assert root.attributes["http.route"] == CHAT
+        assert "flockctl.queue_ms" in root.attributes
+        attempts = sorted((s for s in spans if s.kind == SPAN_KIND_CLIENT), key=lambda s: s.name)
+        assert [s.name for s in attempts] == ["attempt 1", "attempt 2"]
+        assert all(s.parent_span_id == root.span_id for s in attempts)
+        assert attempts[0].attributes["http.response.status_code"] == 503
+        assert attempts[1].attributes["http.response.status_code"] == 200
+        # Each worker got the traceparent of the attempt that reached it, not the client's.
+        assert f"00-{trace_id}-{attempts[0].span_id}-01" in bad_seen
+        assert f"00-{trace_id}-{attempts[1].span_id}-01" in good_seen
+        # The daemon's metrics go to the collector too.
+        await until(
+            lambda: otlp.metrics_named("flockctl_requests", "flockctl-balancer"),
+            "the balancer's request counter over OTLP",
+        )
+
+
+async def test_a_request_without_traceparent_starts_a_trace(daemon, upstream, http):
+    seen: list[str] = []
+    up = await upstream(recording_worker(200, seen))
+    with otlp_receiver() as otlp:
+        d = await daemon(endpoints=[up.url], otel_collector_endpoint=otlp.endpoint)
+        await d.wait_ready(1)
+        async with http.post(f"{d.url}{CHAT}", json={}) as resp:
+            assert resp.status == 200
+        (record,) = await until(lambda: logged(d.deployment.state_dir), "the log line")
+        spans = await until(
+            lambda: (
+                len(otlp.spans_in(record["trace_id"])) == 2 and otlp.spans_in(record["trace_id"])
+            ),
+            "the request's spans",
+        )
+        (root,) = [s for s in spans if s.kind == SPAN_KIND_SERVER]
+        assert root.parent_span_id == ""
+        assert seen[0].split("-")[1] == record["trace_id"]
+
+
+async def test_no_endpoint_no_tracing_and_the_clients_traceparent_passes(daemon, upstream, http):
+    seen: list[str] = []
+    up = await upstream(recording_worker(200, seen))
+    d = await daemon(endpoints=[up.url])
+    await d.wait_ready(1)
+    assert d.server.config.app.tracing is None
+    client = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with http.post(f"{d.url}{CHAT}", json={}, headers={"traceparent": client}) as resp:
+        assert resp.status == 200
+    assert seen == [client]
+
+
+@pytest.mark.parametrize("collector", ["closed port", "never answers"])
+async def test_a_collector_down_or_stuck_changes_nothing_for_requests(
+    collector, daemon, upstream, http
+):
+    up = await upstream()
+    hanging = OtlpReceiver(hang=True).start() if collector == "never answers" else None
+    endpoint = hanging.endpoint if hanging else f"http://127.0.0.1:{free_port()}"
+    try:
+        d = await daemon(endpoints=[up.url], otel_collector_endpoint=endpoint)
+        await d.wait_ready(1)
+        tracing = d.server.config.app.tracing
+        assert tracing is not None
+        for _ in range(30):
+            async with http.post(f"{d.url}{CHAT}", json={"max_tokens": 2}) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["choices"][0]["message"]["content"] == "t0 t1"
+        if hanging:
+            # The exporter is stuck inside an export the collector never answers ...
+            await until(lambda: hanging.requests >= 1, "the exporter to reach the collector")
+        else:
+            # ... or its exports fail, and the spans they held are counted as dropped.
+            await until(lambda: tracing.telemetry.dropped_spans > 0, "spans counted as dropped")
+        assert tracing.telemetry.exported_spans == 0
+        # Requests went on all the while, and every one of them was logged.
+        await until(lambda: len(logged(d.deployment.state_dir)) == 30, "30 log lines")
+        async with http.post(f"{d.url}{CHAT}", json={}) as resp:
+            assert resp.status == 200
+    finally:
+        if hanging:
+            hanging.close()
