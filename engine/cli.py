@@ -27,6 +27,7 @@ import typer
 
 from flockctl.console import fail
 from flockctl.engine.demo.command import demo
+from flockctl.engine.profile import profile
 from flockctl.engine.tree import CPU_TREE, GPU_TREE, format_tree, parse_tree
 from flockctl.exitcodes import ExitCode
 from flockctl.net import bind, client_url
@@ -452,5 +453,6 @@ def _serve(engine: Engine, sock: socket.socket, host: str) -> None:
 # demo in front of the user; it imports no torch until it builds.
 engine_app.command()(demo)
 
+engine_app.command()(profile)
 if __name__ == "__main__":
     engine_app(prog_name="flockctl engine")

@@ -343,3 +343,20 @@ def test_simulate_a_bad_trace_line_exits_2_with_line_and_column(tmp_path: Path) 
     result = run_cli(str(path))
     assert result.exit_code == 2
     assert f"{path}:2:2: t must be seconds" in result.stderr
+
+
+def test_engine_profile_writes_a_service_model_simulate_reads(tiny: Path, tmp_path: Path) -> None:
+    from flockctl.cli import app
+
+    out = tmp_path / "model.json"
+    args = ["engine", "profile", "--model", str(tiny), "--device", "cpu", "-o", str(out)]
+    short = ["--batch", "1", "--batch", "2", "--repeats", "1", "--prompt-tokens", "32"]
+    result = CliRunner().invoke(app, [*args, *short, "--decode-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    model = load_service_model(out)
+    assert model.prefill_tokens_per_s > 0 and model.decode_tokens_per_s > 0
+    assert [b for b, _ in model.batching] == [1, 2] and model.batching[0][1] == 1.0
+    assert model.measured["model"] == str(tiny)
+    sim = run_cli("--synthetic", "poisson:1:60", "--service-model", str(out), "--json")
+    assert sim.exit_code == 0, sim.output
+    assert json.loads(sim.stdout)["requests"] > 20
