@@ -59,9 +59,10 @@ from flockctl.engine.streaming import EventStream, sse
 from flockctl.engine.tgi_stream import tgi_events
 from flockctl.engine.tokenize_routes import add_tokenize_routes
 from flockctl.engine.tracing import TraceContextMiddleware
-from flockctl.schema import EngineStats
+from flockctl.schema import EncoderStats, EngineStats
 
 if TYPE_CHECKING:
+    from flockctl.engine.encoder import EncoderEngine
     from flockctl.engine.engine import Engine
     from flockctl.engine.handle import JobHandle
 
@@ -80,7 +81,7 @@ __all__ = [
 BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatRequest, GenerateRequest)
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine | EncoderEngine) -> FastAPI:
     """Build the engine's ASGI app; the caller owns ``engine`` (loads it, closes it after)."""
     app = FastAPI(
         title="flockctl engine",
@@ -222,8 +223,10 @@ def create_app(engine: Engine) -> FastAPI:
         return {"status": "ok", "model": engine.model_name, "instance": INSTANCE}
 
     @app.get("/stats", response_model=None)  # sent as built: never filtered by the type
-    async def stats() -> EngineStats:
-        return {**engine.stats(), "instance": INSTANCE}
+    async def stats() -> EngineStats | EncoderStats:
+        stats = engine.stats()
+        stats["instance"] = INSTANCE
+        return stats
 
     @app.get("/stats/detailed")
     async def stats_detailed() -> dict[str, Any]:

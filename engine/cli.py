@@ -33,6 +33,7 @@ from flockctl.exitcodes import ExitCode
 from flockctl.net import bind, client_url
 
 if TYPE_CHECKING:
+    from flockctl.engine.encoder import EncoderEngine
     from flockctl.engine.engine import Engine
 
 log = logging.getLogger("flockctl.engine")
@@ -408,7 +409,7 @@ def _exit_at_once() -> NoReturn:
     os._exit(int(ExitCode.OK))
 
 
-def _serve(engine: Engine, sock: socket.socket, host: str) -> None:
+def _serve(engine: Engine | EncoderEngine, sock: socket.socket, host: str) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn finishes in-flight requests (up to 30 s) first."""
     import uvicorn
 

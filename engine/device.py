@@ -13,6 +13,8 @@ from typing import Any
 import psutil
 import torch
 
+from flockctl.schema import DeviceMemory as MemoryReading
+
 
 class DeviceError(ValueError):
     """The requested device or dtype is not available here."""
@@ -82,41 +84,31 @@ class DeviceMemory:
             return max(0, limit - int(torch.mps.driver_allocated_memory()))
         return int(psutil.virtual_memory().available)
 
-    def read(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"type": self.device.type, "name": self.name}
+    def read(self) -> MemoryReading:
         if self._nvml_handle is not None:
             try:
                 import pynvml
 
                 mem = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
-                return {
-                    **info,
-                    "memory_used": int(mem.used),
-                    "memory_total": int(mem.total),
-                    "source": "nvml",
-                }
+                return self._reading(int(mem.used), int(mem.total), "nvml")
             except Exception:  # the driver went away; fall back to torch's counters
                 self._nvml_handle = None
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            return {
-                **info,
-                "memory_used": int(total - free),
-                "memory_total": int(total),
-                "source": "torch",
-            }
+            return self._reading(int(total - free), int(total), "torch")
         if self.device.type == "mps":
-            return {
-                **info,
-                "memory_used": int(torch.mps.driver_allocated_memory()),
-                "memory_total": int(torch.mps.recommended_max_memory()),
-                "source": "torch",
-            }
+            used = int(torch.mps.driver_allocated_memory())
+            return self._reading(used, int(torch.mps.recommended_max_memory()), "torch")
+        rss = int(psutil.Process().memory_info().rss)
+        return self._reading(rss, int(psutil.virtual_memory().total), "psutil")
+
+    def _reading(self, used: int, total: int, source: str) -> MemoryReading:
         return {
-            **info,
-            "memory_used": int(psutil.Process().memory_info().rss),
-            "memory_total": int(psutil.virtual_memory().total),
-            "source": "psutil",
+            "type": self.device.type,
+            "name": self.name,
+            "memory_used": used,
+            "memory_total": total,
+            "source": source,
         }
 
 

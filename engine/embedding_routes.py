@@ -26,6 +26,7 @@ from flockctl.engine.routes_common import APIError, SafeJSON, check_model, parse
 from flockctl.engine.streaming import until_disconnect
 
 if TYPE_CHECKING:
+    from flockctl.engine.encoder import EncoderEngine
     from flockctl.engine.engine import Engine
 
 # The routes a model without a generative head answers with a 400 (and why).
@@ -76,7 +77,7 @@ class _NoJob:
         pass
 
 
-def add_embedding_routes(app: FastAPI, engine: Engine) -> None:
+def add_embedding_routes(app: FastAPI, engine: Engine | EncoderEngine) -> None:
     """Serve ``/v1/embeddings``; on a model that cannot generate, refuse the generation routes."""
     tokenizer = engine.tokenizer
 
@@ -91,7 +92,7 @@ def add_embedding_routes(app: FastAPI, engine: Engine) -> None:
             encoded = tokenizer(texts, add_special_tokens=body.add_special_tokens)
             return [list(ids) for ids in encoded["input_ids"]]
         if value and isinstance(value[0], list):
-            return [list(ids) for ids in value]  # type: ignore[arg-type]
+            return [list(ids) for ids in value]
         return [list(value)] if value else []  # type: ignore[arg-type]
 
     @app.post("/v1/embeddings", openapi_extra=inline_body(EmbeddingRequest))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from flockctl.engine.job import InvalidRequest
+from flockctl.schema import EmbeddingStats
 
 log = logging.getLogger("flockctl.engine")
 
@@ -181,7 +182,7 @@ class Embedder:
         for request in waiting:
             request.loop.call_soon_threadsafe(_fail, request.future, EmbedderClosed(reason))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EmbeddingStats:
         return {
             "pooling": self.pooling,
             "requests": self.requests,

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
@@ -25,6 +25,10 @@ from flockctl.engine.device import DeviceMemory
 from flockctl.engine.embeddings import Embedder, matryoshka_dimensions
 from flockctl.engine.job import InvalidRequest
 from flockctl.engine.metrics import EngineMetrics
+from flockctl.schema import STATS_SCHEMA_VERSION, EncoderStats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("flockctl.engine")
 
@@ -36,7 +40,7 @@ class EncoderEngine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         tokenizer: Any,
         config: EngineConfig,
         device: torch.device,
@@ -56,12 +60,16 @@ class EncoderEngine:
         self.failed: str | None = None
         self.closing = False
         self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        embeddings = model.get_input_embeddings().weight
+        assert isinstance(embeddings, torch.Tensor)
+        # the ids it takes; the routes, shared with Engine, check token ids against it
+        self.vocab_size = int(embeddings.shape[0])
         self.embedder = Embedder(
             model,
             device,
             pooling=config.pooling or "cls",
             max_len=max_model_len,
-            vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+            vocab_size=self.vocab_size,
             run_soon=self._calls.put,
             dimensions=matryoshka_dimensions(model.config),
         )
@@ -93,8 +101,9 @@ class EncoderEngine:
     def spec_stats(self) -> dict[str, Any] | None:
         return None
 
-    def stats(self, detailed: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def stats(self, detailed: bool = False) -> EncoderStats:
+        out: EncoderStats = {
+            "schema_version": STATS_SCHEMA_VERSION,
             "engine": "flockctl",
             "version": __version__,
             "model": self.model_name,

@@ -41,6 +41,7 @@ from flockctl.engine.sampling import sibling_seed
 from flockctl.engine.streaming import EventStream, sse, until_disconnect
 
 if TYPE_CHECKING:
+    from flockctl.engine.encoder import EncoderEngine
     from flockctl.engine.engine import Engine
     from flockctl.engine.handle import Delta, JobHandle
 
@@ -83,7 +84,7 @@ class Choices:
         }
 
 
-def register_openai(app: FastAPI, engine: Engine) -> None:
+def register_openai(app: FastAPI, engine: Engine | EncoderEngine) -> None:
     """Add OpenAI's routes to the engine's ``app``."""
     created = int(time.time())
     tokenizer = engine.tokenizer
@@ -369,7 +370,7 @@ async def run_all(request: Request, group: Choices) -> None:
     async def everything() -> list[tuple[str, Delta]]:
         return list(await asyncio.gather(*(collect(c.handle) for c in group.choices)))
 
-    outcome = await until_disconnect(everything(), request.receive, group)  # type: ignore[arg-type]
+    outcome = await until_disconnect(everything(), request.receive, group)
     if outcome is None:
         raise APIError(499, "the client closed the connection", code="client_closed")
     for choice, (text, final) in zip(group.choices, outcome, strict=True):

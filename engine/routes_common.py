@@ -23,6 +23,7 @@ from flockctl.engine.protocol import MAX_DEPTH, first_surrogate, too_deep
 from flockctl.engine.streaming import json_bytes, until_disconnect
 
 if TYPE_CHECKING:
+    from flockctl.engine.encoder import EncoderEngine
     from flockctl.engine.engine import Engine
     from flockctl.engine.handle import Delta, JobHandle
 
@@ -63,7 +64,7 @@ class APIError(Exception):
         return SafeJSON({"error": body}, self.status, headers=headers)
 
 
-def check_model(engine: Engine, model: str | None) -> None:
+def check_model(engine: Engine | EncoderEngine, model: str | None) -> None:
     """A 404 for a model this engine does not serve (none named: the one it serves)."""
     if model and model != engine.model_name:
         raise APIError(
@@ -75,7 +76,7 @@ def check_model(engine: Engine, model: str | None) -> None:
 
 
 def submit(
-    engine: Engine,
+    engine: Engine | EncoderEngine,
     prompt_ids: list[int],
     params: Callable[[], SamplingParams],
     fields: Mapping[str, str] | None = None,

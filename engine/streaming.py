@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -26,6 +26,13 @@ if TYPE_CHECKING:
     from flockctl.engine.handle import JobHandle
 
 T = TypeVar("T")
+
+
+class Cancellable(Protocol):
+    """What ``until_disconnect`` stops when the client goes: a job's handle, or a stand-in for
+    work that has no job."""
+
+    def cancel(self) -> None: ...
 
 log = logging.getLogger("flockctl.engine")
 
@@ -53,7 +60,7 @@ def sse(obj: Mapping[str, Any]) -> bytes:
     return b"data: " + json_bytes(obj) + b"\n\n"
 
 
-async def until_disconnect(work: Awaitable[T], receive: Receive, handle: JobHandle) -> T | None:
+async def until_disconnect(work: Awaitable[T], receive: Receive, handle: Cancellable) -> T | None:
     """Run ``work`` while watching the connection for ``http.disconnect``.
 
     Returns what ``work`` returns, or None if the client went away first; then, or if ``work``

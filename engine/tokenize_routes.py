@@ -22,6 +22,7 @@ from flockctl.engine.protocol import Body, ChatMessage
 from flockctl.engine.routes_common import APIError, SafeJSON, check_model, parse
 
 if TYPE_CHECKING:
+    from flockctl.engine.encoder import EncoderEngine
     from flockctl.engine.engine import Engine
 
 
@@ -42,7 +43,7 @@ class DetokenizeRequest(Body):
     tokens: list[int]
 
 
-def add_tokenize_routes(app: FastAPI, engine: Engine) -> None:
+def add_tokenize_routes(app: FastAPI, engine: Engine | EncoderEngine) -> None:
     tokenizer = engine.tokenizer
     vocab_size = len(tokenizer)
 

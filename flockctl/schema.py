@@ -153,6 +153,38 @@ class EngineStats(_EngineStatsRequired, total=False):
     embeddings: EmbeddingStats
 
 
+class _EncoderStatsRequired(TypedDict):
+
+    schema_version: int
+    engine: str
+    version: str
+    model: str
+    #: What the engine serves: ``["embed"]``.
+    capabilities: list[str]
+    device: DeviceMemory
+    dtype: str
+    max_model_len: int
+    #: Always 0, and ``jobs`` always empty: embedding requests are not jobs (those waiting are
+    #: counted in ``embeddings.waiting``). Kept so a reader of either engine finds them.
+    running: int
+    waiting: int
+    swapped: int
+    embeddings: EmbeddingStats
+    uptime: float
+    jobs: list[JobSummary]
+
+
+class EncoderStats(_EncoderStatsRequired, total=False):
+    """``GET /stats`` of flockctl's embedding-only engine (a checkpoint that declares an
+    encoder). It generates nothing, so it has no scheduler, KV cache or speculation; its
+    ``capabilities`` tell it apart from ``EngineStats``. Versioned with it."""
+
+    #: As in ``EngineStats``.
+    instance: str
+    #: The process's resident memory in bytes (``/stats/detailed`` only).
+    process_rss: int
+
+
 class EngineView(EngineStats, total=False):
     """A worker's ``/stats`` as the snapshot relays it: the jobs capped, ``jobs_omitted`` left
     out. It comes from the worker, so a reader treats every key as optional."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import httpx
 import pytest
 import torch
 from conftest import TINY, error_of, free_port, until, until_sync
-from tinymodel import greedy_continuations
+from tinymodel import build_tiny_bert, greedy_continuations
 from transformers import AutoModel, AutoTokenizer
 
 from flockctl.engine.api import create_app
@@ -165,31 +164,6 @@ async def test_mean_pooling_is_the_mean_of_the_inputs_states(tiny: Path) -> None
 
 
 # -- an encoder model ------------------------------------------------------------------------------
-
-
-def build_tiny_bert(tiny: Path, path: Path) -> Path:
-    """A two-layer BertModel with random weights that takes the tiny model's tokenizer, trained
-    (its config says) to be cut to 8 or 16 of its 32 dimensions."""
-    from transformers import BertConfig, BertModel
-
-    path.mkdir(parents=True, exist_ok=True)
-    for f in tiny.iterdir():
-        if "token" in f.name or f.name == "special_tokens_map.json":
-            shutil.copy(f, path / f.name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        matryoshka_dimensions=[8, 16],
-    )
-    BertModel(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

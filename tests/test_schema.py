@@ -23,11 +23,13 @@ from typing import Any, get_args, get_origin, get_type_hints, is_typeddict
 import httpx
 import pytest
 from conftest import TINY, until
+from tinymodel import build_tiny_bert
 
 from flockctl import schema
 from flockctl.schema import (
     SNAPSHOT_SCHEMA_VERSION,
     STATS_SCHEMA_VERSION,
+    EncoderStats,
     EngineStats,
     EngineView,
     LogChunk,
@@ -39,6 +41,8 @@ from flockctl.schema import (
 #: its line; the old lines stay, so no two versions can claim the same shape.
 SNAPSHOT_SHAPES = {1: "757cfd083085aded", 2: "4446a94f93cd3644"}
 STATS_SHAPES = {1: "493925497c462cdc", 2: "b91510926e37f15a"}
+#: The embedding-only engine's ``/stats``, versioned with the other engine's.
+ENCODER_STATS_SHAPES = {2: "f0279cff8feed26c"}
 
 
 def problems(value: Any, kind: Any, where: str) -> list[str]:
@@ -121,6 +125,7 @@ def test_each_shape_is_recorded_under_its_version() -> None:
     for name, shapes, version, kind, stop in (
         ("SNAPSHOT", SNAPSHOT_SHAPES, SNAPSHOT_SCHEMA_VERSION, StatusSnapshot, SNAPSHOT_STOP),
         ("STATS", STATS_SHAPES, STATS_SCHEMA_VERSION, EngineStats, MappingProxyType({})),
+        ("STATS", ENCODER_STATS_SHAPES, STATS_SCHEMA_VERSION, EncoderStats, MappingProxyType({})),
     ):
         assert max(shapes) == version, f"{name}_SCHEMA_VERSION is {version}; record its shape"
         assert len(set(shapes.values())) == len(shapes), f"two {name} versions with one shape"
@@ -230,3 +235,27 @@ async def test_a_real_snapshot_and_real_stats_have_the_declared_shapes(
         "snapshot: missing 'ready_workers'",
         "snapshot: undeclared key 'ready'",
     ]
+
+
+async def test_an_embedding_only_engines_stats_have_their_declared_shape(
+    tiny: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from flockctl.engine.api import create_app
+    from flockctl.engine.config import EngineConfig
+    from flockctl.engine.loader import load_engine
+
+    bert = build_tiny_bert(tiny, tmp_path_factory.mktemp("bert"))
+    engine = load_engine(
+        EngineConfig(model=str(bert), served_model_name="bert", device="cpu"), progress=False
+    )
+    try:
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
+            stats = (await client.get("/stats")).json()
+            detailed = (await client.get("/stats/detailed")).json()
+    finally:
+        engine.close()
+    assert stats["schema_version"] == STATS_SCHEMA_VERSION and stats["capabilities"] == ["embed"]
+    assert problems(stats, EncoderStats, "stats") == []
+    assert "process_rss" in detailed and problems(detailed, EncoderStats, "stats") == []
+    assert "stats: missing 'kv'" in problems(stats, EngineStats, "stats")

@@ -1,4 +1,5 @@
-"""A tiny real causal LM and tokenizer, built on the spot, for tests that need a model.
+"""A tiny real causal LM and tokenizer (and a BERT encoder that shares the tokenizer), built on
+the spot, for tests that need a model.
 
 Nothing is fetched from a hub: a byte-level BPE tokenizer is trained on a few KB of text written
 here, and a two-layer Llama with random weights (``torch.manual_seed``) is saved next to it. The
@@ -102,6 +103,34 @@ def build_near_model(model: Path, path: Path, *, noise: float = 0.3, seed: int =
     for f in model.iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
             shutil.copy(f, path / f.name)
+    return path
+
+
+def build_tiny_bert(tiny: Path, path: Path) -> Path:
+    """A two-layer BertModel with random weights that takes the tiny model's tokenizer, trained
+    (its config says) to be cut to 8 or 16 of its 32 dimensions."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    for f in tiny.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, path / f.name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        matryoshka_dimensions=[8, 16],
+    )
+    BertModel(config).save_pretrained(path)
     return path
 
 
