@@ -15,7 +15,14 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from flockctl.schema import AutoscalerView, EngineView, JobSummary, StatusSnapshot, WorkerView
+from flockctl.schema import (
+    AutoscalerView,
+    EngineView,
+    GroupView,
+    JobSummary,
+    StatusSnapshot,
+    WorkerView,
+)
 
 STATE_STYLE: dict[str, tuple[str, str]] = {
     "READY": ("●", "green"),
@@ -300,6 +307,20 @@ def capacity_cell(worker: WorkerView) -> str:
     return f"{cap} {source}" if source else str(cap)
 
 
+def group_line(group: GroupView) -> Text:
+    """One worker group in a line: what it runs, its autoscaler, its workers and its queue."""
+    runs = group["model"] or ", ".join(group["models"]) or "worker command"
+    return Text.assemble(
+        ("group ", "bold"),
+        (group["name"], "bold"),
+        f"  {runs}  {group['policy']} target {group['target']}",
+        f" (min {group['min_workers']}, max {group['max_workers']})",
+        f"  {group['ready']}/{group['live']} ready  {group['in_flight']} in flight",
+        f"  {group['queued']} queued  ",
+        (group["launch_blocked"] or group["last_decision"]["reason"], "dim"),
+    )
+
+
 def status_view(snap: StatusSnapshot) -> Group:
     now = snap["generated_at"] or time.time()
     dep = snap["deployment"]
@@ -326,9 +347,11 @@ def status_view(snap: StatusSnapshot) -> Group:
         f"requests {req['total']} total  {req['in_flight']} in flight  {req['queued']} queued"
         f"  {req['failed']} failed  {req['retried']} retried  {req['rate']:.1f}/s"
     )
+    grouped = any(w.get("group") for w in snap["workers"])
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col, justify in (
         ("ID", "left"),
+        *((("GROUP", "left"),) if grouped else ()),
         ("STATE", "left"),
         ("PID", "right"),
         ("URL", "left"),
@@ -345,6 +368,7 @@ def status_view(snap: StatusSnapshot) -> Group:
         p50 = w["latency_p50_ms"]
         table.add_row(
             w["id"],
+            *((w.get("group") or "-",) if grouped else ()),
             state_text(w["state"]),
             str(w["pid"] or "-"),
             w["url"] or "-",
@@ -356,7 +380,7 @@ def status_view(snap: StatusSnapshot) -> Group:
             ago(w["created_at"], now),
             Text(w["reason"] or "", style="dim"),
         )
-    parts: list[Any] = [head, scale, traffic]
+    parts: list[Any] = [head, scale, *map(group_line, snap.get("groups") or []), traffic]
     if auto is not None and auto["launch_blocked"]:
         parts.append(Text(f"✗ {auto['launch_blocked']}", style="bold red"))
     parts.append(table if snap["workers"] else Text("no workers", style="dim"))
@@ -378,6 +402,14 @@ def render_plan(plan: dict[str, Any]) -> str:
         ("provisioner", plan["provisioner"]),
         ("workers", f"start {workers['initial']}, min {workers['min']}, max {workers['max']}"),
         ("autoscaler", scaler["policy"] + (f": {settings}" if settings else "")),
+        *(
+            (
+                f"group {g['name']}",
+                f"{g['model'] or g['command']}: {g['autoscaler']}, start {g['initial']},"
+                f" min {g['min']}, max {g['max']}",
+            )
+            for g in plan.get("groups", [])
+        ),
         (
             "probe",
             f"{method} {probe['path']} every {probe['interval_seconds']:g}s, timeout"

@@ -358,6 +358,28 @@ class RequestsView(TypedDict):
     rate: float
 
 
+class GroupView(TypedDict):
+    """One worker group (``flockctl: groups``, or one made for a model at run time), with its
+    own autoscaler; ``name`` is ``default`` for the deployment's own workers beside them."""
+
+    name: str
+    #: The model its workers serve where one was given (None: a worker command's).
+    model: str | None
+    #: Every model its workers listed so far, and its own: the requests it scales on.
+    models: list[str]
+    policy: str
+    target: int
+    min_workers: int
+    max_workers: int
+    #: Requests waiting for this group's workers.
+    queued: int
+    in_flight: int
+    live: int
+    ready: int
+    last_decision: DecisionView
+    launch_blocked: str | None
+
+
 class StatusSnapshot(TypedDict):
     """``GET /-/status``: the one source for ``flockctl status``, the dashboard and scripts."""
 
@@ -366,6 +388,9 @@ class StatusSnapshot(TypedDict):
     deployment: DeploymentView
     #: None only before the daemon has started its controller.
     autoscaler: AutoscalerView | None
+    #: One entry per worker group; empty for a deployment without groups (``autoscaler`` is
+    #: then its only one). With groups, ``autoscaler`` is the first group's.
+    groups: list[GroupView]
     workers: list[WorkerView]
     requests: RequestsView
     ready_workers: int

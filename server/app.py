@@ -57,11 +57,13 @@ class AddWorker(BaseModel):
 
 
 class Bounds(BaseModel):
-    """Body of ``PATCH /-/autoscaler``: either bound, or both."""
+    """Body of ``PATCH /-/autoscaler``: either bound, or both; ``group`` names the worker group
+    whose bounds change (default: the deployment's, or its first group's)."""
 
     model_config = ConfigDict(extra="forbid")
     min_workers: int | None = None
     max_workers: int | None = None
+    group: str | None = None
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -198,6 +200,11 @@ def create_app(
                 provisioner.add_endpoint(body.url)
         elif body is not None and body.url:
             raise HTTPException(422, "url: only a static deployment takes a worker URL")
+        command = deployment.cfg.model_command(model) if model is not None else None
+        # A worker with its own model joins the group of that model (made now if none has it).
+        if model is not None and command is not None:
+            controller = deployment.groups.for_model(model, command)
+        policy = controller.policy
         live = len(deployment.pool.live())
         ceiling = deployment.cfg.workers_ceiling
         if live >= ceiling:
@@ -206,13 +213,12 @@ def create_app(
                 f"already at the workers ceiling ({ceiling} workers); restart with a larger"
                 " --workers-ceiling to run more",
             )
-        if deployment.policy.name != "fixed" and live >= deployment.policy.max_workers:
+        if policy.name != "fixed" and len(controller.live()) >= policy.max_workers:
             raise HTTPException(
                 409,
-                f"already at max_workers ({deployment.policy.max_workers}); raise max_workers"
+                f"already at max_workers ({policy.max_workers}); raise max_workers"
                 " first (PATCH /-/autoscaler) or restart with a larger --max-workers",
             )
-        command = deployment.cfg.model_command(model) if model is not None else None
         worker = controller.add_worker(command, model)
         return worker.to_dict()
 
@@ -224,18 +230,16 @@ def create_app(
 
     @app.delete(routes.WORKER, dependencies=guarded, status_code=202, response_model=None)
     async def remove_worker(worker_id: str) -> WorkerView:
-        controller = deployment.controller
-        assert controller is not None
+        assert deployment.controller is not None
         worker = live_worker(worker_id)
-        controller.remove_worker(worker)
+        deployment.controller_of(worker).remove_worker(worker)
         return worker.to_dict()
 
     @app.post(routes.WORKER_DRAIN, dependencies=guarded, status_code=202, response_model=None)
     async def drain_worker(worker_id: str) -> WorkerView:
-        controller = deployment.controller
-        assert controller is not None
+        assert deployment.controller is not None
         worker = live_worker(worker_id)
-        controller.recycle_worker(worker)
+        deployment.controller_of(worker).recycle_worker(worker)
         return worker.to_dict()
 
     @app.patch(routes.AUTOSCALER, dependencies=guarded, response_model=None)
@@ -246,7 +250,13 @@ def create_app(
             raise HTTPException(422, "give min_workers, max_workers or both")
         if not deployment.provisioner.capabilities.bounds_change:
             raise HTTPException(409, deployment.provisioner.capabilities.why_fixed_bounds)
-        policy = deployment.policy
+        if body.group is not None:
+            found = deployment.groups.named_group(body.group)
+            if found is None:
+                known = ", ".join(v["name"] for v in deployment.groups.views()) or "none"
+                raise HTTPException(422, f"group: no group {body.group!r}; groups: {known}")
+            controller = found
+        policy = controller.policy
         low = policy.min_workers if body.min_workers is None else body.min_workers
         high = policy.max_workers if body.max_workers is None else body.max_workers
         ceiling = deployment.cfg.workers_ceiling

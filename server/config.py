@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from flockctl.server.limits import parse_size
 from flockctl.server.provisioners import sky_task
@@ -61,8 +61,59 @@ class ProbeConfig(_Strict):
         return self
 
 
+#: The autoscaler fields a worker group may set for itself; those it leaves out are the
+#: deployment's.
+GROUP_SCALING = (
+    "min_workers",
+    "max_workers",
+    "autoscaler",
+    "replicas",
+    "target_qps_per_replica",
+    "autoscale_up",
+    "autoscale_down",
+    "queue_tracking_window",
+    "upscale_delay",
+    "downscale_delay",
+)
+
+
+class GroupConfig(_Strict):
+    """One worker group (``flockctl: groups``): what its workers run, and its own autoscaler.
+
+    A group scales on the requests for its model alone, within its own bounds.
+    """
+
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str | None = Field(None, min_length=1, description="model flockctl's engine serves")
+    worker_command: str | None = Field(None, description="any other server's command line")
+    min_workers: int | None = Field(None, ge=0)
+    max_workers: int | None = Field(None, ge=1)
+    autoscaler: Literal["qlrm", "request-rate", "fixed"] | None = None
+    replicas: int | None = Field(None, ge=0)
+    target_qps_per_replica: float | None = Field(None, gt=0)
+    autoscale_up: float | None = Field(None, ge=0)
+    autoscale_down: float | None = Field(None, ge=0)
+    queue_tracking_window: float | None = Field(None, gt=0)
+    upscale_delay: float | None = Field(None, ge=0)
+    downscale_delay: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _runs_one_thing(self) -> GroupConfig:
+        if (self.model is None) == (not self.worker_command):
+            raise ValueError(f"model: give one of model or worker_command for group {self.name!r}")
+        if self.worker_command and not takes_port(self.worker_command):
+            raise ValueError(
+                f"worker_command: group {self.name!r} must contain {{port}}, or read $PORT from"
+                " its environment"
+            )
+        return self
+
+
 class DeploymentConfig(_Strict):
     """Everything the daemon needs to run one deployment."""
+
+    #: For one group's config: the engines all groups may run at once (they share the cores).
+    _engines: int | None = PrivateAttr(None)
 
     name: str = "default"
     host: str = "127.0.0.1"
@@ -150,6 +201,11 @@ class DeploymentConfig(_Strict):
         " metrics to: http://host:4318 (OTLP/HTTP) or grpc://host:4317 (OTLP/gRPC)",
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    groups: list[GroupConfig] = Field(
+        default_factory=list,
+        description="worker groups, each with its model or command and its own autoscaler;"
+        " none: the deployment is one group",
+    )
     task: dict[str, Any] | None = Field(
         None, description="the SkyPilot task each skypilot worker launches (the SPEC's task fields)"
     )
@@ -230,7 +286,9 @@ class DeploymentConfig(_Strict):
                     "base_ondemand_fallback_replicas: on-demand fallback is for the skypilot"
                     " provisioner's spot workers"
                 )
-        if self.provisioner == "local":
+        if self.groups:
+            self._check_groups()
+        if self.provisioner == "local" and not self.groups:
             if not self.worker_command and self.model is None:
                 self.model = DEFAULT_MODEL
             if self.worker_command and not takes_port(self.worker_command):
@@ -273,6 +331,78 @@ class DeploymentConfig(_Strict):
                 " second one worker should take)"
             )
         return self
+
+    def _check_groups(self) -> None:
+        """Groups run local workers, each group its own thing; the deployment runs none itself."""
+        if self.provisioner != "local":
+            raise ValueError(
+                f"groups: worker groups run local workers; the {self.provisioner} provisioner"
+                " cannot launch them"
+            )
+        if self.worker_command or self.model is not None:
+            key = "model" if self.model is not None else "worker_command"
+            raise ValueError(f"{key}: with groups, each group says what its workers run")
+        names = [g.name for g in self.groups]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"groups: two groups named {twice[0]!r}")
+        models = [g.model for g in self.groups if g.model is not None]
+        shared = sorted({m for m in models if models.count(m) > 1})
+        if shared:
+            raise ValueError(f"groups: two groups serve model {shared[0]!r}; give it one group")
+        for index, group in enumerate(self.groups):
+            own = self.group_config(group)
+            if own.min_workers > own.max_workers:
+                raise ValueError(
+                    f"groups.{index}.min_workers: {own.min_workers} is larger than max_workers"
+                    f" ({own.max_workers}) in group {group.name!r}"
+                )
+            if own.autoscale_down > own.autoscale_up:
+                raise ValueError(
+                    f"groups.{index}.autoscale_down: larger than autoscale_up in group"
+                    f" {group.name!r}"
+                )
+            if own.autoscaler == "request-rate" and own.target_qps_per_replica is None:
+                raise ValueError(
+                    f"groups.{index}.target_qps_per_replica: group {group.name!r} uses the"
+                    " request-rate autoscaler, which needs it"
+                )
+        most = self._group_engines()
+        if most > self.workers_ceiling:
+            raise ValueError(
+                f"groups: up to {most} workers in all, above the workers ceiling"
+                f" ({self.workers_ceiling}, workers_ceiling); raise --workers-ceiling"
+            )
+
+    def group_config(self, group: GroupConfig) -> DeploymentConfig:
+        """The config of one group's workers and autoscaler: the deployment's, with what the
+        group sets for itself (not validated again; ``_check_groups`` checks what matters)."""
+        update: dict[str, Any] = {
+            key: getattr(group, key) for key in GROUP_SCALING if getattr(group, key) is not None
+        }
+        if group.replicas is not None and group.autoscaler is None:
+            update["autoscaler"] = "fixed"
+        if update.get("autoscaler", self.autoscaler) == "fixed" and group.replicas is None:
+            update["replicas"] = update.get("min_workers", self.min_workers)
+        update |= {"model": group.model, "worker_command": group.worker_command, "groups": []}
+        if group.worker_command:
+            update |= {"engine_args": [], "draft_models": []}
+        own = self.model_copy(update=update)
+        own._engines = self._group_engines()
+        return own
+
+    def _group_engines(self) -> int:
+        """The most workers all groups together may run at once."""
+        total = 0
+        for group in self.groups:
+            fixed = group.autoscaler == "fixed" or (
+                group.autoscaler is None
+                and (group.replicas is not None or self.autoscaler == "fixed")
+            )
+            replicas = group.replicas if group.replicas is not None else None
+            most = group.max_workers if group.max_workers is not None else self.max_workers
+            total += replicas if fixed and replicas else most
+        return total
 
     def _check_skypilot(self) -> None:
         """What a SkyPilot deployment needs: a task with a ``run:`` and the server's port."""
@@ -339,11 +469,17 @@ class DeploymentConfig(_Strict):
     def threads_per_engine(self) -> int:
         """CPU threads for each local engine: this machine's cores split between as many
         engines as may run at once (``--engine-args '--threads N'`` overrides it)."""
+        if self._engines is not None:  # one group's: every group's engines share the cores
+            return engine_threads(self._engines)
+        if self.groups:
+            return engine_threads(self._group_engines())
         fixed = self.replicas if self.autoscaler == "fixed" else None
         return engine_threads(fixed or self.max_workers)
 
     def initial_target(self) -> int:
-        """How many workers to start with."""
+        """How many workers to start with (with groups: all groups together)."""
+        if self.groups:
+            return sum(self.group_config(g).initial_target() for g in self.groups)
         if self.provisioner == "static":
             return len(self.endpoints)
         if self.autoscaler == "fixed":

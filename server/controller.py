@@ -21,6 +21,12 @@ stays). Fixed URLs cannot be relaunched: such a worker stays out of rotation unt
 Operators steer it through the admin API: add a worker (the target goes up), remove one (the
 target goes down), drain one to recycle it (the target stays, so a fresh worker replaces it), or
 change the min/max bounds (the target is moved into them at once).
+
+A deployment with worker groups (``flockctl: groups``) runs one controller per group, each with
+its own autoscaler policy: it counts, launches, drains and replaces only its own group's workers
+(scale-down never picks another group's), and it scales on its own queue (the requests waiting
+for its model, which the deployment counts for it). Worker ids are drawn from one sequence
+shared by every group.
 """
 
 from __future__ import annotations
@@ -59,6 +65,36 @@ def scale_down_order(live: list[Worker], waiting: bool) -> list[Worker]:
     return sorted(takeable, key=lambda w: (_TAKEN_FIRST[w.state], w.in_flight, -w.created_at))
 
 
+@dataclass(frozen=True)
+class WorkerGroup:
+    """One group of workers a controller keeps: what they run (``command``, a template, and the
+    ``model`` it serves; None for the provisioner's own command) under its ``name``."""
+
+    name: str
+    command: str | None = None
+    model: str | None = None
+
+
+class WorkerIds:
+    """Worker ids ``w1``, ``w2``, ... shared by every controller of a deployment."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    @property
+    def last(self) -> int:
+        """The number of the last id given out (or seen)."""
+        return self._seq
+
+    def next(self) -> str:
+        self._seq += 1
+        return f"w{self._seq}"
+
+    def seen(self, worker_id: str) -> None:
+        """A worker re-adopted with ``worker_id``: never give that id out again."""
+        self._seq = max(self._seq, _seq_of(worker_id))
+
+
 @dataclass
 class DecisionRecord:
     at: float
@@ -83,8 +119,25 @@ class Controller:
         decide_interval: float = 1.0,
         replace_after: float = 180.0,
         clock: Callable[[], float] = time.time,
+        group: WorkerGroup | None = None,
+        ids: WorkerIds | None = None,
+        queue: Callable[[], int] | None = None,
+        arrivals: Callable[[], int] | None = None,
+        adopts: bool = True,
+        group_of: Callable[[Worker], str | None] | None = None,
     ) -> None:
         self.pool = pool
+        #: The group this controller keeps; None: every worker of the pool (no groups).
+        self.group = group
+        self.ids = ids or WorkerIds()
+        #: Requests waiting for this group's workers; None: the pool's whole queue.
+        self._queue = queue
+        #: Requests that arrived for this group so far; None: every request the pool saw.
+        self._arrivals = arrivals
+        #: Whether this controller re-adopts recorded workers and starts the provisioner (one
+        #: controller per deployment does), and which group an adopted worker joins.
+        self.adopts = adopts
+        self.group_of = group_of
         self.provisioner = provisioner
         self.policy = policy
         self.prober = prober
@@ -100,7 +153,6 @@ class Controller:
         self.last_decision = DecisionRecord(time.time(), initial_target, "initial target")
         self.blocked: str | None = None
         self.start_failures = 0
-        self._seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._launches: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -113,12 +165,15 @@ class Controller:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        for worker in self.provisioner.adopt():
-            self._seq = max(self._seq, _seq_of(worker.id))
-            self.pool.add(worker)
-            self.prober.watch(worker)
-            log.info("re-adopted worker %s (pid %s, %s)", worker.id, worker.pid, worker.url)
-        self.provisioner.start()
+        if self.adopts:
+            for worker in self.provisioner.adopt():
+                self.ids.seen(worker.id)
+                if self.group_of is not None:
+                    worker.group = self.group_of(worker)
+                self.pool.add(worker)
+                self.prober.watch(worker)
+                log.info("re-adopted worker %s (pid %s, %s)", worker.id, worker.pid, worker.url)
+            self.provisioner.start()
         self._loop_task = asyncio.create_task(self._run(), name="controller")
 
     async def stop(self, drain: bool = True) -> None:
@@ -131,7 +186,7 @@ class Controller:
         for task in list(self._launches.values()):
             task.cancel()
         await asyncio.gather(*self._launches.values(), return_exceptions=True)
-        workers = [w for w in self.pool if w.live or w.state == S.DRAINING]
+        workers = [w for w in self.pool if self.owns(w) and (w.live or w.state == S.DRAINING)]
         await asyncio.gather(
             *(self._drain_and_terminate(w, drain) for w in workers), return_exceptions=True
         )
@@ -147,21 +202,45 @@ class Controller:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def owns(self, worker: Worker) -> bool:
+        """Whether ``worker`` is one of this controller's: of its group, or of no group for the
+        deployment's own controller (every worker, in a deployment without groups)."""
+        return worker.group == (None if self.group is None else self.group.name)
+
+    def live(self) -> list[Worker]:
+        """This controller's live workers."""
+        return [w for w in self.pool.live() if self.owns(w)]
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for this controller's workers."""
+        return self._queue() if self._queue is not None else self.pool.queued
+
     def observe(self) -> Observation:
-        live = self.pool.live()
+        live = self.live()
+        mine = [w for w in self.pool if self.owns(w)]
+        ready = [w for w in live if w.state == S.READY]
         return Observation(
-            in_flight=self.pool.in_flight,
-            queued=self.pool.queued,
+            in_flight=sum(w.in_flight for w in mine),
+            queued=self.queued,
             live=len(live),
-            ready=len(self.pool.ready()),
+            ready=len(ready),
             target=self.target,
-            arrived=self.pool.arrived,
-            worker_capacity=self.pool.capacity,
+            arrived=self._arrivals() if self._arrivals is not None else self.pool.arrived,
+            worker_capacity=self._capacity(ready),
         )
+
+    def _capacity(self, ready: list[Worker]) -> int:
+        """Requests one worker takes, for the demand floor: the flag, else the least any READY
+        worker reports; 0 when unknown (then any request needs one worker)."""
+        if self.pool.capacity is not None:
+            return self.pool.capacity
+        known = [w.reported_capacity for w in ready if w.reported_capacity is not None]
+        return min(known) if known else 0
 
     def step(self, now: float) -> None:
         """Check resources, maybe decide, then reconcile the workers with the target."""
-        for worker in self.pool.live():
+        for worker in self.live():
             if worker.state in (S.PENDING, S.PROVISIONING):
                 continue
             health = self.provisioner.health(worker)
@@ -189,7 +268,7 @@ class Controller:
         cannot be relaunched, out of rotation (NOT_READY already is) until a probe passes."""
         if self._stopping:
             return
-        for worker in self.pool.live():
+        for worker in self.live():
             since = worker.not_ready_since
             if worker.state != S.NOT_READY or since is None or now - since < self.replace_after:
                 continue
@@ -211,7 +290,7 @@ class Controller:
         self.drain(worker)
         if self.blocked is not None:
             worker.reason = f"{said}: drained; not replaced while launching is stopped"
-        elif len(self.pool.live()) >= self.target:
+        elif len(self.live()) >= self.target:
             worker.reason = f"{said}: drained; the target needs no replacement"
         else:
             model = worker.model if worker.command is not None else None
@@ -222,7 +301,7 @@ class Controller:
     def reconcile(self) -> None:
         if self._stopping:
             return
-        live = self.pool.live()
+        live = self.live()
         for worker in live:
             worker.held = None
         plan = self.provisioner.spot_plan
@@ -242,7 +321,7 @@ class Controller:
         count, needs = self._held
         if not count:
             return
-        free = [w for w in self.pool.live() if w.held is None]
+        free = [w for w in self.live() if w.held is None]
         for worker in scale_down_order(free, waiting=False)[:count]:
             worker.held = f"kept: {needs}"
 
@@ -251,7 +330,7 @@ class Controller:
         plan = self.provisioner.spot_plan
         if plan is None:
             return 0, self.target
-        ready_spot = sum(1 for w in self.pool.live() if w.spot and w.state == S.READY)
+        ready_spot = sum(1 for w in self.live() if w.spot and w.state == S.READY)
         return plan.split(self.target, ready_spot)
 
     def _reconcile(self, live: list[Worker], want: int, spot: bool | None) -> None:
@@ -264,7 +343,7 @@ class Controller:
             for _ in range(max(missing, 0)):
                 self.launch(spot=spot)
         elif missing < 0:
-            waiting = self.pool.queued > 0
+            waiting = self.queued > 0
             taken = scale_down_order(live, waiting)[:-missing]
             spared = [w for w in scale_down_order(live, False)[:-missing] if w not in taken]
             for worker in taken:
@@ -280,20 +359,29 @@ class Controller:
     # -- actions -------------------------------------------------------------------------------
 
     def next_id(self) -> str:
-        self._seq += 1
-        return f"w{self._seq}"
+        return self.ids.next()
+
+    @property
+    def _seq(self) -> int:
+        """The number of the last worker id given out, by any group."""
+        return self.ids.last
 
     def launch(
         self, command: str | None = None, model: str | None = None, spot: bool | None = None
     ) -> Worker:
         """Start one worker; ``command`` replaces the provisioner's command for it alone, and
-        ``spot`` asks for spot (True) or on-demand (False) machines where that applies."""
+        ``spot`` asks for spot (True) or on-demand (False) machines where that applies. A
+        group's worker runs the group's command unless told otherwise."""
+        group = self.group
+        if group is not None and command is None:
+            command, model = group.command, group.model
         worker = Worker(
             id=self.next_id(),
             provisioner=self.provisioner.name,
             command=command,
             model=model,
             spot=spot,
+            group=None if group is None else group.name,
         )
         self.pool.add(worker)
         self._launches[worker.id] = asyncio.create_task(
@@ -339,7 +427,7 @@ class Controller:
         """
         self.blocked = None
         self.start_failures = 0
-        live = self.pool.live()
+        live = self.live()
         spot: bool | None = None
         if self.provisioner.spot_plan is None:
             self.target = len(live) + 1
@@ -357,7 +445,7 @@ class Controller:
 
     def remove_worker(self, worker: Worker) -> None:
         """An operator removed a worker: lower the target (not below min) and drain it."""
-        self.target = max(self.policy.min_workers, len(self.pool.live()) - 1)
+        self.target = max(self.policy.min_workers, len(self.live()) - 1)
         self.policy.operator_target(self.target)
         self._held = (0, "")
         self.last_decision = DecisionRecord(
@@ -377,9 +465,10 @@ class Controller:
         self.drain(worker)
         if (
             worker.command is not None
+            and (self.group is None or worker.command != self.group.command)
             and self.blocked is None
             and not self._stopping
-            and len(self.pool.live()) < self.target
+            and len(self.live()) < self.target
         ):
             self.launch(worker.command, worker.model)
 
@@ -428,6 +517,8 @@ class Controller:
     # -- crash-loop guard ----------------------------------------------------------------------
 
     def _on_transition(self, worker: Worker, old: WorkerState) -> None:
+        if not self.owns(worker):
+            return
         ended = worker.state in (S.FAILED, S.PREEMPTED)
         if ended and old not in (S.PENDING, S.PROVISIONING):
             # Whatever ended it (exit, probe, timeout, preemption), what is left of it must go.

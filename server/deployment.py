@@ -24,15 +24,16 @@ from flockctl.server.autoscaler import (
     SpotPlan,
 )
 from flockctl.server.config import DeploymentConfig
-from flockctl.server.controller import Controller
+from flockctl.server.controller import Controller, WorkerGroup
 from flockctl.server.engine_stats import StatsPuller
+from flockctl.server.groups import Groups
 from flockctl.server.limits import describe as describe_limits
 from flockctl.server.metrics import GaugeState, Metrics
 from flockctl.server.policies import PolicySettings, make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
-from flockctl.server.workers import WorkerState
+from flockctl.server.workers import Worker, WorkerState
 
 SCHEMA = SNAPSHOT_SCHEMA_VERSION
 
@@ -67,10 +68,12 @@ def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
         return StaticProvisioner(cfg.endpoints)
     if cfg.provisioner == "skypilot":
         return make_skypilot(cfg, state_dir)
-    command = cfg.local_command()
+    # With groups every worker runs its group's command; the first group's is the default.
+    own = cfg.group_config(cfg.groups[0]) if cfg.groups else cfg
+    command = own.local_command()
     assert command is not None
     cwd = Path(cfg.workdir) if cfg.workdir else None
-    return LocalProvisioner(command, state_dir, cwd=cwd, model=cfg.model)
+    return LocalProvisioner(command, state_dir, cwd=cwd, model=own.model)
 
 
 def make_spot_plan(cfg: DeploymentConfig) -> SpotPlan | None:
@@ -111,11 +114,14 @@ class Deployment:
         routing = PolicySettings(cfg.prefix_min_match, cfg.prefix_balance, cfg.prefix_tree_chars)
         self.pool = WorkerPool(make_policy(cfg.policy, routing), cfg.worker_capacity, cfg.max_queue)
         self.provisioner = make_provisioner(cfg, state_dir)
-        self.policy = make_autoscaler(cfg)
+        self.prober: Prober | None = None
+        self.groups = Groups(cfg, self.pool, make_autoscaler, self._make_controller)
+        #: The autoscaler of the deployment (without groups) or of its first group.
+        self.policy = self.groups.primary.policy
         self.metrics = Metrics(self._gauges)
         self._probe_session: httpx.AsyncClient | None = None
-        self.prober: Prober | None = None
         self.stats: StatsPuller | None = None
+        #: The deployment's own controller (of its first group, with groups), once started.
         self.controller: Controller | None = None
         self._sampler: asyncio.Task[None] | None = None
 
@@ -127,19 +133,35 @@ class Deployment:
         self._probe_session = probe_client()
         self.prober = Prober(self.pool, self.cfg.probe, self._probe_session)
         self.stats = StatsPuller(self.pool, self.cfg.probe, self._probe_session)
-        self.controller = Controller(
+        for controller in self.groups:
+            controller.prober = self.prober
+            controller.start()
+        self.controller = self.groups.primary
+        self.stats.start()
+        self._sampler = asyncio.create_task(self._sample())
+
+    def _make_controller(
+        self, group: WorkerGroup | None, own: DeploymentConfig, policy: AutoscalerPolicy, **kw: Any
+    ) -> Controller:
+        """One group's controller (the prober is given at start, when it exists)."""
+        controller = Controller(
             self.pool,
             self.provisioner,
-            self.policy,
-            self.prober,
-            initial_target=self.cfg.initial_target(),
+            policy,
+            self.prober,  # type: ignore[arg-type]
             drain_timeout=self.cfg.drain_timeout,
             max_start_failures=self.cfg.max_start_failures,
             replace_after=self.cfg.replace_after,
+            group=group,
+            **kw,
         )
-        self.controller.start()
-        self.stats.start()
-        self._sampler = asyncio.create_task(self._sample())
+        if self.prober is not None:  # a group made at run time starts at once
+            controller.start()
+        return controller
+
+    def controller_of(self, worker: Worker) -> Controller:
+        """The controller keeping ``worker`` (of its group)."""
+        return self.groups.of_worker(worker)
 
     async def _sample(self) -> None:
         while True:
@@ -150,7 +172,7 @@ class Deployment:
         if self._sampler is not None:
             self._sampler.cancel()
         if self.controller is not None:
-            await self.controller.stop()
+            await asyncio.gather(*(c.stop() for c in self.groups))
         if self.prober is not None:
             await self.prober.close()
         if self.stats is not None:
@@ -172,7 +194,7 @@ class Deployment:
             "queued": self.pool.queued,
             "workers": counts,
             "qlrm": self.policy.qlrm,
-            "target": self.controller.target if self.controller else 0,
+            "target": sum(c.target for c in self.groups) if self.controller else 0,
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -198,6 +220,7 @@ class Deployment:
                 "probe": cfg.probe.model_dump(),
             },
             "autoscaler": self.controller.to_dict() if self.controller else None,
+            "groups": self.groups.views() if self.controller else [],
             "workers": workers,
             "requests": {
                 "total": m.total,
@@ -282,4 +305,20 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
             "dynamic_ondemand_fallback": cfg.dynamic_ondemand_fallback,
             "launch_attempts": cfg.launch_attempts,
         }
+    if cfg.groups:
+        out["groups"] = []
+        for group in cfg.groups:
+            own = cfg.group_config(group)
+            scaler = make_autoscaler(own)
+            out["groups"].append(
+                {
+                    "name": group.name,
+                    "model": group.model,
+                    "command": own.local_command(),
+                    "initial": own.initial_target(),
+                    "min": scaler.min_workers,
+                    "max": scaler.max_workers,
+                    "autoscaler": scaler.name,
+                }
+            )
     return out

@@ -62,6 +62,9 @@ class WorkerPool:
         self._models: tuple[str, ...] = ()
         #: Requests that reached the balancer so far (the request-rate autoscaler's input).
         self.arrived = 0
+        #: Requests that asked for a slot so far, by the model they are routed by (None: none),
+        #: so each worker group's request-rate autoscaler counts its own.
+        self.arrived_by_model: dict[str | None, int] = {}
         self._listeners.append(policy.worker_changed)
 
     # -- membership and state ------------------------------------------------------------------
@@ -186,6 +189,8 @@ class WorkerPool:
     ) -> Worker:
         """Wait (FIFO per model, bounded) for a slot; raises QueueFull or NoWorker."""
         model = self.model_of(meta)
+        if not tried:  # a request's first attempt (a retry has tried a worker already)
+            self.arrived_by_model[model] = self.arrived_by_model.get(model, 0) + 1
         if not self._queued or (
             model is not None and not self._waiters.get(model) and not self._waiters.get(None)
         ):

@@ -119,9 +119,11 @@ def _describe(err: Any, origin: dict[str, str]) -> str:
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     if not loc:
         # A check across fields names the field it is about first; say where that came from.
+        # It may name a part of a field (``groups.1.min_workers``): say where the field came from.
         field, sep, rest = msg.partition(": ")
-        if sep and field in origin and not origin[field].startswith("--"):
-            return f"{origin[field]}: {rest}"
+        head, dot, tail = field.partition(".")
+        if sep and head in origin and not origin[head].startswith("--"):
+            return f"{origin[head]}{dot}{tail}: {rest}"
         return msg
     head = loc[0]
     where = origin.get(head, head)
@@ -133,4 +135,9 @@ def _describe(err: Any, origin: dict[str, str]) -> str:
         label = ".".join(loc)
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
+    elif head == "groups" and len(loc) == 2:
+        # A group's own check names its field first: ``groups.0.model: give model or ...``.
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier():
+            label, msg = f"{label}.{field}", rest
     return f"{label}: {msg}"

@@ -168,8 +168,11 @@ async def test_adding_a_worker_with_a_model_runs_the_engine_serving_that_model(
     status, body = await call(http, "POST", d, "/-/workers", json={"model": other})
     assert status == 201
     assert body["id"] == "w1" and body["model"] == other
-    assert d.deployment.controller.target == 1
     w1 = d.deployment.pool.get("w1")
+    # It joins a group of its model, whose autoscaler alone scales it; the deployment's own
+    # target stays.
+    assert w1.group == "other-model" and d.deployment.controller_of(w1).target == 1
+    assert d.deployment.controller.target == 0
     await until(lambda: w1.pid is not None, "the worker's process")
     status, body = await call(http, "GET", d, "/-/workers/w1")
     command = body["command"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
-from conftest import until
+from cli_driver import flockctl, ready_ids
+from conftest import fake_worker_command, free_port, until, until_sync
 from fake_worker import build_app
 
 from flockctl.server.policies import make_policy
@@ -151,3 +153,46 @@ async def test_the_balancer_routes_by_model_lists_the_union_and_refuses_an_unkno
         alpha.url: ["alpha"],
         beta.url: ["beta"],
     }
+
+
+@pytest.mark.e2e
+def test_a_real_daemon_routes_two_groups_by_model(tmp_path, flockctl_home):
+    groups = "".join(
+        f"    - name: {name}\n"
+        f"      worker_command: '{fake_worker_command('--model', model)}'\n"
+        "      min_workers: 1\n"
+        "      max_workers: 1\n"
+        for name, model in (("small", "alpha"), ("large", "beta"))
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"flockctl:\n  groups:\n{groups}")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = flockctl("up", str(spec), "--port", str(port), "--probe-interval", "0.2")
+    try:
+        assert started.code == 0, started.err
+        until_sync(lambda: len(ready_ids()) == 2, "both groups' workers READY")
+        snap = flockctl("status", "--json").json()
+        group_of = {w["id"]: w["group"] for w in snap["workers"]}
+        assert {w["group"]: w["models"] for w in snap["workers"]} == {
+            "small": ["alpha"],
+            "large": ["beta"],
+        }
+        assert [(g["name"], g["target"], g["ready"]) for g in snap["groups"]] == [
+            ("small", 1, 1),
+            ("large", 1, 1),
+        ]
+        with httpx.Client(timeout=10) as client:
+            for model, group in [("beta", "large")] * 3 + [("alpha", "small")] * 3:
+                resp = client.post(f"{url}{CHAT}", json={"model": model, "max_tokens": 2})
+                assert resp.status_code == 200 and resp.json()["model"] == model
+                assert group_of[resp.headers["x-worker-id"]] == group
+            listed = client.get(f"{url}/v1/models").json()
+            assert [m["id"] for m in listed["data"]] == ["alpha", "beta"]
+            resp = client.post(f"{url}{CHAT}", json={"model": "gamma"})
+            assert resp.status_code == 404
+            assert "served models: alpha, beta" in resp.json()["error"]["message"]
+        shown = flockctl("status").out
+        assert "group small" in shown and "group large" in shown
+    finally:
+        flockctl("down", "--timeout", "20")

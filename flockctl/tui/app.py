@@ -104,6 +104,7 @@ class Dashboard(App[None]):
     ConnectionLine.paused { background: $warning; color: $text; }
     WorkersTable { height: 1fr; min-height: 3; }
     #scaling { height: 5; }
+    #scaling.grouped { height: auto; min-height: 5; max-height: 14; }
     #qlrm { width: 30%; min-width: 20; }
     AutoscalerPanel { width: 1fr; padding: 0 1; }
     JobsTable { height: 1fr; min-height: 3; }

@@ -128,6 +128,8 @@ class OverviewScreen(LiveScreen):
         self.query_one(WorkersTable).show(snap)
         self.query_one(JobsTable).show(snap)
         self.query_one(AutoscalerPanel).show(snap)
+        # Worker groups add a line each under the autoscaler: the panel grows to hold them.
+        self.query_one("#scaling").set_class(bool(snap.get("groups")), "grouped")
         autoscaler = snap["autoscaler"]
         history = autoscaler["qlrm_history"] if autoscaler else []
         self.query_one(Sparkline).data = [float(v) for _t, v in history] or [0.0]

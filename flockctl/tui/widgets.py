@@ -17,7 +17,7 @@ from textual.strip import Strip
 from textual.widgets import Static
 
 from flockctl.render import ago, engine_jobs, job_cells, natural_key, scaling_input, state_text
-from flockctl.schema import StatusSnapshot
+from flockctl.schema import GroupView, StatusSnapshot
 from flockctl.tui.cells import cell_text, memory_cell, memory_place, ms_text, preemptions
 
 #: What a table cell holds: plain text, or styled text (a state glyph and word, a bar).
@@ -276,8 +276,9 @@ class WorkersTable(LiveTable):
         place = max((len(memory_place(mem)) for mem in memory), default=0)
         rows = {}
         for w, mem in zip(workers, memory, strict=True):
+            group = w.get("group")
             rows[str(w["id"])] = [
-                str(w["id"]),
+                f"{w['id']} · {group}" if group else str(w["id"]),
                 state_text(w["state"]),
                 cell_text(w.get("provisioner")),
                 cell_text(w.get("url")),
@@ -343,5 +344,19 @@ class AutoscalerPanel(Static):
                 f"  (bounds {a['min_workers']}-{a['max_workers']})\n",
                 f"last decision: {reason or '-'}",
                 (f"\n⚠ {a['launch_blocked']}", "bold") if a["launch_blocked"] else "",
+                *(group_text(g) for g in snap.get("groups") or []),
             )
         )
+
+
+def group_text(group: GroupView) -> Text:
+    """A worker group's line under the autoscaler: its own target, bounds, workers and queue."""
+    runs = group["model"] or ", ".join(group["models"]) or "worker command"
+    return Text.assemble(
+        "\n",
+        ("group ", "bold"),
+        (group["name"], "bold"),
+        f" ({runs}): {group['policy']} target {group['target']} / ready {group['ready']}",
+        f"  (bounds {group['min_workers']}-{group['max_workers']})  queued {group['queued']}",
+        f"  {group['launch_blocked'] or group['last_decision']['reason']}",
+    )
