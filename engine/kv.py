@@ -47,12 +47,22 @@ def num_layers(config: Any) -> int:
     raise EngineLoadError("cannot tell how many layers this model has")
 
 
+def _size(config: Any, *names: str) -> int | None:
+    """The first of ``names`` a model config sets (to a non-zero int): architectures name these
+    sizes differently, and some set one to None."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value:
+            return value
+    return None
+
+
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """Device bytes one cached token costs this model: keys and values in every layer."""
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 64)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    heads = _size(config, "num_attention_heads", "n_head") or 1
+    kv_heads = _size(config, "num_key_value_heads") or heads
+    hidden = _size(config, "hidden_size", "n_embd") or 64
+    head_dim = _size(config, "head_dim") or hidden // heads
     itemsize = torch.tensor([], dtype=dtype).element_size()
     return 2 * num_layers(config) * kv_heads * head_dim * itemsize
 
@@ -334,8 +344,9 @@ class KVPool:
         owned = [SCRATCH, *(b for table in self.tables.values() for b in table)]
         index = self._positions(owned, len(owned) * self.block_size)
         for pools in (self.keys, self.values):
-            pools[layer] = torch.empty(shape, dtype=self.dtype, device=self.device)
-            pools[layer].index_fill_(0, index, 0)
+            pool = torch.empty(shape, dtype=self.dtype, device=self.device)
+            pool.index_fill_(0, index, 0)
+            pools[layer] = pool
         self._fresh = []  # all owned now: zeroed here, and in later layers when they appear
 
     def _zero_fresh(self) -> None:

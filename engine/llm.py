@@ -99,11 +99,9 @@ class LLM:
         threads: int | None = None,
     ):
         self.model = model
-        self._base = {
-            "device": device or RUNTIME.get("device", "auto"),
-            "dtype": dtype,
-            "threads": threads if threads is not None else RUNTIME.get("threads"),
-        }
+        self._device: str = device or RUNTIME.get("device", "auto")
+        self._dtype = dtype
+        self._threads: int | None = threads if threads is not None else RUNTIME.get("threads")
         self.generation_config = GenerationConfig()
         self._config: EngineConfig | None = None
         self.engine: Engine | None = None
@@ -154,7 +152,9 @@ class LLM:
             spec=spec if ssms else "off",
             scheduler=scheduler,
             kv_budget=kv_budget,
-            **self._base,
+            device=self._device,
+            dtype=self._dtype,
+            threads=self._threads,
         )
 
     def start_server(self) -> None:
@@ -164,7 +164,14 @@ class LLM:
         if self._config is None:
             self.compile()
         assert self._config is not None
-        self.engine = load_engine(self._config, progress=False)
+        engine = load_engine(self._config, progress=False)
+        if not isinstance(engine, Engine):
+            engine.close()
+            raise ValueError(
+                f"{self.model} is an embedding model: LLM generates text; serve it with"
+                " `flockctl engine serve` for /v1/embeddings"
+            )
+        self.engine = engine
 
     def stop_server(self) -> None:
         if self.engine is not None:
@@ -178,8 +185,9 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.stop_server()
 
+    # a str is also a Sequence[str]; this overload, listed first, is the one that applies to it
     @overload
-    def generate(
+    def generate(  # type: ignore[overload-overlap]
         self,
         prompts: str,
         max_new_tokens: int | None = None,

@@ -7,7 +7,7 @@ import runpy
 from pathlib import Path
 
 import pytest
-from tinymodel import greedy_continuations
+from tinymodel import build_tiny_bert, greedy_continuations
 from transformers import AutoTokenizer
 
 import flockctl.engine as engine_pkg
@@ -142,9 +142,9 @@ def test_flexflows_init_takes_what_applies_and_refuses_what_cannot_be_done(
     ff_init = llm_module.init
     ff_init(num_gpus=0, memory_per_gpu=1000, zero_copy_memory_per_node=1000, num_cpus=1)
     llm = LLM(str(tiny))
-    assert llm._base["device"] == "cpu" and llm._base["threads"] == 1
+    assert llm._device == "cpu" and llm._threads == 1
     ff_init({"num_gpus": 1, "memory_per_gpu": 1000, "zero_copy_memory_per_node": 1000})
-    assert LLM(str(tiny))._base["device"] == "auto"
+    assert LLM(str(tiny))._device == "auto"
     for bad, match in (
         ({"use_4bit_quantization": True}, "use_4bit_quantization"),
         ({"offload": True}, "offload"),
@@ -157,3 +157,12 @@ def test_flexflows_init_takes_what_applies_and_refuses_what_cannot_be_done(
         ff_init({"num_gpus": 1}, num_cpus=2)
     with pytest.raises(ValueError, match="tensor_parallelism_degree"):
         ff_init(tensor_parallelism_degree=0)
+
+
+def test_an_embedding_model_is_refused_at_start_naming_what_to_use(
+    tiny: Path, tmp_path: Path
+) -> None:
+    llm = LLM(str(build_tiny_bert(tiny, tmp_path / "bert")), device="cpu")
+    with pytest.raises(ValueError, match=r"embedding model: .*flockctl engine serve"):
+        llm.start_server()
+    assert llm.engine is None

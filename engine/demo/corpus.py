@@ -117,6 +117,7 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast
 def encode(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> torch.Tensor:
     """All documents as one token stream, each preceded by ``<|endoftext|>``."""
     eot = tokenizer.convert_tokens_to_ids(EOT)
+    assert isinstance(eot, int)  # one token asked, so one id back
     ids: list[int] = []
     for encoding in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False):
         ids.append(eot)

@@ -42,6 +42,8 @@ class MuonAdamW:
     def step(self, lr_scale: float, beta: float = 0.95) -> None:
         with torch.no_grad():
             for p, buf in zip(self.matrices, self.momentum, strict=True):
+                if p.grad is None:  # not used by the last forward, as torch's optimizers skip it
+                    continue
                 buf.mul_(beta).add_(p.grad)
                 update = orthogonalise(p.grad.add(buf, alpha=beta))  # Nesterov momentum
                 shape_scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
