@@ -11,6 +11,9 @@ flockctl's engine's ``/stats``: the file's JSON, read on every request (503 whil
 missing); without it ``/stats`` is 404, as on any server that is not the engine.
 ``--start-delay S`` waits that long before listening, like a server loading a model.
 ``--model NAME`` is the model its ``/v1/models`` lists and its answers name (default ``fake``).
+``--service-model FILE`` times answers by a ``flockctl simulate`` service model (the simulator's
+own worker model, on this server's loop): a request's ``max_tokens`` output tokens after a
+``fake_prompt_tokens`` prompt (default 1), batched as the model says.
 """
 
 from __future__ import annotations
@@ -32,8 +35,20 @@ def build_app(
     unhealthy: Path | None,
     engine_stats: Path | None = None,
     model: str = "fake",
+    service: Path | None = None,
 ) -> web.Application:
     headers = {"x-worker-id": worker_id}
+    timed: list = []  # the service model's engine, made on the serving loop
+
+    async def served(prompt_tokens: int, n: int) -> object:
+        if not timed:
+            from flockctl.server.simulate.service import EngineModel, load_service_model
+
+            assert service is not None
+            timed.append(EngineModel(load_service_model(service), asyncio.get_running_loop()))
+        job = timed[0].submit(prompt_tokens, n)
+        await job.first
+        return job
 
     async def health(_req: web.Request) -> web.Response:
         if unhealthy is not None and unhealthy.exists():
@@ -69,7 +84,12 @@ def build_app(
         delay = float(body.get("fake_token_delay", token_delay))
         created = int(body.get("fake_created", time.time()))
         kind = "chat.completion" if chat else "text_completion"
+        job = await served(int(body.get("fake_prompt_tokens", 1)), n) if service else None
+        if job is not None:
+            delay = 0.0
         if not body.get("stream"):
+            if job is not None:
+                await job.done
             if delay:
                 await asyncio.sleep(delay * n)
             text = " ".join(f"t{i}" for i in range(n))
@@ -101,6 +121,8 @@ def build_app(
         for i in range(n):
             if delay:
                 await asyncio.sleep(delay)
+            if job is not None and i == 1:
+                await job.done  # the first token came with the prefill, the rest by the end
             piece = f"t{i} "
             choice = (
                 {"index": 0, "delta": {"content": piece}, "finish_reason": None}
@@ -142,6 +164,7 @@ def main() -> None:
     parser.add_argument("--engine-stats", type=Path)
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--model", default="fake")
+    parser.add_argument("--service-model", type=Path)
     args = parser.parse_args()
     time.sleep(args.start_delay)
     try:
@@ -151,7 +174,13 @@ def main() -> None:
     except ImportError:
         loop = asyncio.new_event_loop()
     app = build_app(
-        args.id, args.tokens, args.token_delay, args.unhealthy_file, args.engine_stats, args.model
+        args.id,
+        args.tokens,
+        args.token_delay,
+        args.unhealthy_file,
+        args.engine_stats,
+        args.model,
+        args.service_model,
     )
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
 
