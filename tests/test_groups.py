@@ -310,3 +310,47 @@ async def test_each_group_counts_the_requests_that_arrived_for_it(grouped):
     assert (groups.arrived("small"), groups.arrived("tools")) == (3, 1)
     small, tools = groups.controllers
     assert (small.observe().arrived, tools.observe().arrived) == (3, 1)
+
+
+async def test_the_dashboard_shows_each_workers_group_and_a_line_per_group():
+    from dashboard_data import SIZE, snapshot
+    from textual.app import App, ComposeResult
+
+    from flockctl.tui.widgets import AutoscalerPanel, WorkersTable
+
+    class Overview(App[None]):
+        def compose(self) -> ComposeResult:
+            yield WorkersTable(id="workers")
+            yield AutoscalerPanel("")
+
+    snap = snapshot()
+    snap["workers"][0]["group"] = "chat"
+    decision = {"at": 2.0, "target": 1, "reason": "qlrm 0.00 within [4, 7]: holding 1"}
+    snap["groups"] = [
+        {
+            "name": "chat",
+            "model": "alpha",
+            "models": ["alpha"],
+            "policy": "qlrm",
+            "target": 1,
+            "min_workers": 1,
+            "max_workers": 3,
+            "queued": 2,
+            "in_flight": 1,
+            "live": 1,
+            "ready": 1,
+            "last_decision": decision,
+            "launch_blocked": None,
+        }
+    ]
+    app = Overview()
+    async with app.run_test(size=SIZE) as pilot:
+        workers, panel = app.query_one(WorkersTable), app.query_one(AutoscalerPanel)
+        workers.show(snap)
+        panel.show(snap)
+        await pilot.pause()
+        assert workers.cell("w10", "WORKER") == "w10 · chat"
+        assert workers.cell("w2", "WORKER") == "w2"  # a worker of no group shows as before
+        text = str(panel.render())
+        assert "group chat (alpha): qlrm target 1 / ready 1  (bounds 1-3)  queued 2" in text
+        assert "holding 1" in text.splitlines()[-1]
