@@ -210,6 +210,7 @@ class Prober:
         finally:
             self._pokes.pop(worker.id, None)
             self._tasks.pop(worker.id, None)
+            self._listed.discard(worker.id)
 
     def _apply(self, worker: Worker, ok: bool, detail: str) -> None:
         cfg = self.config
