@@ -359,6 +359,7 @@ def _bridge_exporter(exporter: Any, registry: PrometheusRegistry | None) -> Any:
     """``exporter`` sending ``registry``'s metrics (read at export time) with the SDK's own."""
     if registry is None:
         return exporter
+    source = registry  # not None: what the exporter class below reads
     from opentelemetry.sdk.metrics.export import MetricExporter, MetricsData, ResourceMetrics
     from opentelemetry.sdk.metrics.export import ScopeMetrics as SDKScopeMetrics
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -375,7 +376,7 @@ def _bridge_exporter(exporter: Any, registry: PrometheusRegistry | None) -> Any:
 
         def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> Any:
             try:
-                bridged = prometheus_to_otlp(registry, started, time.time_ns())
+                bridged = prometheus_to_otlp(source, started, time.time_ns())
             except Exception:
                 log.warning("reading the Prometheus registry for OTLP failed", exc_info=True)
                 bridged = []

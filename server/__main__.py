@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,7 @@ def run(cfg: DeploymentConfig, directory: Path) -> int:
             return ExitCode.ADDRESS_IN_USE
         print(f"flockctl: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
         return ExitCode.ERROR
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 

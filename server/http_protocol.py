@@ -353,5 +353,9 @@ def protocol_class(
     return type(
         "FrontDoorProtocol",
         (FrontDoorProtocol,),
-        {"front_door": front_door, "refusals": Refusals(), "on_refused": staticmethod(on_refused)},
+        {
+            "front_door": front_door,
+            "refusals": Refusals(),
+            "on_refused": None if on_refused is None else staticmethod(on_refused),
+        },
     )
