@@ -1,7 +1,7 @@
 """Balancer overhead: the same requests sent straight to two fake workers and through the daemon.
 
     python bench/balancer.py [--duration 8] [--requests N] [--warmup 0.5] [--quick]
-                             [--policies least-connection,prefix]
+                             [--policies least-connection,prefix] [--tracing]
 
 The script is the load generator (one aiohttp ClientSession, pooled keep-alive connections) and
 runs in a process of its own. It starts two fake OpenAI-compatible workers and a foreground
@@ -31,6 +31,13 @@ cases), each request one of 32 chat conversations with a 2 KB system prompt and 
 turns, so ``prefix`` parses every body and walks and extends its tree as it would for chat
 traffic. It reports each policy's balancer CPU per request and its ratio to the first policy's
 (target for ``prefix``: at most 2x least-connection's).
+
+``--tracing`` measures what OpenTelemetry costs the balancer: two daemons over the same workers,
+one without a collector and one with ``--otel-collector-endpoint`` pointing at a receiver in
+this process that accepts every export and drops it, sampling 10% of the traces
+(``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.1``). Each case
+runs on both in turn, twice (off, on, on, off), and the report gives each one's balancer CPU per
+request and the difference (target: at most +0.05 ms per request).
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ TARGET_CPU_MS = 0.5
 TARGET_ADDED_P50_MS = 1.0
 TARGET_TTFB_P99_MS = 5.0
 TARGET_POLICY_CPU_RATIO = 2.0
+TARGET_TRACING_ADDED_CPU_MS = 0.05
+TRACING_SAMPLE_RATIO = "0.1"
 POLICY_CONCURRENCY = (16, 64)
 CONVERSATIONS = 32
 
@@ -255,10 +264,11 @@ def summarize(case: Case, target: str, result: Result) -> dict[str, Any]:
 
 
 def start_processes(
-    procs: Processes, home: Path, policies: list[str] | None = None
+    procs: Processes, home: Path, policies: list[str] | None = None, otel: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
     """Two fake workers and a daemon balancing over them per policy (``daemon-POLICY``; one
-    ``daemon`` when no policy is named); returns the workers' and each daemon's base URLs."""
+    ``daemon`` when no policy is named; with ``otel``, ``daemon-off`` and ``daemon-otel``
+    sending to that collector); returns the workers' and each daemon's base URLs."""
     upstreams = []
     for i in (1, 2):
         port = free_port()
@@ -266,7 +276,8 @@ def start_processes(
         procs.start(f"worker{i}", [*argv, "--id", f"w{i}", "--tokens", str(TOKENS)])
         upstreams.append(f"http://{HOST}:{port}")
     daemons: dict[str, str] = {}
-    for policy in policies or [None]:
+    named: list[str | None] = list(policies or [None]) if otel is None else ["off", "otel"]
+    for policy in named:
         port = free_port()
         name = "daemon" if policy is None else f"daemon-{policy}"
         argv = [sys.executable, "-m", "flockctl", "up", "--foreground", "--name", name]
@@ -274,9 +285,14 @@ def start_processes(
         for url in upstreams:
             argv += ["--endpoint", url]
         argv += ["--worker-capacity", "1000", "--max-queue", "10000", "--probe-interval", "1"]
-        if policy is not None:
-            argv += ["--policy", policy]
         env = {**os.environ, "FLOCKCTL_HOME": str(home)}
+        if otel is not None:
+            if policy == "otel":
+                argv += ["--otel-collector-endpoint", otel]
+                env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+                env["OTEL_TRACES_SAMPLER_ARG"] = TRACING_SAMPLE_RATIO
+        elif policy is not None:
+            argv += ["--policy", policy]
         env.pop("FLOCKCTL_NAME", None)
         procs.start(name, argv, env)
         daemons[name] = f"http://{HOST}:{port}"
@@ -289,7 +305,9 @@ async def bench(args: argparse.Namespace, procs: Processes, home: Path) -> dict[
     if task is not None:
         with contextlib.suppress(NotImplementedError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    upstreams, daemons = start_processes(procs, home, args.policies)
+    collector = await start_collector() if args.tracing else None
+    otel = f"http://{HOST}:{collector[1]}" if collector else None
+    upstreams, daemons = start_processes(procs, home, args.policies, otel)
     workers = [psutil.Process(p.pid) for name, p in procs.procs if name.startswith("worker")]
     pids = {name: psutil.Process(p.pid) for name, p in procs.procs if name.startswith("daemon")}
     balancer, daemon = daemons.get("daemon", ""), pids.get("daemon")
@@ -314,6 +332,11 @@ async def bench(args: argparse.Namespace, procs: Processes, home: Path) -> dict[
             await wait_until(lambda url=url: daemon_ready(url), name, 60, procs)
         if args.policies:
             return await bench_policies(args, procs, session, daemons, pids, workers)
+        if collector is not None:
+            try:
+                return await bench_tracing(args, procs, session, daemons, pids, collector[2])
+            finally:
+                await collector[0].cleanup()
         assert daemon is not None
         say(f"workers {', '.join(upstreams)}; daemon {balancer} (pid {daemon.pid})")
 
@@ -374,6 +397,72 @@ async def bench_policies(
             cpu = results[f"{policy}/{case.name}"]["balancer_cpu_ms_per_req"]
             ratios[f"{policy}/{case.name}"] = round(cpu / base, 3) if base else None
     return {"cases": results, "cpu_ratio_to_" + args.policies[0]: ratios}
+
+
+async def start_collector() -> tuple[Any, int, dict[str, int]]:
+    """An OTLP/HTTP receiver that accepts every export and drops it (counting the exports)."""
+    from aiohttp import web
+
+    counts = {"traces": 0, "metrics": 0}
+
+    async def accept(request: web.Request) -> web.Response:
+        await request.read()
+        counts[request.path.rsplit("/", 1)[-1]] += 1
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/v1/traces", accept)
+    app.router.add_post("/v1/metrics", accept)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, HOST, port).start()
+    return runner, port, counts
+
+
+async def bench_tracing(
+    args: argparse.Namespace,
+    procs: Processes,
+    session: aiohttp.ClientSession,
+    daemons: dict[str, str],
+    pids: dict[str, psutil.Process],
+    exports: dict[str, int],
+) -> dict[str, Any]:
+    """The same traffic through a daemon without a collector and one with it, side by side."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    added: dict[str, float] = {}
+    for case in (Case(False, 16), Case(True, 64)):
+        for mode in ("off", "otel", "otel", "off"):
+            name = f"daemon-{mode}"
+            result = await run_load(
+                session,
+                [daemons[name] + "/v1/chat/completions"],
+                case,
+                {"balancer": pids[name]},
+                args.warmup,
+                args.duration,
+                args.requests,
+            )
+            procs.check()
+            row = summarize(case, mode, result)
+            results.setdefault(f"{mode}/{case.name}", []).append(row)
+            say(progress_line(f"{mode}/{case.name}", row))
+        mean = {
+            mode: sum(r["balancer_cpu_ms_per_req"] for r in results[f"{mode}/{case.name}"]) / 2
+            for mode in ("off", "otel")
+        }
+        added[case.name] = round(mean["otel"] - mean["off"], 4)
+    worst = max(added.values())
+    return {
+        "sample_ratio": float(TRACING_SAMPLE_RATIO),
+        "cases": results,
+        "added_cpu_ms_per_req": added,
+        "exports_received": dict(exports),
+        "targets": {
+            "added_cpu_ms_per_req": {"value": worst, "max": TARGET_TRACING_ADDED_CPU_MS},
+            "met": worst <= TARGET_TRACING_ADDED_CPU_MS and exports["traces"] > 0,
+        },
+    }
 
 
 def progress_line(name: str, row: dict[str, Any]) -> str:
@@ -455,6 +544,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="compare balancing policies' CPU per request (e.g. least-connection,prefix)",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="compare the balancer's CPU per request with and without an OTLP collector",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 1.0, 0.2
@@ -483,6 +577,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             procs.stop_all()
+    if args.tracing:
+        measured["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        measured["wall_s"] = round(time.monotonic() - started, 1)
+        print(json.dumps(measured, indent=2))
+        return 0
     if args.policies:
         ratios = next(v for k, v in measured.items() if k.startswith("cpu_ratio_to_"))
         worst = max((r for r in ratios.values() if r is not None), default=None)

@@ -15,8 +15,9 @@ all, the live one included.
 Tokens come from the worker's answer, read only from its last bytes (``TAIL_BYTES``), which the
 relay already holds: OpenAI's ``usage`` object ends a non-streamed answer and, with
 ``stream_options.include_usage``, is the last event of a stream. The writer thread, not the
-request, searches those bytes. Measured on this machine, for a 4 KiB completion body: finding
-the usage in its last 2 KiB took 1.4 us, ``json.loads`` of the whole body 19 us.
+request, searches those bytes; the request path only keeps a slice of them. Measured on this
+2-core machine: keeping the last 2 KiB took 0.2 us, finding the usage in them 3-4 us whatever the
+body's size, where ``json.loads`` took 9 us for a 3.6 KB completion and 29 us for a 25 KB one.
 """
 
 from __future__ import annotations
@@ -52,13 +53,14 @@ _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
 
 def usage_of(tail: bytes) -> tuple[int | None, int | None]:
     """Prompt and completion tokens from the last ``usage`` object in an answer's last bytes."""
-    found = None
-    for found in _USAGE.finditer(tail):  # noqa: B007 - the last one is wanted
-        pass
-    if found is None:
-        return None, None
-    counts = {name: int(value) for name, value in _TOKENS.findall(found.group(1))}
-    return counts.get(b"prompt_tokens"), counts.get(b"completion_tokens")
+    at = tail.rfind(b'"usage"')
+    while at >= 0:
+        found = _USAGE.match(tail, at)
+        if found is not None:
+            counts = {name: int(value) for name, value in _TOKENS.findall(found.group(1))}
+            return counts.get(b"prompt_tokens"), counts.get(b"completion_tokens")
+        at = tail.rfind(b'"usage"', 0, at)  # a "usage": null before the last event
+    return None, None
 
 
 class Attempt:

@@ -74,12 +74,20 @@ class BalancerTracing:
         rec.trace_id = f"{context.trace_id:032x}"
 
     def attempt(self, rec: RequestRecord, attempt: Attempt) -> bytes:
-        """Open an attempt's span; returns the header lines that carry it to the worker."""
-        parent = self._trace.set_span_in_context(rec.span)
-        span = self._tracer.start_span(
-            f"attempt {len(rec.attempts)}", context=parent, kind=self._client
-        )
-        attempt.span = span
+        """Open an attempt's span; returns the header lines that carry it to the worker.
+
+        A request the sampler left out gets no attempt spans (nothing would record them): the
+        worker is sent the request span's own context, unsampled, so it leaves its spans out too
+        and its logs still carry the trace id. That halves what tracing costs such a request.
+        """
+        if rec.span.is_recording():
+            parent = self._trace.set_span_in_context(rec.span)
+            span = self._tracer.start_span(
+                f"attempt {len(rec.attempts)}", context=parent, kind=self._client
+            )
+            attempt.span = span
+        else:
+            span = rec.span
         context = span.get_span_context()
         line = b"traceparent: 00-%032x-%016x-%02x\r\n" % (
             context.trace_id,

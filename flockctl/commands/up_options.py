@@ -327,8 +327,8 @@ OtelCollectorEndpointOpt = Annotated[
     str | None,
     typer.Option(
         help="Send traces and metrics over OpenTelemetry to this collector: http://host:4318"
-        " (OTLP/HTTP) or grpc://host:4317 (OTLP/gRPC); engine workers get it too"
-        " [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].",
+        " (OTLP/HTTP) or grpc://host:4317 (OTLP/gRPC); engine workers get it too. Without it,"
+        " OTEL_EXPORTER_OTLP_ENDPOINT where set.",
         rich_help_panel=D,
         show_default=False,
     ),
