@@ -15,7 +15,7 @@ import httpx
 
 from flockctl import __version__
 from flockctl.net import client_url
-from flockctl.schema import SNAPSHOT_SCHEMA_VERSION
+from flockctl.schema import SNAPSHOT_SCHEMA_VERSION, ProbeView, StatusSnapshot
 from flockctl.server.autoscaler import (
     AutoscalerPolicy,
     FixedPolicy,
@@ -23,7 +23,7 @@ from flockctl.server.autoscaler import (
     RequestRate,
     SpotPlan,
 )
-from flockctl.server.config import DeploymentConfig
+from flockctl.server.config import DeploymentConfig, ProbeConfig
 from flockctl.server.controller import Controller, WorkerGroup
 from flockctl.server.engine_stats import StatsPuller
 from flockctl.server.groups import Groups
@@ -34,8 +34,6 @@ from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
 from flockctl.server.workers import Worker, WorkerState
-
-SCHEMA = SNAPSHOT_SCHEMA_VERSION
 
 
 def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
@@ -197,18 +195,18 @@ class Deployment:
             "target": sum(c.target for c in self.groups) if self.controller else 0,
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StatusSnapshot:
         cfg = self.cfg
         workers = [w.to_dict() for w in self.pool]
         m = self.metrics
         return {
-            "schema": SCHEMA,
+            "schema": SNAPSHOT_SCHEMA_VERSION,
             "generated_at": time.time(),
             "deployment": {
                 "name": cfg.name,
                 "version": __version__,
                 "endpoint": self.endpoint,
-                "provisioner": cfg.provisioner,
+                "provisioner": self.provisioner.name,
                 "policy": cfg.policy,
                 "worker_capacity": cfg.worker_capacity,
                 "upstream_timeout": cfg.upstream_timeout,
@@ -217,7 +215,7 @@ class Deployment:
                 "state_dir": str(self.state_dir),
                 "worker_command": cfg.local_command(),
                 "model": cfg.model,
-                "probe": cfg.probe.model_dump(),
+                "probe": probe_view(cfg.probe),
             },
             "autoscaler": self.controller.to_dict() if self.controller else None,
             "groups": self.groups.views() if self.controller else [],
@@ -232,6 +230,19 @@ class Deployment:
             },
             "ready_workers": sum(1 for w in self.pool if w.state == WorkerState.READY),
         }
+
+
+def probe_view(probe: ProbeConfig) -> ProbeView:
+    """The readiness probe as the snapshot shows it."""
+    return {
+        "path": probe.path,
+        "post_data": probe.post_data,
+        "headers": dict(probe.headers),
+        "initial_delay_seconds": probe.initial_delay_seconds,
+        "timeout_seconds": probe.timeout_seconds,
+        "interval_seconds": probe.interval_seconds,
+        "failure_threshold": probe.failure_threshold,
+    }
 
 
 def first_launches(cfg: DeploymentConfig) -> list[tuple[str, bool]]:

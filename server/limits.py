@@ -17,7 +17,9 @@ import logging
 import re
 import resource
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from flockctl.schema import LimitsView
 
 if TYPE_CHECKING:
     from flockctl.server.config import DeploymentConfig
@@ -159,7 +161,7 @@ def raise_open_file_limit(cfg: DeploymentConfig) -> None:
     )
 
 
-def describe(cfg: DeploymentConfig) -> dict[str, Any]:
+def describe(cfg: DeploymentConfig) -> LimitsView:
     """The front-door limits as ``status --json`` shows them."""
     soft, hard = open_file_limit()
     door = FrontDoor.for_config(cfg, soft)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from flockctl.schema import EngineView, GpuMemory, ProbeRecord, WorkerView
+
 
 class WorkerState(str, Enum):
     PENDING = "PENDING"
@@ -74,10 +76,10 @@ class Worker:
     served: int = 0
     failures: int = 0
     probe_failures: int = 0
-    last_probe: dict[str, Any] | None = None
+    last_probe: ProbeRecord | None = None
     #: The last readiness probes ``{"at", "ok", "ms", "detail"}``, oldest first, for the worker
     #: detail view (``GET /-/workers/{id}``); kept out of ``to_dict`` so the snapshot stays small.
-    probe_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=30))
+    probe_history: deque[ProbeRecord] = field(default_factory=lambda: deque(maxlen=30))
     #: The model the worker serves, where known (None for a custom worker command).
     model: str | None = None
     #: Every model name the worker answers to: ``model`` and what its ``/v1/models`` listed
@@ -99,9 +101,9 @@ class Worker:
     #: What the provisioner placed the worker on, for people (a SkyPilot cluster's name).
     resource: str | None = None
     #: Device memory ``{"used", "total", "device", "source"}`` from the engine's ``/stats``.
-    gpu_memory: dict[str, Any] | None = None
+    gpu_memory: GpuMemory | None = None
     #: The engine's ``/stats`` as last pulled; None for a worker that is not flockctl's engine.
-    engine: dict[str, Any] | None = None
+    engine: EngineView | None = None
     #: When ``engine`` was pulled (wall clock), and whether pulls have failed since.
     engine_at: float | None = None
     engine_stale: bool = False
@@ -168,7 +170,7 @@ class Worker:
         ordered = sorted(self.latencies)
         return ordered[len(ordered) // 2]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> WorkerView:
         """The worker as the status snapshot shows it."""
         p50 = self.latency_p50()
         return {
