@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
-from conftest import free_port, until
+from conftest import free_port, until, until_sync
 from otlp_receiver import OtlpReceiver, otlp_receiver
 
 from flockctl.state import REQUEST_LOG
@@ -168,3 +169,73 @@ async def test_a_collector_down_or_stuck_changes_nothing_for_requests(
     finally:
         if hanging:
             hanging.close()
+
+
+def test_the_endpoint_reaches_the_engines_command_line():
+    from flockctl.server.config import DeploymentConfig
+
+    cfg = DeploymentConfig(model="demo", otel_collector_endpoint="grpc://collector:4317")
+    assert "--otel-collector-endpoint grpc://collector:4317" in (cfg.local_command() or "")
+    # The user's own flag in --engine-args wins.
+    own = DeploymentConfig(
+        model="demo",
+        otel_collector_endpoint="http://a:4318",
+        engine_args=["--otel-collector-endpoint", "http://b:4318"],
+    )
+    assert (own.local_command() or "").count("--otel-collector-endpoint") == 1
+    assert "http://b:4318" in (own.local_command() or "")
+    assert "--otel-collector-endpoint" not in (DeploymentConfig(model="demo").local_command() or "")
+    with pytest.raises(ValueError, match="otel_collector_endpoint"):
+        DeploymentConfig(otel_collector_endpoint="collector:4318")
+
+
+@pytest.mark.e2e
+def test_the_engines_job_span_is_a_child_of_the_balancers_attempt(tiny):
+    from cli_driver import flockctl
+
+    from flockctl.state import state_dir
+
+    port = free_port()
+    trace_id, parent = "5" * 32, "6" * 16
+    with otlp_receiver() as otlp:
+        up = flockctl(
+            "up", "--port", str(port), "--model", str(tiny),
+            "--engine-args", "--device cpu --max-batch-size 2",
+            "--min-workers", "1", "--max-workers", "1", "--probe-interval", "0.2",
+            "--otel-collector-endpoint", otlp.endpoint,
+        )  # fmt: skip
+        assert up.code == 0, up.err
+        try:
+
+            def ready() -> bool:
+                snap = flockctl("status", "--json").json()
+                return any(w["state"] == "READY" for w in snap["workers"])
+
+            until_sync(ready, "a READY engine worker", 120)
+            body = {"model": str(tiny), "prompt": "hello", "max_tokens": 4}
+            headers = {"traceparent": f"00-{trace_id}-{parent}-01"}
+            resp = httpx.post(
+                f"http://127.0.0.1:{port}/v1/completions", json=body, headers=headers, timeout=60
+            )
+            assert resp.status_code == 200, resp.text
+
+            def three() -> list[Any]:
+                spans = otlp.spans_in(trace_id)
+                services = {s.service for s in spans}
+                return spans if {"flockctl-balancer", "flockctl-engine"} <= services else []
+
+            spans = until_sync(three, "spans from both services under the client's trace", 60)
+            balancer = [s for s in spans if s.service == "flockctl-balancer"]
+            (root,) = [s for s in balancer if s.kind == SPAN_KIND_SERVER]
+            (attempt,) = [s for s in spans if s.name == "attempt 1"]
+            (job,) = [s for s in spans if s.service == "flockctl-engine"]
+            assert root.parent_span_id == parent
+            assert attempt.parent_span_id == root.span_id
+            assert job.parent_span_id == attempt.span_id
+            lines = until_sync(
+                lambda: logged(state_dir("default")), "the request's line in the request log"
+            )
+            assert lines[-1]["trace_id"] == trace_id
+            assert lines[-1]["completion_tokens"] == 4
+        finally:
+            flockctl("down", "--timeout", "30")
