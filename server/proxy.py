@@ -289,7 +289,7 @@ class Balancer:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-        body: bytes = message.get("body", b"")
+        body = message.get("body", b"")
         if message.get("more_body", False):
             parts = [body]
             while True:

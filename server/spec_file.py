@@ -87,8 +87,8 @@ def resolve(
         if value is None:
             continue
         if key == "probe" and isinstance(value, dict):
-            base = values.get("probe") if isinstance(values.get("probe"), dict) else {}
-            value = {**base, **value}
+            base = values.get("probe")
+            value = {**(base if isinstance(base, dict) else {}), **value}
         values[key] = value
         origin[key] = (flag_names or {}).get(key, f"--{key.replace('_', '-')}")
     if flags and flags.get("autoscaler") is None:
