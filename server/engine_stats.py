@@ -24,7 +24,8 @@ import logging
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import httpx
 
@@ -70,7 +71,8 @@ def engine_view(payload: Any, max_jobs: int = MAX_JOBS) -> EngineView | None:
     view = dict(payload)
     view["jobs"] = jobs[:max_jobs]
     view["jobs_omitted"] = max(0, len(jobs) - max_jobs)
-    return view
+    # another process's JSON, taken as the declared view: its readers treat every key as optional
+    return cast(EngineView, view)
 
 
 def gpu_memory_of(stats: EngineView) -> GpuMemory | None:
@@ -150,10 +152,13 @@ class StatsPuller:
                 continue
             task = asyncio.create_task(self.pull(worker), name=f"stats-{worker.id}")
             self._pulls[worker.id] = task
-            task.add_done_callback(lambda _t, wid=worker.id: self._pulls.pop(wid, None))
+            task.add_done_callback(partial(self._pull_done, worker.id))
         for table in (self._not_before, self._failures):
             for worker_id in [k for k in table if k not in present]:
                 del table[worker_id]
+
+    def _pull_done(self, worker_id: str, _task: asyncio.Task[Outcome]) -> None:
+        self._pulls.pop(worker_id, None)
 
     async def pull(self, worker: Worker) -> Outcome:
         """Ask ``worker`` for its stats once and record what came back."""
