@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from rich.console import Console, Group
@@ -17,7 +18,6 @@ from rich.text import Text
 
 from flockctl.schema import (
     AutoscalerView,
-    EngineView,
     GroupView,
     JobSummary,
     StatusSnapshot,
@@ -175,6 +175,12 @@ def _table(*columns: tuple[str, str]) -> Table:
     return table
 
 
+def relayed(worker: WorkerView) -> Mapping[str, Any]:
+    """The worker's engine stats as relayed from another process: any key may be absent, and
+    an empty mapping for a worker that is not flockctl's engine."""
+    return worker["engine"] or {}
+
+
 def engines_table(workers: list[WorkerView]) -> Table:
     """One row per engine worker: jobs queued per MLFQ level (highest priority first), job
     counts, and device memory; narrow enough for an 80-column terminal."""
@@ -190,10 +196,10 @@ def engines_table(workers: list[WorkerView]) -> Table:
         ("MEMORY", "right"),
     )
     for worker in workers:
-        stats: EngineView = worker["engine"] or {}
+        stats = relayed(worker)
         queues = stats.get("queue_lengths")
         levels = " ".join(_count(n) for n in queues) if isinstance(queues, list) else "-"
-        mem = worker["gpu_memory"] or {}
+        mem: Mapping[str, Any] = worker["gpu_memory"] or {}
         preempted = stats.get("preemptions_total")
         total = (
             sum(v for v in preempted.values() if isinstance(v, int))
@@ -220,8 +226,8 @@ def engine_jobs(workers: list[WorkerView]) -> list[tuple[str, JobSummary]]:
     return [
         (str(w["id"]), job)
         for w in workers
-        if isinstance(w.get("engine"), dict)
-        for job in (w["engine"].get("jobs") or [])
+        if isinstance(engine := w.get("engine"), dict)
+        for job in (engine.get("jobs") or [])
         if isinstance(job, dict)
     ]
 
@@ -260,7 +266,7 @@ def jobs_table(workers: list[WorkerView]) -> tuple[Table, int]:
     omitted = sum(
         n
         for w in workers
-        if isinstance(n := (w["engine"] or {}).get("jobs_omitted"), int) and n > 0
+        if isinstance(n := relayed(w).get("jobs_omitted"), int) and n > 0
     )
     return table, max(0, len(rows) - MAX_JOB_ROWS) + omitted
 
@@ -363,7 +369,7 @@ def status_view(snap: StatusSnapshot) -> Group:
         ("AGE", "right"),
         ("REASON", "left"),
     ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify)
     for w in snap["workers"]:
         p50 = w["latency_p50_ms"]
         table.add_row(
