@@ -338,7 +338,7 @@ class Dashboard(App[None]):
         if screen is not None:
             screen.open_filter()
 
-    def action_back(self) -> None:
+    async def action_back(self) -> None:
         screen = self.screen
         if isinstance(screen, LiveScreen) and screen.close_filter():
             return

@@ -4,6 +4,7 @@ prints it)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from rich.text import Text
@@ -40,7 +41,7 @@ def memory_bar(used: Any, total: Any) -> Text:
     return Text.assemble(("█" * filled, "bold"), ("░" * (BAR_WIDTH - filled), "dim"), f" {figures}")
 
 
-def memory_place(mem: dict[str, Any]) -> str:
+def memory_place(mem: Mapping[str, Any]) -> str:
     """Whose memory ``gpu_memory`` measures: ``GPU cuda:0`` (the engine's device, read through
     NVML or torch), ``host`` (the machine's RAM, read through psutil: the engine runs on the
     CPU), or '' when the snapshot does not say."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, cast
 
 from rich.table import Table
 from rich.text import Text
@@ -240,7 +241,7 @@ class WorkerScreen(LiveScreen):
     @staticmethod
     def _facts(w: WorkerView) -> Table:
         now = time.time()
-        mem = w.get("gpu_memory") or {}
+        mem: Mapping[str, Any] = w.get("gpu_memory") or {}
         memory = memory_cell(mem)
         if mem.get("source"):
             memory.append(f" (read by {mem['source']})", style="dim")
@@ -399,7 +400,7 @@ class LogsScreen(LiveScreen):
                 self._title()
             elif isinstance(got, dict):
                 self.error = None
-                self.take(got)
+                self.take(cast(LogChunk, got))  # the daemon's answer to the logs path
 
     def take(self, answer: LogChunk) -> None:
         """Add what one fetch of the log returned."""
@@ -455,7 +456,7 @@ class LogsScreen(LiveScreen):
             title.append(f"\n✗ {self.error}", style="bold")
         self.query_one("#title", Static).update(title)
 
-    def action_toggle(self, what: str) -> None:
+    async def action_toggle(self, what: str) -> None:
         setattr(self, what, not getattr(self, what))
         self._redraw()
         self._title()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.cells import cell_len
@@ -272,9 +273,9 @@ class WorkersTable(LiveTable):
 
     def show(self, snap: StatusSnapshot) -> None:
         workers = snap["workers"]
-        memory = [w["gpu_memory"] or {} for w in workers]
+        memory: list[Mapping[str, Any]] = [w["gpu_memory"] or {} for w in workers]
         place = max((len(memory_place(mem)) for mem in memory), default=0)
-        rows = {}
+        rows: dict[str, list[Cell]] = {}
         for w, mem in zip(workers, memory, strict=True):
             group = w.get("group")
             rows[str(w["id"])] = [
