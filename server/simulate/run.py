@@ -161,7 +161,7 @@ def execute(req: Request, out: Console, say: Callable[[str], None]) -> None:
         return
     known = set(req.flags) | set(SERVICE_FLAGS)
     names, grid = sweep_grid(req.sweep, known)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for params in grid:
         flags = {**req.flags, **{k: v for k, v in params.items() if k in req.flags}}
         service = {**req.service, **{k: v for k, v in params.items() if k in SERVICE_FLAGS}}

@@ -81,6 +81,14 @@ class Raw:
     samples: list[Sample] = field(default_factory=list)
 
 
+@dataclass
+class Lifetime:
+    """When a simulated worker was launched, and when it ended (None while it runs)."""
+
+    launched: float
+    ended: float | None = None
+
+
 class SimProvisioner(Provisioner):
     """Workers that exist only in the simulation; it keeps the books of their running time."""
 
@@ -99,13 +107,12 @@ class SimProvisioner(Provisioner):
         #: Whether the workers there at the start are up already (a deployment serving the
         #: traffic before the trace begins); else they launch at the start like any other.
         self.warm = warm
-        #: Worker id -> [launched at, ended at or None].
-        self.lifetimes: dict[str, list[float | None]] = {}
+        self.lifetimes: dict[str, Lifetime] = {}
         self._lost: set[str] = set()
         self.preempted = 0
 
     async def launch(self, worker: Worker) -> None:
-        self.lifetimes[worker.id] = [self.loop.time(), None]
+        self.lifetimes[worker.id] = Lifetime(self.loop.time())
         worker.spot = self.model.spot_price_per_hour is not None or None
         if not self.at_start():
             await asyncio.sleep(self.model.provisioning_s)
@@ -120,17 +127,17 @@ class SimProvisioner(Provisioner):
         return self.warm and self.loop.time() == 0.0
 
     def _preempt(self, worker: Worker) -> None:
-        if self.lifetimes[worker.id][1] is not None:
+        if self.lifetimes[worker.id].ended is not None:
             return
         self._lost.add(worker.id)
         self.preempted += 1
-        self.lifetimes[worker.id][1] = self.loop.time()  # the cloud stops billing it now
+        self.lifetimes[worker.id].ended = self.loop.time()  # the cloud stops billing it now
         worker.handle.lose()
 
     async def terminate(self, worker: Worker) -> None:
         times = self.lifetimes.get(worker.id)
-        if times is not None and times[1] is None:
-            times[1] = self.loop.time()
+        if times is not None and times.ended is None:
+            times.ended = self.loop.time()
             if isinstance(worker.handle, EngineModel):
                 worker.handle.lose()
 
@@ -140,7 +147,9 @@ class SimProvisioner(Provisioner):
         return ALIVE
 
     def worker_seconds(self, end: float) -> float:
-        return math.fsum((end if e is None else e) - s for s, e in self.lifetimes.values())
+        return math.fsum(
+            (end if t.ended is None else t.ended) - t.launched for t in self.lifetimes.values()
+        )
 
 
 class SimProber:
