@@ -34,6 +34,7 @@ SHARED_LAYER: tuple[str, ...] = (
     "flockctl.exitcodes",
     "flockctl.net",
     "flockctl.paths",
+    "flockctl.request_log_reader",
     "flockctl.schema",
     "flockctl.state",
     "flockctl.telemetry",

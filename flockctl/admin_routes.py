@@ -21,7 +21,13 @@ WORKER = "/-/workers/{worker_id}"
 WORKER_DRAIN = "/-/workers/{worker_id}/drain"
 AUTOSCALER = "/-/autoscaler"
 LOGS = "/-/logs/{target:path}"
+REQUESTS = "/-/requests"
 SHUTDOWN = "/-/shutdown"
+#: The balancer's per-job route (not the admin API: it is relayed to the worker holding the job).
+JOB = "/jobs/{job_id}"
+
+#: The most request log records one ``GET /-/requests`` returns.
+MAX_REQUESTS = 1000
 
 #: The log target of the daemon itself (any other target is a worker id).
 DAEMON_LOG = "daemon"
@@ -49,3 +55,33 @@ def logs_path(target: str, *, tail: int | None = None, offset: int | None = None
     query = {k: v for k, v in (("tail", tail), ("offset", offset)) if v is not None}
     path = f"{ADMIN_PREFIX}logs/{segment(target)}"
     return f"{path}?{urlencode(query)}" if query else path
+
+
+def requests_path(
+    *,
+    after: int | None = None,
+    limit: int | None = None,
+    status: tuple[str, ...] | list[str] = (),
+    slow: float | None = None,
+    worker: str | None = None,
+    text: str | None = None,
+) -> str:
+    """``GET`` the daemon's recent request log records (the newest ``limit``, those numbered
+    after ``after``) that match: a status or class (``503``, ``5xx``; repeatable), at least
+    ``slow`` ms, sent to ``worker``, holding ``text``."""
+    query: list[tuple[str, str]] = [("status", s) for s in status]
+    for name, value in (
+        ("after", after),
+        ("limit", limit),
+        ("slow", None if slow is None else f"{slow:g}"),
+        ("worker", worker),
+        ("text", text),
+    ):
+        if value is not None and value != "":
+            query.append((name, str(value)))
+    return f"{REQUESTS}?{urlencode(query)}" if query else REQUESTS
+
+
+def job_path(job_id: str) -> str:
+    """``GET`` a job (or a response id naming it) through the balancer: the engine's timeline."""
+    return f"/jobs/{segment(job_id)}"

@@ -14,6 +14,9 @@ Admin routes live under ``/-/`` and need the admin token (``Authorization: Beare
   (never above ``workers_ceiling``: 422);
 - ``GET /-/logs/{daemon|worker id}?tail=&offset=``: log lines, followed by polling with the
   returned byte offset;
+- ``GET /-/requests?after=&limit=&status=&slow=&worker=&text=``: the newest request log records
+  the daemon keeps in memory (numbered by ``seq``; ``after`` asks for the newer ones only), those
+  that match the filter ``flockctl logs requests`` applies;
 - ``POST /-/shutdown``: drain every worker and stop.
 
 - ``GET /-/openapi.json``: this API's OpenAPI schema. There is no ``/-/docs`` page: a browser
@@ -30,7 +33,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flockctl import admin_routes as routes
+from flockctl.request_log_reader import RequestFilter, parse_statuses
 from flockctl.schema import AutoscalerView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
 from flockctl.server.deployment import Deployment
 from flockctl.server.proxy import Balancer
@@ -125,6 +129,7 @@ def create_app(
         return _error(422, problems, "invalid_request_error")
 
     expected = f"Bearer {deployment.token}"
+    request_log = RequestLog(deployment.state_dir / REQUEST_LOG)
 
     def admin(request: Request) -> None:
         given = request.headers.get("authorization", "")
@@ -314,6 +319,23 @@ def create_app(
         known.insert(0, routes.DAEMON_LOG)
         raise HTTPException(404, f"no log for {target!r}; known: {', '.join(known)}")
 
+    @app.get(routes.REQUESTS, dependencies=guarded, response_model=None)
+    async def requests(
+        status: Annotated[list[str] | None, Query()] = None,
+        slow: float | None = Query(None, ge=0),
+        worker: str | None = None,
+        text: str = "",
+        after: int | None = Query(None, ge=0),
+        limit: int = Query(100, ge=1, le=routes.MAX_REQUESTS),
+    ) -> dict[str, Any]:
+        try:
+            exact, classes = parse_statuses(status or [])
+        except ValueError as exc:
+            raise HTTPException(422, f"status: {exc}") from None
+        keep = RequestFilter(exact, classes, slow, worker or None, text)
+        found, last, reset = request_log.recent(keep, after=after, limit=limit)
+        return {"records": found, "last": last, "reset": reset}
+
     @app.post(routes.SHUTDOWN, dependencies=guarded, status_code=202)
     async def shutdown() -> dict[str, Any]:
         if request_shutdown is None:
@@ -331,7 +353,7 @@ def create_app(
         upstream_timeout=deployment.cfg.upstream_timeout,
         api_key=deployment.cfg.api_key,
         on_connect_error=deployment.on_connect_error,
-        request_log=RequestLog(deployment.state_dir / REQUEST_LOG),
+        request_log=request_log,
         otel_endpoint=deployment.cfg.otel_collector_endpoint,
     )
     return balancer

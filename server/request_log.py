@@ -33,6 +33,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from flockctl.request_log_reader import Record, RequestFilter
 from flockctl.state import REQUEST_LOG_FILES
 
 log = logging.getLogger("flockctl.request_log")
@@ -49,6 +50,11 @@ TAIL_BYTES = 2048
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{([^{}]*)\}')
 _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+#: An OpenAI response id (``cmpl-...``, ``chatcmpl-...``): with flockctl's engine it names the
+#: job, so ``GET /jobs/{id}`` through the balancer shows its timeline.
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"((?:chat)?cmpl-[A-Za-z0-9_.:-]{1,120})"')
+#: Records the daemon keeps in memory for ``GET /-/requests`` (the dashboard reads them there).
+RECENT = 2000
 
 
 def usage_of(tail: bytes) -> tuple[int | None, int | None]:
@@ -61,6 +67,18 @@ def usage_of(tail: bytes) -> tuple[int | None, int | None]:
             return counts.get(b"prompt_tokens"), counts.get(b"completion_tokens")
         at = tail.rfind(b'"usage"', 0, at)  # a "usage": null before the last event
     return None, None
+
+
+def response_id_of(tail: bytes) -> str | None:
+    """The last OpenAI response id in an answer's last bytes (every event of a stream carries it;
+    a whole answer, when it is short enough to fit in them)."""
+    at = tail.rfind(b'"id"')
+    while at >= 0:
+        found = _RESPONSE_ID.match(tail, at)
+        if found is not None:
+            return found.group(1).decode()
+        at = tail.rfind(b'"id"', 0, at)
+    return None
 
 
 class Attempt:
@@ -170,6 +188,7 @@ class RequestRecord:
             "bytes_out": self.bytes_out,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
+            "response_id": response_id_of(self.tail) if self.tail else None,
         }
 
 
@@ -191,6 +210,7 @@ class RequestLog:
         keep: int = KEEP_FILES,
         max_pending: int = MAX_PENDING,
         flush_seconds: float = FLUSH_SECONDS,
+        recent: int = RECENT,
     ) -> None:
         if keep < 1:
             raise ValueError("keep: at least the live file is kept")
@@ -210,6 +230,11 @@ class RequestLog:
         self._thread: threading.Thread | None = None
         self._file: BinaryIO | None = None
         self._size = 0
+        #: The last ``recent`` records as written, numbered from 1 in order (``GET /-/requests``).
+        #: The writer thread appends, the event loop reads: each under ``_recent_lock``.
+        self._recent: deque[tuple[int, Record, str]] = deque(maxlen=recent)
+        self._recent_lock = threading.Lock()
+        self._seq = 0
         #: Generated request ids: a random prefix per daemon run and a counter.
         self._prefix = secrets.token_hex(4)
         self._count = 0
@@ -232,6 +257,27 @@ class RequestLog:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def recent(
+        self, keep: RequestFilter, *, after: int | None = None, limit: int = 100
+    ) -> tuple[list[Record], int, bool]:
+        """The last ``limit`` records ``keep`` matches, numbered after ``after``, oldest first
+        (each with its number as ``seq``); the newest number; and whether ``after`` is from
+        another daemon run (beyond the newest number), so the caller starts again."""
+        with self._recent_lock:
+            kept = list(self._recent)
+            last = self._seq
+        reset = after is not None and after > last
+        if reset:
+            after = None
+        found: list[Record] = []
+        for seq, fields, text in reversed(kept):
+            if len(found) >= limit or (after is not None and seq <= after):
+                break
+            if keep.matches(fields, text):
+                found.append({**fields, "seq": seq})
+        found.reverse()
+        return found, last, reset
 
     def start(self) -> None:
         self._stop.clear()
@@ -267,12 +313,21 @@ class RequestLog:
         if not pending:
             return
         lines: list[bytes] = []
+        formatted: list[tuple[Record, str]] = []
         while pending:
             record = pending.popleft()
             try:
-                lines.append(json.dumps(record.to_dict(), ensure_ascii=False).encode() + b"\n")
+                fields = record.to_dict()
+                text = json.dumps(fields, ensure_ascii=False)
             except (TypeError, ValueError) as exc:  # never expected: log it, keep the rest
                 log.warning("request log: cannot format a record: %s", exc)
+                continue
+            lines.append(text.encode() + b"\n")
+            formatted.append((fields, text))
+        with self._recent_lock:
+            for fields, text in formatted:
+                self._seq += 1
+                self._recent.append((self._seq, fields, text))
         try:
             for line in lines:
                 self._write(line)

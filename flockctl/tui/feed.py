@@ -26,10 +26,10 @@ class FeedError(Exception):
 class Feed:
     def __init__(self, endpoint: str, token: str | None, timeout: float = 5.0):
         self.endpoint = endpoint
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(
-            base_url=endpoint, headers=headers, timeout=timeout, trust_env=False
-        )
+        #: Sent to the admin API only: ``/jobs/{id}`` is relayed to a worker, which must never
+        #: see the daemon's admin token.
+        self._admin = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=endpoint, timeout=timeout, trust_env=False)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -38,7 +38,8 @@ class Feed:
         if self._http.is_closed:
             raise FeedError(f"{method} {path}: the dashboard is closing")
         try:
-            resp = await self._http.request(method, path, **kwargs)
+            headers = self._admin if path.startswith(routes.ADMIN_PREFIX) else {}
+            resp = await self._http.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as exc:
             raise FeedError(
                 f"{self.endpoint} does not answer: {exc or type(exc).__name__}"
