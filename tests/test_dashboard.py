@@ -7,22 +7,26 @@ import asyncio
 import copy
 import io
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import TOKEN, fake_worker_command, free_port, until
+from conftest import TOKEN, failing_worker, fake_worker_command, free_port, until
 from dashboard_data import SIZE, snapshot
 from rich.console import Console
 from textual.command import CommandList, CommandPalette
 from textual.widgets import Input, RichLog, Static
 
 from flockctl.client import ClientError
+from flockctl.request_log_reader import RequestFilter
 from flockctl.themes import ThemeError, load_theme, load_themes
 from flockctl.tui.app import Dashboard, DashboardCommands, binding_ids
 from flockctl.tui.feed import Feed
+from flockctl.tui.latency import LatencyPanel, LatencyWindow, sparkline
 from flockctl.tui.layout import share_rows
+from flockctl.tui.requests import RequestScreen, RequestsScreen, RequestsTable
 from flockctl.tui.screens import (
     ConfirmScreen,
     FormScreen,
@@ -795,3 +799,107 @@ async def test_long_log_lines_draw_no_horizontal_scrollbar(feed: StatusFeed) -> 
         assert not set(partial_blocks) & set(app.export_screenshot())
         await pilot.press("right")
         assert view.scroll_x > 0  # and it still scrolls sideways
+
+
+# -- latency panel and requests screen -------------------------------------------------------------
+
+
+async def test_requests_screen_follows_filters_and_opens_attempts_and_the_jobs_timeline(
+    daemon: Any, upstream: Any, http: Any, served: str
+) -> None:
+    """A real daemon in front of a failing worker and a real engine on a tiny model: the overview
+    shows each worker's latency, ``r`` lists the requests, the filter keeps the retried one, and
+    ``enter`` shows both its attempts and the engine job's timeline through ``/jobs/{id}``."""
+    failing, hits = failing_worker(503)
+    bad = await upstream(failing)
+    d = await daemon(endpoints=[bad.url, served], policy="round-robin")
+    await d.wait_ready(2)
+    ids = {w.url: w.id for w in d.deployment.pool}
+    for _ in range(2):  # round robin sends one of them to the failing worker first
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        async with http.post(f"{d.url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    assert hits["n"] >= 1
+    app = Dashboard(Feed(d.url, TOKEN, timeout=5.0), interval=0.1, themes=load_themes())
+    async with app.run_test(size=SIZE) as pilot:
+        panel = app.overview.query_one(LatencyPanel)
+        await until(
+            lambda: ids[served] in text(panel) and "P99 MS" in text(panel),
+            "the engine worker's latency",
+            pause=pilot.pause,
+        )
+        row = next(line for line in text(panel).splitlines() if ids[served] in line)
+        assert row.split()[1] == "2"  # both requests ended on the engine
+
+        await pilot.press("r")
+        assert isinstance(app.screen, RequestsScreen)
+        table = app.screen.query_one(RequestsTable)
+        await until(lambda: table.row_count == 2, "both requests", pause=pilot.pause)
+        assert app.screen.selected_worker() == ids[served]
+
+        await pilot.press("slash")
+        await type_into(pilot, "#filter", "5xx")
+        await until(lambda: table.row_count == 0, "no failed request", pause=pilot.pause)
+        await pilot.press("ctrl+a", "ctrl+k")  # clear the line
+        await type_into(pilot, "#filter", "9xx")
+        title = app.screen.query_one("#title")
+        await until(lambda: "'9xx'" in text(title), "the bad filter named", pause=pilot.pause)
+        await pilot.press("ctrl+a", "ctrl+k")
+        await type_into(pilot, "#filter", f"worker:{ids[bad.url]}")
+        await until(lambda: table.row_count == 1, "the retried request", pause=pilot.pause)
+        await pilot.press("enter")  # applies the filter and leaves the box
+        table.focus()
+        await pilot.press("enter")
+
+        assert isinstance(app.screen, RequestScreen)
+        attempts = text(app.screen.query_one("#attempts"))
+        first, second = (line for line in attempts.splitlines() if line.strip()[:1] in "12")
+        assert ids[bad.url] in first and "503" in first
+        assert ids[served] in second and "200" in second
+        timeline = app.screen.query_one("#timeline")
+        await until(lambda: "finished" in text(timeline), "the job's timeline", pause=pilot.pause)
+        shown = text(timeline)
+        for event in ("admitted", "scheduled", "first_token", "finished"):
+            assert event in shown
+        assert app.screen.paths() == []  # a finished job is not fetched again
+        await pilot.press("escape")
+        assert isinstance(app.screen, RequestsScreen)
+        await pilot.press("escape", "escape")
+        assert app.screen is app.overview
+
+
+def test_latency_window_percentiles_buckets_and_a_new_daemon() -> None:
+    now = 1_000_000.0
+    window = LatencyWindow(clock=lambda: now)
+
+    def record(ago: float, worker: str | None, latency: float) -> dict[str, Any]:
+        stamp = datetime.fromtimestamp(now - ago, UTC).isoformat(timespec="milliseconds")
+        return {"time": stamp, "worker": worker, "ttfb_ms": latency / 2, "latency_ms": latency}
+
+    fast = [record(5, "a", float(ms)) for ms in range(1, 101)]  # 1..100 ms in the newest bucket
+    window.take({"records": [*fast, record(20, "b", 7.0), record(1000, "a", 9999.0)], "last": 103})
+    window.take({"records": [record(5, None, 1.0)], "last": 104})  # refused: no worker
+    assert window.last == 104 and "after=104" in window.path()
+    a, b = window.workers()
+    assert (a.worker, a.requests, b.worker, b.requests) == ("a", 100, "b", 1)
+    assert a.latency == (50.0, 99.0) and a.ttfb == (25.0, 49.5)
+    assert a.p99s[-1] == 99.0 and a.p99s[:-1] == [None] * (len(a.p99s) - 1)
+    assert b.p99s[-2] == 7.0  # 20 s ago: the bucket before the newest
+    assert sparkline(a.p99s, 99.0).plain.endswith("█")
+    window.take({"records": [record(1, "c", 3.0)], "last": 1, "reset": True})
+    assert [w.worker for w in window.workers()] == ["c"]
+
+
+def test_the_one_line_request_filter() -> None:
+    keep = RequestFilter.parse("5xx 429 >500ms worker:w1 timeout")
+    assert keep.classes == {5} and keep.statuses == {429} and keep.slow_ms == 500
+    assert keep.worker == "w1" and keep.text == "timeout"
+    assert RequestFilter.parse(keep.describe()) == keep
+    slow_503 = {"status": 503, "latency_ms": 800, "worker": "w2", "attempts": [{"worker": "w1"}]}
+    assert keep.matches({**slow_503, "note": "read timeout"})
+    assert not keep.matches(slow_503)  # no "timeout" in it
+    assert not RequestFilter.parse("slow:900").matches(slow_503)
+    assert not RequestFilter.parse("worker:w3").matches(slow_503)
+    assert not RequestFilter()  # keeps everything
+    with pytest.raises(ValueError, match="'7xx'"):
+        RequestFilter.parse("7xx")

@@ -28,6 +28,7 @@ from flockctl import admin_routes as routes
 from flockctl.schema import AutoscalerView, StatusSnapshot, WorkerView
 from flockctl.tui.feed import Feed, FeedError
 from flockctl.tui.help import HelpScreen, KeyRow, key_rows
+from flockctl.tui.requests import RequestsScreen
 from flockctl.tui.screens import (
     ConfirmScreen,
     ConnectionLine,
@@ -67,6 +68,7 @@ class DashboardCommands(Provider):
         app: Dashboard = self.app  # type: ignore[assignment]
         daemon_log = partial(app.open_logs, routes.DAEMON_LOG)
         yield "Show the daemon's log", daemon_log, "follow daemon.log"
+        yield "Show the requests", app.action_requests, "follow the request log, filter it"
         yield "Pause or resume polling", app.action_toggle_pause, "stop or restart updates"
         yield "Keys", app.action_help, "every key and its binding id"
         workers = [str(w["id"]) for w in app.snapshot["workers"]] if app.snapshot else []
@@ -108,6 +110,8 @@ class Dashboard(App[None]):
     #qlrm { width: 30%; min-width: 20; }
     AutoscalerPanel { width: 1fr; padding: 0 1; }
     JobsTable { height: 1fr; min-height: 3; }
+    LatencyPanel { height: auto; max-height: 7; padding: 0 1; }
+    RequestsTable { height: 1fr; }
     #filter { dock: bottom; margin-bottom: 1; }
     #columns { height: auto; }
     #facts, #engine { width: 1fr; height: auto; padding: 1 1 0 1; }
@@ -139,6 +143,7 @@ class Dashboard(App[None]):
         Binding("p", "toggle_pause", "Pause", id="pause"),
         Binding("slash", "filter", "Filter", id="filter"),
         Binding("l", "logs", "Logs", id="logs"),
+        Binding("r", "requests", "Requests", id="requests"),
         Binding("escape", "back", "Back", id="back"),
         Binding("t", "change_theme", "Theme", id="theme"),
         Binding("a", "add_worker", "Add", id="add_worker"),
@@ -332,6 +337,12 @@ class Dashboard(App[None]):
             return
         worker = screen.selected_worker() if isinstance(screen, WorkerScreen) else None
         self.open_logs(worker or routes.DAEMON_LOG)
+
+    def action_requests(self) -> None:
+        """The request log, followed (from any screen but itself)."""
+        if not isinstance(self.live_screen(), RequestsScreen):
+            self.push_screen(RequestsScreen())
+            self.poll_now()
 
     def action_filter(self) -> None:
         screen = self.live_screen()
@@ -545,7 +556,7 @@ def key_sections() -> list[tuple[str, list[BindingType]]]:
     """Every screen's keys under a heading saying where they work, in the order ``?`` lists them."""
     return [
         ("everywhere", Dashboard.BINDINGS),
-        ("workers and jobs tables", LiveTable.BINDINGS),
+        ("tables: workers, jobs, requests (r)", LiveTable.BINDINGS),
         ("log view (l)", LogsScreen.BINDINGS),
         ("confirmation", ConfirmScreen.BINDINGS),
         ("forms (m, b)", FormScreen.BINDINGS),

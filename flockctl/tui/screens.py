@@ -21,6 +21,7 @@ from flockctl.render import ago, spec_text, state_text
 from flockctl.schema import EngineView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
 from flockctl.tui.cells import cell_text, memory_cell, ms_text, preemptions
 from flockctl.tui.feed import FeedError
+from flockctl.tui.latency import LatencyPanel, LatencyWindow
 from flockctl.tui.layout import share_rows
 from flockctl.tui.widgets import AutoscalerPanel, DeploymentLine, JobsTable, LiveTable, WorkersTable
 
@@ -111,7 +112,11 @@ MIN_TABLE_ROWS = 3
 
 
 class OverviewScreen(LiveScreen):
-    """Deployment, workers, autoscaler, engine jobs."""
+    """Deployment, workers, autoscaler, latency per worker, engine jobs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latency = LatencyWindow()
 
     def compose(self) -> ComposeResult:
         yield DeploymentLine("connecting…")
@@ -120,11 +125,19 @@ class OverviewScreen(LiveScreen):
         with Horizontal(id="scaling"):
             yield Sparkline([], id="qlrm")
             yield AutoscalerPanel("")
+        yield LatencyPanel("", id="latency")
         yield JobsTable(id="jobs")
         yield filter_box()
         yield Footer()
 
+    def paths(self) -> list[str]:
+        return [self.latency.path()]
+
     def show(self, snap: StatusSnapshot, extras: dict[str, Any]) -> None:
+        path = self.latency.path()
+        if path in extras:
+            self.latency.take(extras[path])
+        self.query_one(LatencyPanel).show(self.latency)
         self.query_one(DeploymentLine).show(snap)
         self.query_one(WorkersTable).show(snap)
         self.query_one(JobsTable).show(snap)
