@@ -23,6 +23,7 @@ AUTOSCALER = "/-/autoscaler"
 LOGS = "/-/logs/{target:path}"
 REQUESTS = "/-/requests"
 SHUTDOWN = "/-/shutdown"
+UPDATE = "/-/update"
 #: The balancer's per-job route (not the admin API: it is relayed to the worker holding the job).
 JOB = "/jobs/{job_id}"
 

@@ -19,6 +19,7 @@ from flockctl.commands.logs import logs
 from flockctl.commands.simulate import simulate
 from flockctl.commands.status import status
 from flockctl.commands.up import up
+from flockctl.commands.update import update
 from flockctl.engine.cli import engine_app
 from flockctl.exitcodes import exit_codes_help
 from flockctl.tui.launch import dashboard
@@ -58,6 +59,7 @@ app.command()(dashboard)
 app.command()(status)
 app.command()(logs)
 app.command()(down)
+app.command()(update)
 app.command()(simulate)
 
 

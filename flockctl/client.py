@@ -8,7 +8,14 @@ import httpx
 
 from flockctl import admin_routes as routes
 from flockctl.exitcodes import ExitCode
-from flockctl.schema import AutoscalerView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
+from flockctl.schema import (
+    AutoscalerView,
+    LogChunk,
+    StatusSnapshot,
+    UpdateView,
+    WorkerDetail,
+    WorkerView,
+)
 from flockctl.state import DaemonRecord, running_daemon
 
 
@@ -23,9 +30,11 @@ def error_message(resp: httpx.Response) -> str:
 class ClientError(Exception):
     """A failure a command reports as one line on stderr with ``code`` as its exit status."""
 
-    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR):
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR, status: int | None = None):
         super().__init__(message)
         self.code = code
+        #: The daemon's HTTP status where it answered with an error.
+        self.status = status
 
 
 class AdminClient:
@@ -69,7 +78,9 @@ class AdminClient:
         if resp.status_code >= 400:
             message = error_message(resp)
             code = ExitCode.NOT_FOUND if resp.status_code == 404 else ExitCode.UNREACHABLE
-            raise ClientError(f"{method} {path}: HTTP {resp.status_code}: {message}", code)
+            raise ClientError(
+                f"{method} {path}: HTTP {resp.status_code}: {message}", code, resp.status_code
+            )
         return resp.json()
 
     def status(self) -> StatusSnapshot:
@@ -105,6 +116,26 @@ class AdminClient:
             if v is not None
         }
         return self.request("PATCH", routes.AUTOSCALER, json=body)
+
+    def update(
+        self,
+        config: dict[str, Any] | None,
+        mode: str = "rolling",
+        max_surge: int = 1,
+        update_timeout: float = 600.0,
+        rollback: bool = False,
+    ) -> UpdateView:
+        """Start moving the deployment to its next version (running the resolved ``config``, or
+        the previous version's with ``rollback``); returns the update as it starts."""
+        body: dict[str, Any] = {
+            "mode": mode,
+            "max_surge": max_surge,
+            "update_timeout": update_timeout,
+            "rollback": rollback,
+        }
+        if config is not None:
+            body["config"] = config
+        return self.request("POST", routes.UPDATE, json=body)
 
     def logs(self, target: str, tail: int = 200, offset: int | None = None) -> LogChunk:
         """Lines of the daemon's or a worker's log; pass the returned ``offset`` back to get

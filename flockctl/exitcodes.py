@@ -11,6 +11,7 @@
 | 6    | UNREACHABLE    | the daemon runs but its admin API did not answer, or refused         |
 | 7    | ADDRESS_IN_USE | the port asked for is already taken                                  |
 | 8    | NOT_FOUND      | no such worker, or no such log                                       |
+| 9    | UPDATE_FAILED  | ``update``: the new version failed and was rolled back, or refused   |
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ExitCode(IntEnum):
     UNREACHABLE = 6, "daemon unreachable"
     ADDRESS_IN_USE = 7, "address in use"
     NOT_FOUND = 8, "not found"
+    UPDATE_FAILED = 9, "update rolled back or refused"
 
 
 def exit_codes_help() -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 #: The ``schema`` key of ``GET /-/status``.
-SNAPSHOT_SCHEMA_VERSION = 2
+SNAPSHOT_SCHEMA_VERSION = 3
 #: The ``schema_version`` key of an engine's ``GET /stats``.
 STATS_SCHEMA_VERSION = 2
 
@@ -225,9 +225,46 @@ class LimitsView(TypedDict):
     open_files: OpenFiles
 
 
+class UpdateProgress(TypedDict):
+    """Where an update stands: the target, and the workers of each version."""
+
+    target: int
+    new_live: int
+    new_ready: int
+    old_live: int
+    old_draining: int
+
+
+class UpdateView(TypedDict):
+    """An update of the deployment (``flockctl update``): the one running, else the last.
+
+    ``state`` is ``running``, ``succeeded`` or ``rolled_back`` (the new version's workers
+    failed and the old version serves again; ``reason`` says why)."""
+
+    id: str
+    from_version: int
+    to_version: int
+    #: The version whose config it brings back (``flockctl update --rollback``), else None.
+    rollback_to: int | None
+    mode: str
+    max_surge: int
+    update_timeout: float
+    state: str
+    reason: str | None
+    started_at: float
+    ended_at: float | None
+    progress: UpdateProgress
+
+
 class DeploymentView(TypedDict):
     name: str
-    version: str
+    #: The deployment's version that serves: 1 at ``flockctl up``; an update that succeeds
+    #: moves it to its own (each update takes the next number; a rolled-back one leaves it).
+    version: int
+    #: The version of flockctl the daemon runs.
+    flockctl_version: str
+    #: The running update, else the last one; None before any.
+    update: UpdateView | None
     endpoint: str
     provisioner: str
     policy: str
@@ -325,6 +362,8 @@ class WorkerView(TypedDict):
     models: list[str]
     #: Its worker group (``flockctl: groups``); None in a deployment without groups.
     group: str | None
+    #: The deployment version it runs (``deployment.version``, or another while an update runs).
+    version: int
     #: Requests the balancer sends it at once; None: no limit.
     capacity: int | None
     #: Where ``capacity`` came from: ``flag`` (--worker-capacity), ``worker`` (its /stats), or

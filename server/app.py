@@ -17,6 +17,10 @@ Admin routes live under ``/-/`` and need the admin token (``Authorization: Beare
 - ``GET /-/requests?after=&limit=&status=&slow=&worker=&text=``: the newest request log records
   the daemon keeps in memory (numbered by ``seq``; ``after`` asks for the newer ones only), those
   that match the filter ``flockctl logs requests`` applies;
+- ``POST /-/update`` ``{"config"?, "mode"?, "max_surge"?, "update_timeout"?, "rollback"?}``: move
+  the deployment to its next version running ``config`` (a resolved config, as ``flockctl
+  update`` sends it), or back to the version before (``rollback``); answers at once (202) with
+  the update, whose progress ``deployment.update`` of the snapshot shows;
 - ``POST /-/shutdown``: drain every worker and stop.
 
 - ``GET /-/openapi.json``: this API's OpenAPI schema. There is no ``/-/docs`` page: a browser
@@ -33,20 +37,29 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flockctl import admin_routes as routes
 from flockctl.request_log_reader import RequestFilter, parse_statuses
-from flockctl.schema import AutoscalerView, LogChunk, StatusSnapshot, WorkerDetail, WorkerView
+from flockctl.schema import (
+    AutoscalerView,
+    LogChunk,
+    StatusSnapshot,
+    UpdateView,
+    WorkerDetail,
+    WorkerView,
+)
+from flockctl.server.config import DeploymentConfig
 from flockctl.server.deployment import Deployment
 from flockctl.server.proxy import Balancer
 from flockctl.server.request_log import RequestLog
+from flockctl.server.update import UpdateRefused
 from flockctl.server.workers import LIVE, Worker, WorkerState
 from flockctl.state import MAX_LOG_LINES, REQUEST_LOG, read_log
 
@@ -68,6 +81,18 @@ class Bounds(BaseModel):
     min_workers: int | None = None
     max_workers: int | None = None
     group: str | None = None
+
+
+class StartUpdate(BaseModel):
+    """Body of ``POST /-/update``: the new version's resolved ``config`` (or ``rollback``), and
+    how to roll it out."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, Any] | None = None
+    mode: Literal["rolling", "blue-green"] = "rolling"
+    max_surge: int = Field(1, ge=1)
+    update_timeout: float = Field(600.0, gt=0)
+    rollback: bool = False
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -335,6 +360,34 @@ def create_app(
         keep = RequestFilter(exact, classes, slow, worker or None, text)
         found, last, reset = request_log.recent(keep, after=after, limit=limit)
         return {"records": found, "last": last, "reset": reset}
+
+    @app.post(routes.UPDATE, dependencies=guarded, status_code=202, response_model=None)
+    async def start_update(body: StartUpdate) -> UpdateView:
+        if body.rollback and body.config is not None:
+            raise HTTPException(
+                422, "config: not with rollback, which brings back the previous version's config"
+            )
+        if not body.rollback and body.config is None:
+            raise HTTPException(422, "config: give the new version's resolved config")
+        new_cfg = None
+        if body.config is not None:
+            try:
+                new_cfg = DeploymentConfig.model_validate(body.config)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                    for e in exc.errors()
+                )
+                raise HTTPException(422, problems) from None
+        try:
+            update = deployment.start_update(
+                new_cfg, body.mode, body.max_surge, body.update_timeout, body.rollback
+            )
+        except UpdateRefused as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        except NotImplementedError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return update.to_dict()
 
     @app.post(routes.SHUTDOWN, dependencies=guarded, status_code=202)
     async def shutdown() -> dict[str, Any]:

@@ -27,6 +27,11 @@ its own autoscaler policy: it counts, launches, drains and replaces only its own
 (scale-down never picks another group's), and it scales on its own queue (the requests waiting
 for its model, which the deployment counts for it). Worker ids are drawn from one sequence
 shared by every group.
+
+Every worker belongs to a version of the deployment (1 at ``flockctl up``; ``flockctl update``
+makes the next). The controller keeps the workers of its current ``version`` at the target; those
+of other versions are an update's to drain (``flockctl.server.update``), which also caps how many
+of the current version run at once while it rolls (``update_cap``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flockctl.schema import AutoscalerView, DecisionView, SpotView
 from flockctl.server.autoscaler import AutoscalerPolicy, Decision, Observation, describe_demand
@@ -45,6 +50,9 @@ from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober
 from flockctl.server.provisioners.base import Provisioner
 from flockctl.server.workers import LIVE, Worker, WorkerState
+
+if TYPE_CHECKING:
+    from flockctl.server.update import Update
 
 log = logging.getLogger("flockctl.controller")
 S = WorkerState
@@ -160,6 +168,12 @@ class Controller:
         self._stopping = False
         #: Workers the last decision kept for the requests in flight and waiting, and why.
         self._held: tuple[int, str] = (0, "")
+        #: The deployment version new workers get; workers of other versions are not counted.
+        self.version = 1
+        #: While an update rolls: the most workers of ``version`` kept live (None: the target).
+        self.update_cap: int | None = None
+        #: The update in progress or last run (stepped with the controller, on its clock).
+        self.update: Update | None = None
         pool.on_transition(self._on_transition)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -170,6 +184,7 @@ class Controller:
                 self.ids.seen(worker.id)
                 if self.group_of is not None:
                     worker.group = self.group_of(worker)
+                worker.version = self.version
                 self.pool.add(worker)
                 self.prober.watch(worker)
                 log.info("re-adopted worker %s (pid %s, %s)", worker.id, worker.pid, worker.url)
@@ -208,8 +223,14 @@ class Controller:
         return worker.group == (None if self.group is None else self.group.name)
 
     def live(self) -> list[Worker]:
-        """This controller's live workers."""
-        return [w for w in self.pool.live() if self.owns(w)]
+        """This controller's live workers of its current version."""
+        return [w for w in self.pool.live() if self.owns(w) and w.version == self.version]
+
+    def others(self, states: frozenset[WorkerState] = LIVE) -> list[Worker]:
+        """This controller's workers in ``states`` that run another version than its own."""
+        return [
+            w for w in self.pool if w.state in states and self.owns(w) and w.version != self.version
+        ]
 
     @property
     def queued(self) -> int:
@@ -240,7 +261,7 @@ class Controller:
 
     def step(self, now: float) -> None:
         """Check resources, maybe decide, then reconcile the workers with the target."""
-        for worker in self.live():
+        for worker in [w for w in self.pool.live() if self.owns(w)]:
             if worker.state in (S.PENDING, S.PROVISIONING):
                 continue
             health = self.provisioner.health(worker)
@@ -252,6 +273,8 @@ class Controller:
         if now >= self._next_decide:
             self._next_decide = now + self.decide_interval
             self.apply(self.policy.decide(self.observe(), now))
+        if self.update is not None:
+            self.update.step(now)
         self.reconcile()
 
     def apply(self, decision: Decision) -> None:
@@ -306,7 +329,8 @@ class Controller:
             worker.held = None
         plan = self.provisioner.spot_plan
         if plan is None:
-            self._reconcile(live, self.target, None)
+            want = self.target if self.update_cap is None else min(self.target, self.update_cap)
+            self._reconcile(live, want, None)
         else:
             spot = [w for w in live if w.spot]
             ondemand = [w for w in live if not w.spot]
@@ -382,6 +406,7 @@ class Controller:
             model=model,
             spot=spot,
             group=None if group is None else group.name,
+            version=self.version,
         )
         self.pool.add(worker)
         self._launches[worker.id] = asyncio.create_task(
@@ -525,7 +550,12 @@ class Controller:
             self._spawn(self.provisioner.terminate(worker))
         if worker.state == S.READY:
             self.start_failures = 0
-        elif worker.state == S.FAILED and not worker.ever_ready and not self._stopping:
+        elif (
+            worker.state == S.FAILED
+            and not worker.ever_ready
+            and not self._stopping
+            and worker.version == self.version
+        ):
             self.start_failures += 1
             if self.start_failures >= self.max_start_failures and self.blocked is None:
                 self.blocked = (

@@ -1,12 +1,18 @@
 """One deployment: config, workers, provisioner, autoscaler, prober, engine stats, metrics, wired.
 
 ``Deployment.start()`` and ``stop()`` run inside the app's lifespan; ``snapshot()`` is the status
-document (schema 1) that the CLI, the dashboard and scripts all read from ``GET /-/status``.
+document that the CLI, the dashboard and scripts all read from ``GET /-/status``.
+
+A deployment has a version: 1 at start, the next one for each update (``start_update``). The
+config of each version is kept in the state dir beside the first (``config.v1.json``,
+``config.v2.json``, ...); ``config.json`` follows the version that serves, so a restarted daemon
+runs that one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,9 @@ from flockctl.server.policies import PolicySettings, make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
+from flockctl.server.update import Mode, Update, UpdateRefused, fixed_fields
 from flockctl.server.workers import Worker, WorkerState
+from flockctl.state import write_json_atomic
 
 
 def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
@@ -122,6 +130,13 @@ class Deployment:
         #: The deployment's own controller (of its first group, with groups), once started.
         self.controller: Controller | None = None
         self._sampler: asyncio.Task[None] | None = None
+        #: The version that serves, the config of every version, and the versions that served
+        #: in turn (``flockctl update --rollback`` goes back to the one before the last).
+        self.version = 1
+        self.configs: dict[int, DeploymentConfig] = {1: cfg}
+        self.served: list[int] = [1]
+        #: The running update, else the last one.
+        self.update: Update | None = None
 
     @property
     def endpoint(self) -> str:
@@ -135,6 +150,9 @@ class Deployment:
             controller.prober = self.prober
             controller.start()
         self.controller = self.groups.primary
+        for old in self.state_dir.glob("config.v*.json"):  # an earlier deployment's versions
+            old.unlink(missing_ok=True)
+        self._write_config(1, self.cfg, current=False)
         self.stats.start()
         self._sampler = asyncio.create_task(self._sample())
 
@@ -156,6 +174,113 @@ class Deployment:
         if self.prober is not None:  # a group made at run time starts at once
             controller.start()
         return controller
+
+    # -- updates -------------------------------------------------------------------------------
+
+    def start_update(
+        self,
+        new_cfg: DeploymentConfig | None,
+        mode: Mode = "rolling",
+        max_surge: int = 1,
+        timeout: float = 600.0,
+        rollback: bool = False,
+    ) -> Update:
+        """Move the deployment to its next version, running ``new_cfg`` (with ``rollback``, the
+        config of the version before the one serving); returns at once, the controller's loop
+        carries it out. Raises ``UpdateRefused`` saying why it cannot start."""
+        controller = self.controller
+        if controller is None:
+            raise UpdateRefused("the deployment is still starting; try again in a moment")
+        if self.update is not None and self.update.running:
+            raise UpdateRefused(
+                f"update {self.update.id} to version {self.update.new} is still running;"
+                " wait for it (flockctl status) before starting another"
+            )
+        if self.groups.named:
+            raise UpdateRefused(
+                "a deployment with worker groups cannot be updated in place; restart it with"
+                " flockctl down and flockctl up"
+            )
+        if self.provisioner.name == "skypilot":
+            raise UpdateRefused(
+                "SkyPilot workers cannot be updated in place yet; restart the deployment with"
+                " flockctl down and flockctl up"
+            )
+        rollback_to: int | None = None
+        if rollback:
+            if len(self.served) < 2:
+                raise UpdateRefused(
+                    f"version {self.version} is the first this deployment ran; there is no"
+                    " earlier version to go back to"
+                )
+            rollback_to = self.served[-2]
+            new_cfg = self.configs[rollback_to]
+        if new_cfg is None:
+            raise UpdateRefused("config: give the new version's config", 422)
+        fixed = fixed_fields(self.cfg.model_dump(mode="json"), new_cfg.model_dump(mode="json"))
+        if fixed:
+            raise UpdateRefused(
+                f"{', '.join(fixed)}: cannot change with flockctl update (only what runs on the"
+                " workers and how many may); restart with flockctl down and flockctl up",
+                422,
+            )
+        if new_cfg.groups:
+            raise UpdateRefused(
+                "groups: an update cannot add worker groups; restart with flockctl down and up",
+                422,
+            )
+        new = max(self.configs) + 1
+        self.configs[new] = new_cfg
+        self._write_config(new, new_cfg, current=False)
+        self._run_config(controller, new_cfg)
+        self.update = Update(
+            controller,
+            f"u{new}-{secrets.token_hex(3)}",
+            self.version,
+            new,
+            mode,
+            max_surge,
+            timeout,
+            on_end=self._update_ended,
+            rollback_to=rollback_to,
+        )
+        return self.update
+
+    def _run_config(self, controller: Controller, cfg: DeploymentConfig) -> None:
+        """Launch workers from ``cfg`` from now on, scaled by its autoscaler settings."""
+        self.provisioner.use_config(cfg)
+        before = controller.policy
+        policy = make_autoscaler(cfg)
+        if (policy.name, policy.thresholds(), policy.min_workers, policy.max_workers) != (
+            before.name,
+            before.thresholds(),
+            before.min_workers,
+            before.max_workers,
+        ):
+            controller.policy = policy
+            self.policy = policy
+            if policy.name == "fixed":
+                controller.target = cfg.initial_target()
+            else:
+                low, high = policy.min_workers, policy.max_workers
+                controller.target = min(max(controller.target, low), high)
+
+    def _update_ended(self, update: Update) -> None:
+        controller = update.controller
+        if update.state == "succeeded":
+            self.version = update.new
+            self.served.append(update.new)
+            self.cfg = self.configs[update.new]
+            self._write_config(update.new, self.cfg, current=True)
+        else:  # rolled back: launch the old version's workers again
+            self._run_config(controller, self.configs[update.old])
+
+    def _write_config(self, version: int, cfg: DeploymentConfig, current: bool) -> None:
+        data = cfg.model_dump(mode="json")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.state_dir / f"config.v{version}.json", data)
+        if current:
+            write_json_atomic(self.state_dir / "config.json", data)
 
     def controller_of(self, worker: Worker) -> Controller:
         """The controller keeping ``worker`` (of its group)."""
@@ -204,7 +329,9 @@ class Deployment:
             "generated_at": time.time(),
             "deployment": {
                 "name": cfg.name,
-                "version": __version__,
+                "version": self.version,
+                "flockctl_version": __version__,
+                "update": self.update.to_dict() if self.update is not None else None,
                 "endpoint": self.endpoint,
                 "provisioner": self.provisioner.name,
                 "policy": cfg.policy,

@@ -87,6 +87,8 @@ class Worker:
     models: tuple[str, ...] = ()
     #: The worker group it belongs to (``flockctl: groups``); None in a deployment without groups.
     group: str | None = None
+    #: The deployment version it runs (``flockctl update`` starts workers of the next one).
+    version: int = 1
     #: Requests the worker says it takes at once (flockctl's engine: running batch plus waiting
     #: room, from its ``/stats``); None where it does not say.
     reported_capacity: int | None = None
@@ -192,6 +194,7 @@ class Worker:
             "model": self.model,
             "models": list(self.models),
             "group": self.group,
+            "version": self.version,
             "capacity": self.capacity,
             "capacity_source": self.capacity_source,
             "spot": self.spot,

@@ -156,16 +156,18 @@ def up(
         "host": host,
         "port": port,
         "provisioner": provisioner,
-        "worker_command": worker_command,
-        "model": model,
-        "engine_args": engine_args,
-        "draft_models": draft_model or None,
-        "endpoints": endpoint or None,
-        "min_workers": min_workers,
-        "max_workers": max_workers,
-        "replicas": replicas,
-        "autoscaler": autoscaler,
-        "target_qps_per_replica": target_qps_per_replica,
+        **worker_flags(
+            model,
+            engine_args,
+            draft_model,
+            worker_command,
+            endpoint,
+            min_workers,
+            max_workers,
+            replicas,
+            autoscaler,
+            target_qps_per_replica,
+        ),
         "autoscale_up": autoscale_up,
         "autoscale_down": autoscale_down,
         "queue_tracking_window": queue_tracking_window,
@@ -217,7 +219,7 @@ def up(
         if watch:
             run_dashboard(target, None, False, 1.0, offer_start=False)
         return
-    cfg = _resolve_or_exit(spec, flags, names)
+    cfg = resolve_or_exit(spec, flags, names)
     if cfg.provisioner == "skypilot":
         _check_task(cfg, spec)
     directory = state_dir(cfg.name)
@@ -279,7 +281,37 @@ def _build_demo_first(cfg: Any, in_front: bool) -> None:
         )
 
 
-def _resolve_or_exit(spec: Path | None, flags: dict[str, Any], names: dict[str, str]) -> Any:
+def worker_flags(
+    model: str | None,
+    engine_args: str | None,
+    draft_model: list[str] | None,
+    worker_command: str | None,
+    endpoint: list[str] | None,
+    min_workers: int | None,
+    max_workers: int | None,
+    replicas: int | None,
+    autoscaler: str | None,
+    target_qps_per_replica: float | None,
+) -> dict[str, Any]:
+    """The flags that say what runs on the workers and how many: ``up`` and ``update`` take
+    the same ones, as config fields (None: not given)."""
+    return {
+        "worker_command": worker_command,
+        "model": model,
+        "engine_args": engine_args,
+        "draft_models": draft_model or None,
+        "endpoints": endpoint or None,
+        "min_workers": min_workers,
+        "max_workers": max_workers,
+        "replicas": replicas,
+        "autoscaler": autoscaler,
+        "target_qps_per_replica": target_qps_per_replica,
+    }
+
+
+def resolve_or_exit(spec: Path | None, flags: dict[str, Any], names: dict[str, str]) -> Any:
+    """The config of ``spec`` and ``flags`` (see ``flockctl.server.spec_file.resolve``); a
+    config error is each problem on its own line and exit 2."""
     from flockctl.server.config import ConfigError
     from flockctl.server.spec_file import resolve
 
@@ -318,7 +350,7 @@ def _dry_run(
     from flockctl.server.deployment import plan
     from flockctl.server.provisioners.sky_sdk import SkyError
 
-    cfg = _resolve_or_exit(spec, flags, names)
+    cfg = resolve_or_exit(spec, flags, names)
     try:
         resolved = plan(cfg)
     except SkyError as exc:

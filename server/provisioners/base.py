@@ -20,9 +20,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flockctl.server.autoscaler import SpotPlan
 from flockctl.server.workers import Worker
+
+if TYPE_CHECKING:
+    from flockctl.server.config import DeploymentConfig
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,11 @@ class Provisioner(ABC):
     def command_line(self, worker: Worker) -> str | None:
         """The command line ``worker`` runs, where the provisioner knows it (None elsewhere)."""
         return None
+
+    def use_config(self, cfg: DeploymentConfig) -> None:
+        """Launch the workers started from now on from ``cfg`` (``flockctl update``); those
+        running keep what they run. Raises ``NotImplementedError`` where it cannot."""
+        raise NotImplementedError(f"the {self.name} provisioner cannot update its workers")
 
     def add_endpoint(self, url: str) -> None:
         """Take one more worker URL; only where ``capabilities.takes_urls``."""

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flockctl.net import client_url
 from flockctl.server.offline import stop_recorded_workers
@@ -32,6 +32,9 @@ from flockctl.server.provisioners.base import ALIVE, Capabilities, Provisioner, 
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import is_same_process, process_start_time, read_json
 from flockctl.state import write_json_atomic as _write
+
+if TYPE_CHECKING:
+    from flockctl.server.config import DeploymentConfig
 
 #: Environment variables that carry the deployment's keys (``--node-control-key``, ``--api-key``):
 #: a local worker, which may be any third-party server, never gets them.
@@ -172,6 +175,15 @@ class LocalProvisioner(Provisioner):
         """The command line of one worker: ``command`` (else the deployment's) filled in."""
         template = command or self.command
         return template.replace("{port}", str(port)).replace("{worker_id}", worker_id)
+
+    def use_config(self, cfg: DeploymentConfig) -> None:
+        """Workers launched from now on run ``cfg``'s command (``flockctl update``); running
+        ones keep theirs, and the placement and records stay shared by both."""
+        command = cfg.local_command()
+        if command is None:
+            raise NotImplementedError("the new config runs no local command")
+        self.command, self.model = command, cfg.model
+        self.cwd = Path(cfg.workdir) if cfg.workdir else None
 
     def command_line(self, worker: Worker) -> str | None:
         """The command line ``worker`` runs, once it was launched (or re-adopted)."""

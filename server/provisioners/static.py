@@ -8,8 +8,13 @@ out of rotation until a probe passes again, however long that takes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flockctl.server.provisioners.base import Capabilities, Provisioner
 from flockctl.server.workers import Worker
+
+if TYPE_CHECKING:
+    from flockctl.server.config import DeploymentConfig
 
 
 class StaticProvisioner(Provisioner):
@@ -34,8 +39,14 @@ class StaticProvisioner(Provisioner):
         if url not in self.endpoints:
             self.endpoints.append(url)
 
+    def use_config(self, cfg: DeploymentConfig) -> None:
+        """The new endpoint list replaces the old one; a worker already at an old URL keeps it
+        until it is drained."""
+        self.endpoints = [u.rstrip("/") for u in cfg.endpoints]
+
     def capacity(self, live: int) -> int | None:
-        return len(self.endpoints) - len(self._in_use)
+        in_use = set(self._in_use.values())
+        return sum(1 for u in self.endpoints if u not in in_use)
 
     async def launch(self, worker: Worker) -> None:
         free = [u for u in self.endpoints if u not in self._in_use.values()]

@@ -1,0 +1,214 @@
+"""An update of a running deployment to its next version (``flockctl update``, ``POST /-/update``).
+
+The controller launches workers of the new version from the moment the update starts (the
+autoscaler's target applies to them); this state machine, stepped on the controller's clock,
+decides how many of them may run at once and when the old version's workers drain:
+
+- ``rolling``: at most ``max_surge`` workers above the target at once; each new worker that is
+  READY lets one old worker drain, until no old worker is left;
+- ``blue-green``: a full set of new workers; once all of them are READY the old set drains at once
+  (drained workers get no new request; those in flight finish within the drain timeout).
+
+Old workers keep serving until new ones are READY, so no request waits for want of a worker. New
+workers that fail (the controller's crash-loop guard stops launching, or one is not READY within
+``timeout`` seconds of its launch) roll the update back: the controller returns to the old
+version, the new workers drain, and ``reason`` says why. The update is done once no worker of the
+old version is left, running or draining.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from flockctl.schema import UpdateProgress, UpdateView
+from flockctl.server.workers import LIVE, WorkerState
+
+if TYPE_CHECKING:
+    from flockctl.server.controller import Controller
+
+log = logging.getLogger("flockctl.update")
+
+Mode = Literal["rolling", "blue-green"]
+MODES: tuple[Mode, ...] = ("rolling", "blue-green")
+#: States a worker of the old version holds until the update may end.
+_NOT_GONE = LIVE | {WorkerState.DRAINING}
+
+
+class Update:
+    """One update from version ``old`` to ``new`` of the workers one controller keeps.
+
+    ``on_end(update)`` runs once, when it succeeded or was rolled back, after the controller was
+    moved back to ``old`` in the latter case: the deployment records the version it now runs.
+    """
+
+    def __init__(
+        self,
+        controller: Controller,
+        update_id: str,
+        old: int,
+        new: int,
+        mode: Mode = "rolling",
+        max_surge: int = 1,
+        timeout: float = 600.0,
+        on_end: Callable[[Update], None] | None = None,
+        rollback_to: int | None = None,
+    ) -> None:
+        self.controller = controller
+        self.id = update_id
+        self.old = old
+        self.new = new
+        self.mode: Mode = mode
+        self.max_surge = max_surge
+        self.timeout = timeout
+        self.on_end = on_end
+        #: The version whose config this update brings back (``flockctl update --rollback``).
+        self.rollback_to = rollback_to
+        self.state: Literal["running", "succeeded", "rolled_back"] = "running"
+        self.reason: str | None = None
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        controller.version = new
+        controller.update = self
+        self._set_cap()
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def _set_cap(self) -> None:
+        controller = self.controller
+        if self.mode == "blue-green":
+            controller.update_cap = None
+        else:
+            old = len(controller.others())
+            controller.update_cap = max(0, controller.target + self.max_surge - old)
+
+    def step(self, now: float) -> None:
+        """Check the new workers, then drain the old ones their READY peers replace."""
+        if not self.running:
+            return
+        controller = self.controller
+        if controller.blocked is not None:
+            self.roll_back(f"the new version's workers fail: {controller.blocked}")
+            return
+        new = controller.live()
+        for worker in new:
+            if not worker.ever_ready and now - worker.created_at > self.timeout:
+                self.roll_back(
+                    f"worker {worker.id} of version {self.new} was not READY within"
+                    f" {self.timeout:g}s (--update-timeout)"
+                )
+                return
+        ready = sum(1 for w in new if w.state == WorkerState.READY)
+        old = controller.others()
+        target = controller.target
+        if self.mode == "blue-green":
+            surplus = len(old) if ready >= target else 0
+        else:
+            surplus = len(old) + ready - target
+        if surplus > 0:
+            from flockctl.server.controller import scale_down_order
+
+            for worker in scale_down_order(old, waiting=False)[:surplus]:
+                log.info("update %s: draining %s of version %d", self.id, worker.id, self.old)
+                controller.drain(worker)
+        self._set_cap()
+        if not controller.others(_NOT_GONE) and ready >= min(target, 1):
+            self._end("succeeded", None)
+
+    def roll_back(self, reason: str) -> None:
+        """Give up the new version: the controller keeps the old one, the new workers drain."""
+        if not self.running:
+            return
+        controller = self.controller
+        log.error("update %s to version %d rolled back: %s", self.id, self.new, reason)
+        controller.version = self.old
+        controller.update_cap = None
+        controller.blocked = None
+        controller.start_failures = 0
+        for worker in controller.others():
+            controller.drain(worker)
+        self._end("rolled_back", reason)
+
+    def _end(self, state: Literal["succeeded", "rolled_back"], reason: str | None) -> None:
+        self.state = state
+        self.reason = reason
+        self.ended_at = time.time()
+        self.controller.update_cap = None
+        if state == "succeeded":
+            log.info("update %s: version %d serves", self.id, self.new)
+        if self.on_end is not None:
+            self.on_end(self)
+
+    def progress(self) -> UpdateProgress:
+        controller = self.controller
+        mine = [w for w in controller.pool if controller.owns(w)]
+        new = [w for w in mine if w.version == self.new]
+        old = [w for w in mine if w.version == self.old]
+        return {
+            "target": controller.target,
+            "new_live": sum(1 for w in new if w.live),
+            "new_ready": sum(1 for w in new if w.state == WorkerState.READY),
+            "old_live": sum(1 for w in old if w.live),
+            "old_draining": sum(1 for w in old if w.state == WorkerState.DRAINING),
+        }
+
+    def to_dict(self) -> UpdateView:
+        """The update as the status snapshot shows it (``deployment.update``)."""
+        return {
+            "id": self.id,
+            "from_version": self.old,
+            "to_version": self.new,
+            "rollback_to": self.rollback_to,
+            "mode": self.mode,
+            "max_surge": self.max_surge,
+            "update_timeout": self.timeout,
+            "state": self.state,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "progress": self.progress(),
+        }
+
+
+class UpdateRefused(Exception):
+    """An update the deployment cannot start; ``status`` is the admin API's answer (409: not
+    now or not here, 422: a field of the new config that cannot change)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: The config fields an update may change: what runs on a worker and how many run. The rest
+#: (the balancer's address, keys, limits, the probe) belong to the daemon and need ``up``.
+UPDATABLE = frozenset(
+    {
+        "model",
+        "worker_command",
+        "engine_args",
+        "draft_models",
+        "workdir",
+        "endpoints",
+        "min_workers",
+        "max_workers",
+        "autoscaler",
+        "replicas",
+        "target_qps_per_replica",
+        "autoscale_up",
+        "autoscale_down",
+        "queue_tracking_window",
+        "upscale_delay",
+        "downscale_delay",
+    }
+)
+
+
+def fixed_fields(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    """The fields that differ between two configs (as JSON) and that an update cannot change."""
+    return sorted(
+        k for k in old.keys() | new.keys() if k not in UPDATABLE and old.get(k) != new.get(k)
+    )
