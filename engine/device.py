@@ -3,10 +3,17 @@
 Memory comes from NVML when an NVIDIA GPU and its library exist (the whole device, as
 ``nvidia-smi`` shows it), else from torch's own CUDA/MPS counters, else from the process RSS on
 CPU. No NVML is the normal case on CPU and MPS machines, never an error.
+
+NVML is asked by the device's UUID, never by its CUDA index: with ``CUDA_VISIBLE_DEVICES``
+remapped (flockctl gives each local worker its own GPUs), this process's ``cuda:0`` is NVML's GPU
+2, say. The reading carries the CUDA index and the UUID, so the daemon can tell which GPU it is.
+A worker that shares its GPU (``FLOCKCTL_GPU_SHARE``, 0.5 for half) counts only its share of the
+device's memory as free.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Any
 
@@ -64,8 +71,12 @@ class DeviceMemory:
         self.device = device
         self._nvml_handle: Any = None
         self.name = self._name()
+        self.index: int | None = None
+        self.uuid: str | None = None
         if device.type == "cuda":
-            self._nvml_handle = _nvml_handle(device.index or torch.cuda.current_device())
+            self.index = device.index if device.index is not None else torch.cuda.current_device()
+            self.uuid = _cuda_uuid(self.index)
+            self._nvml_handle = _nvml_handle(self.uuid)
 
     def _name(self) -> str:
         if self.device.type == "cuda":
@@ -77,8 +88,8 @@ class DeviceMemory:
     def free_bytes(self) -> int:
         """Memory the engine could still claim on the device (used for the default KV budget)."""
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            return int(free)
+            free, total = torch.cuda.mem_get_info(self.device)
+            return shared_free(int(free), int(total), gpu_share())
         if self.device.type == "mps":
             limit = int(torch.mps.recommended_max_memory())
             return max(0, limit - int(torch.mps.driver_allocated_memory()))
@@ -103,21 +114,53 @@ class DeviceMemory:
         return self._reading(rss, int(psutil.virtual_memory().total), "psutil")
 
     def _reading(self, used: int, total: int, source: str) -> MemoryReading:
-        return {
+        reading: MemoryReading = {
             "type": self.device.type,
             "name": self.name,
             "memory_used": used,
             "memory_total": total,
             "source": source,
         }
+        if self.index is not None:
+            reading["index"] = self.index
+        if self.uuid is not None:
+            reading["uuid"] = self.uuid
+        return reading
 
 
-def _nvml_handle(index: int) -> Any:
-    """An NVML handle for CUDA device ``index``, or None when NVML is not there (normal)."""
+def gpu_share() -> float:
+    """The share of its GPU this engine may use (``FLOCKCTL_GPU_SHARE``; 1 when unset)."""
+    try:
+        share = float(os.environ.get("FLOCKCTL_GPU_SHARE", "1"))
+    except ValueError:
+        return 1.0
+    return share if 0 < share <= 1 else 1.0
+
+
+def shared_free(free: int, total: int, share: float) -> int:
+    """Free memory within this engine's share of a device: of a GPU shared by two engines
+    (share 0.5), the second to start finds the first's memory gone, and each may claim at most
+    half the device."""
+    return max(0, min(free, int(total * share))) if share < 1 else free
+
+
+def _cuda_uuid(index: int) -> str | None:
+    """NVML's UUID (``GPU-...``) of CUDA device ``index``, as torch knows it."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # an older torch without it
+        return None
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+def _nvml_handle(uuid: str | None) -> Any:
+    """An NVML handle for the GPU ``uuid``, or None when NVML is not there (normal)."""
+    if uuid is None:
+        return None
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
-    except Exception:  # no library, no driver, or an index NVML doesn't know
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    except Exception:  # no library, no driver, or a UUID NVML doesn't know
         return None

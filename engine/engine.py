@@ -23,7 +23,7 @@ from flockctl.engine.device import DeviceMemory
 from flockctl.engine.embeddings import Embedder
 from flockctl.engine.handle import JobHandle
 from flockctl.engine.job import InvalidRequest, Job, JobState
-from flockctl.engine.kv import KVPool, kv_bytes_per_token, num_layers
+from flockctl.engine.kv import KVPool, cuda_kv_budget, kv_bytes_per_token, num_layers
 from flockctl.engine.loop import ModelLoop
 from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import DecodePace, Profile, calibrate
@@ -155,14 +155,24 @@ class Engine:
     # -- sizing --------------------------------------------------------------------------------
 
     def _default_budget(self) -> int:
-        """KV tokens: 80% of free CUDA memory; on CPU/MPS a quarter of what is free, at most
-        2 GiB; never more than every admissible job at full length could use."""
+        """KV tokens: the free memory of this engine's own GPU (its share of it) less a margin,
+        refusing to start below one ``--max-model-len`` request; on CPU/MPS a quarter of what
+        is free, at most 2 GiB; never more than every admissible job at full length could use."""
         per_token = kv_bytes_per_token(self.model.config, self.dtype) + sum(
             kv_bytes_per_token(m.config, self.dtype) for _, m in self._draft_models
         )
         free = self.memory.free_bytes()
-        usable = free * 0.8 if self.device.type == "cuda" else min(free * 0.25, 2 * 2**30)
         ceiling = (self.config.max_batch_size + self.config.max_waiting) * self.max_model_len
+        if self.device.type == "cuda":
+            return cuda_kv_budget(
+                free,
+                per_token,
+                self.max_model_len,
+                ceiling,
+                self.config.block_size,
+                required=self.config.max_model_len is not None,
+            )
+        usable = min(free * 0.25, 2 * 2**30)
         return max(self.config.block_size, min(int(usable // per_token), ceiling))
 
     # -- API side (event loop thread) ---------------------------------------------------------

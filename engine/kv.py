@@ -67,6 +67,45 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * num_layers(config) * kv_heads * head_dim * itemsize
 
 
+#: Of a GPU's free memory, the part an engine leaves for its CUDA context, activations and
+#: the allocator's slack (at least ``CUDA_MARGIN_MIN`` bytes); the KV cache gets the rest.
+CUDA_MARGIN_SHARE = 0.2
+CUDA_MARGIN_MIN = 256 << 20
+
+
+class KVBudgetTooSmall(EngineLoadError):
+    """The device's free memory cannot hold one request of the context asked for."""
+
+
+def cuda_kv_budget(
+    free_bytes: int,
+    per_token: int,
+    max_model_len: int,
+    ceiling: int,
+    block_size: int,
+    *,
+    required: bool,
+) -> int:
+    """KV tokens for an engine on its own GPU: the device's free memory less a margin, at most
+    ``ceiling`` tokens. When ``required`` (``--max-model-len`` was given) and that cannot hold
+    one request of ``max_model_len`` tokens, the engine must not start: a KVBudgetTooSmall says
+    what is free and what is needed."""
+    margin = max(int(free_bytes * CUDA_MARGIN_SHARE), CUDA_MARGIN_MIN)
+    tokens = max(0, free_bytes - margin) // max(1, per_token)
+    if required and tokens < max_model_len:
+        raise KVBudgetTooSmall(
+            f"--max-model-len {max_model_len} needs {_gib(max_model_len * per_token)} of KV"
+            f" cache, but this GPU has {_gib(free_bytes)} free, {_gib(max(0, free_bytes - margin))}"
+            f" after a {_gib(margin)} margin ({tokens} tokens): lower --max-model-len, or give"
+            " each worker more of a GPU (--gpus-per-worker)"
+        )
+    return max(block_size, min(tokens, ceiling))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 @dataclass
 class HostCopy:
     """A swapped-out job's cache in host memory (pinned on CUDA)."""

@@ -21,12 +21,20 @@ from typing import Any, TypedDict
 #: The ``schema`` key of ``GET /-/status``.
 SNAPSHOT_SCHEMA_VERSION = 3
 #: The ``schema_version`` key of an engine's ``GET /stats``.
-STATS_SCHEMA_VERSION = 2
+STATS_SCHEMA_VERSION = 3
 
 # -- an engine's /stats ----------------------------------------------------------------------------
 
 
-class DeviceMemory(TypedDict):
+class DeviceIdentity(TypedDict, total=False):
+    """On CUDA: the device's index in the engine's process (after ``CUDA_VISIBLE_DEVICES``)
+    and its NVML UUID, which names the same GPU in every process."""
+
+    index: int
+    uuid: str
+
+
+class DeviceMemory(DeviceIdentity):
     """The engine's device and its memory, read through NVML, torch, or psutil (the host's RAM
     when the engine runs on the CPU)."""
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from flockctl.server.gpus import check_share, parse_indices
 from flockctl.server.limits import parse_size
 from flockctl.server.provisioners import sky_task
 from flockctl.server.provisioners.engine_command import engine_command, engine_threads, takes_port
@@ -200,6 +201,22 @@ class DeploymentConfig(_Strict):
         description="OpenTelemetry collector the daemon and its engine workers send traces and"
         " metrics to: http://host:4318 (OTLP/HTTP) or grpc://host:4317 (OTLP/gRPC)",
     )
+    gpus: list[int] | None = Field(
+        None,
+        description="GPUs (NVML's indices, as nvidia-smi numbers them) local workers are placed"
+        " on; None: every GPU NVML sees",
+    )
+    gpus_per_worker: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs each local worker gets (0.5: two workers share one); None: 1 for"
+        " flockctl's engine where there are GPUs, 0 for another worker command",
+    )
+    cuda_mps: bool = Field(
+        False,
+        description="run local workers under CUDA MPS: the daemon starts its control daemon and"
+        " gives each worker its share of each GPU's threads",
+    )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     groups: list[GroupConfig] = Field(
         default_factory=list,
@@ -235,6 +252,19 @@ class DeploymentConfig(_Strict):
                 return shlex.split(value)
             except ValueError as exc:
                 raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+        return value
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _parse_gpus(cls, value: Any) -> Any:
+        """``--gpus 0,1,3`` as a list of indices (a SPEC may give a list)."""
+        return None if value is None else parse_indices(value)
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpu_share(cls, value: float | None) -> float | None:
+        if value is not None:
+            check_share(value)
         return value
 
     @field_validator("otel_collector_endpoint")
@@ -307,6 +337,7 @@ class DeploymentConfig(_Strict):
             for url in self.endpoints:
                 if not url.startswith(("http://", "https://")):
                     raise ValueError(f"endpoints: {url!r} is not an http:// or https:// URL")
+        self._check_gpus()
         if self.min_workers > self.max_workers:
             raise ValueError(
                 f"min_workers ({self.min_workers}) is larger than max_workers ({self.max_workers})"
@@ -331,6 +362,18 @@ class DeploymentConfig(_Strict):
                 " second one worker should take)"
             )
         return self
+
+    def _check_gpus(self) -> None:
+        """GPU placement is for local workers; MPS needs workers that share GPUs."""
+        if self.provisioner != "local":
+            for key in ("gpus", "gpus_per_worker", "cuda_mps"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"{key}: GPU placement is for local workers; the {self.provisioner}"
+                        " provisioner's workers run on their own machines"
+                    )
+        if self.cuda_mps and self.gpus_per_worker == 0:
+            raise ValueError("cuda_mps: workers given no GPU (gpus_per_worker 0) cannot use MPS")
 
     def _check_groups(self) -> None:
         """Groups run local workers, each group its own thing; the deployment runs none itself."""

@@ -32,6 +32,7 @@ from flockctl.server.autoscaler import (
 from flockctl.server.config import DeploymentConfig, ProbeConfig
 from flockctl.server.controller import Controller, WorkerGroup
 from flockctl.server.engine_stats import StatsPuller
+from flockctl.server.gpus import placement_for
 from flockctl.server.groups import Groups
 from flockctl.server.limits import describe as describe_limits
 from flockctl.server.metrics import GaugeState, Metrics
@@ -79,7 +80,10 @@ def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     command = own.local_command()
     assert command is not None
     cwd = Path(cfg.workdir) if cfg.workdir else None
-    return LocalProvisioner(command, state_dir, cwd=cwd, model=own.model)
+    gpus = placement_for(cfg)
+    return LocalProvisioner(
+        command, state_dir, cwd=cwd, model=own.model, gpus=gpus, cuda_mps=cfg.cuda_mps
+    )
 
 
 def make_spot_plan(cfg: DeploymentConfig) -> SpotPlan | None:

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 from functools import partial
 from typing import Any, cast
@@ -31,6 +31,7 @@ import httpx
 
 from flockctl.schema import EngineView, GpuMemory
 from flockctl.server.config import ProbeConfig
+from flockctl.server.gpus import discover
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import read_capped, short_error
 from flockctl.server.workers import TERMINAL, Worker, WorkerState
@@ -75,17 +76,34 @@ def engine_view(payload: Any, max_jobs: int = MAX_JOBS) -> EngineView | None:
     return cast(EngineView, view)
 
 
-def gpu_memory_of(stats: EngineView) -> GpuMemory | None:
-    """``{"used", "total", "device", "source"}`` from the stats' ``device``, or None."""
+def gpu_memory_of(
+    stats: EngineView, nvml_index: Mapping[str, int] | None = None
+) -> GpuMemory | None:
+    """``{"used", "total", "device", "source"}`` from the stats' ``device``, or None.
+
+    A CUDA engine names its GPU by UUID; ``nvml_index`` (UUID to NVML's index, as nvidia-smi
+    numbers the GPUs here) turns it into ``cuda:2`` for the GPU it really is, whatever index
+    the engine's ``CUDA_VISIBLE_DEVICES`` gave it. A GPU this machine does not know (a remote
+    worker) keeps the engine's own index.
+    """
     device = stats.get("device")
     if not isinstance(device, dict):
         return None
+    kind, uuid, index = _text(device.get("type")), device.get("uuid"), device.get("index")
+    if isinstance(uuid, str) and nvml_index and uuid in nvml_index:
+        index = nvml_index[uuid]
+    label = f"{kind}:{index}" if kind and isinstance(index, int) else kind
     return {
         "used": _number(device.get("memory_used")),
         "total": _number(device.get("memory_total")),
-        "device": _text(device.get("type")),
+        "device": label,
         "source": _text(device.get("source")),
     }
+
+
+def nvml_indices() -> dict[str, int]:
+    """Each GPU's NVML index by UUID on this machine (empty without NVML)."""
+    return {gpu.uuid: gpu.index for gpu in discover()}
 
 
 def _number(value: Any) -> int | float | None:
@@ -118,6 +136,8 @@ class StatsPuller:
         self._pulls: dict[str, asyncio.Task[Outcome]] = {}
         self._not_before: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        #: NVML's index of each GPU by UUID, read once when an engine first reports a device.
+        self._nvml_index: dict[str, int] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="engine-stats")
@@ -177,7 +197,9 @@ class StatsPuller:
                 )
             worker.engine = stats
             self._take_capacity(worker, stats)
-            worker.gpu_memory = gpu_memory_of(stats)
+            if self._nvml_index is None:
+                self._nvml_index = nvml_indices()
+            worker.gpu_memory = gpu_memory_of(stats, self._nvml_index)
             worker.engine_at = time.time()
             worker.engine_stale = False
             self._failures.pop(worker.id, None)
@@ -191,7 +213,7 @@ class StatsPuller:
                     detail,
                     self.recheck_seconds,
                 )
-            _clear(worker)
+            _clear(worker, keep_memory=worker.engine is None)
             self._failures.pop(worker.id, None)
             self._not_before[worker.id] = self.clock() + self.recheck_seconds
         else:
@@ -268,8 +290,11 @@ async def _read_capped(resp: httpx.Response) -> bytes | None:
     return body if whole else None
 
 
-def _clear(worker: Worker) -> None:
+def _clear(worker: Worker, keep_memory: bool = False) -> None:
+    """Forget what ``worker``'s engine said; ``keep_memory`` keeps ``gpu_memory`` when it was
+    not the engine's (the local provisioner reads a non-engine worker's GPUs itself)."""
     worker.engine = None
-    worker.gpu_memory = None
+    if not keep_memory:
+        worker.gpu_memory = None
     worker.engine_at = None
     worker.engine_stale = False

@@ -16,6 +16,7 @@ from flockctl.commands.up_options import (
     AutoscaleDownOpt,
     AutoscalerOpt,
     AutoscaleUpOpt,
+    CudaMpsOpt,
     DeploymentNameOpt,
     DownscaleDelayOpt,
     DraftModelOpt,
@@ -25,6 +26,8 @@ from flockctl.commands.up_options import (
     EngineArgsOpt,
     FailureThresholdOpt,
     ForegroundOpt,
+    GpusOpt,
+    GpusPerWorkerOpt,
     HeaderTimeoutOpt,
     HostOpt,
     InitialDelayOpt,
@@ -114,6 +117,9 @@ def up(
     max_start_failures: MaxStartFailuresOpt = None,
     replace_after: ReplaceAfterOpt = None,
     workers_ceiling: WorkersCeilingOpt = None,
+    gpus: GpusOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    cuda_mps: CudaMpsOpt = None,
     foreground: ForegroundOpt = False,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 60.0,
@@ -192,6 +198,9 @@ def up(
         "max_start_failures": max_start_failures,
         "replace_after": replace_after,
         "workers_ceiling": workers_ceiling,
+        "gpus": gpus,
+        "gpus_per_worker": gpus_per_worker,
+        "cuda_mps": cuda_mps,
         "probe": probe or None,
         "workdir": os.getcwd(),
     }
@@ -222,6 +231,7 @@ def up(
     cfg = resolve_or_exit(spec, flags, names)
     if cfg.provisioner == "skypilot":
         _check_task(cfg, spec)
+    _check_gpus(cfg)
     directory = state_dir(cfg.name)
 
     from flockctl import daemon
@@ -321,6 +331,19 @@ def resolve_or_exit(spec: Path | None, flags: dict[str, Any], names: dict[str, s
         for problem in exc.problems:
             say(problem)
         raise typer.Exit(int(ExitCode.USAGE)) from None
+
+
+def _check_gpus(cfg: Any) -> None:
+    """GPU flags on a machine without those GPUs are a usage error here, not workers that
+    wait for GPUs that never come."""
+    if cfg.provisioner != "local":
+        return
+    from flockctl.server.gpus import PlacementError, placement_for
+
+    try:
+        placement_for(cfg)
+    except PlacementError as exc:
+        fail(str(exc), ExitCode.USAGE)
 
 
 def _check_task(cfg: Any, spec: Path | None) -> None:

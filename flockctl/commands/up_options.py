@@ -413,6 +413,38 @@ WorkersCeilingOpt = Annotated[
     ),
 ]
 
+GpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="GPUs local workers are placed on, as nvidia-smi numbers them, e.g. --gpus 0,1,2,3"
+        " [default: every GPU NVML sees]. Refused on a machine without NVIDIA GPUs.",
+        rich_help_panel=W,
+        show_default=False,
+    ),
+]
+
+GpusPerWorkerOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="GPUs each local worker gets, in its own CUDA_VISIBLE_DEVICES; 0.5 puts two"
+        " workers on one GPU; {gpus} in --worker-command is the count [default: 1 for"
+        " flockctl's engine, 0 for other worker commands].",
+        rich_help_panel=W,
+        show_default=False,
+    ),
+]
+
+CudaMpsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--cuda-mps",
+        help="Run local workers under CUDA MPS: the daemon starts nvidia-cuda-mps-control and"
+        " gives each worker its share of a GPU's threads; stopped at down.",
+        rich_help_panel=W,
+        show_default=False,
+    ),
+]
+
 ForegroundOpt = Annotated[
     bool,
     typer.Option(

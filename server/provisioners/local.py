@@ -1,7 +1,8 @@
 """Workers as local processes: one command line per worker, each in its own process group.
 
-The command is a template: ``{port}`` becomes the port assigned to the worker and
-``{worker_id}`` its id (the environment also carries ``PORT`` and ``FLOCKCTL_WORKER_ID``). A
+The command is a template: ``{port}`` becomes the port assigned to the worker,
+``{worker_id}`` its id (the environment also carries ``PORT`` and ``FLOCKCTL_WORKER_ID``) and
+``{gpus}`` how many GPUs it was given. A
 worker may carry its own template (``Worker.command``: an operator started it with another model);
 it replaces the deployment's for that worker only. Output goes to ``workers/<id>.log``. Live
 workers are recorded in ``workers.json`` (pid, process start time, command and model) so a
@@ -10,6 +11,13 @@ restarted daemon re-adopts them instead of leaving orphans.
 A worker may be any third-party server, so it never gets the deployment's keys: the variables
 that carry them (``KEY_ENV_VARS``) are taken out of its environment. Its log may hold what an
 earlier worker of the same id wrote; why a worker ended quotes only its own lines.
+
+With GPUs (``server/gpus.py``), each worker gets its own ``CUDA_VISIBLE_DEVICES`` before it
+starts; one that finds no GPU free is not started: it waits in PROVISIONING, its reason saying
+who holds the GPUs, until a worker ends. The memory of a worker's GPUs is read by their UUIDs
+for a worker whose own ``/stats`` does not report it (any server other than flockctl's engine).
+Under ``--cuda-mps`` the provisioner starts the MPS control daemon before the first worker and
+stops it when it closes.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flockctl.net import client_url
+from flockctl.server import gpus as gpu_info
+from flockctl.server import mps
+from flockctl.server.gpus import Assignment, Placement
 from flockctl.server.offline import stop_recorded_workers
 from flockctl.server.provisioners.base import ALIVE, Capabilities, Provisioner, ResourceHealth
 from flockctl.server.workers import Worker, WorkerState
@@ -159,8 +170,19 @@ class LocalProvisioner(Provisioner):
         stop_timeout: float = 10.0,
         cwd: Path | None = None,
         model: str | None = None,
+        gpus: Placement | None = None,
+        cuda_mps: bool = False,
     ) -> None:
         self.command = command
+        #: Which GPUs each worker gets; None: workers get the daemon's environment as it is.
+        self.gpus = gpus
+        self.cuda_mps = cuda_mps and gpus is not None
+        self._gpu_freed: asyncio.Event | None = None
+        #: Workers waiting for GPUs, in the order they asked.
+        self._gpu_queue: list[str] = []
+        self._mps_started = False
+        #: Why MPS could not start: every launch fails with it.
+        self._mps_error: str | None = None
         #: The model ``command`` serves (flockctl's engine), None for a custom worker command.
         self.model = model
         self.cwd = cwd
@@ -171,10 +193,14 @@ class LocalProvisioner(Provisioner):
         self._table = state_dir / "workers.json"
         self._records: dict[str, dict[str, Any]] = {}
 
-    def render(self, worker_id: str, port: int, command: str | None = None) -> str:
+    def render(self, worker_id: str, port: int, command: str | None = None, gpus: int = 0) -> str:
         """The command line of one worker: ``command`` (else the deployment's) filled in."""
         template = command or self.command
-        return template.replace("{port}", str(port)).replace("{worker_id}", worker_id)
+        return (
+            template.replace("{port}", str(port))
+            .replace("{worker_id}", worker_id)
+            .replace("{gpus}", str(gpus))
+        )
 
     def use_config(self, cfg: DeploymentConfig) -> None:
         """Workers launched from now on run ``cfg``'s command (``flockctl update``); running
@@ -194,9 +220,16 @@ class LocalProvisioner(Provisioner):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if worker.command is None:
             worker.model = self.model
+        if self._mps_error is not None:
+            raise RuntimeError(self._mps_error)
+        placed = await self._placed(worker)
         port = free_port(self.host)
-        cmd = self.render(worker.id, port, worker.command)
+        cmd = self.render(worker.id, port, worker.command, placed.count if placed else 0)
         env = worker_env(port, worker.id)
+        if placed is not None:
+            env |= placed.env(self.cuda_mps)
+            if self.cuda_mps:
+                env |= mps.mps_env(self.state_dir)
         log_path = self.log_dir / f"{worker.id}.log"
         with log_path.open("ab") as log:
             log_offset = log.seek(0, os.SEEK_END)
@@ -225,13 +258,58 @@ class LocalProvisioner(Provisioner):
             "template": worker.command,
             "model": worker.model,
             "log_offset": log_offset,
+            "gpus": [g.index for g in placed.gpus] if placed else None,
         }
         self._save()
+
+    async def _placed(self, worker: Worker) -> Assignment | None:
+        """The GPUs ``worker`` gets, once some are free (None without placement). While none
+        is, the worker's reason says why; cancelling the launch ends the wait."""
+        if self.gpus is None:
+            return None
+        if self._gpu_freed is None:
+            self._gpu_freed = asyncio.Event()
+        self._gpu_queue.append(worker.id)
+        try:
+            while True:
+                first = self._gpu_queue[0] == worker.id  # first come, first placed
+                placed = self.gpus.assign(worker.id) if first else None
+                if placed is not None:
+                    break
+                worker.reason = self.gpus.why_none()
+                self._gpu_freed.clear()
+                await self._gpu_freed.wait()
+        finally:
+            self._gpu_queue.remove(worker.id)
+            self._gpu_freed.set()  # the next in line looks again
+        worker.resource = placed.describe()
+        return placed
+
+    def _release(self, worker_id: str) -> None:
+        """Give ``worker_id``'s GPUs back and wake the launches waiting for one."""
+        if self.gpus is not None and self.gpus.of(worker_id) is not None:
+            self.gpus.release(worker_id)
+            if self._gpu_freed is not None:
+                self._gpu_freed.set()
+
+    def start(self) -> None:
+        if self.cuda_mps and not self._mps_started:
+            self._mps_started = True
+            try:
+                mps.start(self.state_dir)
+            except mps.MpsError as exc:
+                self._mps_error = str(exc)
+
+    async def close(self) -> None:
+        if self._mps_started:
+            await asyncio.to_thread(mps.stop, self.state_dir)
+            self._mps_started = False
 
     def health(self, worker: Worker) -> ResourceHealth:
         handle: _Handle | None = worker.handle
         if handle is None:
             return ALIVE
+        self._read_gpu_memory(worker)
         if handle.popen is not None:
             code = handle.popen.poll()
             if code is None:
@@ -240,6 +318,13 @@ class LocalProvisioner(Provisioner):
         if is_same_process(handle.pid, handle.start_time):
             return ALIVE
         return ResourceHealth(False, self._exit_reason(worker.id, handle, None))
+
+    def _read_gpu_memory(self, worker: Worker) -> None:
+        """The memory of the GPUs ``worker`` was given, read by their UUIDs, for a worker whose
+        engine does not report its own (flockctl's engine does, in its ``/stats``)."""
+        placed = self.gpus.of(worker.id) if self.gpus is not None else None
+        if placed is not None and worker.engine is None:
+            worker.gpu_memory = gpu_info.memory_of(placed.gpus)
 
     def _exit_reason(self, worker_id: str, handle: _Handle, code: int | None) -> str:
         if code is None:
@@ -258,6 +343,7 @@ class LocalProvisioner(Provisioner):
     async def terminate(self, worker: Worker) -> None:
         handle: _Handle | None = worker.handle
         if handle is None:
+            self._release(worker.id)  # a launch that ended before its process started
             return
         if handle.popen is not None and handle.popen.poll() is not None:
             self._kill_group(handle.pid, signal.SIGKILL)  # leftovers of the group, if any
@@ -300,6 +386,7 @@ class LocalProvisioner(Provisioner):
         return True
 
     def forget(self, worker: Worker) -> None:
+        self._release(worker.id)
         if self._records.pop(worker.id, None) is not None:
             self._save()
 
@@ -324,6 +411,10 @@ class LocalProvisioner(Provisioner):
             offset = rec.get("log_offset")
             offset = offset if isinstance(offset, int) and offset >= 0 else 0
             worker.handle = _Handle(pid, start, port, None, cmd, offset)
+            indices = rec.get("gpus")
+            if self.gpus is not None and isinstance(indices, list):
+                placed = self.gpus.restore(worker_id, [i for i in indices if isinstance(i, int)])
+                worker.resource = placed.describe() if placed else None
             worker.transition(WorkerState.PROVISIONING)
             worker.transition(WorkerState.STARTING, "re-adopted after a daemon restart")
             adopted.append(worker)
@@ -337,4 +428,6 @@ class LocalProvisioner(Provisioner):
     def kill_recorded(self, timeout: float = 5.0) -> list[str]:
         """Stop every recorded worker process (for ``down`` when the daemon itself is gone)."""
         self._records.clear()
-        return stop_recorded_workers(self.state_dir, timeout)
+        stopped = stop_recorded_workers(self.state_dir, timeout)
+        mps.stop(self.state_dir)
+        return stopped
