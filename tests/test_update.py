@@ -9,11 +9,20 @@ says. Then end to end: real fake-worker processes under steady plain and streami
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import aiohttp
+import httpx
+import psutil
 import pytest
+from cli_driver import Result, flockctl, processes_with
+from conftest import FAKE_WORKER, TOKEN, free_port, until
 
 from flockctl.server.autoscaler import FixedPolicy
 from flockctl.server.controller import Controller
@@ -173,3 +182,176 @@ async def test_a_new_version_never_ready_is_rolled_back_after_the_timeout(rig: R
     assert update.state == "rolled_back"
     assert update.reason is not None and "not READY within 60s" in update.reason
     assert rig.by_version(1) == ["w1", "w2"]
+
+
+# -- end to end: real daemon, real worker processes, real load -------------------------------------
+
+
+def worker_command(marker: Path, version: str, *extra: str) -> str:
+    """A fake worker whose answers name ``version`` as their model; the marker (a file that
+    never exists) makes this test's workers findable by their command line."""
+    parts = [sys.executable, str(FAKE_WORKER), "--port", "{port}", "--model", version]
+    return " ".join([*parts, "--unhealthy-file", str(marker), *extra])
+
+
+@dataclass
+class Load:
+    """Plain and streaming requests, back to back, from a few clients, until stopped."""
+
+    url: str
+    failures: list[str] = field(default_factory=list)
+    #: (when the request started, the model its answer named).
+    answers: list[tuple[float, str]] = field(default_factory=list)
+    running: bool = True
+
+    async def client(self, session: aiohttp.ClientSession, stream: bool) -> None:
+        payload = {"prompt": "hi", "max_tokens": 6, "stream": stream}
+        payload["fake_token_delay"] = 0.01
+        while self.running:
+            began = time.time()
+            try:
+                async with session.post(f"{self.url}/v1/completions", json=payload) as resp:
+                    body = await resp.read()
+                if resp.status != 200:
+                    self.failures.append(f"HTTP {resp.status}: {body[:200]!r}")
+                    continue
+                if stream:
+                    if not body.endswith(b"data: [DONE]\n\n"):
+                        self.failures.append(f"stream cut short: {body[-200:]!r}")
+                        continue
+                    first = body.split(b"\n\n")[0].removeprefix(b"data: ")
+                    model = json.loads(first)["model"]
+                else:
+                    model = json.loads(body)["model"]
+                self.answers.append((began, model))
+            except (aiohttp.ClientError, ValueError) as exc:
+                self.failures.append(repr(exc))
+
+    async def run(self, clients: int = 4) -> None:
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(self.client(session, n % 2 == 1) for n in range(clients)))
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Any:
+    """A two-worker local deployment of version v1; brought down at the end, nothing left."""
+    marker = tmp_path / "marker-never-exists"
+    port = free_port()
+    result = flockctl(
+        "up", "--name", "upd", "--port", str(port), "--node-control-key", TOKEN,
+        "--worker-command", worker_command(marker, "v1"), "--replicas", "2",
+        "--probe-interval", "0.1", "--drain-timeout", "20",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    yield f"http://127.0.0.1:{port}", marker
+    flockctl("down", "--name", "upd", "--timeout", "30")
+    assert processes_with(marker) == []
+
+
+async def snapshot(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        return (await http.get(f"{url}/-/status")).json()
+
+
+async def ready_models(url: str) -> list[int]:
+    return [w["version"] for w in (await snapshot(url))["workers"] if w["state"] == "READY"]
+
+
+async def update(*args: str) -> Result:
+    return await asyncio.to_thread(flockctl, "update", "--name", "upd", *args, timeout=120)
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+@pytest.mark.e2e
+async def test_rolling_then_blue_green_update_under_load_fails_no_request(deployment: Any) -> None:
+    url, marker = deployment
+    await until(lambda: _count(ready_models(url), 2), "two READY workers of version 1")
+    load = Load(url)
+    loading = asyncio.create_task(load.run())
+    try:
+        await until(lambda: len(load.answers) > 20, "requests answered before the update")
+        for version, mode in ((2, "rolling"), (3, "blue-green")):
+            old = [w["pid"] for w in (await snapshot(url))["workers"] if w["state"] == "READY"]
+            result = await update(
+                "--worker-command", worker_command(marker, f"v{version}"), "--mode", mode, "--json"
+            )
+            assert result.code == 0, result.err
+            assert result.json()["state"] == "succeeded"
+            ended = time.time()
+            snap = await snapshot(url)
+            assert snap["deployment"]["version"] == version
+            live = [w for w in snap["workers"] if w["state"] not in ("TERMINATED", "FAILED")]
+            assert {w["version"] for w in live} == {version}, live
+            assert alive(old) == [], f"old workers of {mode} update still running"
+            count = len(load.answers)
+            await until(
+                lambda: len(load.answers) > count + 20,  # noqa: B023
+                f"requests after the {mode} update (failures: {load.failures[-3:]})",
+            )
+            after = {model for began, model in load.answers if began > ended}
+            assert after == {f"v{version}"}, f"answers after the {mode} update: {after}"
+    finally:
+        load.running = False
+        await loading
+    assert load.failures == []
+    assert len(load.answers) > 60
+
+
+async def _count(models: Any, n: int) -> bool:
+    return len(await models) >= n
+
+
+@pytest.mark.e2e
+async def test_a_broken_new_version_is_rolled_back_without_a_failed_request(
+    deployment: Any,
+) -> None:
+    url, marker = deployment
+    await until(lambda: _count(ready_models(url), 2), "two READY workers of version 1")
+    load = Load(url)
+    loading = asyncio.create_task(load.run())
+    try:
+        await until(lambda: len(load.answers) > 10, "requests answered before the update")
+        # The new version exits at once: the crash-loop guard stops it and the update rolls back.
+        broken = f"{sys.executable} -c 'raise SystemExit(3)' {{port}} {marker}"
+        result = await update("--worker-command", broken)
+        assert result.code == 9, result.err
+        assert "rolled back" in result.err and "version 1 serves" in result.err
+        snap = await snapshot(url)
+        assert snap["deployment"]["version"] == 1
+        assert snap["deployment"]["update"]["state"] == "rolled_back"
+        assert "failed before becoming READY" in snap["deployment"]["update"]["reason"]
+        # A new version that never gets READY: rolled back after --update-timeout.
+        stuck = worker_command(marker, "v3", "--start-delay", "3600")
+        result = await update("--worker-command", stuck, "--mode", "blue-green",
+                              "--update-timeout", "2")  # fmt: skip
+        assert result.code == 9 and "not READY within 2s" in result.err, result.err
+        count = len(load.answers)
+        await until(lambda: len(load.answers) > count + 10, "requests after the rollbacks")
+    finally:
+        load.running = False
+        await loading
+    assert load.failures == []
+    assert {model for _, model in load.answers} == {"v1"}
+    assert (await snapshot(url))["ready_workers"] == 2
+
+
+@pytest.mark.e2e
+async def test_rollback_brings_back_the_previous_version(deployment: Any) -> None:
+    url, marker = deployment
+    await until(lambda: _count(ready_models(url), 2), "two READY workers of version 1")
+    first = await update("--rollback")
+    assert first.code == 9 and "no earlier version" in first.err, first.err
+    assert (await update("--worker-command", worker_command(marker, "v2"))).code == 0
+    result = await update("--rollback", "--json")
+    assert result.code == 0, result.err
+    view = result.json()
+    assert (view["from_version"], view["to_version"], view["rollback_to"]) == (2, 3, 1)
+    snap = await snapshot(url)
+    live = [w for w in snap["workers"] if w["state"] == "READY"]
+    assert len(live) == 2 and {w["version"] for w in live} == {3}
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert answer.json()["model"] == "v1"
