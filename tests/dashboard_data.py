@@ -8,6 +8,7 @@ as the screenshots were taken so."""
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 SIZE = (140, 40)
@@ -60,3 +61,49 @@ def snapshot() -> dict[str, Any]:
             {**copy.deepcopy(worker), "id": "w2", "url": "http://127.0.0.1:9002"},
         ],
     }
+
+
+#: When the recorded requests were answered: the latency panel's clock is set to this in tests.
+NOW = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
+
+
+def requests_answer() -> dict[str, Any]:
+    """A recorded ``GET /-/requests`` answer: 40 requests over the 5 minutes before ``NOW``, on
+    w10 (fast, then a slow minute) and w2 (steady), one retried after a 503 and one refused."""
+    records: list[dict[str, Any]] = []
+    for i in range(40):
+        worker = "w10" if i % 2 else "w2"
+        ago = 295 - i * 7.5
+        latency = (
+            40.0 + (i % 5) * 6 if worker == "w2" else (220.0 + i * 9 if 20 <= i < 28 else 25.0)
+        )
+        attempts = [{"worker": worker, "ms": latency, "status": 200}]
+        if i == 33:
+            attempts.insert(0, {"worker": "w2", "ms": 3.1, "status": 503})
+        records.append(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(NOW - ago)) + ".250Z",
+                "request_id": f"7f3a-{i + 1}",
+                "trace_id": None,
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "model": "demo",
+                "client": "127.0.0.1",
+                "user": None,
+                "worker": worker,
+                "status": 200,
+                "attempts": attempts,
+                "queue_ms": 0.4,
+                "ttfb_ms": round(latency / 3, 3),
+                "latency_ms": latency,
+                "bytes_in": 120,
+                "bytes_out": 900,
+                "prompt_tokens": 12,
+                "completion_tokens": 16,
+                "response_id": f"chatcmpl-ab12cd{i + 1}",
+                "seq": i + 1,
+            }
+        )
+    refused = {**records[-1], "worker": None, "status": 429, "attempts": [], "seq": 41}
+    refused.update(request_id="7f3a-41", ttfb_ms=0.2, latency_ms=0.3, response_id=None)
+    return {"records": [*records, refused], "last": 41, "reset": False}

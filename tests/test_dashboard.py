@@ -835,7 +835,8 @@ async def test_requests_screen_follows_filters_and_opens_attempts_and_the_jobs_t
         assert isinstance(app.screen, RequestsScreen)
         table = app.screen.query_one(RequestsTable)
         await until(lambda: table.row_count == 2, "both requests", pause=pilot.pause)
-        assert app.screen.selected_worker() == ids[served]
+        assert table.cell(table.row_keys[-1], "WORKER") == ids[served]
+        assert table.cursor_key == table.row_keys[-1]  # following the newest
 
         await pilot.press("slash")
         await type_into(pilot, "#filter", "5xx")

@@ -49,8 +49,9 @@ class RequestsTable(LiveTable):
             row[1] = status_text(record.get("status"))
             rows[key] = row
         self.sync(rows)
-        if following:  # the cursor on the newest row stays on the newest row
+        if following:  # the cursor on the newest row stays on it; scrolled once laid out
             self.move_cursor(self.row_count - 1)
+            self.call_after_refresh(lambda: self.move_cursor(self.row_count - 1))
 
 
 class RequestsScreen(LiveScreen):
@@ -142,12 +143,6 @@ class RequestsScreen(LiveScreen):
                 title.append(f"\n✗ {problem}", style="bold")
         self.query_one("#title", Static).update(title)
 
-    def selected_worker(self) -> str | None:
-        table = self.query_one(RequestsTable)
-        record = self.records.get(table.cursor_key or "")
-        worker = record.get("worker") if record else None
-        return str(worker) if worker else None
-
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         record = self.records.get(event.key)
         if record is not None:
@@ -188,10 +183,6 @@ class RequestScreen(LiveScreen):
         return self.job is not None and any(
             e.get("event") == "finished" for e in self.job.get("events") or []
         )
-
-    def selected_worker(self) -> str | None:
-        worker = self.record.get("worker")
-        return str(worker) if worker else None
 
     def show(self, snap: StatusSnapshot, extras: dict[str, Any]) -> None:
         for path in self.paths():
