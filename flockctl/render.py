@@ -21,6 +21,7 @@ from flockctl.schema import (
     GroupView,
     JobSummary,
     StatusSnapshot,
+    UpdateView,
     WorkerView,
 )
 
@@ -327,6 +328,21 @@ def group_line(group: GroupView) -> Text:
     )
 
 
+def update_line(update: UpdateView) -> Text:
+    """The running update's progress, or how the last one ended (a rollback says why)."""
+    p = update["progress"]
+    moving = f"update {update['id']}: version {update['from_version']} -> {update['to_version']}"
+    if update["state"] == "running":
+        return Text.assemble(
+            (moving, "bold"),
+            f" ({update['mode']})  new {p['new_ready']}/{p['target']} ready",
+            f"  old {p['old_live']} serving, {p['old_draining']} draining",
+        )
+    if update["state"] == "succeeded":
+        return Text(f"✓ {moving}: done", style="green")
+    return Text(f"✗ {moving}: rolled back: {update['reason']}", style="bold red")
+
+
 def status_view(snap: StatusSnapshot) -> Group:
     now = snap["generated_at"] or time.time()
     dep = snap["deployment"]
@@ -336,6 +352,7 @@ def status_view(snap: StatusSnapshot) -> Group:
         (dep["name"], "bold"),
         "  ",
         (dep["endpoint"], "cyan"),
+        f"  version {dep.get('version', '-')}",
         f"  provisioner {dep['provisioner']}  policy {dep['policy']}",
         f"  up {ago(dep['started_at'], now)}",
     )
@@ -358,6 +375,7 @@ def status_view(snap: StatusSnapshot) -> Group:
     for col, justify in (
         ("ID", "left"),
         *((("GROUP", "left"),) if grouped else ()),
+        ("VER", "right"),
         ("STATE", "left"),
         ("PID", "right"),
         ("URL", "left"),
@@ -375,6 +393,7 @@ def status_view(snap: StatusSnapshot) -> Group:
         table.add_row(
             w["id"],
             *((w.get("group") or "-",) if grouped else ()),
+            str(w.get("version", "-")),
             state_text(w["state"]),
             str(w["pid"] or "-"),
             w["url"] or "-",
@@ -387,6 +406,9 @@ def status_view(snap: StatusSnapshot) -> Group:
             Text(w["reason"] or "", style="dim"),
         )
     parts: list[Any] = [head, scale, *map(group_line, snap.get("groups") or []), traffic]
+    update = dep.get("update")
+    if update is not None and (update["state"] != "succeeded" or now - update["started_at"] < 600):
+        parts.append(update_line(update))
     if auto is not None and auto["launch_blocked"]:
         parts.append(Text(f"✗ {auto['launch_blocked']}", style="bold red"))
     parts.append(table if snap["workers"] else Text("no workers", style="dim"))
