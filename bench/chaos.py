@@ -13,7 +13,8 @@ peak RSS, and the target it is held to with whether the run met it.
 Faults: kill -9 a worker under load; SIGSTOP a worker under load (``--upstream-timeout 5``); kill -9
 the daemon and restart it; 1,100 slow-header connections with the daemon's open-file limit at
 1024; a 200 MB body; a 50 MB header; a poison request (a worker answers 500); scale to zero with a
-slow-starting worker; a burst to an empty deployment.
+slow-starting worker; a burst to an empty deployment; ``flockctl update`` under load (rolling,
+blue-green, then a new version that exits at once and is rolled back).
 """
 
 from __future__ import annotations
@@ -519,6 +520,61 @@ async def burst_to_empty(session: aiohttp.ClientSession, dep: Deployment) -> dic
     )
 
 
+async def update_cli(dep: Deployment, *args: str) -> tuple[int, float, str]:
+    """Run ``flockctl update`` against ``dep``: its exit code, seconds and last stderr line."""
+    argv = [sys.executable, "-m", "flockctl", "update", "--name", dep.name, *args]
+    env = {**os.environ, "FLOCKCTL_HOME": str(dep.home)}
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    lines = err.decode(errors="replace").strip().splitlines()
+    return proc.returncode or 0, time.monotonic() - t0, lines[-1] if lines else ""
+
+
+async def update_under_load(session: aiohttp.ClientSession, dep: Deployment) -> dict[str, Any]:
+    dep.start("--replicas", "2", "--drain-timeout", "20", worker="--token-delay 0.01 --model v1")
+    await dep.ready(session, 2)
+    runs: dict[str, Any] = {}
+
+    def worker(version: str) -> str:
+        return (
+            f"{sys.executable} {FAKE_WORKER} --port {{port}} --token-delay 0.01 --model {version}"
+        )
+
+    async def fault() -> None:
+        for mode, version in (("rolling", "v2"), ("blue-green", "v3")):
+            code, took, _ = await update_cli(
+                dep, "--worker-command", worker(version), "--mode", mode
+            )
+            runs[mode] = {"exit": code, "seconds": round(took, 2)}
+        broken = f"{sys.executable} -c 'raise SystemExit(3)' {{port}}"
+        code, took, said = await update_cli(dep, "--worker-command", broken)
+        runs["broken"] = {"exit": code, "seconds": round(took, 2), "said": said}
+
+    tally = await under_load(session, dep, 2, fault)
+    snap = await dep.status(session)
+    versions = sorted({w["version"] for w in snap["workers"] if w["state"] == "READY"})
+    met = (
+        not tally.failed
+        and runs["rolling"]["exit"] == 0
+        and runs["blue-green"]["exit"] == 0
+        and runs["broken"]["exit"] == 9
+        and versions == [snap["deployment"]["version"]] == [3]
+    )
+    return row(
+        "flockctl update under load: rolling, blue-green, then a broken version rolled back",
+        tally,
+        dep,
+        None,
+        "0 failed; both updates succeed; the broken one exits 9 and version 3 keeps serving",
+        met,
+        updates=runs,
+        serving_versions=versions,
+    )
+
+
 FAULTS: dict[str, Callable[[aiohttp.ClientSession, Deployment], Awaitable[dict[str, Any]]]] = {
     "kill-worker": kill_worker,
     "sigstop": sigstop_worker,
@@ -529,6 +585,7 @@ FAULTS: dict[str, Callable[[aiohttp.ClientSession, Deployment], Awaitable[dict[s
     "poison": poison,
     "scale-to-zero": scale_to_zero,
     "burst": burst_to_empty,
+    "update": update_under_load,
 }
 
 

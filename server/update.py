@@ -92,7 +92,7 @@ class Update:
             return
         controller = self.controller
         if controller.blocked is not None:
-            self.roll_back(f"the new version's workers fail: {controller.blocked}")
+            self.roll_back(self._crash_loop())
             return
         new = controller.live()
         for worker in new:
@@ -118,6 +118,23 @@ class Update:
         self._set_cap()
         if not controller.others(_NOT_GONE) and ready >= min(target, 1):
             self._end("succeeded", None)
+
+    def _crash_loop(self) -> str:
+        """Why the crash-loop guard stopped the new version, naming its last failed worker."""
+        controller = self.controller
+        failed = [
+            w
+            for w in controller.pool
+            if controller.owns(w) and w.version == self.new and w.state == WorkerState.FAILED
+        ]
+        said = f"{controller.start_failures} workers of version {self.new} in a row failed"
+        if not failed:
+            return f"{said} before becoming READY"
+        last = max(failed, key=lambda w: w.ended_at or 0.0)
+        return (
+            f"{said} before becoming READY (last, {last.id}: {last.reason}); see"
+            f" flockctl logs {last.id}"
+        )
 
     def roll_back(self, reason: str) -> None:
         """Give up the new version: the controller keeps the old one, the new workers drain."""
