@@ -17,10 +17,11 @@ Admin routes live under ``/-/`` and need the admin token (``Authorization: Beare
 - ``GET /-/requests?after=&limit=&status=&slow=&worker=&text=``: the newest request log records
   the daemon keeps in memory (numbered by ``seq``; ``after`` asks for the newer ones only), those
   that match the filter ``flockctl logs requests`` applies;
-- ``POST /-/update`` ``{"config"?, "mode"?, "max_surge"?, "update_timeout"?, "rollback"?}``: move
-  the deployment to its next version running ``config`` (a resolved config, as ``flockctl
-  update`` sends it), or back to the version before (``rollback``); answers at once (202) with
-  the update, whose progress ``deployment.update`` of the snapshot shows;
+- ``POST /-/update`` ``{"config" | "changes" | "rollback", "mode"?, "max_surge"?,
+  "update_timeout"?}``: move the deployment to its next version running ``config`` (a resolved
+  config, as ``flockctl update`` sends it) or the running config with ``changes`` (the
+  dashboard's), or back to the version before (``rollback``); answers at once (202) with the
+  update, whose progress ``deployment.update`` of the snapshot shows;
 - ``POST /-/shutdown``: drain every worker and stop.
 
 - ``GET /-/openapi.json``: this API's OpenAPI schema. There is no ``/-/docs`` page: a browser
@@ -59,7 +60,7 @@ from flockctl.server.config import DeploymentConfig
 from flockctl.server.deployment import Deployment
 from flockctl.server.proxy import Balancer
 from flockctl.server.request_log import RequestLog
-from flockctl.server.update import UpdateRefused
+from flockctl.server.update import UPDATABLE, UpdateRefused
 from flockctl.server.workers import LIVE, Worker, WorkerState
 from flockctl.state import MAX_LOG_LINES, REQUEST_LOG, read_log
 
@@ -84,11 +85,12 @@ class Bounds(BaseModel):
 
 
 class StartUpdate(BaseModel):
-    """Body of ``POST /-/update``: the new version's resolved ``config`` (or ``rollback``), and
-    how to roll it out."""
+    """Body of ``POST /-/update``: the new version's resolved ``config``, or ``changes`` to the
+    running one (the dashboard's), or ``rollback``; and how to roll it out."""
 
     model_config = ConfigDict(extra="forbid")
     config: dict[str, Any] | None = None
+    changes: dict[str, Any] | None = None
     mode: Literal["rolling", "blue-green"] = "rolling"
     max_surge: int = Field(1, ge=1)
     update_timeout: float = Field(600.0, gt=0)
@@ -361,22 +363,41 @@ def create_app(
         found, last, reset = request_log.recent(keep, after=after, limit=limit)
         return {"records": found, "last": last, "reset": reset}
 
+    def changed(changes: dict[str, Any]) -> dict[str, Any]:
+        """The running config with ``changes``; a new model or worker command replaces
+        whatever ran before (engine flags and drafts too, unless given)."""
+        wrong = sorted(set(changes) - UPDATABLE)
+        if wrong:
+            raise HTTPException(
+                422,
+                f"changes.{wrong[0]}: an update cannot change it (it may change: "
+                f"{', '.join(sorted(UPDATABLE))})",
+            )
+        values = deployment.cfg.model_dump(mode="json")
+        if {"model", "worker_command"} & set(changes):
+            for key in ("model", "worker_command", "engine_args", "draft_models"):
+                values.pop(key, None)
+        return {**values, **changes}
+
     @app.post(routes.UPDATE, dependencies=guarded, status_code=202, response_model=None)
     async def start_update(body: StartUpdate) -> UpdateView:
-        if body.rollback and body.config is not None:
+        given = [k for k in ("config", "changes") if getattr(body, k) is not None]
+        if body.rollback and given:
             raise HTTPException(
-                422, "config: not with rollback, which brings back the previous version's config"
+                422, f"{given[0]}: not with rollback, which brings back the previous version's"
             )
-        if not body.rollback and body.config is None:
-            raise HTTPException(422, "config: give the new version's resolved config")
+        if not body.rollback and len(given) != 1:
+            raise HTTPException(
+                422, "config: give the new version's resolved config, or changes (not both)"
+            )
         new_cfg = None
-        if body.config is not None:
+        if given:
+            values = body.config if body.changes is None else changed(body.changes)
             try:
-                new_cfg = DeploymentConfig.model_validate(body.config)
+                new_cfg = DeploymentConfig.model_validate(values)
             except ValidationError as exc:
                 problems = "; ".join(
-                    f"config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                    for e in exc.errors()
+                    f"config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
                 )
                 raise HTTPException(422, problems) from None
         try:

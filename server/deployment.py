@@ -233,6 +233,12 @@ class Deployment:
                 "groups: an update cannot add worker groups; restart with flockctl down and up",
                 422,
             )
+        if new_cfg.provisioner == "static" and set(new_cfg.endpoints) <= set(self.cfg.endpoints):
+            raise UpdateRefused(
+                "endpoints: the new version needs an endpoint the running one does not use"
+                " (--endpoint URL ...: the new list replaces the old)",
+                422,
+            )
         new = max(self.configs) + 1
         self.configs[new] = new_cfg
         self._write_config(new, new_cfg, current=False)

@@ -355,3 +355,129 @@ async def test_rollback_brings_back_the_previous_version(deployment: Any) -> Non
     async with httpx.AsyncClient() as http:
         answer = await http.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert answer.json()["model"] == "v1"
+
+
+# -- in-process: the admin API and a static deployment ---------------------------------------------
+
+
+async def test_a_static_deployment_moves_to_the_new_endpoints_under_load(
+    daemon: Any, upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    old = [await upstream(worker_id=n) for n in ("a", "b")]
+    new = [await upstream(worker_id=n) for n in ("c", "d")]
+    d = await daemon(endpoints=[u.url for u in old])
+    await d.wait_ready(2)
+    served: list[tuple[float, str]] = []
+    failures: list[str] = []
+    running = True
+
+    async def client() -> None:
+        while running:
+            began = time.time()
+            async with http.post(f"{d.url}/v1/completions", json={"prompt": "hi"}) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    failures.append(str(resp.status))
+                served.append((began, resp.headers["x-worker-id"]))
+
+    clients = [asyncio.create_task(client()) for _ in range(3)]
+    try:
+        await until(lambda: len(served) > 10, "requests before the update")
+        body = {"changes": {"endpoints": [u.url for u in new]}, "mode": "blue-green"}
+        async with http.post(f"{d.url}/-/update", json=body, headers=d.admin) as resp:
+            assert resp.status == 202, await resp.text()
+            started = await resp.json()
+        assert (started["from_version"], started["to_version"]) == (1, 2)
+        deployment = d.deployment
+        await until(lambda: deployment.version == 2, "version 2 serving")
+        ended = time.time()
+        count = len(served)
+        await until(lambda: len(served) > count + 10, "requests after the update")
+    finally:
+        running = False
+        await asyncio.gather(*clients)
+    assert failures == []
+    assert {who for began, who in served if began > ended} == {"c", "d"}
+    live = [w for w in deployment.pool if w.live]
+    assert sorted(w.url for w in live) == sorted(u.url for u in new)
+    assert {w.version for w in live} == {2}
+    snap = deployment.snapshot()
+    assert snap["deployment"]["update"] is not None
+    assert snap["deployment"]["update"]["state"] == "succeeded"
+    saved = json.loads((deployment.state_dir / "config.v2.json").read_text())
+    assert saved["endpoints"] == [u.url for u in new]
+    assert json.loads((deployment.state_dir / "config.json").read_text()) == saved
+
+
+async def test_the_admin_api_refuses_updates_it_cannot_do(
+    daemon: Any, upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    first = await upstream(worker_id="a")
+    d = await daemon(endpoints=[first.url])
+    await d.wait_ready(1)
+
+    async def post(body: dict[str, Any]) -> tuple[int, str]:
+        async with http.post(f"{d.url}/-/update", json=body, headers=d.admin) as resp:
+            return resp.status, (await resp.json())["error"]["message"]
+
+    config = d.deployment.cfg.model_dump(mode="json")
+    assert await post({"rollback": True}) == (
+        409,
+        "version 1 is the first this deployment ran; there is no earlier version to go back to",
+    )
+    status, message = await post({"config": {**config, "port": 1}})
+    assert status == 422 and message.startswith("port: cannot change with flockctl update")
+    status, message = await post({"changes": {"api_key": "k"}})
+    assert status == 422 and message.startswith("changes.api_key: an update cannot change it")
+    status, message = await post({"config": config, "changes": {}})
+    assert status == 422 and "not both" in message
+    status, message = await post({"config": {**config, "max_workers": 0}})
+    assert status == 422 and message.startswith("config.max_workers")
+    async with http.post(f"{d.url}/-/update", json={"rollback": True}) as resp:
+        assert resp.status == 401
+
+
+async def test_the_dashboard_updates_a_static_deployment_after_confirmation(
+    daemon: Any, upstream: Any
+) -> None:
+    from textual.widgets import Input
+
+    from flockctl.tui.app import Dashboard
+    from flockctl.tui.feed import Feed
+    from flockctl.tui.screens import ConfirmScreen, FormScreen
+    from flockctl.tui.widgets import WorkersTable
+
+    old = await upstream(worker_id="a")
+    new = await upstream(worker_id="b")
+    d = await daemon(endpoints=[old.url])
+    await d.wait_ready(1)
+    app = Dashboard(Feed(d.url, TOKEN, timeout=2.0), interval=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        table = app.query_one(WorkersTable)
+        await until(lambda: table.row_count == 1, "the worker row", pause=pilot.pause)
+        await pilot.press("U")
+        assert isinstance(app.screen, FormScreen)
+        box = app.screen.query_one("#field-endpoints", Input)
+        assert box.value == old.url
+        box.value = new.url
+        box.focus()
+        await pilot.press("enter")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Update default to its next version?" in str(
+            app.screen.query_one("#question").render()
+        )
+        await pilot.press("n")  # cancelled: nothing changes
+        await pilot.pause(0.2)
+        assert d.deployment.update is None
+        await pilot.press("U")
+        app.screen.query_one("#field-endpoints", Input).value = new.url
+        app.screen.query_one("#field-endpoints", Input).focus()
+        await pilot.press("enter", "y")
+        await until(lambda: d.deployment.version == 2, "version 2 serving", pause=pilot.pause)
+        await until(lambda: table.row_count == 2, "both workers listed", pause=pilot.pause)
+        await until(
+            lambda: table.cell("w2", "WORKER") == "w2 v2",
+            "w2 shown as version 2",
+            pause=pilot.pause,
+        )
+    assert [w.url for w in d.deployment.pool if w.live] == [new.url]

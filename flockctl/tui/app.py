@@ -45,7 +45,9 @@ from flockctl.tui.widgets import LiveTable
 #: Starts the deployment: (SPEC file or None for demo workers, how many) -> (endpoint, token).
 Starter = Callable[[Path | None, int], tuple[str, str]]
 #: Actions that change the deployment: off with --readonly.
-MUTATING = frozenset({"add_worker", "start_model", "drain", "remove", "bounds", "shutdown"})
+MUTATING = frozenset(
+    {"add_worker", "start_model", "drain", "remove", "bounds", "update", "shutdown"}
+)
 
 
 class SnapshotArrived(Message):
@@ -151,6 +153,7 @@ class Dashboard(App[None]):
         Binding("d", "drain", "Drain", id="drain"),
         Binding("x", "remove", "Remove", id="remove"),
         Binding("b", "bounds", "Min/max", id="bounds"),
+        Binding("U", "update", "Update", id="update", show=False),
         Binding("X", "shutdown", "Shut down", id="shutdown", show=False),
     ]
 
@@ -474,6 +477,62 @@ class Dashboard(App[None]):
             ),
             chosen,
         )
+
+    def action_update(self) -> None:
+        """Update the deployment to a new model or worker command (a static one: to new
+        endpoints) through ``POST /-/update``, after a confirmation saying what happens."""
+        if self._refuse_readonly() or self.snapshot is None:
+            return
+        d = self.snapshot["deployment"]
+        static = d["provisioner"] == "static"
+        model, command = d.get("model"), d.get("worker_command")
+        urls = " ".join(str(w["url"]) for w in self._worker_views() if w["state"] == "READY")
+        what: list[tuple[str, str, str]] = (
+            [("endpoints", "endpoints (URLs, space-separated): the new list", urls)]
+            if static
+            else [
+                ("model", "model (a hub id, a local path, or demo)", model or ""),
+                (
+                    "worker_command",
+                    "or a worker command (with {port})",
+                    "" if model else command or "",
+                ),
+            ]
+        )
+        fields = [*what, ("mode", "mode: rolling or blue-green", "rolling")]
+
+        def change(values: dict[str, str]) -> dict[str, Any]:
+            if static:
+                return {"endpoints": values["endpoints"].split()}
+            key = "model" if values["model"] else "worker_command"
+            return {key: values[key]}
+
+        def check(values: dict[str, str]) -> str | None:
+            if values["mode"] not in ("rolling", "blue-green"):
+                return "mode must be rolling or blue-green"
+            if static:
+                return None if values["endpoints"].split() else "give at least one endpoint"
+            if bool(values["model"]) == bool(values["worker_command"]):
+                return "give a model or a worker command (one of them)"
+            return None
+
+        def chosen(values: dict[str, str] | None) -> None:
+            if not values:
+                return
+            changes = change(values)
+            ((key, value),) = changes.items()
+            shown = " ".join(value) if isinstance(value, list) else value
+            body = {"changes": changes, "mode": values["mode"]}
+            self._confirm(
+                f"Update {d['name']} to its next version?",
+                f"New workers start with {key.replace('_', ' ')} {shown!r} ({values['mode']});"
+                " old workers drain once new ones are READY. If the new ones fail, the update"
+                " is rolled back and the old version keeps serving.",
+                "Update",
+                lambda: self._act("update started", "POST", routes.UPDATE, body),
+            )
+
+        self.push_screen(FormScreen("Update the deployment", fields, check), chosen)
 
     def _selected(self) -> str | None:
         screen = self.live_screen()

@@ -276,10 +276,13 @@ class WorkersTable(LiveTable):
         memory: list[Mapping[str, Any]] = [w["gpu_memory"] or {} for w in workers]
         place = max((len(memory_place(mem)) for mem in memory), default=0)
         rows: dict[str, list[Cell]] = {}
+        # Versions show once the deployment was updated (before, every worker is version 1).
+        updated = snap["deployment"].get("update") is not None
         for w, mem in zip(workers, memory, strict=True):
             group = w.get("group")
+            name = f"{w['id']} · {group}" if group else str(w["id"])
             rows[str(w["id"])] = [
-                f"{w['id']} · {group}" if group else str(w["id"]),
+                f"{name} v{w.get('version', '-')}" if updated else name,
                 state_text(w["state"]),
                 cell_text(w.get("provisioner")),
                 cell_text(w.get("url")),
@@ -316,6 +319,7 @@ class DeploymentLine(Static):
             Text.assemble(
                 (str(d.get("name", "?")), "bold"),
                 f"  {d.get('endpoint', '-')}  up {ago(d.get('started_at'), now)}",
+                f"  version {d['version']}" if d.get("update") is not None else "",
                 f"  provisioner {d.get('provisioner', '-')}  policy {d.get('policy', '-')}",
                 f"  requests {r.get('total', 0)} ({cell_text(r.get('rate'))}/s),",
                 f" in flight {r.get('in_flight', 0)}, queued {r.get('queued', 0)},",
