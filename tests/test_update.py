@@ -481,3 +481,18 @@ async def test_the_dashboard_updates_a_static_deployment_after_confirmation(
             pause=pilot.pause,
         )
     assert [w.url for w in d.deployment.pool if w.live] == [new.url]
+
+
+def test_update_takes_the_worker_flags_of_up_under_the_same_names() -> None:
+    from typer.main import get_command
+
+    from flockctl.cli import app
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    up = {p.name: p.opts for p in commands["up"].params}
+    own = {"mode", "max_surge", "update_timeout", "rollback", "wait"}
+    shared = [p for p in commands["update"].params if p.name not in own]
+    assert {p.name for p in shared} >= {"model", "worker_command", "endpoint", "max_workers"}
+    for param in shared:
+        assert param.name in up, f"update --{param.name} is not a flag of up"
+        assert param.opts == up[param.name], f"update spells {param.name} {param.opts}"
