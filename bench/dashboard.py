@@ -74,6 +74,7 @@ def snapshot(tick: int, workers: int, jobs: int) -> dict[str, Any]:
             "qlrm_history": [[t, (t * 7) % 10] for t in range(max(0, tick - 60), tick)],
             "thresholds": {"autoscale_up": 7, "autoscale_down": 4},
             "last_decision": {"target": workers, "reason": f"tick {tick}"},
+            "launch_blocked": None,
         },
         "requests": {"total": tick * 100, "in_flight": 5, "queued": 0, "failed": 0, "rate": 3.5},
         "ready_workers": workers,
@@ -99,8 +100,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         polls += 1
         return web.json_response(snapshot(polls, args.workers, args.jobs))
 
+    async def requests(request: web.Request) -> web.Response:
+        return web.json_response({"records": [], "last": 0, "reset": False})
+
     app = web.Application()
     app.router.add_get("/-/status", status)
+    app.router.add_get("/-/requests", requests)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, HOST, 0)
