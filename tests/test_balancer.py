@@ -272,7 +272,7 @@ async def test_status_snapshot_schema(daemon, upstream, http):
         await resp.read()
     async with http.get(f"{d.url}/-/status", headers=d.admin) as resp:
         snap = await resp.json()
-    assert snap["schema"] == 2
+    assert snap["schema"] == 3
     assert snap["deployment"]["provisioner"] == "static"
     assert snap["deployment"]["endpoint"] == d.url
     (w,) = snap["workers"]

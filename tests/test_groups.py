@@ -292,7 +292,7 @@ async def test_status_shows_each_workers_group_and_a_line_per_group(grouped):
     assert "group small  alpha  qlrm target 0 (min 0, max 3)  0/0 ready" in text
     assert "group tools  toolbox  qlrm target 1 (min 1, max 2)  1/1 ready" in text
     header = next(line for line in text.splitlines() if line.startswith("ID"))
-    assert header.split()[:3] == ["ID", "GROUP", "STATE"]
+    assert header.split()[:4] == ["ID", "GROUP", "VER", "STATE"]
     row = next(line for line in text.splitlines() if line.startswith("w1 "))
     assert row.split()[1] == "tools"
 
