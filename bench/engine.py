@@ -1,0 +1,606 @@
+"""The engine's speed side by side: transformers ``generate``, the engine at concurrency 1, 8 and
+32, speculation on two model pairs, and optionally a running vLLM server, on CPU or CUDA.
+
+    python bench/engine.py                       # the demo pair, about 5 minutes on 2 CPU cores
+    python bench/engine.py --quick               # a smoke run
+    python bench/engine.py --device cuda         # bfloat16 by default; --dtype float32 for equality
+    python bench/engine.py --model M --draft-model D [--vllm http://127.0.0.1:8000]
+
+Every engine is a real ``flockctl engine serve`` process on 127.0.0.1, one at a time, so none of
+them competes with another for the cores; requests are streamed ``/v1/completions`` of greedy
+tokens (``ignore_eos``, so every request makes exactly ``--tokens`` tokens) sent as token ids, the
+same ones to every server. transformers' ``generate`` (greedy, KV cache, batch 1) runs in this
+process before any engine starts.
+
+Speculation is measured on two pairs: the given one (the demo's target and its distilled draft),
+and a weaker one this script builds: the same target with a copy of the draft whose weights carry
+Gaussian noise (``--weak-noise`` times each tensor's spread), so fewer drafted tokens are
+accepted. Each pair runs with ``--spec on`` and ``--spec auto``; "plain" is the engine without a
+draft at concurrency 1 on the same prompts.
+
+Greedy output is compared, per prompt, against transformers' (and the concurrent runs against the
+engine's own concurrency 1): in float32 it must be identical; in bfloat16 or float16 different
+batch shapes round differently, so the agreement is reported as a fraction. Stdout gets one JSON
+object; progress and a short table go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from common import HOST, PROMPTS, Processes, free_port, machine, percentile, say, wait_until
+
+H200_PEAK_GBPS = 4800.0  # HBM3e, NVIDIA's figure for the H200 SXM
+LOAD_TIMEOUT = 600.0  # seconds for an engine to load and answer /health
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/engine.py",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--model", default="demo", help="served model (default: demo)")
+    parser.add_argument(
+        "--draft-model", help="its draft (default with --model demo: the demo's distilled draft)"
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: float32 on CPU, bfloat16 on CUDA (where only float32 gives exact equality)",
+    )
+    parser.add_argument("--tokens", type=int, default=96, help="greedy tokens a request (96)")
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="distinct prompts; batch-1 runs send each once (8)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=64, help="requests at each concurrency above 1 (64)"
+    )
+    parser.add_argument(
+        "--concurrency", default="8,32", help="concurrent clients, besides 1 (8,32)"
+    )
+    parser.add_argument(
+        "--prefix-caching",
+        default="off",
+        choices=("off", "on", "both"),
+        help="the engine's prefix caching; both adds the concurrency table with it on (off)",
+    )
+    parser.add_argument("--max-batch-size", type=int, help="engine's --max-batch-size")
+    parser.add_argument("--threads", type=int, help="torch CPU threads, here and in engines")
+    parser.add_argument(
+        "--weak-noise", type=float, default=0.5, help="noise of the weaker draft (0.5)"
+    )
+    parser.add_argument("--no-spec", action="store_true", help="skip the speculation runs")
+    parser.add_argument("--vllm", metavar="URL", help="a running vLLM OpenAI server to compare")
+    parser.add_argument(
+        "--peak-bandwidth",
+        type=float,
+        default=H200_PEAK_GBPS,
+        metavar="GBPS",
+        help=f"the GPU's memory bandwidth, for batch-1 decode's share of it ({H200_PEAK_GBPS:g})",
+    )
+    parser.add_argument("--workdir", type=Path, help="logs and the weaker draft (default: temp)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 8 requests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.requests, args.tokens = 2, 8, min(args.tokens, 24)
+        args.concurrency = "4"
+    try:
+        args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--concurrency: not a list of integers: {args.concurrency!r}")
+    if any(c < 2 for c in args.levels):
+        parser.error("--concurrency: levels above 1 (concurrency 1 always runs)")
+    if args.model != "demo" and not args.draft_model and not args.no_spec:
+        parser.error("--draft-model is required unless --model demo (or --no-spec)")
+    return args
+
+
+# -- the models ------------------------------------------------------------------------------------
+
+
+def resolve_models(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    if args.model == "demo":
+        from flockctl.engine.demo import ensure_demo
+
+        say("finding or building the demo pair")
+        demo = ensure_demo(progress=False)
+        draft = demo.draft if args.draft_model in (None, "demo") else Path(args.draft_model)
+        return demo.target, None if args.no_spec else draft
+    return Path(args.model), Path(args.draft_model) if args.draft_model else None
+
+
+def build_weak_draft(draft: Path, path: Path, noise: float, seed: int = 7) -> Path:
+    """A copy of ``draft`` (tokenizer files too) whose weights carry Gaussian noise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(draft, path, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * noise * p.std())
+    model.save_pretrained(path)
+    return path
+
+
+def describe_model(path: Path, dtype: Any) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    size = torch.empty((), dtype=dtype).element_size()
+    return {
+        "path": str(path),
+        "type": config.model_type,
+        "layers": getattr(config, "num_hidden_layers", None),
+        "hidden": getattr(config, "hidden_size", None),
+        "parameters": params,
+        "weight_bytes": params * size,
+    }
+
+
+def pick(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    return device, dtype
+
+
+# -- transformers -------------------------------------------------------------------------------
+
+
+def transformers_generate(
+    path: Path, prompts: list[list[int]], new: int, device: str, dtype: str
+) -> tuple[float, list[list[int]]]:
+    """Batch 1, greedy, KV cache; one warm-up prompt first. Seconds and each one's tokens."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model.eval()
+    gen = model.generation_config
+    pad = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
+    gen.eos_token_id = None  # like the engine's ignore_eos: exactly ``new`` tokens each
+    gen.pad_token_id = pad if pad is not None else 0
+
+    def one(prompt: list[int], n: int) -> list[int]:
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+        )
+        return out[0, ids.shape[1] :].tolist()
+
+    outputs = []
+    with torch.inference_mode():
+        one(prompts[0], min(new, 8))
+        sync(device)
+        start = time.perf_counter()
+        for prompt in prompts:
+            outputs.append(one(prompt, new))
+        sync(device)
+        elapsed = time.perf_counter() - start
+    return elapsed, outputs
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# -- HTTP clients ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One concurrency level against one server."""
+
+    concurrency: int
+    tokens: int
+    seconds: float
+    ttfts: list[float]
+    latencies: list[float]
+    texts: list[str] = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        p99 = percentile(lat, 99)
+        return {
+            "concurrency": self.concurrency,
+            "requests": len(self.texts),
+            "tokens_per_s": round(self.tokens / self.seconds, 1),
+            "ttft_mean_ms": round(statistics.fmean(self.ttfts) * 1000, 1),
+            "latency_p50_ms": round(statistics.median(lat) * 1000, 1),
+            "latency_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+async def served_model(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(base + "/v1/models") as resp:
+        resp.raise_for_status()
+        return str((await resp.json())["data"][0]["id"])
+
+
+async def complete(
+    http: aiohttp.ClientSession, base: str, model: str, prompt: list[int], new: int
+) -> tuple[float, float, str]:
+    """One streamed greedy completion: time to first token, latency, text."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": new,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []
+    async with http.post(base + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{base} answered {resp.status}: {(await resp.text())[:300]}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(f"{base} failed a request: {event['error']}")
+            for choice in event.get("choices", ()):
+                if choice.get("text") and first is None:
+                    first = time.perf_counter()
+                pieces.append(choice.get("text") or "")
+    end = time.perf_counter()
+    return (first or end) - start, end - start, "".join(pieces)
+
+
+async def load(
+    base: str, prompts: list[list[int]], requests: int, concurrency: int, new: int
+) -> Run:
+    """``requests`` completions (the prompts in turn) through ``concurrency`` clients."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        model = await served_model(http, base)
+        await complete(http, base, model, prompts[0], min(new, 8))  # warm-up
+        queue = list(range(requests))
+        results: list[tuple[float, float, str]] = [(0.0, 0.0, "")] * requests
+
+        async def client() -> None:
+            while queue:
+                i = queue.pop(0)
+                results[i] = await complete(http, base, model, prompts[i % len(prompts)], new)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return Run(
+        concurrency,
+        requests * new,
+        seconds,
+        [r[0] for r in results],
+        [r[1] for r in results],
+        [r[2] for r in results],
+    )
+
+
+async def stats(base: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(base + "/stats") as resp:
+        resp.raise_for_status()
+        return dict(await resp.json())
+
+
+# -- engines ---------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def engine_server(
+    procs: Processes,
+    name: str,
+    args: argparse.Namespace,
+    model: Path,
+    extra: list[str],
+    caching: str = "off",
+) -> Any:
+    """A ``flockctl engine serve`` on a free port, until the block ends; yields its URL."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "flockctl", "engine", "serve",
+        "--model", str(model), "--host", HOST, "--port", str(port),
+        "--device", args.device, "--dtype", args.dtype, "--seed", "0",
+        "--prefix-caching", caching, *extra,
+    ]  # fmt: skip
+    if args.max_batch_size:
+        argv += ["--max-batch-size", str(args.max_batch_size)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    base = f"http://{HOST}:{port}"
+    say(f"starting engine {name}")
+    proc = procs.start(name, argv)
+
+    async def healthy() -> bool:
+        async with aiohttp.ClientSession() as http, http.get(base + "/health") as resp:
+            return resp.status == 200
+
+    try:
+        await wait_until(healthy, f"engine {name}", LOAD_TIMEOUT, procs)
+        yield base
+    finally:
+        procs.forget(proc.pid)
+        with contextlib.suppress(Exception):
+            proc.terminate()
+            proc.wait(30)
+
+
+def compare(reference: list[str], texts: list[str]) -> dict[str, Any]:
+    """Per prompt ``i % len(reference)``: all identical? the fraction that is; the first not."""
+    same = [t == reference[i % len(reference)] for i, t in enumerate(texts)]
+    first = next((i % len(reference) for i, ok in enumerate(same) if not ok), None)
+    return {
+        "identical": all(same),
+        "agreement": round(sum(same) / len(same), 4),
+        "first_differing_prompt": first,
+    }
+
+
+def spec_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    if not after:
+        return {}
+    before = before or {}
+    steps = after["num_drafts"] - before.get("num_drafts", 0)
+    drafted = after["num_draft_tokens"] - before.get("num_draft_tokens", 0)
+    accepted = after["num_accepted_tokens"] - before.get("num_accepted_tokens", 0)
+    return {
+        "steps": steps,
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+        "mean_accepted_length": round(1 + accepted / steps, 4) if steps else None,
+        # what the engine's policy decided, and why (the keys /stats has today, and any new ones)
+        "policy": {k: v for k, v in after.items() if not k.startswith("num_")},
+    }
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from flockctl.engine.text import TextStream
+
+    transformers.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device, args.dtype = pick(args.device, args.dtype)
+    target, draft = resolve_models(args)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    prompts = [tokenizer.encode(p) for p in (PROMPTS * 4)[: args.prompts]]
+    new = args.tokens
+    dtype = getattr(torch, args.dtype)
+    exact = args.dtype == "float32"
+
+    def text(prompt: list[int], ids: list[int]) -> str:
+        stream = TextStream(tokenizer, prompt)
+        return stream.push(ids) + stream.finish()
+
+    models: dict[str, Any] = {"target": describe_model(target, dtype)}
+    pairs: dict[str, Path] = {}
+    if draft is not None and not args.no_spec:
+        weak = build_weak_draft(draft, workdir / "weak-draft", args.weak_noise)
+        models["draft"] = describe_model(draft, dtype)
+        models["weak_draft"] = {
+            **describe_model(weak, dtype),
+            "what": f"the draft with Gaussian noise of {args.weak_noise:g} times each weight"
+            " tensor's standard deviation added (seed 7)",
+        }
+        pairs = {"demo_pair" if args.model == "demo" else "given_pair": draft, "weak_pair": weak}
+
+    say(f"transformers generate on {args.device} in {args.dtype}, batch 1")
+    hf_seconds, hf_ids = transformers_generate(target, prompts, new, args.device, args.dtype)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the engines size their KV caches from free memory
+    reference = [text(p, ids) for p, ids in zip(prompts, hf_ids, strict=True)]
+    hf_tps = len(prompts) * new / hf_seconds
+    say(f"transformers: {hf_tps:.0f} tokens/s")
+
+    procs = Processes(workdir)
+    concurrency: dict[str, dict[str, Any]] = {}
+    equality: dict[str, dict[str, Any]] = {}
+    spec: dict[str, dict[str, Any]] = {}
+    engine_info: dict[str, Any] = {}
+
+    async def table(name: str, base: str) -> None:
+        """Concurrency 1 on the prompts once each, then every level on ``--requests``."""
+        one = await load(base, prompts, len(prompts), 1, new)
+        rows = {"1": one.summary()}
+        equality[f"{name}_c1_vs_transformers"] = compare(reference, one.texts)
+        say(f"{name} c=1: {rows['1']['tokens_per_s']} tokens/s")
+        for level in args.levels:
+            run = await load(base, prompts, args.requests, level, new)
+            rows[str(level)] = row = run.summary()
+            row["vs_c1"] = round(row["tokens_per_s"] / rows["1"]["tokens_per_s"], 3)
+            equality[f"{name}_c{level}_vs_c1"] = compare(one.texts, run.texts)
+            say(
+                f"{name} c={level}: {row['tokens_per_s']} tokens/s, mean TTFT"
+                f" {row['ttft_mean_ms']} ms, p99 {row['latency_p99_ms']} ms"
+            )
+        concurrency[name] = rows
+
+    try:
+        caching = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.prefix_caching]
+        for mode in caching:
+            name = "engine" if mode == "off" else "engine_prefix_caching"
+            async with engine_server(procs, name, args, target, [], mode) as base:
+                await table(name, base)
+                if not engine_info:
+                    s = await stats(base)
+                    engine_info = {
+                        "max_batch_size": s.get("max_batch_size"),
+                        "dtype": s.get("dtype"),
+                        "device": s.get("device"),
+                        "kv_budget_tokens": (s.get("kv") or {}).get("budget_tokens"),
+                    }
+        plain = concurrency["engine"]["1"]["tokens_per_s"]
+        for pair, draft_path in pairs.items():
+            for mode in ("on", "auto"):
+                name = f"{pair}_spec_{mode}"
+                extra = ["--draft-model", str(draft_path), "--spec", mode]
+                async with engine_server(procs, name, args, target, extra) as base:
+                    before = (await stats(base)).get("speculation")
+                    run = await load(base, prompts, len(prompts), 1, new)
+                    after = (await stats(base)).get("speculation")
+                tps = run.tokens / run.seconds
+                spec.setdefault(pair, {"plain_tokens_per_s": plain})[mode] = {
+                    "tokens_per_s": round(tps, 1),
+                    "vs_plain": round(tps / plain, 3),
+                    **spec_summary(before, after),
+                }
+                equality[f"{name}_vs_transformers"] = compare(reference, run.texts)
+                say(f"{name}: {tps:.0f} tokens/s ({tps / plain:.2f}x plain)")
+        if args.vllm:
+            base = args.vllm.rstrip("/")
+            say(f"vLLM at {base}")
+            await table("vllm", base)
+    finally:
+        procs.stop_all()
+
+    engine_c1 = concurrency["engine"]["1"]["tokens_per_s"]
+    report: dict[str, Any] = {
+        "bench": "engine",
+        "machine": {
+            **machine(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # others' work adds noise
+        },
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "models": models,
+        "engine": engine_info,
+        "settings": {
+            "prompts": len(prompts),
+            "new_tokens": new,
+            "requests": args.requests,
+            "concurrency": [1, *args.levels],
+            "prefix_caching": args.prefix_caching,
+            "max_batch_size": args.max_batch_size,
+            "threads": args.threads,
+            "quick": args.quick,
+        },
+        "batch1": {
+            "transformers_tokens_per_s": round(hf_tps, 1),
+            "engine_tokens_per_s": engine_c1,
+            "engine_vs_transformers": round(engine_c1 / hf_tps, 3),
+        },
+        "concurrency": concurrency,
+        "speculation": spec,
+        "equality": {
+            "exact_expected": exact,
+            "all_identical": all(e["identical"] for e in equality.values()),
+            "comparisons": equality,
+        },
+    }
+    if args.device == "cuda":
+        weight = models["target"]["weight_bytes"]
+        peak = args.peak_bandwidth * 1e9
+        report["bandwidth"] = {
+            "peak_gbps": args.peak_bandwidth,
+            "weight_bytes": weight,
+            "engine_batch1_fraction": round(weight * engine_c1 / peak, 5),
+            "transformers_batch1_fraction": round(weight * hf_tps / peak, 5),
+        }
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    b = report["batch1"]
+    lines = [
+        f"transformers generate batch 1: {b['transformers_tokens_per_s']} tokens/s;"
+        f" engine {b['engine_tokens_per_s']} ({b['engine_vs_transformers']}x)",
+        f"{'server':<24}{'c':>4}{'tok/s':>10}{'vs c=1':>8}{'TTFT ms':>10}{'p99 ms':>10}",
+    ]
+    for name, rows in report["concurrency"].items():
+        for level, row in rows.items():
+            lines.append(
+                f"{name:<24}{level:>4}{row['tokens_per_s']:>10}{row.get('vs_c1', 1.0):>8}"
+                f"{row['ttft_mean_ms']:>10}{row['latency_p99_ms']:>10}"
+            )
+    for pair, modes in report["speculation"].items():
+        for mode in ("on", "auto"):
+            m = modes[mode]
+            lines.append(
+                f"{pair} --spec {mode}: {m['tokens_per_s']} tokens/s ({m['vs_plain']}x plain),"
+                f" acceptance {m.get('acceptance_rate')}"
+            )
+    eq = report["equality"]
+    lines.append(f"greedy output identical everywhere: {eq['all_identical']}")
+    if "bandwidth" in report:
+        lines.append(
+            f"batch-1 decode reaches {report['bandwidth']['engine_batch1_fraction']:.2%} of"
+            f" {report['bandwidth']['peak_gbps']:g} GB/s"
+        )
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-engine-")))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            report = asyncio.run(bench(args, workdir))
+        except KeyboardInterrupt:
+            say("interrupted")
+            return 130
+        except (RuntimeError, OSError, ValueError, aiohttp.ClientError) as exc:
+            where = f" (logs in {workdir})" if args.workdir else ""
+            say(f"failed: {exc or type(exc).__name__}{where}")
+            return 1
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(report, indent=2))
+    print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
