@@ -1,7 +1,7 @@
 """The engine's speed side by side: transformers ``generate``, the engine at concurrency 1, 8 and
 32, speculation on two model pairs, and optionally a running vLLM server, on CPU or CUDA.
 
-    python bench/engine.py                       # the demo pair, about 5 minutes on 2 CPU cores
+    python bench/engine.py                       # the demo pair, about 2 minutes on 2 CPU cores
     python bench/engine.py --quick               # a smoke run
     python bench/engine.py --device cuda         # bfloat16 by default; --dtype float32 for equality
     python bench/engine.py --model M --draft-model D [--vllm http://127.0.0.1:8000]
