@@ -453,7 +453,7 @@ def _serve(engine: Engine | EncoderEngine, sock: socket.socket, host: str) -> No
 # The same command as ``python -m flockctl.engine.demo``, which ``flockctl up`` runs to build the
 # demo in front of the user; it imports no torch until it builds.
 engine_app.command()(demo)
-
 engine_app.command()(profile)
+
 if __name__ == "__main__":
     engine_app(prog_name="flockctl engine")

@@ -23,17 +23,12 @@ from flockctl.client import ClientError
 from flockctl.request_log_reader import RequestFilter
 from flockctl.themes import ThemeError, load_theme, load_themes
 from flockctl.tui.app import Dashboard, DashboardCommands, binding_ids
+from flockctl.tui.dialogs import ConfirmScreen, FormScreen, StartScreen
 from flockctl.tui.feed import Feed
 from flockctl.tui.latency import LatencyPanel, LatencyWindow, sparkline
 from flockctl.tui.layout import share_rows
 from flockctl.tui.requests import RequestScreen, RequestsScreen, RequestsTable
-from flockctl.tui.screens import (
-    ConfirmScreen,
-    FormScreen,
-    LogsScreen,
-    StartScreen,
-    WorkerScreen,
-)
+from flockctl.tui.screens import LogsScreen, WorkerScreen
 from flockctl.tui.settings import SettingsError, load_keymap, remembered
 from flockctl.tui.widgets import JobsTable, WorkersTable
 

@@ -443,8 +443,8 @@ async def test_the_dashboard_updates_a_static_deployment_after_confirmation(
     from textual.widgets import Input
 
     from flockctl.tui.app import Dashboard
+    from flockctl.tui.dialogs import ConfirmScreen, FormScreen
     from flockctl.tui.feed import Feed
-    from flockctl.tui.screens import ConfirmScreen, FormScreen
     from flockctl.tui.widgets import WorkersTable
 
     old = await upstream(worker_id="a")
