@@ -49,7 +49,7 @@ from flockctl.server.autoscaler import AutoscalerPolicy, Decision, Observation, 
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober
 from flockctl.server.provisioners.base import Provisioner
-from flockctl.server.workers import LIVE, Worker, WorkerState
+from flockctl.server.workers import LIVE, Worker, WorkerIds, WorkerState
 
 if TYPE_CHECKING:
     from flockctl.server.update import Update
@@ -81,26 +81,6 @@ class WorkerGroup:
     name: str
     command: str | None = None
     model: str | None = None
-
-
-class WorkerIds:
-    """Worker ids ``w1``, ``w2``, ... shared by every controller of a deployment."""
-
-    def __init__(self) -> None:
-        self._seq = 0
-
-    @property
-    def last(self) -> int:
-        """The number of the last id given out (or seen)."""
-        return self._seq
-
-    def next(self) -> str:
-        self._seq += 1
-        return f"w{self._seq}"
-
-    def seen(self, worker_id: str) -> None:
-        """A worker re-adopted with ``worker_id``: never give that id out again."""
-        self._seq = max(self._seq, _seq_of(worker_id))
 
 
 @dataclass
@@ -595,8 +575,3 @@ class Controller:
             }
             out["spot"] = spot
         return out
-
-
-def _seq_of(worker_id: str) -> int:
-    digits = worker_id.lstrip("w")
-    return int(digits) if digits.isdigit() else 0

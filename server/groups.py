@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from flockctl.schema import GroupView
 from flockctl.server.autoscaler import AutoscalerPolicy
 from flockctl.server.config import DeploymentConfig
-from flockctl.server.controller import Controller, WorkerGroup, WorkerIds
+from flockctl.server.controller import Controller, WorkerGroup
 from flockctl.server.pool import WorkerPool
-from flockctl.server.workers import Worker, WorkerState
+from flockctl.server.workers import Worker, WorkerIds, WorkerState
 
 #: Builds the controller of one group: (group or None, its config, its policy, options).
 ControllerFactory = Callable[..., Controller]

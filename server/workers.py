@@ -204,3 +204,28 @@ class Worker:
             "engine_at": self.engine_at,
             "engine_stale": self.engine_stale,
         }
+
+
+class WorkerIds:
+    """Worker ids ``w1``, ``w2``, ... shared by every controller of a deployment."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    @property
+    def last(self) -> int:
+        """The number of the last id given out (or seen)."""
+        return self._seq
+
+    def next(self) -> str:
+        self._seq += 1
+        return f"w{self._seq}"
+
+    def seen(self, worker_id: str) -> None:
+        """A worker re-adopted with ``worker_id``: never give that id out again."""
+        self._seq = max(self._seq, _seq_of(worker_id))
+
+
+def _seq_of(worker_id: str) -> int:
+    digits = worker_id.lstrip("w")
+    return int(digits) if digits.isdigit() else 0
