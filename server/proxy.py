@@ -41,7 +41,7 @@ from flockctl.server.jobs import JOBS_PREFIX, holder, not_found, unlearned
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
 from flockctl.server.prober import MODELS_PATH
-from flockctl.server.request_log import Attempt, RequestLog, RequestRecord
+from flockctl.server.request_log import Attempt, RequestLog, RequestRecord, user_bytes
 from flockctl.server.request_meta import NO_META, extract
 from flockctl.server.retry_budget import RetryBudget
 from flockctl.server.tracing import BalancerTracing, start_tracing
@@ -388,6 +388,8 @@ class Balancer:
         if meta is not NO_META:
             rec.model = meta.model
             rec.user = _user(meta.session, scope["headers"])
+        elif self.request_log is not None:
+            rec.user_head = user_bytes(body)  # read by the log's writer, off this path
         if self.pool.unknown_model(meta.model):
             served = ", ".join(self.pool.models())
             message = f"model: {meta.model!r} is not served here; served models: {served}"

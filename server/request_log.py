@@ -53,8 +53,37 @@ _TOKENS = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
 #: An OpenAI response id (``cmpl-...``, ``chatcmpl-...``): with flockctl's engine it names the
 #: job, so ``GET /jobs/{id}`` through the balancer shows its timeline.
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"((?:chat)?cmpl-[A-Za-z0-9_.:-]{1,120})"')
+_USER_VALUE = re.compile(rb'"user"\s*:\s*("(?:[^"\\]|\\.){0,256}")')
+#: Bytes of a request body kept from its ``"user"`` key on, for the writer to read the value in.
+USER_BYTES = 600
 #: Records the daemon keeps in memory for ``GET /-/requests`` (the dashboard reads them there).
 RECENT = 2000
+
+
+def user_bytes(body: bytes) -> bytes | None:
+    """Where a JSON body has a ``"user"`` key, the bytes from it on (a few hundred); None where it
+    has none. On the request path when the body was not parsed: a byte search, no JSON."""
+    at = body.find(b'"user"')
+    for _ in range(64):  # a chat body says "user" as a role many times before the key, if any
+        if at < 0:
+            return None
+        rest = body[at + 6 : at + 38].lstrip()
+        if rest[:1] == b":" and (at == 0 or body[at - 1] != 0x5C):  # a key, not in a string
+            return body[at : at + USER_BYTES]
+        at = body.find(b'"user"', at + 6)
+    return None
+
+
+def user_of(head: bytes) -> str | None:
+    """The string value of the ``"user"`` key at the start of ``head`` (see ``user_bytes``)."""
+    found = _USER_VALUE.match(head)
+    if found is None:
+        return None
+    try:
+        value = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def usage_of(tail: bytes) -> tuple[int | None, int | None]:
@@ -125,6 +154,7 @@ class RequestRecord:
         "trace_id",
         "ttfb",
         "user",
+        "user_head",
         "worker",
     )
 
@@ -140,6 +170,8 @@ class RequestRecord:
         self.trace_id: str | None = None
         self.model: str | None = None
         self.user: str | None = None
+        #: The body's bytes from its ``"user"`` key on, when the body was not parsed.
+        self.user_head: bytes | None = None
         self.worker: str | None = None
         self.status = 0
         self.attempts: list[Attempt] = []
@@ -177,7 +209,7 @@ class RequestRecord:
             "path": self.path,
             "model": self.model,
             "client": self.client,
-            "user": self.user,
+            "user": self.user if self.user_head is None else user_of(self.user_head),
             "worker": self.worker,
             "status": self.status,
             "attempts": [a.to_dict() for a in self.attempts],

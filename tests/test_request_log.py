@@ -109,15 +109,20 @@ async def test_a_stream_logs_the_usage_of_its_last_event_and_the_user(daemon, up
     assert record["bytes_out"] == len(streamed)
 
 
-async def test_no_usage_no_tokens_and_no_parse_no_user(daemon, upstream, http):
+async def test_no_usage_no_tokens_and_the_user_read_without_parsing(daemon, upstream, http):
     up = await upstream(streaming_worker(usage=False))
     d = await daemon(endpoints=[up.url])
     await d.wait_ready(1)
-    async with http.post(f"{d.url}{CHAT}", json={"stream": True, "user": "ada"}) as resp:
-        await resp.read()
-    (record,) = await logged(d.deployment.state_dir, 1)
-    assert record["prompt_tokens"] is None and record["completion_tokens"] is None
-    assert record["user"] is None  # least-connection never parsed the body
+    # least-connection never parses the body: the user is read from its bytes by the log's writer,
+    # and a "user" that is a role or inside a message's text is not taken for it
+    messages = [{"role": "user", "content": 'say "user": "mallory"'}]
+    for body in ({"stream": True, "messages": messages, "user": "ada"}, {"messages": messages}):
+        async with http.post(f"{d.url}{CHAT}", json=body) as resp:
+            await resp.read()
+    first, second = await logged(d.deployment.state_dir, 2)
+    assert first["prompt_tokens"] is None and first["completion_tokens"] is None
+    assert first["user"] == "ada"
+    assert second["user"] is None
 
 
 async def test_front_door_refusals_are_counted_and_logged(daemon, upstream, http):
