@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from flockctl.schema import UpdateProgress, UpdateView
+from flockctl.server.config import GROUP_SCALING
 from flockctl.server.workers import LIVE, WorkerState
 
 if TYPE_CHECKING:
@@ -203,25 +204,8 @@ class UpdateRefused(Exception):
 #: The config fields an update may change: what runs on a worker and how many run. The rest
 #: (the balancer's address, keys, limits, the probe) belong to the daemon and need ``up``.
 UPDATABLE = frozenset(
-    {
-        "model",
-        "worker_command",
-        "engine_args",
-        "draft_models",
-        "workdir",
-        "endpoints",
-        "min_workers",
-        "max_workers",
-        "autoscaler",
-        "replicas",
-        "target_qps_per_replica",
-        "autoscale_up",
-        "autoscale_down",
-        "queue_tracking_window",
-        "upscale_delay",
-        "downscale_delay",
-    }
-)
+    {"model", "worker_command", "engine_args", "draft_models", "workdir", "endpoints"}
+) | frozenset(GROUP_SCALING)
 
 
 def fixed_fields(old: dict[str, object], new: dict[str, object]) -> list[str]:

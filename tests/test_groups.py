@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import until
+from fleet import Clock, MemoryProvisioner, Probes
 
 from flockctl.render import render_plan, status_console, status_view
 from flockctl.server.config import ConfigError, DeploymentConfig
@@ -20,7 +21,6 @@ from flockctl.server.deployment import make_autoscaler, plan
 from flockctl.server.groups import Groups
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
-from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
 from flockctl.server.request_meta import RequestMeta
 from flockctl.server.spec_file import resolve
 from flockctl.server.workers import Worker, WorkerState
@@ -44,38 +44,6 @@ flockctl:
       min_workers: 1
       max_workers: 2
 """
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class MemoryProvisioner(Provisioner):
-    """Workers that are names in a list, launched at once."""
-
-    name = "memory"
-
-    def __init__(self) -> None:
-        self.launched: list[tuple[str, str | None]] = []
-
-    async def launch(self, worker: Worker) -> None:
-        worker.url = f"http://{worker.id}.invalid"
-        self.launched.append((worker.id, worker.command))
-
-    async def terminate(self, worker: Worker) -> None:
-        pass
-
-    def health(self, worker: Worker) -> ResourceHealth:
-        return ALIVE
-
-
-class Probes:
-    def watch(self, worker: Worker) -> None:
-        pass
 
 
 def spec_config(tmp_path: Path, text: str = SPEC) -> DeploymentConfig:

@@ -23,54 +23,16 @@ import psutil
 import pytest
 from cli_driver import Result, flockctl, processes_with
 from conftest import FAKE_WORKER, TOKEN, free_port, until
+from fleet import Clock, MemoryProvisioner, Probes
 
 from flockctl.server.autoscaler import FixedPolicy
 from flockctl.server.controller import Controller
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
-from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
 from flockctl.server.update import Update
-from flockctl.server.workers import Worker, WorkerState
+from flockctl.server.workers import WorkerState
 
 S = WorkerState
-
-
-class Clock:
-    """Wall-clock seconds that move only when the test says."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class MemoryProvisioner(Provisioner):
-    """Workers that are names: launched at once, ended when the test says."""
-
-    name = "memory"
-
-    def __init__(self) -> None:
-        self.exited: dict[str, str] = {}
-        self.terminated: list[str] = []
-
-    async def launch(self, worker: Worker) -> None:
-        worker.url = f"http://{worker.id}.invalid"
-
-    async def terminate(self, worker: Worker) -> None:
-        self.terminated.append(worker.id)
-
-    def health(self, worker: Worker) -> ResourceHealth:
-        reason = self.exited.get(worker.id)
-        return ALIVE if reason is None else ResourceHealth(False, reason)
-
-
-@dataclass
-class Probes:
-    watched: list[str] = field(default_factory=list)
-
-    def watch(self, worker: Worker) -> None:
-        self.watched.append(worker.id)
 
 
 @dataclass
