@@ -238,8 +238,7 @@ class Balancer:
                 try:
                     conn = await upstream.send(worker.url or "", method, target, headers, b"")
                     if conn.status == 404 and known is None:
-                        await conn.read_all()  # not this one: ask the next
-                        continue
+                        continue  # not this one; its unread answer closes the connection
                     status = conn.status
                     await self._respond(conn, send)
                     return
