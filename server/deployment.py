@@ -205,11 +205,6 @@ class Deployment:
                 "a deployment with worker groups cannot be updated in place; restart it with"
                 " flockctl down and flockctl up"
             )
-        if self.provisioner.name == "skypilot":
-            raise UpdateRefused(
-                "SkyPilot workers cannot be updated in place yet; restart the deployment with"
-                " flockctl down and flockctl up"
-            )
         rollback_to: int | None = None
         if rollback:
             if len(self.served) < 2:
@@ -259,6 +254,8 @@ class Deployment:
     def _run_config(self, controller: Controller, cfg: DeploymentConfig) -> None:
         """Launch workers from ``cfg`` from now on, scaled by its autoscaler settings."""
         self.provisioner.use_config(cfg)
+        if cfg.provisioner == "skypilot":
+            self.provisioner.spot_plan = make_spot_plan(cfg)
         before = controller.policy
         policy = make_autoscaler(cfg)
         if (policy.name, policy.thresholds(), policy.min_workers, policy.max_workers) != (

@@ -201,11 +201,23 @@ class UpdateRefused(Exception):
         self.status = status
 
 
-#: The config fields an update may change: what runs on a worker and how many run. The rest
-#: (the balancer's address, keys, limits, the probe) belong to the daemon and need ``up``.
-UPDATABLE = frozenset(
-    {"model", "worker_command", "engine_args", "draft_models", "workdir", "endpoints"}
-) | frozenset(GROUP_SCALING)
+#: The config fields an update may change: what runs on a worker (for SkyPilot, the task and
+#: how its clusters launch) and how many run. The rest (the balancer's address, keys, limits,
+#: the probe) belong to the daemon and need ``up``.
+UPDATABLE = (
+    frozenset({"model", "worker_command", "engine_args", "draft_models", "workdir", "endpoints"})
+    | frozenset(GROUP_SCALING)
+    | frozenset(
+        {
+            "task",
+            "worker_port",
+            "base_ondemand_fallback_replicas",
+            "dynamic_ondemand_fallback",
+            "launch_attempts",
+            "launch_backoff",
+        }
+    )
+)
 
 
 def fixed_fields(old: dict[str, object], new: dict[str, object]) -> list[str]:

@@ -24,13 +24,16 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flockctl.server.autoscaler import SpotPlan
 from flockctl.server.provisioners.base import ALIVE, Capabilities, Provisioner, ResourceHealth
 from flockctl.server.provisioners.sky_sdk import SkyError, SkySdk, error_text
 from flockctl.server.workers import Worker, WorkerState
 from flockctl.state import read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from flockctl.server.config import DeploymentConfig
 
 log = logging.getLogger("flockctl.skypilot")
 T = TypeVar("T")
@@ -167,6 +170,15 @@ class SkyPilotProvisioner(Provisioner):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with contextlib.suppress(OSError), (self.log_dir / f"{worker.id}.log").open("a") as out:
             out.write(f"--- {stamp} {line}\n")
+
+    def use_config(self, cfg: DeploymentConfig) -> None:
+        """Clusters launched from now on run ``cfg``'s task (``flockctl update``, as ``sky serve
+        update`` launches new replicas); those up keep theirs until they are drained."""
+        if cfg.task is None or cfg.worker_port is None:
+            raise NotImplementedError("the new config has no SkyPilot task")
+        self.task, self.port, self.base_dir = cfg.task, cfg.worker_port, cfg.workdir
+        self.spot = cfg.uses_spot()
+        self.launch_attempts, self.launch_backoff = cfg.launch_attempts, cfg.launch_backoff
 
     # -- health --------------------------------------------------------------------------------
 

@@ -1,0 +1,145 @@
+"""``flockctl update`` of a SkyPilot deployment: new clusters from the new task, rolling or
+blue-green, the old clusters torn down, a failing new version rolled back, and no request failed.
+
+SkyPilot's SDK is the recording fake (``fake_sky.py``): each "cluster" is the fake OpenAI server as
+a local process, so the daemon probes and proxies real HTTP; the task is parsed by SkyPilot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import TESTS, until
+from fake_sky import FakeSky
+
+pytestmark = pytest.mark.e2e
+
+TASK: dict[str, Any] = {"run": "python -m http.server 8000", "resources": {"ports": 8000}}
+#: The next version's task: other resources, so its clusters' launch logs tell them apart.
+TASK_V2: dict[str, Any] = {
+    "run": "python -m http.server 8000",
+    "resources": {"ports": 8000, "cpus": "4+"},
+}
+
+
+@pytest.fixture(autouse=True)
+def sky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
+    monkeypatch.setenv("FLOCKCTL_SKY_SDK", "fake_sky:FakeSky")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    fake = FakeSky()
+    yield fake
+    for cluster in fake.clusters():  # a failed test must not leave servers running
+        fake.down(cluster)
+
+
+async def sky_daemon(daemon: Any, **extra: Any) -> Any:
+    d = await daemon(
+        provisioner="skypilot",
+        task=TASK,
+        autoscaler="fixed",
+        replicas=2,
+        launch_backoff=0.01,
+        launch_attempts=1,
+        status_interval=0.05,
+        probe={"interval_seconds": 0.05, "timeout_seconds": 2, "initial_delay_seconds": 20},
+        drain_timeout=20,
+        **extra,
+    )
+    await d.wait_ready(2)
+    return d
+
+
+@contextlib.asynccontextmanager
+async def steady_load(url: str) -> AsyncIterator[dict[str, int]]:
+    """Two clients sending requests one after another (one streaming) until the block ends."""
+    counts = {"ok": 0, "failed": 0}
+    stop = asyncio.Event()
+
+    async def client(stream: bool) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                body = {"prompt": "hi", "max_tokens": 4, "stream": stream}
+                async with session.post(f"{url}/v1/completions", json=body) as resp:
+                    data = await resp.read()
+                good = resp.status == 200 and (not stream or data.rstrip().endswith(b"[DONE]"))
+                counts["ok" if good else "failed"] += 1
+
+    tasks = [asyncio.create_task(client(stream)) for stream in (False, True)]
+    try:
+        yield counts
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def start_update(d: Any, http: aiohttp.ClientSession, **body: Any) -> dict[str, Any]:
+    async with http.post(f"{d.url}/-/update", json=body, headers=d.admin) as resp:
+        answer = await resp.json()
+        assert resp.status == 202, answer
+    return answer
+
+
+def clusters_of(d: Any, version: int) -> set[str]:
+    return {w.resource for w in d.deployment.pool if w.version == version and w.live}
+
+
+@pytest.mark.parametrize("mode", ["rolling", "blue-green"])
+async def test_an_update_launches_clusters_of_the_new_task_and_tears_down_the_old(
+    daemon: Any, sky: FakeSky, http: aiohttp.ClientSession, mode: str
+) -> None:
+    d = await sky_daemon(daemon)
+    old = clusters_of(d, 1)
+    assert old == {"flockctl-default-w1", "flockctl-default-w2"}
+    async with steady_load(d.url) as counts:
+        update = await start_update(d, http, changes={"task": TASK_V2}, mode=mode)
+        assert (update["from_version"], update["to_version"]) == (1, 2)
+        await until(lambda: d.deployment.update.state != "running", "the update to end", 60)
+        await until(lambda: counts["ok"] >= 10, "requests served after the update")
+    assert d.deployment.update.state == "succeeded", d.deployment.update.reason
+    assert counts["failed"] == 0 and counts["ok"] >= 10
+    assert d.deployment.version == 2
+    new = clusters_of(d, 2)
+    assert len(new) == 2 and not new & old
+    # The new clusters were launched from the new task, the old ones from the old.
+    state_dir = d.deployment.state_dir
+    for worker in d.deployment.pool:
+        log = (state_dir / "workers" / f"{worker.id}.log").read_text()
+        assert ("cpus=4+" in log) == (worker.version == 2), (worker.id, log)
+    # The old clusters are gone, on SkyPilot's side and from the deployment's records.
+    await until(lambda: not old & set(sky.clusters()), "the old clusters to be torn down")
+    assert old <= {c["cluster"] for c in sky.calls("down")}
+    saved = (state_dir / "clusters.json").read_text()
+    assert not any(cluster in saved for cluster in old)
+
+
+async def test_a_new_task_whose_clusters_never_launch_is_rolled_back(
+    daemon: Any, sky: FakeSky, http: aiohttp.ClientSession
+) -> None:
+    d = await sky_daemon(daemon, max_start_failures=2)
+    old = clusters_of(d, 1)
+    sky.script(fail_launches=100, error="ResourcesUnavailableError: no cpus=4+ anywhere")
+    async with steady_load(d.url) as counts:
+        await start_update(d, http, changes={"task": TASK_V2})
+        await until(lambda: d.deployment.update.state != "running", "the update to end", 60)
+    update = d.deployment.update
+    assert update.state == "rolled_back"
+    assert update.reason is not None and "no cpus=4+ anywhere" in update.reason
+    assert counts["failed"] == 0 and counts["ok"] > 0
+    # The old clusters serve on, and the deployment launches from the old task again.
+    assert d.deployment.version == 1 and clusters_of(d, 1) == old
+    assert d.deployment.provisioner.task == TASK  # type: ignore[attr-defined]
+    failed = [c["cluster"] for c in sky.calls("launch")][2:]
+    assert failed and not set(failed) & set(sky.clusters())
