@@ -213,61 +213,88 @@ class Balancer:
             await self.job(scope, send)
             return
         if path == MODELS_PATH and scope["method"] == "GET" and self.pool.routes_by_model:
-            await self.models(send)
+            await self.models(scope, send)
             return
         await self.proxy(scope, receive, send)
 
     async def job(self, scope: Scope, send: Send) -> None:
-        """``/jobs/{id}``: relayed to the worker whose engine holds the job, else a 404 here."""
+        """``/jobs/{id}``: relayed to the worker whose engine holds the job, else a 404 here.
+        Logged and traced like a relayed request: each worker asked is an attempt."""
         started = time.perf_counter()
+        rec = self._record(scope, started)
         job_id = scope["path"][len(JOBS_PREFIX) :]
         known = holder(self.pool, job_id)
         upstream = self.upstream
         candidates = [known] if known is not None else unlearned(self.pool)
-        if not candidates or upstream is None:
-            await send_json(send, 404, not_found(job_id))
-            self.metrics.observe(404, time.perf_counter() - started)
-            return
-        method = scope["method"].encode("latin-1")
-        target = scope.get("raw_path") or scope["path"].encode()
-        headers = self._upstream_headers(scope)
         status = 404
         try:
+            if not candidates or upstream is None:
+                await send_json(send, 404, not_found(job_id))
+                return
+            method = scope["method"].encode("latin-1")
+            target = scope.get("raw_path") or scope["path"].encode()
+            headers = self._upstream_headers(scope)
             for worker in candidates:
                 conn: Connection | None = None
+                tried = Attempt(worker.id)
+                rec.attempts.append(tried)
+                sent = headers
+                if rec.span is not None:
+                    sent = headers + self.tracing.attempt(rec, tried)  # type: ignore[union-attr]
+                t0 = time.perf_counter()
                 try:
-                    conn = await upstream.send(worker.url or "", method, target, headers, b"")
+                    conn = await upstream.send(worker.url or "", method, target, sent, b"")
+                    tried.status = conn.status
                     if conn.status == 404 and known is None:
                         continue  # not this one; its unread answer closes the connection
                     status = conn.status
-                    await self._respond(conn, send)
+                    rec.worker = worker.id
+                    await self._respond(conn, send, rec)
                     return
                 except UpstreamError as exc:
+                    tried.error = f"{exc.kind}: {exc}"
                     if known is None:
                         continue
+                    rec.worker = worker.id
                     status, err = json_error(
                         502, f"worker {worker.id} failed: {exc}", "upstream_error"
                     )
                     await send_json(send, status, err)
                     return
                 finally:
+                    tried.ms = (time.perf_counter() - t0) * 1000
+                    if rec.span is not None:
+                        self.tracing.end_attempt(tried)  # type: ignore[union-attr]
                     if conn is not None:
                         upstream.release(conn)
             await send_json(send, 404, not_found(job_id))
         except _BrokenOff:
             pass
         finally:
-            self.metrics.observe(status, time.perf_counter() - started)
+            self._done(rec, status, time.perf_counter() - started)
 
-    async def models(self, send: Send) -> None:
+    async def models(self, scope: Scope, send: Send) -> None:
         """``GET /v1/models`` where several models are served: all of them, in OpenAI's shape."""
         started = time.perf_counter()
+        rec = self._record(scope, started)
         data = [
             {"id": model, "object": "model", "created": int(self.started), "owned_by": "flockctl"}
             for model in self.pool.models()
         ]
-        await send_json(send, 200, json.dumps({"object": "list", "data": data}).encode())
-        self.metrics.observe(200, time.perf_counter() - started)
+        body = json.dumps({"object": "list", "data": data}).encode()
+        await send_json(send, 200, body)
+        rec.bytes_out = len(body)
+        self._done(rec, 200, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, started: float) -> RequestRecord:
+        """The log record (and trace) of a request the balancer answers without the relay."""
+        client = scope.get("client")
+        rec = RequestRecord(scope["method"], scope["path"], client[0] if client else None, started)
+        if self.request_log is not None or self.tracing is not None:
+            _identify(rec, scope["headers"])
+        if self.tracing is not None:
+            self.tracing.start(rec, scope)
+        return rec
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

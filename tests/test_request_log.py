@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from conftest import failing_worker, until
+from fake_worker import build_app
 from typer.testing import CliRunner
 
 from flockctl.cli import app as cli
@@ -264,3 +265,66 @@ async def test_the_log_keeps_up_with_concurrent_requests(daemon, upstream):
         assert await asyncio.gather(*(one(n) for n in range(50))) == [200] * 50
     records = await logged(d.deployment.state_dir, 50)
     assert sorted(r["request_id"] for r in records) == sorted(f"c{n}" for n in range(50))
+
+
+def job_worker(seen: list[str]) -> web.Application:
+    """The fake worker, holding every job it is asked for (keeping each ask's traceparent)."""
+
+    async def job(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("traceparent", ""))
+        return web.json_response({"id": request.match_info["id"], "state": "finished"})
+
+    app = build_app("holder", 4, 0.0, None)
+    app.router.add_get("/jobs/{id}", job)
+    return app
+
+
+async def test_a_job_lookup_is_logged_with_every_worker_asked(daemon, upstream, http):
+    other = await upstream()  # holds no job: answers 404 for every one
+    holding = await upstream(job_worker([]))
+    d = await daemon(endpoints=[other.url, holding.url])
+    await d.wait_ready(2)
+    ids = {w.url: w.id for w in d.deployment.pool}
+    # neither worker reports an instance token (not flockctl's engine): both may hold the job
+    async with http.get(f"{d.url}/jobs/cmpl-abcdef-7", headers={"x-request-id": "j-1"}) as resp:
+        assert resp.status == 200
+        answer = await resp.read()
+    (found,) = await logged(d.deployment.state_dir, 1)
+    assert (found["method"], found["path"], found["status"]) == ("GET", "/jobs/cmpl-abcdef-7", 200)
+    assert found["request_id"] == "j-1"
+    assert found["worker"] == ids[holding.url]
+    asked = {a["worker"]: a["status"] for a in found["attempts"]}
+    assert asked[ids[holding.url]] == 200
+    assert asked.get(ids[other.url], 404) == 404  # asked first, or never (the holder was first)
+    assert found["bytes_out"] == len(answer)
+    assert 0 <= found["ttfb_ms"] <= found["latency_ms"]
+
+
+async def test_a_job_no_worker_holds_is_logged_as_the_balancers_404(daemon, upstream, http):
+    first, second = await upstream(), await upstream()
+    d = await daemon(endpoints=[first.url, second.url])
+    await d.wait_ready(2)
+    async with http.get(f"{d.url}/jobs/cmpl-zzzzzz-1") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "job_not_found"
+    (missing,) = await logged(d.deployment.state_dir, 1)
+    assert missing["status"] == 404 and missing["worker"] is None
+    assert sorted(a["worker"] for a in missing["attempts"]) == sorted(
+        w.id for w in d.deployment.pool
+    )
+    assert {a["status"] for a in missing["attempts"]} == {404}
+
+
+async def test_the_balancers_own_model_list_is_logged(daemon, upstream, http):
+    alpha = await upstream(build_app("wa", 4, 0.0, None, model="alpha"))
+    beta = await upstream(build_app("wb", 4, 0.0, None, model="beta"))
+    d = await daemon(endpoints=[alpha.url, beta.url])
+    await until(lambda: d.deployment.pool.routes_by_model, "both workers' models known")
+    async with http.get(f"{d.url}/v1/models") as resp:
+        assert resp.status == 200
+        listed = await resp.read()
+    assert [m["id"] for m in json.loads(listed)["data"]] == ["alpha", "beta"]
+    (record,) = await logged(d.deployment.state_dir, 1)
+    assert (record["method"], record["path"], record["status"]) == ("GET", "/v1/models", 200)
+    assert record["worker"] is None and record["attempts"] == []
+    assert record["bytes_out"] == len(listed)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 from conftest import free_port, until, until_sync
+from fake_worker import build_app
 from otlp_receiver import OtlpReceiver, otlp_receiver
 
 from flockctl.state import REQUEST_LOG
@@ -239,3 +240,52 @@ def test_the_engines_job_span_is_a_child_of_the_balancers_attempt(tiny):
             assert lines[-1]["completion_tokens"] == 4
         finally:
             flockctl("down", "--timeout", "30")
+
+
+async def test_job_lookups_and_the_model_list_are_traced(daemon, upstream, http):
+    seen: list[str] = []
+
+    async def job(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("traceparent", ""))
+        return web.json_response({"id": request.match_info["id"]})
+
+    holding = build_app("wa", 4, 0.0, None, model="alpha")
+    holding.router.add_get("/jobs/{id}", job)
+    alpha = await upstream(holding)
+    beta = await upstream(build_app("wb", 4, 0.0, None, model="beta"))
+    with otlp_receiver() as otlp:
+        d = await daemon(endpoints=[alpha.url, beta.url], otel_collector_endpoint=otlp.endpoint)
+        await until(lambda: d.deployment.pool.routes_by_model, "both workers' models known")
+        ids = {w.url: w.id for w in d.deployment.pool}
+        job_trace, models_trace, parent = "7" * 32, "8" * 32, "9" * 16
+        headers = {"traceparent": f"00-{job_trace}-{parent}-01"}
+        async with http.get(f"{d.url}/jobs/cmpl-abcdef-7", headers=headers) as resp:
+            assert resp.status == 200
+        headers = {"traceparent": f"00-{models_trace}-{parent}-01"}
+        async with http.get(f"{d.url}/v1/models", headers=headers) as resp:
+            assert resp.status == 200
+        spans = await until(lambda: otlp.spans_in(job_trace), "the job lookup's spans")
+        (root,) = [s for s in spans if s.kind == SPAN_KIND_SERVER]
+        assert root.name == "GET /jobs/cmpl-abcdef-7" and root.parent_span_id == parent
+        assert root.attributes["http.response.status_code"] == 200
+        assert root.attributes["flockctl.worker"] == ids[alpha.url]
+        asked = await until(
+            lambda: (
+                len(otlp.spans_in(job_trace)) == 1 + root.attributes["flockctl.attempts"]
+                and [s for s in otlp.spans_in(job_trace) if s.kind == SPAN_KIND_CLIENT]
+            ),
+            "a span per worker asked",
+        )
+        assert all(s.parent_span_id == root.span_id for s in asked)
+        (found,) = [s for s in asked if s.attributes["flockctl.worker"] == ids[alpha.url]]
+        # the holder was sent its attempt's traceparent, not the client's
+        assert seen == [f"00-{job_trace}-{found.span_id}-01"]
+        (listed,) = await until(lambda: otlp.spans_in(models_trace), "the model list's span")
+        assert listed.name == "GET /v1/models" and listed.parent_span_id == parent
+        assert listed.attributes["http.response.status_code"] == 200
+        assert listed.attributes["flockctl.attempts"] == 0
+        records = await until(
+            lambda: len(logged(d.deployment.state_dir)) == 2 and logged(d.deployment.state_dir),
+            "both requests logged",
+        )
+        assert {r["trace_id"] for r in records} == {job_trace, models_trace}
