@@ -1,12 +1,13 @@
-"""A real OTLP/HTTP collector for tests: an HTTP server on 127.0.0.1 in the test process that
-decodes ``/v1/traces`` and ``/v1/metrics`` protobuf bodies with ``opentelemetry-proto`` into plain
-lists to assert on.
+"""Real OTLP collectors for tests, on 127.0.0.1 in the test process: ``OtlpReceiver`` speaks
+OTLP/HTTP (an HTTP server decoding ``/v1/traces`` and ``/v1/metrics`` protobuf bodies) and
+``GrpcOtlpReceiver`` OTLP/gRPC (a grpcio server with the TraceService and MetricsService of
+``opentelemetry-proto``). Both decode what they get into plain lists to assert on.
 
-It runs on its own thread, so sync tests, async tests and processes started by tests (a daemon,
-an engine) can all send to it. ``hang=True`` makes a collector that takes the connection and never
-answers, to show that a stuck collector changes nothing for requests.
+They run on threads of their own, so sync tests, async tests and processes started by tests (a
+daemon, an engine) can all send to them. ``hang=True`` makes an HTTP collector that takes the
+connection and never answers, to show that a stuck collector changes nothing for requests.
 
-    with OtlpReceiver() as otlp:
+    with OtlpReceiver() as otlp:  # or GrpcOtlpReceiver()
         ... run something with --otel-collector-endpoint otlp.endpoint ...
         until_sync(lambda: otlp.spans_named("job"), "the job span")
 """
@@ -16,13 +17,15 @@ from __future__ import annotations
 import gzip
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 
@@ -86,7 +89,11 @@ def attributes_of(pairs: Any) -> dict[str, Any]:
 
 
 def decode_traces(body: bytes) -> list[Span]:
-    request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+    return spans_of(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+
+
+def spans_of(request: Any) -> list[Span]:
+    """The spans of an ``ExportTraceServiceRequest``."""
     spans = []
     for rs in request.resource_spans:
         resource = attributes_of(rs.resource.attributes)
@@ -117,7 +124,11 @@ def decode_traces(body: bytes) -> list[Span]:
 
 
 def decode_metrics(body: bytes) -> list[Metric]:
-    request = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
+    return metrics_of(metrics_service_pb2.ExportMetricsServiceRequest.FromString(body))
+
+
+def metrics_of(request: Any) -> list[Metric]:
+    """The metrics of an ``ExportMetricsServiceRequest``."""
     metrics = []
     for rm in request.resource_metrics:
         service = str(attributes_of(rm.resource.attributes).get("service.name", ""))
@@ -144,16 +155,35 @@ def decode_metrics(body: bytes) -> list[Metric]:
     return metrics
 
 
-class OtlpReceiver:
-    """Collects what OTLP/HTTP exporters send it. ``endpoint`` is what to pass as
-    ``--otel-collector-endpoint``."""
+class Collected:
+    """What a receiver got, kept under a lock (the server's threads add, the test reads)."""
 
-    def __init__(self, *, hang: bool = False):
-        self.hang = hang
+    def __init__(self) -> None:
         self.spans: list[Span] = []
         self.metrics: list[Metric] = []
         self.requests = 0  # export requests received, answered or not
         self._lock = threading.Lock()
+
+    def spans_named(self, name: str, service: str | None = None) -> list[Span]:
+        with self._lock:
+            return [s for s in self.spans if s.name == name and service in (None, s.service)]
+
+    def spans_in(self, trace_id: str) -> list[Span]:
+        with self._lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def metrics_named(self, name: str, service: str | None = None) -> list[Metric]:
+        with self._lock:
+            return [m for m in self.metrics if m.name == name and service in (None, m.service)]
+
+
+class OtlpReceiver(Collected):
+    """Collects what OTLP/HTTP exporters send it. ``endpoint`` is what to pass as
+    ``--otel-collector-endpoint``."""
+
+    def __init__(self, *, hang: bool = False):
+        super().__init__()
+        self.hang = hang
         self._release = threading.Event()
         receiver = self
 
@@ -213,17 +243,50 @@ class OtlpReceiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def spans_named(self, name: str, service: str | None = None) -> list[Span]:
-        with self._lock:
-            return [s for s in self.spans if s.name == name and service in (None, s.service)]
 
-    def spans_in(self, trace_id: str) -> list[Span]:
-        with self._lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
+class GrpcOtlpReceiver(Collected):
+    """Collects what OTLP/gRPC exporters send it: the TraceService and MetricsService of the
+    OTLP protocol on a grpcio server. ``endpoint`` (``grpc://127.0.0.1:PORT``) is what to pass as
+    ``--otel-collector-endpoint``."""
 
-    def metrics_named(self, name: str, service: str | None = None) -> list[Metric]:
-        with self._lock:
-            return [m for m in self.metrics if m.name == name and service in (None, m.service)]
+    def __init__(self) -> None:
+        super().__init__()
+        receiver = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                spans = spans_of(request)
+                with receiver._lock:
+                    receiver.requests += 1
+                    receiver.spans.extend(spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                metrics = metrics_of(request)
+                with receiver._lock:
+                    receiver.requests += 1
+                    receiver.metrics.extend(metrics)
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self._server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"grpc://127.0.0.1:{self.port}"
+
+    def start(self) -> GrpcOtlpReceiver:
+        self._server.start()
+        return self
+
+    def close(self) -> None:
+        self._server.stop(grace=None).wait()
+
+    def __enter__(self) -> GrpcOtlpReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextmanager

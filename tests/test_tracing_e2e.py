@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from conftest import free_port, until, until_sync
 from fake_worker import build_app
-from otlp_receiver import OtlpReceiver, otlp_receiver
+from otlp_receiver import GrpcOtlpReceiver, OtlpReceiver, otlp_receiver
 
 from flockctl.state import REQUEST_LOG
 
@@ -190,15 +190,42 @@ def test_the_endpoint_reaches_the_engines_command_line():
         DeploymentConfig(otel_collector_endpoint="collector:4318")
 
 
+async def test_spans_and_metrics_reach_a_grpc_collector(daemon, upstream, http):
+    seen: list[str] = []
+    up = await upstream(recording_worker(200, seen))
+    with GrpcOtlpReceiver() as otlp:
+        d = await daemon(endpoints=[up.url], otel_collector_endpoint=otlp.endpoint)
+        await d.wait_ready(1)
+        trace_id, parent = "a" * 32, "b" * 16
+        headers = {"traceparent": f"00-{trace_id}-{parent}-01"}
+        async with http.post(f"{d.url}{CHAT}", json={}, headers=headers) as resp:
+            assert resp.status == 200
+        spans = await until(
+            lambda: len(otlp.spans_in(trace_id)) == 2 and otlp.spans_in(trace_id),
+            "the request's two spans over OTLP/gRPC",
+        )
+        (root,) = [s for s in spans if s.kind == SPAN_KIND_SERVER]
+        (attempt,) = [s for s in spans if s.kind == SPAN_KIND_CLIENT]
+        assert (root.service, root.parent_span_id) == ("flockctl-balancer", parent)
+        assert attempt.parent_span_id == root.span_id
+        assert seen == [f"00-{trace_id}-{attempt.span_id}-01"]
+        await until(
+            lambda: otlp.metrics_named("flockctl_requests", "flockctl-balancer"),
+            "the balancer's request counter over OTLP/gRPC",
+        )
+
+
 @pytest.mark.e2e
-def test_the_engines_job_span_is_a_child_of_the_balancers_attempt(tiny):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_engines_job_span_is_a_child_of_the_balancers_attempt(protocol, tiny):
     from cli_driver import flockctl
 
     from flockctl.state import state_dir
 
     port = free_port()
     trace_id, parent = "5" * 32, "6" * 16
-    with otlp_receiver() as otlp:
+    receiver = OtlpReceiver() if protocol == "http" else GrpcOtlpReceiver()
+    with receiver as otlp:
         up = flockctl(
             "up", "--port", str(port), "--model", str(tiny),
             "--engine-args", "--device cpu --max-batch-size 2",
