@@ -178,7 +178,10 @@ class ModelLoop:
         decode = [j for j in plan.batch if not j.needs_prefill]
         deliveries: Deliveries = []
         if prefill:
-            self._step(prefill, deliveries)
+            fed = sum(j.total_tokens - j.cached_tokens for j in prefill)
+            elapsed = self._step(prefill, deliveries)
+            if elapsed is not None:  # skip-join predicts prefills from the ones measured
+                self.pace.observe_prefill(fed, elapsed)
         if decode:
             plain = [j for j in decode if not self.speculator.can_speculate(j)]
             speculable = [j for j in decode if j not in plain] if plain else decode

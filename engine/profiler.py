@@ -7,8 +7,10 @@ forwards through the runner on dummy tokens; prefill time is fitted as ``a + b *
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,38 +91,57 @@ def calibrate(runner: Runner, max_tokens: int, batch: int, token_id: int = 0) ->
         pool.release(job.id)
     decode = statistics.median(steps[1:])
 
-    if len(samples) >= 2:
-        xs = [n for n, _ in samples]
-        ys = [t for _, t in samples]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        var = sum((x - mx) ** 2 for x in xs)
-        b = (
-            max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var)
-            if var
-            else 0.0
-        )
-        a = max(0.0, my - b * mx)
-    else:
-        a, b = samples[0][1], 0.0
+    a, b = fit_line(samples)
     return Profile(decode, batch, a, b, samples)
 
 
+def fit_line(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares ``seconds = a + b * tokens`` over ``(tokens, seconds)`` samples, neither
+    negative; one sample (or one length only) gives its mean time and no slope."""
+    xs = [n for n, _ in samples]
+    ys = [t for _, t in samples]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if not var:
+        return my, 0.0
+    b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var)
+    return max(0.0, my - b * mx), b
+
+
 class DecodePace:
-    """What a decode iteration costs as the engine runs now, beside the start-up profile.
+    """What a decode iteration and a prefill cost as the engine runs now, beside the start-up
+    profile.
 
     The start-up profile is one short measurement, and a busy host can make it wrong by an order
-    of magnitude; a moving average of real iterations follows the machine. The MLFQ's base quantum
-    and its prefill predictions both follow it.
+    of magnitude (a decode step timed at 324 ms at start-up ran at 54 ms under load). A moving
+    average of real decode iterations gives the MLFQ's base quantum; the prefill forwards the
+    engine runs are fitted as ``a + b * tokens`` over the last ``window`` of them, so skip-join
+    compares a prompt's real prefill cost with the quanta, both measured in the same conditions.
+    Until enough prefills of different lengths were seen, the start-up prefill model stands in,
+    rescaled by how decode runs now compared with start-up.
     """
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, window: int = 64, min_prefills: int = 8):
         self.profile = profile
         self.ewma: float | None = None  # seconds of a plain decode iteration, recently
+        self.prefills: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+        self.min_prefills = min_prefills
+        self._fit: tuple[float, float] | None = None  # (a, b) over self.prefills
 
     def observe(self, seconds: float) -> float:
         """A plain decode iteration took ``seconds``; returns the moving average."""
         self.ewma = seconds if self.ewma is None else (0.9 * self.ewma + 0.1 * seconds)
         return self.ewma
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A prefill forward fed ``tokens`` prompt tokens (all its jobs together) in
+        ``seconds``."""
+        if tokens < 1 or seconds <= 0:
+            return
+        self.prefills.append((tokens, seconds))
+        lengths = {n for n, _ in self.prefills}
+        if len(self.prefills) >= self.min_prefills and len(lengths) >= 2:
+            self._fit = fit_line(self.prefills)
 
     @property
     def decode_seconds(self) -> float:
@@ -128,8 +149,11 @@ class DecodePace:
         return self.ewma or self.profile.decode_seconds
 
     def predict_prefill(self, tokens: int) -> float:
-        """The start-up prefill model, rescaled by how decode iterations run now compared with
-        start-up, so skip-join compares a prediction and quanta measured in the same conditions."""
+        """Seconds of a prefill of ``tokens``: from the recent prefills once there are enough,
+        else the start-up model rescaled by how decode iterations run now."""
+        if self._fit is not None:
+            a, b = self._fit
+            return a + b * tokens
         predicted = self.profile.predict_prefill(tokens)
         if self.ewma is None or self.profile.decode_seconds <= 0:
             return predicted

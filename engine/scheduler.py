@@ -65,14 +65,25 @@ class FCFS(Scheduler):
 class MLFQ(Scheduler):
     """FastServe's skip-join multi-level feedback queue.
 
-    - Level ``k`` has quantum ``base_quantum * 2**k`` seconds of service.
+    - Level ``k`` has quantum ``base_quantum * 2**k`` seconds of service; the base follows what a
+      decode iteration costs as the engine runs (:meth:`set_base_quantum`).
     - Skip-join: a new job enters the highest-priority level whose quantum covers its predicted
-      prefill time, so a long prompt doesn't burn through the top levels in one iteration.
+      prefill time, so a long prompt doesn't burn through the top levels in one iteration. A job
+      that has not run yet is placed again whenever the quanta change, so its level always
+      compares its prefill with the quanta as they are now.
     - Demotion: once the service a job received at its level reaches the level's quantum, it moves
       one level down (to the back of that queue).
     - Starvation: a job that has not run for ``starvation_limit`` seconds (arrival counts as last
-      run) goes back to the top level.
-    Within a level, jobs run in the order they entered it.
+      run) moves up one level, and again after each further limit it waits.
+
+    Within a level, jobs run in the order they entered it, except in the last: the jobs that used
+    up every quantum run in the order they arrived. With a batch of B slots, the jobs there get
+    whatever slots the upper levels leave; taking turns would stretch every one of them over the
+    time of all (processor sharing), while arrival order finishes the oldest first and leaves the
+    others' completion times where FCFS would have them. Promotion is one level at a time for
+    the same reason: a job sent to the top takes every quantum again in turn with the new
+    arrivals, and several starved long jobs promoted together share the batch until all finish
+    late.
     """
 
     name = "mlfq"
@@ -95,10 +106,18 @@ class MLFQ(Scheduler):
         self.predict_prefill = predict_prefill or (lambda _n: 0.0)
         self.promotions = 0
         self.demotions = 0
+        # jobs whose level skip-join no longer decides: they have run, or were promoted
+        self._settled: set[str] = set()
 
     def set_base_quantum(self, seconds: float) -> None:
-        """Every level's quantum scales with it: level ``k`` stays ``seconds * 2**k``."""
+        """Every level's quantum scales with it: level ``k`` stays ``seconds * 2**k``. Jobs that
+        have not run yet are placed again by their prefill as it is predicted now."""
+        if seconds <= 0:
+            return
         self.base_quantum = seconds
+        for job in self.jobs.values():
+            if job.id not in self._settled:
+                self._join(job)
 
     def quantum(self, level: int) -> float:
         return self.base_quantum * (2**level)
@@ -111,25 +130,42 @@ class MLFQ(Scheduler):
 
     def add(self, job: Job, now: float) -> None:
         super().add(job, now)
-        job.predicted_prefill = self.predict_prefill(len(job.prompt_ids))
-        job.level = self.join_level(job.predicted_prefill)
         job.service_at_level = 0.0
+        self._join(job)
+
+    def remove(self, job: Job) -> None:
+        super().remove(job)
+        self._settled.discard(job.id)
+
+    def _join(self, job: Job) -> None:
+        """Skip-join: the level whose quantum covers the job's predicted prefill."""
+        job.predicted_prefill = self.predict_prefill(len(job.prompt_ids) - job.cached_tokens)
+        level = self.join_level(job.predicted_prefill)
+        if level != job.level:
+            self._move(job, level)
 
     def _move(self, job: Job, level: int) -> None:
         job.level = level
         job.service_at_level = 0.0
         job.queue_seq = next(self._seq)
 
+    def _key(self, job: Job) -> tuple[int, float, int]:
+        if job.level == self.levels - 1:
+            return (job.level, job.arrival, job.queue_seq)
+        return (job.level, 0.0, job.queue_seq)
+
     def order(self, now: float) -> list[Job]:
         for job in self.jobs.values():
             if job.level > 0 and now - job.last_run >= self.starvation_limit:
-                self._move(job, 0)
+                self._move(job, job.level - 1)
                 job.last_run = now  # a fresh wait before it can be promoted again
                 self.promotions += 1
-        return sorted(self.jobs.values(), key=lambda j: (j.level, j.queue_seq))
+                self._settled.add(job.id)
+        return sorted(self.jobs.values(), key=self._key)
 
     def charge(self, job: Job, seconds: float, now: float) -> None:
         super().charge(job, seconds, now)
+        self._settled.add(job.id)
         job.service_at_level += seconds
         if job.service_at_level >= self.quantum(job.level) and job.level < self.levels - 1:
             self._move(job, job.level + 1)
@@ -147,6 +183,8 @@ class MLFQ(Scheduler):
             "levels": self.levels,
             "quanta_ms": [round(self.quantum(k) * 1000, 3) for k in range(self.levels)],
             "starvation_limit_s": self.starvation_limit,
+            "last_level_order": "arrival",
+            "promotion": "up one level",
             "promotions": self.promotions,
             "demotions": self.demotions,
         }
