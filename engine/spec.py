@@ -12,20 +12,19 @@ by the served model (the LLM) in one forward pass.
   with the LLM's distribution at each node and returns the accepted path plus one token from the
   LLM (a correction where a draft was rejected, a bonus after a leaf). Both keep the LLM's output
   distribution exactly.
-- :class:`SpecPolicy` decides, as the engine runs, whether speculating pays: for each job from its
-  mean accepted length, and for the device from the measured cost of a speculative iteration
-  against an incremental one.
+- How deep each job drafts (and whether it drafts at all) is :mod:`flockctl.engine.spec_policy`'s
+  to decide.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from flockctl.engine.job import Job, SamplingParams
+from flockctl.engine.job import SamplingParams
 from flockctl.engine.sampling import is_greedy, probabilities
+from flockctl.engine.spec_policy import SpecPolicy as SpecPolicy  # the engine's type for it
 
 
 class TokenTree:
@@ -158,136 +157,3 @@ def verify_stochastic(
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-# -- deciding when to speculate ------------------------------------------------------------------
-
-
-class _Ewma:
-    def __init__(self, alpha: float = 0.2):
-        self.alpha = alpha
-        self.value: float | None = None
-        self.count = 0
-
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
-        self.count += 1
-
-
-class SpecPolicy:
-    """When to speculate: ``on`` always, ``off`` never, ``auto`` while it pays, measured.
-
-    For a batch of ``b`` decoding jobs the policy keeps the seconds of a speculative iteration and
-    of an incremental one, as moving averages; their ratio ``c`` is what a speculative step costs
-    in incremental steps. A job whose recent steps emitted fewer than ``c`` tokens each (judged
-    after its first ``min_steps``) loses by speculating and decodes incrementally, trying again
-    after ``probe_every`` iterations. When the jobs left would still make fewer tokens per second
-    than incremental decoding, the device stops speculating for the batch until a job's probe
-    comes due. While one side of the ratio is unknown for this batch size, it is measured first.
-    """
-
-    def __init__(
-        self, mode: str = "auto", probe_every: int = 32, min_samples: int = 3, min_steps: int = 4
-    ):
-        if mode not in ("auto", "on", "off"):
-            raise ValueError(f"unknown speculation mode {mode!r}: expected auto, on or off")
-        self.mode = mode
-        self.probe_every = probe_every
-        self.min_samples = min_samples
-        self.min_steps = min_steps
-        self.spec_seconds: dict[int, _Ewma] = {}
-        self.inc_seconds: dict[int, _Ewma] = {}
-        self.device_on = True
-        self.reason = "" if mode != "off" else "--spec off"
-        self._since_probe = 0
-
-    def cost_ratio(self, batch: int) -> float | None:
-        spec, inc = self.spec_seconds.get(batch), self.inc_seconds.get(batch)
-        if not spec or not inc or spec.value is None or inc.value is None:
-            return None
-        if min(spec.count, inc.count) < self.min_samples or inc.value <= 0:
-            return None
-        return spec.value / inc.value
-
-    def choose(self, jobs: Sequence[Job]) -> list[Job]:
-        """The decoding ``jobs`` that speculate this iteration (each has ``job.spec``)."""
-        if self.mode == "off" or not jobs:
-            return []
-        if self.mode == "on":
-            return list(jobs)
-        batch = len(jobs)
-        spec, inc = self.spec_seconds.get(batch), self.inc_seconds.get(batch)
-        if spec is None or spec.count < self.min_samples:
-            return list(jobs)  # measure a speculative iteration at this batch size
-        if inc is None or inc.count < self.min_samples:
-            self._since_probe += 1
-            if self._since_probe >= 2:  # interleave: learn the incremental cost too
-                self._since_probe = 0
-                return []
-            return list(jobs)
-        c = self.cost_ratio(batch)
-        assert c is not None
-        chosen = []
-        measuring = False
-        for job in jobs:
-            state = job.spec
-            assert state is not None
-            gain = state.emitted_ewma
-            # a few unlucky steps are no verdict: judge a job once it has a history
-            young = gain is None or state.steps < self.min_steps
-            state.enabled = young or (gain is not None and gain > c)
-            due = state.skipped + 1 >= self.probe_every  # a losing job tries again now and then
-            if state.enabled or due:
-                chosen.append(job)
-            measuring = measuring or young or (due and not state.enabled)
-        if measuring:
-            self.device_on, self.reason = True, "measuring what speculation yields for a job"
-            return chosen
-        tokens_spec = 0.0
-        for job in jobs:
-            gain = job.spec.emitted_ewma if job.spec else None
-            tokens_spec += gain if gain is not None and job in chosen else 1.0
-        if chosen and tokens_spec / c > batch:
-            self.device_on, self.reason = True, f"{tokens_spec / c / batch:.2f}x incremental"
-            return chosen
-        self.device_on = False
-        self.reason = (
-            f"a speculative step costs {c:.2f} incremental steps and yields"
-            f" {tokens_spec / batch:.2f} tokens a job"
-        )
-        return []
-
-    def observe_iteration(self, speculative: bool, batch: int, seconds: float) -> None:
-        table = self.spec_seconds if speculative else self.inc_seconds
-        table.setdefault(batch, _Ewma()).add(seconds)
-
-    @staticmethod
-    def observe_job(job: Job, drafted: int, accepted: int, speculated: bool) -> None:
-        state = job.spec
-        assert state is not None
-        if not speculated:
-            state.skipped += 1
-            return
-        state.skipped = 0
-        state.steps += 1
-        state.draft_tokens += drafted
-        state.accepted_tokens += accepted
-        emitted = accepted + 1
-        # the plain mean of a job's first 20 steps, a moving average over about 20 after that:
-        # steady enough that a short run of rejections does not flip the verdict
-        alpha = max(1 / state.steps, 0.05)
-        previous = state.emitted_ewma if state.emitted_ewma is not None else emitted
-        state.emitted_ewma = previous + alpha * (emitted - previous)
-
-    def describe(self) -> dict[str, Any]:
-        ratios = {}
-        for batch in sorted(self.spec_seconds):
-            c = self.cost_ratio(batch)
-            if c is not None:
-                ratios[str(batch)] = round(c, 3)
-        return {
-            "mode": self.mode,
-            "active": self.mode == "on" or (self.mode == "auto" and self.device_on),
-            "reason": self.reason,
-            "cost_ratio_by_batch": ratios,
-        }

@@ -22,13 +22,8 @@ from flockctl.engine.job import Job, JobSpec
 from flockctl.engine.kv import KVPool, OutOfBlocks, num_layers
 from flockctl.engine.runner import Feed, Runner
 from flockctl.engine.sampling import Sampler, is_greedy, probabilities
-from flockctl.engine.spec import (
-    SpecPolicy,
-    TokenTree,
-    draft_children,
-    verify_greedy,
-    verify_stochastic,
-)
+from flockctl.engine.spec import TokenTree, draft_children, verify_greedy, verify_stochastic
+from flockctl.engine.spec_policy import SpecPolicy, SpecState
 from flockctl.engine.tree import default_tree, tree_nodes
 
 
@@ -85,8 +80,11 @@ class Speculator:
                 num_layers(draft.config), draft_budget, device, dtype, block_size=config.block_size
             )
             self.drafters.append(Drafter(name, draft, pool, Runner(draft, pool, device)))
-        self.policy = SpecPolicy(config.spec if self.drafters else "off")
-        self.depth: dict[str, int] = {}  # job -> tree depth this iteration
+        self.policy = SpecPolicy(
+            config.spec if self.drafters else "off", self.tree, max(1, len(self.drafters))
+        )
+        self.planned: dict[str, int] = {}  # job -> the depth the policy chose this iteration
+        self.depth: dict[str, int] = {}  # job -> tree depth this iteration (room permitting)
         self._holding: dict[str, Job] = {}  # jobs that may have a cache in an SSM's pool
         self.steps = 0
         self.draft_tokens = 0
@@ -95,7 +93,7 @@ class Speculator:
 
     def job_spec(self) -> JobSpec | None:
         """A new job's speculation counters; None without draft models."""
-        return JobSpec(draft_cached=[0] * len(self.drafters)) if self.drafters else None
+        return SpecState(draft_cached=[0] * len(self.drafters)) if self.drafters else None
 
     def can_speculate(self, job: Job) -> bool:
         """Whether ``job`` may take part in speculative iterations.
@@ -113,22 +111,27 @@ class Speculator:
         )
 
     def choose(self, jobs: list[Job]) -> list[Job]:
-        """The decoding jobs that speculate this iteration (none: a plain decode step)."""
-        return self.policy.choose(jobs) if self.drafters else []
+        """The decoding jobs that speculate this iteration (none: a plain decode step), each
+        at the depth the policy chose for it."""
+        if not self.drafters:
+            return []
+        self.planned = self.policy.choose(jobs)
+        return [job for job in jobs if job.id in self.planned]
 
     def observe_plain(self, jobs: list[Job], seconds: float) -> None:
         """A decode iteration without speculation took ``seconds``: the policy's baseline."""
         if not self.drafters:
             return
-        self.policy.observe_iteration(False, len(jobs), seconds)
+        self.policy.observe_incremental(len(jobs), seconds)
         for job in jobs:
-            self.policy.observe_job(job, 0, 0, speculated=False)
+            self.policy.observe_job(job, 0, 0, 0)
 
     def release(self, job_id: str) -> None:
         """The job is finished: its SSM caches go."""
         for drafter in self.drafters:
             drafter.pool.release(job_id)
         self.depth.pop(job_id, None)
+        self.planned.pop(job_id, None)
         self._holding.pop(job_id, None)
 
     def stats(self) -> dict[str, Any] | None:
@@ -162,6 +165,7 @@ class Speculator:
         every tree at once; a job that does not speculate is a one-node tree in that forward.
         ``running``: the jobs in this iteration's batch (the SSM caches of others may go)."""
         start = time.perf_counter()
+        self.depth = {}
         trees = {
             j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
         }
@@ -174,6 +178,7 @@ class Speculator:
             if drafting
             else []
         )
+        drafted = time.perf_counter()
         feeds = []
         for job in jobs:
             tree = trees[job.id]
@@ -207,8 +212,14 @@ class Speculator:
                 path, token = verify_stochastic(tree, probs, generators[job.id])
             cached = self._keep_path(job, tree, path, drafts)
             results.append(Accepted([*tree.path_tokens(path[1:]), token], cached))
-        if any(len(tree) > 1 for tree in trees.values()):  # else it was incremental after all
-            self.policy.observe_iteration(True, len(jobs), time.perf_counter() - start)
+        if drafting:  # else it was incremental after all
+            self.policy.observe_speculative(
+                len(jobs),
+                len(self.drafters) * max(self.depth.values()),
+                drafted - start,
+                max(len(tree) for tree in trees.values()),
+                time.perf_counter() - drafted,
+            )
         return results
 
     def _reserve_tree(self, job: Job, running: Collection[str]) -> bool:
@@ -216,7 +227,7 @@ class Speculator:
         remaining = min(
             job.params.max_tokens - len(job.output_ids), self.max_model_len - job.total_tokens
         )
-        depth = min(len(self.tree), remaining - 1)
+        depth = min(self.planned.get(job.id, len(self.tree)), remaining - 1)
         if depth < 1:
             return False
         local = tree_nodes(self.tree[:depth])
@@ -336,7 +347,8 @@ class Speculator:
             pool.truncate(job.id, job.total_tokens + len(path))
         if job.spec is not None:
             accepted = len(path) - 1
-            self.policy.observe_job(job, len(tree) - 1, accepted, speculated)
+            depth = self.depth.get(job.id, 0) if speculated else 0
+            self.policy.observe_job(job, depth, len(tree) - 1, accepted)
             if speculated:
                 self.steps += 1
                 self.draft_tokens += len(tree) - 1

@@ -1,5 +1,5 @@
-"""Speculative decoding: token trees, lossless verification (greedy and stochastic), the engine's
-speculative iterations on tiny real models, and the policy that turns speculation off."""
+"""Speculative decoding: token trees, lossless verification (greedy and stochastic), and the
+engine's speculative iterations on tiny real models (the depth policy: test_spec_policy.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,9 @@ from transformers import AutoTokenizer
 
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.engine import Engine
-from flockctl.engine.job import Job, JobSpec, SamplingParams
+from flockctl.engine.job import SamplingParams
 from flockctl.engine.loader import load_engine
-from flockctl.engine.spec import (
-    SpecPolicy,
-    TokenTree,
-    draft_children,
-    verify_greedy,
-    verify_stochastic,
-)
+from flockctl.engine.spec import TokenTree, draft_children, verify_greedy, verify_stochastic
 from flockctl.engine.tree import default_tree, parse_tree, tree_nodes
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -174,52 +168,6 @@ def test_greedy_drafts_are_lossless_for_sampled_jobs_too() -> None:
     assert chi_square(first, {x: n * float(P_ROOT[x]) for x in range(V)}) < CHI2_DF4
 
 
-# -- the policy ----------------------------------------------------------------------------------
-
-
-def spec_job(emitted: float | None, steps: int = 10) -> Job:
-    job = Job([1, 2], GREEDY)
-    job.spec = JobSpec(emitted_ewma=emitted, steps=steps if emitted is not None else 0)
-    return job
-
-
-def test_policy_measures_then_keeps_what_pays() -> None:
-    policy = SpecPolicy("auto", probe_every=4, min_samples=2)
-    jobs = [spec_job(None), spec_job(None)]
-    assert policy.choose(jobs) == jobs  # nothing measured: speculate to learn its cost
-    for _ in range(2):
-        policy.observe_iteration(True, 2, 0.030)
-        policy.observe_iteration(False, 2, 0.010)
-    assert policy.cost_ratio(2) == pytest.approx(3.0)
-    good, poor = spec_job(8.0), spec_job(1.2)
-    # 8 tokens a step beats a 3x cost and 1.2 does not; the iteration makes 8 + 1 tokens in the
-    # time of 3 incremental ones, which beats 2 + 2 + 2
-    assert policy.choose([good, poor]) == [good]
-    assert (good.spec.enabled, poor.spec.enabled) == (True, False)  # type: ignore[union-attr]
-    assert policy.describe()["active"] is True
-    assert policy.choose([spec_job(4.0), spec_job(1.2)]) == []  # (4 + 1) / 3 < 2: not worth it
-    fresh = [spec_job(None), spec_job(1.2)]
-    assert policy.choose(fresh) == fresh[:1]  # a new job is measured before it is judged
-    young = spec_job(1.2, steps=2)
-    assert policy.choose([young]) == [young]  # two unlucky steps are no verdict yet
-
-
-def test_policy_turns_the_device_off_and_probes_again() -> None:
-    policy = SpecPolicy("auto", probe_every=4, min_samples=1)
-    policy.observe_iteration(True, 1, 0.030)
-    policy.observe_iteration(False, 1, 0.010)
-    job = spec_job(1.5)
-    decisions = []
-    for _ in range(9):
-        decisions.append(bool(policy.choose([job])))
-        SpecPolicy.observe_job(job, 4, 0, speculated=decisions[-1])  # a probe that still loses
-    assert decisions == [False, False, False, True] * 2 + [False]  # only the probes
-    stats = policy.describe()
-    assert stats["active"] is False and "costs 3.00 incremental steps" in stats["reason"]
-    assert SpecPolicy("on").choose([job]) == [job]
-    assert SpecPolicy("off").choose([job]) == []
-
-
 # -- the engine ----------------------------------------------------------------------------------
 
 
@@ -312,6 +260,7 @@ async def test_sampled_jobs_speculate_and_respect_limits(
         assert again == ids  # a seed reproduces a job run alone
         detail = engine.job_info(job.id)
         assert detail is not None and detail["speculation"]["mean_accepted_length"] > 1
+        assert detail["speculation"]["depth"] == 3  # --spec on drafts the whole tree
         text = engine.metrics.render()[0].decode()
         assert "flockctl_spec_decode_num_drafts_total" in text
         assert 'flockctl_spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text
@@ -327,7 +276,10 @@ async def test_auto_stops_speculating_with_a_useless_draft(
         spec = engine.stats()["speculation"]
         assert spec["mode"] == "auto"
         assert spec["active"] is False, spec
+        assert spec["depth_by_batch"]["1"] == 0
+        assert spec["acceptance_by_pos"][0] < 0.2
         assert job.spec.steps < 60  # type: ignore[union-attr]
+        assert engine.job_info(job.id)["speculation"]["depth"] == 0  # type: ignore[index]
 
 
 def test_a_draft_with_another_tokenizer_is_refused(

@@ -1,0 +1,357 @@
+"""How deep speculative decoding drafts, job by job, from what it measures as the engine runs.
+
+Nothing here touches a model or the clock: the speculator reports the seconds its iterations took
+and what each job's verification accepted, and :class:`SpecPolicy` turns them into a draft depth
+for every job of the next iteration (0: decode incrementally). Tests drive it with made-up
+measurements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flockctl.engine.job import Job, JobSpec
+
+#: A drafted token's chance of acceptance at a position where nothing has been measured yet.
+PRIOR_ACCEPTANCE = 0.6
+#: The engine-wide rate at a position counts as this many of a job's own steps there.
+PRIOR_WEIGHT = 2.0
+#: Per step, a job's earlier counts fade by this factor: its estimate follows about its last ten.
+JOB_DECAY = 0.9
+#: The engine-wide counts fade far slower: they are the prior of every new job.
+ENGINE_DECAY = 0.995
+#: Each verified tree token past the first, as a share of an incremental step, until two tree
+#: sizes are measured at a batch size (a 5-token verification cost 1.44 one-token steps on a CPU).
+NODE_COST = 0.1
+
+
+@dataclass
+class SpecState(JobSpec):
+    """One job's speculation: the counters ``/jobs/{id}`` shows, the draft depth the policy chose
+    for its latest step (0: it decoded incrementally), and its acceptance per draft position as
+    fading counts: ``tried[i]`` steps reached position ``i``, ``hits[i]`` of them accepted it."""
+
+    depth: int = 0
+    tried: list[float] = field(default_factory=list)
+    hits: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "depth": self.depth}
+
+
+def count_acceptance(
+    tried: list[float], hits: list[float], depth: int, accepted: int, decay: float
+) -> None:
+    """One step that drafted ``depth`` positions, the first ``accepted`` of them accepted: every
+    position up to the first rejection was tried (those after it never got a chance)."""
+    while len(tried) < depth:
+        tried.append(0.0)
+        hits.append(0.0)
+    for i in range(min(accepted + 1, depth)):
+        tried[i] = tried[i] * decay + 1.0
+        hits[i] = hits[i] * decay + (1.0 if i < accepted else 0.0)
+
+
+def expected_tokens(rates: Sequence[float]) -> list[float]:
+    """Tokens a step emits at each depth ``0 ... len(rates)``, from the chance ``rates[i]`` that
+    position ``i`` is accepted once every position before it was: the accepted drafts plus the
+    LLM's own token."""
+    out, reach = [1.0], 1.0
+    for rate in rates:
+        reach *= rate
+        out.append(out[-1] + reach)
+    return out
+
+
+class _Ewma:
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.value = 0.0
+        self.count = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if not self.count else self.value + self.alpha * (x - self.value)
+        self.count += 1
+
+
+class StepCosts:
+    """Seconds measured per batch size: an incremental iteration, one SSM forward, and the
+    verification of a tree of ``n`` tokens per job (the LLM forward, the walk, the kept path).
+
+    A speculative iteration of depth ``d`` costs one verification plus ``d`` forwards of each
+    SSM. Verification at a tree size not measured yet is read off a line through the sizes that
+    were (the padded batch makes every job's tree as large as the largest one's)."""
+
+    def __init__(self) -> None:
+        self.incremental: dict[int, _Ewma] = {}
+        self.draft: dict[int, _Ewma] = {}
+        self.verify: dict[int, dict[int, _Ewma]] = {}
+
+    def add_incremental(self, batch: int, seconds: float) -> None:
+        self.incremental.setdefault(batch, _Ewma()).add(seconds)
+
+    def add_speculative(
+        self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
+    ) -> None:
+        if forwards:
+            self.draft.setdefault(batch, _Ewma()).add(draft_seconds / forwards)
+        self.verify.setdefault(batch, {}).setdefault(tokens, _Ewma()).add(verify_seconds)
+
+    def samples(self, batch: int) -> tuple[int, int]:
+        """Incremental and speculative iterations measured at this batch size."""
+        inc = self.incremental.get(batch)
+        return (
+            inc.count if inc else 0,
+            sum(e.count for e in self.verify.get(batch, {}).values()),
+        )
+
+    def verify_seconds(self, batch: int, tokens: int) -> float | None:
+        points = self.verify.get(batch)
+        inc = self.incremental.get(batch)
+        if not points or not inc or not inc.count:
+            return None
+        if tokens in points:
+            return points[tokens].value
+        if len(points) == 1:
+            ((n, e),) = points.items()
+            return max(0.0, e.value + NODE_COST * inc.value * (tokens - n))
+        # least squares over the measured sizes; more tokens never verify faster
+        xs = list(points)
+        ys = [points[x].value for x in xs]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        spread = sum((x - mx) ** 2 for x in xs)
+        slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / spread)
+        return max(0.0, my + slope * (tokens - mx))
+
+    def speculative(self, batch: int, forwards: int, tokens: int) -> float | None:
+        """Seconds of a speculative iteration with ``forwards`` SSM forwards and trees of
+        ``tokens`` tokens; None until both parts were measured at this batch size."""
+        verify = self.verify_seconds(batch, tokens)
+        draft = self.draft.get(batch)
+        if verify is None or (forwards and not draft):
+            return None
+        return verify + forwards * (draft.value if draft else 0.0)
+
+    def describe(self, batch: int) -> dict[str, Any]:
+        inc, draft = self.incremental.get(batch), self.draft.get(batch)
+        verify = sorted(self.verify.get(batch, {}).items())
+        return {
+            "incremental_ms": round(inc.value * 1e3, 3) if inc else None,
+            "draft_forward_ms": round(draft.value * 1e3, 3) if draft else None,
+            "verify_ms_by_tokens": {str(n): round(e.value * 1e3, 3) for n, e in verify},
+        }
+
+
+class SpecPolicy:
+    """How deep each job drafts: ``on`` always the whole tree, ``off`` never, ``auto`` as deep
+    as pays, measured.
+
+    Under ``auto``, a job's chance of acceptance at each draft position comes from its own recent
+    steps, with the engine-wide rate at that position as a prior (worth ``prior_weight`` steps),
+    so a new job starts from what the others did and then follows its own text. From those the
+    policy expects ``E(d)`` tokens from a step of depth ``d`` (the tree cut to its first ``d``
+    levels; 0 is an incremental step), and from :class:`StepCosts` a step of depth ``d`` at this
+    batch size costs ``C(d)`` seconds. Each job's own best depth maximises ``E(d) / C(d)``; the
+    batch then takes the depth ``D`` that makes the most tokens a second over all its jobs, each
+    job drafting ``min(D, its best)`` (the padded forward costs what its deepest tree does).
+    A job whose best is 0 tries again every ``probe_every`` iterations, at the depth the
+    engine-wide rates would give it. Until a batch size's costs are measured, the policy measures
+    them: speculative iterations at the whole tree, incremental ones interleaved.
+    """
+
+    def __init__(
+        self,
+        mode: str = "auto",
+        tree: Sequence[int] = (1, 1, 1, 1),
+        drafters: int = 1,
+        *,
+        probe_every: int = 32,
+        min_samples: int = 3,
+        prior_weight: float = PRIOR_WEIGHT,
+    ):
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"unknown speculation mode {mode!r}: expected auto, on or off")
+        self.mode = mode
+        self.tree = tuple(tree)
+        self.drafters = drafters
+        self.probe_every = probe_every
+        self.min_samples = min_samples
+        self.prior_weight = prior_weight
+        self.costs = StepCosts()
+        self.tried: list[float] = []  # engine-wide, per position (see SpecState)
+        self.hits: list[float] = []
+        self.depth_by_batch: dict[int, int] = {}
+        self.device_on = True
+        self.reason = "" if mode != "off" else "--spec off"
+        self._since_probe = 0
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.tree)
+
+    def tree_tokens(self, depth: int) -> int:
+        """Tokens of one job's merged tree at ``depth`` (at most: SSMs that agree share nodes)."""
+        level, nodes = 1, 0
+        for width in self.tree[:depth]:
+            level *= width
+            nodes += level
+        return 1 + self.drafters * nodes
+
+    def step_seconds(self, batch: int, depth: int) -> float | None:
+        """What an iteration of this depth costs at this batch size (0: incremental)."""
+        if depth == 0:
+            inc = self.costs.incremental.get(batch)
+            return inc.value if inc and inc.count else None
+        return self.costs.speculative(batch, depth * self.drafters, self.tree_tokens(depth))
+
+    def cost_ratio(self, batch: int, depth: int | None = None) -> float | None:
+        """A speculative step of ``depth`` (default: the one chosen last) in incremental steps."""
+        depth = self.depth_by_batch.get(batch, self.max_depth) if depth is None else depth
+        spec, inc = self.step_seconds(batch, max(1, depth)), self.step_seconds(batch, 0)
+        return spec / inc if spec is not None and inc else None
+
+    def rates(self, state: SpecState | None = None) -> list[float]:
+        """Chance of acceptance at each position: engine-wide, or for one job with that prior.
+        A position nobody reached yet takes the rate of the one before (so depth can grow)."""
+        out: list[float] = []
+        previous = PRIOR_ACCEPTANCE
+        for i in range(self.max_depth):
+            tried = self.tried[i] if i < len(self.tried) else 0.0
+            hits = self.hits[i] if i < len(self.hits) else 0.0
+            previous = (hits + previous) / (tried + 1.0)
+            out.append(previous)
+        if state is None:
+            return out
+        w = self.prior_weight
+        for i in range(min(len(state.tried), len(out))):
+            out[i] = (state.hits[i] + w * out[i]) / (state.tried[i] + w)
+        return out
+
+    def choose(self, jobs: Sequence[Job]) -> dict[str, int]:
+        """The draft depth of each decoding job that speculates this iteration, by job id (each
+        job has a ``SpecState``, which shows its depth); empty: an incremental step."""
+        depths = self._choose(jobs)
+        for job in jobs:
+            if isinstance(job.spec, SpecState):
+                job.spec.depth = depths.get(job.id, 0)
+                job.spec.enabled = job.spec.depth > 0
+        return depths
+
+    def _choose(self, jobs: Sequence[Job]) -> dict[str, int]:
+        if self.mode == "off" or not jobs:
+            return {}
+        if self.mode == "on":
+            return {job.id: self.max_depth for job in jobs}
+        batch = len(jobs)
+        inc_samples, spec_samples = self.costs.samples(batch)
+        whole = {job.id: self.max_depth for job in jobs}
+        if spec_samples < self.min_samples:
+            self.device_on, self.reason = True, f"measuring speculation at batch size {batch}"
+            return whole
+        if inc_samples < self.min_samples:
+            self.device_on, self.reason = True, f"measuring decoding at batch size {batch}"
+            self._since_probe += 1
+            if self._since_probe >= 2:  # interleave: learn the incremental cost too
+                self._since_probe = 0
+                return {}
+            return whole
+        costs = [self.step_seconds(batch, d) for d in range(self.max_depth + 1)]
+        if any(c is None or c <= 0 for c in costs):
+            return whole
+        seconds = [float(c) for c in costs if c is not None]
+        engine_best = max(1, _best_depth(expected_tokens(self.rates()), seconds))
+        gains: list[list[float]] = []
+        best: list[int] = []
+        probes: list[int] = []
+        for job in jobs:
+            state = job.spec
+            assert isinstance(state, SpecState)
+            gain = expected_tokens(self.rates(state))
+            gains.append(gain)
+            own = _best_depth(gain, seconds)
+            if own == 0 and state.skipped + 1 >= self.probe_every:
+                own = engine_best  # a losing job tries again now and then
+                probes.append(own)
+            best.append(own)
+        rates = []
+        for depth in range(self.max_depth + 1):
+            tokens = sum(g[min(depth, b)] for g, b in zip(gains, best, strict=True))
+            rates.append(tokens / seconds[depth])
+        depth = max(range(self.max_depth + 1), key=lambda d: (rates[d], -d))
+        if depth == 0 and probes:
+            depth = max(probes)
+        self.depth_by_batch[batch] = depth
+        speedup = rates[depth] / rates[0]
+        ratio = seconds[depth] / seconds[0]
+        tokens = rates[depth] * seconds[depth] / batch
+        if depth == 0 or not any(best):
+            self.device_on = False
+            one = max(1, engine_best)
+            self.reason = (
+                f"a speculative step of depth {one} costs {seconds[one] / seconds[0]:.2f}"
+                f" incremental steps and yields {expected_tokens(self.rates())[one]:.2f} tokens"
+                " a job"
+            )
+            return {}
+        self.device_on = True
+        self.reason = (
+            f"depth {depth}: {tokens:.2f} tokens a job for {ratio:.2f} incremental steps"
+            f" ({speedup:.2f}x incremental)"
+        )
+        return {job.id: min(depth, b) for job, b in zip(jobs, best, strict=True) if b}
+
+    def observe_incremental(self, batch: int, seconds: float) -> None:
+        """An incremental decode iteration of ``batch`` jobs took ``seconds``."""
+        self.costs.add_incremental(batch, seconds)
+
+    def observe_speculative(
+        self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
+    ) -> None:
+        """A speculative iteration: ``forwards`` SSM forwards took ``draft_seconds`` in all,
+        verifying trees of up to ``tokens`` tokens took ``verify_seconds``."""
+        self.costs.add_speculative(batch, forwards, draft_seconds, tokens, verify_seconds)
+
+    def observe_job(self, job: Job, depth: int, drafted: int, accepted: int) -> None:
+        """A job's step: ``depth`` positions drafted (0: decoded incrementally), ``drafted``
+        tree nodes, ``accepted`` of its drafts accepted."""
+        state = job.spec
+        assert state is not None
+        if not depth:
+            state.skipped += 1
+            return
+        state.skipped = 0
+        state.steps += 1
+        state.draft_tokens += drafted
+        state.accepted_tokens += accepted
+        emitted = accepted + 1
+        alpha = max(1 / state.steps, 0.05)
+        previous = state.emitted_ewma if state.emitted_ewma is not None else emitted
+        state.emitted_ewma = previous + alpha * (emitted - previous)
+        if isinstance(state, SpecState):
+            count_acceptance(state.tried, state.hits, depth, accepted, JOB_DECAY)
+        count_acceptance(self.tried, self.hits, depth, accepted, ENGINE_DECAY)
+
+    def describe(self) -> dict[str, Any]:
+        ratios, costs = {}, {}
+        for batch in sorted(self.costs.verify):
+            c = self.cost_ratio(batch)
+            if c is not None:
+                ratios[str(batch)] = round(c, 3)
+            costs[str(batch)] = self.costs.describe(batch)
+        return {
+            "mode": self.mode,
+            "active": self.mode == "on" or (self.mode == "auto" and self.device_on),
+            "reason": self.reason,
+            "max_depth": self.max_depth,
+            "depth_by_batch": {str(b): d for b, d in sorted(self.depth_by_batch.items())},
+            "cost_ratio_by_batch": ratios,
+            "acceptance_by_pos": [round(r, 4) for r in self.rates()],
+            "step_costs_by_batch": costs,
+        }
+
+
+def _best_depth(gain: Sequence[float], seconds: Sequence[float]) -> int:
+    """The depth with the most tokens a second (the shallower one on a tie)."""
+    return max(range(len(seconds)), key=lambda d: (gain[d] / seconds[d], -d))

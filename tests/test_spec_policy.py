@@ -1,0 +1,160 @@
+"""The policy that picks each job's draft depth under ``--spec auto``, driven with made-up
+measurements: no model, no clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from flockctl.engine.job import Job, SamplingParams
+from flockctl.engine.spec_policy import SpecPolicy, SpecState, expected_tokens
+
+GREEDY = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+TREE = (1, 1, 1, 1, 1, 1)
+MS = 1e-3
+
+
+def new_job() -> Job:
+    job = Job([1, 2], GREEDY)
+    job.spec = SpecState(draft_cached=[0])
+    return job
+
+
+def measured(
+    policy: SpecPolicy,
+    batch: int = 1,
+    inc: float = 10 * MS,
+    draft: float = 2 * MS,
+    node: float = 1 * MS,
+) -> SpecPolicy:
+    """Costs as if measured: an incremental step ``inc``, an SSM forward ``draft``, and a
+    verification ``inc + node`` per tree token past the first (seen at two tree sizes)."""
+    for _ in range(policy.min_samples):
+        policy.observe_incremental(batch, inc)
+        for depth in (2, 6):
+            tokens = policy.tree_tokens(depth)
+            policy.observe_speculative(
+                batch, depth, depth * draft, tokens, inc + node * (tokens - 1)
+            )
+    return policy
+
+
+def steps(policy: SpecPolicy, job: Job, accept: Callable[[int], int], n: int) -> None:
+    """``n`` steps at the policy's depth for ``job``; step ``i`` has its first ``accept(i)``
+    drafts accepted (as many as it drafted, at most)."""
+    for i in range(n):
+        depth = policy.choose([job]).get(job.id, 0)
+        policy.observe_job(job, depth, depth, min(depth, accept(i)))
+
+
+def every(i: int) -> int:
+    return 99
+
+
+def never(i: int) -> int:
+    return 0
+
+
+def first_of_two(i: int) -> int:
+    """Every other step the first draft, never the second."""
+    return i % 2
+
+
+def test_expected_tokens_count_the_drafts_a_step_keeps_plus_the_llms_own() -> None:
+    assert expected_tokens([]) == [1.0]
+    assert expected_tokens([0.5, 0.5]) == pytest.approx([1.0, 1.5, 1.75])
+    assert expected_tokens([1.0, 0.0, 1.0]) == pytest.approx([1.0, 2.0, 2.0, 2.0])
+
+
+def test_step_costs_are_read_off_the_measured_tree_sizes() -> None:
+    policy = measured(SpecPolicy("auto", TREE))
+    # a step of depth d: d draft forwards of 2 ms and a verification of 10 + d ms
+    for depth in range(len(TREE) + 1):
+        assert policy.step_seconds(1, depth) == pytest.approx((10 + 3 * depth) * MS)
+    assert policy.cost_ratio(1, 4) == pytest.approx(2.2)
+    assert policy.step_seconds(2, 1) is None  # another batch size is measured on its own
+
+
+def test_a_job_drafts_as_deep_as_its_acceptance_pays_for() -> None:
+    policy = measured(SpecPolicy("auto", TREE), draft=1 * MS)
+    good, fair, useless = new_job(), new_job(), new_job()
+    steps(policy, good, every, 60)
+    steps(policy, fair, first_of_two, 60)
+    steps(policy, useless, never, 60)
+    # tokens a second, E(d) / (10 + 2d) ms: all accepted pays up to the whole tree; half of the
+    # first pays one position (1.5 tokens for 1.2 steps) and no more; nothing accepted never pays
+    assert policy.choose([good]) == {good.id: 6}
+    assert policy.choose([fair]) == {fair.id: 1}
+    assert policy.choose([useless]) == {}
+    assert policy.describe()["active"] is False
+    assert "costs 2.20 incremental steps" in policy.describe()["reason"]  # at depth 6
+    # a batch goes as deep as its best job pays for; each job drafts at most its own best (the
+    # padded forward costs what the deepest tree does), the useless one none
+    measured(policy, batch=3, draft=1 * MS)
+    assert policy.choose([good, fair, useless]) == {good.id: 6, fair.id: 1}
+    summary = good.spec.summary()  # type: ignore[union-attr]
+    assert summary["depth"] == 6 and summary["enabled"] is True
+    assert useless.spec.summary()["depth"] == 0  # type: ignore[union-attr]
+
+
+def test_depth_follows_a_job_whose_acceptance_changes() -> None:
+    policy = measured(SpecPolicy("auto", TREE, probe_every=8))
+    job = new_job()
+    steps(policy, job, every, 40)
+    assert policy.choose([job])[job.id] == 6
+    steps(policy, job, never, 30)  # its text turned to something the draft cannot guess
+    decisions = []
+    for _ in range(16):
+        depth = policy.choose([job]).get(job.id, 0)
+        decisions.append(depth)
+        policy.observe_job(job, depth, depth, 0)  # still nothing accepted
+    probes = [i for i, d in enumerate(decisions) if d]
+    assert len(probes) == 2 and probes[1] - probes[0] == 8  # only the probes
+    steps(policy, job, every, 40)  # its probes find the draft good again
+    assert policy.choose([job])[job.id] == 6
+
+
+def test_a_new_job_starts_from_the_engine_wide_acceptance() -> None:
+    policy = measured(SpecPolicy("auto", TREE))
+    assert policy.choose([new_job()]) != {}  # unmeasured positions are given the benefit
+    steps(policy, new_job(), never, 200)
+    fresh = new_job()
+    assert policy.choose([fresh]) == {}  # every job so far wasted its drafts
+
+
+def test_each_batch_size_has_its_own_depth() -> None:
+    policy = measured(SpecPolicy("auto", TREE))
+    # at batch 4 a forward costs more per token and an SSM forward almost as much as the LLM's
+    measured(policy, batch=4, inc=12 * MS, draft=9 * MS, node=4 * MS)
+    jobs = [new_job() for _ in range(4)]
+    for job in jobs:
+        steps(policy, job, lambda i: i % 4, 40)  # 0, 1, 2, 3 accepted in turn
+    # three steps in four accept the first draft: 1.75 tokens for 13 ms beats 1 for 10 ms at
+    # batch 1; at batch 4 a depth-1 step costs 25 ms, more than two incremental steps
+    alone = policy.choose(jobs[:1])
+    assert alone.get(jobs[0].id, 0) >= 1
+    assert policy.choose(jobs) == {}
+    described = policy.describe()
+    assert described["depth_by_batch"] == {"1": alone[jobs[0].id], "4": 0}
+    assert described["step_costs_by_batch"]["4"]["draft_forward_ms"] == pytest.approx(9.0)
+
+
+def test_costs_are_measured_before_they_are_judged() -> None:
+    policy = SpecPolicy("auto", TREE, min_samples=2)
+    job = new_job()
+    assert policy.choose([job]) == {job.id: 6}  # nothing measured: speculate to learn its cost
+    for _ in range(2):
+        policy.observe_speculative(1, 6, 12 * MS, 7, 16 * MS)
+    seen = [policy.choose([job]) for _ in range(4)]
+    assert {} in seen and {job.id: 6} in seen  # incremental steps are interleaved to time them
+    assert "measuring" in policy.describe()["reason"]
+
+
+def test_on_drafts_the_whole_tree_and_off_nothing() -> None:
+    job = new_job()
+    assert SpecPolicy("on", (1, 2, 1)).choose([job]) == {job.id: 3}
+    assert SpecPolicy("off", (1, 2, 1)).choose([job]) == {}
+    assert SpecPolicy("auto", (1, 2, 1), drafters=2).tree_tokens(3) == 1 + 2 * (1 + 2 + 2)
+    with pytest.raises(ValueError, match="expected auto, on or off"):
+        SpecPolicy("sometimes")
