@@ -340,7 +340,8 @@ def update_line(update: UpdateView) -> Text:
         )
     if update["state"] == "succeeded":
         return Text(f"✓ {moving}: done", style="green")
-    return Text(f"✗ {moving}: rolled back: {update['reason']}", style="bold red")
+    ended = update["state"].replace("_", " ")  # rolled back, interrupted (by a restart)
+    return Text(f"✗ {moving}: {ended}: {update['reason']}", style="bold red")
 
 
 def status_view(snap: StatusSnapshot) -> Group:

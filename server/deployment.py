@@ -5,13 +5,15 @@ document that the CLI, the dashboard and scripts all read from ``GET /-/status``
 
 A deployment has a version: 1 at start, the next one for each update (``start_update``). The
 config of each version is kept in the state dir beside the first (``config.v1.json``,
-``config.v2.json``, ...); ``config.json`` follows the version that serves, so a restarted daemon
-runs that one.
+``config.v2.json``, ...); ``config.json`` follows the version that serves. A daemon started after
+the last one was killed takes its versions up (``flockctl.server.versions``): the version that
+serves and its config, each re-adopted worker's version, and an update it cut short.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ import httpx
 from flockctl import __version__
 from flockctl.net import client_url
 from flockctl.schema import SNAPSHOT_SCHEMA_VERSION, ProbeView, StatusSnapshot
+from flockctl.server import versions
 from flockctl.server.autoscaler import (
     AutoscalerPolicy,
     FixedPolicy,
@@ -40,9 +43,17 @@ from flockctl.server.policies import PolicySettings, make_policy
 from flockctl.server.pool import WorkerPool
 from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
-from flockctl.server.update import Mode, Update, UpdateRefused, fixed_fields
-from flockctl.server.workers import Worker, WorkerState
-from flockctl.state import write_json_atomic
+from flockctl.server.update import (
+    UPDATABLE,
+    Mode,
+    RecordedUpdate,
+    Update,
+    UpdateRefused,
+    fixed_fields,
+)
+from flockctl.server.workers import LIVE, Worker, WorkerState
+
+log = logging.getLogger("flockctl.deployment")
 
 
 def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
@@ -72,7 +83,7 @@ def make_autoscaler(cfg: DeploymentConfig) -> AutoscalerPolicy:
 
 def make_provisioner(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     if cfg.provisioner == "static":
-        return StaticProvisioner(cfg.endpoints)
+        return StaticProvisioner.from_config(cfg)
     if cfg.provisioner == "skypilot":
         return make_skypilot(cfg, state_dir)
     # With groups every worker runs its group's command; the first group's is the default.
@@ -97,17 +108,20 @@ def make_spot_plan(cfg: DeploymentConfig) -> SpotPlan | None:
 
 def make_skypilot(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     from flockctl.server.provisioners.sky_sdk import make_sdk
-    from flockctl.server.provisioners.skypilot import SkyPilotProvisioner
+    from flockctl.server.provisioners.skypilot import SkyPilotProvisioner, group_launches
 
-    assert cfg.task is not None and cfg.worker_port is not None  # the config refuses it otherwise
+    # With groups each worker runs its group's task; the first group's is the default.
+    own = cfg.group_config(cfg.groups[0]) if cfg.groups else cfg
+    assert own.task is not None and own.worker_port is not None  # the config refuses it otherwise
     return SkyPilotProvisioner(
-        cfg.task,
+        own.task,
         cfg.name,
-        cfg.worker_port,
+        own.worker_port,
         state_dir,
         make_sdk(),
+        groups=group_launches(cfg),
         base_dir=cfg.workdir,
-        spot=cfg.uses_spot(),
+        spot=own.uses_spot(),
         spot_plan=make_spot_plan(cfg),
         launch_attempts=cfg.launch_attempts,
         launch_backoff=cfg.launch_backoff,
@@ -115,8 +129,25 @@ def make_skypilot(cfg: DeploymentConfig, state_dir: Path) -> Provisioner:
     )
 
 
+def resumed(given: DeploymentConfig, recorded: DeploymentConfig) -> DeploymentConfig:
+    """The config a restarted daemon runs: what runs on the workers (and their groups) as the
+    recorded version has it, the daemon's own settings as given now."""
+    return given.model_copy(update={k: getattr(recorded, k) for k in UPDATABLE | {"groups"}})
+
+
 class Deployment:
     def __init__(self, cfg: DeploymentConfig, state_dir: Path, token: str) -> None:
+        #: The versions a killed daemon left, taken up at start (None: this is version 1).
+        self.restored = versions.restore(state_dir)
+        if self.restored is not None:
+            given = cfg
+            cfg = resumed(given, self.restored.configs[self.restored.version])
+            if cfg != given:
+                log.warning(
+                    "version %d of this deployment serves: its workers and their config are"
+                    " kept (the config given differs; flockctl update changes it)",
+                    self.restored.version,
+                )
         self.cfg = cfg
         self.state_dir = state_dir
         self.token = token
@@ -140,7 +171,11 @@ class Deployment:
         self.configs: dict[int, DeploymentConfig] = {1: cfg}
         self.served: list[int] = [1]
         #: The running update, else the last one.
-        self.update: Update | None = None
+        self.update: Update | RecordedUpdate | None = None
+        if self.restored is not None:
+            self.version = self.restored.version
+            self.served = self.restored.served
+            self.configs = {v: resumed(cfg, c) for v, c in self.restored.configs.items()}
 
     @property
     def endpoint(self) -> str:
@@ -150,15 +185,61 @@ class Deployment:
         self._probe_session = probe_client()
         self.prober = Prober(self.pool, self.cfg.probe, self._probe_session)
         self.stats = StatsPuller(self.pool, self.cfg.probe, self._probe_session)
+        restored = self.restored
         for controller in self.groups:
             controller.prober = self.prober
+            if restored is not None:
+                controller.version = restored.groups.get(group_name(controller), self.version)
             controller.start()
         self.controller = self.groups.primary
-        for old in self.state_dir.glob("config.v*.json"):  # an earlier deployment's versions
-            old.unlink(missing_ok=True)
-        self._write_config(1, self.cfg, current=False)
+        if restored is None:
+            versions.forget(self.state_dir)  # an earlier deployment's
+            self._write_config(1, self.cfg, current=False)
+        else:
+            self._resume(restored)
+        self.pool.on_transition(lambda _worker, _old: self._save_versions())
+        self._save_versions()
         self.stats.start()
         self._sampler = asyncio.create_task(self._sample())
+
+    def _resume(self, restored: versions.Versions) -> None:
+        """Give each re-adopted worker its recorded version, and end an update the restart cut
+        short: the new version's workers drain, the old version serves on."""
+        for worker in self.pool:
+            version = restored.workers.get(worker.id)
+            worker.version = version if version is not None else self.controller_of(worker).version
+        self._write_config(self.version, self.cfg, current=True)
+        view = restored.update
+        if view is None:
+            return
+        drained = 0
+        if view["state"] == "running":
+            for controller in self.groups:
+                for worker in controller.others():
+                    controller.drain(worker)
+                    drained += 1
+        self.update = RecordedUpdate(view, drained)
+        if view["state"] == "running":
+            log.warning("update %s: %s", view["id"], self.update.reason)
+
+    def _save_versions(self) -> None:
+        """Record the versions (``versions.json``): at start, when an update starts or ends,
+        and when a worker changes state (its version joins or leaves the record)."""
+        update = self.update
+        running = {
+            group_name(c): c.update.old if c.update is not None and c.update.running else c.version
+            for c in self.groups
+        }
+        versions.save(
+            self.state_dir,
+            versions.Versions(
+                version=self.version,
+                served=self.served,
+                groups=running,
+                workers={w.id: w.version for w in self.pool if w.state in _RECORDED},
+                update=update.to_dict() if update is not None else None,
+            ),
+        )
 
     def _make_controller(
         self, group: WorkerGroup | None, own: DeploymentConfig, policy: AutoscalerPolicy, **kw: Any
@@ -249,6 +330,7 @@ class Deployment:
             on_end=self._update_ended,
             rollback_to=rollback_to,
         )
+        self._save_versions()
         return self.update
 
     def _run_config(self, controller: Controller, cfg: DeploymentConfig) -> None:
@@ -281,13 +363,10 @@ class Deployment:
             self._write_config(update.new, self.cfg, current=True)
         else:  # rolled back: launch the old version's workers again
             self._run_config(controller, self.configs[update.old])
+        self._save_versions()
 
     def _write_config(self, version: int, cfg: DeploymentConfig, current: bool) -> None:
-        data = cfg.model_dump(mode="json")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.state_dir / f"config.v{version}.json", data)
-        if current:
-            write_json_atomic(self.state_dir / "config.json", data)
+        versions.save_config(self.state_dir, version, cfg, current)
 
     def controller_of(self, worker: Worker) -> Controller:
         """The controller keeping ``worker`` (of its group)."""
@@ -366,6 +445,15 @@ class Deployment:
         }
 
 
+#: The workers whose version ``versions.json`` keeps: those a restarted daemon may re-adopt.
+_RECORDED = LIVE | {WorkerState.DRAINING}
+
+
+def group_name(controller: Controller) -> str:
+    """A controller's group as ``versions.json`` names it (``default``: no group)."""
+    return "default" if controller.group is None else controller.group.name
+
+
 def probe_view(probe: ProbeConfig) -> ProbeView:
     """The readiness probe as the snapshot shows it."""
     return {
@@ -435,8 +523,9 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
         from flockctl.server.provisioners.sky_sdk import describe
         from flockctl.server.provisioners.skypilot import cluster_name
 
-        assert cfg.task is not None
-        described = describe(cfg.task, cfg.workdir)
+        own = cfg.group_config(cfg.groups[0]) if cfg.groups else cfg  # with groups: the first's
+        assert own.task is not None
+        described = describe(own.task, cfg.workdir)
         described["resources"].sort()
         out["worker"] = {
             "first_cluster": cluster_name(cfg.name, "w1"),
@@ -444,7 +533,7 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
                 {"id": worker_id, "cluster": cluster_name(cfg.name, worker_id), "spot": is_spot}
                 for worker_id, is_spot in first_launches(cfg)
             ],
-            "port": cfg.worker_port,
+            "port": own.worker_port,
             **described,
             "base_ondemand_fallback_replicas": cfg.base_ondemand_fallback_replicas,
             "dynamic_ondemand_fallback": cfg.dynamic_ondemand_fallback,
@@ -459,7 +548,11 @@ def plan(cfg: DeploymentConfig) -> dict[str, Any]:
                 {
                     "name": group.name,
                     "model": group.model,
-                    "command": own.local_command(),
+                    "command": (
+                        own.local_command()
+                        if own.provisioner == "local"
+                        else ", ".join(own.endpoints) or f"SkyPilot task, port {own.worker_port}"
+                    ),
                     "initial": own.initial_target(),
                     "min": scaler.min_workers,
                     "max": scaler.max_workers,

@@ -192,6 +192,36 @@ class Update:
         }
 
 
+class RecordedUpdate:
+    """The last update as a killed daemon recorded it, taken up by the daemon started next.
+
+    One that was still running was cut short (``interrupted``): the old version serves on, and
+    the new version's workers that were up drain. It stays the last update
+    (``deployment.update``) until the next one starts.
+    """
+
+    running = False
+
+    def __init__(self, view: UpdateView, drained: int) -> None:
+        self.id = view["id"]
+        self.old = view["from_version"]
+        self.new = view["to_version"]
+        self.state = view["state"]
+        self.reason = view["reason"]
+        if self.state == "running":
+            self.state = "interrupted"
+            self.reason = (
+                f"the daemon restarted while this update ran; version {self.old} serves on and"
+                f" the {drained} worker{'s' if drained != 1 else ''} of version {self.new} that"
+                " were up drain; run the same flockctl update again to retry it"
+            )
+            view = {**view, "state": self.state, "reason": self.reason, "ended_at": time.time()}
+        self._view: UpdateView = view
+
+    def to_dict(self) -> UpdateView:
+        return self._view
+
+
 class UpdateRefused(Exception):
     """An update the deployment cannot start; ``status`` is the admin API's answer (409: not
     now or not here, 422: a field of the new config that cannot change)."""
