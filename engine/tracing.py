@@ -2,8 +2,11 @@
 
 The model loop only appends ``(event, time, detail)`` to ``job.events`` (a list append per
 admission, preemption, swap, first token and finish) and, when tracing or the access log is on,
-hands the finished job to the event loop (``JobObserver.finished``). Everything OpenTelemetry
-does happens there, after the job's last token was delivered, so tracing never slows an iteration.
+hands the finished job to the event loop (``JobObserver.finished``; on the model loop that is one
+``call_soon_threadsafe`` per job). Everything OpenTelemetry does happens there, after the job's
+last token was delivered, so tracing never slows an iteration. A job the sampler leaves out
+(with parent-based sampling: one the balancer left out) costs only the SDK's sampling decision:
+its attributes and events are built for a span that records, never for one that does not.
 
 The span continues the caller's W3C ``traceparent`` (the balancer sends one), read by
 ``TraceContextMiddleware`` into ``TRACEPARENT`` while the request's route runs, and kept on the
@@ -129,12 +132,11 @@ class JobObserver:
             parent = self._propagator.extract({"traceparent": job.traceparent})
         end = job.finished if job.finished is not None else time.monotonic()
         span = self._tracer.start_span(  # type: ignore[union-attr]
-            SPAN_NAME,
-            context=parent,
-            kind=SpanKind.SERVER,
-            start_time=wall(job.arrival),
-            attributes=span_attributes(job, self.model_name),
+            SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=wall(job.arrival)
         )
+        if not span.is_recording():
+            return  # left out by the sampler (the balancer's decision, when parent based)
+        span.set_attributes(span_attributes(job, self.model_name))
         for name, at, detail in job.events:
             attributes = _event_attributes(name, detail)
             span.add_event(name, attributes, timestamp=wall(at))

@@ -186,3 +186,43 @@ def test_a_traceparent_the_sdk_ignores_starts_a_trace(traceparent):
     rec, sent = run(tracing, [(b"traceparent", traceparent)])
     assert rec.trace_id is not None and rec.trace_id not in traceparent.decode().lower()
     assert sent.endswith("-02\r\n")  # a new, random, unsampled trace; no tracestate
+
+
+def test_the_engine_builds_a_job_span_only_for_a_sampled_job(monkeypatch):
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from flockctl.engine import tracing as engine_tracing
+    from flockctl.engine.job import FinishReason, Job, SamplingParams
+    from flockctl.telemetry import Endpoint, SpanCounts, Telemetry
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampling.ParentBasedTraceIdRatio(1.0))
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    sent = Telemetry(
+        "flockctl-engine", Endpoint("grpc", "127.0.0.1:1"), provider, MeterProvider(), SpanCounts(8)
+    )
+    observer = engine_tracing.JobObserver("tiny", sent, log_access=False)
+    built: list[str] = []
+    attributes_of = engine_tracing.span_attributes
+
+    def counted(job: Job, model_name: str) -> dict[str, Any]:
+        built.append(job.id)
+        return attributes_of(job, model_name)
+
+    monkeypatch.setattr(engine_tracing, "span_attributes", counted)
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    for flags in ("00", "01"):
+        job = Job([1, 2, 3], SamplingParams(max_tokens=2))
+        job.traceparent = f"00-{trace_id}-{PARENT_SPAN}-{flags}"
+        job.output_ids = [4, 5]
+        job.record("admitted", job.arrival, 0)
+        job.finish_reason = FinishReason.LENGTH
+        job.finished = job.arrival + 0.01
+        job.record("finished", job.finished, "length")
+        observer.finished(job)
+    (span,) = exported.get_finished_spans()
+    assert built == [job.id]  # the unsampled job's attributes were never built
+    assert f"{span.parent.span_id:016x}" == PARENT_SPAN
+    assert span.attributes["flockctl.job.id"] == job.id
+    assert span.attributes["gen_ai.usage.output_tokens"] == 2
+    assert [e.name for e in span.events] == ["admitted", "finished"]
