@@ -8,10 +8,20 @@ checks that they make sense together and says what runs on each worker. The conf
 from __future__ import annotations
 
 import shlex
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from flockctl.server.flags import (
+    AUTOSCALING,
+    BALANCING,
+    DAEMON,
+    PROBE,
+    SPEC_ONLY,
+    WORKERS,
+    Flag,
+    NoFlag,
+)
 from flockctl.server.gpus import check_share, parse_indices
 from flockctl.server.limits import parse_size
 from flockctl.server.provisioners import sky_task
@@ -45,15 +55,25 @@ class _Strict(BaseModel):
 class ProbeConfig(_Strict):
     """The readiness probe: SkyServe's ``readiness_probe`` fields, plus interval and threshold."""
 
-    path: str = Field("/health", description="HTTP path probed on each worker")
-    post_data: dict[str, Any] | None = Field(None, description="JSON body; makes the probe a POST")
-    headers: dict[str, str] = Field(default_factory=dict)
-    initial_delay_seconds: float = Field(
-        1200.0, ge=0, description="how long a new worker may take to become READY"
+    path: Annotated[str, Flag(PROBE, name="readiness-path")] = Field(
+        "/health", description="Path probed on each worker"
     )
-    timeout_seconds: float = Field(15.0, gt=0)
-    interval_seconds: float = Field(2.0, gt=0)
-    failure_threshold: int = Field(3, ge=1, description="consecutive failures before NOT_READY")
+    post_data: Annotated[dict[str, Any] | None, SPEC_ONLY] = Field(
+        None, description="JSON body; makes the probe a POST"
+    )
+    headers: Annotated[dict[str, str], SPEC_ONLY] = Field(default_factory=dict)
+    initial_delay_seconds: Annotated[float, Flag(PROBE, name="initial-delay")] = Field(
+        1200.0, ge=0, description="Seconds a new worker may take to become READY"
+    )
+    interval_seconds: Annotated[float, Flag(PROBE, name="probe-interval")] = Field(
+        2.0, gt=0, description="Seconds between probes"
+    )
+    timeout_seconds: Annotated[float, Flag(PROBE, name="probe-timeout")] = Field(
+        15.0, gt=0, description="Seconds a probe may take"
+    )
+    failure_threshold: Annotated[int, Flag(PROBE)] = Field(
+        3, ge=1, description="Failed probes in a row before NOT_READY"
+    )
 
     @model_validator(mode="after")
     def _path_is_absolute(self) -> ProbeConfig:
@@ -111,135 +131,256 @@ class GroupConfig(_Strict):
 
 
 class DeploymentConfig(_Strict):
-    """Everything the daemon needs to run one deployment."""
+    """Everything the daemon needs to run one deployment.
+
+    Each field carries its ``Flag`` (its description is the flag's help) or says who gives it
+    instead (``NoFlag``); see ``flockctl.server.flags``.
+    """
 
     #: For one group's config: the engines all groups may run at once (they share the cores).
     _engines: int | None = PrivateAttr(None)
 
-    name: str = "default"
-    host: str = "127.0.0.1"
-    port: int = Field(3000, ge=1, le=65535)
-    provisioner: Literal["local", "skypilot", "static"] | None = None
-    worker_command: str | None = None
-    model: str | None = Field(
+    name: Annotated[str, Flag(short="-n", envvar="FLOCKCTL_NAME")] = Field(
+        "default", description="Deployment name"
+    )
+    host: Annotated[str, Flag(DAEMON)] = Field("127.0.0.1", description="Bind address")
+    port: Annotated[int, Flag(DAEMON)] = Field(3000, ge=1, le=65535, description="Balancer port")
+    provisioner: Annotated[
+        Literal["local", "skypilot", "static"] | None,
+        Flag(
+            WORKERS,
+            default_text="skypilot when the SPEC has resources or run, static with --endpoint,"
+            " else local",
+        ),
+    ] = Field(
+        None,
+        description="local (worker processes here), skypilot (a cluster per worker, from the"
+        " SPEC's SkyPilot task) or static (the --endpoint servers)",
+    )
+    worker_command: Annotated[str | None, Flag(WORKERS)] = Field(
+        None,
+        description="Command that starts one worker instead of flockctl's engine (any OpenAI"
+        " server); {port} is its port, {worker_id} its id, also in its environment as $PORT and"
+        " $FLOCKCTL_WORKER_ID. E.g. 'vllm serve MODEL --port {port}'. Not with --model",
+    )
+    model: Annotated[
+        str | None,
+        Flag(WORKERS, default_text="demo when neither --worker-command nor --endpoint is given"),
+    ] = Field(
         None,
         min_length=1,
-        description="model flockctl's engine serves on each local worker (hub id, path or demo)",
+        description="Model each local worker serves with flockctl's engine: a Hugging Face hub"
+        " id, a local path, or 'demo' (built locally, no download)",
     )
-    engine_args: list[str] = Field(
-        default_factory=list, description="extra flags for `flockctl engine serve`"
-    )
-    draft_models: list[str] = Field(
+    engine_args: Annotated[list[str], Flag(WORKERS, text=True)] = Field(
         default_factory=list,
-        description="speculative draft models for the engine (each becomes --draft-model)",
+        description="Extra flags for `flockctl engine serve`, as one string split like a shell"
+        " would, e.g. --engine-args '--scheduler fcfs --device cpu'",
     )
-    workdir: str | None = Field(None, description="directory the worker command runs in")
-    endpoints: list[str] = Field(default_factory=list)
-    min_workers: int = Field(1, ge=0)
-    max_workers: int = Field(2, ge=1)
-    autoscaler: Literal["qlrm", "request-rate", "fixed"] = "qlrm"
-    replicas: int | None = Field(None, ge=0)
-    target_qps_per_replica: float | None = Field(
-        None, gt=0, description="request-rate: requests per second one worker should take"
+    draft_models: Annotated[list[str], Flag(WORKERS, name="draft-model")] = Field(
+        default_factory=list,
+        description="A draft model each engine worker speculates with (SpecInfer token trees);"
+        " repeat for several. It must share --model's tokenizer; with --model demo, 'demo' is"
+        " the demo's draft",
     )
-    autoscale_up: float = Field(7.0, ge=0)
-    autoscale_down: float = Field(4.0, ge=0)
-    queue_tracking_window: float = Field(600.0, gt=0)
-    upscale_delay: float = Field(30.0, ge=0)
-    downscale_delay: float = Field(120.0, ge=0)
-    policy: Literal["least-connection", "round-robin", "power-of-two", "latency", "prefix"] = (
-        "least-connection"
+    workdir: Annotated[str | None, NoFlag("flockctl up: the directory it runs in")] = Field(
+        None, description="directory the worker command runs in"
     )
-    prefix_min_match: float = Field(
-        0.5, ge=0, le=1, description="prefix policy: shortest match, as a share of the prompt"
+    endpoints: Annotated[list[str], Flag(WORKERS, name="endpoint")] = Field(
+        default_factory=list,
+        description="URL of a server that already runs (repeatable): static workers",
     )
-    prefix_balance: float = Field(
+    min_workers: Annotated[int, Flag(AUTOSCALING)] = Field(
+        1, ge=0, description="Fewest workers the autoscaler keeps"
+    )
+    max_workers: Annotated[int, Flag(AUTOSCALING)] = Field(
+        2, ge=1, description="Most workers the autoscaler runs at once"
+    )
+    autoscaler: Annotated[Literal["qlrm", "request-rate", "fixed"], Flag(AUTOSCALING)] = Field(
+        "qlrm",
+        description="qlrm (queue-length running mean), request-rate (SkyServe's"
+        " target_qps_per_replica) or fixed",
+    )
+    replicas: Annotated[int | None, Flag(AUTOSCALING)] = Field(
+        None, ge=0, description="Fixed number of workers (sets --autoscaler fixed)"
+    )
+    target_qps_per_replica: Annotated[float | None, Flag(AUTOSCALING)] = Field(
+        None,
+        gt=0,
+        description="Requests per second one worker should take (sets --autoscaler request-rate)",
+    )
+    autoscale_up: Annotated[float, Flag(AUTOSCALING)] = Field(
+        7.0,
+        ge=0,
+        description="Scale up when the queue-length running mean per worker passes this",
+    )
+    autoscale_down: Annotated[float, Flag(AUTOSCALING)] = Field(
+        4.0, ge=0, description="Scale down when it falls below this"
+    )
+    queue_tracking_window: Annotated[float, Flag(AUTOSCALING)] = Field(
+        600.0, gt=0, description="Seconds the running mean covers"
+    )
+    upscale_delay: Annotated[float, Flag(AUTOSCALING)] = Field(
+        30.0, ge=0, description="Seconds above autoscale-up before scaling up"
+    )
+    downscale_delay: Annotated[float, Flag(AUTOSCALING)] = Field(
+        120.0, ge=0, description="Seconds below autoscale-down before scaling down"
+    )
+    policy: Annotated[
+        Literal["least-connection", "round-robin", "power-of-two", "latency", "prefix"],
+        Flag(BALANCING),
+    ] = Field(
+        "least-connection",
+        description="least-connection, round-robin, power-of-two, latency (fastest expected"
+        " answer) or prefix (the worker that saw the prompt's prefix; sessions stick)",
+    )
+    prefix_min_match: Annotated[float, Flag(BALANCING)] = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="--policy prefix: shortest prefix match, as a share of the prompt, that"
+        " routes by prefix",
+    )
+    prefix_balance: Annotated[float, Flag(BALANCING, default_text="2.0")] = Field(
         2.0,
         ge=1,
-        description="prefix policy: a matched worker's (in flight + 1) may be at most this many"
-        " times the least loaded one's",
+        description="--policy prefix: route by prefix only while that worker's load (in flight"
+        " + 1) is within this factor of the least loaded one's",
     )
-    prefix_tree_chars: int = Field(
-        1_000_000, ge=1, description="prefix policy: characters of prompt text kept per worker"
-    )
-    worker_capacity: int | None = Field(
-        None,
+    prefix_tree_chars: Annotated[int, Flag(BALANCING)] = Field(
+        1_000_000,
         ge=1,
-        description="requests per worker at once; None: what the worker reports (flockctl's"
-        " engine), else no limit",
+        description="--policy prefix: characters of prompt text remembered per worker, least"
+        " recently used forgotten first",
     )
-    queue_timeout: float = Field(60.0, gt=0)
-    max_queue: int = Field(1000, ge=0)
-    max_attempts: int = Field(3, ge=1, le=10)
-    upstream_timeout: float = Field(
+    worker_capacity: Annotated[
+        int | None,
+        Flag(
+            BALANCING,
+            default_text="what the worker reports (flockctl's engine: its batch plus waiting"
+            " room), else no limit",
+        ),
+    ] = Field(None, ge=1, description="Concurrent requests per worker; more wait in the queue")
+    queue_timeout: Annotated[float, Flag(BALANCING)] = Field(
+        60.0, gt=0, description="Seconds a request may wait for a worker before 503"
+    )
+    max_queue: Annotated[int, Flag(BALANCING)] = Field(
+        1000, ge=0, description="Requests that may wait; more get 429"
+    )
+    max_attempts: Annotated[int, Flag(BALANCING)] = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Attempts per request on connect errors, timeouts and 502/503/504 before"
+        " the first byte (a 500 is retried once at most)",
+    )
+    upstream_timeout: Annotated[float, Flag(BALANCING)] = Field(
         60.0,
         gt=0,
-        description="seconds to wait for a worker's next byte, the first included (nginx's"
-        " proxy_read_timeout)",
+        description="Seconds to wait for a worker's next byte, the first included (nginx's"
+        " proxy_read_timeout); before the first byte reaches the client the request is retried"
+        " on another worker, after it the answer ends, and the worker leaves the rotation until"
+        " a probe passes",
     )
-    max_body_size: int = Field(
-        32 << 20, ge=1, description="largest request body in bytes (32M, 512K, ...); larger: 413"
+    max_body_size: Annotated[int, Flag(BALANCING, default_text="32M", text=True)] = Field(
+        32 << 20,
+        ge=1,
+        description="Largest request body: a byte count or a number with K, M or G (binary);"
+        " a larger one is refused with 413 before it is read",
     )
-    header_timeout: float = Field(
-        10.0, gt=0, description="seconds a client has to send a request head; then 408"
+    header_timeout: Annotated[float, Flag(BALANCING)] = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a whole request head, then 408 and the"
+        " connection closes; its body gets 60 more",
     )
-    max_connections: int = Field(
-        10_000, ge=1, description="client connections held at once; more are answered 503"
+    max_connections: Annotated[int, Flag(BALANCING)] = Field(
+        10_000,
+        ge=1,
+        description="Client connections held at once; more are answered 503 and closed (fewer"
+        " when the open-file limit needs a reserve for probes and workers)",
     )
-    drain_timeout: float = Field(30.0, ge=0)
-    max_start_failures: int = Field(3, ge=1)
-    replace_after: float = Field(
-        180.0, gt=0, description="seconds a worker may stay NOT_READY before it is replaced"
+    drain_timeout: Annotated[float, Flag(WORKERS)] = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish when a worker is removed"
     )
-    workers_ceiling: int = Field(
-        64, ge=1, description="the most workers any bound may ask for (at up and at run time)"
+    max_start_failures: Annotated[int, Flag(WORKERS)] = Field(
+        3, ge=1, description="Workers in a row that fail before READY before launching stops"
     )
-    node_control_key: str | None = None
-    api_key: str | None = None
-    otel_collector_endpoint: str | None = Field(
+    replace_after: Annotated[float, Flag(WORKERS)] = Field(
+        180.0,
+        gt=0,
+        description="Seconds a worker may stay NOT_READY before it is drained, stopped and"
+        " replaced (a static endpoint stays out of rotation instead)",
+    )
+    workers_ceiling: Annotated[int, Flag(WORKERS)] = Field(
+        64,
+        ge=1,
+        description="The most workers any bound may ask for, here and through the admin API",
+    )
+    node_control_key: Annotated[
+        str | None,
+        Flag(
+            BALANCING,
+            envvar="FLOCKCTL_NODE_CONTROL_KEY",
+            default_text="generated into daemon.json",
+        ),
+    ] = Field(None, description="Admin token for /-/ routes")
+    api_key: Annotated[str | None, Flag(BALANCING, envvar="FLOCKCTL_API_KEY")] = Field(
+        None, description="Require 'Authorization: Bearer KEY' on proxied routes"
+    )
+    otel_collector_endpoint: Annotated[str | None, Flag(DAEMON)] = Field(
         None,
-        description="OpenTelemetry collector the daemon and its engine workers send traces and"
-        " metrics to: http://host:4318 (OTLP/HTTP) or grpc://host:4317 (OTLP/gRPC)",
+        description="Send traces and metrics over OpenTelemetry to this collector:"
+        " http://host:4318 (OTLP/HTTP) or grpc://host:4317 (OTLP/gRPC); engine workers get it"
+        " too. Without it, OTEL_EXPORTER_OTLP_ENDPOINT where set",
     )
-    gpus: list[int] | None = Field(
+    gpus: Annotated[
+        list[int] | None, Flag(WORKERS, default_text="every GPU NVML sees", text=True)
+    ] = Field(
         None,
-        description="GPUs (NVML's indices, as nvidia-smi numbers them) local workers are placed"
-        " on; None: every GPU NVML sees",
+        description="GPUs local workers are placed on, as nvidia-smi (and NVML) numbers them,"
+        " e.g. --gpus 0,1,2,3; refused on a machine without NVIDIA GPUs",
     )
-    gpus_per_worker: float | None = Field(
+    gpus_per_worker: Annotated[
+        float | None,
+        Flag(WORKERS, default_text="1 for flockctl's engine, 0 for other worker commands"),
+    ] = Field(
         None,
         ge=0,
-        description="GPUs each local worker gets (0.5: two workers share one); None: 1 for"
-        " flockctl's engine where there are GPUs, 0 for another worker command",
+        description="GPUs each local worker gets, in its own CUDA_VISIBLE_DEVICES; 0.5 puts two"
+        " workers on one GPU; {gpus} in --worker-command is the count",
     )
-    cuda_mps: bool = Field(
+    cuda_mps: Annotated[bool, Flag(WORKERS)] = Field(
         False,
-        description="run local workers under CUDA MPS: the daemon starts its control daemon and"
-        " gives each worker its share of each GPU's threads",
+        description="Run local workers under CUDA MPS: the daemon starts"
+        " nvidia-cuda-mps-control and gives each worker its share of a GPU's threads; stopped"
+        " at down",
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
-    groups: list[GroupConfig] = Field(
+    groups: Annotated[list[GroupConfig], SPEC_ONLY] = Field(
         default_factory=list,
         description="worker groups, each with its model or command and its own autoscaler;"
         " none: the deployment is one group",
     )
-    task: dict[str, Any] | None = Field(
+    task: Annotated[dict[str, Any] | None, SPEC_ONLY] = Field(
         None, description="the SkyPilot task each skypilot worker launches (the SPEC's task fields)"
     )
-    worker_port: int | None = Field(
+    worker_port: Annotated[int | None, SPEC_ONLY] = Field(
         None, ge=1, le=65535, description="the port the server listens on in each cluster"
     )
-    base_ondemand_fallback_replicas: int = Field(
+    base_ondemand_fallback_replicas: Annotated[int, SPEC_ONLY] = Field(
         0, ge=0, description="on-demand workers kept besides the spot ones"
     )
-    dynamic_ondemand_fallback: bool = Field(
+    dynamic_ondemand_fallback: Annotated[bool, SPEC_ONLY] = Field(
         False, description="launch on-demand workers while spot ones are not READY"
     )
-    launch_attempts: int = Field(3, ge=1, le=20, description="tries per cluster launch")
-    launch_backoff: float = Field(
+    launch_attempts: Annotated[int, SPEC_ONLY] = Field(
+        3, ge=1, le=20, description="tries per cluster launch"
+    )
+    launch_backoff: Annotated[float, SPEC_ONLY] = Field(
         10.0, ge=0, description="seconds before the second launch try; doubles after each"
     )
-    status_interval: float = Field(
+    status_interval: Annotated[float, SPEC_ONLY] = Field(
         30.0, gt=0, description="seconds between SkyPilot status refreshes (finds preemptions)"
     )
 

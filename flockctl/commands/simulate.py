@@ -9,39 +9,31 @@ runs (``flockctl.server.simulate``): importing the CLI stays light.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from flockctl.commands.common import JsonOpt
-from flockctl.commands.up_options import (
-    AutoscaleDownOpt,
-    AutoscalerOpt,
-    AutoscaleUpOpt,
-    DownscaleDelayOpt,
-    DrainTimeoutOpt,
-    MaxAttemptsOpt,
-    MaxQueueOpt,
-    MaxWorkersOpt,
-    MinWorkersOpt,
-    PolicyOpt,
-    QueueTimeoutOpt,
-    QueueTrackingWindowOpt,
-    ReplicasOpt,
-    TargetQpsPerReplicaOpt,
-    UpscaleDelayOpt,
-    WorkerCapacityOpt,
-)
+from flockctl.commands.config_flags import takes_config_flags
 from flockctl.console import fail, say
 from flockctl.exitcodes import ExitCode
 
 TRACE, SERVICE, OUTPUT = "Trace", "Service model of a worker", "Output"
 
 
+def simulated_fields() -> tuple[str, ...]:
+    """The config fields simulate takes as flags: how the autoscaler and the balancer decide."""
+    from flockctl.server.config import GROUP_SCALING
+
+    balancer = ("policy", "worker_capacity", "queue_timeout", "max_queue", "max_attempts")
+    return (*GROUP_SCALING, *balancer, "drain_timeout")
+
+
 def _opt(help: str, panel: str = SERVICE) -> typer.models.OptionInfo:
     return typer.Option(help=help, rich_help_panel=panel, show_default=False)
 
 
+@takes_config_flags(simulated_fields)
 def simulate(
     trace: Annotated[
         Path | None,
@@ -83,22 +75,7 @@ def simulate(
         Path | None,
         _opt("Deployment YAML, as flockctl up takes it; the flags below override it.", "Workers"),
     ] = None,
-    min_workers: MinWorkersOpt = None,
-    max_workers: MaxWorkersOpt = None,
-    replicas: ReplicasOpt = None,
-    autoscaler: AutoscalerOpt = None,
-    target_qps_per_replica: TargetQpsPerReplicaOpt = None,
-    autoscale_up: AutoscaleUpOpt = None,
-    autoscale_down: AutoscaleDownOpt = None,
-    queue_tracking_window: QueueTrackingWindowOpt = None,
-    upscale_delay: UpscaleDelayOpt = None,
-    downscale_delay: DownscaleDelayOpt = None,
-    policy: PolicyOpt = None,
-    worker_capacity: WorkerCapacityOpt = None,
-    queue_timeout: QueueTimeoutOpt = None,
-    max_queue: MaxQueueOpt = None,
-    max_attempts: MaxAttemptsOpt = None,
-    drain_timeout: DrainTimeoutOpt = None,
+    flags: dict[str, Any] | None = None,
     service_model: Annotated[
         Path | None,
         _opt("Service model file (JSON) from flockctl engine profile; flags below override it."),
@@ -164,24 +141,6 @@ def simulate(
     """
     from flockctl.server.simulate.run import Request, SimulateError, execute
 
-    flags = {
-        "min_workers": min_workers,
-        "max_workers": max_workers,
-        "replicas": replicas,
-        "autoscaler": autoscaler,
-        "target_qps_per_replica": target_qps_per_replica,
-        "autoscale_up": autoscale_up,
-        "autoscale_down": autoscale_down,
-        "queue_tracking_window": queue_tracking_window,
-        "upscale_delay": upscale_delay,
-        "downscale_delay": downscale_delay,
-        "policy": policy,
-        "worker_capacity": worker_capacity,
-        "queue_timeout": queue_timeout,
-        "max_queue": max_queue,
-        "max_attempts": max_attempts,
-        "drain_timeout": drain_timeout,
-    }
     service = {
         "prefill_tokens_per_s": prefill_tokens_per_s,
         "decode_tokens_per_s": decode_tokens_per_s,
@@ -196,7 +155,7 @@ def simulate(
         trace=trace,
         synthetic=synthetic,
         spec=spec,
-        flags=flags,
+        flags=flags or {},
         service_file=service_model,
         service=service,
         prompt_tokens=prompt_tokens,

@@ -11,59 +11,14 @@ import typer
 
 from flockctl.client import ClientError
 from flockctl.commands.common import JsonOpt, check_name
+from flockctl.commands.config_flags import config_flags, flag_names, takes_config_flags
 from flockctl.commands.up_options import (
-    ApiKeyOpt,
-    AutoscaleDownOpt,
-    AutoscalerOpt,
-    AutoscaleUpOpt,
-    CudaMpsOpt,
-    DeploymentNameOpt,
-    DownscaleDelayOpt,
-    DraftModelOpt,
-    DrainTimeoutOpt,
     DryRunOpt,
-    EndpointOpt,
-    EngineArgsOpt,
-    FailureThresholdOpt,
     ForegroundOpt,
-    GpusOpt,
-    GpusPerWorkerOpt,
-    HeaderTimeoutOpt,
-    HostOpt,
-    InitialDelayOpt,
-    MaxAttemptsOpt,
-    MaxBodySizeOpt,
-    MaxConnectionsOpt,
-    MaxQueueOpt,
-    MaxStartFailuresOpt,
-    MaxWorkersOpt,
-    MinWorkersOpt,
-    ModelOpt,
-    NodeControlKeyOpt,
-    OtelCollectorEndpointOpt,
-    PolicyOpt,
-    PortOpt,
-    PrefixBalanceOpt,
-    PrefixMinMatchOpt,
-    PrefixTreeCharsOpt,
-    ProbeIntervalOpt,
-    ProbeTimeoutOpt,
-    ProvisionerOpt,
-    QueueTimeoutOpt,
-    QueueTrackingWindowOpt,
-    ReadinessPathOpt,
-    ReplaceAfterOpt,
-    ReplicasOpt,
     SpecOpt,
-    TargetQpsPerReplicaOpt,
     TimeoutOpt,
-    UpscaleDelayOpt,
-    UpstreamTimeoutOpt,
     WaitOpt,
     WatchOpt,
-    WorkerCapacityOpt,
-    WorkerCommandOpt,
-    WorkersCeilingOpt,
 )
 from flockctl.console import emit_json, fail, say
 from flockctl.exitcodes import ExitCode
@@ -72,54 +27,10 @@ from flockctl.state import running_daemon, state_dir
 from flockctl.tui.launch import run_dashboard
 
 
+@takes_config_flags()
 def up(
     spec: SpecOpt = None,
-    name: DeploymentNameOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    provisioner: ProvisionerOpt = None,
-    model: ModelOpt = None,
-    engine_args: EngineArgsOpt = None,
-    draft_model: DraftModelOpt = None,
-    worker_command: WorkerCommandOpt = None,
-    endpoint: EndpointOpt = None,
-    min_workers: MinWorkersOpt = None,
-    max_workers: MaxWorkersOpt = None,
-    replicas: ReplicasOpt = None,
-    autoscaler: AutoscalerOpt = None,
-    target_qps_per_replica: TargetQpsPerReplicaOpt = None,
-    autoscale_up: AutoscaleUpOpt = None,
-    autoscale_down: AutoscaleDownOpt = None,
-    queue_tracking_window: QueueTrackingWindowOpt = None,
-    upscale_delay: UpscaleDelayOpt = None,
-    downscale_delay: DownscaleDelayOpt = None,
-    policy: PolicyOpt = None,
-    prefix_min_match: PrefixMinMatchOpt = None,
-    prefix_balance: PrefixBalanceOpt = None,
-    prefix_tree_chars: PrefixTreeCharsOpt = None,
-    worker_capacity: WorkerCapacityOpt = None,
-    queue_timeout: QueueTimeoutOpt = None,
-    max_queue: MaxQueueOpt = None,
-    max_attempts: MaxAttemptsOpt = None,
-    upstream_timeout: UpstreamTimeoutOpt = None,
-    max_body_size: MaxBodySizeOpt = None,
-    header_timeout: HeaderTimeoutOpt = None,
-    max_connections: MaxConnectionsOpt = None,
-    api_key: ApiKeyOpt = None,
-    node_control_key: NodeControlKeyOpt = None,
-    otel_collector_endpoint: OtelCollectorEndpointOpt = None,
-    readiness_path: ReadinessPathOpt = None,
-    initial_delay: InitialDelayOpt = None,
-    probe_interval: ProbeIntervalOpt = None,
-    probe_timeout: ProbeTimeoutOpt = None,
-    failure_threshold: FailureThresholdOpt = None,
-    drain_timeout: DrainTimeoutOpt = None,
-    max_start_failures: MaxStartFailuresOpt = None,
-    replace_after: ReplaceAfterOpt = None,
-    workers_ceiling: WorkersCeilingOpt = None,
-    gpus: GpusOpt = None,
-    gpus_per_worker: GpusPerWorkerOpt = None,
-    cuda_mps: CudaMpsOpt = None,
+    flags: dict[str, Any] | None = None,
     foreground: ForegroundOpt = False,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 60.0,
@@ -146,66 +57,9 @@ def up(
 
       flockctl up examples/vllm.yaml --dry-run
     """
-    probe = {
-        k: v
-        for k, v in {
-            "path": readiness_path,
-            "initial_delay_seconds": initial_delay,
-            "interval_seconds": probe_interval,
-            "timeout_seconds": probe_timeout,
-            "failure_threshold": failure_threshold,
-        }.items()
-        if v is not None
-    }
-    flags: dict[str, Any] = {
-        "name": name,
-        "host": host,
-        "port": port,
-        "provisioner": provisioner,
-        **worker_flags(
-            model,
-            engine_args,
-            draft_model,
-            worker_command,
-            endpoint,
-            min_workers,
-            max_workers,
-            replicas,
-            autoscaler,
-            target_qps_per_replica,
-        ),
-        "autoscale_up": autoscale_up,
-        "autoscale_down": autoscale_down,
-        "queue_tracking_window": queue_tracking_window,
-        "upscale_delay": upscale_delay,
-        "downscale_delay": downscale_delay,
-        "policy": policy,
-        "prefix_min_match": prefix_min_match,
-        "prefix_balance": prefix_balance,
-        "prefix_tree_chars": prefix_tree_chars,
-        "worker_capacity": worker_capacity,
-        "queue_timeout": queue_timeout,
-        "max_queue": max_queue,
-        "max_attempts": max_attempts,
-        "upstream_timeout": upstream_timeout,
-        "max_body_size": max_body_size,
-        "header_timeout": header_timeout,
-        "max_connections": max_connections,
-        "api_key": api_key,
-        "node_control_key": node_control_key,
-        "otel_collector_endpoint": otel_collector_endpoint,
-        "drain_timeout": drain_timeout,
-        "max_start_failures": max_start_failures,
-        "replace_after": replace_after,
-        "workers_ceiling": workers_ceiling,
-        "gpus": gpus,
-        "gpus_per_worker": gpus_per_worker,
-        "cuda_mps": cuda_mps,
-        "probe": probe or None,
-        "workdir": os.getcwd(),
-    }
-    names = {"endpoints": "--endpoint", "probe": "probe flags"}
-    target = name or _spec_name(spec) or "default"
+    flags = {**(flags or {}), "workdir": os.getcwd()}
+    names = flag_names(config_flags())
+    target = flags["name"] or _spec_name(spec) or "default"
     check_name(target)
     if dry_run:
         if watch or foreground:
@@ -289,34 +143,6 @@ def _build_demo_first(cfg: Any, in_front: bool) -> None:
             "the demo model could not be built (see above); `flockctl engine demo` retries it",
             ExitCode.ERROR,
         )
-
-
-def worker_flags(
-    model: str | None,
-    engine_args: str | None,
-    draft_model: list[str] | None,
-    worker_command: str | None,
-    endpoint: list[str] | None,
-    min_workers: int | None,
-    max_workers: int | None,
-    replicas: int | None,
-    autoscaler: str | None,
-    target_qps_per_replica: float | None,
-) -> dict[str, Any]:
-    """The flags that say what runs on the workers and how many: ``up`` and ``update`` take
-    the same ones, as config fields (None: not given)."""
-    return {
-        "worker_command": worker_command,
-        "model": model,
-        "engine_args": engine_args,
-        "draft_models": draft_model or None,
-        "endpoints": endpoint or None,
-        "min_workers": min_workers,
-        "max_workers": max_workers,
-        "replicas": replicas,
-        "autoscaler": autoscaler,
-        "target_qps_per_replica": target_qps_per_replica,
-    }
 
 
 def resolve_or_exit(spec: Path | None, flags: dict[str, Any], names: dict[str, str]) -> Any:

@@ -17,20 +17,9 @@ import typer
 
 from flockctl.client import AdminClient, ClientError
 from flockctl.commands.common import JsonOpt, NameOpt, check_name
-from flockctl.commands.up import resolve_or_exit, worker_flags
-from flockctl.commands.up_options import (
-    AutoscalerOpt,
-    DraftModelOpt,
-    EndpointOpt,
-    EngineArgsOpt,
-    MaxWorkersOpt,
-    MinWorkersOpt,
-    ModelOpt,
-    ReplicasOpt,
-    SpecOpt,
-    TargetQpsPerReplicaOpt,
-    WorkerCommandOpt,
-)
+from flockctl.commands.config_flags import config_flags, flag_names, takes_config_flags
+from flockctl.commands.up import resolve_or_exit
+from flockctl.commands.up_options import SpecOpt
 from flockctl.console import emit_json, fail, say
 from flockctl.exitcodes import ExitCode
 from flockctl.schema import UpdateView
@@ -75,8 +64,19 @@ WaitUpdateOpt = Annotated[
 
 #: Config fields that say what runs on a worker: given anew, none of the old ones stays.
 _WHAT_RUNS = ("model", "worker_command", "engine_args", "draft_models")
+#: The config fields an update takes as flags: what runs on the workers, and how many.
+UPDATE_FIELDS = (
+    *_WHAT_RUNS,
+    "endpoints",
+    "min_workers",
+    "max_workers",
+    "replicas",
+    "autoscaler",
+    "target_qps_per_replica",
+)
 
 
+@takes_config_flags(UPDATE_FIELDS)
 def update(
     spec: SpecOpt = None,
     name: NameOpt = "default",
@@ -84,16 +84,7 @@ def update(
     max_surge: MaxSurgeOpt = 1,
     update_timeout: UpdateTimeoutOpt = 600.0,
     rollback: RollbackOpt = False,
-    model: ModelOpt = None,
-    engine_args: EngineArgsOpt = None,
-    draft_model: DraftModelOpt = None,
-    worker_command: WorkerCommandOpt = None,
-    endpoint: EndpointOpt = None,
-    min_workers: MinWorkersOpt = None,
-    max_workers: MaxWorkersOpt = None,
-    replicas: ReplicasOpt = None,
-    autoscaler: AutoscalerOpt = None,
-    target_qps_per_replica: TargetQpsPerReplicaOpt = None,
+    flags: dict[str, Any] | None = None,
     wait: WaitUpdateOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -116,18 +107,7 @@ def update(
     check_name(name)
     if mode not in ("rolling", "blue-green"):
         fail(f"--mode: {mode!r} is not rolling or blue-green", ExitCode.USAGE)
-    flags = worker_flags(
-        model,
-        engine_args,
-        draft_model,
-        worker_command,
-        endpoint,
-        min_workers,
-        max_workers,
-        replicas,
-        autoscaler,
-        target_qps_per_replica,
-    )
+    flags = flags or {}
     given = {key for key, value in flags.items() if value is not None}
     if rollback and (spec is not None or given):
         fail(
@@ -189,7 +169,8 @@ def _new_config(name: str, spec: Path | None, flags: dict[str, Any]) -> dict[str
     merged.update({key: value for key, value in flags.items() if value is not None})
     merged["workdir"] = os.getcwd()
     names = {key: f"the running config's {key}" for key in kept}
-    names["endpoints"] = "--endpoint"
+    spelled = flag_names(config_flags(UPDATE_FIELDS))
+    names |= {key: spelled[key] for key, value in flags.items() if value is not None}
     cfg = resolve_or_exit(spec, merged, names)
     return cfg.model_dump(mode="json")
 
