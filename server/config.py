@@ -105,7 +105,12 @@ class GroupConfig(_Strict):
     """
 
     name: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: str | None = Field(None, min_length=1, description="model flockctl's engine serves")
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="model flockctl's engine serves; with endpoints or task, the model those"
+        " servers serve (so requests for it wait for this group while it has no worker)",
+    )
     worker_command: str | None = Field(None, description="any other server's command line")
     min_workers: int | None = Field(None, ge=0)
     max_workers: int | None = Field(None, ge=1)
@@ -117,11 +122,38 @@ class GroupConfig(_Strict):
     queue_tracking_window: float | None = Field(None, gt=0)
     upscale_delay: float | None = Field(None, ge=0)
     downscale_delay: float | None = Field(None, ge=0)
+    endpoints: list[str] | None = Field(
+        None, min_length=1, description="a static group's servers: one worker per URL"
+    )
+    task: dict[str, Any] | None = Field(
+        None,
+        description="a SkyPilot group's own task fields (resources, run, envs, ...), each in"
+        " place of the SPEC's",
+    )
 
     @model_validator(mode="after")
     def _runs_one_thing(self) -> GroupConfig:
-        if (self.model is None) == (not self.worker_command):
+        if self.model is not None and self.worker_command:
             raise ValueError(f"model: give one of model or worker_command for group {self.name!r}")
+        remote = [k for k in ("endpoints", "task") if getattr(self, k) is not None]
+        if len(remote) > 1 or (remote and self.worker_command):
+            first = "worker_command" if self.worker_command else remote[0]
+            raise ValueError(
+                f"{remote[-1]}: group {self.name!r} gives {first} and {remote[-1]}; a group's"
+                " workers are local (model or worker_command), static (endpoints) or SkyPilot"
+                " clusters (task)"
+            )
+        if not remote and self.model is None and not self.worker_command:
+            raise ValueError(
+                f"model: give one of model or worker_command (local workers), endpoints"
+                f" (static) or task (SkyPilot) for group {self.name!r}"
+            )
+        for key in self.task or {}:
+            if key not in sky_task.SKYPILOT_TASK_KEYS:
+                raise ValueError(
+                    f"task: {key!r} is not a SkyPilot task field (known: "
+                    f"{', '.join(sorted(sky_task.SKYPILOT_TASK_KEYS))})"
+                )
         if self.worker_command and not takes_port(self.worker_command):
             raise ValueError(
                 f"worker_command: group {self.name!r} must contain {{port}}, or read $PORT from"
@@ -439,7 +471,9 @@ class DeploymentConfig(_Strict):
             )
         if self.provisioner is None:
             runs_something = self.worker_command or self.model is not None
-            if self.endpoints and not runs_something:
+            if self.groups:
+                self.provisioner = self._groups_provisioner()
+            elif self.endpoints and not runs_something:
                 self.provisioner = "static"
             elif (
                 self.task is not None and not runs_something and sky_task.asks_for_cloud(self.task)
@@ -448,7 +482,8 @@ class DeploymentConfig(_Strict):
             else:
                 self.provisioner = "local"
         if self.provisioner == "skypilot":
-            self._check_skypilot()
+            if not self.groups:  # with groups, _check_groups checks each group's task
+                self._check_skypilot()
         else:
             # A local worker gets its own port; a SkyServe file's service.ports means nothing here.
             self.worker_port = None
@@ -473,7 +508,7 @@ class DeploymentConfig(_Strict):
                     "model: the static provisioner uses the --endpoint servers as they are;"
                     " only local workers run flockctl's engine"
                 )
-            if not self.endpoints:
+            if not self.endpoints and not self.groups:
                 raise ValueError("endpoints: the static provisioner needs at least one --endpoint")
             for url in self.endpoints:
                 if not url.startswith(("http://", "https://")):
@@ -516,16 +551,41 @@ class DeploymentConfig(_Strict):
         if self.cuda_mps and self.gpus_per_worker == 0:
             raise ValueError("cuda_mps: workers given no GPU (gpus_per_worker 0) cannot use MPS")
 
+    def _groups_provisioner(self) -> Literal["local", "skypilot", "static"]:
+        """The provisioner groups ask for when none was named: static where a group lists
+        endpoints, SkyPilot where one gives a task, else local."""
+        if any(g.endpoints for g in self.groups):
+            return "static"
+        if any(g.task is not None for g in self.groups):
+            return "skypilot"
+        return "local"
+
     def _check_groups(self) -> None:
-        """Groups run local workers, each group its own thing; the deployment runs none itself."""
-        if self.provisioner != "local":
-            raise ValueError(
-                f"groups: worker groups run local workers; the {self.provisioner} provisioner"
-                " cannot launch them"
-            )
+        """Each group runs its own thing through the deployment's one provisioner (local: a
+        model or command; static: its endpoints, a fixed size; SkyPilot: its own task); the
+        deployment runs none itself."""
         if self.worker_command or self.model is not None:
             key = "model" if self.model is not None else "worker_command"
             raise ValueError(f"{key}: with groups, each group says what its workers run")
+        if self.endpoints:
+            raise ValueError("endpoints: with groups, each static group lists its own endpoints")
+        for index, group in enumerate(self.groups):
+            if group.endpoints is not None:
+                kind, key = "static", "endpoints"
+            elif group.task is not None:
+                kind, key = "skypilot", "task"
+            else:
+                kind, key = "local", "model" if group.model is not None else "worker_command"
+            if kind != self.provisioner:
+                raise ValueError(
+                    f"groups.{index}.{key}: group {group.name!r} gives {kind} workers, but"
+                    f" this deployment's provisioner is {self.provisioner}; all groups of a"
+                    " deployment use its one provisioner"
+                )
+        if self.provisioner == "static":
+            self._check_static_groups()
+        elif self.provisioner == "skypilot":
+            self._check_skypilot_groups()
         names = [g.name for g in self.groups]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -571,14 +631,79 @@ class DeploymentConfig(_Strict):
         update |= {"model": group.model, "worker_command": group.worker_command, "groups": []}
         if group.worker_command:
             update |= {"engine_args": [], "draft_models": []}
+        if group.endpoints:
+            update["endpoints"] = [u.rstrip("/") for u in group.endpoints]
+        if group.task is not None:
+            task = {**(self.task or {}), **group.task}
+            own_ports = sky_task.resource_ports(group.task.get("resources"))
+            ports = sky_task.resource_ports(task.get("resources"))
+            if len(own_ports) == 1:
+                port: int | None = own_ports[0]
+            elif self.worker_port is not None:
+                port = self.worker_port
+            else:
+                port = ports[0] if len(ports) == 1 else None
+            update |= {"task": task, "worker_port": port}
         own = self.model_copy(update=update)
         own._engines = self._group_engines()
         return own
+
+    def _check_static_groups(self) -> None:
+        """A static group has one worker per endpoint: URLs, each in one group, and no bounds."""
+        seen: dict[str, str] = {}
+        for index, group in enumerate(self.groups):
+            for key in GROUP_SCALING:
+                if getattr(group, key) is not None:
+                    raise ValueError(
+                        f"groups.{index}.{key}: group {group.name!r} has one worker per endpoint;"
+                        " a static group's size is fixed"
+                    )
+            for url in group.endpoints or []:
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(
+                        f"groups.{index}.endpoints: {url!r} is not an http:// or https:// URL"
+                    )
+                other = seen.setdefault(url.rstrip("/"), group.name)
+                if other != group.name:
+                    raise ValueError(
+                        f"groups.{index}.endpoints: {url} is in groups {other!r} and"
+                        f" {group.name!r}; a server is one group's worker"
+                    )
+
+    def _check_skypilot_groups(self) -> None:
+        """Each SkyPilot group's task (its fields over the SPEC's) starts a server on a port."""
+        for key in ("base_ondemand_fallback_replicas", "dynamic_ondemand_fallback"):
+            if getattr(self, key):
+                raise ValueError(
+                    f"{key}: on-demand fallback is not available with worker groups; give the"
+                    " on-demand machines a group of their own"
+                )
+        for index, group in enumerate(self.groups):
+            own = self.group_config(group)
+            task = own.task or {}
+            if not task.get("run"):
+                raise ValueError(
+                    f"groups.{index}.task.run: group {group.name!r} has no run: section (its"
+                    " own or the SPEC's) to start the server on each cluster"
+                )
+            if own.worker_port is None:
+                raise ValueError(
+                    f"groups.{index}.task.resources.ports: give the one port group"
+                    f" {group.name!r}'s server listens on (or service.ports for every group)"
+                )
+            try:
+                # Its model names what the task's server serves; nothing runs it here.
+                own.model_copy(update={"model": None})._check_skypilot()
+            except ValueError as exc:
+                raise ValueError(f"groups.{index}.{exc}") from None
 
     def _group_engines(self) -> int:
         """The most workers all groups together may run at once."""
         total = 0
         for group in self.groups:
+            if group.endpoints:
+                total += len(group.endpoints)
+                continue
             fixed = group.autoscaler == "fixed" or (
                 group.autoscaler is None
                 and (group.replicas is not None or self.autoscaler == "fixed")

@@ -3,10 +3,13 @@
 A deployment without ``flockctl: groups`` is one group (the deployment's own controller, whose
 workers have no group), exactly as before groups existed. With groups, each declared group has
 its own controller and autoscaler policy over the same pool, provisioner and prober; the first
-group also adopts the workers a previous daemon left running. An operator starting a worker with
-another model (``POST /-/workers {"model"}``, the dashboard's ``m``) puts it in the group of that
-model, made on the spot when there is none (bounds 1 to the deployment's ``max_workers``), so no
-other group's autoscaler ever scales it down.
+group also adopts the workers a previous daemon left running. Groups run local workers (each its
+model or command), static ones (each its endpoints, one worker per URL: a fixed size) or SkyPilot
+clusters (each its own task); the one provisioner launches a worker from its group's part.
+
+An operator starting a worker with another model (``POST /-/workers {"model"}``, the dashboard's
+``m``) puts it in the group of that model, made on the spot when there is none (bounds 1 to the
+deployment's ``max_workers``), so no other group's autoscaler ever scales it down.
 
 A group's queue is the requests waiting for its models (its declared model and every model its
 workers have listed); the deployment's first group also counts the requests naming no model,
@@ -51,7 +54,8 @@ class Groups:
             self._add(None, cfg, adopts=True)
         for index, declared in enumerate(cfg.groups):
             own = cfg.group_config(declared)
-            group = WorkerGroup(declared.name, own.local_command(), declared.model)
+            command = own.local_command() if own.provisioner == "local" else None
+            group = WorkerGroup(declared.name, command, declared.model)
             self._add(group, own, adopts=index == 0)
         self._declare()
 
@@ -105,10 +109,14 @@ class Groups:
         return self.primary
 
     def group_of(self, worker: Worker) -> str | None:
-        """The group a re-adopted worker rejoins: the one running its command, else the first."""
+        """The group a re-adopted worker rejoins: the one its provisioner recorded (a SkyPilot
+        cluster's), else the one running its command, else the first."""
+        names = {c.group.name for c in self.controllers if c.group is not None}
+        if worker.group in names:
+            return worker.group
         for controller in self.controllers:
             group = controller.group
-            if group is not None and worker.command == group.command:
+            if group is not None and group.command is not None and worker.command == group.command:
                 return group.name
         first = self.primary.group
         return None if first is None else first.name

@@ -160,6 +160,8 @@ async def test_the_first_group_adopts_and_every_group_draws_ids_from_one_sequenc
     stray = Worker(id="w9", provisioner="memory", command="server --port {port}")
     assert groups.group_of(stray) == "tools"
     assert groups.group_of(Worker(id="w8", provisioner="memory")) == "small"
+    # One whose provisioner recorded its group (a SkyPilot cluster) rejoins that group.
+    assert groups.group_of(Worker(id="w7", provisioner="memory", group="tools")) == "tools"
 
 
 async def test_a_worker_for_another_model_gets_a_group_of_its_model(grouped):
@@ -322,3 +324,123 @@ async def test_the_dashboard_shows_each_workers_group_and_a_line_per_group():
         text = str(panel.render())
         assert "group chat (alpha): qlrm target 1 / ready 1  (bounds 1-3)  queued 2" in text
         assert "holding 1" in text.splitlines()[-1]
+
+
+# -- static and SkyPilot groups ----------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+
+
+async def test_static_groups_each_get_their_own_endpoints_and_requests_for_their_model(
+    daemon, upstream, http
+):
+    from fake_worker import build_app
+
+    alphas = [await upstream(build_app(f"a{i}", 4, 0.0, None, model="alpha")) for i in (1, 2)]
+    beta = await upstream(build_app("b1", 4, 0.0, None, model="beta"))
+    groups = [
+        {"name": "chat", "model": "alpha", "endpoints": [u.url for u in alphas]},
+        {"name": "code", "endpoints": [beta.url]},
+    ]
+    d = await daemon(groups=groups)
+    assert d.deployment.cfg.provisioner == "static"  # told by the groups' endpoints
+    await d.wait_ready(3)
+    pool = d.deployment.pool
+    assert {w.url: w.group for w in pool} == {
+        alphas[0].url: "chat",
+        alphas[1].url: "chat",
+        beta.url: "code",
+    }
+    await until(lambda: pool.routes_by_model, "the workers' models known")
+    for model, served_by in (("alpha", {"a1", "a2"}), ("beta", {"b1"})):
+        seen = set()
+        for _ in range(4):
+            async with http.post(f"{d.url}{CHAT}", json={"model": model}) as resp:
+                assert resp.status == 200
+                seen.add(resp.headers["x-worker-id"])
+        assert seen == served_by, model
+    # Each group is as large as its endpoint list, and stays so.
+    views = {v["name"]: v for v in d.deployment.snapshot()["groups"]}
+    assert (views["chat"]["target"], views["chat"]["ready"]) == (2, 2)
+    assert (views["code"]["target"], views["code"]["ready"]) == (1, 1)
+    assert views["code"]["models"] == ["beta"]
+    # A URL added at run time is a worker of the first group.
+    extra = await upstream(build_app("a3", 4, 0.0, None, model="alpha"))
+    async with http.post(f"{d.url}/-/workers", json={"url": extra.url}, headers=d.admin) as resp:
+        assert resp.status == 201, await resp.text()
+        added = (await resp.json())["id"]
+    await d.wait_ready(4)
+    worker = pool.get(added)
+    assert worker is not None and (worker.url, worker.group) == (extra.url, "chat")
+
+
+def test_static_and_skypilot_groups_are_checked_naming_the_field(tmp_path):
+    run = "run: serve --port 8000\nresources: {ports: 8000}\n"
+    bad = {
+        "  groups:\n    - {name: a, endpoints: ['http://127.0.0.1:1']}\n"
+        "    - {name: b, model: m}\n": (
+            "flockctl.groups.1.model: group 'b' gives local workers, but this deployment's"
+            " provisioner is static"
+        ),
+        "  groups:\n    - {name: a, endpoints: ['http://127.0.0.1:1'], max_workers: 3}\n": (
+            "flockctl.groups.0.max_workers: group 'a' has one worker per endpoint"
+        ),
+        "  groups:\n    - {name: a, endpoints: ['http://127.0.0.1:1']}\n"
+        "    - {name: b, endpoints: ['http://127.0.0.1:1/']}\n": (
+            "flockctl.groups.1.endpoints: http://127.0.0.1:1/ is in groups 'a' and 'b'"
+        ),
+        "  groups:\n    - {name: a, endpoints: ['127.0.0.1:1']}\n": (
+            "flockctl.groups.0.endpoints: '127.0.0.1:1' is not an http:// or https:// URL"
+        ),
+        "  groups:\n    - {name: a, endpoints: ['http://127.0.0.1:1'], task: {run: x}}\n": (
+            "flockctl.groups.0.task: group 'a' gives endpoints and task"
+        ),
+        "  endpoints: ['http://127.0.0.1:1']\n  groups:\n"
+        "    - {name: a, endpoints: ['http://127.0.0.1:2']}\n": (
+            "flockctl.endpoints: with groups, each static group lists its own endpoints"
+        ),
+        "  groups:\n    - {name: a, task: {colour: red, run: x}}\n": (
+            "flockctl.groups.0.task: 'colour' is not a SkyPilot task field"
+        ),
+        "  groups:\n    - {name: a, task: {resources: {ports: 8000}}}\n": (
+            "flockctl.groups.0.task.run: group 'a' has no run: section"
+        ),
+        "  groups:\n    - {name: a, task: {run: x, resources: {ports: [8000, 8001]}}}\n": (
+            "flockctl.groups.0.task.resources.ports: give the one port group 'a'"
+        ),
+    }
+    for text, said in bad.items():
+        path = tmp_path / "spec.yaml"
+        path.write_text(f"flockctl:\n{text}")
+        with pytest.raises(ConfigError) as info:
+            resolve(path)
+        assert f"spec.yaml: {said}" in str(info.value), (text, str(info.value))
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        f"{run}resources: {{ports: 8000, use_spot: true}}\nflockctl:\n"
+        "  base_ondemand_fallback_replicas: 1\n  groups:\n    - {name: a, task: {envs: {A: b}}}\n"
+    )
+    with pytest.raises(ConfigError, match="on-demand fallback is not available with worker groups"):
+        resolve(path)
+
+
+def test_a_skypilot_group_runs_its_own_task_over_the_specs(tmp_path):
+    cfg = spec_config(
+        tmp_path,
+        "run: serve --port 8000\nresources: {ports: 8000, cloud: aws}\nenvs: {A: '1'}\n"
+        "flockctl:\n  min_workers: 0\n  groups:\n"
+        "    - {name: small, model: alpha, task: {resources: {ports: 8000, accelerators: L4}}}\n"
+        "    - name: big\n      model: beta\n      min_workers: 1\n"
+        "      task: {resources: {ports: 9000, accelerators: A100}, run: big --port 9000}\n",
+    )
+    assert cfg.provisioner == "skypilot"
+    small, big = (cfg.group_config(g) for g in cfg.groups)
+    assert small.task == {
+        "run": "serve --port 8000",
+        "resources": {"ports": 8000, "accelerators": "L4"},
+        "envs": {"A": "1"},
+    }
+    assert (small.worker_port, big.worker_port) == (8000, 9000)
+    assert big.task is not None and big.task["run"] == "big --port 9000"
+    assert (small.model, small.local_command() is not None) == ("alpha", True)
+    assert cfg.initial_target() == 1

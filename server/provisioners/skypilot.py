@@ -23,6 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,6 +55,26 @@ def recorded_clusters(state_dir: Path) -> dict[str, dict[str, Any]]:
     return {str(r["id"]): r for r in rows if isinstance(r, dict) and "id" in r and "cluster" in r}
 
 
+@dataclass(frozen=True)
+class GroupLaunch:
+    """What one worker group's clusters run: its task (its fields over the SPEC's), the port
+    its server listens on, and whether its machines are spot unless a worker says otherwise."""
+
+    task: dict[str, Any]
+    port: int
+    spot: bool = False
+
+
+def group_launches(cfg: DeploymentConfig) -> dict[str, GroupLaunch]:
+    """Each worker group's launch, by group name (empty without groups)."""
+    out: dict[str, GroupLaunch] = {}
+    for group in cfg.groups:
+        own = cfg.group_config(group)
+        assert own.task is not None and own.worker_port is not None  # the config checked both
+        out[group.name] = GroupLaunch(own.task, own.worker_port, own.uses_spot())
+    return out
+
+
 class SkyPilotProvisioner(Provisioner):
     name = "skypilot"
     capabilities = Capabilities(
@@ -75,8 +96,12 @@ class SkyPilotProvisioner(Provisioner):
         launch_attempts: int = 3,
         launch_backoff: float = 10.0,
         status_interval: float = 30.0,
+        groups: dict[str, GroupLaunch] | None = None,
     ) -> None:
         self.task = task
+        #: Each worker group's own task, port and spot default (a worker of no group, or of a
+        #: group not listed, runs ``task``).
+        self.groups = dict(groups or {})
         self.deployment = deployment
         self.port = port
         self.state_dir = state_dir
@@ -103,15 +128,24 @@ class SkyPilotProvisioner(Provisioner):
 
     # -- launch --------------------------------------------------------------------------------
 
+    def _launch_of(self, worker: Worker) -> GroupLaunch:
+        """What ``worker``'s cluster runs: its group's task, else the deployment's."""
+        own = self.groups.get(worker.group) if worker.group is not None else None
+        return own or GroupLaunch(self.task, self.port, self.spot)
+
     async def launch(self, worker: Worker) -> None:
         cluster = cluster_name(self.deployment, worker.id)
+        what = self._launch_of(worker)
         if worker.spot is None:
-            worker.spot = self.spot
+            worker.spot = what.spot
         worker.resource = cluster
-        self._records[worker.id] = {"id": worker.id, "cluster": cluster, "spot": worker.spot}
+        record = {"id": worker.id, "cluster": cluster, "spot": worker.spot}
+        if worker.group is not None:
+            record["group"] = worker.group
+        self._records[worker.id] = record
         self._save()
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        envs = {"FLOCKCTL_WORKER_ID": worker.id, "PORT": str(self.port)}
+        envs = {"FLOCKCTL_WORKER_ID": worker.id, "PORT": str(what.port)}
         kind = "spot" if worker.spot else "on-demand"
         last = ""
         for attempt in range(1, self.launch_attempts + 1):
@@ -121,7 +155,7 @@ class SkyPilotProvisioner(Provisioner):
                 await asyncio.sleep(delay)
             self._note(worker, f"launching {kind} cluster {cluster} (try {attempt})")
             try:
-                await self._launch_once(worker, cluster, envs)
+                await self._launch_once(worker, cluster, envs, what)
             except SkyError as exc:
                 last = str(exc)
                 log.warning("worker %s: launch of %s failed: %s", worker.id, cluster, last)
@@ -134,21 +168,23 @@ class SkyPilotProvisioner(Provisioner):
                 f"cluster {cluster} did not launch in {self.launch_attempts}"
                 f" tr{'ies' if self.launch_attempts > 1 else 'y'}; SkyPilot said: {last}"
             )
-        url = await self._call(self.sdk.endpoint, cluster, self.port)
+        url = await self._call(self.sdk.endpoint, cluster, what.port)
         worker.url = (url if "://" in url else f"http://{url}").rstrip("/")
         self._records[worker.id]["url"] = worker.url
         self._save()
         self._seen[cluster] = (time.monotonic(), "UP")
         self._note(worker, f"cluster {cluster} is UP; serving at {worker.url}")
 
-    async def _launch_once(self, worker: Worker, cluster: str, envs: dict[str, str]) -> None:
+    async def _launch_once(
+        self, worker: Worker, cluster: str, envs: dict[str, str], what: GroupLaunch
+    ) -> None:
         request = await self._call(
             self.sdk.launch,
-            self.task,
+            what.task,
             cluster,
             base_dir=self.base_dir,
             spot=worker.spot,
-            port=self.port,
+            port=what.port,
             envs=envs,
         )
         worker.handle = request
@@ -263,6 +299,7 @@ class SkyPilotProvisioner(Provisioner):
             worker = Worker(id=worker_id, provisioner=self.name, url=record.get("url"))
             worker.spot = bool(record.get("spot"))
             worker.resource = record["cluster"]
+            worker.group = record.get("group")
             self._records[worker_id] = record
             if worker.url is None:
                 # The daemon stopped mid-launch: the cluster may be half made. start() tears

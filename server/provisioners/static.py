@@ -4,6 +4,10 @@ Nothing is started or stopped; the provisioner only hands out the URLs not yet i
 pool never holds more workers than there are endpoints. A URL may be added at run time
 (``POST /-/workers {"url": ...}``). An endpoint that stops answering cannot be relaunched: it stays
 out of rotation until a probe passes again, however long that takes.
+
+With worker groups each group lists its own endpoints, and a worker of a group only ever gets
+one of its group's URLs; a URL added at run time joins the first group (whose controller adds
+the operator's workers).
 """
 
 from __future__ import annotations
@@ -30,14 +34,26 @@ class StaticProvisioner(Provisioner):
         relaunches=False,
     )
 
-    def __init__(self, endpoints: list[str]) -> None:
+    def __init__(self, endpoints: list[str], groups: dict[str, list[str]] | None = None) -> None:
         self.endpoints = [u.rstrip("/") for u in endpoints]
+        #: Each group's own endpoints, by group name, in the SPEC's order.
+        self.groups = {name: [u.rstrip("/") for u in urls] for name, urls in (groups or {}).items()}
         self._in_use: dict[str, str] = {}  # worker id -> url
+
+    @classmethod
+    def from_config(cls, cfg: DeploymentConfig) -> StaticProvisioner:
+        """The deployment's endpoints, or with groups each group's."""
+        return cls(cfg.endpoints, {g.name: list(g.endpoints or []) for g in cfg.groups})
+
+    def _list(self, group: str | None) -> list[str]:
+        """The endpoints a worker of ``group`` may get."""
+        return self.groups.get(group, self.endpoints) if group is not None else self.endpoints
 
     def add_endpoint(self, url: str) -> None:
         url = url.rstrip("/")
-        if url not in self.endpoints:
-            self.endpoints.append(url)
+        urls = next(iter(self.groups.values()), self.endpoints)
+        if all(url not in known for known in (self.endpoints, *self.groups.values())):
+            urls.append(url)
 
     def use_config(self, cfg: DeploymentConfig) -> None:
         """The new endpoint list replaces the old one; a worker already at an old URL keeps it
@@ -46,11 +62,14 @@ class StaticProvisioner(Provisioner):
 
     def capacity(self, live: int) -> int | None:
         in_use = set(self._in_use.values())
-        return sum(1 for u in self.endpoints if u not in in_use)
+        every = [u for urls in (self.endpoints, *self.groups.values()) for u in urls]
+        return sum(1 for u in every if u not in in_use)
 
     async def launch(self, worker: Worker) -> None:
-        free = [u for u in self.endpoints if u not in self._in_use.values()]
+        free = [u for u in self._list(worker.group) if u not in self._in_use.values()]
         if not free:
+            if worker.group is not None and worker.group in self.groups:
+                raise RuntimeError(f"every endpoint of group {worker.group!r} already has a worker")
             raise RuntimeError("every --endpoint already has a worker")
         worker.url = free[0]
         self._in_use[worker.id] = free[0]
