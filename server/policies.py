@@ -7,7 +7,10 @@ tried for this request); it never sees I/O, so it is cheap enough for every requ
 - ``latency``: the expected completion time of each of two random workers, from moving
   estimates of their time to first byte and per streamed chunk (Finagle's peak EWMA: a slow
   answer counts at once, fast ones pull the estimate down, and an idle worker's estimate decays
-  towards zero so that it is tried again with a real request).
+  towards zero so that it is tried again with a real request). A sample is taken per request
+  the worker had in flight: a batching engine answering four requests at once in 0.4 s is
+  faster than one answering one alone in 0.3 s, and counting its answer whole and then its
+  queue again made the policy send work to the slower one.
 - ``prefix``: the worker that was already sent the longest part of the prompt (its KV cache
   likely holds it), unless that match is short or the worker is much busier than the least
   loaded one; sessions stick to their worker (SGLang's cache-aware router as the model).
@@ -163,8 +166,10 @@ class Latency(BalancingPolicy):
     """Of two random workers, the one expected to finish a request first.
 
     A worker's expected time is its estimated time to first byte plus its time per chunk times
-    the chunks an answer has on average, multiplied by (in flight + 1). A worker never measured,
-    or idle for a while, estimates near zero: it gets the next request, which measures it.
+    the chunks an answer has on average, multiplied by (in flight + 1); each sample is divided
+    by the requests the worker had in flight when it was taken (itself included), so the load a
+    sample was measured under is not counted twice. A worker never measured, or idle for a
+    while, estimates near zero: it gets the next request, which measures it.
     """
 
     name = "latency"
@@ -212,11 +217,14 @@ class Latency(BalancingPolicy):
         return wa if ca < cb else wb
 
     def observe_first_byte(self, worker: Worker, seconds: float) -> None:
-        self._estimate(worker).first_byte.observe(seconds, self._clock(), self.decay)
+        # The balancer still counts this request in flight: 1 when it was the only one.
+        share = seconds / max(worker.in_flight, 1)
+        self._estimate(worker).first_byte.observe(share, self._clock(), self.decay)
 
     def observe_end(self, worker: Worker, seconds: float, chunks: int) -> None:
         chunks = max(chunks, 1)
-        self._estimate(worker).chunk.observe(seconds / chunks, self._clock(), self.decay)
+        share = seconds / chunks / max(worker.in_flight, 1)
+        self._estimate(worker).chunk.observe(share, self._clock(), self.decay)
         self.chunks += 0.1 * (chunks - self.chunks)
 
     def worker_changed(self, worker: Worker, old: object) -> None:

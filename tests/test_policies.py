@@ -219,6 +219,28 @@ def test_latency_sends_work_to_the_worker_expected_to_finish_first():
     assert policy.choose([fast, slow]) is slow
 
 
+def test_a_batching_worker_is_judged_by_its_answers_at_the_load_it_had():
+    """A worker answering four requests at once in 0.4 s each beats one answering one alone in
+    0.6 s, even with three in flight: its samples already carry that load."""
+    clock = Clock()
+    policy = Latency(rng=random.Random(0), clock=clock)
+    batching, lone = ready("batching"), ready("lone")
+    for _ in range(4):
+        batching.in_flight = 4
+        policy.observe_first_byte(batching, 0.04)
+        policy.observe_end(batching, 0.36, 1)
+        lone.in_flight = 1
+        policy.observe_first_byte(lone, 0.06)
+        policy.observe_end(lone, 0.54, 1)
+    batching.in_flight, lone.in_flight = 3, 0
+    assert policy.expected(batching) == pytest.approx(0.4, rel=0.05)
+    assert policy.expected(lone) == pytest.approx(0.6, rel=0.05)
+    assert policy.choose([batching, lone]) is batching
+    # With a longer queue than it was measured under, the lone worker is the better choice.
+    batching.in_flight = 6
+    assert policy.choose([batching, lone]) is lone
+
+
 def test_a_worker_that_turns_slow_loses_traffic_at_once_and_wins_it_back_when_it_recovers():
     clock = Clock()
     policy = Latency(decay=10.0, rng=random.Random(0), clock=clock)
