@@ -45,6 +45,8 @@ from typing import Any
 import aiohttp
 from common import HOST, PROMPTS, Processes, free_port, percentile, say, wait_until
 
+from flockctl.engine.job import instance_of
+
 TARGET_PREFIX_VS_OFF = 2.0
 TARGET_PREFIX_VS_ON = 1.3
 TARGET_LATENCY = 1.3
@@ -59,8 +61,8 @@ def system_prompt(session: int, chars: int) -> str:
 
 async def stream(
     http: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int
-) -> tuple[float, float, str, int]:
-    """One streamed completion: (time to first chunk, whole time, text, tokens)."""
+) -> tuple[float, float, str, int, str]:
+    """One streamed completion: (time to first chunk, whole time, text, tokens, response id)."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -72,6 +74,7 @@ async def stream(
     first = 0.0
     text: list[str] = []
     tokens = 0
+    rid = ""
     async with http.post(url + "/v1/completions", json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"completion failed: {r.status} {await r.text()}")
@@ -79,13 +82,14 @@ async def stream(
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             event = json.loads(line[6:])
+            rid = rid or event.get("id", "")
             choice = event["choices"][0]
             if choice.get("text"):
                 if not first:
                     first = time.perf_counter() - t0
                 text.append(choice["text"])
                 tokens += 1
-    return first, time.perf_counter() - t0, "".join(text), tokens
+    return first, time.perf_counter() - t0, "".join(text), tokens, rid
 
 
 async def chat_trace(http: aiohttp.ClientSession, url: str, args: argparse.Namespace) -> dict:
@@ -107,7 +111,7 @@ async def chat_trace(http: aiohttp.ClientSession, url: str, args: argparse.Names
         for turn in range(args.turns):
             question = PROMPTS[(i + turn) % len(PROMPTS)]
             conversation += f"\n# user: {question}\n# assistant:"
-            ttft, _, answer, n = await stream(http, url, conversation, args.max_tokens)
+            ttft, _, answer, n, _ = await stream(http, url, conversation, args.max_tokens)
             ttfts.append(ttft)
             tokens += n
             conversation += answer
@@ -119,32 +123,76 @@ async def chat_trace(http: aiohttp.ClientSession, url: str, args: argparse.Names
     return {"ttfts": ttfts, "tokens": tokens, "wall": wall}
 
 
-async def independent_trace(
-    http: aiohttp.ClientSession, url: str, args: argparse.Namespace
-) -> dict:
-    """``--requests`` unrelated completions as a Poisson process; each one's whole latency."""
-    rng = random.Random(args.seed)
-    latencies: list[float] = []
-    tokens = 0
+async def tenant_load(
+    http: aiohttp.ClientSession, url: str, args: argparse.Namespace, stop: asyncio.Event
+) -> int:
+    """Another tenant's traffic sent to ``url`` directly (the balancer never sees it):
+    ``--tenant-streams`` clients, each sending its next long-prompt completion when the last
+    one ended, until ``stop`` is set. Returns the completions it got."""
+    done = 0
 
-    async def one(i: int, at: float) -> None:
-        nonlocal tokens
-        await asyncio.sleep(at)
+    async def client(k: int) -> None:
+        nonlocal done
+        n = 0
+        while not stop.is_set():
+            order = list(PROMPTS)
+            random.Random(5000 + 97 * k + n).shuffle(order)
+            text = f"# tenant {k} job {n}\n" + "\n".join(order)
+            prompt = (text * (args.tenant_chars // len(text) + 1))[: args.tenant_chars]
+            await stream(http, url, prompt, args.tenant_tokens)
+            done += 1
+            n += 1
+
+    await asyncio.gather(*(client(k) for k in range(args.tenant_streams)))
+    return done
+
+
+async def slow_worker_trace(
+    http: aiohttp.ClientSession, url: str, slow_url: str, args: argparse.Namespace
+) -> dict:
+    """``--requests`` unrelated completions as a Poisson process through the balancer; another
+    tenant loads the slow engine directly until request ``--slow-requests`` arrives, then stops.
+    Each request's arrival, time to first token, whole latency and the engine that answered."""
+    rng = random.Random(args.seed)
+    arrivals: list[float] = []
+    at = 0.0
+    for _ in range(args.requests):
+        at += rng.expovariate(args.latency_rate)
+        arrivals.append(at)
+    slow_until = arrivals[min(args.slow_requests, args.requests) - 1] if args.slow_requests else 0
+    rows: list[dict[str, Any]] = []
+    stop = asyncio.Event()
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(arrivals[i])
         order = list(PROMPTS)
         random.Random(1000 + i).shuffle(order)
         prompt = f"# request {i}\n" + "\n".join(order)[: args.system_chars // 4]
-        _, whole, _, n = await stream(http, url, prompt, args.max_tokens)
-        latencies.append(whole)
-        tokens += n
+        first, whole, _, _, rid = await stream(http, url, prompt, args.max_tokens)
+        rows.append(
+            {
+                "i": i,
+                "slow_phase": arrivals[i] <= slow_until,
+                "ttft": first,
+                "latency": whole,
+                "instance": instance_of(rid),
+            }
+        )
 
-    at = 0.0
-    jobs = []
-    for i in range(args.requests):
-        at += rng.expovariate(args.latency_rate)
-        jobs.append(one(i, at))
+    async def end_slowness() -> None:
+        await asyncio.sleep(slow_until)
+        stop.set()
+
     began = time.perf_counter()
-    await asyncio.gather(*jobs)
-    return {"latencies": latencies, "tokens": tokens, "wall": time.perf_counter() - began}
+    tenant = asyncio.create_task(tenant_load(http, slow_url, args, stop))
+    await asyncio.gather(end_slowness(), *(one(i) for i in range(args.requests)))
+    tenant_done = await tenant
+    wall = time.perf_counter() - began
+    return {
+        "rows": sorted(rows, key=lambda r: r["i"]),
+        "tenant_requests": tenant_done,
+        "wall": wall,
+    }
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -187,11 +235,18 @@ async def run_config(
                         return r.status == 200 and (await r.json())["ready_workers"] == 2
 
                 await wait_until(ready, f"{name}: the daemon and both engines", 300, procs)
+                # One request to each engine directly: it warms it, and its answer's id names
+                # the engine (the instance token every id it gives out begins with).
+                instances = []
+                for url in engines:
+                    *_, rid = await stream(http, url, "# warm up\n" + PROMPTS[0], 2)
+                    instances.append(instance_of(rid))
                 say(f"{name}: running the {trace} trace")
                 if trace == "chat":
                     result = await chat_trace(http, balancer, args)
                 else:
-                    result = await independent_trace(http, balancer, args)
+                    result = await slow_worker_trace(http, balancer, engines[-1], args)
+                    result["slow_instance"] = instances[-1]
                 procs.check()
                 caches = []
                 for url in engines:
@@ -218,15 +273,37 @@ def chat_row(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _summary(rows: list[dict[str, Any]], slow: str) -> dict[str, Any]:
+    """Mean and p99 time to first token and latency of ``rows``, and the share the slow engine
+    answered."""
+    if not rows:
+        return {"requests": 0}
+    ttft = sorted(r["ttft"] for r in rows)
+    lat = sorted(r["latency"] for r in rows)
+    return {
+        "requests": len(rows),
+        "ttft_mean_ms": _ms(sum(ttft) / len(ttft)),
+        "ttft_p99_ms": _ms(percentile(ttft, 99)),
+        "latency_mean_ms": _ms(sum(lat) / len(lat)),
+        "latency_p99_ms": _ms(percentile(lat, 99)),
+        "to_slow_worker": round(sum(r["instance"] == slow for r in rows) / len(rows), 3),
+    }
+
+
 def latency_row(run: dict[str, Any]) -> dict[str, Any]:
-    lat = sorted(run["latencies"])
+    """A slow-worker run by phase: while the other tenant loads it, and after it stopped (all
+    of that phase, and its second half, where the slow engine should have won traffic back)."""
+    rows, slow = run["rows"], run["slow_instance"]
+    after = [r for r in rows if not r["slow_phase"]]
     return {
         "policy": run["policy"],
         "engine_args": run["engine_args"],
-        "requests": len(lat),
-        "latency_mean_ms": _ms(sum(lat) / len(lat)),
-        "latency_p99_ms": _ms(percentile(lat, 99)),
-        "requests_per_s": round(len(lat) / run["wall"], 3),
+        "slow_phase": _summary([r for r in rows if r["slow_phase"]], slow),
+        "after": _summary(after, slow),
+        "after_second_half": _summary(after[len(after) // 2 :], slow),
+        "whole_trace": _summary(rows, slow),
+        "tenant_requests": run["tenant_requests"],
+        "requests_per_s": round(len(rows) / run["wall"], 3),
     }
 
 
@@ -272,16 +349,33 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
     if args.mode in ("latency", "both"):
-        pair = [args.fast_args + " --prefix-caching off", args.slow_args + " --prefix-caching off"]
-        rows = {
-            policy: latency_row(await run_config(args, policy, policy, pair, "independent"))
-            for policy in ("least-connection", "latency")
-        }
-        r = ratio(rows["least-connection"]["latency_mean_ms"], rows["latency"]["latency_mean_ms"])
+        engine = args.latency_engine_args + " --prefix-caching off"
+        pair = [engine, engine]
+        runs: dict[str, list[dict[str, Any]]] = {"least-connection": [], "latency": []}
+        for rep in range(args.repeats):
+            for policy in (
+                ("least-connection", "latency") if rep % 2 == 0 else ("latency", "least-connection")
+            ):
+                run = await run_config(args, f"{policy} #{rep + 1}", policy, pair, "slow")
+                runs[policy].append(latency_row(run))
+        ratios = [
+            ratio(lc["slow_phase"]["latency_mean_ms"], lat["slow_phase"]["latency_mean_ms"])
+            for lc, lat in zip(runs["least-connection"], runs["latency"], strict=True)
+        ]
+        worst = min((r for r in ratios if r is not None), default=None)
         out["latency"] = {
-            "runs": rows,
-            "latency_mean_ratio_least_connection_over_latency": r,
-            "targets": {"value": r, "min": TARGET_LATENCY, "met": bool(r and r >= TARGET_LATENCY)},
+            "slow_worker": (
+                f"engine 2 also serves another tenant: {args.tenant_streams} clients sending"
+                f" {args.tenant_chars}-character prompts for {args.tenant_tokens} tokens to it"
+                f" directly, until request {args.slow_requests} of {args.requests} arrives"
+            ),
+            "runs": runs,
+            "slow_phase_latency_mean_ratio_least_connection_over_latency": ratios,
+            "targets": {
+                "value": worst,
+                "min": TARGET_LATENCY,
+                "met": bool(worst and worst >= TARGET_LATENCY),
+            },
         }
     return out
 
@@ -297,10 +391,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--think", type=float, default=1.0, help="mean seconds between turns")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="engine threads (prefix mode)")
-    p.add_argument("--requests", type=int, default=40, help="latency mode: requests")
+    p.add_argument("--requests", type=int, default=120, help="latency mode: requests")
+    p.add_argument(
+        "--slow-requests",
+        type=int,
+        default=80,
+        help="latency mode: the other tenant stops when this request arrives",
+    )
     p.add_argument("--latency-rate", type=float, default=2.0, help="latency mode: requests/s")
-    p.add_argument("--fast-args", default="--threads 2", help="latency mode: the fast engine")
-    p.add_argument("--slow-args", default="--threads 1", help="latency mode: the slow engine")
+    p.add_argument(
+        "--latency-engine-args", default="--threads 1", help="latency mode: both engines' flags"
+    )
+    p.add_argument(
+        "--tenant-streams",
+        type=int,
+        default=4,
+        help="latency mode: the other tenant's concurrent clients on engine 2",
+    )
+    p.add_argument(
+        "--tenant-chars",
+        type=int,
+        default=2400,
+        help="latency mode: the other tenant's prompt length",
+    )
+    p.add_argument(
+        "--tenant-tokens",
+        type=int,
+        default=16,
+        help="latency mode: the other tenant's answer length",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="latency mode: runs of each policy, alternating which goes first",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
