@@ -177,7 +177,13 @@ class Engine:
 
     # -- API side (event loop thread) ---------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: Any) -> JobHandle:
+    def submit(
+        self, prompt_ids: list[int], params: Any, after: JobHandle | None = None
+    ) -> JobHandle:
+        """Check a request and make it a job. ``after``: a job with the same prompt (the first
+        of ``n`` choices); this one waits for its prefill and shares its prompt's cached blocks,
+        unless there is nothing to share (no prefix cache, a prompt shorter than one block and a
+        token, a job that scores its prompt and so computes all of it)."""
         if self.failed or self.closing:
             raise EngineUnavailable(self.failed or "the engine is shutting down")
         n = len(prompt_ids)
@@ -205,7 +211,9 @@ class Engine:
                 f" max_tokens) exceed this engine's KV budget of {self.pool.budget_tokens}",
                 "max_tokens",
             )
-        waiting = len(self.model_loop.live) - len(self.batcher.running)
+        live = list(self.model_loop.live.values())
+        held = sum(len(h.followers) for h in live)
+        waiting = len(live) + held - len(self.batcher.running)
         if waiting >= self.config.max_waiting:
             raise QueueFull(
                 f"{waiting} jobs are already waiting (--max-waiting {self.config.max_waiting});"
@@ -216,8 +224,24 @@ class Engine:
         handle = JobHandle(job, asyncio.get_running_loop(), self.model_loop.abort)
         handle.stream = TextStream(self.tokenizer, prompt_ids, params.stop)
         handle.generator = make_generator(params.seed, self.device)
-        self.model_loop.submit(handle)
+        if (
+            after is not None
+            and self.pool.prefix is not None
+            and n > self.pool.block_size
+            and params.prompt_logprobs is None
+            and after.job.prompt_ids == job.prompt_ids
+        ):
+            handle.follow(after, self._start_held)
+        else:
+            self.model_loop.submit(handle)
         return handle
+
+    def _start_held(self, handle: JobHandle) -> None:
+        """A held job's leader has its prefill done: into the model loop, if it still runs."""
+        if self.failed or self.closing:
+            handle.fail(self.failed or "the engine is shutting down")
+        else:
+            self.model_loop.submit(handle)
 
     def job_info(self, job_id: str) -> dict[str, Any] | None:
         handle = self.model_loop.live.get(job_id)

@@ -2,11 +2,13 @@
 plain and streamed (SSE, ending with ``data: [DONE]``).
 
 A request becomes one job per choice: ``n`` choices per prompt, and on completions one prompt or
-a batch of them (``index`` is ``prompt * n + choice``, in order). The engine's KV cache is paged
-per job with no sharing between jobs, so the ``n`` choices of a prompt are sibling jobs, each
-prefilling the prompt itself; they are submitted together, so they arrive in the same iteration
-and are scheduled side by side. With ``seed``, choice ``i`` samples from its own seed derived from
-it (``sibling_seed``), so every choice reproduces and no two are copies of each other.
+a batch of them (``index`` is ``prompt * n + choice``, in order). The ``n`` choices of a prompt
+share its KV cache: choice 0 starts at once, and the others are checked and queued with it but
+held until its prefill is done (``Engine.submit``'s ``after``), so they take references to the
+prompt's full blocks from the prefix cache and compute only the last, partial one. Where there is
+nothing to share (prefix caching off, a prompt shorter than a block, a prompt to score) they all
+start together. With ``seed``, choice ``i`` samples from its own seed derived from it
+(``sibling_seed``), so every choice reproduces and no two are copies of each other.
 
 A response's id is ``cmpl-`` (or ``chatcmpl-``) and its first job's id, so ``GET /jobs/{id}``
 answers for it, here and through the balancer (the id begins with this engine's instance token).
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from flockctl.engine.engine import Engine, EngineUnavailable, QueueFull
 from flockctl.engine.job import FinishReason, Job, SamplingParams
 from flockctl.engine.openai_format import LogprobFormat
 from flockctl.engine.protocol import ChatRequest, CompletionRequest, OpenAIRequest
@@ -42,7 +45,6 @@ from flockctl.engine.streaming import EventStream, sse, until_disconnect
 
 if TYPE_CHECKING:
     from flockctl.engine.encoder import EncoderEngine
-    from flockctl.engine.engine import Engine
     from flockctl.engine.handle import Delta, JobHandle
 
 
@@ -213,10 +215,12 @@ def register_openai(app: FastAPI, engine: Engine | EncoderEngine) -> None:
         fields: Callable[[int], Mapping[str, str]],
         echoed: list[str] | None = None,
     ) -> Choices:
-        """Submit ``n`` jobs per prompt; if one is refused, those already submitted stop."""
+        """Submit ``n`` jobs per prompt, choices 1.. behind choice 0 (they share its prompt's
+        blocks); if one is refused, those already submitted stop."""
         group = Choices([], prompt_tokens=sum(len(p) for p in prompts))
         try:
             for k, prompt_ids in enumerate(prompts):
+                leader: JobHandle | None = None
                 for i in range(body.n):
                     index = k * body.n + i
 
@@ -224,7 +228,10 @@ def register_openai(app: FastAPI, engine: Engine | EncoderEngine) -> None:
                         p = params()
                         return replace(p, seed=sibling_seed(p.seed, i)) if i else p
 
-                    handle = submit(engine, prompt_ids, choice_params, fields(k))
+                    if leader is None:
+                        handle = leader = submit(engine, prompt_ids, choice_params, fields(k))
+                    else:
+                        handle = submit_behind(leader, choice_params())
                     handle.job.user = body.user
                     text = echoed[k] if echoed is not None else ""
                     group.choices.append(Choice(index, handle, text, echoed is not None))
@@ -232,6 +239,18 @@ def register_openai(app: FastAPI, engine: Engine | EncoderEngine) -> None:
             group.cancel()
             raise
         return group
+
+    def submit_behind(leader: JobHandle, params: SamplingParams) -> JobHandle:
+        """Another choice of ``leader``'s prompt, held until the leader's prefill. Its prompt and
+        limits passed with the leader's; what may still refuse it is a full queue or a stopped
+        engine."""
+        assert isinstance(engine, Engine)  # only a generating engine took the leader
+        try:
+            return engine.submit(leader.job.prompt_ids, params, after=leader)
+        except QueueFull as exc:
+            raise APIError(429, str(exc), code="queue_full", kind="rate_limit_error") from exc
+        except EngineUnavailable as exc:
+            raise APIError(503, str(exc), code="engine_unavailable", kind="server_error") from exc
 
     def chat_prompt(body: ChatRequest) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
