@@ -127,8 +127,8 @@ class GroupConfig(_Strict):
     )
     task: dict[str, Any] | None = Field(
         None,
-        description="a SkyPilot group's own task fields (resources, run, envs, ...), each in"
-        " place of the SPEC's",
+        description="a SkyPilot group's own task fields over the SPEC's: resources and envs add"
+        " to the SPEC's, any other field (run, setup, ...) replaces it",
     )
 
     @model_validator(mode="after")
@@ -634,7 +634,13 @@ class DeploymentConfig(_Strict):
         if group.endpoints:
             update["endpoints"] = [u.rstrip("/") for u in group.endpoints]
         if group.task is not None:
-            task = {**(self.task or {}), **group.task}
+            task = dict(self.task or {})
+            for key, value in group.task.items():
+                base = task.get(key)
+                # resources and envs add to the SPEC's (a group names its GPU, not its cloud)
+                if key in ("resources", "envs") and isinstance(base, dict):
+                    value = {**base, **value} if isinstance(value, dict) else value
+                task[key] = value
             own_ports = sky_task.resource_ports(group.task.get("resources"))
             ports = sky_task.resource_ports(task.get("resources"))
             if len(own_ports) == 1:

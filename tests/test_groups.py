@@ -435,12 +435,14 @@ def test_a_skypilot_group_runs_its_own_task_over_the_specs(tmp_path):
     )
     assert cfg.provisioner == "skypilot"
     small, big = (cfg.group_config(g) for g in cfg.groups)
+    # resources and envs add to the SPEC's; run replaces it.
     assert small.task == {
         "run": "serve --port 8000",
-        "resources": {"ports": 8000, "accelerators": "L4"},
+        "resources": {"ports": 8000, "cloud": "aws", "accelerators": "L4"},
         "envs": {"A": "1"},
     }
     assert (small.worker_port, big.worker_port) == (8000, 9000)
     assert big.task is not None and big.task["run"] == "big --port 9000"
+    assert big.task["resources"] == {"ports": 9000, "cloud": "aws", "accelerators": "A100"}
     assert (small.model, small.local_command() is not None) == ("alpha", True)
     assert cfg.initial_target() == 1
