@@ -290,14 +290,17 @@ class BalancerTracing:
         if span is None:
             return
         if span.is_recording():
-            span.set_attribute("flockctl.worker", attempt.worker)
+            # one set_attributes call: the SDK takes its lock and checks each value per call
+            attributes: dict[str, Any] = {"flockctl.worker": attempt.worker}
             if attempt.status is not None:
-                span.set_attribute("http.response.status_code", attempt.status)
-                if attempt.status >= 500:
-                    span.set_status(self._error)
+                attributes["http.response.status_code"] = attempt.status
             if attempt.error is not None:
-                span.set_attribute("error.type", attempt.error.split(":", 1)[0])
+                attributes["error.type"] = attempt.error.split(":", 1)[0]
+            span.set_attributes(attributes)
+            if attempt.error is not None:
                 span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, attempt.error))
+            elif attempt.status is not None and attempt.status >= 500:
+                span.set_status(self._error)
         span.end()
 
     def finish(self, rec: RequestRecord) -> None:
@@ -306,23 +309,22 @@ class BalancerTracing:
         if span.__class__ is Unsampled:
             return
         if span.is_recording():
-            span.set_attributes(
-                {
-                    "http.request.method": rec.method,
-                    "http.route": rec.path,
-                    "http.response.status_code": rec.status,
-                    "flockctl.attempts": len(rec.attempts),
-                    "flockctl.queue_ms": round(rec.queue * 1000, 3),
-                    "http.request.body.size": rec.bytes_in,
-                    "http.response.body.size": rec.bytes_out,
-                }
-            )
+            attributes: dict[str, Any] = {
+                "http.request.method": rec.method,
+                "http.route": rec.path,
+                "http.response.status_code": rec.status,
+                "flockctl.attempts": len(rec.attempts),
+                "flockctl.queue_ms": round(rec.queue * 1000, 3),
+                "http.request.body.size": rec.bytes_in,
+                "http.response.body.size": rec.bytes_out,
+            }
             if rec.model is not None:
-                span.set_attribute("gen_ai.request.model", rec.model)
+                attributes["gen_ai.request.model"] = rec.model
             if rec.worker is not None:
-                span.set_attribute("flockctl.worker", rec.worker)
+                attributes["flockctl.worker"] = rec.worker
             if rec.ttfb is not None:
-                span.set_attribute("flockctl.ttfb_ms", round(rec.ttfb * 1000, 3))
+                attributes["flockctl.ttfb_ms"] = round(rec.ttfb * 1000, 3)
+            span.set_attributes(attributes)
             if rec.status >= 500:
                 span.set_status(self._error)
         span.end()
