@@ -97,7 +97,9 @@ async def test_a_static_worker_has_no_command_and_a_failed_probe_is_recorded(
 
 
 @pytest.mark.e2e
-async def test_drain_keeps_the_target_so_a_replacement_comes_while_delete_lowers_it(daemon, http):
+async def test_drain_keeps_the_target_so_a_replacement_comes_while_delete_lowers_it(
+    daemon, http, monkeypatch
+):
     d = await daemon(worker_command=fake_worker_command(), autoscaler="fixed", replicas=2)
     await d.wait_ready(2)
     controller = d.deployment.controller
@@ -121,7 +123,17 @@ async def test_drain_keeps_the_target_so_a_replacement_comes_while_delete_lowers
     assert controller.target == 1
     assert controller.last_decision.reason == "worker w2 removed by operator"
     await until(lambda: d.states()["w2"] == "TERMINATED", "w2 terminated")
-    await asyncio.sleep(0.6)  # a few controller ticks: no replacement for a removed worker
+    # Two more of the autoscaler's decisions, each followed in its step by a reconcile: neither
+    # brings a replacement for a removed worker.
+    decisions = []
+    apply = controller.apply
+
+    def counted(decision):
+        decisions.append(decision)
+        apply(decision)
+
+    monkeypatch.setattr(controller, "apply", counted)
+    await until(lambda: len(decisions) >= 2, "two more autoscaler decisions")
     assert d.states() == {"w1": "TERMINATED", "w2": "TERMINATED", "w3": "READY"}
     status, snap = await call(http, "GET", d, "/-/status")
     assert snap["autoscaler"]["target"] == 1

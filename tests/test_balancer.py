@@ -212,24 +212,41 @@ async def test_queued_request_is_served_once_a_worker_is_ready(daemon, upstream,
 
 
 async def test_worker_capacity_queues_the_excess(daemon, upstream, http):
-    up = await upstream()
+    # The worker holds every request until the test lets them go, so what waits where is a
+    # state to wait for, not a moment to catch.
+    release = asyncio.Event()
+    at_worker = {"now": 0, "most": 0}
+
+    async def health(_r: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def chat(_r: web.Request) -> web.Response:
+        at_worker["now"] += 1
+        at_worker["most"] = max(at_worker["most"], at_worker["now"])
+        await release.wait()
+        at_worker["now"] -= 1
+        return web.json_response({"choices": []})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post(CHAT, chat)
+    up = await upstream(app)
     d = await daemon(endpoints=[up.url], worker_capacity=2)
     await d.wait_ready(1)
-    seen = []
+    pool = d.deployment.pool
 
-    async def one() -> None:
-        payload = {"fake_token_delay": 0.02, "max_tokens": 5}
-        async with http.post(f"{d.url}{CHAT}", json=payload) as resp:
-            assert resp.status == 200
+    async def one() -> int:
+        async with http.post(f"{d.url}{CHAT}", json={}) as resp:
+            return resp.status
 
-    async def sample() -> None:
-        for _ in range(30):
-            seen.append((d.deployment.pool.in_flight, d.deployment.pool.queued))
-            await asyncio.sleep(0.01)
-
-    await asyncio.gather(sample(), *(one() for _ in range(6)))
-    assert max(f for f, _ in seen) == 2
-    assert max(q for _, q in seen) >= 3
+    requests = [asyncio.create_task(one()) for _ in range(6)]
+    await until(
+        lambda: at_worker["now"] == pool.in_flight == 2 and pool.queued == 4,
+        "2 requests at the worker and 4 waiting in the balancer",
+    )
+    release.set()
+    assert await asyncio.gather(*requests) == [200] * 6
+    assert at_worker["most"] == 2
 
 
 async def test_api_key_guards_proxied_routes_only(daemon, upstream, http):
@@ -272,7 +289,7 @@ async def test_status_snapshot_schema(daemon, upstream, http):
         await resp.read()
     async with http.get(f"{d.url}/-/status", headers=d.admin) as resp:
         snap = await resp.json()
-    assert snap["schema"] == 3
+    assert snap["schema"] == 4
     assert snap["deployment"]["provisioner"] == "static"
     assert snap["deployment"]["endpoint"] == d.url
     (w,) = snap["workers"]

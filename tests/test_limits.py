@@ -331,16 +331,6 @@ async def test_connections_past_the_cap_get_503_and_are_closed(daemon, http):
         w.close()
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], want: Any, what: str) -> None:
-    """Await ``probe()`` again until it returns ``want``; fail naming ``what``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + STUCK
-    while (got := await probe()) != want:
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last: {got!r})")
-        await asyncio.sleep(0.02)
-
-
 # The daemon process: open-file limit, a flood of idle connections, memory under big uploads
 
 
@@ -460,7 +450,10 @@ async def test_idle_connection_flood_leaves_probes_their_descriptors(
                 return None
             return [w["state"] for w in (await resp.json())["workers"]]
 
-    await eventually(states, ["READY", "READY"], "both workers READY")
+    async def both_ready() -> bool:
+        return await states() == ["READY", "READY"]
+
+    await until(both_ready, "both workers READY", STUCK)
     cap = connection_cap(10_000, 400, descriptor_reserve(DeploymentConfig(**fields)))
     flood = [await connect(d.url) for _ in range(450)]
     reads = [asyncio.create_task(read_until_closed(reader)) for reader, _ in flood]
@@ -482,7 +475,7 @@ async def test_idle_connection_flood_leaves_probes_their_descriptors(
         task.cancel()
     for _, writer in flood:
         writer.close()
-    await eventually(states, ["READY", "READY"], "the daemon to take clients again")
+    await until(both_ready, "the daemon to take clients again, both workers READY", STUCK)
     assert "NOT_READY" not in d.log.read_text()  # not one probe failed
     async with http.get(f"{d.url}/v1/models") as resp:
         assert resp.status == 200
