@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from flockctl.engine.config import EngineConfig
+from flockctl.engine.draft_forward import lean_forward
 from flockctl.engine.job import Job, JobSpec
 from flockctl.engine.kv import KVPool, OutOfBlocks, num_layers
 from flockctl.engine.runner import Feed, Runner
@@ -72,14 +73,16 @@ class Speculator:
         self.vocab_size = vocab_size
         device, dtype = runner.device, self.pool.dtype
         # each SSM keeps every job's cache too, with room for one tree per running job on top
-        self.tree = config.spec_tree or default_tree(device.type)
+        self.tree = config.spec_tree or default_tree(device.type, adaptive=config.spec == "auto")
         draft_budget = budget + config.max_batch_size * tree_nodes(self.tree)
         self.drafters: list[Drafter] = []
         for name, draft in drafts:
             pool = KVPool(
                 num_layers(draft.config), draft_budget, device, dtype, block_size=config.block_size
             )
-            self.drafters.append(Drafter(name, draft, pool, Runner(draft, pool, device)))
+            # a Llama-shaped SSM runs a leaner forward with the same arithmetic
+            forward = lean_forward(draft) or draft
+            self.drafters.append(Drafter(name, draft, pool, Runner(forward, pool, device)))
         self.policy = SpecPolicy(
             config.spec if self.drafters else "off", self.tree, max(1, len(self.drafters))
         )

@@ -10,13 +10,19 @@ MAX_NODES = 256
 # one token does, so a wide tree is nearly free and raises the accepted length.
 GPU_TREE = (1, 1, 3, 1, 1, 1, 1, 1)
 # On a CPU each verified node costs real arithmetic and each depth one draft forward: a chain of
-# four measured fastest for the demo pair (bench/speculative.py).
+# four measured fastest for the demo pair (bench/speculative.py) at a fixed depth.
 CPU_TREE = (1, 1, 1, 1)
+# Under --spec auto the depth is chosen job by job and cut where it stops paying, so the chain may
+# be long: a draft the text agrees with drafts up to eight tokens.
+CPU_AUTO_TREE = (1,) * 8
 
 
-def default_tree(device_type: str) -> tuple[int, ...]:
-    """The expansion ``--spec-tree auto`` uses on a device of this type."""
-    return GPU_TREE if device_type == "cuda" else CPU_TREE
+def default_tree(device_type: str, adaptive: bool = False) -> tuple[int, ...]:
+    """The expansion ``--spec-tree auto`` uses on a device of this type; ``adaptive``: for
+    ``--spec auto``, which drafts only as deep as pays."""
+    if device_type == "cuda":
+        return GPU_TREE
+    return CPU_AUTO_TREE if adaptive else CPU_TREE
 
 
 def parse_tree(text: str) -> tuple[int, ...] | None:

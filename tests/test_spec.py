@@ -38,6 +38,7 @@ def test_parse_tree() -> None:
     assert tree_nodes((1, 1, 3, 1)) == 1 + 1 + 1 + 3 + 3
     assert parse_tree("auto") is None  # the device's: wide on CUDA, a chain on a CPU
     assert default_tree("cuda") == (1, 1, 3, 1, 1, 1, 1, 1) and default_tree("cpu") == (1, 1, 1, 1)
+    assert default_tree("cpu", adaptive=True) == (1,) * 8  # --spec auto cuts it where it pays
     for bad, words in (
         ("", "comma-separated"),
         ("1,x", "comma-separated"),
