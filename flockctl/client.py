@@ -124,9 +124,11 @@ class AdminClient:
         max_surge: int = 1,
         update_timeout: float = 600.0,
         rollback: bool = False,
+        group: str | None = None,
     ) -> UpdateView:
         """Start moving the deployment to its next version (running the resolved ``config``, or
-        the previous version's with ``rollback``); returns the update as it starts."""
+        the previous version's with ``rollback``; ``group``: that group alone); returns the
+        update as it starts."""
         body: dict[str, Any] = {
             "mode": mode,
             "max_surge": max_surge,
@@ -135,6 +137,8 @@ class AdminClient:
         }
         if config is not None:
             body["config"] = config
+        if group is not None:
+            body["group"] = group
         return self.request("POST", routes.UPDATE, json=body)
 
     def logs(self, target: str, tail: int = 200, offset: int | None = None) -> LogChunk:

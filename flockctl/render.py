@@ -323,7 +323,7 @@ def group_line(group: GroupView) -> Text:
         f"  {runs}  {group['policy']} target {group['target']}",
         f" (min {group['min_workers']}, max {group['max_workers']})",
         f"  {group['ready']}/{group['live']} ready  {group['in_flight']} in flight",
-        f"  {group['queued']} queued  ",
+        f"  {group['queued']} queued  version {group['version']}  ",
         (group["launch_blocked"] or group["last_decision"]["reason"], "dim"),
     )
 

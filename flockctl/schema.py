@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 #: The ``schema`` key of ``GET /-/status``.
-SNAPSHOT_SCHEMA_VERSION = 3
+SNAPSHOT_SCHEMA_VERSION = 4
 #: The ``schema_version`` key of an engine's ``GET /stats``.
 STATS_SCHEMA_VERSION = 3
 
@@ -243,11 +243,25 @@ class UpdateProgress(TypedDict):
     old_draining: int
 
 
+class GroupUpdateView(TypedDict):
+    """One worker group's part of an update of a deployment with groups."""
+
+    name: str
+    #: ``update`` (its definition changed), ``add`` (the new version declares it) or
+    #: ``remove`` (the new version no longer does).
+    change: str
+    #: ``pending``, ``running``, ``succeeded``, ``rolled_back`` or ``skipped`` (an earlier
+    #: group's part was rolled back, so this one was not tried).
+    state: str
+    reason: str | None
+
+
 class UpdateView(TypedDict):
     """An update of the deployment (``flockctl update``): the one running, else the last.
 
-    ``state`` is ``running``, ``succeeded`` or ``rolled_back`` (the new version's workers
-    failed and the old version serves again; ``reason`` says why)."""
+    ``state`` is ``running``, ``succeeded``, ``rolled_back`` (the new version's workers
+    failed and the old version serves again; ``reason`` says why) or ``interrupted`` (the
+    daemon was killed while it ran; the old version serves on)."""
 
     id: str
     from_version: int
@@ -262,6 +276,9 @@ class UpdateView(TypedDict):
     started_at: float
     ended_at: float | None
     progress: UpdateProgress
+    #: With worker groups: each group the update changes, in the order it does (one group
+    #: at a time; ``progress`` is the group's that is rolling); else empty.
+    groups: list[GroupUpdateView]
 
 
 class DeploymentView(TypedDict):
@@ -414,6 +431,8 @@ class GroupView(TypedDict):
     model: str | None
     #: Every model its workers listed so far, and its own: the requests it scales on.
     models: list[str]
+    #: The version its workers run: the deployment's version when the group last changed.
+    version: int
     policy: str
     target: int
     min_workers: int

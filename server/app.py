@@ -18,10 +18,11 @@ Admin routes live under ``/-/`` and need the admin token (``Authorization: Beare
   the daemon keeps in memory (numbered by ``seq``; ``after`` asks for the newer ones only), those
   that match the filter ``flockctl logs requests`` applies;
 - ``POST /-/update`` ``{"config" | "changes" | "rollback", "mode"?, "max_surge"?,
-  "update_timeout"?}``: move the deployment to its next version running ``config`` (a resolved
-  config, as ``flockctl update`` sends it) or the running config with ``changes`` (the
-  dashboard's), or back to the version before (``rollback``); answers at once (202) with the
-  update, whose progress ``deployment.update`` of the snapshot shows;
+  "update_timeout"?, "group"?}``: move the deployment to its next version running ``config`` (a
+  resolved config, as ``flockctl update`` sends it) or the running config with ``changes`` (the
+  dashboard's), or back to the version before (``rollback``); with worker groups, each group
+  that changes moves in turn, or only ``group``; answers at once (202) with the update, whose
+  progress ``deployment.update`` of the snapshot shows;
 - ``POST /-/shutdown``: drain every worker and stop.
 
 - ``GET /-/openapi.json``: this API's OpenAPI schema. There is no ``/-/docs`` page: a browser
@@ -95,6 +96,8 @@ class StartUpdate(BaseModel):
     max_surge: int = Field(1, ge=1)
     update_timeout: float = Field(600.0, gt=0)
     rollback: bool = False
+    #: With worker groups: update this group alone (its definition from ``config``).
+    group: str | None = None
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -402,7 +405,7 @@ def create_app(
                 raise HTTPException(422, problems) from None
         try:
             update = deployment.start_update(
-                new_cfg, body.mode, body.max_surge, body.update_timeout, body.rollback
+                new_cfg, body.mode, body.max_surge, body.update_timeout, body.rollback, body.group
             )
         except UpdateRefused as exc:
             raise HTTPException(exc.status, str(exc)) from None

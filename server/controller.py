@@ -213,6 +213,13 @@ class Controller:
         ]
 
     @property
+    def serving_version(self) -> int:
+        """The version this controller's workers serve: while an update rolls, the one it
+        replaces (its new workers are not the group's until it succeeds)."""
+        update = self.update
+        return update.old if update is not None and update.running else self.version
+
+    @property
     def queued(self) -> int:
         """Requests waiting for this controller's workers."""
         return self._queue() if self._queue is not None else self.pool.queued

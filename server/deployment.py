@@ -36,6 +36,7 @@ from flockctl.server.config import DeploymentConfig, ProbeConfig
 from flockctl.server.controller import Controller, WorkerGroup
 from flockctl.server.engine_stats import StatsPuller
 from flockctl.server.gpus import placement_for
+from flockctl.server.group_update import group_steps, grouped_config, what_runs
 from flockctl.server.groups import Groups
 from flockctl.server.limits import describe as describe_limits
 from flockctl.server.metrics import GaugeState, Metrics
@@ -45,8 +46,10 @@ from flockctl.server.prober import Prober, probe_client
 from flockctl.server.provisioners import LocalProvisioner, Provisioner, StaticProvisioner
 from flockctl.server.update import (
     UPDATABLE,
+    GroupStep,
     Mode,
     RecordedUpdate,
+    Rollout,
     Update,
     UpdateRefused,
     fixed_fields,
@@ -171,7 +174,10 @@ class Deployment:
         self.configs: dict[int, DeploymentConfig] = {1: cfg}
         self.served: list[int] = [1]
         #: The running update, else the last one.
-        self.update: Update | RecordedUpdate | None = None
+        self.update: Update | Rollout | RecordedUpdate | None = None
+        #: Each group's version before the running rollout (what a restart goes back to).
+        self._before: dict[str, int] = {}
+        self._group_stops: set[asyncio.Task[None]] = set()
         if self.restored is not None:
             self.version = self.restored.version
             self.served = self.restored.served
@@ -226,10 +232,10 @@ class Deployment:
         """Record the versions (``versions.json``): at start, when an update starts or ends,
         and when a worker changes state (its version joins or leaves the record)."""
         update = self.update
-        running = {
-            group_name(c): c.update.old if c.update is not None and c.update.running else c.version
-            for c in self.groups
-        }
+        if isinstance(update, Rollout) and update.running:
+            running = self._before
+        else:
+            running = {group_name(c): c.serving_version for c in self.groups}
         versions.save(
             self.state_dir,
             versions.Versions(
@@ -269,10 +275,13 @@ class Deployment:
         max_surge: int = 1,
         timeout: float = 600.0,
         rollback: bool = False,
-    ) -> Update:
+        group: str | None = None,
+    ) -> Update | Rollout:
         """Move the deployment to its next version, running ``new_cfg`` (with ``rollback``, the
-        config of the version before the one serving); returns at once, the controller's loop
-        carries it out. Raises ``UpdateRefused`` saying why it cannot start."""
+        config of the version before the one serving; with ``group``, that group's definition
+        alone); returns at once, the controllers' loops carry it out. With groups, each group
+        that changes moves in turn (``flockctl.server.group_update``). Raises ``UpdateRefused``
+        saying why it cannot start."""
         controller = self.controller
         if controller is None:
             raise UpdateRefused("the deployment is still starting; try again in a moment")
@@ -280,11 +289,6 @@ class Deployment:
             raise UpdateRefused(
                 f"update {self.update.id} to version {self.update.new} is still running;"
                 " wait for it (flockctl status) before starting another"
-            )
-        if self.groups.named:
-            raise UpdateRefused(
-                "a deployment with worker groups cannot be updated in place; restart it with"
-                " flockctl down and flockctl up"
             )
         rollback_to: int | None = None
         if rollback:
@@ -297,16 +301,18 @@ class Deployment:
             new_cfg = self.configs[rollback_to]
         if new_cfg is None:
             raise UpdateRefused("config: give the new version's config", 422)
-        fixed = fixed_fields(self.cfg.model_dump(mode="json"), new_cfg.model_dump(mode="json"))
+        grouped = bool(self.cfg.groups or new_cfg.groups or group is not None)
+        if grouped:
+            taken = {group_name(c) for c in self.groups}
+            new_cfg = grouped_config(self.cfg, new_cfg, group, taken)
+        before, after = self.cfg.model_dump(mode="json"), new_cfg.model_dump(mode="json")
+        if grouped:
+            before.pop("groups"), after.pop("groups")
+        fixed = fixed_fields(before, after)
         if fixed:
             raise UpdateRefused(
                 f"{', '.join(fixed)}: cannot change with flockctl update (only what runs on the"
                 " workers and how many may); restart with flockctl down and flockctl up",
-                422,
-            )
-        if new_cfg.groups:
-            raise UpdateRefused(
-                "groups: an update cannot add worker groups; restart with flockctl down and up",
                 422,
             )
         if new_cfg.provisioner == "static" and set(new_cfg.endpoints) <= set(self.cfg.endpoints):
@@ -315,9 +321,12 @@ class Deployment:
                 " (--endpoint URL ...: the new list replaces the old)",
                 422,
             )
+        steps = group_steps(self.cfg, new_cfg) if grouped else []
         new = max(self.configs) + 1
         self.configs[new] = new_cfg
         self._write_config(new, new_cfg, current=False)
+        if grouped:
+            return self._start_rollout(new, new_cfg, steps, mode, max_surge, timeout, rollback_to)
         self._run_config(controller, new_cfg)
         self.update = Update(
             controller,
@@ -333,11 +342,115 @@ class Deployment:
         self._save_versions()
         return self.update
 
+    def _start_rollout(
+        self,
+        new: int,
+        new_cfg: DeploymentConfig,
+        steps: list[GroupStep],
+        mode: Mode,
+        max_surge: int,
+        timeout: float,
+        rollback_to: int | None,
+    ) -> Rollout:
+        old_cfg = self.cfg
+        rollout = Rollout(
+            f"u{new}-{secrets.token_hex(3)}",
+            self.version,
+            new,
+            steps,
+            begin=lambda step: self._begin_group(rollout, step, old_cfg, new_cfg),
+            on_end=lambda ended: self._rollout_ended(ended, old_cfg, new_cfg),
+            mode=mode,
+            max_surge=max_surge,
+            timeout=timeout,
+            rollback_to=rollback_to,
+        )
+        #: What a daemon restarted before the rollout ends goes back to.
+        self._before = {group_name(c): c.version for c in self.groups}
+        self.update = rollout
+        rollout.start()
+        self._save_versions()
+        return rollout
+
+    def _begin_group(
+        self,
+        rollout: Rollout,
+        step: GroupStep,
+        old_cfg: DeploymentConfig,
+        new_cfg: DeploymentConfig,
+    ) -> Update | None:
+        """Start one group's part of ``rollout``; None when it is done at once (a removal)."""
+        groups = self.groups
+        if step.change == "remove":
+            gone = groups.named_group(step.name)
+            if gone is not None:
+                groups.remove(gone)
+                self._stop_group(gone)
+            return None
+        declared = next(g for g in new_cfg.groups if g.name == step.name)
+        own = new_cfg.group_config(declared)
+        if step.change == "add":
+            controller = groups.add_group(declared, own)
+            old = 0  # no version of it served before
+        else:
+            found = groups.named_group(step.name)
+            assert found is not None  # grouped_config checked it runs
+            controller, old = found, found.version
+            was = next(g for g in old_cfg.groups if g.name == step.name)
+            was_own = groups.config_of(controller)
+            groups.redefine(controller, declared, own)
+            self._scale_by(controller, own)
+
+        def ended(update: Update) -> None:
+            if update.state != "succeeded":
+                if step.change == "add":
+                    groups.remove(controller)
+                    self._stop_group(controller)
+                else:
+                    groups.redefine(controller, was, was_own)
+                    self._scale_by(controller, was_own)
+            rollout.part_ended(update)
+
+        return Update(
+            controller,
+            f"{rollout.id}-{step.name}",
+            old,
+            rollout.new,
+            rollout.mode,
+            rollout.max_surge,
+            rollout.timeout,
+            on_end=ended,
+        )
+
+    def _stop_group(self, controller: Controller) -> None:
+        """Drain and stop a group that is no more (its controller is out of ``groups``)."""
+        task = asyncio.create_task(controller.stop(), name=f"stop-group-{group_name(controller)}")
+        self._group_stops.add(task)
+        task.add_done_callback(self._group_stops.discard)
+
+    def _rollout_ended(
+        self, rollout: Rollout, old_cfg: DeploymentConfig, new_cfg: DeploymentConfig
+    ) -> None:
+        """Record what runs now: the new version, with the groups whose part was rolled back
+        or skipped as they were (if any group moved at all)."""
+        if rollout.changed:
+            cfg = what_runs(old_cfg, new_cfg, rollout)
+            self.configs[rollout.new] = cfg
+            self.version = rollout.new
+            self.served.append(rollout.new)
+            self.cfg = self.groups.cfg = cfg
+            self._write_config(rollout.new, cfg, current=True)
+        self._save_versions()
+
     def _run_config(self, controller: Controller, cfg: DeploymentConfig) -> None:
         """Launch workers from ``cfg`` from now on, scaled by its autoscaler settings."""
         self.provisioner.use_config(cfg)
         if cfg.provisioner == "skypilot":
             self.provisioner.spot_plan = make_spot_plan(cfg)
+        self._scale_by(controller, cfg)
+
+    def _scale_by(self, controller: Controller, cfg: DeploymentConfig) -> None:
+        """Scale ``controller``'s workers by ``cfg``'s autoscaler settings from now on."""
         before = controller.policy
         policy = make_autoscaler(cfg)
         if (policy.name, policy.thresholds(), policy.min_workers, policy.max_workers) != (
@@ -347,7 +460,8 @@ class Deployment:
             before.max_workers,
         ):
             controller.policy = policy
-            self.policy = policy
+            if controller is self.groups.primary:
+                self.policy = policy
             if policy.name == "fixed":
                 controller.target = cfg.initial_target()
             else:

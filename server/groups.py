@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 from flockctl.schema import GroupView
 from flockctl.server.autoscaler import AutoscalerPolicy
-from flockctl.server.config import DeploymentConfig
+from flockctl.server.config import DeploymentConfig, GroupConfig
 from flockctl.server.controller import Controller, WorkerGroup
 from flockctl.server.pool import WorkerPool
 from flockctl.server.workers import Worker, WorkerIds, WorkerState
@@ -98,6 +98,33 @@ class Groups:
 
     def config_of(self, controller: Controller) -> DeploymentConfig:
         return self._configs[None if controller.group is None else controller.group.name]
+
+    # -- a new version's groups (flockctl update) ----------------------------------------------
+
+    def add_group(self, declared: GroupConfig, own: DeploymentConfig) -> Controller:
+        """A group the new version declares: its controller starts at once, with no worker."""
+        command = own.local_command() if own.provisioner == "local" else None
+        controller = self._add(WorkerGroup(declared.name, command, declared.model), own, False)
+        self._declare()
+        return controller
+
+    def redefine(
+        self, controller: Controller, declared: GroupConfig, own: DeploymentConfig
+    ) -> None:
+        """The workers ``controller`` launches from now on run ``declared``'s model or command."""
+        command = own.local_command() if own.provisioner == "local" else None
+        controller.group = WorkerGroup(declared.name, command, declared.model)
+        self._configs[declared.name] = own
+        self._models[declared.name] = {m for m in (own.model,) if m}
+        self._declare()
+
+    def remove(self, controller: Controller) -> None:
+        """Forget a group the new version no longer declares (stopping it is the caller's)."""
+        self.controllers.remove(controller)
+        if controller.group is not None:
+            self._configs.pop(controller.group.name, None)
+            self._models.pop(controller.group.name, None)
+        self._declare()
 
     # -- which group -------------------------------------------------------------------------
 
@@ -211,6 +238,7 @@ class Groups:
                     "name": name or "default",
                     "model": group.model if group is not None else self.cfg.model,
                     "models": sorted(self._models.get(name, set())),
+                    "version": controller.serving_version,
                     "policy": controller.policy.name,
                     "target": controller.target,
                     "min_workers": controller.policy.min_workers,

@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from flockctl.schema import UpdateProgress, UpdateView
+from flockctl.schema import GroupUpdateView, UpdateProgress, UpdateView
 from flockctl.server.config import GROUP_SCALING
 from flockctl.server.workers import LIVE, WorkerState
 
@@ -189,6 +190,134 @@ class Update:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
             "progress": self.progress(),
+            "groups": [],
+        }
+
+
+@dataclass
+class GroupStep:
+    """One group's part of a ``Rollout``: ``change`` is update, add or remove."""
+
+    name: str
+    change: Literal["update", "add", "remove"]
+    state: str = "pending"
+    reason: str | None = None
+
+    def to_dict(self) -> GroupUpdateView:
+        return {
+            "name": self.name,
+            "change": self.change,
+            "state": self.state,
+            "reason": self.reason,
+        }
+
+
+class Rollout:
+    """An update of a deployment with worker groups: one group at a time, in ``steps``' order.
+
+    ``begin(step)`` starts a group's part and returns its ``Update`` (the group rolls within its
+    own bounds, and rolls back alone), or None for a part done at once (a removed group drains).
+    When a group's update ends its ``on_end`` calls ``part_ended``: a rolled-back group ends the
+    rollout (the groups after it are skipped; those before it keep the new version), else the
+    next group begins. ``on_end(rollout)`` runs once, at the end.
+    """
+
+    def __init__(
+        self,
+        update_id: str,
+        old: int,
+        new: int,
+        steps: list[GroupStep],
+        begin: Callable[[GroupStep], Update | None],
+        on_end: Callable[[Rollout], None],
+        mode: Mode = "rolling",
+        max_surge: int = 1,
+        timeout: float = 600.0,
+        rollback_to: int | None = None,
+    ) -> None:
+        self.id = update_id
+        self.old = old
+        self.new = new
+        self.steps = steps
+        self.mode: Mode = mode
+        self.max_surge = max_surge
+        self.timeout = timeout
+        self.rollback_to = rollback_to
+        self._begin = begin
+        self.on_end = on_end
+        self.state: Literal["running", "succeeded", "rolled_back"] = "running"
+        self.reason: str | None = None
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        #: The group update rolling now, else the last one.
+        self.current: Update | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def changed(self) -> list[str]:
+        """The groups that run the new version's definition (or left) now."""
+        return [s.name for s in self.steps if s.state == "succeeded"]
+
+    def start(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        for step in self.steps:
+            if step.state != "pending":
+                continue
+            step.state = "running"
+            log.info("update %s: group %s (%s)", self.id, step.name, step.change)
+            update = self._begin(step)
+            if update is not None:
+                self.current = update
+                return
+            step.state = "succeeded"
+        self._end("succeeded", None)
+
+    def part_ended(self, update: Update) -> None:
+        """A group's update ended: go on with the next group, or stop at a rolled-back one."""
+        step = next(s for s in self.steps if s.state == "running")
+        step.state, step.reason = update.state, update.reason
+        if update.state == "succeeded":
+            self._next()
+            return
+        for later in self.steps:
+            if later.state == "pending":
+                later.state = "skipped"
+        kept = self.changed
+        said = f"group {step.name}: {update.reason}"
+        if kept:
+            said += f"; {', '.join(kept)} kept the new version {self.new}"
+        self._end("rolled_back", said)
+
+    def _end(self, state: Literal["succeeded", "rolled_back"], reason: str | None) -> None:
+        self.state, self.reason, self.ended_at = state, reason, time.time()
+        self.on_end(self)
+
+    def to_dict(self) -> UpdateView:
+        current = self.current
+        progress: UpdateProgress = (
+            current.progress()
+            if current is not None
+            else {"target": 0, "new_live": 0, "new_ready": 0, "old_live": 0, "old_draining": 0}
+        )
+        return {
+            "id": self.id,
+            "from_version": self.old,
+            "to_version": self.new,
+            "rollback_to": self.rollback_to,
+            "mode": self.mode,
+            "max_surge": self.max_surge,
+            "update_timeout": self.timeout,
+            "state": self.state,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "progress": progress,
+            "groups": [s.to_dict() for s in self.steps],
         }
 
 

@@ -264,7 +264,7 @@ def test_json_output_watch_and_unknown_logs(deployment, flockctl_home):
     snapshots = [json.loads(watch.stdout.readline()) for _ in range(3)]
     watch.send_signal(signal.SIGINT)
     assert watch.wait(10) == 0
-    assert [s["schema"] for s in snapshots] == [3, 3, 3]
+    assert [s["schema"] for s in snapshots] == [4, 4, 4]
     assert snapshots[0]["generated_at"] < snapshots[2]["generated_at"]
 
 

@@ -174,7 +174,7 @@ async def test_status_carries_engine_stats_and_asks_a_plain_worker_rarely(
 
     async with http.get(f"{d.url}/-/status", headers=d.admin) as resp:
         snap = await resp.json()
-    assert snap["schema"] == 3
+    assert snap["schema"] == 4
     by_url = {w["url"]: w for w in snap["workers"]}
     e, p = by_url[engine.url], by_url[plain.url]
     assert e["engine"]["model"] == "demo" and e["engine"]["scheduler"] == "mlfq"

@@ -39,7 +39,12 @@ from flockctl.schema import (
 
 #: The fingerprint of each version's declared shape (``fingerprint`` below). A new version adds
 #: its line; the old lines stay, so no two versions can claim the same shape.
-SNAPSHOT_SHAPES = {1: "757cfd083085aded", 2: "bb2dae6d382a44a3", 3: "50a1f7d73996c3f6"}
+SNAPSHOT_SHAPES = {
+    1: "757cfd083085aded",
+    2: "bb2dae6d382a44a3",
+    3: "50a1f7d73996c3f6",
+    4: "a96d4e98ea35ad87",
+}
 STATS_SHAPES = {1: "493925497c462cdc", 2: "b91510926e37f15a", 3: "263c50c0c84188d7"}
 #: The embedding-only engine's ``/stats``, versioned with the other engine's.
 ENCODER_STATS_SHAPES = {2: "f0279cff8feed26c", 3: "cd44029e30158335"}

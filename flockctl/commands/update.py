@@ -57,6 +57,15 @@ RollbackOpt = Annotated[
         "--rollback", help="Go back to the version that served before this one.", rich_help_panel=U
     ),
 ]
+GroupOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--group",
+        help="With worker groups: update this group alone (its definition from the SPEC, or the"
+        " worker flags applied to it).",
+        rich_help_panel=U,
+    ),
+]
 WaitUpdateOpt = Annotated[
     bool,
     typer.Option("--wait/--no-wait", help="Follow the update until it ends.", rich_help_panel=U),
@@ -84,6 +93,7 @@ def update(
     max_surge: MaxSurgeOpt = 1,
     update_timeout: UpdateTimeoutOpt = 600.0,
     rollback: RollbackOpt = False,
+    group: GroupOpt = None,
     flags: dict[str, Any] | None = None,
     wait: WaitUpdateOpt = True,
     as_json: JsonOpt = False,
@@ -103,6 +113,8 @@ def update(
       flockctl update --endpoint http://10.0.0.7:8000 --endpoint http://10.0.0.8:8000
 
       flockctl update --rollback
+
+      flockctl update --group chat --model Qwen/Qwen2.5-3B-Instruct
     """
     check_name(name)
     if mode not in ("rolling", "blue-green"):
@@ -115,13 +127,17 @@ def update(
             " version's config",
             ExitCode.USAGE,
         )
+    if rollback and group is not None:
+        fail(
+            "--rollback takes no --group: it brings back the whole previous version", ExitCode.USAGE
+        )
     if not rollback and spec is None and not given:
         fail("say what changes: a SPEC, worker flags (--model, ...), or --rollback", ExitCode.USAGE)
     try:
         with AdminClient.for_name(name) as client:
-            config = None if rollback else _new_config(name, spec, flags)
+            config = None if rollback else _new_config(name, spec, flags, group)
             try:
-                started = client.update(config, mode, max_surge, update_timeout, rollback)
+                started = client.update(config, mode, max_surge, update_timeout, rollback, group)
             except ClientError as exc:
                 if exc.status in (409, 422):
                     fail(f"update refused: {exc}", ExitCode.UPDATE_FAILED)
@@ -139,21 +155,27 @@ def update(
     _report(ended, as_json)
     if ended["state"] != "succeeded":
         fail(
-            f"update {ended['id']} to version {ended['to_version']} was rolled back:"
+            f"update {ended['id']} to version {ended['to_version']} was"
+            f" {ended['state'].replace('_', ' ')}:"
             f" {ended['reason']}; version {ended['from_version']} serves",
             ExitCode.UPDATE_FAILED,
         )
 
 
-def _new_config(name: str, spec: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
+def _new_config(
+    name: str, spec: Path | None, flags: dict[str, Any], group: str | None = None
+) -> dict[str, Any]:
     """The new version's config: the SPEC and flags resolved as ``up`` does, over the config
-    the deployment runs now (its fields stand where neither says otherwise)."""
+    the deployment runs now (its fields stand where neither says otherwise). With ``group`` and
+    no SPEC, the flags apply to that group's definition."""
     from flockctl.server.config import ConfigError
     from flockctl.server.spec_file import load_spec
 
     current = read_json(state_dir(name) / "config.json")
     if not isinstance(current, dict):
         raise ClientError(f"the deployment {name!r} has no readable config.json in its state dir")
+    if group is not None and spec is None:
+        return _group_changed(current, group, flags)
     try:
         said = set(load_spec(spec)[0]) if spec is not None else set()
     except ConfigError as exc:
@@ -173,6 +195,31 @@ def _new_config(name: str, spec: Path | None, flags: dict[str, Any]) -> dict[str
     names |= {key: spelled[key] for key, value in flags.items() if value is not None}
     cfg = resolve_or_exit(spec, merged, names)
     return cfg.model_dump(mode="json")
+
+
+def _group_changed(current: dict[str, Any], group: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """The running config with the flags applied to group ``group``'s definition."""
+    from flockctl.server.config import GroupConfig
+
+    groups = current.get("groups") or []
+    entry = next((g for g in groups if g.get("name") == group), None)
+    if entry is None:
+        names = ", ".join(str(g.get("name")) for g in groups) or "none"
+        fail(
+            f"--group: the deployment has no group {group!r} (its groups: {names})", ExitCode.USAGE
+        )
+    given = {key: value for key, value in flags.items() if value is not None}
+    wrong = sorted(set(given) - (set(GroupConfig.model_fields) - {"name"}))
+    if wrong:
+        spelled = flag_names(config_flags(UPDATE_FIELDS))
+        fail(f"{spelled[wrong[0]]}: a group does not set it; give it in a SPEC", ExitCode.USAGE)
+    changed = dict(entry)
+    if given.keys() & {"model", "worker_command"}:
+        changed.pop("model", None), changed.pop("worker_command", None)
+    if given.keys() & {"replicas", "target_qps_per_replica"} and "autoscaler" not in given:
+        changed.pop("autoscaler", None)
+    changed.update(given)
+    return {**current, "groups": [changed if g is entry else g for g in groups]}
 
 
 def _follow(client: AdminClient, update_id: str) -> UpdateView:
