@@ -14,6 +14,12 @@ always keeps its last token to compute, so its forward still yields the logits o
 After every forward the job's new full blocks are named in the cache (:meth:`Batcher.mark_cached`),
 so running jobs share with each other too, not only with finished ones.
 
+With a token budget (``--max-num-batched-tokens``, vLLM's chunked prefill) an iteration feeds the
+model at most that many tokens: the decoding jobs' one each first, then prefills in the order's
+priority with what is left, a prompt that does not fit being fed in chunks across iterations beside
+the running decodes (:attr:`Plan.chunks`), so a long prompt does not stall them. A job scoring its
+prompt (``prompt_logprobs``) needs every position's logits from one forward: it is never chunked.
+
 Pure bookkeeping over a :class:`KVPool`: no model and no clock, so tests drive it with a CPU pool
 and hand-made jobs.
 """
@@ -21,6 +27,8 @@ and hand-made jobs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from flockctl.engine.job import Job, JobState, Preemption
 from flockctl.engine.kv import KVPool
@@ -35,29 +43,74 @@ class Plan:
     swapped_out: list[Job] = field(default_factory=list)  # caches moved to host memory
     dropped: list[Job] = field(default_factory=list)  # caches dropped, to be recomputed
     swapped_in: list[Job] = field(default_factory=list)  # caches back from host memory
+    # prefilling jobs fed only part of their uncached tokens this iteration: how many
+    chunks: dict[str, int] = field(default_factory=dict)
 
     @property
     def chosen(self) -> set[str]:
         return {job.id for job in self.batch}
 
 
+#: A job's prompt plus output as ``--max-batch-size auto`` sizes the batch: the KV budget holds
+#: this many such jobs (at most the model's context each), between AUTO_BATCH_MIN and _MAX.
+TYPICAL_JOB_TOKENS = 1024
+AUTO_BATCH_MIN = 8
+AUTO_BATCH_MAX = 256
+
+
+def auto_batch_size(budget_tokens: int, max_model_len: int, max_tokens: int | None) -> int:
+    """Jobs in one batch for ``--max-batch-size auto``: as many as ``budget_tokens`` of KV hold
+    at a typical length; at most half an iteration's token budget ``max_tokens``, so prefills
+    always have room beside the decodes."""
+    jobs = budget_tokens // max(1, min(max_model_len, TYPICAL_JOB_TOKENS))
+    size = max(AUTO_BATCH_MIN, min(AUTO_BATCH_MAX, jobs))
+    return max(1, min(size, max_tokens // 2)) if max_tokens is not None else size
+
+
+#: Tokens an iteration feeds under ``--max-num-batched-tokens auto``: on CUDA a forward of a few
+#: thousand tokens costs little more than one of a few hundred; on a CPU it costs in proportion,
+#: and the running decodes wait for it.
+AUTO_BATCHED_TOKENS_CUDA = 2048
+AUTO_BATCHED_TOKENS = 512
+
+
+def default_batched_tokens(device: torch.device) -> int:
+    """``--max-num-batched-tokens auto`` on ``device``."""
+    return AUTO_BATCHED_TOKENS_CUDA if device.type == "cuda" else AUTO_BATCHED_TOKENS
+
+
 class Batcher:
-    def __init__(self, pool: KVPool, max_batch_size: int):
+    def __init__(self, pool: KVPool, max_batch_size: int, batched_tokens: int | None = None):
         self.pool = pool
         self.max_batch_size = max_batch_size
+        self.batched_tokens = batched_tokens  # fed to the model per iteration; None: no cap
         self.running: list[Job] = []  # the last batch, less the jobs that finished in it
         self.preemptions = dict.fromkeys(Preemption, 0)
 
     def plan(self, order: list[Job]) -> Plan:
-        """Take jobs from ``order`` (highest priority first) while the batch has room and their
-        next step's KV fits; preempt every running job left out. The batch is RUNNING after."""
+        """Take jobs from ``order`` (highest priority first) while the batch has room, their
+        next step's KV fits and the iteration's token budget has room for them (a prefill
+        takes a chunk of what the decodes leave); preempt every running job left out. The
+        batch is RUNNING after."""
         plan = Plan()
         chosen: set[str] = set()
+        budget = self.batched_tokens
+        if budget is not None:  # the decodes' tokens first: prefills take what they leave
+            decoding = sum(1 for job in order[: self.max_batch_size] if not job.needs_prefill)
+            left = budget - min(decoding, budget)
         for job in order:
             if len(plan.batch) >= self.max_batch_size:
                 break
+            prefill = job.needs_prefill
+            if budget is not None and prefill and left < 1:
+                continue
             if not self._make_resident(job, order, chosen, plan):
                 break
+            if budget is not None and job.needs_prefill:  # a prefix cache hit may end it
+                need = job.total_tokens - job.cached_tokens
+                if need > left and not _scores_prompt(job):
+                    plan.chunks[job.id] = left
+                left -= min(need, left)
             plan.batch.append(job)
             chosen.add(job.id)
         for job in self.running:
@@ -188,3 +241,8 @@ class Batcher:
                 return job
             return None
         return None
+
+
+def _scores_prompt(job: Job) -> bool:
+    """Whether ``job``'s next forward must score its whole prompt (asked, and not done yet)."""
+    return job.params.prompt_logprobs is not None and job.prompt_logprobs is None

@@ -151,8 +151,26 @@ def serve(
         ),
     ] = SchedulerName.mlfq,
     max_batch_size: Annotated[
-        int, typer.Option(help="Jobs run together in one iteration.", min=1, rich_help_panel=L)
-    ] = 8,
+        str,
+        typer.Option(
+            metavar="N|auto",
+            help="Jobs run together in one iteration. auto: as many as the KV budget holds at"
+            " a typical length (budget / min(--max-model-len, 1024) tokens), 8 to 256; the"
+            " value chosen is in /stats and the startup log.",
+            rich_help_panel=L,
+        ),
+    ] = "auto",
+    max_num_batched_tokens: Annotated[
+        str,
+        typer.Option(
+            metavar="N|auto",
+            help="Tokens one iteration feeds the model (chunked prefill): the decoding jobs'"
+            " one each, then prompts with what is left, a long prompt in chunks across"
+            " iterations so it does not stall the running jobs. auto: 2048 on CUDA, 512"
+            " elsewhere. At least --max-batch-size.",
+            rich_help_panel=L,
+        ),
+    ] = "auto",
     kv_budget: Annotated[
         int | None,
         typer.Option(
@@ -204,7 +222,8 @@ def serve(
         float,
         typer.Option(
             metavar="SECONDS",
-            help="An MLFQ job that has not run for this long goes back to the top level.",
+            help="An MLFQ job that has not run for this long moves up one level (again after"
+            " each further wait as long).",
             min=0.001,
             rich_help_panel=L,
         ),
@@ -304,6 +323,8 @@ def serve(
     warnings.simplefilter("once")
     try:
         tree = parse_tree(spec_tree)
+        batch_size = parse_auto("--max-batch-size", max_batch_size)
+        batched_tokens = parse_auto("--max-num-batched-tokens", max_num_batched_tokens)
     except ValueError as exc:
         fail(str(exc), ExitCode.USAGE)
     if spec is SpecMode.on and not draft_model:
@@ -333,7 +354,8 @@ def serve(
                 device=device.value,
                 dtype=dtype.value,
                 scheduler=scheduler.value,
-                max_batch_size=max_batch_size,
+                max_batch_size=batch_size,
+                max_num_batched_tokens=batched_tokens,
                 kv_budget=kv_budget,
                 prefix_caching=prefix_caching is OnOff.on,
                 max_model_len=max_model_len,
@@ -368,6 +390,19 @@ def serve(
         finally:
             engine.close()
     _exit_at_once()
+
+
+def parse_auto(flag: str, value: str) -> int:
+    """A count flag that also takes ``auto``: the count, or 0 for auto."""
+    if value.strip().lower() == "auto":
+        return 0
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"{flag} must be a whole number or auto, got {value!r}") from None
+    if count < 1:
+        raise ValueError(f"{flag} must be at least 1 (or auto), got {count}")
+    return count
 
 
 def _check_telemetry(flag: str | None) -> None:

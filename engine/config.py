@@ -20,7 +20,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     scheduler: str = "mlfq"
-    max_batch_size: int = 8
+    max_batch_size: int = 0  # 0 (auto): from the KV budget, see batcher.auto_batch_size
     kv_budget: int | None = None
     max_model_len: int | None = None
     max_waiting: int = 256
@@ -36,6 +36,8 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes seen before
     pooling: str | None = None  # last | mean | cls; None: last (causal LM), cls (encoder)
     max_tokens_per_batch: int | None = None  # tokens one iteration may feed; None: no cap
+    # chunked prefill: tokens one iteration feeds, a long prompt in chunks; 0 (auto): the device's
+    max_num_batched_tokens: int = 0
     # OTLP collector for traces and metrics; None: OTEL_EXPORTER_OTLP_ENDPOINT, else none
     otel_collector_endpoint: str | None = None
     access_log: bool = False  # a JSON line per finished job on stderr
@@ -43,9 +45,19 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
-        for name in ("max_batch_size", "max_waiting", "block_size", "mlfq_levels"):
+        for name in ("max_waiting", "block_size", "mlfq_levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_batch_size", "max_num_batched_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{name} must be at least 1 (or 0: auto), got {getattr(self, name)}"
+                )
+        if 0 < self.max_num_batched_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least"
+                f" max_batch_size ({self.max_batch_size}): every decoding job feeds a token"
+            )
         if self.kv_budget is not None and self.kv_budget < self.block_size:
             raise ValueError(f"kv_budget must be at least {self.block_size} tokens")
         if self.spec not in ("auto", "on", "off"):

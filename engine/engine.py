@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ import psutil
 import torch
 
 from flockctl import __version__
+from flockctl.engine.batcher import AUTO_BATCH_MAX, auto_batch_size, default_batched_tokens
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.device import DeviceMemory
 from flockctl.engine.embeddings import Embedder
@@ -40,6 +43,9 @@ from flockctl.telemetry import setup as setup_telemetry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+
+log = logging.getLogger("flockctl.engine")
 
 
 class QueueFull(Exception):
@@ -88,7 +94,9 @@ class Engine:
         )
         # a job can never be longer than the whole device budget
         self.max_model_len = min(max_model_len, self.pool.budget_tokens)
+        config = self.config = self._sized(config)
         self.batcher = make_batcher(self.pool, config)  # capped by max_tokens_per_batch
+        self.batcher.batched_tokens = config.max_num_batched_tokens  # chunked prefill
         self.runner = Runner(model, self.pool, device)
         self.sampler = Sampler()
         logits = model.get_output_embeddings()
@@ -154,6 +162,23 @@ class Engine:
 
     # -- sizing --------------------------------------------------------------------------------
 
+    def _sized(self, config: EngineConfig) -> EngineConfig:
+        """``config`` with its automatic sizes chosen: the batch from the KV budget, the
+        tokens an iteration feeds from the device (logged, and shown in ``/stats``)."""
+        tokens = config.max_num_batched_tokens or default_batched_tokens(self.device)
+        size = config.max_batch_size or auto_batch_size(
+            self.pool.budget_tokens, self.max_model_len, tokens
+        )
+        tokens = max(tokens, size)
+        log.info(
+            "flockctl engine: batches of up to %d jobs%s and %d tokens an iteration%s",
+            size,
+            "" if config.max_batch_size else f" (auto: {self.pool.budget_tokens} KV tokens)",
+            tokens,
+            "" if config.max_num_batched_tokens else " (auto)",
+        )
+        return dataclasses.replace(config, max_batch_size=size, max_num_batched_tokens=tokens)
+
     def _default_budget(self) -> int:
         """KV tokens: the free memory of this engine's own GPU (its share of it) less a margin,
         refusing to start below one ``--max-model-len`` request; on CPU/MPS a quarter of what
@@ -162,7 +187,8 @@ class Engine:
             kv_bytes_per_token(m.config, self.dtype) for _, m in self._draft_models
         )
         free = self.memory.free_bytes()
-        ceiling = (self.config.max_batch_size + self.config.max_waiting) * self.max_model_len
+        batch = self.config.max_batch_size or AUTO_BATCH_MAX
+        ceiling = (batch + self.config.max_waiting) * self.max_model_len
         if self.device.type == "cuda":
             return cuda_kv_budget(
                 free,

@@ -22,6 +22,7 @@ the least recently used idle block is handed out instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +148,9 @@ class KVPool:
             host_budget_tokens if host_budget_tokens is not None else budget_tokens
         )
         self._fresh: list[int] = []  # blocks handed out but not yet zeroed
+        # jobs whose cache changed outside a forward (moved, swapped, released): a runner's
+        # dense rows of them are stale (see DenseRows)
+        self.changed: set[str] = set()
         self.swap_outs = 0
         self.swap_ins = 0
         self.drops = 0
@@ -230,6 +234,7 @@ class KVPool:
         """Drop the job's references to its device blocks; returns its table. The tail goes
         first, so a prefix's end is evicted before its start, which more jobs share."""
         table = self.tables.pop(job_id, [])
+        self.changed.add(job_id)
         for block in reversed(table):
             self._put(block)
         self.chains.pop(job_id, None)
@@ -292,6 +297,7 @@ class KVPool:
         if not moves or self.keys[0] is None:
             return
         self.check_private(job_id, min(d for _, d in moves))
+        self.changed.add(job_id)
         blocks = torch.tensor(self.tables[job_id], dtype=torch.long)
         slots = torch.tensor(moves, dtype=torch.long)
         flat = blocks[slots // self.block_size] * self.block_size + slots % self.block_size
@@ -364,6 +370,7 @@ class KVPool:
                     part = src[layer][shared:]
                     dst.index_copy_(0, index, part.to(self.device, non_blocking=True))
         del self.host[job_id]
+        self.changed.add(job_id)
         self.swap_ins += 1
         return copy.tokens
 
@@ -400,12 +407,20 @@ class KVPool:
 
     # -- one forward ---------------------------------------------------------------------------
 
-    def view(self, tables: list[list[int]], write: torch.Tensor) -> BatchView:
+    def view(
+        self,
+        tables: list[list[int]],
+        write: torch.Tensor,
+        dense: DenseWrite | None = None,
+    ) -> BatchView:
         """A Cache for one forward over jobs with these block ``tables``; the new tokens' keys
-        and values go to the flat slots ``write`` (``[batch * q]``, scratch for padding)."""
+        and values go to the flat slots ``write`` (``[batch * q]``, scratch for padding). With
+        ``dense`` the histories are read from the runner's :class:`DenseRows`, not gathered."""
         self._zero_fresh()
         width = max(len(t) for t in tables)
         bs = self.block_size
+        if dense is not None:
+            return BatchView(self, None, len(tables), width * bs, write, dense)
         first = tables[0]
         if len(tables) == 1 and first == list(range(first[0], first[0] + len(first))):
             # one job whose blocks follow each other (the usual case alone: blocks are handed
@@ -421,6 +436,121 @@ class KVPool:
         index = torch.tensor(read, dtype=torch.long).to(self.device, non_blocking=True)
         return BatchView(self, index, len(tables), width * bs, write)
 
+    def slots_of(self, table: list[int]) -> torch.Tensor:
+        """The flat pool slots of every position of ``table``, in order."""
+        return self._positions(table, len(table) * self.block_size)
+
+
+#: Slots a runner's dense rows may hold at least, whatever the KV budget (a small budget's rows
+#: would otherwise fall back to gathering for a handful of jobs).
+DENSE_MIN_SLOTS = 4096
+
+
+@dataclass
+class DenseWrite:
+    """Where one forward's tokens go in the dense rows: ``write``, flat ``row * width + slot``
+    (the scratch column for padding), and the rows it fills from the pool first (``fill_src``:
+    pool slots, ``fill_dst``: dense slots)."""
+
+    rows: DenseRows
+    write: torch.Tensor
+    fill_src: torch.Tensor | None
+    fill_dst: torch.Tensor | None
+
+
+class DenseRows:
+    """The running batch's keys and values kept per layer as dense rows across forwards, so a
+    decode step reads its history in place instead of gathering every job's blocks again.
+
+    Row ``r`` holds the job at ``jobs[r]``, slot ``s`` of its block table at column ``s``; the
+    last column is scratch (padding writes there, masked). The pool stays the truth: a forward
+    writes both, and a job that enters a row (new to the batch, or its cache changed outside a
+    forward: moved, swapped, released) is copied in from its blocks once. The rows cover at
+    most ``max_slots`` (jobs times columns); a batch wider than that gathers as before.
+    """
+
+    def __init__(self, pool: KVPool, max_slots: int):
+        self.pool = pool
+        self.max_slots = max_slots
+        self.jobs: list[str] = []  # the job in each row, as the last forward left them
+        self.rows = 0  # rows and columns the layers are (being) allocated with
+        self.width = 0
+        self.keys: list[torch.Tensor | None] = [None] * pool.num_layers
+        self.values: list[torch.Tensor | None] = [None] * pool.num_layers
+
+    def place(self, job_ids: Sequence[str], kv_len: int) -> tuple[list[str], list[int]] | None:
+        """Rows for one forward of ``job_ids`` with histories of ``kv_len`` slots: the jobs in
+        row order (rows ``0 .. len - 1``) and the rows to fill from the pool. A job keeps the
+        row it had when nothing changed its cache; None when the rows would be too large."""
+        pool = self.pool
+        changed, pool.changed = pool.changed, set()
+        batch = len(job_ids)
+        if batch * (kv_len + 1) > self.max_slots:
+            self.jobs = []
+            return None
+        wanted = set(job_ids)
+        order: list[str | None] = [None] * batch
+        for row, job_id in enumerate(self.jobs[:batch]):
+            if job_id in wanted and job_id not in changed:
+                order[row] = job_id
+        kept = {j for j in order if j is not None}
+        free = (row for row, j in enumerate(order) if j is None)
+        fills = []
+        for job_id in job_ids:
+            if job_id not in kept:
+                row = next(free)
+                order[row] = job_id
+                fills.append(row)
+        self.jobs = [j for j in order if j is not None]
+        # sized to the batch, with room to grow: reading a few columns of wide rows is slower
+        # than reading them packed, so rows far wider (or more) than needed are reallocated
+        rows, width = -(-batch // 8) * 8, -(-(kv_len + 1) // 64) * 64
+        if not rows <= self.rows <= 2 * rows + 8:
+            self.rows = rows
+        if not width <= self.width <= 2 * width:
+            self.width = width + 64
+        return self.jobs, fills
+
+    def write(self, slots: list[list[int]], fills: list[int]) -> DenseWrite:
+        """The dense side of one forward: ``slots[r]`` the slots row ``r`` writes (-1:
+        padding); ``fills``: rows copied in from the pool first."""
+        width = self.width
+        scratch = width - 1
+        flat = [r * width + (s if s >= 0 else scratch) for r, row in enumerate(slots) for s in row]
+        device = self.pool.device
+        src = dst = None
+        if fills:
+            parts = [self.pool.slots_of(self.pool.tables[self.jobs[r]]) for r in fills]
+            src = torch.cat(parts)
+            dst = torch.cat(
+                [
+                    r * width + torch.arange(len(p), device=device)
+                    for r, p in zip(fills, parts, strict=True)
+                ]
+            )
+        index = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+        return DenseWrite(self, index, src, dst)
+
+    def layer(self, index: int, keys: bool, heads: int, dim: int) -> torch.Tensor:
+        """Layer ``index``'s keys (or values) ``[rows, width, heads, dim]``, grown to the size
+        the current forward placed (what was there is kept)."""
+        store = self.keys if keys else self.values
+        old = store[index]
+        if old is not None and old.shape[:2] == (self.rows, self.width):
+            return old
+        new = torch.zeros(
+            (self.rows, self.width, heads, dim), dtype=self.pool.dtype, device=self.pool.device
+        )
+        if old is not None:  # the rows in use fit both; the scratch column is not kept
+            rows, width = min(old.shape[0], self.rows), min(old.shape[1], self.width) - 1
+            new[:rows, :width] = old[:rows, :width]
+        store[index] = new
+        return new
+
+    def clear(self) -> None:
+        """Forget which job is in which row (a forward did not write the rows)."""
+        self.jobs = []
+
 
 class BatchView(Cache):
     """The transformers ``Cache`` one batched forward writes into (see the module docstring)."""
@@ -428,16 +558,19 @@ class BatchView(Cache):
     def __init__(
         self,
         pool: KVPool,
-        read: torch.Tensor | slice,
+        read: torch.Tensor | slice | None,
         batch: int,
         kv_length: int,
         write: torch.Tensor,
+        dense: DenseWrite | None = None,
     ):
         # Deliberately not Cache.__init__: no per-layer objects, everything lives in the pool.
         self.pool = pool
-        self.read = read  # [batch * kv_length] flat slots, each job's history in order; or a slice
+        # [batch * kv_length] flat slots, each job's history in order; or a slice; None: dense
+        self.read = read
         self.batch = batch
         self.write = write
+        self.dense = dense
         self.layers = []
         self.layer_class_to_replicate = None
         self.offloading = False
@@ -455,13 +588,24 @@ class BatchView(Cache):
         batch, heads, q, dim = key_states.shape
         pool._ensure_layer(layer_idx, heads, dim)
         out = []
-        for store, new in (
-            (pool.keys[layer_idx], key_states),
-            (pool.values[layer_idx], value_states),
+        dense = self.dense
+        for is_key, store, new in (
+            (True, pool.keys[layer_idx], key_states),
+            (False, pool.values[layer_idx], value_states),
         ):
             assert store is not None
-            store.index_copy_(0, self.write, new.transpose(1, 2).reshape(batch * q, heads, dim))
+            flat = new.transpose(1, 2).reshape(batch * q, heads, dim)
+            store.index_copy_(0, self.write, flat)
+            if dense is not None:
+                rows = dense.rows.layer(layer_idx, is_key, heads, dim)
+                slots = rows.view(-1, heads, dim)
+                if dense.fill_src is not None and dense.fill_dst is not None:
+                    slots.index_copy_(0, dense.fill_dst, store.index_select(0, dense.fill_src))
+                slots.index_copy_(0, dense.write, flat)
+                out.append(rows[:batch, : self.kv_length].transpose(1, 2))
+                continue
             read = self.read
+            assert read is not None
             history = store[read] if isinstance(read, slice) else store.index_select(0, read)
             out.append(history.view(batch, self.kv_length, heads, dim).transpose(1, 2))
         return out[0], out[1]

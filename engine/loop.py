@@ -178,8 +178,12 @@ class ModelLoop:
         decode = [j for j in plan.batch if not j.needs_prefill]
         deliveries: Deliveries = []
         if prefill:
-            fed = sum(j.total_tokens - j.cached_tokens for j in prefill)
-            elapsed = self._step(prefill, deliveries)
+            chunks = [plan.chunks.get(j.id) for j in prefill] if plan.chunks else None
+            fed = sum(
+                n or j.total_tokens - j.cached_tokens
+                for j, n in zip(prefill, chunks or [None] * len(prefill), strict=True)
+            )
+            elapsed = self._step(prefill, deliveries, chunks)
             if elapsed is not None:  # skip-join predicts prefills from the ones measured
                 self.pace.observe_prefill(fed, elapsed)
         if decode:
@@ -202,13 +206,25 @@ class ModelLoop:
         if prefetched is not None:
             prefetched.record("swapped_in", time.monotonic())
 
-    def _step(self, jobs: list[Job], deliveries: Deliveries) -> float | None:
-        """One forward and one sampled token per job; returns its seconds (None: it failed)."""
+    def _step(
+        self, fed: list[Job], deliveries: Deliveries, chunks: list[int | None] | None = None
+    ) -> float | None:
+        """One forward and one sampled token per job; returns its seconds (None: it failed).
+        ``chunks[i]``: job ``i`` is fed only that many of its prompt's tokens (a prefill
+        chunk): it is cached and charged, and samples nothing yet."""
         start = time.perf_counter()
+        jobs = fed
         try:
-            logits = self._forward(jobs)
-            for job in jobs:
-                self.batcher.mark_cached(job, job.total_tokens)
+            logits = self._forward(fed, chunks)
+            for i, job in enumerate(fed):
+                n = chunks[i] if chunks is not None else None
+                self.batcher.mark_cached(
+                    job, job.total_tokens if n is None else job.cached_tokens + n
+                )
+            if chunks is not None:
+                whole = [i for i, n in enumerate(chunks) if n is None]
+                jobs = [fed[i] for i in whole]
+                logits = logits[whole]
             handles = [self.live[j.id] for j in jobs]
             tokens = self.sampler.sample(
                 adjust_logits(logits, jobs, self.eos_ids),
@@ -230,10 +246,13 @@ class ModelLoop:
                 else ()
             )
         except Exception as exc:  # e.g. out of device memory: fail these jobs, keep serving
-            self._fail(jobs, exc, deliveries)
+            self._fail(fed, exc, deliveries)
             return None
         elapsed = time.perf_counter() - start
         now = time.monotonic()
+        for i, job in enumerate(fed):
+            if chunks is not None and chunks[i] is not None:  # its prompt is not all in yet
+                self.scheduler.charge(job, elapsed, now)
         for i, (job, handle, token) in enumerate(zip(jobs, handles, tokens, strict=True)):
             self.scheduler.charge(job, elapsed, now)
             if job.params.max_tokens == 0:  # it only scored its prompt
@@ -243,20 +262,22 @@ class ModelLoop:
             self._emit(job, handle, [token], now, deliveries, scores)
         return elapsed
 
-    def _forward(self, jobs: list[Job]) -> torch.Tensor:
+    def _forward(self, jobs: list[Job], chunks: list[int | None] | None = None) -> torch.Tensor:
         """The runner's forward for ``jobs``: logits ``[len(jobs), vocab]`` for each one's next
-        token. A job that scores its prompt and has not yet is fed so that the logits of every
-        prompt position come back; their log-probabilities go on the job."""
+        token (``chunks``: see :meth:`_step`). A job that scores its prompt and has not yet is
+        fed so that the logits of every prompt position come back; their log-probabilities go
+        on the job (it is never chunked)."""
         first = [_scores_prompt(j) for j in jobs]
         if not any(first):
-            return self.runner.forward(jobs)
+            return self.runner.forward(jobs, chunks)
         feeds = []
         for job, scoring in zip(jobs, first, strict=True):
             if scoring:  # from the first token, even where a cached prefix holds the start
                 tokens = job.prompt_ids + job.output_ids
                 feeds.append(Feed.linear(tokens, 0, len(tokens)))
             else:
-                feeds.append(Feed.linear(self.runner.tokens(job), job.cached_tokens))
+                n = chunks[len(feeds)] if chunks is not None else None
+                feeds.append(Feed.linear(self.runner.tokens(job, n), job.cached_tokens))
         rows = self.runner.run([j.id for j in jobs], feeds)
         for job, scoring, row in zip(jobs, first, rows, strict=True):
             if scoring:

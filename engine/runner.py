@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from flockctl.engine.job import Job
-from flockctl.engine.kv import SCRATCH, KVPool
+from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool
 
 
 @dataclass
@@ -71,22 +71,51 @@ class Feed:
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device):
+    """Forwards over the paged KV cache. On CPU the running batch's histories are kept as dense
+    rows across forwards (:class:`DenseRows`); elsewhere each forward gathers them (a second
+    copy of the batch's cache would come out of the KV budget's device memory)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        device: torch.device,
+        dense: bool | None = None,
+    ):
         self.model = model
         self.pool = pool
         self.device = device
         self.mask_min = torch.finfo(pool.dtype).min
         self.forwards = 0
+        if dense is None:
+            dense = device.type == "cpu"
+        self.dense = DenseRows(pool, max(pool.budget_tokens, DENSE_MIN_SLOTS)) if dense else None
+        self._columns = torch.arange(0, dtype=torch.long)  # 0 .. n-1, grown as needed
 
-    def tokens(self, job: Job) -> list[int]:
-        return (job.prompt_ids + job.output_ids)[job.cached_tokens :]
+    def tokens(self, job: Job, count: int | None = None) -> list[int]:
+        """The job's tokens not yet in its cache (the first ``count`` of them, if given)."""
+        start = job.cached_tokens
+        end = job.total_tokens if count is None else start + count
+        prompt = len(job.prompt_ids)
+        if end <= prompt:
+            return job.prompt_ids[start:end]
+        return (job.prompt_ids + job.output_ids)[start:end]
 
     @torch.inference_mode()
-    def forward(self, jobs: Sequence[Job]) -> torch.Tensor:
-        """Feed each job the tokens not yet in its cache (KV blocks reserved by the caller);
-        returns float32 logits ``[len(jobs), vocab]`` for each job's next token. Afterwards every
-        token of each job is cached; the caller records that (the batcher owns the count)."""
-        feeds = [Feed.linear(self.tokens(job), job.cached_tokens) for job in jobs]
+    def forward(
+        self, jobs: Sequence[Job], counts: Sequence[int | None] | None = None
+    ) -> torch.Tensor:
+        """Feed each job the tokens not yet in its cache (``counts[i]`` of them where given: a
+        prefill chunk; KV blocks reserved by the caller); returns float32 logits
+        ``[len(jobs), vocab]`` for each job's last token fed. Afterwards those tokens are
+        cached; the caller records that (the batcher owns the count)."""
+        if counts is None:
+            feeds = [Feed.linear(self.tokens(job), job.cached_tokens) for job in jobs]
+        else:
+            feeds = [
+                Feed.linear(self.tokens(job, n), job.cached_tokens)
+                for job, n in zip(jobs, counts, strict=True)
+            ]
         return self._forward([job.id for job in jobs], feeds)[:, -1]
 
     @torch.inference_mode()
@@ -97,7 +126,13 @@ class Runner:
         keep = logits.shape[1]
         return [logits[row, keep - feed.keep :] for row, feed in enumerate(feeds)]
 
+    def _arange(self, n: int) -> torch.Tensor:
+        if self._columns.shape[0] < n:
+            self._columns = torch.arange(max(n, 2 * self._columns.shape[0]), dtype=torch.long)
+        return self._columns[:n]
+
     def _forward(self, job_ids: Sequence[str], feeds: Sequence[Feed]) -> torch.Tensor:
+        """Logits ``[len(feeds), keep, vocab]``, rows in the order of ``job_ids``."""
         pool = self.pool
         bs = pool.block_size
         q = max(len(f.tokens) for f in feeds)
@@ -105,35 +140,63 @@ class Runner:
         tables = [pool.tables[job_id] for job_id in job_ids]
         kv_len = max(len(t) for t in tables) * bs
 
+        # with dense rows, the batch runs in the rows' order; ``back`` maps it to the caller's
+        placed = self.dense.place(job_ids, kv_len) if self.dense is not None else None
+        back: list[int] | None = None
+        if placed is not None:
+            order = placed[0]
+            where = {job_id: i for i, job_id in enumerate(job_ids)}
+            index = [where[job_id] for job_id in order]
+            if index != list(range(len(index))):
+                feeds = [feeds[i] for i in index]
+                tables = [tables[i] for i in index]
+                job_ids = order
+                back = [0] * len(index)
+                for row, i in enumerate(index):
+                    back[i] = row
+
         scratch = SCRATCH * bs
-        ids, pos, write, limit = [], [], [], []  # rows left-padded to q
+        ids, pos, write, limit, dense_slots = [], [], [], [], []  # rows left-padded to q
         trees = []
         for row, (feed, table) in enumerate(zip(feeds, tables, strict=True)):
             if feed.slots:  # a block shared through the prefix cache is never written
                 pool.check_private(job_ids[row], min(feed.slots))
             pad = q - len(feed.tokens)
-            ids.append([0] * pad + feed.tokens)
-            pos.append([0] * pad + feed.positions)
-            limit.append([0] * pad + feed.limits)  # padding sees slot 0 only: no empty rows
+            if pad:
+                ids.append([0] * pad + feed.tokens)
+                pos.append([0] * pad + feed.positions)
+                limit.append([0] * pad + feed.limits)  # padding sees slot 0 only: no empty rows
+            else:
+                ids.append(feed.tokens)
+                pos.append(feed.positions)
+                limit.append(feed.limits)
             write.append([scratch] * pad + [table[s // bs] * bs + s % bs for s in feed.slots])
+            if placed is not None:
+                dense_slots.append([-1] * pad + feed.slots)
             if feed.tree is not None:
                 trees.append((row, pad, feed.tree_base, feed.tree))
         limits = torch.tensor(limit, dtype=torch.long)
-        kv = torch.arange(kv_len, dtype=torch.long)
-        allowed = kv[None, None, :] <= limits[:, :, None]
+        allowed = self._arange(kv_len)[None, None, :] <= limits[:, :, None]
         for row, first, base, tree in trees:
             allowed[row, first:, base : base + tree.shape[1]] |= tree
-        mask = torch.where(allowed, 0.0, self.mask_min)
+        mask = torch.zeros(allowed.shape, dtype=pool.dtype).masked_fill_(~allowed, self.mask_min)
 
         slots = torch.tensor(write, dtype=torch.long).view(-1)
-        cache = pool.view(tables, slots.to(self.device, non_blocking=True))
+        dense = None
+        if placed is not None and self.dense is not None:
+            dense = self.dense.write(dense_slots, placed[1])
+            self.dense.clear()  # until the forward has written the rows
+        cache = pool.view(tables, slots.to(self.device, non_blocking=True), dense)
         out = self.model(
             input_ids=torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
-            attention_mask=mask[:, None].to(self.device, dtype=pool.dtype, non_blocking=True),
+            attention_mask=mask[:, None].to(self.device, non_blocking=True),
             position_ids=torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep,
         )
+        if placed is not None and self.dense is not None:
+            self.dense.jobs = list(job_ids)
         self.forwards += 1
-        return out.logits.float()
+        logits = out.logits.float()
+        return logits if back is None else logits[back]
