@@ -7,7 +7,8 @@ tried for this request); it never sees I/O, so it is cheap enough for every requ
 - ``latency``: the expected completion time of each of two random workers, from moving
   estimates of their time to first byte and per streamed chunk (Finagle's peak EWMA: a slow
   answer counts at once, fast ones pull the estimate down, and an idle worker's estimate decays
-  towards zero so that it is tried again with a real request). A sample is taken per request
+  towards zero so that it is tried again with a real request; a worker with requests in flight
+  keeps its estimate until they answer). A sample is taken per request
   the worker had in flight: a batching engine answering four requests at once in 0.4 s is
   faster than one answering one alone in 0.3 s, and counting its answer whole and then its
   queue again made the policy send work to the slower one.
@@ -141,7 +142,10 @@ class _PeakEwma:
         self.value = 0.0
         self.stamp = now
 
-    def get(self, now: float, tau: float) -> float:
+    def get(self, now: float | None, tau: float) -> float:
+        """The estimate at ``now``; None: as last measured, without decay."""
+        if now is None:
+            return self.value
         return self.value * math.exp(-max(now - self.stamp, 0.0) / tau)
 
     def observe(self, sample: float, now: float, tau: float) -> None:
@@ -202,7 +206,10 @@ class Latency(BalancingPolicy):
         est = self._estimates.get(worker.id)
         if est is None:
             return 0.0
-        now = self._clock()
+        # Only an idle worker's estimate decays: one with requests in flight will report on
+        # them, so its last measure stands. (Decaying it too sent more work to a worker whose
+        # answers took longer than the decay while they were still running.)
+        now = self._clock() if worker.in_flight == 0 else None
         one = est.first_byte.get(now, self.decay) + est.chunk.get(now, self.decay) * self.chunks
         return one * (worker.in_flight + 1)
 

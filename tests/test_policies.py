@@ -4,6 +4,7 @@ guard and sticky sessions, latency estimates and their decay, and the request me
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -239,6 +240,22 @@ def test_a_batching_worker_is_judged_by_its_answers_at_the_load_it_had():
     # With a longer queue than it was measured under, the lone worker is the better choice.
     batching.in_flight = 6
     assert policy.choose([batching, lone]) is lone
+
+
+def test_a_worker_with_requests_in_flight_keeps_its_estimate_until_they_answer():
+    """A worker slower than the decay must not look fast again while its slow answers are still
+    running: only an idle worker's estimate decays (and gets it tried again)."""
+    clock = Clock()
+    policy = Latency(decay=10.0, rng=random.Random(0), clock=clock)
+    slow, fast = ready("slow"), ready("fast")
+    slow.in_flight = 1
+    policy.observe_first_byte(slow, 5.0)
+    policy.observe_first_byte(fast, 0.5)
+    clock.now += 30.0  # a second request has been running on it all this time
+    assert policy.expected(slow) == pytest.approx(10.0)  # 5 s, for its own and the new one
+    assert policy.choose([slow, fast]) is fast
+    slow.in_flight = 0  # idle now: its estimate decays from its last answer
+    assert policy.expected(slow) == pytest.approx(5.0 * math.exp(-3.0))
 
 
 def test_a_worker_that_turns_slow_loses_traffic_at_once_and_wins_it_back_when_it_recovers():
