@@ -694,6 +694,7 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
     capacity["reference_tokens_per_s"] = round(reference, 1)
 
     tokens = [a.max_new_tokens for a in trace]
+    offered = sum(tokens) / trace[-1].at
     fcfs, mlfq = runs["fcfs"], runs["mlfq"]
     iteration_s = capacity["fcfs"]["iteration_ms"] / 1000
     simulated: dict[str, Any] = {
@@ -720,8 +721,8 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
             "long_jobs": sum(a.long for a in trace),
             "arrival_window_s": round(trace[-1].at, 3),
             "mean_output_tokens": round(sum(tokens) / len(tokens), 2),
-            "offered_tokens_per_s": round(sum(tokens) / trace[-1].at, 1),
-            "offered_load": round(sum(tokens) / trace[-1].at / reference, 3),
+            "offered_tokens_per_s": round(offered, 1),
+            "offered_load": round(offered / reference, 3),
         },
         "runs": runs,
         "simulated": simulated,
