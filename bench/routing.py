@@ -3,7 +3,8 @@ slow worker.
 
     python bench/routing.py [--mode prefix|latency|both] [--model demo] [--sessions 8]
                             [--turns 4] [--system-chars 2400] [--rate 1.0] [--think 1.0]
-                            [--max-tokens 8] [--requests 40] [--seed 0]
+                            [--max-tokens 8] [--requests 160] [--slow-requests 80]
+                            [--tenant-streams 8] [--repeats 2] [--seed 0]
 
 Each configuration starts two engine workers (``flockctl engine serve``) and a foreground daemon
 over them (``flockctl up --endpoint A --endpoint B --policy P``) on free 127.0.0.1 ports, runs
@@ -19,9 +20,16 @@ exponential) after the previous answer ended. Run three ways: least-connection w
 mean and p99 time to first token (the first streamed chunk), requests and tokens per second,
 and the prompt tokens served from the engines' caches (their ``/stats`` ``prefix_cache``).
 
-``--mode latency``: ``--requests`` independent completions (no shared prefix; caching off) as a
-Poisson process, against one engine with ``--fast-args`` and one with ``--slow-args`` (fewer
-threads), with least-connection and with ``--policy latency``; reported: mean and p99 latency.
+``--mode latency``: an honestly slow worker. Both engines run the same flags
+(``--latency-engine-args``, prefix caching off), but engine 2 also serves another tenant:
+``--tenant-streams`` clients send it ``--tenant-chars``-character prompts for ``--tenant-tokens``
+tokens each, straight to the engine (bypassing the balancer, so least-connection cannot see that
+load), until request ``--slow-requests`` of the trace arrives. The trace is ``--requests``
+unrelated completions as a Poisson process (``--latency-rate`` per second), the same for
+least-connection and ``--policy latency``, each run ``--repeats`` times in alternating order.
+Reported per run and phase (while the tenant loads engine 2, after it stopped, and that phase's
+second half): mean and p99 time to first token and latency, and the share of requests engine 2
+answered (told by the instance token its response ids begin with).
 
 Both engines share this machine's cores with the daemon and the client, so a run is a
 comparison within one run, not an absolute figure; the load average is reported beside it.
@@ -287,7 +295,13 @@ def _summary(rows: list[dict[str, Any]], slow: str) -> dict[str, Any]:
         "latency_mean_ms": _ms(sum(lat) / len(lat)),
         "latency_p99_ms": _ms(percentile(lat, 99)),
         "to_slow_worker": round(sum(r["instance"] == slow for r in rows) / len(rows), 3),
+        "latency_mean_ms_on_slow_worker": _mean_ms([r for r in rows if r["instance"] == slow]),
+        "latency_mean_ms_on_other_worker": _mean_ms([r for r in rows if r["instance"] != slow]),
     }
+
+
+def _mean_ms(rows: list[dict[str, Any]]) -> float | None:
+    return _ms(sum(r["latency"] for r in rows) / len(rows)) if rows else None
 
 
 def latency_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -391,7 +405,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--think", type=float, default=1.0, help="mean seconds between turns")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="engine threads (prefix mode)")
-    p.add_argument("--requests", type=int, default=120, help="latency mode: requests")
+    p.add_argument("--requests", type=int, default=160, help="latency mode: requests")
     p.add_argument(
         "--slow-requests",
         type=int,
@@ -405,13 +419,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tenant-streams",
         type=int,
-        default=4,
+        default=8,
         help="latency mode: the other tenant's concurrent clients on engine 2",
     )
     p.add_argument(
         "--tenant-chars",
         type=int,
-        default=2400,
+        default=4000,
         help="latency mode: the other tenant's prompt length",
     )
     p.add_argument(
