@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import yaml
 from cli_driver import Result, flockctl, processes_with
 from conftest import FAKE_WORKER, TOKEN, free_port, until_sync
 
@@ -135,3 +136,37 @@ def test_versions_and_an_interrupted_update_survive_a_killed_daemon(
     view = back.json()
     assert (view["from_version"], view["to_version"], view["rollback_to"]) == (2, 4, 1)
     assert {answer(up.url) for _ in range(6)} == {"v1"}
+
+
+def test_each_groups_version_survives_a_killed_daemon(tmp_path: Path, flockctl_home: Path) -> None:
+    marker = tmp_path / "marker-never-exists"
+    spec = tmp_path / "groups.yaml"
+    groups = [
+        {"name": n, "worker_command": worker_command(marker, n), "replicas": 1}
+        for n in ("chat", "code")
+    ]
+    spec.write_text(yaml.safe_dump({"flockctl": {"groups": groups}}))
+    args = ("up", str(spec), "--name", NAME, "--port", str(free_port()), "--probe-interval", "0.1")
+
+    def group_versions() -> dict[str, tuple[int, int]]:
+        return {g["name"]: (g["version"], g["ready"]) for g in status()["groups"]}
+
+    assert flockctl(*args).code == 0
+    try:
+        until_sync(lambda: group_versions() == {"chat": (1, 1), "code": (1, 1)}, "both groups")
+        new_chat = worker_command(marker, "chat", "--tokens", "8")
+        moved = flockctl("update", "--name", NAME, "--group", "chat", "--worker-command", new_chat)
+        assert moved.code == 0, moved.err
+        before = {w["id"]: (w["pid"], w["group"], w["version"]) for w in ready(status()).values()}
+        assert sorted(v[1:] for v in before.values()) == [("chat", 2), ("code", 1)]
+
+        kill_daemon(flockctl_home)
+        assert flockctl(*args).code == 0
+        until_sync(lambda: group_versions() == {"chat": (2, 1), "code": (1, 1)}, "versions back")
+        snap = status()
+        assert snap["deployment"]["version"] == 2
+        after = {w["id"]: (w["pid"], w["group"], w["version"]) for w in ready(snap).values()}
+        assert after == before
+    finally:
+        flockctl("down", "--name", NAME, "--timeout", "30")
+    assert processes_with(marker) == []
