@@ -14,6 +14,10 @@ workers that fail (the controller's crash-loop guard stops launching, or one is 
 ``timeout`` seconds of its launch) roll the update back: the controller returns to the old
 version, the new workers drain, and ``reason`` says why. The update is done once no worker of the
 old version is left, running or draining.
+
+A deployment with worker groups updates one group at a time (``Rollout``: each group's part is
+an ``Update`` of that group's controller, and a failing group rolls back alone). A daemon killed
+while an update ran leaves a ``RecordedUpdate`` for the next one: the update is interrupted.
 """
 
 from __future__ import annotations
