@@ -114,6 +114,7 @@ def test_help_states_each_fields_default() -> None:
     up = params("up")
     checked = 0
     for flag in config_flags():
+        assert fields[flag.field].description, f"{flag.option}: its field has no description"
         stated = re.search(r"\[default: ([^\]]+)\]", up[flag.param].help or "")
         default = fields[flag.field].get_default(call_default_factory=True)
         if stated is None:
