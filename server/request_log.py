@@ -22,6 +22,7 @@ body's size, where ``json.loads`` took 9 us for a 3.6 KB completion and 29 us fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -369,7 +370,10 @@ class RequestLog:
             self.failed += len(lines)
             log.warning("request log %s: cannot write: %s", self.path, exc)
             if self._file is not None:
-                self._file.close()
+                # closing flushes what the failed write left buffered, and fails the same way
+                # (the descriptor is closed all the same): the writer must outlive it
+                with contextlib.suppress(OSError):
+                    self._file.close()
                 self._file = None
 
     def _write(self, line: bytes) -> None:

@@ -328,3 +328,27 @@ async def test_the_balancers_own_model_list_is_logged(daemon, upstream, http):
     assert (record["method"], record["path"], record["status"]) == ("GET", "/v1/models", 200)
     assert record["worker"] is None and record["attempts"] == []
     assert record["bytes_out"] == len(listed)
+
+
+def test_a_write_error_loses_those_lines_and_the_writer_goes_on(tmp_path):
+    fifo = tmp_path / REQUEST_LOG
+    os.mkfifo(fifo)
+    request_log = RequestLog(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    request_log.add(record(200, 1))
+    request_log.flush()
+    assert json.loads(os.read(reader, 65536))["status"] == 200
+    # The reader goes away: the next write fails (a broken pipe, as a full or failed disk would).
+    os.close(reader)
+    request_log.add(record(500, 2))
+    request_log.flush()  # never raises: that would end the writer thread and the log with it
+    assert (request_log.failed, request_log.written) == (1, 2)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        request_log.add(record(503, 3))
+        request_log.flush()
+        assert json.loads(os.read(reader, 65536))["status"] == 503
+        assert (request_log.failed, request_log.written) == (1, 3)
+    finally:
+        os.close(reader)
+        request_log.close()
