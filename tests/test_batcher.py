@@ -156,3 +156,91 @@ def test_a_job_that_does_not_fit_holds_back_the_jobs_behind_it() -> None:
     plan = b.plan([running, large, small])
     assert plan.batch == [running]  # small would fit, but it never overtakes large
     assert large.state == JobState.WAITING and small.state == JobState.WAITING
+
+
+def chunked(budget: int, tokens: int, batch: int = 4, host: int | None = None) -> Batcher:
+    pool = KVPool(1, budget, torch.device("cpu"), torch.float32, BLOCK, host_budget_tokens=host)
+    return Batcher(pool, batch, batched_tokens=tokens)
+
+
+def feed(b: Batcher, plan: Plan) -> None:
+    """What the model loop does with a plan: a chunk caches that many tokens, anything else
+    caches every token and gets one more."""
+    for j in plan.batch:
+        n = plan.chunks.get(j.id)
+        if n is None:
+            b.mark_cached(j, j.total_tokens)
+            j.output_ids.append(7)
+        else:
+            b.mark_cached(j, j.cached_tokens + n)
+
+
+def test_a_token_budget_feeds_decodes_first_and_a_long_prompt_in_chunks() -> None:
+    b = chunked(256, tokens=10)
+    short = job(3)
+    feed(b, b.plan([short]))  # decoding from now on
+    long = job(40)
+    plan = b.plan([long, short])  # the new prompt ranks higher, the decode still runs
+    assert plan.batch == [long, short]
+    assert plan.chunks == {long.id: 9}  # ten tokens less the decode's one
+    feed(b, plan)
+    assert long.cached_tokens == 9 and long.needs_prefill and long.output_ids == []
+    fed = []
+    while long.needs_prefill:
+        plan = b.plan([long, short])
+        fed.append(plan.chunks.get(long.id))
+        feed(b, plan)
+    assert fed == [9, 9, 9, None]  # the last iteration feeds the 4 left and samples
+    assert long.cached_tokens == 40 and len(long.output_ids) == 1
+    assert short.state == JobState.RUNNING and len(short.output_ids) == 6
+
+
+def test_prompts_beyond_the_token_budget_wait_without_being_preempted() -> None:
+    b = chunked(256, tokens=8)
+    first, second = job(20), job(20)
+    plan = b.plan([first, second])
+    assert plan.batch == [first] and plan.chunks == {first.id: 8}
+    assert second.state == JobState.WAITING and plan.preempted == []
+
+
+def test_a_prompt_that_fits_the_budget_is_not_chunked() -> None:
+    b = chunked(256, tokens=10)
+    small, other = job(6), job(6)
+    plan = b.plan([small, other])  # the first fits whole, the second gets what is left
+    assert plan.batch == [small, other] and plan.chunks == {other.id: 4}
+
+
+def test_a_job_scoring_its_prompt_is_fed_whole() -> None:
+    b = chunked(256, tokens=8)
+    scoring = Job([1] * 20, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    plan = b.plan([scoring])
+    assert plan.batch == [scoring] and plan.chunks == {}
+
+
+def test_a_half_prefilled_job_swapped_out_resumes_where_it_stopped() -> None:
+    b = chunked(24, tokens=8, batch=2, host=64)  # six blocks of four
+    half = job(20)
+    feed(b, b.plan([half]))
+    assert half.cached_tokens == 8 and half.needs_prefill
+    other = job(12)  # needs blocks the half-prefilled job holds
+    plan = b.plan([other, half])
+    assert plan.swapped_out == [half] and half.state == JobState.SWAPPED
+    assert half.cached_tokens == 8  # its host copy holds what was prefilled
+    feed(b, plan)
+    other.state = JobState.FINISHED
+    b.release(other)
+    plan = b.plan([half])
+    assert plan.swapped_in == [half] and plan.chunks == {half.id: 8}
+    feed(b, plan)
+    assert half.cached_tokens == 16
+    feed(b, b.plan([half]))
+    assert half.cached_tokens == 20 and half.output_ids == [7]
+
+
+def test_auto_batch_size_follows_the_kv_budget() -> None:
+    from flockctl.engine.batcher import auto_batch_size
+
+    assert auto_batch_size(131072, 2048, None) == 128  # 128 jobs of 1024 tokens
+    assert auto_batch_size(131072, 256, None) == 256  # short context: capped
+    assert auto_batch_size(4096, 2048, None) == 8  # never fewer than the old fixed 8
+    assert auto_batch_size(131072, 256, 100) == 50  # half the iteration's tokens at most
