@@ -5,6 +5,7 @@ what a plain one-sequence loop gives; a half-prefilled job swapped out or droppe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def reference(tiny: Path, prompts: list[list[int]]) -> list[list[int]]:
     return greedy_continuations(tiny, prompts, GREEDY.max_tokens)
 
 
+@contextlib.contextmanager
 def make_engine(tiny: Path, **kw: object) -> Iterator[Engine]:
     engine = load_engine(EngineConfig(model=str(tiny), device="cpu", **kw), progress=False)
     try:
@@ -76,9 +78,9 @@ async def test_a_long_prompt_is_fed_in_chunks_beside_running_decodes(
 ) -> None:
     long = prompts[-1]
     assert len(long) > 40
-    for engine in make_engine(
+    with make_engine(
         tiny, max_batch_size=4, max_num_batched_tokens=12, prefix_caching=False
-    ):
+    ) as engine:
         plans = record_plans(engine)
         first = asyncio.ensure_future(
             run(engine, prompts[0], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
@@ -104,30 +106,30 @@ async def test_a_long_prompt_is_fed_in_chunks_beside_running_decodes(
         assert engine.stats()["max_batch_size"] == 4
 
 
+@pytest.mark.parametrize("host", [None, 0], ids=["swap", "recompute"])
 async def test_chunked_and_whole_prefills_agree_under_kv_pressure(
-    tiny: Path, prompts: list[list[int]], reference: list[list[int]]
+    tiny: Path, prompts: list[list[int]], reference: list[list[int]], host: int | None
 ) -> None:
-    for host in (None, 0):  # swapped to host memory; dropped and recomputed
-        for engine in make_engine(
-            tiny, max_batch_size=4, max_num_batched_tokens=8, kv_budget=192, host_kv_budget=host
-        ):
-            halfway: list[int] = []
-            evict = engine.batcher._evict
+    with make_engine(
+        tiny, max_batch_size=4, max_num_batched_tokens=8, kv_budget=192, host_kv_budget=host
+    ) as engine:
+        halfway: list[int] = []
+        evict = engine.batcher._evict
 
-            def evict_and_note(job: Job, plan: Plan) -> None:
-                if job.needs_prefill and job.cached_tokens:
-                    halfway.append(job.cached_tokens)
-                evict(job, plan)
+        def evict_and_note(job: Job, plan: Plan) -> None:
+            if job.needs_prefill and job.cached_tokens:
+                halfway.append(job.cached_tokens)
+            evict(job, plan)
 
-            engine.batcher._evict = evict_and_note  # type: ignore[method-assign]
-            results = await asyncio.gather(*(run(engine, p) for p in prompts))
-            assert results == reference
-            assert halfway, "no job was evicted halfway through its prefill"
-            assert engine.stats()["kv"]["used_tokens"] == 0
+        engine.batcher._evict = evict_and_note  # type: ignore[method-assign]
+        results = await asyncio.gather(*(run(engine, p) for p in prompts))
+        assert results == reference
+        assert halfway, "no job was evicted halfway through its prefill"
+        assert engine.stats()["kv"]["used_tokens"] == 0
 
 
 async def test_auto_sizes_are_chosen_and_shown(tiny: Path) -> None:
-    for engine in make_engine(tiny, kv_budget=8192, max_model_len=256):
+    with make_engine(tiny, kv_budget=8192, max_model_len=256) as engine:
         stats = engine.stats()
         assert stats["max_batch_size"] == 32  # 8192 KV tokens hold 32 jobs of 256
         assert engine.config.max_num_batched_tokens == 512
