@@ -239,6 +239,7 @@ class BalancerTracing:
                 self._ids.next_trace_id = trace_id
                 traceparent = tracestate = None
             self._start_span(rec, traceparent, tracestate)
+            self._ids.next_trace_id = 0  # taken by the span, or by none (a disabled tracer)
             return
         # Left out: no span, only the ids its worker and the log need.
         kept = _RANDOM_TRACE_ID if flags is None else flags & _RANDOM_TRACE_ID
