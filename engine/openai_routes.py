@@ -6,7 +6,7 @@ a batch of them (``index`` is ``prompt * n + choice``, in order). The ``n`` choi
 share its KV cache: choice 0 starts at once, and the others are checked and queued with it but
 held until its prefill is done (``Engine.submit``'s ``after``), so they take references to the
 prompt's full blocks from the prefix cache and compute only the last, partial one. Where there is
-nothing to share (prefix caching off, a prompt shorter than a block, a prompt to score) they all
+nothing to share (prefix caching off, a prompt of one block or less, a prompt to score) they all
 start together. With ``seed``, choice ``i`` samples from its own seed derived from it
 (``sibling_seed``), so every choice reproduces and no two are copies of each other.
 
