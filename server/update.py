@@ -349,7 +349,7 @@ class RecordedUpdate:
                 " were up drain; run the same flockctl update again to retry it"
             )
             view = {**view, "state": self.state, "reason": self.reason, "ended_at": time.time()}
-        self._view: UpdateView = view
+        self._view: UpdateView = {"groups": [], **view}  # an earlier daemon's has no groups
 
     def to_dict(self) -> UpdateView:
         return self._view

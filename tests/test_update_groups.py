@@ -218,7 +218,7 @@ def test_the_cli_updates_one_group_by_name(tmp_path: Path) -> None:
         assert wrong.err.strip() == (
             "flockctl: --group: the deployment has no group 'nope' (its groups: chat, code)"
         )
-        table = flockctl("status", "--name", "grp")
+        table = flockctl("status", "--name", "grp", "--wide")
         assert "version 2" in next(
             ln for ln in table.out.splitlines() if ln.startswith("group chat")
         )

@@ -127,7 +127,7 @@ def test_versions_and_an_interrupted_update_survive_a_killed_daemon(
     assert "version 2 serves on" in update["reason"] and "flockctl update again" in update["reason"]
     assert set(ready(snap)) == serving
     until_sync(lambda: all(gone(w["pid"]) for w in new), "version 3's workers to be stopped")
-    table = flockctl("status", "--name", NAME)
+    table = flockctl("status", "--name", NAME, "--wide")
     assert "interrupted: the daemon restarted while this update ran" in table.out
 
     # The version before the one serving is still known: --rollback goes back to version 1.

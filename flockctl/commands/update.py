@@ -235,6 +235,9 @@ def _follow(client: AdminClient, update_id: str) -> UpdateView:
             f"new {p['new_ready']}/{p['target']} READY ({p['new_live']} live),"
             f" old {p['old_live']} serving, {p['old_draining']} draining"
         )
+        group = next((g for g in current["groups"] if g["state"] == "running"), None)
+        if group is not None:
+            line = f"group {group['name']} ({group['change']}): {line}"
         if line != last and current["state"] == "running":
             say(line)
             last = line
