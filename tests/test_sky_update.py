@@ -16,7 +16,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TESTS, until
+from cli_driver import flockctl
+from conftest import TESTS, free_port, until, until_sync
 from fake_sky import FakeSky
 
 pytestmark = pytest.mark.e2e
@@ -143,3 +144,41 @@ async def test_a_new_task_whose_clusters_never_launch_is_rolled_back(
     assert d.deployment.provisioner.task == TASK  # type: ignore[attr-defined]
     failed = [c["cluster"] for c in sky.calls("launch")][2:]
     assert failed and not set(failed) & set(sky.clusters())
+
+
+def test_flockctl_update_with_a_new_spec_applies_its_task_and_service_fields(
+    tmp_path: Path, sky: FakeSky
+) -> None:
+    """The CLI path in real processes: the new SPEC's task and its service: replicas apply."""
+    head = "flockctl:\n  status_interval: 0.2\n  probe:\n    interval_seconds: 0.1\n"
+    old, new = tmp_path / "v1.yaml", tmp_path / "v2.yaml"
+    old.write_text(
+        "resources:\n  ports: 8000\nrun: python -m http.server 8000\n"
+        f"service:\n  readiness_probe: /health\n  replicas: 1\n{head}"
+    )
+    new.write_text(
+        "resources:\n  ports: 8000\n  cpus: 4+\nrun: python -m http.server 8000\n"
+        f"service:\n  readiness_probe: /health\n  replicas: 2\n{head}"
+    )
+    assert flockctl("up", str(old), "--name", "sky", "--port", str(free_port())).code == 0
+    try:
+        until_sync(lambda: status()["ready_workers"] == 1, "a READY worker of version 1")
+        moved = flockctl("update", str(new), "--name", "sky", "--mode", "blue-green", "--json")
+        assert moved.code == 0, moved.err
+        assert moved.json()["state"] == "succeeded"
+        snap = status()
+        live = [w for w in snap["workers"] if w["state"] == "READY"]
+        assert snap["deployment"]["version"] == 2 and snap["autoscaler"]["target"] == 2
+        assert sorted(w["resource"] for w in live) == ["flockctl-sky-w2", "flockctl-sky-w3"]
+        assert {w["version"] for w in live} == {2}
+        until_sync(lambda: "flockctl-sky-w1" not in sky.clusters(), "the old cluster torn down")
+        assert sorted(sky.clusters()) == ["flockctl-sky-w2", "flockctl-sky-w3"]
+    finally:
+        flockctl("down", "--name", "sky", "--timeout", "30")
+    assert sky.clusters() == {}
+
+
+def status() -> dict[str, Any]:
+    result = flockctl("status", "--name", "sky", "--json")
+    assert result.code == 0, result.err
+    return result.json()
