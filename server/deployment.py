@@ -236,16 +236,17 @@ class Deployment:
             running = self._before
         else:
             running = {group_name(c): c.serving_version for c in self.groups}
-        versions.save(
-            self.state_dir,
-            versions.Versions(
-                version=self.version,
-                served=self.served,
-                groups=running,
-                workers={w.id: w.version for w in self.pool if w.state in _RECORDED},
-                update=update.to_dict() if update is not None else None,
-            ),
+        record = versions.Versions(
+            version=self.version,
+            served=self.served,
+            groups=running,
+            workers={w.id: w.version for w in self.pool if w.state in _RECORDED},
+            update=update.to_dict() if update is not None else None,
         )
+        try:
+            versions.save(self.state_dir, record)
+        except OSError as exc:  # a full disk must not stop a worker's state change
+            log.error("cannot record the versions in %s: %s", self.state_dir, exc)
 
     def _make_controller(
         self, group: WorkerGroup | None, own: DeploymentConfig, policy: AutoscalerPolicy, **kw: Any
