@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 #: The ``schema`` key of ``GET /-/status``.
 SNAPSHOT_SCHEMA_VERSION = 4
 #: The ``schema_version`` key of an engine's ``GET /stats``.
-STATS_SCHEMA_VERSION = 3
+STATS_SCHEMA_VERSION = 4
 
 # -- an engine's /stats ----------------------------------------------------------------------------
 
@@ -58,13 +58,29 @@ class KVStats(TypedDict):
     recomputes: int
 
 
+class SpecStepCosts(TypedDict):
+    """What speculation measured at one batch size: an incremental step, one draft-model
+    forward, and verifying trees of each size (by tokens per job), in milliseconds."""
+
+    incremental_ms: float | None
+    draft_forward_ms: float | None
+    verify_ms_by_tokens: dict[str, float]
+
+
 class SpeculationStats(TypedDict):
-    """Speculative decoding's figures, present only when the engine has draft models."""
+    """Speculative decoding's figures, present only when the engine has draft models.
+    ``depth_by_batch``: the draft depth ``--spec auto`` chose last at each batch size (0: none);
+    ``acceptance_by_pos``: the engine-wide chance that a draft at each position is accepted once
+    the ones before it were."""
 
     mode: str
     active: bool
     reason: str | None
+    max_depth: int
+    depth_by_batch: dict[str, int]
     cost_ratio_by_batch: dict[str, float]
+    acceptance_by_pos: list[float]
+    step_costs_by_batch: dict[str, SpecStepCosts]
     draft_models: list[str]
     tree: list[int]
     num_drafts: int
@@ -76,9 +92,10 @@ class SpeculationStats(TypedDict):
 
 
 class JobSpeculation(TypedDict):
-    """One job's speculation counters."""
+    """One job's speculation counters, and the draft depth chosen for its latest step."""
 
     enabled: bool
+    depth: int
     steps: int
     draft_tokens: int
     accepted_tokens: int

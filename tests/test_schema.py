@@ -45,9 +45,14 @@ SNAPSHOT_SHAPES = {
     3: "50a1f7d73996c3f6",
     4: "a96d4e98ea35ad87",
 }
-STATS_SHAPES = {1: "493925497c462cdc", 2: "b91510926e37f15a", 3: "263c50c0c84188d7"}
+STATS_SHAPES = {
+    1: "493925497c462cdc",
+    2: "b91510926e37f15a",
+    3: "263c50c0c84188d7",
+    4: "66565c987ccfe43c",
+}
 #: The embedding-only engine's ``/stats``, versioned with the other engine's.
-ENCODER_STATS_SHAPES = {2: "f0279cff8feed26c", 3: "cd44029e30158335"}
+ENCODER_STATS_SHAPES = {2: "f0279cff8feed26c", 3: "cd44029e30158335", 4: "b514560b54e9fd1d"}
 
 
 def problems(value: Any, kind: Any, where: str) -> list[str]:
