@@ -7,6 +7,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,9 +16,10 @@ from transformers import AutoTokenizer
 
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.engine import Engine
-from flockctl.engine.job import SamplingParams
+from flockctl.engine.job import Job, SamplingParams
 from flockctl.engine.loader import load_engine
 from flockctl.engine.spec import TokenTree, draft_children, verify_greedy, verify_stochastic
+from flockctl.engine.spec_policy import StepCosts
 from flockctl.engine.tree import default_tree, parse_tree, tree_nodes
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -246,6 +248,54 @@ async def test_greedy_speculative_output_equals_incremental(
         jobs = [job for _, job in results]
         assert sum(job.spec.steps for job in jobs) == spec["num_drafts"]  # type: ignore[union-attr]
         assert engine.pool.used_tokens == 0  # every block came back
+        assert all(not d.pool.tables for d in engine.drafters)
+
+
+class FixedCosts(StepCosts):
+    """Step costs as if measured at every batch size up to 8 (an incremental step 10 ms, a draft
+    forward 1 ms, verification 10 ms plus 1 ms a tree token), deaf to the clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for batch in range(1, 9):
+            for _ in range(5):
+                super().add_incremental(batch, 0.010)
+                for tokens in (2, 7):
+                    super().add_speculative(batch, 1, 0.001, tokens, 0.010 + 0.001 * (tokens - 1))
+
+    def add_incremental(self, batch: int, seconds: float) -> None:
+        pass
+
+    def add_speculative(
+        self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
+    ) -> None:
+        pass
+
+
+async def test_auto_drafts_each_job_as_deep_as_pays_and_keeps_greedy_output(
+    tiny: Path, near: Path, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    for engine in make_engine(tiny, [near], spec="auto", spec_tree=(1,) * 6, max_batch_size=4):
+        policy = engine.spec_policy
+        policy.costs = FixedCosts()
+        chosen: list[int] = []
+
+        def recording(
+            jobs: list[Job], choose: Any = policy.choose, chosen: list[int] = chosen
+        ) -> dict[str, int]:
+            depths = choose(jobs)
+            chosen.extend(depths.values())
+            return depths
+
+        policy.choose = recording  # type: ignore[method-assign]
+        results = await asyncio.gather(*(run(engine, p) for p in prompts))
+        assert [ids for ids, _ in results] == reference  # whatever depth each step drafted
+        assert chosen and all(1 <= d <= 6 for d in chosen)
+        spec = engine.stats()["speculation"]
+        assert spec["num_drafts"] > 0 and spec["max_depth"] == 6
+        assert set(spec["depth_by_batch"]) <= {"1", "2", "3", "4"}
+        assert len(spec["acceptance_by_pos"]) == 6
+        assert engine.pool.used_tokens == 0
         assert all(not d.pool.tables for d in engine.drafters)
 
 
