@@ -159,11 +159,14 @@ class _PeakEwma:
 
 
 class _Estimate:
-    __slots__ = ("chunk", "first_byte")
+    __slots__ = ("chunk", "ended", "first_byte")
 
     def __init__(self, now: float) -> None:
         self.first_byte = _PeakEwma(now)
         self.chunk = _PeakEwma(now)
+        #: Whether an answer ended: a first byte alone (a stream's head, sent at once) says
+        #: nothing of how long the answer takes.
+        self.ended = False
 
 
 class Latency(BalancingPolicy):
@@ -172,8 +175,9 @@ class Latency(BalancingPolicy):
     A worker's expected time is its estimated time to first byte plus its time per chunk times
     the chunks an answer has on average, multiplied by (in flight + 1); each sample is divided
     by the requests the worker had in flight when it was taken (itself included), so the load a
-    sample was measured under is not counted twice. A worker never measured, or idle for a
-    while, estimates near zero: it gets the next request, which measures it.
+    sample was measured under is not counted twice. A worker idle for a while estimates near
+    zero: it gets the next request, which measures it. A worker never measured counts as the
+    mean of those measured (zero when none was).
     """
 
     name = "latency"
@@ -204,14 +208,21 @@ class Latency(BalancingPolicy):
     def expected(self, worker: Worker) -> float:
         """Seconds a new request on ``worker`` is expected to take, its queue included."""
         est = self._estimates.get(worker.id)
-        if est is None:
-            return 0.0
+        if est is None or not est.ended:
+            # Not measured yet: as fast as the workers that were, until its first answer (taken
+            # as zero, a slow new worker drew every request until that answer came).
+            known = [self._one(e, self._clock()) for e in self._estimates.values() if e.ended]
+            return sum(known) / len(known) * (worker.in_flight + 1) if known else 0.0
         # Only an idle worker's estimate decays: one with requests in flight will report on
         # them, so its last measure stands. (Decaying it too sent more work to a worker whose
         # answers took longer than the decay while they were still running.)
-        now = self._clock() if worker.in_flight == 0 else None
-        one = est.first_byte.get(now, self.decay) + est.chunk.get(now, self.decay) * self.chunks
-        return one * (worker.in_flight + 1)
+        return self._one(est, self._clock() if worker.in_flight == 0 else None) * (
+            worker.in_flight + 1
+        )
+
+    def _one(self, est: _Estimate, now: float | None) -> float:
+        """Seconds one request takes by ``est`` at ``now`` (None: as last measured)."""
+        return est.first_byte.get(now, self.decay) + est.chunk.get(now, self.decay) * self.chunks
 
     def choose(self, candidates: Sequence[Worker], meta: RequestMeta = NO_META) -> Worker:
         if len(candidates) == 1:
@@ -231,7 +242,9 @@ class Latency(BalancingPolicy):
     def observe_end(self, worker: Worker, seconds: float, chunks: int) -> None:
         chunks = max(chunks, 1)
         share = seconds / chunks / max(worker.in_flight, 1)
-        self._estimate(worker).chunk.observe(share, self._clock(), self.decay)
+        est = self._estimate(worker)
+        est.chunk.observe(share, self._clock(), self.decay)
+        est.ended = True
         self.chunks += 0.1 * (chunks - self.chunks)
 
     def worker_changed(self, worker: Worker, old: object) -> None:

@@ -242,6 +242,25 @@ def test_a_batching_worker_is_judged_by_its_answers_at_the_load_it_had():
     assert policy.choose([batching, lone]) is lone
 
 
+def test_a_worker_not_measured_yet_counts_as_the_mean_of_those_measured():
+    """A new worker is tried, but does not draw every request until its first answer: with
+    requests of its own in flight it loses to a measured worker that has fewer."""
+    clock = Clock()
+    policy = Latency(rng=random.Random(0), clock=clock)
+    a, b, new = ready("a"), ready("b"), ready("new")
+    for worker, seconds in ((a, 0.2), (b, 0.4)):
+        policy.observe_first_byte(worker, 0.0)
+        policy.observe_end(worker, seconds, 1)
+    assert policy.expected(new) == pytest.approx(0.3)
+    assert policy.choose([b, new]) is new
+    new.in_flight = 2
+    # A stream's head came back at once: that says nothing of how long its answers take.
+    policy.observe_first_byte(new, 0.001)
+    assert policy.expected(new) == pytest.approx(0.9)
+    assert policy.choose([b, new]) is b
+    assert Latency(clock=clock).expected(new) == 0.0  # nothing measured: all alike
+
+
 def test_a_worker_with_requests_in_flight_keeps_its_estimate_until_they_answer():
     """A worker slower than the decay must not look fast again while its slow answers are still
     running: only an idle worker's estimate decays (and gets it tried again)."""
@@ -249,8 +268,8 @@ def test_a_worker_with_requests_in_flight_keeps_its_estimate_until_they_answer()
     policy = Latency(decay=10.0, rng=random.Random(0), clock=clock)
     slow, fast = ready("slow"), ready("fast")
     slow.in_flight = 1
-    policy.observe_first_byte(slow, 5.0)
-    policy.observe_first_byte(fast, 0.5)
+    policy.observe_end(slow, 5.0, 1)
+    policy.observe_end(fast, 0.5, 1)
     clock.now += 30.0  # a second request has been running on it all this time
     assert policy.expected(slow) == pytest.approx(10.0)  # 5 s, for its own and the new one
     assert policy.choose([slow, fast]) is fast
@@ -299,6 +318,7 @@ def test_fast_answers_pull_an_estimate_down_gradually():
     policy = Latency(decay=10.0, clock=clock)
     w = ready("w")
     policy.observe_first_byte(w, 1.0)
+    policy.observe_end(w, 0.0, 1)
     clock.now += 1.0
     policy.observe_first_byte(w, 0.1)
     one = policy.expected(w)
