@@ -4,6 +4,7 @@ and a request's ``n`` choices sharing their prompt, against each choice computin
     python bench/prefix_cache.py [--model demo] [--system-tokens 512] [--requests 24]
                                  [--concurrency 4] [--rounds 3] [--max-tokens 8] [--threads N]
                                  [--parts caching,choices] [--choices 8] [--choice-requests 6]
+                                 [--max-num-batched-tokens N (0: auto)]
 
 Two engines on the same weights run in this process (``load_engine``, no HTTP): one with
 ``--prefix-caching on``, one with it off. Each round sends both the same requests, one engine
@@ -220,8 +221,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 max_batch_size=args.max_batch_size,
                 threads=args.threads,
                 prefix_caching=name != "off",
+                max_num_batched_tokens=args.max_num_batched_tokens,
             )
             engines[name] = load_engine(config, progress=False)
+            out["max_num_batched_tokens"] = engines[name].config.max_num_batched_tokens
         if "caching" in parts:
             out.update(await bench_caching(engines, args))
         if "choices" in parts:
@@ -279,6 +282,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0, help="0: auto")
     parser.add_argument("--parts", default="caching,choices", help="caching, choices or both")
     parser.add_argument("--choices", type=int, default=8)
     parser.add_argument("--choice-requests", type=int, default=6)
