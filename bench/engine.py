@@ -5,6 +5,7 @@
     python bench/engine.py --quick               # a smoke run
     python bench/engine.py --device cuda         # bfloat16 by default; --dtype float32 for equality
     python bench/engine.py --model M --draft-model D [--vllm http://127.0.0.1:8000]
+    python bench/engine.py --stall               # a long prompt beside 8 decodes, chunked or not
 
 Every engine is a real ``flockctl engine serve`` process on 127.0.0.1, one at a time, so none of
 them competes with another for the cores; requests are streamed ``/v1/completions`` of greedy
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -79,7 +81,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("off", "on", "both"),
         help="the engine's prefix caching; both adds the concurrency table with it on (off)",
     )
-    parser.add_argument("--max-batch-size", type=int, help="engine's --max-batch-size")
+    parser.add_argument(
+        "--max-batch-size", help="engine's --max-batch-size (N or auto; default: its own, auto)"
+    )
+    parser.add_argument(
+        "--stall",
+        action="store_true",
+        help="only the decode-stall check: 8 streams decoding, then one --stall-prompt-token"
+        " prompt, with chunked prefill (--max-num-batched-tokens auto) and without",
+    )
+    parser.add_argument("--stall-prompt-tokens", type=int, default=1500, help="(1500)")
     parser.add_argument("--threads", type=int, help="torch CPU threads, here and in engines")
     parser.add_argument(
         "--weak-noise", type=float, default=0.5, help="noise of the weaker draft (0.5)"
@@ -367,6 +378,68 @@ async def engine_server(
             proc.wait(30)
 
 
+async def arrivals(
+    http: aiohttp.ClientSession, base: str, model: str, prompt: list[int], new: int
+) -> list[float]:
+    """One streamed greedy completion: when each piece of text arrived (perf_counter)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    marks: list[float] = []
+    async with http.post(base + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                marks.append(time.perf_counter())
+    return marks
+
+
+async def stall_check(args: argparse.Namespace, workdir: Path, target: Path) -> dict[str, Any]:
+    """How long a long prompt's prefill holds up jobs already decoding: 8 streams decode, then
+    one prompt of ``--stall-prompt-tokens`` arrives. Reported per setting: that prompt's time to
+    first token and the longest gap between two pieces of any decoding stream from its arrival
+    until its first token (and the decode streams' median gap before it, for scale)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    short = [tokenizer.encode(p) for p in PROMPTS[:8]]
+    long = [t for p in PROMPTS * 200 for t in tokenizer.encode(p)][: args.stall_prompt_tokens]
+    procs = Processes(workdir)
+    out: dict[str, Any] = {"prompt_tokens": len(long), "decoding": len(short)}
+    settings = {"chunked": ["--max-num-batched-tokens", "auto"],
+                "whole": ["--max-num-batched-tokens", str(4 * len(long))]}  # fmt: skip
+    try:
+        for name, extra in settings.items():
+            async with engine_server(procs, f"stall-{name}", args, target, extra) as base:
+                timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+                async with aiohttp.ClientSession(timeout=timeout) as http:
+                    model = await served_model(http, base)
+                    await arrivals(http, base, model, short[0], 4)  # warm-up
+                    streams = [
+                        asyncio.ensure_future(arrivals(http, base, model, p, 400)) for p in short
+                    ]
+                    await asyncio.sleep(0)
+                    while (await stats(base))["running"] < len(short):
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(1.0)  # all of them decoding for a while
+                    sent = time.perf_counter()
+                    first = (await arrivals(http, base, model, long, 1))[0]
+                    marks = await asyncio.gather(*streams)
+                gaps_during = [
+                    b - a for m in marks for a, b in itertools.pairwise(m) if b > sent and a < first
+                ]
+                gaps_before = [b - a for m in marks for a, b in itertools.pairwise(m) if b < sent]
+                out[name] = {
+                    "long_prompt_ttft_ms": round((first - sent) * 1000, 1),
+                    "decode_stall_max_ms": round(max(gaps_during, default=0.0) * 1000, 1),
+                    "decode_gap_median_before_ms": round(statistics.median(gaps_before) * 1000, 1),
+                }
+                say(f"stall {name}: {out[name]}")
+    finally:
+        procs.stop_all()
+    return out
+
+
 def compare(reference: list[str], texts: list[str]) -> dict[str, Any]:
     """Per prompt ``i % len(reference)``: all identical? the fraction that is; the first not."""
     same = [t == reference[i % len(reference)] for i, t in enumerate(texts)]
@@ -406,6 +479,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     args.device, args.dtype = pick(args.device, args.dtype)
     target, draft = resolve_models(args)
+    if args.stall:
+        return {"bench": "engine-stall", "machine": machine(), "device": args.device,
+                "stall": await stall_check(args, workdir, target)}  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompts = [tokenizer.encode(p) for p in (PROMPTS * 4)[: args.prompts]]
     new = args.tokens
@@ -547,6 +623,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any]) -> None:
+    if "stall" in report:
+        return  # its lines went to stderr as it ran
     b = report["batch1"]
     lines = [
         f"transformers generate batch 1: {b['transformers_tokens_per_s']} tokens/s;"
