@@ -79,11 +79,14 @@ class MLFQ(Scheduler):
     Within a level, jobs run in the order they entered it, except in the last: the jobs that used
     up every quantum run in the order they arrived. With a batch of B slots, the jobs there get
     whatever slots the upper levels leave; taking turns would stretch every one of them over the
-    time of all (processor sharing), while arrival order finishes the oldest first and leaves the
-    others' completion times where FCFS would have them. Promotion is one level at a time for
-    the same reason: a job sent to the top takes every quantum again in turn with the new
-    arrivals, and several starved long jobs promoted together share the batch until all finish
-    late.
+    time of all (processor sharing), while arrival order finishes the oldest first, as FCFS
+    would. On a fake clock (bench/scheduler.py's traces, batch 4, load 0.95, six seeds of 300
+    jobs) this with one-level promotion took the worst seed's p99 from 0.57x FCFS's to 0.69x and
+    the worst long-job mean from 0.73x to 0.78x, the mean JCT gain unchanged.
+
+    Promotion is one level at a time for the same reason: a job sent to the top takes every
+    quantum again in turn with the new arrivals, and several starved long jobs promoted together
+    share the batch until all finish late.
     """
 
     name = "mlfq"
