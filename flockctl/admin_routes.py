@@ -26,6 +26,7 @@ SHUTDOWN = "/-/shutdown"
 UPDATE = "/-/update"
 #: The balancer's per-job route (not the admin API: it is relayed to the worker holding the job).
 JOB = "/jobs/{job_id}"
+JOBS_PREFIX = "/jobs/"
 
 #: The most request log records one ``GET /-/requests`` returns.
 MAX_REQUESTS = 1000
@@ -85,4 +86,4 @@ def requests_path(
 
 def job_path(job_id: str) -> str:
     """``GET`` a job (or a response id naming it) through the balancer: the engine's timeline."""
-    return f"/jobs/{segment(job_id)}"
+    return f"{JOBS_PREFIX}{segment(job_id)}"

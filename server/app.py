@@ -429,6 +429,7 @@ def create_app(
         queue_timeout=deployment.cfg.queue_timeout,
         upstream_timeout=deployment.cfg.upstream_timeout,
         api_key=deployment.cfg.api_key,
+        admin_token=deployment.token,
         on_connect_error=deployment.on_connect_error,
         request_log=request_log,
         otel_endpoint=deployment.cfg.otel_collector_endpoint,

@@ -16,8 +16,6 @@ from collections.abc import Iterable
 
 from flockctl.server.workers import Worker, WorkerState
 
-#: The path prefix of per-job routes.
-JOBS_PREFIX = "/jobs/"
 #: Characters of the instance token at the start of a job id (the engine's ``INSTANCE_CHARS``).
 INSTANCE_CHARS = 6
 #: Workers that may hold jobs: serving, failing probes for a while, or finishing their work.

@@ -37,7 +37,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from flockctl.server.jobs import JOBS_PREFIX, holder, not_found, unlearned
+from flockctl.admin_routes import JOBS_PREFIX
+from flockctl.server.jobs import holder, not_found, unlearned
 from flockctl.server.metrics import Metrics
 from flockctl.server.pool import NoWorker, QueueFull, WorkerPool
 from flockctl.server.prober import MODELS_PATH
@@ -141,6 +142,7 @@ class Balancer:
         max_attempts: int = 3,
         queue_timeout: float = 60.0,
         api_key: str | None = None,
+        admin_token: str | None = None,
         on_connect_error: Callable[[Worker], None] | None = None,
         backoff: float = 0.05,
         upstream_timeout: float = 60.0,
@@ -154,6 +156,9 @@ class Balancer:
         self.max_attempts = max_attempts
         self.queue_timeout = queue_timeout
         self.api_key = f"Bearer {api_key}".encode() if api_key else None
+        #: The operator's admin token also opens the routes the balancer answers itself (the
+        #: dashboard reads a job's timeline with it); it is never relayed to a worker.
+        self.admin_auth = f"Bearer {admin_token}".encode() if admin_token else None
         self.on_connect_error = on_connect_error
         self.backoff = backoff
         self.upstream_timeout = upstream_timeout
@@ -222,6 +227,8 @@ class Balancer:
         Logged and traced like a relayed request: each worker asked is an attempt."""
         started = time.perf_counter()
         rec = self._record(scope, started)
+        if await self._refused(scope, send, rec, started):
+            return
         job_id = scope["path"][len(JOBS_PREFIX) :]
         known = holder(self.pool, job_id)
         upstream = self.upstream
@@ -233,7 +240,7 @@ class Balancer:
                 return
             method = scope["method"].encode("latin-1")
             target = scope.get("raw_path") or scope["path"].encode()
-            headers = self._upstream_headers(scope)
+            headers = self._upstream_headers(scope, drop_auth=True)
             for worker in candidates:
                 conn: Connection | None = None
                 tried = Attempt(worker.id)
@@ -277,6 +284,8 @@ class Balancer:
         """``GET /v1/models`` where several models are served: all of them, in OpenAI's shape."""
         started = time.perf_counter()
         rec = self._record(scope, started)
+        if await self._refused(scope, send, rec, started):
+            return
         data = [
             {"id": model, "object": "model", "created": int(self.started), "owned_by": "flockctl"}
             for model in self.pool.models()
@@ -285,6 +294,24 @@ class Balancer:
         await send_json(send, 200, body)
         rec.bytes_out = len(body)
         self._done(rec, 200, time.perf_counter() - started)
+
+    async def _refused(
+        self, scope: Scope, send: Send, rec: RequestRecord, started: float
+    ) -> bool:
+        """For a route the balancer answers itself: refuse (401) a request that carries neither
+        the API key (when one is set) nor the admin token."""
+        if self.api_key is None:
+            return False
+        auth = _authorization(scope["headers"])
+        if auth == self.api_key or (self.admin_auth is not None and auth == self.admin_auth):
+            return False
+        await self._unauthorized(send, rec, started)
+        return True
+
+    async def _unauthorized(self, send: Send, rec: RequestRecord, started: float) -> None:
+        status, body = json_error(401, "missing or wrong API key", "authentication_error")
+        await send_json(send, status, body, [(b"www-authenticate", b"Bearer")])
+        self._done(rec, status, time.perf_counter() - started)
 
     def _record(self, scope: Scope, started: float) -> RequestRecord:
         """The log record (and trace) of a request the balancer answers without the relay."""
@@ -304,13 +331,9 @@ class Balancer:
         rec = RequestRecord(scope["method"], scope["path"], client[0] if client else None, started)
         if self.request_log is not None or self.tracing is not None:
             _identify(rec, headers)
-        if self.api_key is not None:
-            auth = next((v for k, v in headers if k == b"authorization"), None)
-            if auth != self.api_key:
-                status, body = json_error(401, "missing or wrong API key", "authentication_error")
-                await send_json(send, status, body, [(b"www-authenticate", b"Bearer")])
-                self._done(rec, status, time.perf_counter() - started)
-                return
+        if self.api_key is not None and _authorization(headers) != self.api_key:
+            await self._unauthorized(send, rec, started)
+            return
         # Read the body once, before any retry (re-reading after a retry would hang).
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -376,12 +399,14 @@ class Balancer:
         if self.request_log is not None:
             self.request_log.add(rec)
 
-    def _upstream_headers(self, scope: Scope) -> bytes:
+    def _upstream_headers(self, scope: Scope, drop_auth: bool = False) -> bytes:
         """The request's header lines as sent to the worker (Host and length added later).
 
-        The peer's address is appended to X-Forwarded-For, one line for the whole chain.
+        The peer's address is appended to X-Forwarded-For, one line for the whole chain. The
+        balancer's own credentials stay here: with an API key set, or ``drop_auth`` (a job
+        lookup, which may carry the admin token), Authorization is not sent on.
         """
-        skip_auth = self.api_key is not None
+        skip_auth = drop_auth or self.api_key is not None
         hop = self._hop_request
         parts: list[bytes] = []
         forwarded: list[bytes] = []
@@ -590,3 +615,7 @@ def _user(session: str | None, headers: list[tuple[bytes, bytes]]) -> str | None
     if session is None or any(k == b"x-session-id" for k, _ in headers):
         return None
     return session
+
+
+def _authorization(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    return next((v for k, v in headers if k == b"authorization"), None)

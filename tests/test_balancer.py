@@ -344,3 +344,30 @@ async def test_shutdown_endpoint_stops_the_server(daemon, http):
         assert resp.status == 202
         assert json.loads(await resp.text())["status"] == "shutting down"
     await asyncio.wait_for(d.task, 10)
+
+
+async def test_api_key_guards_the_routes_the_balancer_answers_itself(daemon, upstream, http):
+    """With an API key, ``/jobs/{id}`` needs it or the admin token (the dashboard's), and the
+    worker asked never sees either credential."""
+    seen: list[str | None] = []
+
+    async def job(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"id": request.match_info["job_id"]})
+
+    from fake_worker import build_app
+
+    app = build_app("u", 16, 0.0, None)
+    app.router.add_get("/jobs/{job_id}", job)
+    up = await upstream(app)
+    d = await daemon(endpoints=[up.url], api_key="sk-test")
+    await d.wait_ready(1)
+    async with http.get(f"{d.url}/jobs/abc123xyz") as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["type"] == "authentication_error"
+    assert seen == []
+    for auth in ({"Authorization": "Bearer sk-test"}, d.admin):
+        async with http.get(f"{d.url}/jobs/abc123xyz", headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["id"] == "abc123xyz"
+    assert seen == [None, None]

@@ -26,8 +26,8 @@ class FeedError(Exception):
 class Feed:
     def __init__(self, endpoint: str, token: str | None, timeout: float = 5.0):
         self.endpoint = endpoint
-        #: Sent to the admin API only: ``/jobs/{id}`` is relayed to a worker, which must never
-        #: see the daemon's admin token.
+        #: Sent to the admin API and to ``/jobs/{id}`` (which the balancer opens to the admin
+        #: token when an API key is set, and relays without it): never to a worker.
         self._admin = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=endpoint, timeout=timeout, trust_env=False)
 
@@ -38,7 +38,7 @@ class Feed:
         if self._http.is_closed:
             raise FeedError(f"{method} {path}: the dashboard is closing")
         try:
-            headers = self._admin if path.startswith(routes.ADMIN_PREFIX) else {}
+            headers = self._admin if _takes_admin_token(path) else {}
             resp = await self._http.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as exc:
             raise FeedError(
@@ -59,3 +59,7 @@ class Feed:
         if not isinstance(snap, dict) or "workers" not in snap:
             raise FeedError(f"GET {routes.STATUS}: not a status snapshot")
         return snap  # type: ignore[return-value]
+
+
+def _takes_admin_token(path: str) -> bool:
+    return path.startswith((routes.ADMIN_PREFIX, routes.JOBS_PREFIX))
