@@ -158,7 +158,9 @@ class SpecPolicy:
     job drafting ``min(D, its best)`` (the padded forward costs what its deepest tree does).
     A job whose best is 0 tries again every ``probe_every`` iterations, at the depth the
     engine-wide rates would give it. Until a batch size's costs are measured, the policy measures
-    them: speculative iterations at the whole tree, incremental ones interleaved.
+    them: speculative iterations at the whole tree, incremental ones interleaved. After that, one
+    iteration in ``probe_every`` at a batch size that speculates is incremental, so that both
+    sides of the comparison follow a machine whose speed drifts (other work on its cores).
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class SpecPolicy:
         self.device_on = True
         self.reason = "" if mode != "off" else "--spec off"
         self._since_probe = 0
+        self._since_incremental: dict[int, int] = {}  # batch -> speculative iterations in a row
 
     @property
     def max_depth(self) -> int:
@@ -260,6 +263,8 @@ class SpecPolicy:
         costs = [self.step_seconds(batch, d) for d in range(self.max_depth + 1)]
         if any(c is None or c <= 0 for c in costs):
             return whole
+        if self._since_incremental.get(batch, 0) + 1 >= self.probe_every:
+            return {}  # time an incremental step again: the machine's speed drifts
         seconds = [float(c) for c in costs if c is not None]
         engine_best = max(1, _best_depth(expected_tokens(self.rates()), seconds))
         gains: list[list[float]] = []
@@ -305,6 +310,7 @@ class SpecPolicy:
     def observe_incremental(self, batch: int, seconds: float) -> None:
         """An incremental decode iteration of ``batch`` jobs took ``seconds``."""
         self.costs.add_incremental(batch, seconds)
+        self._since_incremental[batch] = 0
 
     def observe_speculative(
         self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
@@ -312,6 +318,7 @@ class SpecPolicy:
         """A speculative iteration: ``forwards`` SSM forwards took ``draft_seconds`` in all,
         verifying trees of up to ``tokens`` tokens took ``verify_seconds``."""
         self.costs.add_speculative(batch, forwards, draft_seconds, tokens, verify_seconds)
+        self._since_incremental[batch] = self._since_incremental.get(batch, 0) + 1
 
     def observe_job(self, job: Job, depth: int, drafted: int, accepted: int) -> None:
         """A job's step: ``depth`` positions drafted (0: decoded incrementally), ``drafted``

@@ -3,6 +3,7 @@ measurements: no model, no clock."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -158,3 +159,22 @@ def test_on_drafts_the_whole_tree_and_off_nothing() -> None:
     assert SpecPolicy("auto", (1, 2, 1), drafters=2).tree_tokens(3) == 1 + 2 * (1 + 2 + 2)
     with pytest.raises(ValueError, match="expected auto, on or off"):
         SpecPolicy("sometimes")
+
+
+def test_incremental_steps_are_timed_again_now_and_then() -> None:
+    policy = measured(SpecPolicy("auto", TREE, probe_every=8))
+    job = new_job()
+    plain = []
+    for i in range(32):
+        depths = policy.choose([job])
+        depth = depths.get(job.id, 0)
+        if depth:
+            tokens = policy.tree_tokens(depth)
+            policy.observe_speculative(1, depth, depth * 2 * MS, tokens, (9 + tokens) * MS)
+        else:
+            plain.append(i)
+            policy.observe_incremental(1, 10 * MS)
+        policy.observe_job(job, depth, depth, depth)  # every draft accepted
+    # a job that gains from every speculative step still leaves one step in eight incremental,
+    # so a machine that slows down or speeds up is compared with itself
+    assert len(plain) == 4 and all(b - a == 8 for a, b in itertools.pairwise(plain))
