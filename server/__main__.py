@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -118,6 +119,11 @@ async def serve(cfg: DeploymentConfig, directory: Path, sock: socket.socket) -> 
         log.info(
             "flockctl %s: deployment %r serving on %s", __version__, cfg.name, deployment.endpoint
         )
+        # What starting built (modules, the app, the config, the workers' records) lives as long
+        # as the daemon: out of the collector's sight, a full collection under load scans only
+        # what requests and spans made since, which makes each one about three times shorter.
+        gc.collect()
+        gc.freeze()
 
     announcer = asyncio.create_task(announce())
     try:
