@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from flockctl.engine.engine import Engine, EngineUnavailable, QueueFull
+from flockctl.engine.engine import Engine
 from flockctl.engine.job import FinishReason, Job, SamplingParams
 from flockctl.engine.openai_format import LogprobFormat
 from flockctl.engine.protocol import ChatRequest, CompletionRequest, OpenAIRequest
@@ -37,6 +37,7 @@ from flockctl.engine.routes_common import (
     check_model,
     collect,
     parse,
+    refusals,
     server_error,
     submit,
 )
@@ -245,12 +246,9 @@ def register_openai(app: FastAPI, engine: Engine | EncoderEngine) -> None:
         limits passed with the leader's; what may still refuse it is a full queue or a stopped
         engine."""
         assert isinstance(engine, Engine)  # only a generating engine took the leader
-        try:
+        with refusals():
             return engine.submit(leader.job.prompt_ids, params, after=leader)
-        except QueueFull as exc:
-            raise APIError(429, str(exc), code="queue_full", kind="rate_limit_error") from exc
-        except EngineUnavailable as exc:
-            raise APIError(503, str(exc), code="engine_unavailable", kind="server_error") from exc
+        raise AssertionError("unreachable")  # refusals() re-raises every exception it catches
 
     def chat_prompt(body: ChatRequest) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):

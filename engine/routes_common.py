@@ -8,8 +8,9 @@ full queue a 429.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
@@ -83,8 +84,16 @@ def submit(
 ) -> JobHandle:
     """Hand a job to the engine; its refusals become 400/429/503. ``fields`` renames the
     engine's parameter names (``max_tokens``, ``prompt``) to what this body called them."""
-    try:
+    with refusals(fields):
         return engine.submit(prompt_ids, params())
+    raise AssertionError("unreachable")  # refusals() re-raises every exception it catches
+
+
+@contextlib.contextmanager
+def refusals(fields: Mapping[str, str] | None = None) -> Iterator[None]:
+    """The engine's refusals of a job, as the API's errors: 400 naming the field, 429, 503."""
+    try:
+        yield
     except InvalidRequest as exc:
         field = (fields or {}).get(exc.param or "", exc.param)
         message = str(exc) if field == exc.param else f"{field}: {exc}"
