@@ -448,25 +448,45 @@ DENSE_MIN_SLOTS = 4096
 
 @dataclass
 class DenseWrite:
-    """Where one forward's tokens go in the dense rows: ``write``, flat ``row * width + slot``
-    (the scratch column for padding), and the rows it fills from the pool first (``fill_src``:
-    pool slots, ``fill_dst``: dense slots)."""
+    """Where one forward's tokens go in the dense rows: ``write``, ``row * width + slot`` per
+    token of the batch (``[batch * q]``; the scratch column for padding), and the rows it fills
+    from the pool first (``fill_src``: pool slots, ``fill_dst``: ``row * width + slot``)."""
 
     rows: DenseRows
     write: torch.Tensor
     fill_src: torch.Tensor | None
     fill_dst: torch.Tensor | None
+    batch: int
+    _by_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def flat(self, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``write`` and ``fill_dst`` as rows of a layer's ``[rows * heads * width, dim]`` view,
+        in the order of the values written: ``(batch, head, q)`` and ``(slot, head)``."""
+        done = self._by_heads.get(heads)
+        if done is None:
+            width = self.rows.width
+            offsets = torch.arange(heads, device=self.write.device) * width
+
+            def spread(at: torch.Tensor) -> torch.Tensor:  # row * width + c -> (row, head, c)
+                return at + (at // width) * (heads - 1) * width
+
+            write = spread(self.write).view(self.batch, 1, -1) + offsets.view(1, heads, 1)
+            fill = None
+            if self.fill_dst is not None:
+                fill = (spread(self.fill_dst)[:, None] + offsets[None, :]).reshape(-1)
+            done = self._by_heads[heads] = (write.reshape(-1), fill)
+        return done
 
 
 class DenseRows:
     """The running batch's keys and values kept per layer as dense rows across forwards, so a
     decode step reads its history in place instead of gathering every job's blocks again.
 
-    Row ``r`` holds the job at ``jobs[r]``, slot ``s`` of its block table at column ``s``; the
-    last column is scratch (padding writes there, masked). The pool stays the truth: a forward
-    writes both, and a job that enters a row (new to the batch, or its cache changed outside a
-    forward: moved, swapped, released) is copied in from its blocks once. The rows cover at
-    most ``max_slots`` (jobs times columns); a batch wider than that gathers as before.
+    Row ``r`` holds the job at ``jobs[r]``, slot ``s`` of its block table at column ``s`` of
+    each head; the last column is scratch (padding writes there, masked). The pool stays the
+    truth: a forward writes both, and a job that enters a row (new to the batch, or its cache
+    changed outside a forward: moved, swapped, released) is copied in from its blocks once. The
+    rows cover at most ``max_slots`` (jobs times columns); a batch wider than that gathers.
     """
 
     def __init__(self, pool: KVPool, max_slots: int):
@@ -529,21 +549,22 @@ class DenseRows:
                 ]
             )
         index = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
-        return DenseWrite(self, index, src, dst)
+        return DenseWrite(self, index, src, dst, len(slots))
 
     def layer(self, index: int, keys: bool, heads: int, dim: int) -> torch.Tensor:
-        """Layer ``index``'s keys (or values) ``[rows, width, heads, dim]``, grown to the size
-        the current forward placed (what was there is kept)."""
+        """Layer ``index``'s keys (or values) ``[rows, heads, width, dim]`` (each head's history
+        contiguous, as attention reads it), grown to the size the current forward placed (what
+        was there is kept)."""
         store = self.keys if keys else self.values
         old = store[index]
-        if old is not None and old.shape[:2] == (self.rows, self.width):
+        if old is not None and (old.shape[0], old.shape[2]) == (self.rows, self.width):
             return old
         new = torch.zeros(
-            (self.rows, self.width, heads, dim), dtype=self.pool.dtype, device=self.pool.device
+            (self.rows, heads, self.width, dim), dtype=self.pool.dtype, device=self.pool.device
         )
         if old is not None:  # the rows in use fit both; the scratch column is not kept
-            rows, width = min(old.shape[0], self.rows), min(old.shape[1], self.width) - 1
-            new[:rows, :width] = old[:rows, :width]
+            rows, width = min(old.shape[0], self.rows), min(old.shape[2], self.width) - 1
+            new[:rows, :, :width] = old[:rows, :, :width]
         store[index] = new
         return new
 
@@ -598,11 +619,12 @@ class BatchView(Cache):
             store.index_copy_(0, self.write, flat)
             if dense is not None:
                 rows = dense.rows.layer(layer_idx, is_key, heads, dim)
-                slots = rows.view(-1, heads, dim)
-                if dense.fill_src is not None and dense.fill_dst is not None:
-                    slots.index_copy_(0, dense.fill_dst, store.index_select(0, dense.fill_src))
-                slots.index_copy_(0, dense.write, flat)
-                out.append(rows[:batch, : self.kv_length].transpose(1, 2))
+                slots = rows.view(-1, dim)
+                write, fill = dense.flat(heads)
+                if dense.fill_src is not None and fill is not None:
+                    slots.index_copy_(0, fill, store.index_select(0, dense.fill_src).view(-1, dim))
+                slots.index_copy_(0, write, new.reshape(-1, dim))
+                out.append(rows[:batch, :, : self.kv_length])
                 continue
             read = self.read
             assert read is not None
