@@ -8,6 +8,8 @@ measurements.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,14 +67,18 @@ def expected_tokens(rates: Sequence[float]) -> list[float]:
     return out
 
 
-class _Ewma:
-    def __init__(self, alpha: float = 0.2):
-        self.alpha = alpha
+class _Recent:
+    """The median of the last ``window`` samples: a step that another process stalled on a busy
+    machine moves it by one place, not by its whole length (as it would a moving average)."""
+
+    def __init__(self, window: int = 15):
+        self.samples: deque[float] = deque(maxlen=window)
         self.value = 0.0
         self.count = 0
 
     def add(self, x: float) -> None:
-        self.value = x if not self.count else self.value + self.alpha * (x - self.value)
+        self.samples.append(x)
+        self.value = statistics.median(self.samples)
         self.count += 1
 
 
@@ -85,19 +91,19 @@ class StepCosts:
     were (the padded batch makes every job's tree as large as the largest one's)."""
 
     def __init__(self) -> None:
-        self.incremental: dict[int, _Ewma] = {}
-        self.draft: dict[int, _Ewma] = {}
-        self.verify: dict[int, dict[int, _Ewma]] = {}
+        self.incremental: dict[int, _Recent] = {}
+        self.draft: dict[int, _Recent] = {}
+        self.verify: dict[int, dict[int, _Recent]] = {}
 
     def add_incremental(self, batch: int, seconds: float) -> None:
-        self.incremental.setdefault(batch, _Ewma()).add(seconds)
+        self.incremental.setdefault(batch, _Recent()).add(seconds)
 
     def add_speculative(
         self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
     ) -> None:
         if forwards:
-            self.draft.setdefault(batch, _Ewma()).add(draft_seconds / forwards)
-        self.verify.setdefault(batch, {}).setdefault(tokens, _Ewma()).add(verify_seconds)
+            self.draft.setdefault(batch, _Recent()).add(draft_seconds / forwards)
+        self.verify.setdefault(batch, {}).setdefault(tokens, _Recent()).add(verify_seconds)
 
     def samples(self, batch: int) -> tuple[int, int]:
         """Incremental and speculative iterations measured at this batch size."""

@@ -178,3 +178,15 @@ def test_incremental_steps_are_timed_again_now_and_then() -> None:
     # a job that gains from every speculative step still leaves one step in eight incremental,
     # so a machine that slows down or speeds up is compared with itself
     assert len(plain) == 4 and all(b - a == 8 for a, b in itertools.pairwise(plain))
+
+
+def test_one_stalled_step_does_not_turn_speculation_off() -> None:
+    policy = measured(SpecPolicy("auto", TREE))
+    job = new_job()
+    steps(policy, job, every, 20)
+    depth = policy.choose([job])[job.id]
+    tokens = policy.tree_tokens(depth)
+    # another process held the cores for a whole second during one verification
+    policy.observe_speculative(1, depth, depth * 2 * MS, tokens, 1.0)
+    assert policy.choose([job]) == {job.id: depth}
+    assert policy.step_seconds(1, depth) == pytest.approx((10 + 3 * depth) * MS)
