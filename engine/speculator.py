@@ -4,8 +4,10 @@ caches, and one speculative iteration for the decoding jobs.
 The SSMs draft a token tree for each job the policy picks (one batched SSM forward per depth),
 then one LLM forward verifies every tree at once; a job that does not speculate is a one-node tree
 in that forward. The accepted path's keys and values are kept where the next step expects them,
-in the LLM's cache and in each SSM's. Trees, verification and the policy that decides whether
-speculating pays are pure and live in :mod:`flockctl.engine.spec`.
+in the LLM's cache and in each SSM's. Trees and verification are pure and live in
+:mod:`flockctl.engine.spec`; how deep each job drafts (0: not at all) is decided by
+:mod:`flockctl.engine.spec_policy` from the acceptance and the step costs measured here. A
+Llama-shaped SSM runs :mod:`flockctl.engine.draft_forward`'s lean forward.
 """
 
 from __future__ import annotations
