@@ -452,7 +452,7 @@ def test_update_takes_the_worker_flags_of_up_under_the_same_names() -> None:
 
     commands = get_command(app).commands  # type: ignore[attr-defined]
     up = {p.name: p.opts for p in commands["up"].params}
-    own = {"mode", "max_surge", "update_timeout", "rollback", "wait"}
+    own = {"mode", "max_surge", "update_timeout", "rollback", "group", "wait"}
     shared = [p for p in commands["update"].params if p.name not in own]
     assert {p.name for p in shared} >= {"model", "worker_command", "endpoint", "max_workers"}
     for param in shared:
