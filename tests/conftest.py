@@ -107,6 +107,11 @@ def flockctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     monkeypatch.delenv("FLOCKCTL_THEME", raising=False)
+    # The commands tests run are piped, as in a script: their output is the full line unless
+    # COLUMNS says otherwise, and a test runner's own width (pytest-xdist's workers set one)
+    # must not decide that.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
     return home
 
 
