@@ -150,7 +150,9 @@ async def test_worker_that_never_gets_ready_fails_after_initial_delay(daemon, tm
         "the failed worker's process to be stopped",
     )
     assert reason.startswith("not READY after 1s (initial_delay_seconds)")
-    assert "HTTP 503" in reason
+    # The reason quotes the last probe: the worker's 503, or, where a loaded machine started
+    # its process late, the refused connection. Which one is the machine's timing, not ours.
+    assert "HTTP 503" in reason or "connection refused" in reason.lower(), reason
 
 
 async def test_ready_worker_goes_not_ready_and_back(daemon, upstream, tmp_path):
