@@ -225,3 +225,23 @@ def test_the_cli_updates_one_group_by_name(tmp_path: Path) -> None:
     finally:
         flockctl("down", "--name", "grp", "--timeout", "30")
     assert processes_with(marker) == []
+
+
+def test_a_failed_update_says_which_groups_kept_the_new_version():
+    from flockctl.commands.update import _serving
+
+    def ended(*states: str) -> dict:
+        groups = [
+            {"name": n, "change": "update", "state": s, "reason": None}
+            for n, s in zip(("chat", "code", "extra"), states, strict=False)
+        ]
+        return {"from_version": 1, "to_version": 2, "groups": groups}
+
+    assert _serving(ended()) == "version 1 serves"  # type: ignore[arg-type]
+    assert _serving(ended("rolled_back", "skipped")) == "version 1 serves"  # type: ignore[arg-type]
+    assert _serving(ended("succeeded", "rolled_back", "skipped")) == (  # type: ignore[arg-type]
+        "version 2 serves in group chat; version 1 in the others"
+    )
+    assert _serving(ended("succeeded", "succeeded", "rolled_back")) == (  # type: ignore[arg-type]
+        "version 2 serves in groups chat, code; version 1 in the others"
+    )

@@ -156,10 +156,21 @@ def update(
     if ended["state"] != "succeeded":
         fail(
             f"update {ended['id']} to version {ended['to_version']} was"
-            f" {ended['state'].replace('_', ' ')}:"
-            f" {ended['reason']}; version {ended['from_version']} serves",
+            f" {ended['state'].replace('_', ' ')}: {ended['reason']}; {_serving(ended)}",
             ExitCode.UPDATE_FAILED,
         )
+
+
+def _serving(ended: UpdateView) -> str:
+    """What serves after an update that did not succeed: the old version, or with groups, the
+    new version in the groups whose part succeeded before one rolled back."""
+    kept = [g["name"] for g in ended.get("groups", []) if g["state"] == "succeeded"]
+    if not kept:
+        return f"version {ended['from_version']} serves"
+    return (
+        f"version {ended['to_version']} serves in group{'s' if len(kept) > 1 else ''}"
+        f" {', '.join(kept)}; version {ended['from_version']} in the others"
+    )
 
 
 def _new_config(
