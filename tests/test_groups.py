@@ -17,7 +17,8 @@ from fleet import Clock, MemoryProvisioner, Probes
 from flockctl.render import render_plan, status_console, status_view
 from flockctl.server.config import ConfigError, DeploymentConfig
 from flockctl.server.controller import Controller, WorkerGroup
-from flockctl.server.deployment import make_autoscaler, plan
+from flockctl.server.deployment import make_autoscaler
+from flockctl.server.dry_run import plan
 from flockctl.server.groups import Groups
 from flockctl.server.policies import make_policy
 from flockctl.server.pool import WorkerPool
@@ -226,6 +227,21 @@ def test_a_group_takes_the_deployments_settings_it_does_not_set(tmp_path):
     text = render_plan(plan(cfg))
     assert "group small" in text and "alpha: qlrm, start 0, min 0, max 3" in text
     assert "group tools" in text and "server --port {port}: qlrm, start 1, min 1, max 2" in text
+    # The deployment's workers are its groups' together: 0 + 1 to start, at most 3 + 2.
+    assert plan(cfg)["workers"] == {"initial": 1, "min": 1, "max": 5}
+
+
+def test_the_dry_run_of_static_groups_counts_their_endpoints(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "flockctl:\n  groups:\n"
+        "    - {name: a, model: m, endpoints: ['http://127.0.0.1:1', 'http://127.0.0.1:2']}\n"
+        "    - {name: b, endpoints: ['http://127.0.0.1:3']}\n"
+    )
+    resolved = plan(resolve(path))
+    # As for a static deployment without groups: a fixed fleet of one worker per endpoint.
+    assert resolved["workers"] == {"initial": 3, "min": 0, "max": 3}
+    assert [(g["name"], g["initial"]) for g in resolved["groups"]] == [("a", 2), ("b", 1)]
 
 
 async def test_status_shows_each_workers_group_and_a_line_per_group(grouped):

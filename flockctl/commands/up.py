@@ -196,7 +196,7 @@ def _dry_run(
     spec: Path | None, flags: dict[str, Any], names: dict[str, str], as_json: bool
 ) -> None:
     from flockctl.render import render_plan
-    from flockctl.server.deployment import plan
+    from flockctl.server.dry_run import plan
     from flockctl.server.provisioners.sky_sdk import SkyError
 
     cfg = resolve_or_exit(spec, flags, names)
