@@ -87,8 +87,8 @@ class StepCosts:
     verification of a tree of ``n`` tokens per job (the LLM forward, the walk, the kept path).
 
     A speculative iteration of depth ``d`` costs one verification plus ``d`` forwards of each
-    SSM. Verification at a tree size not measured yet is read off a line through the sizes that
-    were (the padded batch makes every job's tree as large as the largest one's)."""
+    SSM. Verification at any tree size is read off a line through the sizes measured (the padded
+    batch makes every job's tree as large as the largest one's)."""
 
     def __init__(self) -> None:
         self.incremental: dict[int, _Recent] = {}
@@ -118,18 +118,21 @@ class StepCosts:
         inc = self.incremental.get(batch)
         if not points or not inc or not inc.count:
             return None
-        if tokens in points:
-            return points[tokens].value
         if len(points) == 1:
             ((n, e),) = points.items()
             return max(0.0, e.value + NODE_COST * inc.value * (tokens - n))
-        # least squares over the measured sizes; more tokens never verify faster
+        # a line through every measured size, each weighted by its recent samples: a size the
+        # policy no longer picks keeps a few old timings, which must not outweigh fresh ones;
+        # more tokens never verify faster
         xs = list(points)
+        ws = [float(len(points[x].samples)) for x in xs]
         ys = [points[x].value for x in xs]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        spread = sum((x - mx) ** 2 for x in xs)
-        slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / spread)
-        return max(0.0, my + slope * (tokens - mx))
+        total = sum(ws)
+        mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / total
+        my = sum(w * y for w, y in zip(ws, ys, strict=True)) / total
+        spread = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True))
+        slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys, strict=True)) / spread
+        return max(0.0, my + max(0.0, slope) * (tokens - mx))
 
     def speculative(self, batch: int, forwards: int, tokens: int) -> float | None:
         """Seconds of a speculative iteration with ``forwards`` SSM forwards and trees of

@@ -190,3 +190,14 @@ def test_one_stalled_step_does_not_turn_speculation_off() -> None:
     policy.observe_speculative(1, depth, depth * 2 * MS, tokens, 1.0)
     assert policy.choose([job]) == {job.id: depth}
     assert policy.step_seconds(1, depth) == pytest.approx((10 + 3 * depth) * MS)
+
+
+def test_a_tree_size_timed_once_on_a_stalled_machine_does_not_set_its_cost() -> None:
+    policy = SpecPolicy("auto", TREE)
+    for _ in range(15):
+        policy.observe_incremental(1, 10 * MS)
+        for tokens in (2, 5):
+            policy.observe_speculative(1, 1, 2 * MS, tokens, (9 + tokens) * MS)
+    policy.observe_speculative(1, 2, 4 * MS, 3, 60 * MS)  # the only timing of 3 tokens
+    assert policy.costs.verify_seconds(1, 3) == pytest.approx(12 * MS, abs=4 * MS)
+    assert policy.costs.verify_seconds(1, 9) == pytest.approx(18 * MS, abs=4 * MS)
