@@ -30,7 +30,9 @@ from flockctl.server.app import create_app
 from flockctl.server.config import DeploymentConfig
 from flockctl.server.deployment import Deployment
 
-if TYPE_CHECKING:  # torch comes with it: imported by the fixtures that need it, not by every test
+if TYPE_CHECKING:  # imported by the fixtures that need them, not by every test (torch, SkyPilot)
+    from fake_sky import FakeSky
+
     from flockctl.engine.engine import Engine
 
 # The tests' models are tiny: one torch thread runs them faster than one per core, whose threads
@@ -338,3 +340,24 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
     return error
+
+
+@pytest.fixture
+def sky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
+    """The fake SkyPilot SDK, for this process and the daemons and CLIs it starts (they find
+    it through ``FLOCKCTL_SKY_SDK``), with a HOME of the test's own; every cluster it still
+    runs is torn down after the test, so a failed test leaves no server behind."""
+    from fake_sky import FakeSky
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
+    monkeypatch.setenv("FLOCKCTL_SKY_SDK", "fake_sky:FakeSky")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    fake = FakeSky()
+    yield fake
+    for cluster in fake.clusters():
+        fake.down(cluster)

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TESTS, until
+from conftest import until
 from fake_sky import FakeSky
 
 from flockctl.server.provisioners.skypilot import recorded_clusters
+
+#: Every test here runs against the fake SkyPilot SDK (conftest's ``sky``).
+pytestmark = pytest.mark.usefixtures("sky")
 
 TASK: dict[str, Any] = {"run": "serve --port 8000", "resources": {"ports": 8000}}
 GROUPS: list[dict[str, Any]] = [
@@ -35,22 +36,6 @@ GROUPS: list[dict[str, Any]] = [
         "task": {"resources": {"ports": 9000, "accelerators": "A100:1"}, "run": "big --port 9000"},
     },
 ]
-
-
-@pytest.fixture(autouse=True)
-def sky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
-    monkeypatch.setenv("FLOCKCTL_SKY_SDK", "fake_sky:FakeSky")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
-    fake = FakeSky()
-    yield fake
-    for cluster in fake.clusters():  # a failed test must not leave servers running
-        fake.down(cluster)
 
 
 @pytest.mark.e2e

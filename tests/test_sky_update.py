@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from cli_driver import flockctl
-from conftest import TESTS, free_port, until, until_sync
+from conftest import free_port, until, until_sync
 from fake_sky import FakeSky
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("sky")]
 
 TASK: dict[str, Any] = {"run": "python -m http.server 8000", "resources": {"ports": 8000}}
 #: The next version's task: other resources, so its clusters' launch logs tell them apart.
@@ -28,22 +27,6 @@ TASK_V2: dict[str, Any] = {
     "run": "python -m http.server 8000",
     "resources": {"ports": 8000, "cpus": "4+"},
 }
-
-
-@pytest.fixture(autouse=True)
-def sky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
-    monkeypatch.setenv("FLOCKCTL_SKY_SDK", "fake_sky:FakeSky")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
-    fake = FakeSky()
-    yield fake
-    for cluster in fake.clusters():  # a failed test must not leave servers running
-        fake.down(cluster)
 
 
 async def sky_daemon(daemon: Any, **extra: Any) -> Any:

@@ -10,17 +10,19 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TESTS, free_port, until, until_sync
+from conftest import free_port, until, until_sync
 from fake_sky import FakeSky
 
 from flockctl.server.provisioners.skypilot import recorded_clusters
 from flockctl.server.workers import WorkerState
+
+#: Every test here runs against the fake SkyPilot SDK (conftest's ``sky``).
+pytestmark = pytest.mark.usefixtures("sky")
 
 S = WorkerState
 TASK: dict[str, Any] = {"run": "python -m http.server 8000", "resources": {"ports": 8000}}
@@ -28,22 +30,6 @@ SKYPILOT_TEXT = (
     "ResourcesUnavailableError: Failed to acquire resources in all zones in us-east-1 for"
     " {L4:1}. Try changing resource requirements or use another region."
 )
-
-
-@pytest.fixture(autouse=True)
-def sky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
-    monkeypatch.setenv("FLOCKCTL_SKY_SDK", "fake_sky:FakeSky")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
-    fake = FakeSky()
-    yield fake
-    for cluster in fake.clusters():  # a failed test must not leave servers running
-        fake.down(cluster)
 
 
 def fields(task: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
