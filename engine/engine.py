@@ -33,7 +33,7 @@ from flockctl.engine.profiler import DecodePace, Profile, calibrate
 from flockctl.engine.runner import Runner
 from flockctl.engine.sampling import Sampler, make_generator
 from flockctl.engine.scheduler import Scheduler, make_scheduler
-from flockctl.engine.spec import SpecPolicy
+from flockctl.engine.spec_policy import SpecPolicy
 from flockctl.engine.speculator import Drafter, Speculator
 from flockctl.engine.text import TextStream
 from flockctl.engine.token_budget import make_batcher

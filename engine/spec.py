@@ -24,7 +24,6 @@ import torch
 
 from flockctl.engine.job import SamplingParams
 from flockctl.engine.sampling import is_greedy, probabilities
-from flockctl.engine.spec_policy import SpecPolicy as SpecPolicy  # the engine's type for it
 
 
 class TokenTree:
