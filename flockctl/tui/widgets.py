@@ -175,12 +175,22 @@ class LiveTable(ScrollView, can_focus=True):
         self.cursor = max(0, min(row, len(self._shown) - 1))
         self._cursor_key = self._shown[self.cursor]
         self._strips.clear()
+        self._cursor_into_view()
+        # Again once laid out: rows just added, or a table not sized yet, change what fits.
+        self.call_after_refresh(self._cursor_into_view)
+        self.refresh()
+
+    def _cursor_into_view(self) -> None:
         visible = max(1, self.scrollable_content_region.height - 1)
         if self.cursor < self.scroll_y:
-            self.scroll_to(y=self.cursor, animate=False)
+            self.scroll_to(y=self.cursor, animate=False, immediate=True)
         elif self.cursor >= self.scroll_y + visible:
-            self.scroll_to(y=self.cursor - visible + 1, animate=False)
-        self.refresh()
+            self.scroll_to(y=self.cursor - visible + 1, animate=False, immediate=True)
+
+    def on_resize(self, event: events.Resize) -> None:
+        """The cursor stays in view when the table's size changes (its first layout, or the
+        terminal's)."""
+        self.call_after_refresh(self._cursor_into_view)
 
     def action_cursor(self, step: int) -> None:
         self.move_cursor(self.cursor + step)
