@@ -165,3 +165,14 @@ async def wait_until(
             last = f" (last error: {exc or type(exc).__name__})"
         await asyncio.sleep(0.1)
     raise RuntimeError(f"{what} not ready within {timeout:g}s{last}")
+
+
+async def job_tokens(handle: Any) -> list[int]:
+    """Every token an in-process engine job makes (an ``Engine.submit`` handle), in order;
+    raises when the job fails."""
+    out: list[int] = []
+    async for delta in handle:
+        if delta.error:
+            raise RuntimeError(f"engine job failed: {delta.error}")
+        out += delta.token_ids
+    return out

@@ -40,7 +40,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
-from common import PROMPTS, machine, percentile, say
+from common import PROMPTS, job_tokens, machine, percentile, say
 
 if TYPE_CHECKING:
     from flockctl.engine.engine import Engine
@@ -114,15 +114,7 @@ async def one_request(
         handles = [leader]
         handles += [engine.submit(prompt, p, after=leader if shared else None) for p in params[1:]]
 
-    async def tokens(handle: Any) -> list[int]:
-        out: list[int] = []
-        async for delta in handle:
-            if delta.error:
-                raise RuntimeError(f"engine job failed: {delta.error}")
-            out += delta.token_ids
-        return out
-
-    outputs = await asyncio.gather(*(tokens(h) for h in handles))
+    outputs = await asyncio.gather(*(job_tokens(h) for h in handles))
     return {
         "latency": time.perf_counter() - start,
         "computed": (prefix.queries - queries) - (prefix.hits - hits),

@@ -79,6 +79,7 @@ from common import (
     child_setup,
     cpu_seconds,
     free_port,
+    job_tokens,
     machine,
     percentile,
     say,
@@ -758,17 +759,9 @@ async def engine_decode(
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
 
-    async def drain(handle: Any) -> list[int]:
-        out: list[int] = []
-        async for delta in handle:
-            if delta.error:
-                raise RuntimeError(f"engine job failed: {delta.error}")
-            out += delta.token_ids
-        return out
-
     start = time.perf_counter()
     handles = [engine.submit(p, params) for p in prompts]
-    outputs = await asyncio.gather(*(drain(h) for h in handles))
+    outputs = await asyncio.gather(*(job_tokens(h) for h in handles))
     return time.perf_counter() - start, list(outputs)
 
 
