@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from flockctl.engine.job import Job
 from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool
+from flockctl.engine.lean_forward import exact_forward
 
 
 @dataclass
@@ -73,7 +75,10 @@ class Feed:
 class Runner:
     """Forwards over the paged KV cache. On CPU the running batch's histories are kept as dense
     rows across forwards (:class:`DenseRows`); elsewhere each forward gathers them (a second
-    copy of the batch's cache would come out of the KV budget's device memory)."""
+    copy of the batch's cache would come out of the KV budget's device memory).
+
+    A model :func:`exact_forward` covers runs its lean forward (the same logits, bit for bit,
+    without transformers' module machinery); any other runs through transformers."""
 
     def __init__(
         self,
@@ -81,8 +86,13 @@ class Runner:
         pool: KVPool,
         device: torch.device,
         dense: bool | None = None,
+        lean: bool = True,
     ):
         self.model = model
+        # the served model's forward: its exact lean forward where it has one (unless ``lean``
+        # is off), else transformers'
+        self.lean = exact_forward(model) if lean else None
+        self._call: Any = self.lean or model
         self.pool = pool
         self.device = device
         self.mask_min = torch.finfo(pool.dtype).min
@@ -187,7 +197,7 @@ class Runner:
             dense = self.dense.write(dense_slots, placed[1])
             self.dense.clear()  # until the forward has written the rows
         cache = pool.view(tables, slots.to(self.device, non_blocking=True), dense)
-        out = self.model(
+        out = self._call(
             input_ids=torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
             attention_mask=mask[:, None].to(self.device, non_blocking=True),
             position_ids=torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True),
