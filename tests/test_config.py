@@ -209,10 +209,12 @@ def test_without_a_worker_command_or_endpoints_workers_run_the_demo_model():
 
 def test_local_engines_split_the_cores_between_them(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
-    assert resolve(flags={"max_workers": 4}).threads_per_engine() == 4
+    # each engine's share of the cores, less the one its serving side keeps
+    assert resolve(flags={"max_workers": 4}).threads_per_engine() == 3
+    assert resolve(flags={"max_workers": 8}).threads_per_engine() == 1
     assert resolve(flags={"max_workers": 32}).threads_per_engine() == 1
     fixed = resolve(flags={"autoscaler": "fixed", "replicas": 2, "max_workers": 8})
-    assert fixed.threads_per_engine() == 8
+    assert fixed.threads_per_engine() == 7
     # the user's own --threads wins
     cfg = resolve(flags={"max_workers": 4, "engine_args": "--threads=3"})
     assert worker_argv(cfg)[-1] == "--threads=3" and worker_argv(cfg).count("--threads") == 0

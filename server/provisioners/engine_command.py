@@ -61,10 +61,12 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
 
 def engine_threads(engines: int) -> int:
     """CPU threads for each of ``engines`` local engines running at once: this machine's cores
-    split between them. Oversubscribed torch threads spin against each other and a CPU decode
-    step can take 50x longer; ``--engine-args '--threads N'`` overrides it."""
+    split between them, less the one core of each share that the engine's serving side keeps
+    (as an engine started alone does by default), at least 1. Oversubscribed torch threads spin
+    against each other and a CPU decode step can take 50x longer; ``--engine-args '--threads
+    N'`` overrides it."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, engines))
+    return max(1, cores // max(1, engines) - 1)
