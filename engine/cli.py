@@ -231,9 +231,9 @@ def serve(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads torch uses (default: one per core less one, at least 1: the"
-            " serving side keeps a core). Engines sharing a machine's cores should split them:"
-            " oversubscribed threads can run 50x slower.",
+            help="CPU threads torch uses (default: OMP_NUM_THREADS if set, else one per core"
+            " less one, at least 1: the serving side keeps a core). Engines sharing a machine's"
+            " cores should split them: oversubscribed threads can run 50x slower.",
             min=1,
             show_default=False,
             rich_help_panel=M,

@@ -28,7 +28,7 @@ class EngineConfig:
     block_size: int = 16
     mlfq_levels: int = 6
     starvation_limit: float = 5.0
-    threads: int | None = None  # torch CPU threads; None: one per core less one, at least 1
+    threads: int | None = None  # torch CPU threads; None: see loader.default_threads
     host_kv_budget: int | None = None  # tokens of swap space in host memory; default: kv budget
     draft_models: tuple[str, ...] = ()  # speculative models (SSMs); 'demo': the demo's draft
     spec_tree: tuple[int, ...] | None = None  # children per node at each depth; None: device's

@@ -35,7 +35,9 @@ def load_engine(
     ``loading weights of M``, ``calibrating``) for whoever asks a starting engine what it does.
     """
     tell = report or (lambda _text: None)
-    torch.set_num_threads(config.threads or default_threads())
+    threads = config.threads or default_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     path = _resolve(config.model, draft=False, progress=progress, report=tell)
@@ -75,12 +77,15 @@ def load_engine(
     )
 
 
-def default_threads() -> int:
+def default_threads() -> int | None:
     """Torch's CPU threads when ``--threads`` is not given: every core this process may run on
     but one, which the serving side keeps (the event loop answering HTTP and streaming tokens,
     the model loop's own Python between forwards); at least 1. With torch on every core its
     threads spin against those two: on a 2-core machine, 8 concurrent streams made half the
-    tokens per second they made with one torch thread."""
+    tokens per second they made with one torch thread. None where ``OMP_NUM_THREADS`` is set:
+    torch has taken the user's number from it."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
