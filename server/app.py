@@ -399,8 +399,12 @@ def create_app(
             try:
                 new_cfg = DeploymentConfig.model_validate(values)
             except ValidationError as exc:
+                # A check across fields has no location; its message starts with the field.
                 problems = "; ".join(
-                    f"config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+                    ".".join(["config", *(str(p) for p in e["loc"])])
+                    + ("." if not e["loc"] else ": ")
+                    + str(e["msg"]).removeprefix("Value error, ")
+                    for e in exc.errors()
                 )
                 raise HTTPException(422, problems) from None
         try:

@@ -316,7 +316,8 @@ class Deployment:
                 " workers and how many may); restart with flockctl down and flockctl up",
                 422,
             )
-        if new_cfg.provisioner == "static" and set(new_cfg.endpoints) <= set(self.cfg.endpoints):
+        static = new_cfg.provisioner == "static" and not grouped
+        if static and set(new_cfg.endpoints) <= set(self.cfg.endpoints):
             raise UpdateRefused(
                 "endpoints: the new version needs an endpoint the running one does not use"
                 " (--endpoint URL ...: the new list replaces the old)",

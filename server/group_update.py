@@ -11,8 +11,14 @@ model or command, engine flags and autoscaler settings, with what it takes from 
 The ``Rollout`` takes them one at a time, added groups first and removed ones last, so capacity
 comes before it goes. What is kept out is refused by name: adding groups to a deployment without
 any or dropping them all, renaming a group (a removal and an addition that run the same thing),
-moving the first group (it takes the requests that name no model), and groups of a static or
-SkyPilot deployment.
+moving the first group (it takes the requests that name no model), and moving a static URL from
+one group to another (the two groups would hold it at once).
+
+Local, static and SkyPilot groups update alike: the provisioner gets the group's new definition
+(``Provisioner.use_group``: its command, endpoint list or task) when the group's turn comes, and
+back when the group rolls back. A worker that already runs the new definition (a static URL the
+group keeps, a cluster of a group whose task did not change) is kept and moves to the new version
+in place; the others are replaced, new ones READY before old ones drain.
 """
 
 from __future__ import annotations
@@ -51,11 +57,6 @@ def grouped_config(
         raise UpdateRefused(
             f"groups: the new config declares no groups; to run without them, {_RESTART}", 422
         )
-    if old.provisioner != "local":
-        raise UpdateRefused(
-            f"groups: the groups of a {old.provisioner} deployment cannot be updated yet;"
-            f" {_RESTART}"
-        )
     old_by = {g.name: g for g in old.groups}
     new_by = {g.name: g for g in new.groups}
     if group is not None:
@@ -87,11 +88,30 @@ def grouped_config(
             raise UpdateRefused(
                 f"groups: a group named {name!r} already runs (made for its model)", 422
             )
+    _check_moved_endpoints(old, new)
     return new
 
 
-def _work(group: GroupConfig) -> tuple[str | None, str | None]:
-    return group.model, group.worker_command
+def _check_moved_endpoints(old: DeploymentConfig, new: DeploymentConfig) -> None:
+    """A URL is one group's worker at a time, and the groups move one after another: a URL the
+    new config puts in another group would be taken by two groups at once."""
+    was = {u.rstrip("/"): g.name for g in old.groups for u in g.endpoints or []}
+    for index, g in enumerate(new.groups):
+        for url in g.endpoints or []:
+            other = was.get(url.rstrip("/"))
+            if other is not None and other != g.name:
+                raise UpdateRefused(
+                    f"groups.{index}.endpoints: {url} moves from group {other} to group"
+                    f" {g.name}; a server is one group's worker at a time (drop it from {other}"
+                    f" in one update and add it to {g.name} in the next)",
+                    422,
+                )
+
+
+def _work(group: GroupConfig) -> tuple[Any, ...]:
+    """What a group's workers run, whatever its name and bounds (a rename keeps it)."""
+    endpoints = sorted(u.rstrip("/") for u in group.endpoints or [])
+    return group.model, group.worker_command, endpoints, group.task
 
 
 def group_steps(old: DeploymentConfig, new: DeploymentConfig) -> list[GroupStep]:

@@ -103,6 +103,7 @@ class Groups:
 
     def add_group(self, declared: GroupConfig, own: DeploymentConfig) -> Controller:
         """A group the new version declares: its controller starts at once, with no worker."""
+        self.primary.provisioner.use_group(declared.name, own)
         command = own.local_command() if own.provisioner == "local" else None
         controller = self._add(WorkerGroup(declared.name, command, declared.model), own, False)
         self._declare()
@@ -111,7 +112,9 @@ class Groups:
     def redefine(
         self, controller: Controller, declared: GroupConfig, own: DeploymentConfig
     ) -> None:
-        """The workers ``controller`` launches from now on run ``declared``'s model or command."""
+        """The workers ``controller`` launches from now on run ``declared``'s model or command
+        (its endpoints, its task)."""
+        controller.provisioner.use_group(declared.name, own)
         command = own.local_command() if own.provisioner == "local" else None
         controller.group = WorkerGroup(declared.name, command, declared.model)
         self._configs[declared.name] = own
@@ -122,6 +125,7 @@ class Groups:
         """Forget a group the new version no longer declares (stopping it is the caller's)."""
         self.controllers.remove(controller)
         if controller.group is not None:
+            controller.provisioner.use_group(controller.group.name, None)
             self._configs.pop(controller.group.name, None)
             self._models.pop(controller.group.name, None)
         self._declare()
@@ -188,10 +192,11 @@ class Groups:
             self.pool.models_changed()
 
     def _learn(self) -> None:
-        """Add the models each group's workers listed to the group's models."""
+        """Add the models each group's workers listed to the group's models (a group an update
+        removed has none, though its stopped workers stay in the pool a while)."""
         changed = False
         for worker in self.pool:
-            if not worker.models:
+            if not worker.models or worker.group not in self._configs:
                 continue
             models = self._models.setdefault(worker.group, set())
             if not models.issuperset(worker.models):

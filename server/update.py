@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 
 from flockctl.schema import GroupUpdateView, UpdateProgress, UpdateView
 from flockctl.server.config import GROUP_SCALING
-from flockctl.server.workers import LIVE, WorkerState
+from flockctl.server.workers import LIVE, Worker, WorkerState
 
 if TYPE_CHECKING:
     from flockctl.server.controller import Controller
@@ -78,6 +78,18 @@ class Update:
         self.ended_at: float | None = None
         controller.version = new
         controller.update = self
+        #: Workers that serve the new version as they are (``Provisioner.carries_over``: a
+        #: static URL the new list keeps), moved to it at once, with the model each had.
+        self.carried: dict[str, tuple[Worker, str | None]] = {}
+        group = controller.group
+        for worker in controller.others():
+            if controller.provisioner.carries_over(worker):
+                self.carried[worker.id] = (worker, worker.model)
+                worker.version = new
+                if group is not None:
+                    _relabel(worker, worker.model, group.model)
+        if self.carried:
+            controller.pool.models_changed()
         self._set_cap()
 
     @property
@@ -102,13 +114,16 @@ class Update:
             return
         new = controller.live()
         for worker in new:
+            if worker.id in self.carried:
+                continue
             if not worker.ever_ready and now - worker.created_at > self.timeout:
                 self.roll_back(
                     f"worker {worker.id} of version {self.new} was not READY within"
                     f" {self.timeout:g}s (--update-timeout)"
                 )
                 return
-        ready = sum(1 for w in new if w.state == WorkerState.READY)
+        # A carried worker serves as it did before the update, READY or not: it counts as up.
+        ready = sum(1 for w in new if w.state == WorkerState.READY or w.id in self.carried)
         old = controller.others()
         target = controller.target
         if self.mode == "blue-green":
@@ -122,7 +137,9 @@ class Update:
                 log.info("update %s: draining %s of version %d", self.id, worker.id, self.old)
                 controller.drain(worker)
         self._set_cap()
-        if not controller.others(_NOT_GONE) and ready >= min(target, 1):
+        # With carried workers the new ones must all be READY too (a static URL added).
+        enough = min(target, 1) if not self.carried else target
+        if not controller.others(_NOT_GONE) and ready >= enough:
             self._end("succeeded", None)
 
     def _crash_loop(self) -> str:
@@ -152,6 +169,12 @@ class Update:
         controller.update_cap = None
         controller.blocked = None
         controller.start_failures = 0
+        for worker, model in self.carried.values():
+            if worker.version == self.new:
+                _relabel(worker, worker.model, model)
+                worker.version = self.old
+        if self.carried:
+            controller.pool.models_changed()
         for worker in controller.others():
             controller.drain(worker)
         self._end("rolled_back", reason)
@@ -196,6 +219,17 @@ class Update:
             "progress": self.progress(),
             "groups": [],
         }
+
+
+def _relabel(worker: Worker, was: str | None, model: str | None) -> None:
+    """Say that ``worker`` serves ``model`` (its group's, in the version it moves to) instead of
+    ``was``, in its listed models too."""
+    if was == model:
+        return
+    worker.model = model
+    if worker.models:
+        listed = [m for m in worker.models if m != was]
+        worker.models = tuple(dict.fromkeys([*([model] if model else []), *listed]))
 
 
 @dataclass

@@ -97,6 +97,18 @@ class Provisioner(ABC):
         running keep what they run. Raises ``NotImplementedError`` where it cannot."""
         raise NotImplementedError(f"the {self.name} provisioner cannot update its workers")
 
+    def use_group(self, name: str, cfg: DeploymentConfig | None) -> None:  # noqa: B027
+        """Launch group ``name``'s workers from ``cfg`` (its own config, resolved) from now on,
+        or forget the group (None: an update dropped it). Local workers carry their group's
+        command themselves, so by default there is nothing to keep."""
+
+    def carries_over(self, worker: Worker) -> bool:
+        """Whether ``worker`` already runs what its group (or the deployment) was last given
+        (``use_config``, ``use_group``), so an update keeps it instead of replacing it: a
+        static URL the new list keeps is the same server. False by default: a new version
+        gets new workers."""
+        return False
+
     def add_endpoint(self, url: str) -> None:
         """Take one more worker URL; only where ``capabilities.takes_urls``."""
         raise NotImplementedError(f"the {self.name} provisioner takes no worker URLs")

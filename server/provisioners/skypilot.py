@@ -12,6 +12,10 @@ cluster that is gone or no longer UP is PREEMPTED, an on-demand one FAILED, and 
 replaces either. Clusters are recorded in ``clusters.json`` so a restarted daemon re-adopts them
 and ``flockctl down`` tears down what a dead daemon left.
 
+With worker groups each group launches its own task; an update of a group (``use_group``)
+changes what its next clusters run, and a cluster launched from what the group still runs
+(only its bounds or model name changed) is kept rather than relaunched (``carries_over``).
+
 Every SDK call goes through ``sky_sdk`` and runs in a thread, off the event loop.
 """
 
@@ -122,6 +126,8 @@ class SkyPilotProvisioner(Provisioner):
         self._refresher: asyncio.Task[None] | None = None
         #: Recorded workers whose launch a daemon restart interrupted; start() tears them down.
         self._interrupted: list[Worker] = []
+        #: What each worker's cluster was launched from (by this daemon), by worker id.
+        self._launched: dict[str, GroupLaunch] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -136,6 +142,7 @@ class SkyPilotProvisioner(Provisioner):
     async def launch(self, worker: Worker) -> None:
         cluster = cluster_name(self.deployment, worker.id)
         what = self._launch_of(worker)
+        self._launched[worker.id] = what
         if worker.spot is None:
             worker.spot = what.spot
         worker.resource = cluster
@@ -216,6 +223,23 @@ class SkyPilotProvisioner(Provisioner):
         self.spot = cfg.uses_spot()
         self.launch_attempts, self.launch_backoff = cfg.launch_attempts, cfg.launch_backoff
 
+    def use_group(self, name: str, cfg: DeploymentConfig | None) -> None:
+        """Group ``name``'s clusters launched from now on run ``cfg``'s task (its own fields over
+        the SPEC's); None: the group is gone. Clusters up keep theirs until they are drained."""
+        if cfg is None:
+            self.groups.pop(name, None)
+            return
+        if cfg.task is None or cfg.worker_port is None:
+            raise NotImplementedError(f"the new config of group {name!r} has no SkyPilot task")
+        self.groups[name] = GroupLaunch(cfg.task, cfg.worker_port, cfg.uses_spot())
+        self.launch_attempts, self.launch_backoff = cfg.launch_attempts, cfg.launch_backoff
+
+    def carries_over(self, worker: Worker) -> bool:
+        """A cluster this daemon launched from exactly what its group runs now (an update that
+        changed only the group's bounds or model name keeps it); any other is replaced."""
+        launched = self._launched.get(worker.id)
+        return launched is not None and launched == self._launch_of(worker)
+
     # -- health --------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -288,6 +312,7 @@ class SkyPilotProvisioner(Provisioner):
             log.warning("could not tear down the failed cluster %s: %s", cluster, exc)
 
     def forget(self, worker: Worker) -> None:
+        self._launched.pop(worker.id, None)
         record = self._records.pop(worker.id, None)
         if record is not None:
             self._seen.pop(record["cluster"], None)

@@ -8,6 +8,10 @@ out of rotation until a probe passes again, however long that takes.
 With worker groups each group lists its own endpoints, and a worker of a group only ever gets
 one of its group's URLs; a URL added at run time joins the first group (whose controller adds
 the operator's workers).
+
+An update (``flockctl update``) hands over a new list: a worker at a URL the new list keeps is
+the same server, so it stays and serves the new version (``carries_over``); new URLs get new
+workers; workers at URLs the list dropped drain once the new ones are READY.
 """
 
 from __future__ import annotations
@@ -59,6 +63,18 @@ class StaticProvisioner(Provisioner):
         """The new endpoint list replaces the old one; a worker already at an old URL keeps it
         until it is drained."""
         self.endpoints = [u.rstrip("/") for u in cfg.endpoints]
+
+    def use_group(self, name: str, cfg: DeploymentConfig | None) -> None:
+        """Group ``name``'s new endpoint list replaces its old one (None: the group is gone); a
+        worker at a URL the list no longer has keeps it until it is drained."""
+        if cfg is None:
+            self.groups.pop(name, None)
+        else:
+            self.groups[name] = [u.rstrip("/") for u in cfg.endpoints]
+
+    def carries_over(self, worker: Worker) -> bool:
+        """A worker whose URL its list still has: the same server serves the new version."""
+        return worker.url is not None and worker.url in self._list(worker.group)
 
     def capacity(self, live: int) -> int | None:
         in_use = set(self._in_use.values())
