@@ -192,6 +192,11 @@ class Backend(ABC):
     async def stats(self, detailed: bool = False) -> dict[str, Any]:
         """The engine's ``/stats`` (or ``/stats/detailed``) object."""
 
+    @abstractmethod
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """A finished job's detail (``/jobs/{id}``: its events, its MLFQ level), or None once
+        the engine no longer remembers it."""
+
 
 class HttpBackend(Backend):
     def __init__(self, session: aiohttp.ClientSession, base: str, pid: int) -> None:
@@ -219,6 +224,13 @@ class HttpBackend(Backend):
     async def stats(self, detailed: bool = False) -> dict[str, Any]:
         path = "/stats/detailed" if detailed else "/stats"
         async with self.session.get(self.base + path) as resp:
+            resp.raise_for_status()
+            return dict(await resp.json())
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        async with self.session.get(f"{self.base}/jobs/{job_id}") as resp:
+            if resp.status == 404:
+                return None
             resp.raise_for_status()
             return dict(await resp.json())
 
@@ -255,6 +267,9 @@ class InProcessBackend(Backend):
 
     async def stats(self, detailed: bool = False) -> dict[str, Any]:
         return self.engine.stats(detailed=detailed)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return self.engine.job_info(job_id)
 
 
 # -- the server process ----------------------------------------------------------------------------
@@ -436,6 +451,8 @@ class Outcome:
     done: float = 0.0
     figures: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # the MLFQ level it was admitted at and the one it finished in (0 and 0 under FCFS)
+    levels: tuple[int | None, int | None] = (None, None)
 
     @property
     def jct(self) -> float:
@@ -537,6 +554,13 @@ def summarize_run(
         "preempted_jobs": sum(1 for o in good if o.figures.get("preemption_count")),
         "engine_iterations": after["iterations"] - before["iterations"],
         "max_dispatch_lag_ms": round(lag * 1000, 1),
+        # per job of the trace, in its order: [output tokens, JCT s, preemptions, level at
+        # admission, level at the end]; which jobs a scheduler made wait, and where they sat,
+        # shows here, where the summaries only give the classes
+        "job_jct_s": [
+            [o.arrival.max_new_tokens, _r(o.jct), o.figures.get("preemption_count"), *o.levels]
+            for o in outcomes
+        ],
     }
     if errors:
         row["first_error"] = errors[0].error
@@ -565,13 +589,19 @@ def simulate(
     """The engine's own scheduler classes on a fake clock, fed ``trace``: every iteration costs
     ``iteration_s`` and gives each of the first ``batch`` jobs in the scheduler's order a token
     (no prefill cost, KV never short). What the policy alone does with these jobs, free of the
-    host's noise; a measured speedup far below it points at the engine, not the policy."""
+    host's noise; a measured speedup far below it points at the engine, not the policy.
+
+    The MLFQ's base quantum is ``iteration_s`` itself, as the engine keeps its own at one decode
+    iteration of its own pace: ``mlfq`` gives only the levels and the starvation limit. (Its
+    ``quanta_ms`` time the engine's decode steps alone, a third to two thirds of what an
+    iteration of the closed loop costs on a busy host; taken as the quanta here, they sent
+    20-token jobs to the last level behind the long ones.)"""
     from flockctl.engine.job import Job, SamplingParams
     from flockctl.engine.scheduler import make_scheduler
 
     policy = make_scheduler(
         scheduler,
-        base_quantum=mlfq["quanta_ms"][0] / 1000,
+        base_quantum=iteration_s,
         predict_prefill=lambda _tokens: 0.0,
         levels=mlfq["levels"],
         starvation_limit=mlfq["starvation_limit_s"],
@@ -642,6 +672,19 @@ def trace_for(args: argparse.Namespace, tokens_per_s: float) -> tuple[list[Arriv
     return trace, rate
 
 
+async def record_levels(backend: Backend, outcomes: list[Outcome]) -> None:
+    """Each finished job's level at admission and at its end, from the engine's job detail."""
+    for o in outcomes:
+        job_id = o.figures.get("job_id")
+        if o.error is not None or not job_id:
+            continue
+        detail = await backend.job(str(job_id))
+        if detail is None:
+            continue
+        admitted = next((e["detail"] for e in detail["events"] if e["event"] == "admitted"), None)
+        o.levels = (admitted, detail["level"])
+
+
 async def run_trace(backend: Backend, trace: list[Arrival], scheduler: str) -> dict[str, Any]:
     """Send ``trace`` open loop; the run's figures with the engine's CPU use and the host's
     load average at its start and end."""
@@ -650,6 +693,7 @@ async def run_trace(backend: Backend, trace: list[Arrival], scheduler: str) -> d
     start = time.perf_counter()
     outcomes = await open_loop(backend, trace, scheduler)
     after = await backend.stats(detailed=True)
+    await record_levels(backend, outcomes)
     row = summarize_run(outcomes, start, before, after)
     busy = row["throughput"]["seconds"]
     row["engine_cores_used"] = round((cpu_seconds(backend.process) - cpu) / busy, 2)

@@ -1,0 +1,40 @@
+"""bench/scheduler.py's fake-clock replay: the engine's scheduler classes on a trace, with no
+engine and no wall time."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import scheduler as module  # bench/scheduler.py, beside its `common`
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def detail(base_ms: float) -> dict[str, object]:
+    """An MLFQ engine's scheduler_detail whose decode steps cost ``base_ms``."""
+    return {"levels": 6, "quanta_ms": [base_ms * 2**k for k in range(6)], "starvation_limit_s": 5.0}
+
+
+def test_the_replay_keeps_the_quanta_at_one_iteration_of_its_own_clock(bench: ModuleType) -> None:
+    # The engine's quanta time its decode steps alone; an iteration of the closed loop costs
+    # more (prefills, the HTTP side). Replayed at 20 ms an iteration, quanta of 5 ms would
+    # let a 24-token job run through every level and wait behind the long jobs at the bottom.
+    trace = bench.make_trace(bench.trace_lengths(150, 1), rate=3.0, seed=1)
+    at_pace = bench.simulate(trace, "mlfq", 4, 0.020, detail(20.0))
+    assert bench.simulate(trace, "mlfq", 4, 0.020, detail(5.0)) == at_pace
+    fcfs = bench.simulate(trace, "fcfs", 4, 0.020, detail(5.0))
+    # a short job runs at once and finishes in its own service time, a few tenths of a second
+    assert at_pace["short_jct_s"]["p99"] < 0.6
+    assert at_pace["short_jct_s"]["mean"] < fcfs["short_jct_s"]["mean"] / 2
