@@ -126,8 +126,9 @@ class SkyPilotProvisioner(Provisioner):
         self._refresher: asyncio.Task[None] | None = None
         #: Recorded workers whose launch a daemon restart interrupted; start() tears them down.
         self._interrupted: list[Worker] = []
-        #: What each worker's cluster was launched from (by this daemon), by worker id.
-        self._launched: dict[str, GroupLaunch] = {}
+        #: What each worker's cluster was launched from (by this daemon), by worker id, with
+        #: the directory its relative paths were read against.
+        self._launched: dict[str, tuple[GroupLaunch, str | None]] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -142,7 +143,7 @@ class SkyPilotProvisioner(Provisioner):
     async def launch(self, worker: Worker) -> None:
         cluster = cluster_name(self.deployment, worker.id)
         what = self._launch_of(worker)
-        self._launched[worker.id] = what
+        self._launched[worker.id] = (what, self.base_dir)
         if worker.spot is None:
             worker.spot = what.spot
         worker.resource = cluster
@@ -237,8 +238,7 @@ class SkyPilotProvisioner(Provisioner):
     def carries_over(self, worker: Worker) -> bool:
         """A cluster this daemon launched from exactly what its group runs now (an update that
         changed only the group's bounds or model name keeps it); any other is replaced."""
-        launched = self._launched.get(worker.id)
-        return launched is not None and launched == self._launch_of(worker)
+        return self._launched.get(worker.id) == (self._launch_of(worker), self.base_dir)
 
     # -- health --------------------------------------------------------------------------------
 
