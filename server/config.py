@@ -285,6 +285,19 @@ class DeploymentConfig(_Strict):
         description="--policy prefix: characters of prompt text remembered per worker, least"
         " recently used forgotten first",
     )
+    latency_decay: Annotated[float, Flag(BALANCING)] = Field(
+        10.0,
+        gt=0,
+        description="--policy latency: seconds over which faster answers pull a worker's"
+        " latency estimate down by a factor e (slower ones count at once)",
+    )
+    latency_probe_interval: Annotated[float, Flag(BALANCING)] = Field(
+        1.0,
+        gt=0,
+        description="--policy latency: a READY worker that goes this many seconds without an"
+        " answer to measure (idle, or avoided as slow) gets a one-token completion as a probe,"
+        " one at a time; probes are neither served requests nor logged",
+    )
     worker_capacity: Annotated[
         int | None,
         Flag(

@@ -155,7 +155,13 @@ class Deployment:
         self.state_dir = state_dir
         self.token = token
         self.started_at = time.time()
-        routing = PolicySettings(cfg.prefix_min_match, cfg.prefix_balance, cfg.prefix_tree_chars)
+        routing = PolicySettings(
+            cfg.prefix_min_match,
+            cfg.prefix_balance,
+            cfg.prefix_tree_chars,
+            latency_decay=cfg.latency_decay,
+            latency_probe_interval=cfg.latency_probe_interval,
+        )
         self.pool = WorkerPool(make_policy(cfg.policy, routing), cfg.worker_capacity, cfg.max_queue)
         self.provisioner = make_provisioner(cfg, state_dir)
         self.prober: Prober | None = None

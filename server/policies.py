@@ -6,12 +6,16 @@ tried for this request); it never sees I/O, so it is cheap enough for every requ
 - ``least-connection`` (the default), ``round-robin``, ``power-of-two``: load only.
 - ``latency``: the expected completion time of each of two random workers, from moving
   estimates of their time to first byte and per streamed chunk (Finagle's peak EWMA: a slow
-  answer counts at once, fast ones pull the estimate down, and an idle worker's estimate decays
-  towards zero so that it is tried again with a real request; a worker with requests in flight
-  keeps its estimate until they answer). A sample is taken per request
-  the worker had in flight: a batching engine answering four requests at once in 0.4 s is
-  faster than one answering one alone in 0.3 s, and counting its answer whole and then its
-  queue again made the policy send work to the slower one.
+  answer counts at once, fast ones pull the estimate down over ``decay`` seconds). A sample is
+  taken per request the worker had in flight: a batching engine answering four requests at once
+  in 0.4 s is faster than one answering one alone in 0.3 s, and counting its answer whole and
+  then its queue again made the policy send work to the slower one. A worker the policy avoids
+  gets no answers to learn from, so the daemon probes it (``probe_due_in``, the prober's latency
+  loop): a one-token completion, at most one at a time, no sooner than ``probe_interval`` after
+  its last sample. A probe still waiting counts as that slow already (its elapsed time is a
+  lower bound, as Linkerd's and Envoy's peak EWMA count pending work). Without probes (the
+  simulator) an idle worker's estimate decays towards zero instead, so that a real request
+  tries it again: on a busy worker that request waited behind its queue for seconds.
 - ``prefix``: the worker that was already sent the longest part of the prompt (its KV cache
   likely holds it), unless that match is short or the worker is much busier than the least
   loaded one; sessions stick to their worker (SGLang's cache-aware router as the model).
@@ -45,8 +49,11 @@ class PolicySettings:
     prefix_tree_chars: int = 1_000_000
     #: Sessions remembered (least recently used forgotten first).
     sessions: int = 65_536
-    #: Seconds over which an idle worker's latency estimate decays by a factor e.
+    #: Seconds over which faster latency samples pull an estimate down by a factor e.
     latency_decay: float = 10.0
+    #: Seconds a READY worker goes without a latency sample before it is probed (None: never;
+    #: then an idle worker's estimate decays towards zero instead).
+    latency_probe_interval: float | None = 1.0
 
 
 class BalancingPolicy:
@@ -81,6 +88,18 @@ class BalancingPolicy:
 
     def worker_changed(self, worker: Worker, old: object) -> None:
         """A worker changed state (a pool transition listener)."""
+
+    def probe_due_in(self, worker: Worker) -> float | None:
+        """Seconds until ``worker`` should get a latency probe (0: now); None: this policy
+        sends none (the prober asks again later)."""
+        return None
+
+    def probe_started(self, worker: Worker) -> None:
+        """A latency probe was sent to ``worker``."""
+
+    def observe_probe(self, worker: Worker, seconds: float | None) -> None:
+        """A latency probe to ``worker`` answered after ``seconds``; None: it failed (an error
+        status, or no connection), which says nothing of the worker's speed."""
 
 
 def least_loaded(candidates: Sequence[Worker]) -> Worker:
@@ -134,7 +153,8 @@ class PowerOfTwo(BalancingPolicy):
 
 
 class _PeakEwma:
-    """A moving estimate that takes a higher sample at once and decays with time otherwise."""
+    """A moving estimate that takes a higher sample at once and moves towards lower ones over
+    ``tau`` seconds (weighted by the time since the last sample)."""
 
     __slots__ = ("stamp", "value")
 
@@ -143,13 +163,16 @@ class _PeakEwma:
         self.stamp = now
 
     def get(self, now: float | None, tau: float) -> float:
-        """The estimate at ``now``; None: as last measured, without decay."""
+        """The estimate at ``now``, decayed towards zero since the last sample; None: as last
+        measured."""
         if now is None:
             return self.value
         return self.value * math.exp(-max(now - self.stamp, 0.0) / tau)
 
-    def observe(self, sample: float, now: float, tau: float) -> None:
-        current = self.get(now, tau)
+    def observe(self, sample: float, now: float, tau: float, idle_decay: bool) -> None:
+        """Take ``sample``; with ``idle_decay`` it is compared with the estimate decayed
+        towards zero since the last sample, else with the estimate as last measured."""
+        current = self.get(now if idle_decay else None, tau)
         if sample > current:
             self.value = sample
         else:
@@ -159,7 +182,7 @@ class _PeakEwma:
 
 
 class _Estimate:
-    __slots__ = ("chunk", "ended", "first_byte")
+    __slots__ = ("chunk", "ended", "first_byte", "last", "probe_since", "unprobed")
 
     def __init__(self, now: float) -> None:
         self.first_byte = _PeakEwma(now)
@@ -167,6 +190,12 @@ class _Estimate:
         #: Whether an answer ended: a first byte alone (a stream's head, sent at once) says
         #: nothing of how long the answer takes.
         self.ended = False
+        #: When the last whole sample came (an answer's end or a probe's).
+        self.last = now
+        #: When the latency probe in flight was sent; None: none is.
+        self.probe_since: float | None = None
+        #: The last probe failed (the worker cannot be probed): its estimate decays when idle.
+        self.unprobed = False
 
 
 class Latency(BalancingPolicy):
@@ -175,9 +204,14 @@ class Latency(BalancingPolicy):
     A worker's expected time is its estimated time to first byte plus its time per chunk times
     the chunks an answer has on average, multiplied by (in flight + 1); each sample is divided
     by the requests the worker had in flight when it was taken (itself included), so the load a
-    sample was measured under is not counted twice. A worker idle for a while estimates near
-    zero: it gets the next request, which measures it. A worker never measured counts as the
-    mean of those measured (zero when none was).
+    sample was measured under is not counted twice. A worker never measured counts as the mean
+    of those measured (zero when none was).
+
+    An estimate stands until a sample moves it: an avoided worker is probed every
+    ``probe_interval`` seconds it goes without a sample, and a probe's time moves its whole
+    estimate (both parts in proportion) as an answer's would; a probe still waiting counts as
+    at least that slow. With ``probe_interval`` None (or for a worker whose probes fail) an
+    idle worker's estimate decays towards zero instead, so that a real request measures it.
     """
 
     name = "latency"
@@ -187,8 +221,10 @@ class Latency(BalancingPolicy):
         decay: float = 10.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        probe_interval: float | None = None,
     ) -> None:
         self.decay = decay
+        self.probe_interval = probe_interval
         self._rng = rng or random.Random()
         self._clock = clock
         self._estimates: dict[str, _Estimate] = {}
@@ -197,7 +233,11 @@ class Latency(BalancingPolicy):
 
     @classmethod
     def from_settings(cls, settings: PolicySettings) -> BalancingPolicy:
-        return cls(decay=settings.latency_decay)
+        return cls(decay=settings.latency_decay, probe_interval=settings.latency_probe_interval)
+
+    @property
+    def _idle_decay(self) -> bool:
+        return self.probe_interval is None
 
     def _estimate(self, worker: Worker) -> _Estimate:
         est = self._estimates.get(worker.id)
@@ -207,18 +247,24 @@ class Latency(BalancingPolicy):
 
     def expected(self, worker: Worker) -> float:
         """Seconds a new request on ``worker`` is expected to take, its queue included."""
+        now = self._clock()
         est = self._estimates.get(worker.id)
         if est is None or not est.ended:
             # Not measured yet: as fast as the workers that were, until its first answer (taken
             # as zero, a slow new worker drew every request until that answer came).
-            known = [self._one(e, self._clock()) for e in self._estimates.values() if e.ended]
-            return sum(known) / len(known) * (worker.in_flight + 1) if known else 0.0
-        # Only an idle worker's estimate decays: one with requests in flight will report on
-        # them, so its last measure stands. (Decaying it too sent more work to a worker whose
-        # answers took longer than the decay while they were still running.)
-        return self._one(est, self._clock() if worker.in_flight == 0 else None) * (
-            worker.in_flight + 1
-        )
+            at = now if self._idle_decay else None
+            known = [self._one(e, at) for e in self._estimates.values() if e.ended]
+            one = sum(known) / len(known) if known else 0.0
+        else:
+            # Only an idle worker's estimate decays, and only without probes: one with requests
+            # in flight will report on them, so its last measure stands. (Decaying it too sent
+            # more work to a worker whose answers took longer than the decay while they were
+            # still running.)
+            decays = worker.in_flight == 0 and (self._idle_decay or est.unprobed)
+            one = self._one(est, now if decays else None)
+        if est is not None and est.probe_since is not None:
+            one = max(one, now - est.probe_since)
+        return one * (worker.in_flight + 1)
 
     def _one(self, est: _Estimate, now: float | None) -> float:
         """Seconds one request takes by ``est`` at ``now`` (None: as last measured)."""
@@ -237,15 +283,62 @@ class Latency(BalancingPolicy):
     def observe_first_byte(self, worker: Worker, seconds: float) -> None:
         # The balancer still counts this request in flight: 1 when it was the only one.
         share = seconds / max(worker.in_flight, 1)
-        self._estimate(worker).first_byte.observe(share, self._clock(), self.decay)
+        est = self._estimate(worker)
+        est.first_byte.observe(share, self._clock(), self.decay, self._idle_decay)
 
     def observe_end(self, worker: Worker, seconds: float, chunks: int) -> None:
         chunks = max(chunks, 1)
         share = seconds / chunks / max(worker.in_flight, 1)
+        now = self._clock()
         est = self._estimate(worker)
-        est.chunk.observe(share, self._clock(), self.decay)
+        est.chunk.observe(share, now, self.decay, self._idle_decay)
         est.ended = True
+        est.last = now
         self.chunks += 0.1 * (chunks - self.chunks)
+
+    def probe_due_in(self, worker: Worker) -> float | None:
+        interval = self.probe_interval
+        if interval is None:
+            return None
+        est = self._estimates.get(worker.id)
+        if est is None:
+            return 0.0  # never measured: before user requests find out
+        if est.probe_since is not None or worker.in_flight:
+            return interval  # one probe at a time; answers in flight will report
+        return max(est.last + interval - self._clock(), 0.0)
+
+    def probe_started(self, worker: Worker) -> None:
+        self._estimate(worker).probe_since = self._clock()
+
+    def observe_probe(self, worker: Worker, seconds: float | None) -> None:
+        est = self._estimates.get(worker.id)
+        if est is None or est.probe_since is None:
+            return  # it left READY meanwhile: its estimate went with it
+        now = self._clock()
+        est.probe_since = None
+        est.unprobed = seconds is None
+        if seconds is not None:
+            self._observe_whole(est, seconds, now)
+        est.last = now
+
+    def _observe_whole(self, est: _Estimate, sample: float, now: float) -> None:
+        """A probe's time as one request's: a higher one is taken at once, a lower one pulls
+        the estimate down by the time since the last sample; time to first byte and per chunk
+        keep their proportion."""
+        first, chunk = est.first_byte, est.chunk
+        current = first.value + chunk.value * self.chunks
+        if not est.ended or current <= 0.0:
+            first.value, chunk.value = sample, 0.0
+        else:
+            if sample > current:
+                target = sample
+            else:
+                w = math.exp(-max(now - est.last, 0.0) / self.decay)
+                target = current * w + sample * (1.0 - w)
+            first.value *= target / current
+            chunk.value *= target / current
+        first.stamp = chunk.stamp = now
+        est.ended = True
 
     def worker_changed(self, worker: Worker, old: object) -> None:
         if worker.state != WorkerState.READY:

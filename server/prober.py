@@ -7,6 +7,13 @@
 
 The balancer can ask for an early probe (``poke``) when a request to a worker fails to connect.
 
+Latency probes, for a balancing policy that asks for them (``--policy latency``): a second loop
+per worker sends a READY worker a one-token completion when the policy says it is due (it went
+``--latency-probe-interval`` seconds without an answer to measure, being idle or avoided as
+slow) and tells the policy how long it took. At most one is in flight per worker; one that gets
+no answer within ``LATENCY_PROBE_TIMEOUT`` counts as that slow. Probes go through the probe
+client, not the balancer: they are not served requests, not in the request log or its metrics.
+
 Probes and engine-stats pulls share one ``httpx.AsyncClient`` (``probe_client``): a fresh
 connection for every probe (a worker that stopped accepting is found at once, not through a stale
 kept-alive socket), a bounded number at a time, and one deadline for a whole probe, so a worker
@@ -43,6 +50,12 @@ MAX_PROBE_CONNECTIONS = 64
 MODELS_PATH = "/v1/models"
 #: Bytes of a ``/v1/models`` answer read at most.
 MAX_MODELS_BODY = 256 * 1024
+#: Where a latency probe is sent (OpenAI's completions; flockctl's engine answers it too).
+LATENCY_PROBE_PATH = "/v1/completions"
+#: Seconds a latency probe may wait for its answer; one that gets none counts as this slow.
+LATENCY_PROBE_TIMEOUT = 30.0
+#: Bytes of a latency probe's answer read at most (the rest is not waited for).
+MAX_LATENCY_PROBE_BODY = 64 * 1024
 
 
 def probe_client(max_connections: int = MAX_PROBE_CONNECTIONS) -> httpx.AsyncClient:
@@ -102,6 +115,10 @@ class Prober:
         self.client = client
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pokes: dict[str, asyncio.Event] = {}
+        #: Each worker's latency probe loop, while the balancing policy asks for probes.
+        self._speed: dict[str, asyncio.Task[None]] = {}
+        #: Workers whose latency probes failed (told once in the log, until one passes again).
+        self._speed_failing: set[str] = set()
         #: Workers whose ``/v1/models`` was asked once already (the answer does not change).
         self._listed: set[str] = set()
 
@@ -112,6 +129,11 @@ class Prober:
             return
         self._pokes[worker.id] = asyncio.Event()
         self._tasks[worker.id] = asyncio.create_task(self._loop(worker), name=f"probe-{worker.id}")
+        speed = self._speed.get(worker.id)
+        if self.pool.policy.probe_due_in(worker) is not None and (speed is None or speed.done()):
+            self._speed[worker.id] = asyncio.create_task(
+                self._latency_loop(worker), name=f"latency-probe-{worker.id}"
+            )
 
     def poke(self, worker: Worker) -> None:
         """Probe ``worker`` now instead of at its next interval."""
@@ -120,11 +142,75 @@ class Prober:
             event.set()
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._speed.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._speed.clear()
+
+    async def latency_probe(self, worker: Worker) -> float | None:
+        """Seconds a one-token completion on ``worker`` took (``LATENCY_PROBE_TIMEOUT`` when
+        it got no answer in that time); None when it failed (an error status, no connection):
+        that says nothing of the worker's speed."""
+        body: dict[str, Any] = {"prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        model = worker.model or (worker.models[0] if worker.models else None)
+        if model is not None:
+            body["model"] = model
+        started = time.monotonic()
+        try:
+            status = await asyncio.wait_for(self._post_probe(worker, body), LATENCY_PROBE_TIMEOUT)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            return LATENCY_PROBE_TIMEOUT
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            self._speed_failed(worker, short_error(exc))
+            return None
+        if not 200 <= status < 300:
+            self._speed_failed(worker, f"HTTP {status}")
+            return None
+        self._speed_failing.discard(worker.id)
+        return time.monotonic() - started
+
+    async def _post_probe(self, worker: Worker, body: dict[str, Any]) -> int:
+        url = f"{worker.url}{LATENCY_PROBE_PATH}"
+        timeout = httpx.Timeout(LATENCY_PROBE_TIMEOUT)
+        async with self.client.stream(
+            "POST", url, json=body, headers=self.config.headers or None, timeout=timeout
+        ) as resp:
+            await read_capped(resp, MAX_LATENCY_PROBE_BODY)
+            return resp.status_code
+
+    def _speed_failed(self, worker: Worker, detail: str) -> None:
+        if worker.id not in self._speed_failing:
+            self._speed_failing.add(worker.id)
+            log.warning(
+                "worker %s: latency probe (POST %s) failed: %s; its estimate decays while"
+                " it is idle instead",
+                worker.id,
+                LATENCY_PROBE_PATH,
+                detail,
+            )
+
+    async def _latency_loop(self, worker: Worker) -> None:
+        """Probe ``worker`` whenever the balancing policy says it is due, while it is probed."""
+        try:
+            while worker.state in PROBED and worker.url:
+                policy = self.pool.policy
+                if worker.state != S.READY:  # not taking requests: nothing to route by
+                    await asyncio.sleep(self.config.interval_seconds)
+                    continue
+                due = policy.probe_due_in(worker)
+                if due is None:
+                    return
+                if due > 0:
+                    await asyncio.sleep(due)
+                    continue
+                policy.probe_started(worker)
+                seconds = await self.latency_probe(worker)
+                policy.observe_probe(worker, seconds)
+        finally:
+            self._speed.pop(worker.id, None)
+            self._speed_failing.discard(worker.id)
 
     async def probe_once(self, worker: Worker) -> tuple[bool, str]:
         """One probe: (success, what happened). A starting server that answers with a phase

@@ -1,5 +1,6 @@
 """Routing policies on content and measured speed: the prefix tree, prefix routing with its load
-guard and sticky sessions, latency estimates and their decay, and the request meta they read."""
+guard and sticky sessions, latency estimates, their decay and probes, and the request meta they
+read."""
 
 from __future__ import annotations
 
@@ -343,6 +344,148 @@ def test_a_worker_leaving_ready_loses_its_estimates():
     w.transition(WorkerState.NOT_READY, "probe failed")
     policy.worker_changed(w, WorkerState.READY)
     assert policy.expected(w) == 0.0
+
+
+# -- latency probes --------------------------------------------------------------------------
+
+
+def probing(clock: Clock, interval: float = 1.0, decay: float = 10.0) -> Latency:
+    return Latency(decay=decay, rng=random.Random(0), clock=clock, probe_interval=interval)
+
+
+def answer(policy: Latency, worker: Worker, seconds: float) -> None:
+    """One relayed, non-streamed answer of ``seconds``, the worker's only request."""
+    worker.in_flight += 1
+    policy.observe_first_byte(worker, seconds)
+    policy.observe_end(worker, 0.0, 1)
+    worker.in_flight -= 1
+
+
+def probe(policy: Latency, clock: Clock, worker: Worker, seconds: float | None) -> None:
+    policy.probe_started(worker)
+    clock.now += seconds or 0.0
+    policy.observe_probe(worker, seconds)
+
+
+def test_settings_give_the_latency_policy_its_decay_and_probe_interval():
+    policy = make_policy("latency", PolicySettings(latency_decay=3.0, latency_probe_interval=0.5))
+    assert isinstance(policy, Latency)
+    assert (policy.decay, policy.probe_interval) == (3.0, 0.5)
+    # Only the latency policy probes; others never ask for one.
+    assert make_policy("least-connection").probe_due_in(ready("w")) is None
+    assert Latency(clock=Clock()).probe_due_in(ready("w")) is None  # built without probes
+
+
+def test_a_worker_is_probed_when_due_one_probe_at_a_time_and_not_while_it_is_busy():
+    clock = Clock()
+    policy = probing(clock, interval=2.0)
+    w = ready("w")
+    assert policy.probe_due_in(w) == 0.0  # never measured: at once
+    policy.probe_started(w)
+    assert policy.probe_due_in(w) == 2.0  # one in flight: not another
+    clock.now += 0.1
+    policy.observe_probe(w, 0.1)
+    assert policy.probe_due_in(w) == pytest.approx(2.0)
+    clock.now += 1.5
+    assert policy.probe_due_in(w) == pytest.approx(0.5)
+    answer(policy, w, 0.2)  # a relayed answer measures it as well as a probe
+    assert policy.probe_due_in(w) == pytest.approx(2.0)
+    clock.now += 5.0
+    assert policy.probe_due_in(w) == 0.0
+    w.in_flight = 1  # its answers will report; no probe needed
+    assert policy.probe_due_in(w) == 2.0
+
+
+def test_an_avoided_worker_keeps_its_estimate_while_probes_say_it_is_still_slow():
+    """Without probes an idle worker's estimate decays to zero and a user request is sent to
+    find out; with them the estimate stands, and a slow probe confirms it."""
+    clock = Clock()
+    policy, old = probing(clock), Latency(decay=10.0, rng=random.Random(0), clock=clock)
+    fast, slow = ready("fast"), ready("slow")
+    for p in (policy, old):
+        answer(p, fast, 0.05)
+        answer(p, slow, 5.0)
+    for _ in range(60):
+        clock.now += 1.0
+        for p in (policy, old):
+            answer(p, fast, 0.05)
+        probe(policy, clock, slow, 3.0)
+    assert old.choose([fast, slow]) is slow  # decayed: a user request would wait behind it
+    assert policy.choose([fast, slow]) is fast
+    assert policy.expected(slow) > 2.0
+
+
+def test_a_waiting_probe_counts_as_that_slow_already():
+    clock = Clock()
+    policy = probing(clock)
+    fast, w = ready("fast"), ready("w")
+    answer(policy, fast, 0.5)
+    answer(policy, w, 0.1)
+    assert policy.choose([fast, w]) is w
+    policy.probe_started(w)
+    clock.now += 2.0  # no answer yet
+    assert policy.expected(w) == pytest.approx(2.0)
+    assert policy.choose([fast, w]) is fast
+    policy.observe_probe(w, 2.0)
+    assert policy.expected(w) == pytest.approx(2.0)  # higher: taken at once (peak)
+
+
+def test_fast_probes_win_a_recovered_worker_back_within_a_few_decays():
+    clock = Clock()
+    policy = probing(clock, interval=1.0, decay=5.0)
+    fast, w = ready("fast"), ready("w")
+    answer(policy, fast, 0.1)
+    answer(policy, w, 4.0)
+    seconds = 0
+    while policy.choose([fast, w]) is fast:
+        clock.now += 1.0
+        seconds += 1
+        answer(policy, fast, 0.1)
+        probe(policy, clock, w, 0.05)
+        assert seconds < 60, "fast probes never brought the estimate down"
+    # Neither at once (one fast answer is not a trend) nor after many decays.
+    assert 5 <= seconds <= 30
+
+
+def test_a_probe_moves_both_parts_of_a_streamed_estimate_in_proportion():
+    clock = Clock()
+    policy = probing(clock, decay=1.0)
+    w = ready("w")
+    w.in_flight = 1
+    policy.observe_first_byte(w, 0.0)  # a stream's head comes at once
+    policy.observe_end(w, 1.0, 10)  # ten chunks in 1 s
+    w.in_flight = 0
+    before = policy.expected(w)
+    probe(policy, clock, w, 4.0 * before)
+    assert policy.expected(w) == pytest.approx(4.0 * before)
+    assert policy._estimates["w"].first_byte.value == 0.0  # still all in the chunks
+
+
+def test_a_worker_whose_probes_fail_decays_when_idle_instead():
+    """A server without /v1/completions cannot be probed: its estimate must not stand for
+    ever, or a worker once slow would never be tried again."""
+    clock = Clock()
+    policy = probing(clock)
+    w = ready("w")
+    answer(policy, w, 2.0)
+    probe(policy, clock, w, None)
+    clock.now += 30.0
+    assert policy.expected(w) == pytest.approx(2.0 * math.exp(-3.0), rel=0.01)
+    probe(policy, clock, w, 0.5)  # it answers probes again: its estimate stands again
+    clock.now += 30.0
+    assert policy.expected(w) > 0.5
+
+
+def test_a_probe_that_ends_after_its_worker_left_ready_is_dropped():
+    clock = Clock()
+    policy = probing(clock)
+    w = ready("w")
+    policy.probe_started(w)
+    w.transition(WorkerState.NOT_READY, "probe failed")
+    policy.worker_changed(w, WorkerState.READY)
+    policy.observe_probe(w, 9.0)
+    assert policy.expected(w) == 0.0
+    assert policy.probe_due_in(w) == 0.0
 
 
 # -- request meta ----------------------------------------------------------------------------
