@@ -24,7 +24,7 @@ import httpx
 from flockctl import __version__
 from flockctl.net import client_url
 from flockctl.schema import SNAPSHOT_SCHEMA_VERSION, ProbeView, StatusSnapshot
-from flockctl.server import versions
+from flockctl.server import update_plan, versions
 from flockctl.server.autoscaler import (
     AutoscalerPolicy,
     FixedPolicy,
@@ -36,7 +36,7 @@ from flockctl.server.config import DeploymentConfig, ProbeConfig
 from flockctl.server.controller import Controller, WorkerGroup
 from flockctl.server.engine_stats import StatsPuller
 from flockctl.server.gpus import placement_for
-from flockctl.server.group_update import group_steps, grouped_config, what_runs
+from flockctl.server.group_update import what_runs
 from flockctl.server.groups import Groups
 from flockctl.server.limits import describe as describe_limits
 from flockctl.server.metrics import GaugeState, Metrics
@@ -52,7 +52,6 @@ from flockctl.server.update import (
     Rollout,
     Update,
     UpdateRefused,
-    fixed_fields,
 )
 from flockctl.server.workers import LIVE, Worker, WorkerState
 
@@ -308,32 +307,12 @@ class Deployment:
             new_cfg = self.configs[rollback_to]
         if new_cfg is None:
             raise UpdateRefused("config: give the new version's config", 422)
-        grouped = bool(self.cfg.groups or new_cfg.groups or group is not None)
-        if grouped:
-            taken = {group_name(c) for c in self.groups}
-            new_cfg = grouped_config(self.cfg, new_cfg, group, taken)
-        before, after = self.cfg.model_dump(mode="json"), new_cfg.model_dump(mode="json")
-        if grouped:
-            before.pop("groups"), after.pop("groups")
-        fixed = fixed_fields(before, after)
-        if fixed:
-            raise UpdateRefused(
-                f"{', '.join(fixed)}: cannot change with flockctl update (only what runs on the"
-                " workers and how many may); restart with flockctl down and flockctl up",
-                422,
-            )
-        static = new_cfg.provisioner == "static" and not grouped
-        if static and set(new_cfg.endpoints) <= set(self.cfg.endpoints):
-            raise UpdateRefused(
-                "endpoints: the new version needs an endpoint the running one does not use"
-                " (--endpoint URL ...: the new list replaces the old)",
-                422,
-            )
-        steps = group_steps(self.cfg, new_cfg) if grouped else []
+        taken = {group_name(c) for c in self.groups}
+        new_cfg, steps = update_plan.resolve(self.cfg, new_cfg, group, taken)
         new = max(self.configs) + 1
         self.configs[new] = new_cfg
         self._write_config(new, new_cfg, current=False)
-        if grouped:
+        if steps:
             return self._start_rollout(new, new_cfg, steps, mode, max_surge, timeout, rollback_to)
         self._run_config(controller, new_cfg)
         self.update = Update(

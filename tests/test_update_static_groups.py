@@ -14,12 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+import yaml
 from aiohttp import web
-from conftest import free_port, until
+from cli_driver import flockctl
+from conftest import FAKE_WORKER, free_port, until, until_sync
 from fake_worker import build_app
 
 from flockctl.render import status_console, status_view
@@ -189,7 +195,7 @@ async def test_a_static_groups_update_moves_endpoints_models_and_groups_without_
     assert after["chat"][a2] == (before["chat"][a2][0], 2) and set(after["chat"]) == {a2, a3}
     assert after["chat"][a3][1] == 2
     assert after["code"] == {b1: (before["code"][b1][0], 2)}
-    assert list(after["extra"]) == [e1] and by_url(d, "old") == {}
+    assert list(after["extra"]) == [e1]
     await until(lambda: not [w for w in pool if w.group == "old" and w.state.value != "TERMINATED"],
                 "old's worker to stop")  # fmt: skip
     assert d.deployment.version == 2
@@ -294,3 +300,73 @@ async def test_static_group_updates_it_cannot_do_are_refused_naming_the_field(
         assert message.startswith(said), (said, message)
     assert d.deployment.update is None and d.deployment.version == 1
     assert sorted(by_url(d, "chat")) == [a1] and sorted(by_url(d, "code")) == [b1]
+
+
+@pytest.mark.e2e
+def test_the_cli_plans_then_moves_a_static_groups_endpoints(tmp_path: Path) -> None:
+    """``flockctl up`` with static groups of fake-worker processes, then ``flockctl update
+    --group chat --endpoint ...``: first as a dry run (a plan, nothing started), then for real."""
+    ports = {name: free_port() for name in ("a1", "a2", "a3", "b1")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    servers = [
+        subprocess.Popen(
+            [sys.executable, str(FAKE_WORKER), "--port", str(port), "--id", name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, port in ports.items()
+    ]
+    spec = tmp_path / "static.yaml"
+    groups = [
+        {"name": "chat", "model": "alpha", "endpoints": [url["a1"], url["a2"]]},
+        {"name": "code", "model": "beta", "endpoints": [url["b1"]]},
+    ]
+    spec.write_text(yaml.safe_dump({"flockctl": {"groups": groups}}))
+    try:
+        up = flockctl("up", str(spec), "--name", "st", "--port", str(free_port()),
+                      "--probe-interval", "0.1")  # fmt: skip
+        assert up.code == 0, up.err
+
+        def group_state() -> dict[str, tuple[int, int]]:
+            snap = flockctl("status", "--name", "st", "--json").json()
+            return {g["name"]: (g["version"], g["ready"]) for g in snap["groups"]}
+
+        until_sync(lambda: group_state() == {"chat": (1, 2), "code": (1, 1)}, "both groups")
+        move = ("update", "--name", "st", "--group", "chat", "--endpoint", url["a2"],
+                "--endpoint", url["a3"])  # fmt: skip
+        planned = flockctl(*move, "--dry-run")
+        assert planned.code == 0, planned.err
+        assert planned.out.splitlines() == [
+            "version 1 -> 2 (rolling); dry run, nothing started",
+            "group chat: update",
+            f"  endpoints: +{url['a3']}, -{url['a1']} (kept: {url['a2']})",
+            "  workers: 1 kept (serving the new version as they are), 1 added (READY first),"
+            " 1 drained",
+            "group code: none",
+            "  workers: kept as they are",
+        ]
+        assert group_state() == {"chat": (1, 2), "code": (1, 1)}  # nothing moved
+        as_json = flockctl(*move, "--dry-run", "--json").json()
+        assert [(g["name"], g["change"]) for g in as_json["groups"]] == [
+            ("chat", "update"),
+            ("code", "none"),
+        ]
+        moved = flockctl(*move, "--json")
+        assert moved.code == 0, moved.err
+        view = moved.json()
+        assert view["state"] == "succeeded" and [g["name"] for g in view["groups"]] == ["chat"]
+        snap = flockctl("status", "--name", "st", "--json").json()
+        chat = {w["url"]: w["version"] for w in snap["workers"]
+                if w["group"] == "chat" and w["state"] == "READY"}  # fmt: skip
+        assert chat == {url["a2"]: 2, url["a3"]: 2}
+        refused = flockctl("update", "--name", "st", "--group", "code", "--endpoint", url["a2"])
+        assert refused.code == 9
+        assert refused.err.strip() == (
+            "flockctl: update refused: POST /-/update: HTTP 422: config.groups.1.endpoints:"
+            f" {url['a2']} is in groups 'chat' and 'code'; a server is one group's worker"
+        )
+    finally:
+        flockctl("down", "--name", "st", "--timeout", "30")
+        for server in servers:
+            server.terminate()
+            server.wait(10)

@@ -66,6 +66,15 @@ GroupOpt = Annotated[
         rich_help_panel=U,
     ),
 ]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Show what the update would do, group by group (what changes, and what happens to"
+        " the workers), and start nothing.",
+        rich_help_panel=U,
+    ),
+]
 WaitUpdateOpt = Annotated[
     bool,
     typer.Option("--wait/--no-wait", help="Follow the update until it ends.", rich_help_panel=U),
@@ -96,6 +105,7 @@ def update(
     group: GroupOpt = None,
     flags: dict[str, Any] | None = None,
     wait: WaitUpdateOpt = True,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Update a running deployment to its next version, without refusing a request.
@@ -115,6 +125,8 @@ def update(
       flockctl update --rollback
 
       flockctl update --group chat --model Qwen/Qwen2.5-3B-Instruct
+
+      flockctl update service.yaml --dry-run
     """
     check_name(name)
     if mode not in ("rolling", "blue-green"):
@@ -133,9 +145,14 @@ def update(
         )
     if not rollback and spec is None and not given:
         fail("say what changes: a SPEC, worker flags (--model, ...), or --rollback", ExitCode.USAGE)
+    if rollback and dry_run:
+        fail("--dry-run takes no --rollback: give the SPEC or flags to compare", ExitCode.USAGE)
     try:
         with AdminClient.for_name(name) as client:
             config = None if rollback else _new_config(name, spec, flags, group)
+            if config is not None and dry_run:
+                _dry_run(client, name, config, group, mode, as_json)
+                return
             try:
                 started = client.update(config, mode, max_surge, update_timeout, rollback, group)
             except ClientError as exc:
@@ -231,6 +248,53 @@ def _group_changed(current: dict[str, Any], group: str, flags: dict[str, Any]) -
         changed.pop("autoscaler", None)
     changed.update(given)
     return {**current, "groups": [changed if g is entry else g for g in groups]}
+
+
+def _dry_run(
+    client: AdminClient,
+    name: str,
+    config: dict[str, Any],
+    group: str | None,
+    mode: str,
+    as_json: bool,
+) -> None:
+    """Print what the update to ``config`` would do, group by group, as the daemon would decide
+    it (the same refusals, exit 9), from the running config; nothing is started."""
+    from flockctl.server import update_plan
+    from flockctl.server.config import DeploymentConfig
+    from flockctl.server.update import UpdateRefused
+
+    snapshot = client.status()
+    old = DeploymentConfig.model_validate(read_json(state_dir(name) / "config.json"))
+    new = DeploymentConfig.model_validate(config)
+    taken = [g["name"] for g in snapshot["groups"]]
+    try:
+        resolved, steps = update_plan.resolve(old, new, group, taken)
+    except UpdateRefused as exc:
+        fail(f"update refused: {exc}", ExitCode.UPDATE_FAILED)
+    plans = update_plan.plan(old, resolved, steps)
+    deployment = snapshot["deployment"]
+    version = deployment["version"]
+    last = deployment.get("update")
+    following = max(version, last["to_version"] if last else 0) + 1
+    if as_json:
+        emit_json(
+            {
+                "dry_run": True,
+                "from_version": version,
+                "to_version": following,
+                "mode": mode,
+                "groups": [p.to_dict() for p in plans],
+            },
+            indent=2,
+        )
+        return
+    print(f"version {version} -> {following} ({mode}); dry run, nothing started")
+    for part in plans:
+        print(f"group {part.name}: {part.change}")
+        for line in part.changes:
+            print(f"  {line}")
+        print(f"  workers: {part.workers}")
 
 
 def _follow(client: AdminClient, update_id: str) -> UpdateView:

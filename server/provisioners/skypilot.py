@@ -233,6 +233,7 @@ class SkyPilotProvisioner(Provisioner):
         if cfg.task is None or cfg.worker_port is None:
             raise NotImplementedError(f"the new config of group {name!r} has no SkyPilot task")
         self.groups[name] = GroupLaunch(cfg.task, cfg.worker_port, cfg.uses_spot())
+        self.base_dir = cfg.workdir
         self.launch_attempts, self.launch_backoff = cfg.launch_attempts, cfg.launch_backoff
 
     def carries_over(self, worker: Worker) -> bool:
