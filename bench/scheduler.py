@@ -22,7 +22,10 @@ busy neighbour in one run only (``--one-at-a-time`` runs them in turn with all t
   window, in the conditions the trace then runs in (side by side, both loops at once). The
   trace offers ``--load`` of the mean of the two (``capacity.reference_tokens_per_s``); jobs/s
   is tokens/s over the mean output length, and the figure the engine's start-up profile of one
-  decode step implies is printed beside it.
+  decode step implies is printed beside it. The same closed loop runs again after the trace
+  (``capacity.after_trace_tokens_per_s``, ``trace.offered_load_after``): on a shared host the
+  other tenants come and go, and a trace offered at 0.95 of the capacity before it may have
+  met 0.7 or 1.2 of what the engines had while it ran.
 - Lengths and gaps come from ``--seed``; the gaps are drawn at rate 1 and scaled, so both
   schedulers see exactly the same jobs at the same offsets.
 
@@ -634,12 +637,12 @@ def simulate(
 
 
 async def measure_capacity(
-    backend: Backend, scheduler: str, args: argparse.Namespace
+    backend: Backend, scheduler: str, args: argparse.Namespace, when: str = "before the trace"
 ) -> dict[str, Any]:
     """Tokens/s this engine gives the job mix at a full batch (a closed loop of ``2 * batch``
     clients), beside what its start-up profile of one decode step implies."""
     clients = 2 * args.max_batch_size
-    say(f"{scheduler}: closed loop of {clients} clients to measure capacity")
+    say(f"{scheduler}: closed loop of {clients} clients to measure capacity {when}")
     measured = await closed_loop(
         backend, clients, args.closed_loop_warmup, args.capacity_window, args.seed
     )
@@ -708,6 +711,7 @@ async def run_trace(backend: Backend, trace: list[Arrival], scheduler: str) -> d
 async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     capacity: dict[str, Any] = {}
+    after: dict[str, dict[str, Any]] = {}
     if args.side_by_side:
         # Both engines at once, each on its share of the cores: whatever else loads the host
         # loads both alike, so the ratios hold where one-after-the-other runs would not.
@@ -726,6 +730,10 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
                 *(run_trace(backends[name], trace, name) for name in SCHEDULERS)
             )
             runs.update(zip(SCHEDULERS, rows, strict=True))
+            again = await asyncio.gather(
+                *(measure_capacity(backends[n], n, args, "after the trace") for n in SCHEDULERS)
+            )
+            after.update(zip(SCHEDULERS, again, strict=True))
     else:
         trace = []
         rate = reference = 0.0
@@ -736,7 +744,14 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
                     reference = capacity[scheduler]["tokens_per_s"]
                     trace, rate = trace_for(args, reference)
                 runs[scheduler] = await run_trace(backend, trace, scheduler)
+                after[scheduler] = await measure_capacity(
+                    backend, scheduler, args, "after the trace"
+                )
     capacity["reference_tokens_per_s"] = round(reference, 1)
+    # The host's other tenants come and go: the same closed loop after the trace says what
+    # the load really was if they changed meanwhile.
+    capacity["after_trace_tokens_per_s"] = {n: after[n]["tokens_per_s"] for n in SCHEDULERS}
+    reference_after = sum(after[n]["tokens_per_s"] for n in SCHEDULERS) / len(SCHEDULERS)
 
     tokens = [a.max_new_tokens for a in trace]
     offered = sum(tokens) / trace[-1].at
@@ -768,6 +783,7 @@ async def compare_schedulers(args: argparse.Namespace, logs: Path) -> dict[str, 
             "mean_output_tokens": round(sum(tokens) / len(tokens), 2),
             "offered_tokens_per_s": round(offered, 1),
             "offered_load": round(offered / reference, 3),
+            "offered_load_after": round(offered / reference_after, 3),
         },
         "runs": runs,
         "simulated": simulated,
@@ -1111,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
         f" p99 x{vs['p99_jct_speedup']},"
         f" long x{vs['long_mean_jct_speedup']}, throughput x{vs['throughput_ratio']};"
         + (f" decode engine/transformers {decode['engine_vs_transformers']};" if decode else "")
-        + f" targets met: {met}"
+        + f" targets met: {met}; offered load {schedulers['trace']['offered_load']} of the"
+        f" capacity measured before the trace, {schedulers['trace']['offered_load_after']} after"
     )
     print(json.dumps(report, indent=2))
     return 0

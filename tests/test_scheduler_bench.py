@@ -38,3 +38,25 @@ def test_the_replay_keeps_the_quanta_at_one_iteration_of_its_own_clock(bench: Mo
     # a short job runs at once and finishes in its own service time, a few tenths of a second
     assert at_pace["short_jct_s"]["p99"] < 0.6
     assert at_pace["short_jct_s"]["mean"] < fcfs["short_jct_s"]["mean"] / 2
+
+
+@pytest.mark.parametrize(
+    ("load", "mean", "long"),
+    [(0.8, 1.5, 0.85), (0.95, 1.8, 0.8)],
+)
+def test_on_the_bench_traces_mlfq_cuts_the_mean_and_long_jobs_keep_most_of_their_pace(
+    bench: ModuleType, load: float, mean: float, long: float
+) -> None:
+    # The bench's traces, seeds 0-2 of 150 jobs, offered `load` of a batch of 4 at 20 ms an
+    # iteration: the policy alone, as the engine would run it on a quiet host.
+    iteration = 0.020
+    for seed in range(3):
+        lengths = bench.trace_lengths(150, seed)
+        rate = load * (4 / iteration) * len(lengths) / sum(lengths)
+        trace = bench.make_trace(lengths, rate, seed)
+        fcfs, mlfq = (
+            bench.simulate(trace, name, 4, iteration, detail(iteration * 1000))
+            for name in ("fcfs", "mlfq")
+        )
+        assert fcfs["jct_s"]["mean"] / mlfq["jct_s"]["mean"] >= mean, seed
+        assert fcfs["long_jct_s"]["mean"] / mlfq["long_jct_s"]["mean"] >= long, seed
