@@ -4,7 +4,8 @@ slow worker.
     python bench/routing.py [--mode prefix|latency|both] [--model demo] [--sessions 8]
                             [--turns 4] [--system-chars 2400] [--rate 1.0] [--think 1.0]
                             [--max-tokens 8] [--requests 160] [--slow-requests 80]
-                            [--tenant-streams 8] [--repeats 2] [--seed 0]
+                            [--tenant-streams 8] [--latency-args FLAGS] [--repeats 2]
+                            [--seed 0]
 
 Each configuration starts two engine workers (``flockctl engine serve``) and a foreground daemon
 over them (``flockctl up --endpoint A --endpoint B --policy P``) on free 127.0.0.1 ports, runs
@@ -213,8 +214,10 @@ async def run_config(
     policy: str,
     engine_args: list[str],
     trace: str,
+    daemon_args: str = "",
 ) -> dict[str, Any]:
-    """Two engines and a daemon with ``policy``; the trace through it; everything stopped."""
+    """Two engines and a daemon with ``policy`` (and ``daemon_args``, more ``flockctl up``
+    flags); the trace through it; everything stopped."""
     with tempfile.TemporaryDirectory(prefix="flockctl-routing-") as tmp:
         procs = Processes(Path(tmp))
         try:
@@ -230,7 +233,7 @@ async def run_config(
             argv += ["--host", HOST, "--port", str(port), "--policy", policy]
             for url in engines:
                 argv += ["--endpoint", url]
-            argv += ["--probe-interval", "1"]
+            argv += ["--probe-interval", "1", *shlex.split(daemon_args)]
             env = {**os.environ, "FLOCKCTL_HOME": str(Path(tmp) / "home")}
             env.pop("FLOCKCTL_NAME", None)
             procs.start("daemon", argv, env)
@@ -370,7 +373,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             for policy in (
                 ("least-connection", "latency") if rep % 2 == 0 else ("latency", "least-connection")
             ):
-                run = await run_config(args, f"{policy} #{rep + 1}", policy, pair, "slow")
+                extra = args.latency_args if policy == "latency" else ""
+                run = await run_config(args, f"{policy} #{rep + 1}", policy, pair, "slow", extra)
                 runs[policy].append(latency_row(run))
         ratios = [
             ratio(lc["slow_phase"]["latency_mean_ms"], lat["slow_phase"]["latency_mean_ms"])
@@ -415,6 +419,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-rate", type=float, default=2.0, help="latency mode: requests/s")
     p.add_argument(
         "--latency-engine-args", default="--threads 1", help="latency mode: both engines' flags"
+    )
+    p.add_argument(
+        "--latency-args",
+        default="",
+        help="latency mode: more flockctl up flags for the --policy latency daemon"
+        " (e.g. '--latency-decay 5 --latency-probe-interval 0.5')",
     )
     p.add_argument(
         "--tenant-streams",

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from conftest import Upstream, until
 
-from flockctl.server.prober import LATENCY_PROBE_PATH
+from flockctl.server import prober as prober_module
+from flockctl.server.config import ProbeConfig
+from flockctl.server.policies import Latency
+from flockctl.server.pool import WorkerPool
+from flockctl.server.prober import LATENCY_PROBE_PATH, Prober, probe_client
+from flockctl.server.workers import Worker
 from flockctl.state import REQUEST_LOG
 
 PROMPT = "user request"
@@ -125,3 +131,35 @@ async def test_a_slow_worker_is_probed_not_sent_user_requests_and_wins_them_back
     request_log.flush()
     lines = (d.deployment.state_dir / REQUEST_LOG).read_text().splitlines()
     assert [json.loads(line)["path"] for line in lines] == ["/v1/completions"] * sent
+
+
+async def test_a_probe_asks_one_token_of_the_worker_s_model_and_an_error_measures_nothing(
+    upstream, monkeypatch
+):
+    bodies: list[dict[str, Any]] = []
+    status = {"code": 200}
+    answered = asyncio.Event()
+
+    async def complete(req: web.Request) -> web.Response:
+        bodies.append(await req.json())
+        if status["code"] == 0:  # no answer at all
+            await answered.wait()
+        return web.json_response({"choices": []}, status=status["code"] or 200)
+
+    app = web.Application()
+    app.router.add_post(LATENCY_PROBE_PATH, complete)
+    up = await upstream(app)
+    policy = Latency(probe_interval=1.0)
+    pool = WorkerPool(policy, None, 10)
+    worker = Worker(id="w", provisioner="static", url=up.url, model="m1")
+    async with probe_client() as client:
+        prober = Prober(pool, ProbeConfig(), client)
+        seconds = await prober.latency_probe(worker)
+        assert seconds is not None and 0 < seconds < prober_module.LATENCY_PROBE_TIMEOUT
+        assert bodies[-1]["model"] == "m1" and bodies[-1]["max_tokens"] == 1
+        status["code"] = 404  # a server without completions: nothing to learn from
+        assert await prober.latency_probe(worker) is None
+        status["code"] = 0
+        monkeypatch.setattr(prober_module, "LATENCY_PROBE_TIMEOUT", 0.2)
+        assert await prober.latency_probe(worker) == 0.2  # as slow as it waited, at least
+        answered.set()
