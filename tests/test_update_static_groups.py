@@ -125,8 +125,9 @@ def versions(d: Any) -> dict[str, int]:
     return {g["name"]: g["version"] for g in d.deployment.snapshot()["groups"]}
 
 
+@pytest.mark.parametrize("mode", ["rolling", "blue-green"])
 async def test_a_static_groups_update_moves_endpoints_models_and_groups_without_losing_a_request(
-    daemon: Any, upstream: Any, http: aiohttp.ClientSession
+    daemon: Any, upstream: Any, http: aiohttp.ClientSession, mode: str
 ) -> None:
     eps = Endpoints(upstream)
     a1, a2, a3 = [await eps.start(n, "alpha") for n in ("a1", "a2", "a3")]
@@ -164,7 +165,8 @@ async def test_a_static_groups_update_moves_endpoints_models_and_groups_without_
     ]
     # (No load for beta: the update renames code's model, after which beta is unknown.)
     async with load(d.url, ["alpha", "omega"]) as seen:
-        status, started = await post_update(d, http, config={**config, "groups": new_groups})
+        changed = {**config, "groups": new_groups}
+        status, started = await post_update(d, http, config=changed, mode=mode)
         assert status == 202, started
         update = d.deployment.update
         # The dropped URL's worker drains while its request is still held: the update waits.
