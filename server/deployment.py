@@ -241,11 +241,13 @@ class Deployment:
             running = self._before
         else:
             running = {group_name(c): c.serving_version for c in self.groups}
+        # A worker an update carried over serves the old version too: a restart keeps it.
+        kept = update.recorded_versions() if update is not None else {}
         record = versions.Versions(
             version=self.version,
             served=self.served,
             groups=running,
-            workers={w.id: w.version for w in self.pool if w.state in _RECORDED},
+            workers={w.id: kept.get(w.id, w.version) for w in self.pool if w.state in _RECORDED},
             update=update.to_dict() if update is not None else None,
         )
         try:

@@ -96,6 +96,12 @@ class Update:
     def running(self) -> bool:
         return self.state == "running"
 
+    def recorded_versions(self) -> dict[str, int]:
+        """The version to record for each carried worker while the update runs: the old one,
+        which it serves as well, so a daemon restarted mid-update keeps it rather than drain it
+        with the new version's workers."""
+        return {worker_id: self.old for worker_id in self.carried} if self.running else {}
+
     def _set_cap(self) -> None:
         controller = self.controller
         if self.mode == "blue-green":
@@ -289,6 +295,8 @@ class Rollout:
         self.ended_at: float | None = None
         #: The group update rolling now, else the last one.
         self.current: Update | None = None
+        #: Every group update begun, in order.
+        self.parts: list[Update] = []
 
     @property
     def running(self) -> bool:
@@ -302,6 +310,13 @@ class Rollout:
     def start(self) -> None:
         self._next()
 
+    def recorded_versions(self) -> dict[str, int]:
+        """``Update.recorded_versions`` of every group's part while the rollout runs (a restart
+        undoes the whole rollout, the groups already moved included)."""
+        if not self.running:
+            return {}
+        return {worker_id: part.old for part in self.parts for worker_id in part.carried}
+
     def _next(self) -> None:
         for step in self.steps:
             if step.state != "pending":
@@ -311,6 +326,7 @@ class Rollout:
             update = self._begin(step)
             if update is not None:
                 self.current = update
+                self.parts.append(update)
                 return
             step.state = "succeeded"
         self._end("succeeded", None)
@@ -387,6 +403,9 @@ class RecordedUpdate:
 
     def to_dict(self) -> UpdateView:
         return self._view
+
+    def recorded_versions(self) -> dict[str, int]:
+        return {}
 
 
 class UpdateRefused(Exception):
