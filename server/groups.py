@@ -7,6 +7,10 @@ group also adopts the workers a previous daemon left running. Groups run local w
 model or command), static ones (each its endpoints, one worker per URL: a fixed size) or SkyPilot
 clusters (each its own task); the one provisioner launches a worker from its group's part.
 
+An update (``flockctl update``) redefines a group in place (``redefine``), adds or removes one;
+each hands the group's new definition to the provisioner (``Provisioner.use_group``), so its next
+workers get the group's new endpoints or task.
+
 An operator starting a worker with another model (``POST /-/workers {"model"}``, the dashboard's
 ``m``) puts it in the group of that model, made on the spot when there is none (bounds 1 to the
 deployment's ``max_workers``), so no other group's autoscaler ever scales it down.

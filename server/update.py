@@ -9,7 +9,10 @@ decides how many of them may run at once and when the old version's workers drai
 - ``blue-green``: a full set of new workers; once all of them are READY the old set drains at once
   (drained workers get no new request; those in flight finish within the drain timeout).
 
-Old workers keep serving until new ones are READY, so no request waits for want of a worker. New
+Old workers keep serving until new ones are READY, so no request waits for want of a worker. A
+worker that already runs what the new version runs (``Provisioner.carries_over``: a static URL
+the new list keeps, a SkyPilot cluster whose task did not change) is not replaced: it moves to the
+new version at once and counts as up, and back to the old one if the update rolls back. New
 workers that fail (the controller's crash-loop guard stops launching, or one is not READY within
 ``timeout`` seconds of its launch) roll the update back: the controller returns to the old
 version, the new workers drain, and ``reason`` says why. The update is done once no worker of the
