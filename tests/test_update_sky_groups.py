@@ -2,7 +2,8 @@
 gets new clusters from its new task, READY before the old ones drain and are torn down; a group
 whose task did not change keeps its clusters and only rescales within its new bounds; a group
 the new config adds launches first; a group whose new clusters never launch rolls back alone
-(its old clusters serving, its next clusters launched from its old task again).
+(its old clusters serving, its next clusters launched from its old task again). Without groups
+too, an update that leaves the task as it was keeps the clusters.
 
 The real daemon in-process, SkyPilot's SDK the recording fake (``fake_sky.py``) whose clusters
 are real fake-server processes, so probes and requests are real HTTP.
@@ -163,3 +164,24 @@ async def test_skypilot_groups_roll_their_clusters_one_group_at_a_time(
     groups = {g["name"]: g for g in d.deployment.snapshot()["groups"]}
     assert {n: g["version"] for n, g in groups.items()} == {"small": 2, "big": 2, "extra": 2}
     assert d.deployment.version == 2
+
+
+async def test_an_update_that_leaves_the_task_keeps_the_clusters_without_groups_too(
+    daemon: Any, sky: FakeSky, http: aiohttp.ClientSession
+) -> None:
+    d = await daemon(
+        provisioner="skypilot",
+        task=TASK,
+        autoscaler="fixed",
+        replicas=1,
+        launch_backoff=0.01,
+        status_interval=0.05,
+        probe={"interval_seconds": 0.05, "timeout_seconds": 2, "initial_delay_seconds": 20},
+    )
+    await d.wait_ready(1)
+    view = await run_update(d, http, changes={"replicas": 2})
+    assert view["state"] == "succeeded", view["reason"]
+    live = {w.resource: w.version for w in d.deployment.pool if w.live}
+    assert live == {"flockctl-default-w1": 2, "flockctl-default-w2": 2}
+    assert [c["cluster"] for c in sky.calls("launch")] == list(live)
+    assert sky.calls("down") == []
