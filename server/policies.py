@@ -13,7 +13,8 @@ tried for this request); it never sees I/O, so it is cheap enough for every requ
   gets no answers to learn from, so the daemon probes it (``probe_due_in``, the prober's latency
   loop): a one-token completion, at most one at a time, no sooner than ``probe_interval`` after
   its last sample. A probe still waiting counts as that slow already (its elapsed time is a
-  lower bound, as Linkerd's and Envoy's peak EWMA count pending work). Without probes (the
+  lower bound of its answer's; Envoy's and Linkerd's peak EWMA only weigh pending requests by
+  their number, which says nothing while a worker is avoided). Without probes (the
   simulator) an idle worker's estimate decays towards zero instead, so that a real request
   tries it again: on a busy worker that request waited behind its queue for seconds.
 - ``prefix``: the worker that was already sent the longest part of the prompt (its KV cache
