@@ -87,6 +87,20 @@ class MLFQ(Scheduler):
     Promotion is one level at a time for the same reason: a job sent to the top takes every
     quantum again in turn with the new arrivals, and several starved long jobs promoted together
     share the batch until all finish late.
+
+    FastServe's other remedies were replayed the same way and left out (six seeds of 300 jobs,
+    batch 4, 20 ms an iteration, the mean over seeds of each figure against FCFS at load 0.95;
+    this class as it is: mean JCT 2.16x, p99 0.80x, long jobs 0.81x). To the top once a job has
+    not run for the larger of 2 s and its own service so far: 2.03x, 0.75x, 0.76x (of 5 s:
+    2.15x, 0.79x, 0.81x). Demotion put off while nothing waits at the job's level or above:
+    1.97x, 0.72x, 0.73x, as long jobs then share the upper levels with the short ones for
+    longer. A first quantum that holds a whole short job (8 decode iterations over 3 levels, 32
+    over 2): within 0.02x of each figure; 32 over 4 levels, where most long jobs never reach the
+    last level and take turns above it: 1.75x, 0.56x, 0.64x. Even SRPT on the exact lengths
+    (which ``max_tokens`` gives only where a client knows them) has p99 0.72x at 2.36x the mean.
+    On these sizes every short-first order makes the long jobs of a burst wait for short jobs
+    that arrive after them, which FCFS never does, so p99 (a long job) stays under FCFS's on
+    some seeds.
     """
 
     name = "mlfq"
