@@ -60,3 +60,30 @@ def test_on_the_bench_traces_mlfq_cuts_the_mean_and_long_jobs_keep_most_of_their
         )
         assert fcfs["jct_s"]["mean"] / mlfq["jct_s"]["mean"] >= mean, seed
         assert fcfs["long_jct_s"]["mean"] / mlfq["long_jct_s"]["mean"] >= long, seed
+
+
+@pytest.mark.e2e
+def test_quick_run_reports_every_job_and_the_load_met_after_the_trace(tiny: Path) -> None:
+    import json
+    import subprocess
+
+    argv = [sys.executable, str(BENCH / "scheduler.py"), "--quick", "--no-decode"]
+    # long jobs that fit the tiny model's 256-token context beside their prompt
+    argv += ["--model", str(tiny), "--jobs", "12", "--long-tokens", "60", "120"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    schedulers = json.loads(done.stdout)["schedulers"]
+    after = schedulers["capacity"]["after_trace_tokens_per_s"]
+    assert set(after) == {"fcfs", "mlfq"} and all(v > 0 for v in after.values())
+    assert schedulers["trace"]["offered_load_after"] > 0
+    assert "after" in done.stderr.splitlines()[-1]  # the summary line names both loads
+    for name, run in schedulers["runs"].items():
+        rows = run["job_jct_s"]
+        assert len(rows) == 12
+        assert all(tokens > 0 and jct > 0 for tokens, jct, *_ in rows)
+        admitted, final = zip(*(row[3:] for row in rows), strict=True)
+        if name == "fcfs":
+            assert set(admitted) == set(final) == {0}
+        else:  # every job's levels came back, and a long one ends below where it started
+            assert None not in admitted + final
+            assert any(end > start for start, end in zip(admitted, final, strict=True))
