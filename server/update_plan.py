@@ -92,10 +92,15 @@ def plan(old: DeploymentConfig, new: DeploymentConfig, steps: list[GroupStep]) -
 
 
 def _runs(own: DeploymentConfig) -> dict[str, Any]:
-    """What a group's workers run and how many, as the plan names it."""
-    keys = ("model", "worker_command", "endpoints", "task", "min_workers", "max_workers")
+    """What a group's workers run and how many, as the plan names it (a static group: its
+    endpoints, one worker each)."""
     values = own.model_dump(mode="json")
-    return {k: values[k] for k in (*keys, "autoscaler", "replicas")}
+    if own.provisioner == "static":
+        keys: tuple[str, ...] = ("model", "endpoints")
+    else:
+        what = "task" if own.provisioner == "skypilot" else "worker_command"
+        keys = ("model", what, "autoscaler", "replicas", "min_workers", "max_workers")
+    return {k: values[k] for k in keys}
 
 
 def _starts(own: DeploymentConfig) -> str:

@@ -66,3 +66,26 @@ def test_a_plan_without_groups_and_its_refusals() -> None:
         resolve(old, new.model_copy(update={"port": 1}), None, [])
     with pytest.raises(UpdateRefused, match=r"^endpoints: the new version needs an endpoint"):
         resolve(old, old.model_copy(update={"endpoints": ["http://127.0.0.1:2"]}), None, [])
+
+
+def test_a_static_plan_adds_and_removes_groups_in_the_rollouts_order() -> None:
+    chat = {"name": "chat", "model": "alpha", "endpoints": ["http://127.0.0.1:1"]}
+    gone = {"name": "gone", "endpoints": ["http://127.0.0.1:2"]}
+    extra = {"name": "extra", "model": "gamma", "endpoints": ["http://127.0.0.1:3"]}
+    old = DeploymentConfig(groups=[chat, gone])
+    new = DeploymentConfig(groups=[{**chat, "model": "alpha-2"}, extra])
+    assert planned(old, new) == [
+        (
+            "extra",
+            "add",
+            ['model: "gamma"', 'endpoints: ["http://127.0.0.1:3"]'],
+            "1 added, one per endpoint, READY before the next group moves",
+        ),
+        (
+            "chat",
+            "update",
+            ['model: "alpha" -> "alpha-2"'],
+            "1 kept (serving the new version as they are), 0 added (READY first), 0 drained",
+        ),
+        ("gone", "remove", [], "drained, then stopped"),
+    ]
