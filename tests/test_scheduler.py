@@ -155,6 +155,32 @@ def test_the_last_level_runs_its_jobs_in_arrival_order() -> None:
     assert ids(s.order(1.1)[1:3]) == ids([b, a])
 
 
+def test_in_the_last_level_only_the_oldest_job_is_promoted() -> None:
+    # The last level runs its jobs in arrival order: a younger one that waits there waits for
+    # the older ones, as under FCFS. Moved up, it would take the slot of an older job still
+    # running; only the oldest, held back by the upper levels alone, moves up.
+    s = MLFQ(Q, levels=3, starvation_limit=1.0)
+    a, b, c = job(arrival=0.0), job(arrival=0.1), job(arrival=0.2)
+    for j in (a, b, c):
+        s.add(j, now=j.arrival)
+        s.charge(j, 0.010, now=1.0)
+        s.charge(j, 0.020, now=1.0)
+    assert [j.level for j in (a, b, c)] == [2, 2, 2]
+    for t in (1.5, 2.0):  # a batch of two: the two oldest run, c waits
+        s.charge(a, 0.001, now=t)
+        s.charge(b, 0.001, now=t)
+    assert ids(s.order(2.1)) == ids([a, b, c])  # c has not run for 1.1 s: it stays behind them
+    assert (c.level, s.describe()["promotions"]) == (2, 0)
+    # a newcomer at the top takes the batch from 2.1 on: a, the oldest, moves up; b and c wait
+    newcomer = job(arrival=2.1)
+    s.add(newcomer, now=2.1)
+    for t in (2.5, 3.0):
+        s.charge(newcomer, 0.001, now=t)
+    assert ids(s.order(3.1)) == ids([newcomer, a, b, c])
+    assert [j.level for j in (a, b, c)] == [1, 2, 2]
+    assert s.describe()["promotions"] == 1
+
+
 def test_fcfs_orders_by_arrival_and_ignores_service() -> None:
     s = FCFS()
     a, b, c = job(500, arrival=1.0), job(1, arrival=2.0), job(1, arrival=3.0)
