@@ -209,7 +209,8 @@ class Prober:
                 seconds = await self.latency_probe(worker)
                 policy.observe_probe(worker, seconds)
         finally:
-            self._speed.pop(worker.id, None)
+            if self._speed.get(worker.id) is asyncio.current_task():
+                del self._speed[worker.id]
             self._speed_failing.discard(worker.id)
 
     async def probe_once(self, worker: Worker) -> tuple[bool, str]:
