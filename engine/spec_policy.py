@@ -27,6 +27,16 @@ ENGINE_DECAY = 0.995
 #: Each verified tree token past the first, as a share of an incremental step, until two tree
 #: sizes are measured at a batch size (a 5-token verification cost 1.44 one-token steps on a CPU).
 NODE_COST = 0.1
+#: An SSM forward that catches its cache up by more tokens than this (a job's first speculative
+#: step, or its first after incremental ones) is no steady step: its timing is not a step cost.
+STEADY_CATCHUP = 4
+#: A job whose own best depth is 0 tries speculation again for this many steps in a row: its
+#: first step pays the SSM's catch-up, the next ones are timed.
+PROBE_STEPS = 2
+#: Timings older than this many decode iterations give way to newer ones (the newest
+#: ``KEEP_SAMPLES`` stay): what a stall measured must not decide long after it ended.
+HORIZON = 128
+KEEP_SAMPLES = 3
 
 
 @dataclass
@@ -36,6 +46,7 @@ class SpecState(JobSpec):
     fading counts: ``tried[i]`` steps reached position ``i``, ``hits[i]`` of them accepted it."""
 
     depth: int = 0
+    probing: int = 0  # probe steps left in a row (see PROBE_STEPS)
     tried: list[float] = field(default_factory=list)
     hits: list[float] = field(default_factory=list)
 
@@ -73,13 +84,25 @@ class _Recent:
 
     def __init__(self, window: int = 15):
         self.samples: deque[float] = deque(maxlen=window)
+        self.taken: deque[int] = deque(maxlen=window)  # the decode iteration of each sample
         self.value = 0.0
         self.count = 0
 
-    def add(self, x: float) -> None:
+    def add(self, x: float, now: int = 0) -> None:
         self.samples.append(x)
+        self.taken.append(now)
         self.value = statistics.median(self.samples)
         self.count += 1
+
+    def forget_before(self, oldest: int, keep: int) -> None:
+        """Drop the samples taken before iteration ``oldest``, the newest ``keep`` aside."""
+        dropped = False
+        while len(self.samples) > keep and self.taken[0] < oldest:
+            self.samples.popleft()
+            self.taken.popleft()
+            dropped = True
+        if dropped:
+            self.value = statistics.median(self.samples)
 
 
 class StepCosts:
@@ -90,20 +113,37 @@ class StepCosts:
     SSM. Verification at any tree size is read off a line through the sizes measured (the padded
     batch makes every job's tree as large as the largest one's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_samples: int = 3) -> None:
+        self.min_samples = min_samples
         self.incremental: dict[int, _Recent] = {}
         self.draft: dict[int, _Recent] = {}
         self.verify: dict[int, dict[int, _Recent]] = {}
+        self.now = 0  # decode iterations observed
 
     def add_incremental(self, batch: int, seconds: float) -> None:
-        self.incremental.setdefault(batch, _Recent()).add(seconds)
+        self.now += 1
+        self.incremental.setdefault(batch, _Recent()).add(seconds, self.now)
 
     def add_speculative(
         self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
     ) -> None:
+        self.now += 1
         if forwards:
-            self.draft.setdefault(batch, _Recent()).add(draft_seconds / forwards)
-        self.verify.setdefault(batch, {}).setdefault(tokens, _Recent()).add(verify_seconds)
+            self.draft.setdefault(batch, _Recent()).add(draft_seconds / forwards, self.now)
+        self.verify.setdefault(batch, {}).setdefault(tokens, _Recent()).add(
+            verify_seconds, self.now
+        )
+
+    def forget_old(self, batch: int, horizon: int = HORIZON, keep: int = KEEP_SAMPLES) -> None:
+        """Timings at this batch size older than ``horizon`` iterations give way to newer ones
+        (each keeps its newest ``keep``): the side the policy has not picked for a while (its
+        probes are rare) is not judged by what a stall long ago measured."""
+        oldest = self.now - horizon
+        recents = [self.incremental.get(batch), self.draft.get(batch)]
+        recents += self.verify.get(batch, {}).values()
+        for recent in recents:
+            if recent is not None:
+                recent.forget_before(oldest, keep)
 
     def samples(self, batch: int) -> tuple[int, int]:
         """Incremental and speculative iterations measured at this batch size."""
@@ -118,13 +158,18 @@ class StepCosts:
         inc = self.incremental.get(batch)
         if not points or not inc or not inc.count:
             return None
+        own = points.get(tokens)
+        if own is not None and len(own.samples) >= self.min_samples:
+            return own.value  # timed often enough at this very size: no line bends it
         if len(points) == 1:
             ((n, e),) = points.items()
             return max(0.0, e.value + NODE_COST * inc.value * (tokens - n))
-        # a line through every measured size, each weighted by its recent samples: a size the
+        # a line through the measured sizes, each weighted by its recent samples: a size the
         # policy no longer picks keeps a few old timings, which must not outweigh fresh ones;
-        # more tokens never verify faster
-        xs = list(points)
+        # sizes timed only once or twice (a stall makes them far off) stay out of it when two
+        # sizes were timed more often; more tokens never verify faster
+        trusted = [n for n, e in points.items() if len(e.samples) >= self.min_samples]
+        xs = trusted if len(trusted) >= 2 else list(points)
         ws = [float(len(points[x].samples)) for x in xs]
         ys = [points[x].value for x in xs]
         total = sum(ws)
@@ -190,7 +235,7 @@ class SpecPolicy:
         self.probe_every = probe_every
         self.min_samples = min_samples
         self.prior_weight = prior_weight
-        self.costs = StepCosts()
+        self.costs = StepCosts(min_samples)
         self.tried: list[float] = []  # engine-wide, per position (see SpecState)
         self.hits: list[float] = []
         self.depth_by_batch: dict[int, int] = {}
@@ -269,6 +314,7 @@ class SpecPolicy:
                 self._since_probe = 0
                 return {}
             return whole
+        self.costs.forget_old(batch)
         costs = [self.step_seconds(batch, d) for d in range(self.max_depth + 1)]
         if any(c is None or c <= 0 for c in costs):
             return whole
@@ -285,9 +331,14 @@ class SpecPolicy:
             gain = expected_tokens(self.rates(state))
             gains.append(gain)
             own = _best_depth(gain, seconds)
-            if own == 0 and state.skipped + 1 >= self.probe_every:
-                own = engine_best  # a losing job tries again now and then
+            if own:
+                state.probing = 0
+            elif state.probing or state.skipped + 1 >= self.probe_every:
+                # a losing job tries again now and then, a few steps in a row: the first one
+                # catches the SSM's cache up and is not timed (see observe_speculative)
+                own = engine_best
                 probes.append(own)
+                state.probing = (state.probing or PROBE_STEPS) - 1
             best.append(own)
         rates = []
         for depth in range(self.max_depth + 1):
@@ -322,11 +373,24 @@ class SpecPolicy:
         self._since_incremental[batch] = 0
 
     def observe_speculative(
-        self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
+        self,
+        batch: int,
+        forwards: int,
+        draft_seconds: float,
+        tokens: int,
+        verify_seconds: float,
+        catchup: int = 1,
     ) -> None:
         """A speculative iteration: ``forwards`` SSM forwards took ``draft_seconds`` in all,
-        verifying trees of up to ``tokens`` tokens took ``verify_seconds``."""
-        self.costs.add_speculative(batch, forwards, draft_seconds, tokens, verify_seconds)
+        verifying trees of up to ``tokens`` tokens took ``verify_seconds``; the SSMs' first
+        forward caught their caches up by at most ``catchup`` tokens a job.
+
+        An iteration whose catch-up was longer than a steady step's (1 or 2 tokens: the LLM's
+        own token and the last draft, which no SSM ran) is not timed: the first step after a run
+        of incremental ones feeds the SSM every token since, and timed, it made a probe look
+        far dearer than speculating in a row costs, so auto stayed incremental."""
+        if catchup <= STEADY_CATCHUP:
+            self.costs.add_speculative(batch, forwards, draft_seconds, tokens, verify_seconds)
         self._since_incremental[batch] = self._since_incremental.get(batch, 0) + 1
 
     def observe_job(self, job: Job, depth: int, drafted: int, accepted: int) -> None:

@@ -175,6 +175,17 @@ class Speculator:
             j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
         }
         drafting = [j for j in chosen if self._reserve_tree(j, running)]
+        # tokens each SSM's first forward feeds a job to catch up (1 or 2 in a run of speculative
+        # steps; more after incremental ones, which the SSMs did not see)
+        catchup = max(
+            (
+                j.total_tokens - j.spec.draft_cached[s]
+                for j in drafting
+                if j.spec is not None
+                for s in range(len(self.drafters))
+            ),
+            default=0,
+        )
         drafts = (
             [
                 self._draft(drafter, s, drafting, trees, generators)
@@ -224,6 +235,7 @@ class Speculator:
                 drafted - start,
                 max(len(tree) for tree in trees.values()),
                 time.perf_counter() - drafted,
+                catchup,
             )
         return results
 

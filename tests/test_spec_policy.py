@@ -111,7 +111,9 @@ def test_depth_follows_a_job_whose_acceptance_changes() -> None:
         decisions.append(depth)
         policy.observe_job(job, depth, depth, 0)  # still nothing accepted
     probes = [i for i, d in enumerate(decisions) if d]
-    assert len(probes) == 2 and probes[1] - probes[0] == 8  # only the probes
+    # only the probes: two steps in a row (the first one is not timed), then eight skipped
+    first = probes[0]
+    assert probes == [first, first + 1, first + 9, first + 10]
     steps(policy, job, every, 40)  # its probes find the draft good again
     assert policy.choose([job])[job.id] == 6
 
@@ -201,3 +203,65 @@ def test_a_tree_size_timed_once_on_a_stalled_machine_does_not_set_its_cost() -> 
     policy.observe_speculative(1, 2, 4 * MS, 3, 60 * MS)  # the only timing of 3 tokens
     assert policy.costs.verify_seconds(1, 3) == pytest.approx(12 * MS, abs=4 * MS)
     assert policy.costs.verify_seconds(1, 9) == pytest.approx(18 * MS, abs=4 * MS)
+
+
+def test_a_step_that_catches_the_ssm_up_is_not_timed() -> None:
+    policy = measured(SpecPolicy("auto", TREE))
+    before = [policy.step_seconds(1, depth) for depth in range(len(TREE) + 1)]
+    # first steps after a run of incremental ones: the SSM's first forward feeds 30 tokens
+    for _ in range(15):
+        policy.observe_speculative(1, 1, 9 * MS, 2, 25 * MS, catchup=30)
+    assert [policy.step_seconds(1, depth) for depth in range(len(TREE) + 1)] == before
+    policy.observe_speculative(1, 1, 9 * MS, 2, 25 * MS, catchup=2)  # a steady step is timed
+    assert policy.costs.draft[1].count == 2 * policy.min_samples + 1
+
+
+def test_a_tree_size_timed_often_costs_what_it_measured() -> None:
+    policy = SpecPolicy("auto", TREE)
+    for _ in range(3):
+        policy.observe_incremental(1, 10 * MS)
+        policy.observe_speculative(1, 1, 2 * MS, 2, 12 * MS)
+        policy.observe_speculative(1, 3, 6 * MS, 4, 16 * MS)
+        policy.observe_speculative(1, 8, 16 * MS, 9, 19 * MS)
+    # two sizes timed once each while another process held the cores
+    policy.observe_speculative(1, 2, 4 * MS, 3, 60 * MS)
+    policy.observe_speculative(1, 5, 10 * MS, 6, 60 * MS)
+    # each size measured three times keeps its own cost (the line through them passes near,
+    # not through, each), and that line gives the others: the two stalled timings do not bend it
+    assert policy.costs.verify_seconds(1, 2) == pytest.approx(12 * MS)
+    assert policy.costs.verify_seconds(1, 4) == pytest.approx(16 * MS)
+    assert policy.costs.verify_seconds(1, 9) == pytest.approx(19 * MS)
+    assert policy.costs.verify_seconds(1, 5) == pytest.approx(47 / 3 * MS)
+
+
+def test_speculation_resumes_soon_after_a_stall_that_turned_it_off() -> None:
+    policy = measured(SpecPolicy("auto", TREE, probe_every=32))
+    job = new_job()
+    stalled = True
+    previous = 0  # the depth of the iteration before
+
+    def iteration() -> int:
+        nonlocal previous
+        depth = policy.choose([job]).get(job.id, 0)
+        slow = 5.0 if stalled else 1.0
+        if depth:
+            tokens = policy.tree_tokens(depth)
+            catchup = 2 if previous else 20  # the SSM missed the incremental steps
+            policy.observe_speculative(
+                1, depth, depth * 2 * MS * slow, tokens, (9 + tokens) * MS * slow, catchup
+            )
+        else:
+            policy.observe_incremental(1, 10 * MS)  # the stall came and went between these
+        policy.observe_job(job, depth, depth, min(depth, 2))  # the first two drafts accepted
+        previous = depth
+        return depth
+
+    # a stall that slowed every speculative step five times over, long enough to fill every
+    # window of timings and turn speculation off
+    depths = [iteration() for _ in range(200)]
+    assert depths[-20:] == [0] * 20
+    stalled = False
+    # its probes find speculation cheap again: the stalled timings give way within a few
+    # probes, not after a whole window of them (15 probes, about 500 iterations)
+    depths = [iteration() for _ in range(200)]
+    assert depths[-20:].count(0) <= 1
