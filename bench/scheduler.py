@@ -24,8 +24,8 @@ busy neighbour in one run only (``--one-at-a-time`` runs them in turn with all t
   is tokens/s over the mean output length, and the figure the engine's start-up profile of one
   decode step implies is printed beside it. The same closed loop runs again after the trace
   (``capacity.after_trace_tokens_per_s``, ``trace.offered_load_after``): on a shared host the
-  other tenants come and go, and a trace offered at 0.95 of the capacity before it may have
-  met 0.7 or 1.2 of what the engines had while it ran.
+  other tenants come and go, and a trace offered at 0.8 or 0.95 of the capacity before it has
+  met anything from 0.4 to 1.6 of what the engines had after it.
 - Lengths and gaps come from ``--seed``; the gaps are drawn at rate 1 and scaled, so both
   schedulers see exactly the same jobs at the same offsets.
 
