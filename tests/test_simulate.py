@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from flockctl.server.autoscaler import QueueLengthRunningMean, RequestRate
 from flockctl.server.controller import Controller
+from flockctl.server.policies import Latency
 from flockctl.server.pool import WorkerPool
 from flockctl.server.simulate import report
 from flockctl.server.simulate.service import (
@@ -209,6 +210,14 @@ def test_it_runs_the_daemons_own_classes() -> None:
     assert type(sim.controller.policy) is QueueLengthRunningMean
     rate = Simulation(synthetic("poisson:1:10"), cfg(target_qps_per_replica=2), ServiceModel())
     assert type(rate.controller.policy) is RequestRate
+
+
+def test_the_latency_policy_takes_the_deployments_decay() -> None:
+    sim = Simulation(
+        synthetic("poisson:1:10"), cfg(policy="latency", latency_decay=2.5), ServiceModel()
+    )
+    assert isinstance(sim.pool.policy, Latency)
+    assert sim.pool.policy.decay == 2.5
 
 
 @pytest.mark.parametrize("workers", [1, 3, 7])

@@ -179,7 +179,7 @@ def balancing_policy(
 ) -> BalancingPolicy:
     """The policy ``flockctl up`` would make, its randomness seeded and its clock the loop's."""
     if cfg.policy == "latency":
-        return Latency(PolicySettings().latency_decay, random.Random(seed), loop.time)
+        return Latency(cfg.latency_decay, random.Random(seed), loop.time)
     if cfg.policy == "power-of-two":
         return PowerOfTwo(random.Random(seed))
     routing = PolicySettings(cfg.prefix_min_match, cfg.prefix_balance, cfg.prefix_tree_chars)
