@@ -104,14 +104,24 @@ class _Recent:
         if dropped:
             self.value = statistics.median(self.samples)
 
+    def latest(self, n: int = 3) -> float:
+        """The median of the newest ``n`` samples: what the machine does about now."""
+        return statistics.median(list(self.samples)[-n:])
+
 
 class StepCosts:
-    """Seconds measured per batch size: an incremental iteration, one SSM forward, and the
+    """Costs measured per batch size: an incremental iteration, one SSM forward, and the
     verification of a tree of ``n`` tokens per job (the LLM forward, the walk, the kept path).
 
     A speculative iteration of depth ``d`` costs one verification plus ``d`` forwards of each
     SSM. Verification at any tree size is read off a line through the sizes measured (the padded
-    batch makes every job's tree as large as the largest one's)."""
+    batch makes every job's tree as large as the largest one's).
+
+    The speculative parts are kept in incremental steps: each timing is divided by the latest
+    incremental steps at its batch size, and read back times the incremental median of now. On a
+    machine whose other tenants come and go, a probe timed while they ran is compared with the
+    incremental steps timed just before it, not with ones timed when the machine was quiet (in
+    seconds, one loaded probe made speculation look twice as dear as it was)."""
 
     def __init__(self, min_samples: int = 3) -> None:
         self.min_samples = min_samples
@@ -127,11 +137,18 @@ class StepCosts:
     def add_speculative(
         self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
     ) -> None:
+        """Kept in incremental steps; not kept before an incremental step was timed."""
         self.now += 1
+        inc = self.incremental.get(batch)
+        if inc is None or not inc.samples:
+            return
+        unit = inc.latest()
+        if unit <= 0:
+            return
         if forwards:
-            self.draft.setdefault(batch, _Recent()).add(draft_seconds / forwards, self.now)
+            self.draft.setdefault(batch, _Recent()).add(draft_seconds / forwards / unit, self.now)
         self.verify.setdefault(batch, {}).setdefault(tokens, _Recent()).add(
-            verify_seconds, self.now
+            verify_seconds / unit, self.now
         )
 
     def forget_old(self, batch: int, horizon: int = HORIZON, keep: int = KEEP_SAMPLES) -> None:
@@ -154,6 +171,12 @@ class StepCosts:
         )
 
     def verify_seconds(self, batch: int, tokens: int) -> float | None:
+        inc = self.incremental.get(batch)
+        steps = self.verify_steps(batch, tokens)
+        return None if steps is None or inc is None else steps * inc.value
+
+    def verify_steps(self, batch: int, tokens: int) -> float | None:
+        """Verifying trees of ``tokens`` tokens, in incremental steps."""
         points = self.verify.get(batch)
         inc = self.incremental.get(batch)
         if not points or not inc or not inc.count:
@@ -163,7 +186,7 @@ class StepCosts:
             return own.value  # timed often enough at this very size: no line bends it
         if len(points) == 1:
             ((n, e),) = points.items()
-            return max(0.0, e.value + NODE_COST * inc.value * (tokens - n))
+            return max(0.0, e.value + NODE_COST * (tokens - n))
         # a line through the measured sizes, each weighted by its recent samples: a size the
         # policy no longer picks keeps a few old timings, which must not outweigh fresh ones;
         # sizes timed only once or twice (a stall makes them far off) stay out of it when two
@@ -182,19 +205,21 @@ class StepCosts:
     def speculative(self, batch: int, forwards: int, tokens: int) -> float | None:
         """Seconds of a speculative iteration with ``forwards`` SSM forwards and trees of
         ``tokens`` tokens; None until both parts were measured at this batch size."""
-        verify = self.verify_seconds(batch, tokens)
-        draft = self.draft.get(batch)
-        if verify is None or (forwards and not draft):
+        verify = self.verify_steps(batch, tokens)
+        inc, draft = self.incremental.get(batch), self.draft.get(batch)
+        if verify is None or inc is None or (forwards and not draft):
             return None
-        return verify + forwards * (draft.value if draft else 0.0)
+        return (verify + forwards * (draft.value if draft else 0.0)) * inc.value
 
     def describe(self, batch: int) -> dict[str, Any]:
+        """Milliseconds at the machine's speed of now (the parts measured relative to it)."""
         inc, draft = self.incremental.get(batch), self.draft.get(batch)
         verify = sorted(self.verify.get(batch, {}).items())
+        unit = inc.value * 1e3 if inc else 0.0
         return {
-            "incremental_ms": round(inc.value * 1e3, 3) if inc else None,
-            "draft_forward_ms": round(draft.value * 1e3, 3) if draft else None,
-            "verify_ms_by_tokens": {str(n): round(e.value * 1e3, 3) for n, e in verify},
+            "incremental_ms": round(unit, 3) if inc else None,
+            "draft_forward_ms": round(draft.value * unit, 3) if draft and inc else None,
+            "verify_ms_by_tokens": {str(n): round(e.value * unit, 3) for n, e in verify},
         }
 
 
@@ -306,7 +331,8 @@ class SpecPolicy:
         whole = {job.id: self.max_depth for job in jobs}
         if spec_samples < self.min_samples:
             self.device_on, self.reason = True, f"measuring speculation at batch size {batch}"
-            return whole
+            # speculative timings are kept relative to incremental ones: one of those first
+            return whole if inc_samples else {}
         if inc_samples < self.min_samples:
             self.device_on, self.reason = True, f"measuring decoding at batch size {batch}"
             self._since_probe += 1

@@ -146,7 +146,11 @@ def test_each_batch_size_has_its_own_depth() -> None:
 def test_costs_are_measured_before_they_are_judged() -> None:
     policy = SpecPolicy("auto", TREE, min_samples=2)
     job = new_job()
-    assert policy.choose([job]) == {job.id: 6}  # nothing measured: speculate to learn its cost
+    # nothing measured: an incremental step first (speculative costs are kept relative to it),
+    # then speculation to learn its cost
+    assert policy.choose([job]) == {}
+    policy.observe_incremental(1, 10 * MS)
+    assert policy.choose([job]) == {job.id: 6}
     for _ in range(2):
         policy.observe_speculative(1, 6, 12 * MS, 7, 16 * MS)
     seen = [policy.choose([job]) for _ in range(4)]
@@ -265,3 +269,23 @@ def test_speculation_resumes_soon_after_a_stall_that_turned_it_off() -> None:
     # probes, not after a whole window of them (15 probes, about 500 iterations)
     depths = [iteration() for _ in range(200)]
     assert depths[-20:].count(0) <= 1
+
+
+def test_a_probe_on_a_loaded_machine_is_compared_with_the_steps_just_before_it() -> None:
+    policy = measured(SpecPolicy("auto", TREE), draft=1 * MS)
+    job = new_job()
+    steps(policy, job, first_of_two, 60)  # half of the first drafts accepted: speculation pays
+    chosen = policy.choose([job])
+    assert chosen
+    # other tenants take the cores: every step now takes twice as long; the machine's incremental
+    # steps are timed first, then speculative steps of depth 1 (12 ms each when quiet)
+    for _ in range(15):
+        policy.observe_incremental(1, 20 * MS)
+    for _ in range(15):
+        policy.observe_speculative(1, 1, 2 * MS, 2, 22 * MS, catchup=2)
+    # the tenants leave: the next incremental steps run at 10 ms again
+    for _ in range(15):
+        policy.observe_incremental(1, 10 * MS)
+    # a depth-1 step still costs 1.2 incremental steps, as it did, not 2.4
+    assert policy.cost_ratio(1, 1) == pytest.approx(1.2)
+    assert policy.choose([job]) == chosen
