@@ -98,6 +98,12 @@ class Engine:
         self.batcher = make_batcher(self.pool, config)  # capped by max_tokens_per_batch
         self.batcher.batched_tokens = config.max_num_batched_tokens  # chunked prefill
         self.runner = Runner(model, self.pool, device)
+        log.info(
+            "flockctl engine: %s",
+            "the model runs the engine's exact lean forward (transformers' logits, bit for bit)"
+            if self.runner.lean is not None
+            else "the model runs through transformers' forward",
+        )
         self.sampler = Sampler()
         logits = model.get_output_embeddings()
         assert logits is not None and isinstance(logits.weight, torch.Tensor)
