@@ -223,7 +223,7 @@ def serve(
         typer.Option(
             metavar="SECONDS",
             help="An MLFQ job that has not run for this long moves up one level (again after"
-            " each further wait as long).",
+            " each further wait as long); in the last level only its oldest job does.",
             min=0.001,
             rich_help_panel=L,
         ),
