@@ -4,6 +4,7 @@ assisted generation on the same model pair.
     python bench/speculative.py                     # the demo pair (--model demo)
     python bench/speculative.py --quick             # a smoke run
     python bench/speculative.py --model M --draft-model D --spec-tree 1,1,1,1
+    python bench/speculative.py --weak-noise 0.5    # bench/engine.py's weaker draft of the pair
 
 One engine is loaded with the draft model(s) and ``--spec on``; its speculation mode is switched
 between runs, so incremental and speculative decoding use the same weights, caches and threads. A
@@ -26,7 +27,9 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from common import PROMPTS, machine, say
@@ -47,6 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="speculative model; repeat for several (default with --model demo: demo's draft)",
     )
     parser.add_argument("--spec-tree", help="token-tree expansion (default: the engine's)")
+    parser.add_argument(
+        "--weak-noise",
+        type=float,
+        help="draft with a copy of the first draft whose weights carry this much Gaussian noise"
+        " (bench/engine.py's weaker draft: 0.5)",
+    )
     parser.add_argument("--tokens", type=int, default=128, help="new tokens a request (128)")
     parser.add_argument("--prompts", type=int, default=6, help="requests a round (6)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every variant (2)")
@@ -299,7 +308,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "draft_models": args.draft_model,
         "tree": list(engine.spec_tree),
         "auto_tree": auto_tree,
-        "settings": {"prompts": len(prompts), "new_tokens": new, "rounds": args.rounds},
+        "settings": {
+            "prompts": len(prompts),
+            "new_tokens": new,
+            "rounds": args.rounds,
+            "weak_noise": args.weak_noise,
+        },
         "tokens_per_s": tps,
         "seconds": {name: [round(x, 4) for x in s] for name, s in seconds.items()},
         "speculation": spec,
@@ -319,11 +333,30 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def weak_draft(draft: str, workdir: Path, noise: float) -> Path:
+    """``draft`` (or the demo's) copied with noise in its weights, as bench/engine.py builds it."""
+    from engine import build_weak_draft
+
+    if draft == "demo":
+        from flockctl.engine.demo import ensure_demo
+
+        source = ensure_demo(progress=False).draft
+    else:
+        source = Path(draft)
+    say(f"building a weaker draft: {source} with noise {noise:g}")
+    return build_weak_draft(source, workdir / "weak-draft", noise)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     try:
-        report = asyncio.run(bench(args))
+        with tempfile.TemporaryDirectory(prefix="flockctl-spec-bench-") as tmp:
+            if args.weak_noise is not None:
+                args.draft_model = [
+                    str(weak_draft(args.draft_model[0], Path(tmp), args.weak_noise))
+                ]
+            report = asyncio.run(bench(args))
     except KeyboardInterrupt:
         say("interrupted")
         return 130
