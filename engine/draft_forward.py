@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flockctl.engine.lean_forward import plain_llama
+
 
 @dataclass
 class _Layer:
@@ -131,19 +133,4 @@ class LeanLlama(torch.nn.Module):
 
 def lean_forward(model: torch.nn.Module) -> LeanLlama | None:
     """A :class:`LeanLlama` for ``model`` when it is a plain Llama; None otherwise."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) != "llama":
-        return None
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if (
-        getattr(config, "attention_bias", False)
-        or getattr(config, "mlp_bias", False)
-        or getattr(config, "hidden_act", "silu") != "silu"
-        or (rope.get("rope_type") or rope.get("type") or "default") != "default"
-        or getattr(config, "pretraining_tp", 1) != 1
-    ):
-        return None
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
-        return None
-    return LeanLlama(model)
+    return LeanLlama(model) if plain_llama(model) else None
