@@ -8,10 +8,7 @@ The real daemon in-process with real fake-worker processes, under load for each 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import pytest
 import yaml
 from cli_driver import flockctl, processes_with
 from conftest import fake_worker_command, free_port, until, until_sync
+from update_traffic import load, post_update
 
 from flockctl.render import status_console, status_view
 
@@ -32,36 +30,6 @@ def group(name: str, *extra: str, **fields: Any) -> dict[str, Any]:
     definition of it)."""
     command = fake_worker_command("--model", name, *extra)
     return {"name": name, "worker_command": command, "replicas": 1, **fields}
-
-
-@contextlib.asynccontextmanager
-async def load(url: str, models: list[str]) -> AsyncIterator[dict[str, Any]]:
-    """One client per model, sending requests one after another until the block ends."""
-    seen: dict[str, Any] = {"ok": 0, "failed": []}
-    stop = asyncio.Event()
-
-    async def client(model: str) -> None:
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                body = {"model": model, "prompt": "hi", "max_tokens": 2}
-                async with session.post(f"{url}/v1/completions", json=body) as resp:
-                    text = await resp.text()
-                if resp.status == 200:
-                    seen["ok"] += 1
-                else:
-                    seen["failed"].append(f"{model}: HTTP {resp.status} {text[:200]}")
-
-    tasks = [asyncio.create_task(client(m)) for m in models]
-    try:
-        yield seen
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-
-
-async def post_update(d: Any, http: aiohttp.ClientSession, **body: Any) -> tuple[int, Any]:
-    async with http.post(f"{d.url}/-/update", json=body, headers=d.admin) as resp:
-        return resp.status, await resp.json()
 
 
 async def run_update(d: Any, http: aiohttp.ClientSession, **body: Any) -> dict[str, Any]:

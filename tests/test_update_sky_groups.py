@@ -11,15 +11,13 @@ are real fake-server processes, so probes and requests are real HTTP.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import until
 from fake_sky import FakeSky
+from update_traffic import load
 
 from flockctl.server.provisioners.skypilot import recorded_clusters
 
@@ -31,34 +29,6 @@ TASK: dict[str, Any] = {"run": "serve --port 8000", "resources": {"ports": 8000}
 def group(name: str, model: str, accelerator: str, **fields: Any) -> dict[str, Any]:
     task = {"resources": {"ports": 8000, "accelerators": f"{accelerator}:1"}}
     return {"name": name, "model": model, "task": task, **fields}
-
-
-@contextlib.asynccontextmanager
-async def load(url: str, models: list[str]) -> AsyncIterator[dict[str, Any]]:
-    """One client per model sending requests one after another (streamed every other one) until
-    the block ends; every answer must be a 200 with the whole stream."""
-    seen: dict[str, Any] = {"ok": 0, "failed": []}
-    stop = asyncio.Event()
-
-    async def client(model: str) -> None:
-        stream = False
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                stream = not stream
-                body = {"model": model, "prompt": "hi", "max_tokens": 3, "stream": stream}
-                async with session.post(f"{url}/v1/completions", json=body) as resp:
-                    data = await resp.read()
-                if resp.status == 200 and (not stream or data.rstrip().endswith(b"[DONE]")):
-                    seen["ok"] += 1
-                else:
-                    seen["failed"].append(f"{model}: HTTP {resp.status} {data[:200]!r}")
-
-    tasks = [asyncio.create_task(client(m)) for m in models]
-    try:
-        yield seen
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
 
 
 async def run_update(d: Any, http: aiohttp.ClientSession, **body: Any) -> dict[str, Any]:

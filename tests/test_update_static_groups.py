@@ -12,11 +12,10 @@ server (``fake_worker.build_app``) whose answers the test can hold to keep a req
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from aiohttp import web
 from cli_driver import flockctl
 from conftest import FAKE_WORKER, free_port, until, until_sync
 from fake_worker import build_app
+from update_traffic import load, post_update
 
 from flockctl.render import status_console, status_view
 
@@ -80,40 +80,6 @@ async def spread(
             assert resp.status == 200, (model, await resp.text())
             who.add(resp.headers["x-worker-id"])
     return who
-
-
-@contextlib.asynccontextmanager
-async def load(url: str, models: list[str]) -> AsyncIterator[dict[str, Any]]:
-    """One client per model, sending requests one after another (streamed every other one)
-    until the block ends; every answer must be a 200 with the whole stream."""
-    seen: dict[str, Any] = {"ok": 0, "failed": []}
-    stop = asyncio.Event()
-
-    async def client(model: str) -> None:
-        stream = False
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                stream = not stream
-                body = {"model": model, "prompt": "hi", "max_tokens": 3, "stream": stream}
-                async with session.post(f"{url}/v1/completions", json=body) as resp:
-                    data = await resp.read()
-                whole = not stream or data.rstrip().endswith(b"[DONE]")
-                if resp.status == 200 and whole:
-                    seen["ok"] += 1
-                else:
-                    seen["failed"].append(f"{model}: HTTP {resp.status} {data[:200]!r}")
-
-    tasks = [asyncio.create_task(client(m)) for m in models]
-    try:
-        yield seen
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-
-
-async def post_update(d: Any, http: aiohttp.ClientSession, **body: Any) -> tuple[int, Any]:
-    async with http.post(f"{d.url}/-/update", json=body, headers=d.admin) as resp:
-        return resp.status, await resp.json()
 
 
 def by_url(d: Any, group: str) -> dict[str, tuple[str, int]]:
