@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from flockctl.cores import torch_threads
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import pick_device, pick_dtype
 from flockctl.engine.embeddings import is_encoder
@@ -78,19 +79,12 @@ def load_engine(
 
 
 def default_threads() -> int | None:
-    """Torch's CPU threads when ``--threads`` is not given: every core this process may run on
-    but one, which the serving side keeps (the event loop answering HTTP and streaming tokens,
-    the model loop's own Python between forwards); at least 1. With torch on every core its
-    threads spin against those two: on a 2-core machine, 8 concurrent streams made half the
-    tokens per second they made with one torch thread. None where ``OMP_NUM_THREADS`` is set:
-    torch has taken the user's number from it."""
+    """Torch's CPU threads when ``--threads`` is not given: :func:`flockctl.cores.torch_threads`
+    for an engine alone. None where ``OMP_NUM_THREADS`` is set: torch has taken the user's
+    number from it."""
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return torch_threads()
 
 
 def _encoder_engine(

@@ -6,7 +6,7 @@ The ``flockctl`` package holds the command line and the daemon lifecycle; the da
 
 Layers, and what each may import (``tests/test_import_contract.py`` holds the code to them):
 
-- The shared layer, ``SHARED_LAYER`` below: state and paths, exit codes, net helpers, the
+- The shared layer, ``SHARED_LAYER`` below: state and paths, exit codes, net helpers, cores, the
   console's output conventions, the typed status snapshot and the admin routes. The daemon, the
   engine and the CLI all build on it, so it imports no other flockctl module, nor torch,
   transformers or textual.
@@ -31,6 +31,7 @@ SHARED_LAYER: tuple[str, ...] = (
     "flockctl",
     "flockctl.admin_routes",
     "flockctl.console",
+    "flockctl.cores",
     "flockctl.exitcodes",
     "flockctl.net",
     "flockctl.paths",

@@ -7,11 +7,12 @@ dry run and ``POST /-/workers {"model"}`` start the same engine the same way.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import sys
 from collections.abc import Sequence
+
+from flockctl.cores import torch_threads
 
 #: ``$PORT`` or ``${PORT}``, not ``$PORTS``: how a shell command line reads the worker's port from
 #: its environment (the local provisioner sets ``PORT`` and runs such a command through a shell).
@@ -61,12 +62,6 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
 
 def engine_threads(engines: int) -> int:
     """CPU threads for each of ``engines`` local engines running at once: this machine's cores
-    split between them, less the one core of each share that the engine's serving side keeps
-    (as an engine started alone does by default), at least 1. Oversubscribed torch threads spin
-    against each other and a CPU decode step can take 50x longer; ``--engine-args '--threads
-    N'`` overrides it."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, engines) - 1)
+    split between them, less the core of each share that the engine's serving side keeps (see
+    :mod:`flockctl.cores`); ``--engine-args '--threads N'`` overrides it."""
+    return torch_threads(engines)

@@ -1,0 +1,27 @@
+"""How many torch threads an engine takes from the cores this process may run on.
+
+One rule for an engine started alone (``flockctl engine serve`` without ``--threads``) and for
+the engines ``flockctl up`` starts side by side: each engine's share of the cores, less the one
+core its serving side keeps (the event loop answering HTTP and streaming tokens, the model
+loop's own Python between forwards), at least 1. With torch on every core its threads spin
+against those two: on a 2-core machine, 8 concurrent streams made half the tokens per second
+they made with one torch thread. Oversubscribed torch threads (engines sharing cores) spin
+against each other, and a CPU decode step can take 50 times longer.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads(engines: int = 1) -> int:
+    """Torch threads for each of ``engines`` engines running at once on this machine."""
+    return max(1, usable_cores() // max(1, engines) - 1)
