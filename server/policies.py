@@ -174,12 +174,17 @@ class _PeakEwma:
         """Take ``sample``; with ``idle_decay`` it is compared with the estimate decayed
         towards zero since the last sample, else with the estimate as last measured."""
         current = self.get(now if idle_decay else None, tau)
-        if sample > current:
-            self.value = sample
-        else:
-            w = math.exp(-max(now - self.stamp, 0.0) / tau)
-            self.value = self.value * w + sample * (1.0 - w)
+        self.value = _peak(self.value, current, sample, now - self.stamp, tau)
         self.stamp = now
+
+
+def _peak(value: float, current: float, sample: float, elapsed: float, tau: float) -> float:
+    """Peak EWMA's step: ``sample`` at once when it is above ``current``, else ``value`` moved
+    towards it by the ``elapsed`` seconds since the last sample over ``tau``."""
+    if sample > current:
+        return sample
+    w = math.exp(-max(elapsed, 0.0) / tau)
+    return value * w + sample * (1.0 - w)
 
 
 class _Estimate:
@@ -331,11 +336,7 @@ class Latency(BalancingPolicy):
         if not est.ended or current <= 0.0:
             first.value, chunk.value = sample, 0.0
         else:
-            if sample > current:
-                target = sample
-            else:
-                w = math.exp(-max(now - est.last, 0.0) / self.decay)
-                target = current * w + sample * (1.0 - w)
+            target = _peak(current, current, sample, now - est.last, self.decay)
             first.value *= target / current
             chunk.value *= target / current
         first.stamp = chunk.stamp = now
