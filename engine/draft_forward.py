@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flockctl.engine.lean_forward import plain_llama
+from flockctl.engine.lean_forward import LeanOutput, plain_llama
 
 
 @dataclass
@@ -35,11 +35,6 @@ class _Layer:
     norm2: torch.Tensor
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
     down: torch.Tensor
-
-
-@dataclass
-class _Output:
-    logits: torch.Tensor
 
 
 class LeanLlama(torch.nn.Module):
@@ -98,7 +93,7 @@ class LeanLlama(torch.nn.Module):
         past_key_values: Any,
         logits_to_keep: int = 0,
         **_: Any,
-    ) -> _Output:
+    ) -> LeanOutput:
         batch, q = input_ids.shape
         x = F.embedding(input_ids, self.embed)
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
@@ -128,7 +123,7 @@ class LeanLlama(torch.nn.Module):
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down)
         x = self._rms(x[:, -logits_to_keep:] if logits_to_keep else x, self.norm)
-        return _Output(F.linear(x, self.lm_head))
+        return LeanOutput(F.linear(x, self.lm_head))
 
 
 def lean_forward(model: torch.nn.Module) -> LeanLlama | None:
