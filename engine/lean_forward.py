@@ -70,17 +70,21 @@ class _ExactLayer:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``, operation for operation."""
+    """``LlamaRMSNorm.forward``, operation for operation (its casts are skipped where they
+    are no-ops: a float32 model's activations)."""
     dtype = x.dtype
-    x = x.to(torch.float32)
+    if dtype != torch.float32:
+        x = x.to(torch.float32)
     variance = x.pow(2).mean(-1, keepdim=True)
     x = x * torch.rsqrt(variance + eps)
-    return weight * x.to(dtype)
+    return weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with the same roundings: ``rotate_half(x)`` is ``x``
+    rolled by half a head with its first half negated, and ``-a * b`` equals ``a * -b``
+    exactly, so the negation moves onto ``sin`` (computed once a forward)."""
+    return (x * cos) + (torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -131,14 +135,16 @@ class ExactLlama:
         ]
 
     def _rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``LlamaRotaryEmbedding.forward``: cos and sin ``[batch, 1, q, head_dim]``."""
+        """``LlamaRotaryEmbedding.forward``'s cos ``[batch, 1, q, head_dim]``, and its sin with
+        the first half negated (see :func:`_rope`)."""
         inv = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)
         inv = inv.to(dtype=torch.float, device=x.device)
         freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype).unsqueeze(1), sin.to(dtype=x.dtype).unsqueeze(1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
+        sin = (emb.sin() * self.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
+        half = sin.shape[-1] // 2
+        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def _attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
@@ -170,14 +176,20 @@ class ExactLlama:
         batch, length = input_ids.shape
         shape = (batch, length, -1, self.head_dim)
         x = F.embedding(input_ids, self.embed, self.padding_idx)
-        cos, sin = self._rotary(x, position_ids)
+        cos, signed_sin = self._rotary(x, position_ids)
+        heads = self.layers[0].q.shape[0] // self.head_dim if self.layers else 0
+        width = self.layers[0].q.shape[0] + self.layers[0].k.shape[0] if self.layers else 0
         for index, layer in enumerate(self.layers):
             h = _rms(x, layer.norm1, layer.eps1)
-            query = F.linear(h, layer.q).view(shape).transpose(1, 2)
-            key = F.linear(h, layer.k).view(shape).transpose(1, 2)
+            # the query and key products side by side in one buffer (each the same matrix
+            # product as F.linear's), so one rotary embedding covers both
+            flat = h.view(-1, h.shape[-1])
+            both = flat.new_empty((flat.shape[0], width))
+            torch.mm(flat, layer.q.t(), out=both[:, : layer.q.shape[0]])
+            torch.mm(flat, layer.k.t(), out=both[:, layer.q.shape[0] :])
             value = F.linear(h, layer.v).view(shape).transpose(1, 2)
-            query = (query * cos) + (_rotate_half(query) * sin)
-            key = (key * cos) + (_rotate_half(key) * sin)
+            both = _rope(both.view(shape).transpose(1, 2), cos, signed_sin)
+            query, key = both[:, :heads], both[:, heads:]
             key, value = past_key_values.update(key, value, index)
             attn = self._attend(query, key, value, attention_mask)
             attn = attn.reshape(batch, length, -1).contiguous()

@@ -150,8 +150,15 @@ class Runner:
         tables = [pool.tables[job_id] for job_id in job_ids]
         kv_len = max(len(t) for t in tables) * bs
 
-        # with dense rows, the batch runs in the rows' order; ``back`` maps it to the caller's
-        placed = self.dense.place(job_ids, kv_len) if self.dense is not None else None
+        # with dense rows, the batch runs in the rows' order; ``back`` maps it to the caller's.
+        # A job alone whose blocks follow each other reads its history as a slice of the pool
+        # (KVPool.view): rows would only add a second write of every token
+        placed = None
+        if self.dense is not None:
+            if len(tables) == 1 and _consecutive(tables[0]):
+                self.dense.clear()  # this forward leaves the job's row, if it had one, behind
+            else:
+                placed = self.dense.place(job_ids, kv_len)
         back: list[int] | None = None
         if placed is not None:
             order = placed[0]
@@ -210,3 +217,8 @@ class Runner:
         self.forwards += 1
         logits = out.logits.float()
         return logits if back is None else logits[back]
+
+
+def _consecutive(table: list[int]) -> bool:
+    """Whether the blocks of ``table`` follow each other in the pool."""
+    return bool(table) and table == list(range(table[0], table[0] + len(table)))
