@@ -89,9 +89,27 @@ def test_dense_rows_give_the_logits_a_gather_gives(model: torch.nn.Module) -> No
 
 @torch.inference_mode()
 def test_a_batch_too_wide_for_the_rows_gathers(model: torch.nn.Module) -> None:
-    side = Side(model, True, [[3, 4, 5]])
+    side = Side(model, True, [[3, 4, 5], [6, 7]])
     assert side.runner.dense is not None
     side.runner.dense.max_slots = 2  # nothing fits: every forward gathers
-    side.step([0])
-    side.step([0])
+    side.step([0, 1])
+    side.step([0, 1])
     assert side.runner.dense.jobs == []
+
+
+@torch.inference_mode()
+def test_a_job_alone_reads_the_pool_and_its_row_is_refilled_after(
+    model: torch.nn.Module,
+) -> None:
+    """A job decoding alone with consecutive blocks reads its history as a slice of the pool and
+    writes no row; when others join, its row is filled from the pool again, not reused stale."""
+    prompts = [[9], [5, 6, 7, 8, 9, 10]]  # job 0 stays in its first block throughout
+    dense, gathered = Side(model, True, prompts), Side(model, False, prompts)
+    rows = dense.runner.dense
+    assert rows is not None
+    for batch, alone in (([0], True), ([0, 1], False), ([0], True), ([0, 1], False)):
+        a, b = dense.step(batch), gathered.step(batch)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+        assert (rows.jobs == []) is alone  # alone: no rows written; together: rows kept
+    assert len(dense.pool.tables[dense.jobs[0].id]) == 1
