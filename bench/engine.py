@@ -22,7 +22,8 @@ draft at concurrency 1 on the same prompts.
 Greedy output is compared, per prompt, against transformers' (and the concurrent runs against the
 engine's own concurrency 1): in float32 it must be identical; in bfloat16 or float16 different
 batch shapes round differently, so the agreement is reported as a fraction. Stdout gets one JSON
-object; progress and a short table go to stderr.
+object (on a CPU with ``targets``: each ratio of ``TARGETS`` this run measured, its minimum and
+whether it passed); progress, a short table and the targets missed go to stderr.
 """
 
 from __future__ import annotations
@@ -47,6 +48,58 @@ from common import HOST, PROMPTS, Processes, free_port, machine, percentile, say
 
 H200_PEAK_GBPS = 4800.0  # HBM3e, NVIDIA's figure for the H200 SXM
 LOAD_TIMEOUT = 600.0  # seconds for an engine to load and answer /health
+
+
+#: What the engine is held to on a CPU, as ratios from one run: batch 1 against transformers'
+#: ``generate``; concurrency against the engine's own batch 1; ``--spec auto`` against plain
+#: decoding on the demo pair and on the weaker draft; and, given ``--vllm``, tokens/s and mean
+#: time to first token against vLLM's at the same concurrency.
+TARGETS = {
+    "batch1_vs_transformers": 1.0,
+    "concurrency_vs_c1": {"8": 4.0, "32": 8.0},
+    "spec_auto_vs_plain": {"demo_pair": 2.0, "weak_pair": 1.15},
+    "vs_vllm": 1.0,
+}
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    """Each of ``TARGETS`` that this run measured: its value, its minimum, whether it passed;
+    ``met``: all passed and greedy output was identical everywhere. For time to first token
+    the value is vLLM's over the engine's (at least 1: the engine's first token comes as soon)."""
+
+    def check(value: float, least: float) -> dict[str, Any]:
+        return {"value": round(value, 3), "min": least, "pass": value >= least}
+
+    out: dict[str, Any] = {
+        "batch1_vs_transformers": check(
+            report["batch1"]["engine_vs_transformers"], TARGETS["batch1_vs_transformers"]
+        )
+    }
+    engine = report["concurrency"].get("engine", {})
+    for level, least in TARGETS["concurrency_vs_c1"].items():
+        if level in engine:
+            out[f"c{level}_vs_c1"] = check(engine[level]["vs_c1"], least)
+    for pair, least in TARGETS["spec_auto_vs_plain"].items():
+        auto = report["speculation"].get(pair, {}).get("auto")
+        if auto is not None:
+            out[f"{pair}_auto_vs_plain"] = check(auto["vs_plain"], least)
+    vllm = report["concurrency"].get("vllm", {})
+    for level, row in vllm.items():
+        mine = engine.get(level)
+        if mine is None or level == "1":
+            continue
+        out[f"c{level}_tokens_vs_vllm"] = check(
+            mine["tokens_per_s"] / row["tokens_per_s"], TARGETS["vs_vllm"]
+        )
+        if mine["ttft_mean_ms"] > 0:
+            out[f"c{level}_ttft_vllm_over_engine"] = check(
+                row["ttft_mean_ms"] / mine["ttft_mean_ms"], TARGETS["vs_vllm"]
+            )
+    identical = report["equality"]["all_identical"]
+    out["greedy_identical"] = identical
+    out["met"] = identical and all(v["pass"] for v in out.values() if isinstance(v, dict))
+    out["missed"] = sorted(k for k, v in out.items() if isinstance(v, dict) and not v["pass"])
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -610,6 +663,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "comparisons": equality,
         },
     }
+    if args.device == "cpu":  # the targets are a CPU's
+        report["targets"] = targets(report)
     if args.device == "cuda":
         weight = models["target"]["weight_bytes"]
         peak = args.peak_bandwidth * 1e9
@@ -646,6 +701,11 @@ def print_table(report: dict[str, Any]) -> None:
             )
     eq = report["equality"]
     lines.append(f"greedy output identical everywhere: {eq['all_identical']}")
+    if "targets" in report:
+        missed = report["targets"]["missed"]
+        lines.append(
+            "targets: all met" if report["targets"]["met"] else f"targets missed: {missed}"
+        )
     if "bandwidth" in report:
         lines.append(
             f"batch-1 decode reaches {report['bandwidth']['engine_batch1_fraction']:.2%} of"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -29,6 +30,9 @@ def test_quick_run_reports_every_table_and_identical_greedy_output(
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
+    # held to its targets: batch 1 and the weaker draft (the given pair is not the demo's, and
+    # --quick runs concurrency 4, which has none)
+    assert set(report["targets"]) >= {"batch1_vs_transformers", "weak_pair_auto_vs_plain", "met"}
 
     assert (report["device"], report["dtype"]) == ("cpu", "float32")
     assert report["models"]["target"]["parameters"] > 0
@@ -59,3 +63,53 @@ def test_quick_run_reports_every_table_and_identical_greedy_output(
     assert len(equality["comparisons"]) == 2 * 2 + 4  # c=1 and c=4 per table; 4 spec runs
     assert "bandwidth" not in report  # a GPU's figure only
     assert "greedy output identical everywhere: True" in done.stderr
+
+
+def _row(tokens_per_s: float, ttft_ms: float, vs_c1: float | None = None) -> dict[str, float]:
+    row = {"tokens_per_s": tokens_per_s, "ttft_mean_ms": ttft_ms}
+    if vs_c1 is not None:
+        row["vs_c1"] = vs_c1
+    return row
+
+
+def test_targets_hold_each_ratio_to_its_minimum() -> None:
+    # bench/engine.py by its path (the repository's `engine` package has the same name),
+    # with its directory importable for its `common`
+    spec = importlib.util.spec_from_file_location("bench_engine", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_engine"] = bench  # its dataclasses look their module up
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    report = {
+        "batch1": {"engine_vs_transformers": 1.2},
+        "concurrency": {
+            "engine": {"1": _row(200, 9), "8": _row(900, 40, 4.5), "32": _row(1500, 120, 7.5)},
+            "vllm": {"1": _row(250, 10), "8": _row(1000, 20), "32": _row(1200, 150)},
+        },
+        "speculation": {
+            "demo_pair": {"auto": {"vs_plain": 2.1}},
+            "weak_pair": {"auto": {"vs_plain": 1.1}},
+        },
+        "equality": {"all_identical": True},
+    }
+    got = bench.targets(report)
+    assert got["batch1_vs_transformers"] == {"value": 1.2, "min": 1.0, "pass": True}
+    assert got["c8_vs_c1"]["pass"] and not got["c32_vs_c1"]["pass"]
+    assert got["demo_pair_auto_vs_plain"]["pass"] and not got["weak_pair_auto_vs_plain"]["pass"]
+    assert got["c8_tokens_vs_vllm"]["value"] == 0.9 and got["c32_tokens_vs_vllm"]["value"] == 1.25
+    assert got["c8_ttft_vllm_over_engine"]["value"] == 0.5  # vLLM's first token came sooner
+    assert got["c32_ttft_vllm_over_engine"]["pass"]
+    assert "c1_tokens_vs_vllm" not in got  # batch 1 is held to transformers, not to vLLM
+    assert got["missed"] == [
+        "c32_vs_c1", "c8_tokens_vs_vllm", "c8_ttft_vllm_over_engine", "weak_pair_auto_vs_plain"
+    ]  # fmt: skip
+    assert got["met"] is False
+    report["equality"]["all_identical"] = False
+    report["speculation"] = {}
+    report["concurrency"] = {"engine": {"1": _row(200, 9), "8": _row(900, 40, 4.5)}}
+    got = bench.targets(report)
+    assert got["missed"] == [] and got["met"] is False  # every ratio passed, the text did not
