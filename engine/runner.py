@@ -151,12 +151,18 @@ class Runner:
         kv_len = max(len(t) for t in tables) * bs
 
         # with dense rows, the batch runs in the rows' order; ``back`` maps it to the caller's.
-        # A job alone whose blocks follow each other reads its history as a slice of the pool
-        # (KVPool.view): rows would only add a second write of every token
+        # Jobs none of which has a row (a prefill beside a decoding batch) read their histories
+        # from the pool and leave the rows to the jobs in them, which would otherwise be copied
+        # in again at their next step. A job alone whose blocks follow each other reads its
+        # history as a slice of the pool (KVPool.view): rows would only add a second write of
+        # every token
         placed = None
         if self.dense is not None:
-            if len(tables) == 1 and _consecutive(tables[0]):
-                self.dense.clear()  # this forward leaves the job's row, if it had one, behind
+            held = set(self.dense.jobs)
+            if held and held.isdisjoint(job_ids):
+                pass
+            elif len(tables) == 1 and _consecutive(tables[0]):
+                self.dense.clear()  # this forward leaves the job's row behind
             else:
                 placed = self.dense.place(job_ids, kv_len)
         back: list[int] | None = None

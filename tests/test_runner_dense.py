@@ -113,3 +113,33 @@ def test_a_job_alone_reads_the_pool_and_its_row_is_refilled_after(
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
         assert (rows.jobs == []) is alone  # alone: no rows written; together: rows kept
     assert len(dense.pool.tables[dense.jobs[0].id]) == 1
+
+
+@torch.inference_mode()
+def test_a_prefill_beside_a_decoding_batch_leaves_its_rows_alone(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs none of which has a row (new prompts, prefilled in their own forward beside a
+    decoding batch) read the pool; the decoding jobs keep their rows, not copied in again."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18], [19]]
+    dense, gathered = Side(model, True, prompts), Side(model, False, prompts)
+    rows = dense.runner.dense
+    assert rows is not None
+    filled: list[int] = []  # rows copied in from the pool, per forward that placed the batch
+    place = rows.place
+
+    def counting(job_ids: list[str], kv_len: int) -> tuple[list[str], list[int]] | None:
+        placed = place(job_ids, kv_len)
+        filled.append(len(placed[1]) if placed is not None else -1)
+        return placed
+
+    monkeypatch.setattr(rows, "place", counting)
+    for batch in ([0, 1], [0, 1], [2, 3], [0, 1], [4], [0, 1], [0, 1, 2, 3, 4]):
+        a, b = dense.step(batch), gathered.step(batch)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+        holders = batch if len(batch) == 5 else [0, 1]  # new jobs get rows only with 0 and 1
+        assert sorted(rows.jobs) == sorted(dense.jobs[i].id for i in holders)
+    # placed: the first batch (2 fills), its decodes (none: the prefills of 2, 3 and of 4 did
+    # not take their rows), then everyone (2, 3 and 4 copied in)
+    assert filled == [2, 0, 0, 0, 3]
