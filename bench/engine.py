@@ -6,12 +6,16 @@
     python bench/engine.py --device cuda         # bfloat16 by default; --dtype float32 for equality
     python bench/engine.py --model M --draft-model D [--vllm http://127.0.0.1:8000]
     python bench/engine.py --stall               # a long prompt beside 8 decodes, chunked or not
+    python bench/engine.py --out-of-step         # clients whose requests end at different steps
 
 Every engine is a real ``flockctl engine serve`` process on 127.0.0.1, one at a time, so none of
 them competes with another for the cores; requests are streamed ``/v1/completions`` of greedy
 tokens (``ignore_eos``, so every request makes exactly ``--tokens`` tokens) sent as token ids, the
 same ones to every server. transformers' ``generate`` (greedy, KV cache, batch 1) runs in this
-process before any engine starts.
+process before any engine starts. Requests of one length sent back to back start and end together
+at each level above 1; with ``--out-of-step`` client ``k`` of ``c`` first asks for
+``1 + k * tokens // c`` tokens (counted in tokens/s, not in the latencies), so its requests end at
+other steps than the others', as independent users' do, and new prompts join a running batch.
 
 Speculation is measured on two pairs: the given one (the demo's target and its distilled draft),
 and a weaker one this script builds: the same target with a copy of the draft whose weights carry
@@ -158,6 +162,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"the GPU's memory bandwidth, for batch-1 decode's share of it ({H200_PEAK_GBPS:g})",
     )
     parser.add_argument("--workdir", type=Path, help="logs and the weaker draft (default: temp)")
+    parser.add_argument(
+        "--out-of-step",
+        action="store_true",
+        help="client k of c first asks for 1 + k * tokens // c tokens, so the clients' requests"
+        " end at different steps and prompts join a running batch",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 8 requests")
     args = parser.parse_args(argv)
     if args.quick:
@@ -354,9 +364,15 @@ async def complete(
 
 
 async def load(
-    base: str, prompts: list[list[int]], requests: int, concurrency: int, new: int
+    base: str,
+    prompts: list[list[int]],
+    requests: int,
+    concurrency: int,
+    new: int,
+    out_of_step: bool = False,
 ) -> Run:
-    """``requests`` completions (the prompts in turn) through ``concurrency`` clients."""
+    """``requests`` completions (the prompts in turn) through ``concurrency`` clients; with
+    ``out_of_step`` (see the module docstring) each client leads with a shorter request first."""
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
@@ -365,17 +381,21 @@ async def load(
         queue = list(range(requests))
         results: list[tuple[float, float, str]] = [(0.0, 0.0, "")] * requests
 
-        async def client() -> None:
+        lead = [1 + k * new // concurrency if out_of_step else 0 for k in range(concurrency)]
+
+        async def client(k: int) -> None:
+            if lead[k]:
+                await complete(http, base, model, prompts[k % len(prompts)], lead[k])
             while queue:
                 i = queue.pop(0)
                 results[i] = await complete(http, base, model, prompts[i % len(prompts)], new)
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
         seconds = time.perf_counter() - start
     return Run(
         concurrency,
-        requests * new,
+        requests * new + sum(lead),
         seconds,
         [r[0] for r in results],
         [r[1] for r in results],
@@ -578,7 +598,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         equality[f"{name}_c1_vs_transformers"] = compare(reference, one.texts)
         say(f"{name} c=1: {rows['1']['tokens_per_s']} tokens/s")
         for level in args.levels:
-            run = await load(base, prompts, args.requests, level, new)
+            run = await load(base, prompts, args.requests, level, new, args.out_of_step)
             rows[str(level)] = row = run.summary()
             row["vs_c1"] = round(row["tokens_per_s"] / rows["1"]["tokens_per_s"], 3)
             equality[f"{name}_c{level}_vs_c1"] = compare(one.texts, run.texts)
@@ -649,6 +669,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "max_batch_size": args.max_batch_size,
             "threads": args.threads,
             "quick": args.quick,
+            "out_of_step": args.out_of_step,
         },
         "batch1": {
             "transformers_tokens_per_s": round(hf_tps, 1),

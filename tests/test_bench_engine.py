@@ -24,7 +24,7 @@ def test_quick_run_reports_every_table_and_identical_greedy_output(
     argv = [
         sys.executable, str(BENCH), "--quick",
         "--model", str(tiny), "--draft-model", str(near),
-        "--device", "cpu", "--threads", "1", "--prefix-caching", "both",
+        "--device", "cpu", "--threads", "1", "--prefix-caching", "both", "--out-of-step",
         "--workdir", str(tmp_path / "work"),
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
@@ -35,6 +35,7 @@ def test_quick_run_reports_every_table_and_identical_greedy_output(
     assert set(report["targets"]) >= {"batch1_vs_transformers", "weak_pair_auto_vs_plain", "met"}
 
     assert (report["device"], report["dtype"]) == ("cpu", "float32")
+    assert report["settings"]["out_of_step"] is True  # clients led with shorter requests
     assert report["models"]["target"]["parameters"] > 0
     assert report["models"]["weak_draft"]["weight_bytes"] == (
         4 * report["models"]["weak_draft"]["parameters"]
