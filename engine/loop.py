@@ -186,6 +186,9 @@ class ModelLoop:
             elapsed = self._step(prefill, deliveries, chunks)
             if elapsed is not None:  # skip-join predicts prefills from the ones measured
                 self.pace.observe_prefill(fed, elapsed)
+            if decode:  # first tokens go out now, not after the decoding jobs' forward
+                self._deliver(deliveries)
+                deliveries = []
         if decode:
             plain = [j for j in decode if not self.speculator.can_speculate(j)]
             speculable = [j for j in decode if j not in plain] if plain else decode

@@ -102,6 +102,39 @@ async def test_jobs_joining_mid_flight_get_the_same_tokens(
     assert [r[0] for r in rest] == reference[3:]
 
 
+async def test_a_new_prompts_first_token_goes_out_before_the_decoding_forward(
+    engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In an iteration that prefills a new prompt beside decoding jobs, the new job's first token
+    is handed to the event loop before the decoding jobs' forward runs, not after it."""
+    events: list[tuple[str, set[str]]] = []  # in the model loop's order
+    loop, runner = engine.model_loop, engine.runner
+    deliver, forward = loop._deliver, runner.forward
+
+    def delivering(deliveries: list) -> None:
+        events.append(("deliver", {handle.job.id for handle, _ in deliveries}))
+        deliver(deliveries)
+
+    def forwarding(jobs: list[Job], counts: object = None) -> object:
+        events.append(("forward", {job.id for job in jobs}))
+        return forward(jobs, counts)
+
+    monkeypatch.setattr(loop, "_deliver", delivering)
+    monkeypatch.setattr(runner, "forward", forwarding)
+    longer = SamplingParams(max_tokens=8 * GREEDY.max_tokens, temperature=0, ignore_eos=True)
+    first = asyncio.ensure_future(run(engine, prompts[2], longer))
+    await until(
+        lambda: any(j["generated_tokens"] for j in engine.stats()["jobs"]),
+        "the first job to be decoding",
+    )
+    _, _, _, job = await run(engine, prompts[1])
+    old = (await first)[3]
+    # the forward that prefilled the new job, then its delivery, then the old job's decode
+    at = next(i for i, (kind, ids) in enumerate(events) if kind == "forward" and job.id in ids)
+    assert events[at + 1] == ("deliver", {job.id})
+    assert events[at + 2][0] == "forward" and events[at + 2][1] == {old.id}
+
+
 @pytest.mark.parametrize("host_kv_budget", [None, 0], ids=["swap", "recompute"])
 async def test_kv_pressure_keeps_greedy_output_identical(
     tiny: Path,
