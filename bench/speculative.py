@@ -5,6 +5,7 @@ assisted generation on the same model pair.
     python bench/speculative.py --quick             # a smoke run
     python bench/speculative.py --model M --draft-model D --spec-tree 1,1,1,1
     python bench/speculative.py --weak-noise 0.5    # bench/engine.py's weaker draft of the pair
+    python bench/speculative.py --contend 3         # beside a neighbour that comes and goes
 
 One engine is loaded with the draft model(s) and ``--spec on``; its speculation mode is switched
 between runs, so incremental and speculative decoding use the same weights, caches and threads. A
@@ -14,21 +15,28 @@ completes the same prompts, one request at a time (batch 1, where speculation is
 rounds that alternate the variants so drift on a busy machine hits them alike. Greedy output must be
 the same token for token across the engine's modes and transformers' plain and assisted generate
 (the script fails otherwise). A sampled pass (temperature 0.7) measures the engine with stochastic
-verification too. ``--engine-only`` leaves transformers' runs out. Prints one JSON object, with
-what a speculative step costs in incremental steps as each engine measured it; progress goes to
-stderr.
+verification too. ``--engine-only`` leaves transformers' runs out. ``--contend S`` runs one busy
+process per core beside it, S seconds running and S stopped in turn: ``--spec auto`` times its
+steps as it goes, and a stall must not leave it slower than incremental decoding. Prints one JSON
+object, with what a speculative step costs in incremental steps as each engine measured it;
+progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=6, help="requests a round (6)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every variant (2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--contend",
+        type=float,
+        metavar="S",
+        help="while it runs, one busy process per core, S seconds running and S stopped in turn:"
+        " the stalls --spec auto must not be fooled by",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 1 round")
     parser.add_argument(
         "--engine-only", action="store_true", help="leave out transformers' generate runs"
@@ -313,6 +328,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "new_tokens": new,
             "rounds": args.rounds,
             "weak_noise": args.weak_noise,
+            "contend_s": args.contend,
         },
         "tokens_per_s": tps,
         "seconds": {name: [round(x, 4) for x in s] for name, s in seconds.items()},
@@ -347,6 +363,44 @@ def weak_draft(draft: str, workdir: Path, noise: float) -> Path:
     return build_weak_draft(source, workdir / "weak-draft", noise)
 
 
+#: A busy process that ends once its parent is gone (so a killed bench leaves none behind).
+BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
+@contextlib.contextmanager
+def contention(period: float | None) -> Iterator[None]:
+    """With ``period``, one busy process per core for the block, running ``period`` seconds and
+    stopped ``period`` seconds in turn (a neighbour whose bursts come and go); else nothing."""
+    if not period:
+        yield
+        return
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(os.cpu_count() or 1)]
+    done = threading.Event()
+
+    def toggle() -> None:
+        running = True
+        while not done.wait(period):
+            running = not running
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT if running else signal.SIGSTOP)
+
+    thread = threading.Thread(target=toggle, name="contention", daemon=True)
+    thread.start()
+    say(f"contention: {len(procs)} busy processes, {period:g} s on and {period:g} s off")
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -356,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.draft_model = [
                     str(weak_draft(args.draft_model[0], Path(tmp), args.weak_noise))
                 ]
-            report = asyncio.run(bench(args))
+            with contention(args.contend):
+                report = asyncio.run(bench(args))
     except KeyboardInterrupt:
         say("interrupted")
         return 130
