@@ -16,6 +16,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import schemathesis
+
+# What schemathesis otherwise imports on first use, inside the engine_schema fixture: there, with
+# the engine's thread running, that import once failed with CPython 3.11's "AST constructor
+# recursion depth mismatch" (CPython's AST recursion bookkeeping, gh-106905, seen in threaded
+# programs). Imported here, at collection, before any engine thread exists.
+import schemathesis.specs.openapi.schemas
 from conftest import TINY, error_of
 from hypothesis import HealthCheck, settings
 
