@@ -421,10 +421,8 @@ class KVPool:
         bs = self.block_size
         if dense is not None:
             return BatchView(self, None, len(tables), width * bs, write, dense)
-        first = tables[0]
-        if len(tables) == 1 and first == list(range(first[0], first[0] + len(first))):
-            # one job whose blocks follow each other (the usual case alone: blocks are handed
-            # out in order): its history is a slice of the pool, no gather at all
+        if reads_in_place(tables):
+            first = tables[0]
             return BatchView(self, slice(first[0] * bs, (first[-1] + 1) * bs), 1, width * bs, write)
         # every job's slots in order, padded with scratch: one index_select per layer gathers all
         read = [
@@ -439,6 +437,16 @@ class KVPool:
     def slots_of(self, table: list[int]) -> torch.Tensor:
         """The flat pool slots of every position of ``table``, in order."""
         return self._positions(table, len(table) * self.block_size)
+
+
+def reads_in_place(tables: list[list[int]]) -> bool:
+    """Whether a forward over jobs with these block ``tables`` reads their history as a slice
+    of the pool, no gather at all: one job whose blocks follow each other (the usual case for a
+    job alone, as blocks are handed out in order)."""
+    if len(tables) != 1 or not tables[0]:
+        return False
+    first = tables[0]
+    return first == list(range(first[0], first[0] + len(first)))
 
 
 #: Slots a runner's dense rows may hold at least, whatever the KV budget (a small budget's rows

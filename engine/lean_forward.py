@@ -115,6 +115,9 @@ class ExactLlama:
         self.attention_scaling = inner.rotary_emb.attention_scaling
         first = inner.layers[0].self_attn
         self.head_dim = int(first.head_dim)
+        self.heads = int(first.q_proj.weight.shape[0]) // self.head_dim
+        # the query and key products side by side (see __call__)
+        self.qk_width = int(first.q_proj.weight.shape[0] + first.k_proj.weight.shape[0])
         self.groups = int(first.num_key_value_groups)
         self.scaling = float(first.scaling)
         self.layers = [
@@ -177,16 +180,15 @@ class ExactLlama:
         shape = (batch, length, -1, self.head_dim)
         x = F.embedding(input_ids, self.embed, self.padding_idx)
         cos, signed_sin = self._rotary(x, position_ids)
-        heads = self.layers[0].q.shape[0] // self.head_dim if self.layers else 0
-        width = self.layers[0].q.shape[0] + self.layers[0].k.shape[0] if self.layers else 0
+        heads, queries = self.heads, self.heads * self.head_dim
         for index, layer in enumerate(self.layers):
             h = _rms(x, layer.norm1, layer.eps1)
             # the query and key products side by side in one buffer (each the same matrix
             # product as F.linear's), so one rotary embedding covers both
             flat = h.view(-1, h.shape[-1])
-            both = flat.new_empty((flat.shape[0], width))
-            torch.mm(flat, layer.q.t(), out=both[:, : layer.q.shape[0]])
-            torch.mm(flat, layer.k.t(), out=both[:, layer.q.shape[0] :])
+            both = flat.new_empty((flat.shape[0], self.qk_width))
+            torch.mm(flat, layer.q.t(), out=both[:, :queries])
+            torch.mm(flat, layer.k.t(), out=both[:, queries:])
             value = F.linear(h, layer.v).view(shape).transpose(1, 2)
             both = _rope(both.view(shape).transpose(1, 2), cos, signed_sin)
             query, key = both[:, :heads], both[:, heads:]

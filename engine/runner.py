@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from flockctl.engine.job import Job
-from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool
+from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool, reads_in_place
 from flockctl.engine.lean_forward import exact_forward
 
 
@@ -161,7 +161,7 @@ class Runner:
             held = set(self.dense.jobs)
             if held and held.isdisjoint(job_ids):
                 pass
-            elif len(tables) == 1 and _consecutive(tables[0]):
+            elif reads_in_place(tables):
                 self.dense.clear()  # this forward leaves the job's row behind
             else:
                 placed = self.dense.place(job_ids, kv_len)
@@ -223,8 +223,3 @@ class Runner:
         self.forwards += 1
         logits = out.logits.float()
         return logits if back is None else logits[back]
-
-
-def _consecutive(table: list[int]) -> bool:
-    """Whether the blocks of ``table`` follow each other in the pool."""
-    return bool(table) and table == list(range(table[0], table[0] + len(table)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flockctl.server.config import DeploymentConfig
@@ -61,12 +61,7 @@ class GroupPlan:
     workers: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "change": self.change,
-            "changes": self.changes,
-            "workers": self.workers,
-        }
+        return asdict(self)
 
 
 def plan(old: DeploymentConfig, new: DeploymentConfig, steps: list[GroupStep]) -> list[GroupPlan]:

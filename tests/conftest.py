@@ -6,6 +6,7 @@ asks for it); and the one pair of polling helpers every test waits with, ``until
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import os
 import socket
@@ -16,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -219,6 +221,26 @@ def until_sync(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
     return result
+
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench(name: str) -> ModuleType:
+    """``bench/<name>.py`` as the module ``bench_<name>``: by its path (``bench/engine.py``
+    shares its name with the repository's ``engine`` package), with its directory importable
+    while it loads, for its ``common``."""
+    module_name = f"bench_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # its dataclasses look their module up
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    return module
 
 
 def free_socket() -> socket.socket:

@@ -1,13 +1,19 @@
 """A fleet in memory for in-process controller tests: a clock the test moves, a provisioner whose
-workers are names, and probes the test passes by hand."""
+workers are names, probes the test passes by hand, and a controller over them the test steps."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from flockctl.server.autoscaler import FixedPolicy
+from flockctl.server.controller import Controller
+from flockctl.server.policies import make_policy
+from flockctl.server.pool import WorkerPool
 from flockctl.server.provisioners.base import ALIVE, Provisioner, ResourceHealth
-from flockctl.server.workers import Worker
+from flockctl.server.workers import Worker, WorkerState
 
 
 class Clock:
@@ -55,3 +61,59 @@ class Probes:
 
     def watch(self, worker: Worker) -> None:
         self.watched.append(worker.id)
+
+
+@dataclass
+class Rig:
+    """A controller over an in-memory fleet, stepped by the test (see :func:`start_rig`)."""
+
+    controller: Controller
+    pool: WorkerPool
+    provisioner: MemoryProvisioner
+    clock: Clock
+
+    async def tick(self, seconds: float = 0.0) -> None:
+        """Move the clock, run one step, and let the launches and drains it started run."""
+        self.clock.now += seconds
+        self.controller.step(self.clock())
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    def ready_all(self) -> None:
+        """Every worker STARTING passes its probe."""
+        for worker in self.pool:
+            if worker.state == WorkerState.STARTING:
+                self.pool.set_state(worker, WorkerState.READY)
+
+    def by_version(self, version: int, state: WorkerState = WorkerState.READY) -> list[str]:
+        return [w.id for w in self.pool if w.version == version and w.state == state]
+
+    def states(self) -> dict[str, tuple[int, str]]:
+        return {w.id: (w.version, w.state.value) for w in self.pool}
+
+
+async def start_rig(provisioner: MemoryProvisioner, **controller: Any) -> Rig:
+    """A controller of two workers over ``provisioner`` (``controller``: more of its keyword
+    arguments), both READY; the caller stops it."""
+    pool = WorkerPool(make_policy("least-connection"), None, 100)
+    clock = Clock()
+    rig = Rig(
+        Controller(
+            pool,
+            provisioner,
+            FixedPolicy(2),
+            Probes(),  # type: ignore[arg-type]
+            initial_target=2,
+            max_start_failures=2,
+            drain_timeout=0.0,
+            clock=clock,
+            **controller,
+        ),
+        pool,
+        provisioner,
+        clock,
+    )
+    await rig.tick()
+    rig.ready_all()
+    await rig.tick()
+    return rig

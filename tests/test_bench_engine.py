@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import BENCH_DIR, load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "engine.py"
+BENCH = BENCH_DIR / "engine.py"
 
 
 @pytest.mark.e2e
@@ -74,17 +74,7 @@ def _row(tokens_per_s: float, ttft_ms: float, vs_c1: float | None = None) -> dic
 
 
 def test_targets_hold_each_ratio_to_its_minimum() -> None:
-    # bench/engine.py by its path (the repository's `engine` package has the same name),
-    # with its directory importable for its `common`
-    spec = importlib.util.spec_from_file_location("bench_engine", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_engine"] = bench  # its dataclasses look their module up
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    bench = load_bench("engine")
     report = {
         "batch1": {"engine_vs_transformers": 1.2},
         "concurrency": {

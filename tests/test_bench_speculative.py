@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import psutil
 import pytest
-from conftest import until_sync
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "speculative.py"
+from conftest import load_bench, until_sync
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    # by its path, with its directory importable for its `common`
-    spec = importlib.util.spec_from_file_location("bench_speculative", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_speculative"] = module
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return module
+    return load_bench("speculative")
 
 
 def busy_children() -> list[psutil.Process]:

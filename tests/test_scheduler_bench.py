@@ -8,18 +8,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from conftest import BENCH_DIR, load_bench
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import scheduler as module  # bench/scheduler.py, beside its `common`
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_bench("scheduler")
 
 
 def detail(base_ms: float) -> dict[str, object]:
@@ -67,7 +61,7 @@ def test_quick_run_reports_every_job_and_the_load_met_after_the_trace(tiny: Path
     import json
     import subprocess
 
-    argv = [sys.executable, str(BENCH / "scheduler.py"), "--quick", "--no-decode"]
+    argv = [sys.executable, str(BENCH_DIR / "scheduler.py"), "--quick", "--no-decode"]
     # long jobs that fit the tiny model's 256-token context beside their prompt
     argv += ["--model", str(tiny), "--jobs", "12", "--long-tokens", "60", "120"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)

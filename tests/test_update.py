@@ -23,64 +23,20 @@ import psutil
 import pytest
 from cli_driver import Result, flockctl, processes_with
 from conftest import FAKE_WORKER, TOKEN, free_port, until
-from fleet import Clock, MemoryProvisioner, Probes
+from fleet import MemoryProvisioner, Rig, start_rig
 
-from flockctl.server.autoscaler import FixedPolicy
-from flockctl.server.controller import Controller
-from flockctl.server.policies import make_policy
-from flockctl.server.pool import WorkerPool
 from flockctl.server.update import Update
 from flockctl.server.workers import WorkerState
 
 S = WorkerState
 
 
-@dataclass
-class Rig:
-    controller: Controller
-    pool: WorkerPool
-    provisioner: MemoryProvisioner
-    clock: Clock
-
-    async def tick(self, seconds: float = 0.0) -> None:
-        """Move the clock, run one step, and let the launches and drains it started run."""
-        self.clock.now += seconds
-        self.controller.step(self.clock())
-        for _ in range(5):
-            await asyncio.sleep(0)
-
-    def ready_all(self) -> None:
-        """Every worker STARTING passes its probe."""
-        for worker in self.pool:
-            if worker.state == S.STARTING:
-                self.pool.set_state(worker, S.READY)
-
-    def by_version(self, version: int, state: WorkerState = S.READY) -> list[str]:
-        return [w.id for w in self.pool if w.version == version and w.state == state]
-
-
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    pool = WorkerPool(make_policy("least-connection"), None, 100)
-    provisioner = MemoryProvisioner()
-    clock = Clock()
-    controller = Controller(
-        pool,
-        provisioner,
-        FixedPolicy(2),
-        Probes(),  # type: ignore[arg-type]
-        initial_target=2,
-        max_start_failures=2,
-        drain_timeout=0.0,
-        clock=clock,
-    )
-    r = Rig(controller, pool, provisioner, clock)
-    await r.tick()
-    r.ready_all()
-    await r.tick()
+    r = await start_rig(MemoryProvisioner())
     assert r.by_version(1) == ["w1", "w2"]
     yield r
-    await controller.stop(drain=False)
+    await r.controller.stop(drain=False)
 
 
 async def test_rolling_update_replaces_one_worker_at_a_time(rig: Rig) -> None:

@@ -9,17 +9,12 @@ test passes by hand.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
-from fleet import Clock, MemoryProvisioner, Probes
+from fleet import MemoryProvisioner, Rig, start_rig
 
-from flockctl.server.autoscaler import FixedPolicy
-from flockctl.server.controller import Controller, WorkerGroup
-from flockctl.server.policies import make_policy
-from flockctl.server.pool import WorkerPool
+from flockctl.server.controller import WorkerGroup
 from flockctl.server.update import Update
 from flockctl.server.workers import Worker, WorkerState
 
@@ -35,49 +30,13 @@ class KeepingProvisioner(MemoryProvisioner):
         return worker.id in self.keep
 
 
-@dataclass
-class Rig:
-    controller: Controller
-    pool: WorkerPool
-    provisioner: KeepingProvisioner
-
-    async def tick(self) -> None:
-        self.controller.step(self.controller.clock())
-        for _ in range(5):
-            await asyncio.sleep(0)
-
-    def ready_all(self) -> None:
-        for worker in self.pool:
-            if worker.state == WorkerState.STARTING:
-                self.pool.set_state(worker, WorkerState.READY)
-
-    def states(self) -> dict[str, tuple[int, str]]:
-        return {w.id: (w.version, w.state.value) for w in self.pool}
-
-
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    pool = WorkerPool(make_policy("least-connection"), None, 100)
-    provisioner = KeepingProvisioner()
-    controller = Controller(
-        pool,
-        provisioner,
-        FixedPolicy(2),
-        Probes(),  # type: ignore[arg-type]
-        initial_target=2,
-        max_start_failures=2,
-        drain_timeout=0.0,
-        clock=Clock(),
-        group=WorkerGroup("chat", None, "alpha"),
-    )
-    r = Rig(controller, pool, provisioner)
-    await r.tick()
-    r.ready_all()
-    await r.tick()
-    for worker in pool:
+    r = await start_rig(KeepingProvisioner(), group=WorkerGroup("chat", None, "alpha"))
+    for worker in r.pool:
         worker.learn_models(["alpha", "base"])
     yield r
-    await controller.stop(drain=False)
+    await r.controller.stop(drain=False)
 
 
 async def test_a_carried_worker_serves_on_while_the_rest_rolls(rig: Rig) -> None:
