@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engine-only", action="store_true", help="leave out transformers' generate runs"
     )
     args = parser.parse_args(argv)
+    if args.contend is not None and not args.contend > 0:
+        parser.error(f"--contend: seconds must be positive, got {args.contend:g}")
     if args.quick:
         args.prompts, args.rounds, args.tokens = 2, 1, min(args.tokens, 48)
     if not args.draft_model:

@@ -22,7 +22,8 @@ def busy_children() -> list[psutil.Process]:
 @pytest.mark.e2e
 def test_contention_stops_and_starts_its_busy_processes_and_ends_them(bench: ModuleType) -> None:
     assert busy_children() == []
-    with bench.contention(0.05):
+    # stopped windows three times as long as the waits' polling, so a poll always lands in one
+    with bench.contention(0.3):
         procs = busy_children()
         assert len(procs) == (psutil.cpu_count() or 1)
         # running, then stopped by the toggle, then running again
@@ -35,3 +36,10 @@ def test_contention_stops_and_starts_its_busy_processes_and_ends_them(bench: Mod
 def test_no_contention_without_a_period(bench: ModuleType) -> None:
     with bench.contention(None):
         assert busy_children() == []
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_contend_wants_positive_seconds(bench: ModuleType, seconds: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--contend", seconds])
+    assert exit_info.value.code == 2  # argparse's usage error, one line on stderr
