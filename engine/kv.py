@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from flockctl.engine.config import EngineLoadError
+from flockctl.engine.kv_io import LayersIO, store_and_read
 from flockctl.engine.prefix_cache import BlockKey, PrefixCache, block_keys
 
 SCRATCH = 0
@@ -604,6 +605,7 @@ class BatchView(Cache):
         self.layer_class_to_replicate = None
         self.offloading = False
         self.kv_length = kv_length
+        self._io: LayersIO | None = None
 
     def update(
         self,
@@ -613,32 +615,60 @@ class BatchView(Cache):
         *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, heads, _, dim = key_states.shape
+        io = self.layers_io(heads, dim)
+        dense = bool(io.dense_keys)
+        return (
+            store_and_read(
+                key_states, io.pool_keys[layer_idx], io.dense_keys[layer_idx] if dense else None, io
+            ),
+            store_and_read(
+                value_states,
+                io.pool_values[layer_idx],
+                io.dense_values[layer_idx] if dense else None,
+                io,
+            ),
+        )
+
+    def layers_io(self, heads: int, dim: int) -> LayersIO:
+        """Every layer's stores and this forward's indices, the layers created or grown first
+        (``heads`` key/value heads of ``dim``): what :func:`store_and_read` takes."""
+        io = self._io
+        if io is not None:
+            return io
         pool = self.pool
-        batch, heads, q, dim = key_states.shape
-        pool._ensure_layer(layer_idx, heads, dim)
-        out = []
+        for layer in range(pool.num_layers):
+            pool._ensure_layer(layer, heads, dim)
+        dense_keys: list[torch.Tensor] = []
+        dense_values: list[torch.Tensor] = []
+        dense_write = fill_src = fill_dst = None
         dense = self.dense
-        for is_key, store, new in (
-            (True, pool.keys[layer_idx], key_states),
-            (False, pool.values[layer_idx], value_states),
-        ):
-            assert store is not None
-            flat = new.transpose(1, 2).reshape(batch * q, heads, dim)
-            store.index_copy_(0, self.write, flat)
-            if dense is not None:
-                rows = dense.rows.layer(layer_idx, is_key, heads, dim)
-                slots = rows.view(-1, dim)
-                write, fill = dense.flat(heads)
-                if dense.fill_src is not None and fill is not None:
-                    slots.index_copy_(0, fill, store.index_select(0, dense.fill_src).view(-1, dim))
-                slots.index_copy_(0, write, new.reshape(-1, dim))
-                out.append(rows[:batch, :, : self.kv_length])
-                continue
-            read = self.read
-            assert read is not None
-            history = store[read] if isinstance(read, slice) else store.index_select(0, read)
-            out.append(history.view(batch, self.kv_length, heads, dim).transpose(1, 2))
-        return out[0], out[1]
+        if dense is not None:
+            for layer in range(pool.num_layers):
+                dense_keys.append(dense.rows.layer(layer, True, heads, dim))
+                dense_values.append(dense.rows.layer(layer, False, heads, dim))
+            dense_write, fill_dst = dense.flat(heads)
+            if fill_dst is not None:
+                fill_src = dense.fill_src
+        read, start, end = self.read, 0, 0
+        if isinstance(read, slice):
+            start, end, read = read.start, read.stop, None
+        io = self._io = LayersIO(
+            [k for k in pool.keys if k is not None],
+            [v for v in pool.values if v is not None],
+            self.write,
+            dense_keys,
+            dense_values,
+            dense_write,
+            fill_src,
+            fill_dst,
+            read,
+            start,
+            end,
+            self.batch,
+            self.kv_length,
+        )
+        return io
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_length

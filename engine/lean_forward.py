@@ -19,13 +19,18 @@ It takes the call the runner makes (``input_ids``, a 4D additive ``attention_mas
 another attention implementation, quantised or hooked modules) keeps transformers' forward.
 """
 
-from __future__ import annotations
-
+import logging
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from flockctl.engine.kv import BatchView
+from flockctl.engine.kv_io import LayersIO, store_and_read
+
+log = logging.getLogger("flockctl.engine")
 
 
 @dataclass
@@ -54,21 +59,6 @@ def plain_llama(model: Any) -> bool:
     return inner is not None and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head")
 
 
-@dataclass
-class _ExactLayer:
-    norm1: torch.Tensor
-    eps1: float
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
-    norm2: torch.Tensor
-    eps2: float
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-
-
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm.forward``, operation for operation (its casts are skipped where they
     are no-ops: a float32 model's activations)."""
@@ -84,18 +74,118 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     """``x * cos + rotate_half(x) * sin`` with the same roundings: ``rotate_half(x)`` is ``x``
     rolled by half a head with its first half negated, and ``-a * b`` equals ``a * -b``
     exactly, so the negation moves onto ``sin`` (computed once a forward)."""
-    return (x * cos) + (torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin)
+    return (x * cos) + (torch.roll(x, x.size(-1) // 2, dims=-1) * signed_sin)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     if n == 1:
         return x
-    batch, kv_heads, length, dim = x.shape
+    batch, kv_heads, length, dim = x.size(0), x.size(1), x.size(2), x.size(3)
     return (
         x[:, :, None]
         .expand(batch, kv_heads, n, length, dim)
         .reshape(batch, kv_heads * n, length, dim)
     )
+
+
+class Shape(NamedTuple):
+    """The sizes and constants of an :class:`ExactLlama`'s arithmetic."""
+
+    heads: int
+    head_dim: int
+    qk_width: int  # query and key features side by side
+    groups: int  # query heads per key/value head
+    scaling: float
+    attention_scaling: float
+    sdpa: bool  # transformers' SDPA attention, else its eager attention
+
+
+def _exact(
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    keep: int,
+    embed: torch.Tensor,
+    inv_freq: torch.Tensor,
+    layers: list[list[torch.Tensor]],
+    eps: list[list[float]],
+    final: list[torch.Tensor],
+    final_eps: float,
+    shape: Shape,
+    io: LayersIO,
+) -> torch.Tensor:
+    """The forward :class:`ExactLlama` runs, scripted where TorchScript is there (see the
+    module docstring). ``layers[i]``: layer ``i``'s input norm, query, key, value and output
+    weights, post-attention norm, gate, up and down weights; ``eps[i]`` its norms' epsilons;
+    ``final``: the last norm and the LM head."""
+    batch, length = input_ids.size(0), input_ids.size(1)
+    x = F.embedding(input_ids, embed)
+    # LlamaRotaryEmbedding.forward's cos and sin [batch, 1, q, head_dim]; the sin's first half
+    # negated (see _rope)
+    inv = inv_freq[None, :, None].expand(position_ids.size(0), -1, 1)
+    inv = inv.to(dtype=torch.float, device=x.device)
+    freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * shape.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
+    sin = (emb.sin() * shape.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
+    half = sin.size(-1) // 2
+    signed_sin = torch.cat((-sin[:, :, :, :half], sin[:, :, :, half:]), dim=-1)
+    heads = shape.heads
+    queries = heads * shape.head_dim
+    dense = len(io.dense_keys) > 0
+    for index in range(len(layers)):
+        norm1, wq, wk, wv, wo, norm2, gate, up, down = layers[index]
+        h = _rms(x, norm1, eps[index][0])
+        # the query and key products side by side in one buffer (each the same matrix
+        # product as F.linear's), so one rotary embedding covers both
+        flat = h.view(-1, h.size(-1))
+        both = flat.new_empty((flat.size(0), shape.qk_width))
+        torch.mm(flat, wq.t(), out=both[:, :queries])
+        torch.mm(flat, wk.t(), out=both[:, queries:])
+        value = F.linear(h, wv).view(batch, length, -1, shape.head_dim).transpose(1, 2)
+        both = _rope(both.view(batch, length, -1, shape.head_dim).transpose(1, 2), cos, signed_sin)
+        query, key = both[:, :heads], both[:, heads:]
+        dense_keys: torch.Tensor | None = None
+        dense_values: torch.Tensor | None = None
+        if dense:
+            dense_keys, dense_values = io.dense_keys[index], io.dense_values[index]
+        key = store_and_read(key, io.pool_keys[index], dense_keys, io)
+        value = store_and_read(value, io.pool_values[index], dense_values, io)
+        # transformers' SDPA or eager attention with a 4D additive mask
+        key, value = _repeat_kv(key, shape.groups), _repeat_kv(value, shape.groups)
+        if shape.sdpa:
+            attn = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=0.0, scale=shape.scaling
+            )
+        else:
+            weights = torch.matmul(query, key.transpose(2, 3)) * shape.scaling
+            weights = weights + mask
+            weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+            attn = torch.matmul(weights, value)
+        attn = attn.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
+        x = x + F.linear(attn, wo)
+        h = _rms(x, norm2, eps[index][1])
+        x = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
+    x = _rms(x, final[0], final_eps)
+    return F.linear(x[:, -keep:, :], final[1])
+
+
+_scripted: list[Any] = []  # the scripted _exact, once compiled
+
+
+def _compiled() -> Any:
+    """:func:`_exact` compiled by TorchScript (deprecated in torch 2.x but kept, and the one
+    way there to run a forward without the GIL per operation), else the function itself: the
+    same operations either way."""
+    if not _scripted:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _scripted.append(torch.jit.script(_exact))
+        except Exception as exc:  # a torch without TorchScript, or one that cannot compile it
+            log.info("the served model's forward runs unscripted: %s", exc)
+            _scripted.append(_exact)
+    return _scripted[0]
 
 
 class ExactLlama:
@@ -105,66 +195,45 @@ class ExactLlama:
     def __init__(self, model: Any):
         inner = model.model
         self.config = model.config
-        self.sdpa = model.config._attn_implementation == "sdpa"
         self.embed: torch.Tensor = inner.embed_tokens.weight
-        self.padding_idx = inner.embed_tokens.padding_idx
-        self.norm: torch.Tensor = inner.norm.weight
-        self.norm_eps = float(inner.norm.variance_epsilon)
-        self.lm_head: torch.Tensor = model.lm_head.weight
         self.inv_freq: torch.Tensor = inner.rotary_emb.inv_freq
-        self.attention_scaling = inner.rotary_emb.attention_scaling
         first = inner.layers[0].self_attn
-        self.head_dim = int(first.head_dim)
-        self.heads = int(first.q_proj.weight.shape[0]) // self.head_dim
-        # the query and key products side by side (see __call__)
-        self.qk_width = int(first.q_proj.weight.shape[0] + first.k_proj.weight.shape[0])
-        self.groups = int(first.num_key_value_groups)
-        self.scaling = float(first.scaling)
+        head_dim = int(first.head_dim)
+        self.kv_heads = int(first.k_proj.weight.shape[0]) // head_dim
+        self.shape = Shape(
+            heads=int(first.q_proj.weight.shape[0]) // head_dim,
+            head_dim=head_dim,
+            qk_width=int(first.q_proj.weight.shape[0] + first.k_proj.weight.shape[0]),
+            groups=int(first.num_key_value_groups),
+            scaling=float(first.scaling),
+            attention_scaling=float(inner.rotary_emb.attention_scaling),
+            sdpa=model.config._attn_implementation == "sdpa",
+        )
+        layers = inner.layers[: self.config.num_hidden_layers]
         self.layers = [
-            _ExactLayer(
+            [
                 layer.input_layernorm.weight,
-                float(layer.input_layernorm.variance_epsilon),
                 layer.self_attn.q_proj.weight,
                 layer.self_attn.k_proj.weight,
                 layer.self_attn.v_proj.weight,
                 layer.self_attn.o_proj.weight,
                 layer.post_attention_layernorm.weight,
-                float(layer.post_attention_layernorm.variance_epsilon),
                 layer.mlp.gate_proj.weight,
                 layer.mlp.up_proj.weight,
                 layer.mlp.down_proj.weight,
-            )
-            for layer in inner.layers[: self.config.num_hidden_layers]
+            ]
+            for layer in layers
         ]
-
-    def _rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``LlamaRotaryEmbedding.forward``'s cos ``[batch, 1, q, head_dim]``, and its sin with
-        the first half negated (see :func:`_rope`)."""
-        inv = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)
-        inv = inv.to(dtype=torch.float, device=x.device)
-        freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
-        sin = (emb.sin() * self.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
-        half = sin.shape[-1] // 2
-        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-    def _attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """transformers' SDPA or eager attention with a 4D additive mask, ``[batch, q, heads,
-        head_dim]`` contiguous."""
-        key, value = _repeat_kv(key, self.groups), _repeat_kv(value, self.groups)
-        if self.sdpa:
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=0.0, scale=self.scaling
-            )
-        else:
-            weights = torch.matmul(query, key.transpose(2, 3)) * self.scaling
-            weights = weights + mask
-            weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-            out = torch.matmul(weights, value)
-        return out.transpose(1, 2).contiguous()
+        self.eps = [
+            [
+                float(layer.input_layernorm.variance_epsilon),
+                float(layer.post_attention_layernorm.variance_epsilon),
+            ]
+            for layer in layers
+        ]
+        self.final = [inner.norm.weight, model.lm_head.weight]
+        self.final_eps = float(inner.norm.variance_epsilon)
+        self._forward = _compiled()
 
     def __call__(
         self,
@@ -172,34 +241,26 @@ class ExactLlama:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        past_key_values: Any,
+        past_key_values: BatchView,
         logits_to_keep: int = 0,
         **_: Any,
     ) -> LeanOutput:
-        batch, length = input_ids.shape
-        shape = (batch, length, -1, self.head_dim)
-        x = F.embedding(input_ids, self.embed, self.padding_idx)
-        cos, signed_sin = self._rotary(x, position_ids)
-        heads, queries = self.heads, self.heads * self.head_dim
-        for index, layer in enumerate(self.layers):
-            h = _rms(x, layer.norm1, layer.eps1)
-            # the query and key products side by side in one buffer (each the same matrix
-            # product as F.linear's), so one rotary embedding covers both
-            flat = h.view(-1, h.shape[-1])
-            both = flat.new_empty((flat.shape[0], self.qk_width))
-            torch.mm(flat, layer.q.t(), out=both[:, :queries])
-            torch.mm(flat, layer.k.t(), out=both[:, queries:])
-            value = F.linear(h, layer.v).view(shape).transpose(1, 2)
-            both = _rope(both.view(shape).transpose(1, 2), cos, signed_sin)
-            query, key = both[:, :heads], both[:, heads:]
-            key, value = past_key_values.update(key, value, index)
-            attn = self._attend(query, key, value, attention_mask)
-            attn = attn.reshape(batch, length, -1).contiguous()
-            x = x + F.linear(attn, layer.o)
-            h = _rms(x, layer.norm2, layer.eps2)
-            x = x + F.linear(F.silu(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
-        x = _rms(x, self.norm, self.norm_eps)
-        return LeanOutput(F.linear(x[:, -logits_to_keep:, :], self.lm_head))
+        io = past_key_values.layers_io(self.kv_heads, self.shape.head_dim)
+        logits = self._forward(
+            input_ids,
+            attention_mask,
+            position_ids,
+            logits_to_keep,
+            self.embed,
+            self.inv_freq,
+            self.layers,
+            self.eps,
+            self.final,
+            self.final_eps,
+            self.shape,
+            io,
+        )
+        return LeanOutput(logits)
 
 
 def exact_forward(model: torch.nn.Module) -> ExactLlama | None:

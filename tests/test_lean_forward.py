@@ -64,25 +64,31 @@ def test_same_logits_as_transformers_for_a_prompt_and_the_tokens_after(make: Any
     model = make()
     lean = exact_forward(model)
     assert isinstance(lean, ExactLlama)
-    caches = (DynamicCache(config=model.config), DynamicCache(config=model.config))
     dtype = model.dtype
     prompt = torch.tensor([[3, 9, 27, 81, 4, 12, 36, 108, 25, 75, 7]])
     feeds = [(prompt, 0), (torch.tensor([[17]]), 11), (torch.tensor([[5, 6, 7]]), 12)]
     for keep in (0, 1, 2):
+        cache = DynamicCache(config=model.config)
+        # blocks of one token: the lean forward's keys are exactly transformers' (no masked
+        # slots to the end of a block), read as one slice of the pool
+        pool = KVPool(num_layers(model.config), 64, torch.device("cpu"), dtype, block_size=1)
+        runner = Runner(model, pool, torch.device("cpu"))
+        assert runner.lean is not None
         for ids, past in feeds:
             length = ids.shape[1]
-            args = {
-                "input_ids": ids,
-                "attention_mask": causal(1, length, past, dtype),
-                "position_ids": torch.arange(past, past + length)[None],
-                "use_cache": True,
-                "logits_to_keep": keep,
-            }
-            want = model(**args, past_key_values=caches[0]).logits
-            got = lean(**args, past_key_values=caches[1]).logits
-            assert got.shape == want.shape and got.dtype == want.dtype
-            assert torch.equal(got, want)
-        caches = (DynamicCache(config=model.config), DynamicCache(config=model.config))
+            want = model(
+                input_ids=ids,
+                attention_mask=causal(1, length, past, dtype),
+                position_ids=torch.arange(past, past + length)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            ).logits[0]
+            pool.reserve("job", past + length)
+            feed = Feed.linear(ids[0].tolist(), past, keep or length)
+            got = runner.run(["job"], [feed])[0]
+            assert got.shape == want.shape
+            assert torch.equal(got, want.float())  # the runner's logits are float32
 
 
 def through_runner(model: torch.nn.Module, lean: bool, dtype: torch.dtype) -> list[torch.Tensor]:
