@@ -16,25 +16,78 @@ It takes the call the engine's runner makes (``input_ids``, a 4D additive ``atte
 transformers' forward.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from flockctl.engine.lean_forward import LeanOutput, plain_llama
+from flockctl.engine.kv import BatchView
+from flockctl.engine.kv_io import LayersIO, store_and_read
+from flockctl.engine.lean_forward import LeanOutput, plain_llama, scripted
 
 
-@dataclass
-class _Layer:
-    norm1: torch.Tensor
-    qkv: torch.Tensor  # [q_heads + 2 * kv_heads) * head_dim, hidden]
-    out: torch.Tensor
-    norm2: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _draft(
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    keep: int,
+    embed: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    layers: list[list[torch.Tensor]],
+    final: list[torch.Tensor],
+    eps: float,
+    sizes: list[int],
+    io: LayersIO,
+) -> torch.Tensor:
+    """:class:`LeanLlama`'s forward, scripted where TorchScript is there (as the served
+    model's, :mod:`flockctl.engine.lean_forward`). ``layers[i]``: layer ``i``'s input norm,
+    fused query/key/value weight, output weight, post-attention norm, fused gate/up weight and
+    down weight; ``final``: the last norm and the LM head; ``sizes``: query heads, key/value
+    heads, head dim."""
+    batch, q = input_ids.size(0), input_ids.size(1)
+    heads, kv_heads, dim = sizes[0], sizes[1], sizes[2]
+    x = F.embedding(input_ids, embed)
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * attention_scaling).to(x.dtype)[:, None]
+    sin = (emb.sin() * attention_scaling).to(x.dtype)[:, None]
+    half = dim // 2
+    repeat = heads // kv_heads
+    scale = dim**-0.5
+    dense = len(io.dense_keys) > 0
+    for index in range(len(layers)):
+        norm1, qkv_weight, out, norm2, gate_up, down = layers[index]
+        h = _rms(x, norm1, eps)
+        qkv = F.linear(h, qkv_weight).view(batch, q, heads + 2 * kv_heads, dim).transpose(1, 2)
+        both = qkv[:, : heads + kv_heads]
+        rotated = torch.cat((-both[:, :, :, half:], both[:, :, :, :half]), dim=-1)
+        both = both * cos + rotated * sin
+        query, key = both[:, :heads], both[:, heads:]
+        value = qkv[:, heads + kv_heads :]
+        dense_keys: torch.Tensor | None = None
+        dense_values: torch.Tensor | None = None
+        if dense:
+            dense_keys, dense_values = io.dense_keys[index], io.dense_values[index]
+        key = store_and_read(key, io.pool_keys[index], dense_keys, io)
+        value = store_and_read(value, io.pool_values[index], dense_values, io)
+        if repeat > 1:
+            key = key.repeat_interleave(repeat, dim=1)
+            value = value.repeat_interleave(repeat, dim=1)
+        attn = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        x = x + F.linear(attn.transpose(1, 2).reshape(batch, q, heads * dim), out)
+        h = _rms(x, norm2, eps)
+        gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, down)
+    x = _rms(x[:, -keep:] if keep > 0 else x, final[0], eps)
+    return F.linear(x, final[1])
 
 
 class LeanLlama(torch.nn.Module):
@@ -46,21 +99,18 @@ class LeanLlama(torch.nn.Module):
         config = model.config
         inner = model.model
         self.config = config
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
-        self.head_dim = int(
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+        heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.sizes = [heads, self.kv_heads, self.head_dim]
         self.eps = float(config.rms_norm_eps)
-        self.scale = self.head_dim**-0.5
         self.embed: torch.Tensor = inner.embed_tokens.weight
-        self.norm: torch.Tensor = inner.norm.weight
-        self.lm_head: torch.Tensor = model.lm_head.weight
+        self.final = [inner.norm.weight, model.lm_head.weight]
         self.inv_freq: torch.Tensor = inner.rotary_emb.inv_freq.float()
         self.attention_scaling = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
         with torch.no_grad():
             self.layers = [
-                _Layer(
+                [
                     layer.input_layernorm.weight,
                     torch.cat(
                         [
@@ -73,15 +123,10 @@ class LeanLlama(torch.nn.Module):
                     layer.post_attention_layernorm.weight,
                     torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
                     layer.mlp.down_proj.weight,
-                )
+                ]
                 for layer in inner.layers
             ]
-
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x.to(dtype)
+        self._draft = scripted(_draft)
 
     @torch.inference_mode()
     def forward(
@@ -90,40 +135,26 @@ class LeanLlama(torch.nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        past_key_values: Any,
+        past_key_values: BatchView,
         logits_to_keep: int = 0,
         **_: Any,
     ) -> LeanOutput:
-        batch, q = input_ids.shape
-        x = F.embedding(input_ids, self.embed)
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(x.dtype)[:, None]
-        sin = (emb.sin() * self.attention_scaling).to(x.dtype)[:, None]
-        half = self.head_dim // 2
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        repeat = heads // kv_heads
-        for index, layer in enumerate(self.layers):
-            h = self._rms(x, layer.norm1)
-            qkv = F.linear(h, layer.qkv).view(batch, q, heads + 2 * kv_heads, dim).transpose(1, 2)
-            both = qkv[:, : heads + kv_heads]
-            rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
-            both = both * cos + rotated * sin
-            query, key = both[:, :heads], both[:, heads:]
-            value = qkv[:, heads + kv_heads :]
-            key, value = past_key_values.update(key, value, index)
-            if repeat > 1:
-                key = key.repeat_interleave(repeat, dim=1)
-                value = value.repeat_interleave(repeat, dim=1)
-            attn = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, scale=self.scale
-            )
-            x = x + F.linear(attn.transpose(1, 2).reshape(batch, q, heads * dim), layer.out)
-            h = self._rms(x, layer.norm2)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
-        x = self._rms(x[:, -logits_to_keep:] if logits_to_keep else x, self.norm)
-        return LeanOutput(F.linear(x, self.lm_head))
+        io = past_key_values.layers_io(self.kv_heads, self.head_dim)
+        logits = self._draft(
+            input_ids,
+            attention_mask,
+            position_ids,
+            logits_to_keep,
+            self.embed,
+            self.inv_freq,
+            self.attention_scaling,
+            self.layers,
+            self.final,
+            self.eps,
+            self.sizes,
+            io,
+        )
+        return LeanOutput(logits)
 
 
 def lean_forward(model: torch.nn.Module) -> LeanLlama | None:

@@ -170,22 +170,25 @@ def _exact(
     return F.linear(x[:, -keep:, :], final[1])
 
 
-_scripted: list[Any] = []  # the scripted _exact, once compiled
+_scripted: dict[Any, Any] = {}  # function -> its scripted self, once compiled
 
 
-def _compiled() -> Any:
-    """:func:`_exact` compiled by TorchScript (deprecated in torch 2.x but kept, and the one
-    way there to run a forward without the GIL per operation), else the function itself: the
-    same operations either way."""
-    if not _scripted:
+def scripted(function: Any) -> Any:
+    """``function`` compiled by TorchScript, else ``function`` itself: the same operations
+    either way. TorchScript is deprecated in torch 2.x but kept, and it is the one way there
+    to run a whole forward in one call that holds the GIL once (torch.compile's kernels would
+    round differently)."""
+    done = _scripted.get(function)
+    if done is None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                _scripted.append(torch.jit.script(_exact))
+                done = torch.jit.script(function)
         except Exception as exc:  # a torch without TorchScript, or one that cannot compile it
-            log.info("the served model's forward runs unscripted: %s", exc)
-            _scripted.append(_exact)
-    return _scripted[0]
+            log.info("%s runs unscripted: %s", function.__name__, exc)
+            done = function
+        _scripted[function] = done
+    return done
 
 
 class ExactLlama:
@@ -233,7 +236,7 @@ class ExactLlama:
         ]
         self.final = [inner.norm.weight, model.lm_head.weight]
         self.final_eps = float(inner.norm.variance_epsilon)
-        self._forward = _compiled()
+        self._forward = scripted(_exact)
 
     def __call__(
         self,
