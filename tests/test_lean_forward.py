@@ -21,7 +21,7 @@ from transformers import (
 
 from flockctl.engine.job import Job, SamplingParams
 from flockctl.engine.kv import KVPool, num_layers
-from flockctl.engine.lean_forward import ExactLlama, exact_forward
+from flockctl.engine.lean_forward import ExactLlama, _exact, exact_forward, scripted
 from flockctl.engine.runner import Feed, Runner
 from flockctl.engine.spec import TokenTree
 
@@ -91,13 +91,17 @@ def test_same_logits_as_transformers_for_a_prompt_and_the_tokens_after(make: Any
             assert torch.equal(got, want.float())  # the runner's logits are float32
 
 
-def through_runner(model: torch.nn.Module, lean: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+def through_runner(
+    model: torch.nn.Module, lean: bool, dtype: torch.dtype, script: bool = True
+) -> list[torch.Tensor]:
     """Logits of a runner's forwards: prompts of different lengths prefilled together (one in
     two chunks), batched decodes with left padding, a job joining mid-way, and a token tree
-    beside a single token."""
+    beside a single token. ``script=False``: the lean forward runs as plain Python."""
     pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), dtype, block_size=4)
     runner = Runner(model, pool, torch.device("cpu"), lean=lean)
     assert (runner.lean is not None) == lean
+    if runner.lean is not None and not script:
+        runner.lean._forward = _exact
     jobs = [Job(list(range(3 + k, 3 + k + n)), SamplingParams(max_tokens=64)) for k, n in
             ((0, 13), (40, 5), (80, 9))]  # fmt: skip
     out: list[torch.Tensor] = []
@@ -146,6 +150,22 @@ def test_same_logits_through_the_runner(make: Any) -> None:
         want = through_runner(model, False, model.dtype)
         got = through_runner(model, True, model.dtype)
     assert len(got) == len(want)
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_the_lean_forward_runs_scripted_and_as_python_alike() -> None:
+    """The served model's forward is one TorchScript function (a forward holds the GIL once,
+    not between each operation); where TorchScript cannot compile it the same function runs
+    as Python, with the same logits."""
+    model = llama()
+    lean = exact_forward(model)
+    assert lean is not None
+    assert isinstance(lean._forward, torch.jit.ScriptFunction)
+    assert scripted(_exact) is lean._forward  # compiled once a process
+    with torch.inference_mode():
+        want = through_runner(model, True, model.dtype, script=False)
+        got = through_runner(model, True, model.dtype)
     for w, g in zip(want, got, strict=True):
         assert torch.equal(g, w)
 
