@@ -126,7 +126,8 @@ class LeanLlama(torch.nn.Module):
                 ]
                 for layer in inner.layers
             ]
-        self._draft = scripted(_draft)
+        # scripted on a CPU only, as the served model's forward (engine/lean_forward.py)
+        self._draft = scripted(_draft) if self.embed.device.type == "cpu" else _draft
 
     @torch.inference_mode()
     def forward(

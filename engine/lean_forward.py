@@ -12,8 +12,15 @@ Unlike the draft's lean forward (:mod:`flockctl.engine.draft_forward`), nothing 
 fused query/key/value product rounds differently in the last bits, which a draft may afford and
 the served model may not.
 
+On a CPU the forward runs as one TorchScript function (:func:`scripted`), which holds the GIL
+once a call instead of taking it back before each of a few hundred operations: the engine's event
+loop streams tokens in the same process, and every operation of an unscripted forward waited for
+it. TorchScript does not fuse on a CPU, so the operations and their roundings stay the same (the
+tests compare both ways with ``torch.equal``). On CUDA its fuser would fuse element-wise
+operations, which round differently, so there the forward runs as Python.
+
 It takes the call the runner makes (``input_ids``, a 4D additive ``attention_mask``,
-``position_ids``, a ``Cache`` whose ``update`` stores and returns each layer's keys and values,
+``position_ids``, the runner's :class:`~flockctl.engine.kv.BatchView` of the paged KV cache,
 ``logits_to_keep``) and answers with an object holding ``logits``. A model it does not cover
 (another architecture or a subclass, biases, scaled rotary embeddings, another activation,
 another attention implementation, quantised or hooked modules) keeps transformers' forward.
@@ -236,7 +243,8 @@ class ExactLlama:
         ]
         self.final = [inner.norm.weight, model.lm_head.weight]
         self.final_eps = float(inner.norm.variance_epsilon)
-        self._forward = scripted(_exact)
+        cpu = self.embed.device.type == "cpu"
+        self._forward = scripted(_exact) if cpu else _exact  # see the module docstring
 
     def __call__(
         self,
