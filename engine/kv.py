@@ -605,7 +605,7 @@ class BatchView(Cache):
         self.layer_class_to_replicate = None
         self.offloading = False
         self.kv_length = kv_length
-        self._io: LayersIO | None = None
+        self._io: dict[int, LayersIO] = {}  # by key/value heads
 
     def update(
         self,
@@ -615,59 +615,56 @@ class BatchView(Cache):
         *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # layer by layer, each with its own head count: transformers' models need not share one
         _, heads, _, dim = key_states.shape
-        io = self.layers_io(heads, dim)
-        dense = bool(io.dense_keys)
+        pool = self.pool
+        pool._ensure_layer(layer_idx, heads, dim)
+        io = self._indices(heads)
+        rows: list[torch.Tensor | None] = [None, None]
+        if self.dense is not None:
+            rows = [self.dense.rows.layer(layer_idx, keys, heads, dim) for keys in (True, False)]
+        keys, values = pool.keys[layer_idx], pool.values[layer_idx]
+        assert keys is not None and values is not None
         return (
-            store_and_read(
-                key_states, io.pool_keys[layer_idx], io.dense_keys[layer_idx] if dense else None, io
-            ),
-            store_and_read(
-                value_states,
-                io.pool_values[layer_idx],
-                io.dense_values[layer_idx] if dense else None,
-                io,
-            ),
+            store_and_read(key_states, keys, rows[0], io),
+            store_and_read(value_states, values, rows[1], io),
         )
 
     def layers_io(self, heads: int, dim: int) -> LayersIO:
-        """Every layer's stores and this forward's indices, the layers created or grown first
-        (``heads`` key/value heads of ``dim``): what :func:`store_and_read` takes."""
-        io = self._io
-        if io is not None:
-            return io
+        """Every layer's stores, created or grown first (each with ``heads`` key/value heads of
+        ``dim``), and this forward's indices: what :func:`store_and_read` takes."""
         pool = self.pool
         for layer in range(pool.num_layers):
             pool._ensure_layer(layer, heads, dim)
-        dense_keys: list[torch.Tensor] = []
-        dense_values: list[torch.Tensor] = []
-        dense_write = fill_src = fill_dst = None
-        dense = self.dense
-        if dense is not None:
-            for layer in range(pool.num_layers):
-                dense_keys.append(dense.rows.layer(layer, True, heads, dim))
-                dense_values.append(dense.rows.layer(layer, False, heads, dim))
-            dense_write, fill_dst = dense.flat(heads)
-            if fill_dst is not None:
-                fill_src = dense.fill_src
-        read, start, end = self.read, 0, 0
-        if isinstance(read, slice):
-            start, end, read = read.start, read.stop, None
-        io = self._io = LayersIO(
-            [k for k in pool.keys if k is not None],
-            [v for v in pool.values if v is not None],
-            self.write,
-            dense_keys,
-            dense_values,
-            dense_write,
-            fill_src,
-            fill_dst,
-            read,
-            start,
-            end,
-            self.batch,
-            self.kv_length,
+        io = self._indices(heads)._replace(
+            pool_keys=[k for k in pool.keys if k is not None],
+            pool_values=[v for v in pool.values if v is not None],
         )
+        if self.dense is not None:
+            rows = self.dense.rows
+            io = io._replace(
+                dense_keys=[rows.layer(i, True, heads, dim) for i in range(pool.num_layers)],
+                dense_values=[rows.layer(i, False, heads, dim) for i in range(pool.num_layers)],
+            )
+        return io
+
+    def _indices(self, heads: int) -> LayersIO:
+        """This forward's indices for layers of ``heads`` key/value heads (no stores)."""
+        io = self._io.get(heads)
+        if io is None:
+            dense_write = fill_src = fill_dst = None
+            if self.dense is not None:
+                dense_write, fill_dst = self.dense.flat(heads)
+                if fill_dst is not None:
+                    fill_src = self.dense.fill_src
+            read, start, end = self.read, 0, 0
+            if isinstance(read, slice):
+                start, end, read = read.start, read.stop, None
+            io = LayersIO(
+                [], [], self.write, [], [], dense_write, fill_src, fill_dst,
+                read, start, end, self.kv_length,
+            )  # fmt: skip
+            self._io[heads] = io
         return io
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

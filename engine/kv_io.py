@@ -18,7 +18,8 @@ class LayersIO(NamedTuple):
     ``dense_write`` (``[batch * heads * q]`` rows of a layer's ``[-1, dim]`` view) and the
     rows filled from the pool first (``fill_src`` pool slots to ``fill_dst``); else the
     histories' pool slots ``read`` (``[batch * kv_length]``), or ``start:end`` when they are
-    one slice of it."""
+    one slice of it. The store lists are empty where a caller passes each layer's stores
+    itself (:meth:`flockctl.engine.kv.BatchView.update`, layer by layer)."""
 
     pool_keys: list[torch.Tensor]
     pool_values: list[torch.Tensor]
@@ -31,7 +32,6 @@ class LayersIO(NamedTuple):
     read: torch.Tensor | None
     start: int
     end: int
-    batch: int
     kv_length: int
 
 
