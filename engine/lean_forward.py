@@ -177,20 +177,38 @@ def _exact(
     return F.linear(x[:, -keep:, :], final[1])
 
 
+class Scripted:
+    """A TorchScript function whose errors read as the failed operation's own: TorchScript's
+    message is the script's traceback, a dozen lines, and the engine passes a forward's error
+    to the requests it fails. The whole message stays on the exception's cause (logged)."""
+
+    def __init__(self, function: Any):
+        self.function = function
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.function(*args)
+        except RuntimeError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            if len(lines) < 2 or not lines[0].startswith("The following operation failed"):
+                raise
+            raise RuntimeError(lines[-1].strip()) from exc
+
+
 _scripted: dict[Any, Any] = {}  # function -> its scripted self, once compiled
 
 
 def scripted(function: Any) -> Any:
-    """``function`` compiled by TorchScript, else ``function`` itself: the same operations
-    either way. TorchScript is deprecated in torch 2.x but kept, and it is the one way there
-    to run a whole forward in one call that holds the GIL once (torch.compile's kernels would
-    round differently)."""
+    """``function`` compiled by TorchScript (a :class:`Scripted`), else ``function`` itself:
+    the same operations either way. TorchScript is deprecated in torch 2.x but kept, and it is
+    the one way there to run a whole forward in one call that holds the GIL once
+    (torch.compile's kernels would round differently)."""
     done = _scripted.get(function)
     if done is None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                done = torch.jit.script(function)
+                done = Scripted(torch.jit.script(function))
         except Exception as exc:  # a torch without TorchScript, or one that cannot compile it
             log.info("%s runs unscripted: %s", function.__name__, exc)
             done = function

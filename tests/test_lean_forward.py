@@ -21,7 +21,7 @@ from transformers import (
 
 from flockctl.engine.job import Job, SamplingParams
 from flockctl.engine.kv import KVPool, num_layers
-from flockctl.engine.lean_forward import ExactLlama, _exact, exact_forward, scripted
+from flockctl.engine.lean_forward import ExactLlama, Scripted, _exact, exact_forward, scripted
 from flockctl.engine.runner import Feed, Runner
 from flockctl.engine.spec import TokenTree
 
@@ -161,13 +161,26 @@ def test_the_lean_forward_runs_scripted_and_as_python_alike() -> None:
     model = llama()
     lean = exact_forward(model)
     assert lean is not None
-    assert isinstance(lean._forward, torch.jit.ScriptFunction)
+    assert isinstance(lean._forward, Scripted)
+    assert isinstance(lean._forward.function, torch.jit.ScriptFunction)
     assert scripted(_exact) is lean._forward  # compiled once a process
     with torch.inference_mode():
         want = through_runner(model, True, model.dtype, script=False)
         got = through_runner(model, True, model.dtype)
     for w, g in zip(want, got, strict=True):
         assert torch.equal(g, w)
+
+
+@torch.inference_mode()
+def test_a_failing_scripted_forward_says_what_failed_in_one_line() -> None:
+    model = llama()
+    pool = KVPool(num_layers(model.config), 64, torch.device("cpu"), model.dtype, block_size=4)
+    runner = Runner(model, pool, torch.device("cpu"))
+    pool.reserve("job", 3)
+    with pytest.raises(RuntimeError) as failed:
+        runner.run(["job"], [Feed.linear([1, 2, model.config.vocab_size], 0)])
+    assert str(failed.value) == "RuntimeError: index out of range in self"
+    assert "TorchScript" in str(failed.value.__cause__)  # the whole traceback, for the log
 
 
 @torch.inference_mode()
