@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from flockctl.engine.kv import BatchView
-from flockctl.engine.kv_io import LayersIO, store_and_read
+from flockctl.engine.kv_io import LayersIO, layer_kv
 from flockctl.engine.lean_forward import LeanOutput, plain_llama, scripted
 
 
@@ -62,7 +62,6 @@ def _draft(
     half = dim // 2
     repeat = heads // kv_heads
     scale = dim**-0.5
-    dense = len(io.dense_keys) > 0
     for index in range(len(layers)):
         norm1, qkv_weight, out, norm2, gate_up, down = layers[index]
         h = _rms(x, norm1, eps)
@@ -72,12 +71,7 @@ def _draft(
         both = both * cos + rotated * sin
         query, key = both[:, :heads], both[:, heads:]
         value = qkv[:, heads + kv_heads :]
-        dense_keys: torch.Tensor | None = None
-        dense_values: torch.Tensor | None = None
-        if dense:
-            dense_keys, dense_values = io.dense_keys[index], io.dense_values[index]
-        key = store_and_read(key, io.pool_keys[index], dense_keys, io)
-        value = store_and_read(value, io.pool_values[index], dense_values, io)
+        key, value = layer_kv(key, value, index, io)
         if repeat > 1:
             key = key.repeat_interleave(repeat, dim=1)
             value = value.repeat_interleave(repeat, dim=1)
@@ -128,6 +122,15 @@ class LeanLlama(torch.nn.Module):
             ]
         # scripted on a CPU only, as the served model's forward (engine/lean_forward.py)
         self._draft = scripted(_draft) if self.embed.device.type == "cpu" else _draft
+        self._weights = (
+            self.embed,
+            self.inv_freq,
+            self.attention_scaling,
+            self.layers,
+            self.final,
+            self.eps,
+            self.sizes,
+        )
 
     @torch.inference_mode()
     def forward(
@@ -142,18 +145,7 @@ class LeanLlama(torch.nn.Module):
     ) -> LeanOutput:
         io = past_key_values.layers_io(self.kv_heads, self.head_dim)
         logits = self._draft(
-            input_ids,
-            attention_mask,
-            position_ids,
-            logits_to_keep,
-            self.embed,
-            self.inv_freq,
-            self.attention_scaling,
-            self.layers,
-            self.final,
-            self.eps,
-            self.sizes,
-            io,
+            input_ids, attention_mask, position_ids, logits_to_keep, *self._weights, io
         )
         return LeanOutput(logits)
 

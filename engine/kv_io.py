@@ -56,3 +56,18 @@ def store_and_read(
     read = io.read
     history = store.index_select(0, read) if read is not None else store[io.start : io.end]
     return history.view(batch, io.kv_length, heads, dim).transpose(1, 2)
+
+
+def layer_kv(
+    key: torch.Tensor, value: torch.Tensor, layer: int, io: LayersIO
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`store_and_read` for layer ``layer``'s new keys and values, from ``io``'s lists
+    of every layer's stores: the histories ``[batch, heads, kv_length, dim]`` of both."""
+    dense_keys: torch.Tensor | None = None
+    dense_values: torch.Tensor | None = None
+    if len(io.dense_keys) > 0:
+        dense_keys, dense_values = io.dense_keys[layer], io.dense_values[layer]
+    return (
+        store_and_read(key, io.pool_keys[layer], dense_keys, io),
+        store_and_read(value, io.pool_values[layer], dense_values, io),
+    )

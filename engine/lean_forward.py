@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from flockctl.engine.kv import BatchView
-from flockctl.engine.kv_io import LayersIO, store_and_read
+from flockctl.engine.kv_io import LayersIO, layer_kv
 
 log = logging.getLogger("flockctl.engine")
 
@@ -139,7 +139,6 @@ def _exact(
     signed_sin = torch.cat((-sin[:, :, :, :half], sin[:, :, :, half:]), dim=-1)
     heads = shape.heads
     queries = heads * shape.head_dim
-    dense = len(io.dense_keys) > 0
     for index in range(len(layers)):
         norm1, wq, wk, wv, wo, norm2, gate, up, down = layers[index]
         h = _rms(x, norm1, eps[index][0])
@@ -152,12 +151,7 @@ def _exact(
         value = F.linear(h, wv).view(batch, length, -1, shape.head_dim).transpose(1, 2)
         both = _rope(both.view(batch, length, -1, shape.head_dim).transpose(1, 2), cos, signed_sin)
         query, key = both[:, :heads], both[:, heads:]
-        dense_keys: torch.Tensor | None = None
-        dense_values: torch.Tensor | None = None
-        if dense:
-            dense_keys, dense_values = io.dense_keys[index], io.dense_values[index]
-        key = store_and_read(key, io.pool_keys[index], dense_keys, io)
-        value = store_and_read(value, io.pool_values[index], dense_values, io)
+        key, value = layer_kv(key, value, index, io)
         # transformers' SDPA or eager attention with a 4D additive mask
         key, value = _repeat_kv(key, shape.groups), _repeat_kv(value, shape.groups)
         if shape.sdpa:
@@ -263,6 +257,15 @@ class ExactLlama:
         self.final_eps = float(inner.norm.variance_epsilon)
         cpu = self.embed.device.type == "cpu"
         self._forward = scripted(_exact) if cpu else _exact  # see the module docstring
+        self._weights = (
+            self.embed,
+            self.inv_freq,
+            self.layers,
+            self.eps,
+            self.final,
+            self.final_eps,
+            self.shape,
+        )
 
     def __call__(
         self,
@@ -276,18 +279,7 @@ class ExactLlama:
     ) -> LeanOutput:
         io = past_key_values.layers_io(self.kv_heads, self.shape.head_dim)
         logits = self._forward(
-            input_ids,
-            attention_mask,
-            position_ids,
-            logits_to_keep,
-            self.embed,
-            self.inv_freq,
-            self.layers,
-            self.eps,
-            self.final,
-            self.final_eps,
-            self.shape,
-            io,
+            input_ids, attention_mask, position_ids, logits_to_keep, *self._weights, io
         )
         return LeanOutput(logits)
 
