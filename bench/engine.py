@@ -79,7 +79,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             report["batch1"]["engine_vs_transformers"], TARGETS["batch1_vs_transformers"]
         )
     }
-    engine = report["concurrency"].get("engine", {})
+    engine = report["concurrency"].get(engine_table(report["concurrency"]), {})
     for level, least in TARGETS["concurrency_vs_c1"].items():
         if level in engine:
             out[f"c{level}_vs_c1"] = check(engine[level]["vs_c1"], least)
@@ -104,6 +104,13 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
     out["met"] = identical and all(v["pass"] for v in out.values() if isinstance(v, dict))
     out["missed"] = sorted(k for k, v in out.items() if isinstance(v, dict) and not v["pass"])
     return out
+
+
+def engine_table(concurrency: dict[str, Any]) -> str:
+    """The engine's concurrency table that speculation and the targets are measured against:
+    prefix caching off where that ran, else on (``--prefix-caching on``; a ``--vllm`` server
+    should then cache prefixes too)."""
+    return "engine" if "engine" in concurrency else "engine_prefix_caching"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -622,7 +629,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         "device": s.get("device"),
                         "kv_budget_tokens": (s.get("kv") or {}).get("budget_tokens"),
                     }
-        plain = concurrency["engine"]["1"]["tokens_per_s"]
+        plain = concurrency[engine_table(concurrency)]["1"]["tokens_per_s"]
         for pair, draft_path in pairs.items():
             for mode in ("on", "auto"):
                 name = f"{pair}_spec_{mode}"
@@ -646,7 +653,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     finally:
         procs.stop_all()
 
-    engine_c1 = concurrency["engine"]["1"]["tokens_per_s"]
+    engine_c1 = concurrency[engine_table(concurrency)]["1"]["tokens_per_s"]
     report: dict[str, Any] = {
         "bench": "engine",
         "machine": {

@@ -104,3 +104,21 @@ def test_targets_hold_each_ratio_to_its_minimum() -> None:
     report["concurrency"] = {"engine": {"1": _row(200, 9), "8": _row(900, 40, 4.5)}}
     got = bench.targets(report)
     assert got["missed"] == [] and got["met"] is False  # every ratio passed, the text did not
+
+
+def test_targets_with_prefix_caching_alone_use_its_table() -> None:
+    """``--prefix-caching on`` runs only the caching engine's table: the targets (and vLLM's
+    comparison) use it, and with both tables the one without caching."""
+    bench = load_bench("engine")
+    cached = {"1": _row(200, 9), "8": _row(1000, 10, 5.0)}
+    report = {
+        "batch1": {"engine_vs_transformers": 1.2},
+        "concurrency": {"engine_prefix_caching": cached, "vllm": {"8": _row(800, 20)}},
+        "speculation": {},
+        "equality": {"all_identical": True},
+    }
+    got = bench.targets(report)
+    assert got["c8_vs_c1"]["value"] == 5.0
+    assert got["c8_tokens_vs_vllm"]["value"] == 1.25
+    report["concurrency"]["engine"] = {"1": _row(200, 9), "8": _row(400, 40, 2.0)}
+    assert bench.targets(report)["c8_tokens_vs_vllm"]["value"] == 0.5
