@@ -12,12 +12,12 @@ Unlike the draft's lean forward (:mod:`flockctl.engine.draft_forward`), nothing 
 fused query/key/value product rounds differently in the last bits, which a draft may afford and
 the served model may not.
 
-On a CPU the forward runs as one TorchScript function (:func:`scripted`), which holds the GIL
-once a call instead of taking it back before each of a few hundred operations: the engine's event
-loop streams tokens in the same process, and every operation of an unscripted forward waited for
-it. TorchScript does not fuse on a CPU, so the operations and their roundings stay the same (the
-tests compare both ways with ``torch.equal``). On CUDA its fuser would fuse element-wise
-operations, which round differently, so there the forward runs as Python.
+On a CPU the forward runs as one TorchScript function (:func:`scripted`), which lets the GIL go
+for the whole call and takes it back once, instead of taking it back after each of a few hundred
+operations: the engine's event loop streams tokens in the same process, and every operation of an
+unscripted forward waited for it. TorchScript does not fuse on a CPU, so the operations and their
+roundings stay the same (the tests compare both ways with ``torch.equal``). On CUDA its fuser
+would fuse element-wise operations, which round differently, so there the forward runs as Python.
 
 It takes the call the runner makes (``input_ids``, a 4D additive ``attention_mask``,
 ``position_ids``, the runner's :class:`~flockctl.engine.kv.BatchView` of the paged KV cache,
@@ -195,7 +195,7 @@ _scripted: dict[Any, Any] = {}  # function -> its scripted self, once compiled
 def scripted(function: Any) -> Any:
     """``function`` compiled by TorchScript (a :class:`Scripted`), else ``function`` itself:
     the same operations either way. TorchScript is deprecated in torch 2.x but kept, and it is
-    the one way there to run a whole forward in one call that holds the GIL once
+    the one way there to run a whole forward in one call that takes the GIL back once
     (torch.compile's kernels would round differently)."""
     done = _scripted.get(function)
     if done is None:
