@@ -426,13 +426,9 @@ class KVPool:
             first = tables[0]
             return BatchView(self, slice(first[0] * bs, (first[-1] + 1) * bs), 1, width * bs, write)
         # every job's slots in order, padded with scratch: one index_select per layer gathers all
-        read = [
-            b * bs + o
-            for t in tables
-            for b in (*t, *[SCRATCH] * (width - len(t)))
-            for o in range(bs)
-        ]
-        index = torch.tensor(read, dtype=torch.long).to(self.device, non_blocking=True)
+        blocks = torch.tensor([[*t, *[SCRATCH] * (width - len(t))] for t in tables])
+        read = (blocks[:, :, None] * bs + torch.arange(bs)).view(-1)
+        index = read.to(self.device, non_blocking=True)
         return BatchView(self, index, len(tables), width * bs, write)
 
     def slots_of(self, table: list[int]) -> torch.Tensor:
