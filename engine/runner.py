@@ -157,11 +157,10 @@ class Runner:
         # history as a slice of the pool (KVPool.view): rows would only add a second write of
         # every token
         placed = None
-        if self.dense is not None:
-            held = set(self.dense.jobs)
-            if held and held.isdisjoint(job_ids):
-                pass
-            elif reads_in_place(tables):
+        held = set(self.dense.jobs) if self.dense is not None else set()
+        beside = bool(held) and held.isdisjoint(job_ids)  # rows held by other jobs are kept
+        if self.dense is not None and not beside:
+            if reads_in_place(tables):
                 self.dense.clear()  # this forward leaves the job's row behind
             else:
                 placed = self.dense.place(job_ids, kv_len)
