@@ -146,6 +146,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the engine's prefix caching; both adds the concurrency table with it on (off)",
     )
     parser.add_argument(
+        "--attention",
+        default="fast",
+        choices=("fast", "exact"),
+        help="the engine's --attention (fast: its CPU decode kernel; exact: transformers')",
+    )
+    parser.add_argument(
         "--max-batch-size", help="engine's --max-batch-size (N or auto; default: its own, auto)"
     )
     parser.add_argument(
@@ -434,7 +440,7 @@ async def engine_server(
         sys.executable, "-m", "flockctl", "engine", "serve",
         "--model", str(model), "--host", HOST, "--port", str(port),
         "--device", args.device, "--dtype", args.dtype, "--seed", "0",
-        "--prefix-caching", caching, *extra,
+        "--prefix-caching", caching, "--attention", args.attention, *extra,
     ]  # fmt: skip
     if args.max_batch_size:
         argv += ["--max-batch-size", str(args.max_batch_size)]
@@ -673,6 +679,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "requests": args.requests,
             "concurrency": [1, *args.levels],
             "prefix_caching": args.prefix_caching,
+            "attention": args.attention,
             "max_batch_size": args.max_batch_size,
             "threads": args.threads,
             "quick": args.quick,

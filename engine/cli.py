@@ -79,6 +79,11 @@ class OnOff(str, enum.Enum):
     off = "off"
 
 
+class Attention(str, enum.Enum):
+    fast = "fast"
+    exact = "exact"
+
+
 class Pooling(str, enum.Enum):
     last = "last"
     mean = "mean"
@@ -191,6 +196,16 @@ def serve(
             rich_help_panel=L,
         ),
     ] = OnOff.on,
+    attention: Annotated[
+        Attention,
+        typer.Option(
+            help="fast: on a CPU, a decode step over the running batch attends with the engine's"
+            " compiled kernel, each job read to its own history's length (about a fifth off a"
+            " batch-32 step; the logits' last bits differ from transformers', as another"
+            " kernel's would). exact: transformers' attention, its logits bit for bit.",
+            rich_help_panel=L,
+        ),
+    ] = Attention.fast,
     max_model_len: Annotated[
         int | None,
         typer.Option(
@@ -359,6 +374,7 @@ def serve(
                 max_num_batched_tokens=batched_tokens,
                 kv_budget=kv_budget,
                 prefix_caching=prefix_caching is OnOff.on,
+                attention=attention.value,
                 max_model_len=max_model_len,
                 max_waiting=max_waiting,
                 mlfq_levels=mlfq_levels,

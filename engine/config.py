@@ -34,6 +34,9 @@ class EngineConfig:
     spec_tree: tuple[int, ...] | None = None  # children per node at each depth; None: device's
     spec: str = "auto"  # auto | on | off
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes seen before
+    # fast: decode steps over a CPU's dense rows attend with engine/decode_attention.py;
+    # exact: transformers' attention, logits bit for bit
+    attention: str = "fast"
     pooling: str | None = None  # last | mean | cls; None: last (causal LM), cls (encoder)
     max_tokens_per_batch: int | None = None  # tokens one iteration may feed; None: no cap
     # chunked prefill: tokens one iteration feeds, a long prompt in chunks; 0 (auto): the device's
@@ -45,6 +48,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.attention not in ("fast", "exact"):
+            raise ValueError(f"attention must be fast or exact, got {self.attention!r}")
         for name in ("max_waiting", "block_size", "mlfq_levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

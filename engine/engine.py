@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from flockctl import __version__
+from flockctl.engine import decode_attention
 from flockctl.engine.batcher import AUTO_BATCH_MAX, auto_batch_size, default_batched_tokens
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.device import DeviceMemory
@@ -97,13 +98,10 @@ class Engine:
         config = self.config = self._sized(config)
         self.batcher = make_batcher(self.pool, config)  # capped by max_tokens_per_batch
         self.batcher.batched_tokens = config.max_num_batched_tokens  # chunked prefill
-        self.runner = Runner(model, self.pool, device)
-        log.info(
-            "flockctl engine: %s",
-            "the model runs the engine's exact lean forward (transformers' logits, bit for bit)"
-            if self.runner.lean is not None
-            else "the model runs through transformers' forward",
-        )
+        self.runner = Runner(model, self.pool, device, attention=config.attention)
+        if self.runner.fast_decode:
+            decode_attention.warm_up()  # compiled now, not in the first request
+        log.info("flockctl engine: %s", self._forward_kind())
         self.sampler = Sampler()
         logits = model.get_output_embeddings()
         assert logits is not None and isinstance(logits.weight, torch.Tensor)
@@ -167,6 +165,17 @@ class Engine:
             handle.loop.call_soon_threadsafe(self.observer.finished, handle.job)
 
     # -- sizing --------------------------------------------------------------------------------
+
+    def _forward_kind(self) -> str:
+        """What runs the model, for the log."""
+        if self.runner.lean is None:
+            return "the model runs through transformers' forward"
+        if self.runner.fast_decode:
+            return (
+                "the model runs the engine's lean forward; decode steps over the batch attend"
+                " with its compiled kernel (--attention exact: transformers' logits, bit for bit)"
+            )
+        return "the model runs the engine's exact lean forward (transformers' logits, bit for bit)"
 
     def _sized(self, config: EngineConfig) -> EngineConfig:
         """``config`` with its automatic sizes chosen: the batch from the KV budget, the

@@ -462,6 +462,7 @@ class DenseWrite:
     fill_src: torch.Tensor | None
     fill_dst: torch.Tensor | None
     batch: int
+    lengths: torch.Tensor | None = None  # per row, for the decode attention kernel (runner)
     _by_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def flat(self, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -659,6 +660,7 @@ class BatchView(Cache):
             io = LayersIO(
                 [], [], self.write, [], [], dense_write, fill_src, fill_dst,
                 read, start, end, self.kv_length,
+                self.dense.lengths if self.dense is not None else None,
             )  # fmt: skip
             self._io[heads] = io
         return io

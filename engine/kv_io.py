@@ -19,7 +19,9 @@ class LayersIO(NamedTuple):
     rows filled from the pool first (``fill_src`` pool slots to ``fill_dst``); else the
     histories' pool slots ``read`` (``[batch * kv_length]``), or ``start:end`` when they are
     one slice of it. The store lists are empty where a caller passes each layer's stores
-    itself (:meth:`flockctl.engine.kv.BatchView.update`, layer by layer)."""
+    itself (:meth:`flockctl.engine.kv.BatchView.update`, layer by layer). ``lengths``: with
+    dense rows and one token a row, each row's history length, for the decode attention kernel
+    (:mod:`flockctl.engine.decode_attention`) where the runner uses it."""
 
     pool_keys: list[torch.Tensor]
     pool_values: list[torch.Tensor]
@@ -33,6 +35,7 @@ class LayersIO(NamedTuple):
     start: int
     end: int
     kv_length: int
+    lengths: torch.Tensor | None = None
 
 
 def store_and_read(

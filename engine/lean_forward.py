@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from flockctl.engine import decode_attention as _decode_attention  # noqa: F401 (registers the op)
 from flockctl.engine.kv import BatchView
 from flockctl.engine.kv_io import LayersIO, layer_kv
 
@@ -152,13 +153,19 @@ def _exact(
         both = _rope(both.view(batch, length, -1, shape.head_dim).transpose(1, 2), cos, signed_sin)
         query, key = both[:, :heads], both[:, heads:]
         key, value = layer_kv(key, value, index, io)
-        # transformers' SDPA or eager attention with a 4D additive mask
-        key, value = _repeat_kv(key, shape.groups), _repeat_kv(value, shape.groups)
-        if shape.sdpa:
+        lengths = io.lengths
+        if lengths is not None:  # a decode step over dense rows (engine/decode_attention.py)
+            attn = torch.ops.flockctl.decode_attention(
+                query, io.dense_keys[index], io.dense_values[index], lengths,
+                shape.groups, shape.scaling,
+            )  # fmt: skip
+        elif shape.sdpa:  # transformers' SDPA or eager attention with a 4D additive mask
+            key, value = _repeat_kv(key, shape.groups), _repeat_kv(value, shape.groups)
             attn = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, dropout_p=0.0, scale=shape.scaling
             )
         else:
+            key, value = _repeat_kv(key, shape.groups), _repeat_kv(value, shape.groups)
             weights = torch.matmul(query, key.transpose(2, 3)) * shape.scaling
             weights = weights + mask
             weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from flockctl.engine import decode_attention
 from flockctl.engine.job import Job
 from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool, reads_in_place
 from flockctl.engine.lean_forward import exact_forward
@@ -78,7 +79,10 @@ class Runner:
     copy of the batch's cache would come out of the KV budget's device memory).
 
     A model :func:`exact_forward` covers runs its lean forward (the same logits, bit for bit,
-    without transformers' module machinery); any other runs through transformers."""
+    without transformers' module machinery); any other runs through transformers. With
+    ``attention="fast"`` the lean forward's decode steps over dense rows attend with
+    :mod:`flockctl.engine.decode_attention` (each row read to its own length; the logits'
+    last bits then differ from transformers')."""
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class Runner:
         device: torch.device,
         dense: bool | None = None,
         lean: bool = True,
+        attention: str = "exact",
     ):
         self.model = model
         # the served model's forward: its exact lean forward where it has one (unless ``lean``
@@ -97,6 +102,12 @@ class Runner:
         self.device = device
         self.mask_min = torch.finfo(pool.dtype).min
         self.forwards = 0
+        # decode steps over dense rows take the decode attention kernel
+        self.fast_decode = (
+            attention == "fast"
+            and self.lean is not None
+            and decode_attention.usable(pool.dtype, device)
+        )
         if dense is None:
             dense = device.type == "cpu"
         self.dense = DenseRows(pool, max(pool.budget_tokens, DENSE_MIN_SLOTS)) if dense else None
@@ -207,6 +218,8 @@ class Runner:
         dense = None
         if placed is not None and self.dense is not None:
             dense = self.dense.write(dense_slots, placed[1])
+            if self.fast_decode and q == 1 and not trees:
+                dense.lengths = limits[:, 0] + 1  # a decode row sees its slots 0 .. limit
             self.dense.clear()  # until the forward has written the rows
         cache = pool.view(tables, slots.to(self.device, non_blocking=True), dense)
         out = self._call(

@@ -92,13 +92,18 @@ def test_same_logits_as_transformers_for_a_prompt_and_the_tokens_after(make: Any
 
 
 def through_runner(
-    model: torch.nn.Module, lean: bool, dtype: torch.dtype, script: bool = True
+    model: torch.nn.Module,
+    lean: bool,
+    dtype: torch.dtype,
+    script: bool = True,
+    attention: str = "exact",
 ) -> list[torch.Tensor]:
     """Logits of a runner's forwards: prompts of different lengths prefilled together (one in
     two chunks), batched decodes with left padding, a job joining mid-way, and a token tree
-    beside a single token. ``script=False``: the lean forward runs as plain Python."""
+    beside a single token. ``script=False``: the lean forward runs as plain Python; the last
+    tensor: every job's greedy tokens."""
     pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), dtype, block_size=4)
-    runner = Runner(model, pool, torch.device("cpu"), lean=lean)
+    runner = Runner(model, pool, torch.device("cpu"), lean=lean, attention=attention)
     assert (runner.lean is not None) == lean
     if runner.lean is not None and not script:
         runner.lean._forward = _exact
