@@ -168,8 +168,9 @@ class Runner:
         # history as a slice of the pool (KVPool.view): rows would only add a second write of
         # every token
         placed = None
-        held = set(self.dense.jobs) if self.dense is not None else set()
-        beside = bool(held) and held.isdisjoint(job_ids)  # rows held by other jobs are kept
+        # rows held by other jobs still in the pool are kept; a finished job's row is not held
+        held = {j for j in self.dense.jobs if j in pool.tables} if self.dense is not None else set()
+        beside = bool(held) and held.isdisjoint(job_ids)
         if self.dense is not None and not beside:
             if reads_in_place(tables):
                 self.dense.clear()  # this forward leaves the job's row behind

@@ -143,3 +143,28 @@ def test_a_prefill_beside_a_decoding_batch_leaves_its_rows_alone(
     # placed: the first batch (2 fills), its decodes (none: the prefills of 2, 3 and of 4 did
     # not take their rows), then everyone (2, 3 and 4 copied in)
     assert filled == [2, 0, 0, 0, 3]
+
+
+@torch.inference_mode()
+def test_rows_of_finished_jobs_do_not_keep_the_next_batch_off_them(
+    model: torch.nn.Module,
+) -> None:
+    """Once the jobs in the rows have left the pool (finished, as the engine's calibration
+    batch does at startup), the next batch decodes from the rows, not from a gather each step
+    beside rows nobody holds."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    dense, gathered = Side(model, True, prompts), Side(model, False, prompts)
+    rows = dense.runner.dense
+    assert rows is not None
+    for side in (dense, gathered):
+        side.step([0, 1])
+        side.step([0, 1])
+    assert sorted(rows.jobs) == sorted(j.id for j in dense.jobs[:2])
+    for side in (dense, gathered):
+        for job in side.jobs[:2]:
+            side.pool.release(job.id)
+    for batch in ([2], [3], [2, 3], [2, 3]):  # prefills alone, then decodes together
+        a, b = dense.step(batch), gathered.step(batch)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+    assert sorted(rows.jobs) == sorted(j.id for j in dense.jobs[2:])
