@@ -29,6 +29,13 @@ from flockctl.engine.job import Job
 from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool, reads_in_place
 from flockctl.engine.lean_forward import exact_forward
 
+#: Decode steps of at least this many jobs take the decode attention kernel (with ``attention=
+#: "fast"``). Each layer's call into it costs about 20 us and takes the GIL back; below this it
+#: bought nothing on the demo model (runner alone, histories of 20-110 tokens: 2.8-3.0 against
+#: 2.6-2.8 ms a step at 2 jobs, either way at 4; 4.9-5.0 against 5.4-5.8 ms at 8, 7.2-7.9
+#: against 8.9-9.1 at 16), and served one job at a time it ran a fifth slower.
+KERNEL_MIN_BATCH = 8
+
 
 @dataclass
 class Feed:
@@ -219,7 +226,7 @@ class Runner:
         dense = None
         if placed is not None and self.dense is not None:
             dense = self.dense.write(dense_slots, placed[1])
-            if self.fast_decode and q == 1 and not trees:
+            if self.fast_decode and q == 1 and not trees and len(feeds) >= KERNEL_MIN_BATCH:
                 dense.lengths = limits[:, 0] + 1  # a decode row sees its slots 0 .. limit
             self.dense.clear()  # until the forward has written the rows
         cache = pool.view(tables, slots.to(self.device, non_blocking=True), dense)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_lean_forward import llama, through_runner
 
-from flockctl.engine import decode_attention
+from flockctl.engine import decode_attention, runner
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.kv import KVPool, num_layers
 from flockctl.engine.runner import Runner
@@ -58,6 +58,7 @@ def test_fast_runner_keeps_the_exact_logits_within_rounding(
     token tree): decode steps over several jobs take the kernel, the rest keep SDPA; logits
     within float32 rounding of the exact forward's and the same greedy tokens."""
     model = llama()
+    monkeypatch.setattr(runner, "KERNEL_MIN_BATCH", 2)  # the sequence's batches are small
     calls = counting(monkeypatch)
     with torch.inference_mode():
         exact = through_runner(model, True, torch.float32)
@@ -87,3 +88,16 @@ def test_engine_config_names_a_bad_attention() -> None:
     with pytest.raises(ValueError, match="attention must be fast or exact, got 'flash'"):
         EngineConfig(model="demo", attention="flash")
     assert EngineConfig(model="demo").attention == "fast"
+
+
+def test_batches_below_the_kernels_minimum_keep_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``KERNEL_MIN_BATCH`` jobs a call a layer costs more than the kernel saves: the
+    runner's small batches keep transformers' attention, logits bit for bit."""
+    model = llama()
+    calls = counting(monkeypatch)
+    with torch.inference_mode():
+        exact = through_runner(model, True, torch.float32)
+        fast = through_runner(model, True, torch.float32, attention="fast")
+    assert calls == []
+    for f, e in zip(fast, exact, strict=True):
+        assert torch.equal(f, e)
