@@ -41,29 +41,32 @@ if numba is not None:
 
     @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=False)
     def _kernel(q, keys, values, lengths, groups, scale, out):
+        # every scalar float32 (a float64 one would turn the loops into double arithmetic)
         batch, heads, dim = q.shape
         scores = np.empty(keys.shape[2], dtype=np.float32)
         acc = np.empty(dim, dtype=np.float32)
+        zero = np.float32(0.0)
         for b in range(batch):
             length = lengths[b]
             for h in range(heads):
                 kv = h // groups
                 query, k, v = q[b, h], keys[b, kv], values[b, kv]
-                top = -np.inf
+                top = np.float32(-np.inf)
                 for t in range(length):
-                    s = np.float32(0.0)
+                    s = zero
                     for d in range(dim):
                         s += query[d] * k[t, d]
                     s *= scale
                     scores[t] = s
-                    top = max(top, s)
-                total = np.float32(0.0)
+                    if s > top:
+                        top = s
+                total = zero
                 for t in range(length):
                     e = np.exp(scores[t] - top)
                     scores[t] = e
                     total += e
                 for d in range(dim):
-                    acc[d] = 0.0
+                    acc[d] = zero
                 for t in range(length):
                     p = scores[t]
                     for d in range(dim):
