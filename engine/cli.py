@@ -199,10 +199,10 @@ def serve(
     attention: Annotated[
         Attention,
         typer.Option(
-            help="fast: on a CPU, a decode step over the running batch attends with the engine's"
-            " compiled kernel, each job read to its own history's length (about a fifth off a"
-            " batch-32 step; the logits' last bits differ from transformers', as another"
-            " kernel's would). exact: transformers' attention, its logits bit for bit.",
+            help="fast: on a CPU, a float32 model's decode step of 8 or more jobs attends with"
+            " the engine's compiled kernel, each job read to its own history's length (about a"
+            " fifth off a batch-32 step; the logits' last bits differ from transformers', as"
+            " another kernel's would). exact: transformers' attention, its logits bit for bit.",
             rich_help_panel=L,
         ),
     ] = Attention.fast,
