@@ -121,6 +121,7 @@ class LLM:
         spec: str = "auto",
         scheduler: str = "mlfq",
         kv_budget: int | None = None,
+        attention: str = "fast",
     ) -> None:
         """Fix the serving settings, with FlexFlow Serve's names and positions:
         ``max_requests_per_batch`` is the engine's batch size, ``max_seq_length`` its longest
@@ -128,7 +129,8 @@ class LLM:
         tokens one iteration feeds the model (default: no cap; the highest-priority job always
         runs); the ``model_specific_*_parallelism_degree`` may only be 1 (one device per engine:
         run more workers with ``flockctl up`` instead). ``spec_tree`` is the token-tree expansion
-        (default: the device's, as ``--spec-tree auto``)."""
+        (default: the device's, as ``--spec-tree auto``); ``attention`` is ``--attention``
+        (``exact``: transformers' logits bit for bit)."""
         if self.engine is not None:
             raise RuntimeError("the engine is running; call stop_server() before compile()")
         for name, degree in (
@@ -152,6 +154,7 @@ class LLM:
             spec=spec if ssms else "off",
             scheduler=scheduler,
             kv_budget=kv_budget,
+            attention=attention,
             device=self._device,
             dtype=self._dtype,
             threads=self._threads,

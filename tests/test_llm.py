@@ -74,6 +74,10 @@ def test_bad_settings_are_refused_at_compile() -> None:
     llm = LLM("unused")
     with pytest.raises(InvalidRequest, match="top_p"):
         llm.compile(GenerationConfig(do_sample=True, topp=0.0))
+    with pytest.raises(ValueError, match="attention must be fast or exact"):
+        llm.compile(attention="flash")
+    llm.compile(attention="exact")
+    assert llm._config is not None and llm._config.attention == "exact"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         engine_pkg.Nope  # noqa: B018
 
