@@ -102,8 +102,8 @@ def _decode_attention(
     return out.view(batch, heads, 1, dim)
 
 
-# A plain operator definition: torch.library.custom_op's wrapper cost about 20 us a call, a
-# tenth of the kernel's time at batch 32
+# A plain operator definition: torch.library.custom_op's wrapper cost about 15 us more a call
+# (a call through this one: about 12 us around the compiled kernel's 0.5)
 _library = torch.library.Library("flockctl", "DEF")
 _library.define(
     "decode_attention(Tensor query, Tensor keys, Tensor values, Tensor lengths, int groups,"

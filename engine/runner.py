@@ -30,7 +30,7 @@ from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool, read
 from flockctl.engine.lean_forward import exact_forward
 
 #: Decode steps of at least this many jobs take the decode attention kernel (with ``attention=
-#: "fast"``). Each layer's call into it costs about 20 us and takes the GIL back; below this it
+#: "fast"``). Each layer's call into it costs about 12 us and takes the GIL back; below this it
 #: bought nothing on the demo model (runner alone, histories of 20-110 tokens: 2.8-3.0 against
 #: 2.6-2.8 ms a step at 2 jobs, either way at 4; 4.9-5.0 against 5.4-5.8 ms at 8, 7.2-7.9
 #: against 8.9-9.1 at 16), and served one job at a time it ran a fifth slower.
