@@ -301,6 +301,8 @@ class Engine:
             "scheduler": self.scheduler.name,
             "device": self.memory.read(),
             "dtype": str(self.dtype).removeprefix("torch."),
+            # fast: large decode batches attend with the compiled kernel (decode_attention.py)
+            "attention": "fast" if self.runner.fast_decode else "exact",
             "max_batch_size": self.config.max_batch_size,
             # Requests taken at once: the running batch plus the waiting room (more get 429).
             "capacity": self.config.max_batch_size + self.config.max_waiting,

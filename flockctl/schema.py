@@ -176,6 +176,10 @@ class EngineStats(_EngineStatsRequired, total=False):
     #: None while prefix caching is off.
     prefix_cache: PrefixCacheStats | None
     embeddings: EmbeddingStats
+    #: ``fast``: decode steps of 8 or more jobs attend with the engine's compiled CPU kernel
+    #: (logits within float32 rounding of transformers'); ``exact``: transformers' attention
+    #: throughout, its logits bit for bit (``--attention``, or where the kernel does not apply).
+    attention: str
 
 
 class _EncoderStatsRequired(TypedDict):

@@ -4,16 +4,21 @@ over dense rows only, with greedy output unchanged."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_lean_forward import llama, through_runner
+from tinymodel import greedy_continuations
 
 from flockctl.engine import decode_attention, runner
 from flockctl.engine.config import EngineConfig
+from flockctl.engine.job import SamplingParams
 from flockctl.engine.kv import KVPool, num_layers
+from flockctl.engine.loader import load_engine
 from flockctl.engine.runner import Runner
 
 
@@ -101,3 +106,33 @@ def test_batches_below_the_kernels_minimum_keep_sdpa(monkeypatch: pytest.MonkeyP
     assert calls == []
     for f, e in zip(fast, exact, strict=True):
         assert torch.equal(f, e)
+
+
+@pytest.mark.parametrize("attention", ["fast", "exact"])
+async def test_an_engine_decoding_eight_jobs_keeps_transformers_greedy_output(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, attention: str
+) -> None:
+    """Eight greedy jobs decoding together take the kernel with ``--attention fast`` (and never
+    with ``exact``); each one's tokens are what transformers gives one prompt at a time, and
+    ``/stats`` says which attention runs."""
+    prompts = [[5 + i, 40 + 3 * i, 7, 90 + i, *range(11, 11 + 2 * i)] for i in range(8)]
+    want = greedy_continuations(tiny, prompts, 12)
+    config = EngineConfig(model=str(tiny), device="cpu", max_batch_size=8, attention=attention)
+    engine = load_engine(config, progress=False)  # the kernel compiled at start, 1 row
+    calls = counting(monkeypatch)
+    try:
+        assert engine.stats()["attention"] == attention
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+        async def run(prompt: list[int]) -> list[int]:
+            ids: list[int] = []
+            async for delta in engine.submit(prompt, params):
+                ids.extend(delta.token_ids)
+            return ids
+
+        got = await asyncio.gather(*(run(p) for p in prompts))
+    finally:
+        engine.close()
+    assert got == want
+    assert (8 in calls) is (attention == "fast")
+    assert all(batch >= runner.KERNEL_MIN_BATCH for batch in calls)
