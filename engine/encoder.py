@@ -110,6 +110,7 @@ class EncoderEngine:
             "capabilities": list(self.capabilities),
             "device": self.memory.read(),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": "exact",  # transformers' own forward
             "max_model_len": self.max_model_len,
             "running": 0,
             "waiting": 0,

@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 #: The ``schema`` key of ``GET /-/status``.
 SNAPSHOT_SCHEMA_VERSION = 4
 #: The ``schema_version`` key of an engine's ``GET /stats``.
-STATS_SCHEMA_VERSION = 4
+STATS_SCHEMA_VERSION = 5
 
 # -- an engine's /stats ----------------------------------------------------------------------------
 
@@ -140,7 +140,6 @@ class EmbeddingStats(TypedDict):
 
 
 class _EngineStatsRequired(TypedDict):
-
     schema_version: int
     engine: str
     version: str
@@ -183,7 +182,6 @@ class EngineStats(_EngineStatsRequired, total=False):
 
 
 class _EncoderStatsRequired(TypedDict):
-
     schema_version: int
     engine: str
     version: str
@@ -210,6 +208,8 @@ class EncoderStats(_EncoderStatsRequired, total=False):
 
     #: As in ``EngineStats``.
     instance: str
+    #: Always ``exact``: an encoder runs transformers' own forward.
+    attention: str
     #: The process's resident memory in bytes (``/stats/detailed`` only).
     process_rss: int
 

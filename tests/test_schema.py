@@ -50,9 +50,15 @@ STATS_SHAPES = {
     2: "b91510926e37f15a",
     3: "263c50c0c84188d7",
     4: "66565c987ccfe43c",
+    5: "7cafa893be64ec15",
 }
 #: The embedding-only engine's ``/stats``, versioned with the other engine's.
-ENCODER_STATS_SHAPES = {2: "f0279cff8feed26c", 3: "cd44029e30158335", 4: "b514560b54e9fd1d"}
+ENCODER_STATS_SHAPES = {
+    2: "f0279cff8feed26c",
+    3: "cd44029e30158335",
+    4: "b514560b54e9fd1d",
+    5: "6480a0e5f2851dfc",
+}
 
 
 def problems(value: Any, kind: Any, where: str) -> list[str]:
