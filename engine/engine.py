@@ -254,7 +254,10 @@ class Engine:
             )
         live = list(self.model_loop.live.values())
         held = sum(len(h.followers) for h in live)
-        waiting = len(live) + held - len(self.batcher.running)
+        # taken in and not in the batch: a job the batch has just finished has left ``live``
+        # before the batch's list drops it (the model loop's thread does both, in that order)
+        running = {job.id for job in self.batcher.running}
+        waiting = held + sum(1 for h in live if h.job.id not in running)
         if waiting >= self.config.max_waiting:
             raise QueueFull(
                 f"{waiting} jobs are already waiting (--max-waiting {self.config.max_waiting});"

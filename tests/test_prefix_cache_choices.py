@@ -212,3 +212,21 @@ async def test_held_choices_count_as_waiting(tiny: Path) -> None:
         assert 2 <= len(others) <= 3 and all(h.held for h in others)
         ends = await asyncio.gather(*(collect(h) for h in [leader, *others]))
         assert all(d[-1].finish_reason is FinishReason.LENGTH for d in ends)
+
+
+async def test_a_job_the_batch_just_finished_frees_no_waiting_slot(tiny: Path) -> None:
+    """Between the model loop's thread ending a job (it leaves the live jobs) and ending the
+    iteration (it leaves the batch's list), the job is in the batch's list only: it must not
+    count against the jobs waiting, which let one request too many in."""
+    for engine in make_engine(tiny, max_waiting=2):
+        prompt = engine.tokenizer.encode(TEXT)
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        with engine.model_loop._cv:  # the model loop takes none of these yet
+            finished = Job(list(prompt), params)  # as the batch's list holds it for a moment
+            engine.batcher.running = [finished]
+            taken = [engine.submit(prompt, params) for _ in range(2)]
+            with pytest.raises(QueueFull, match="2 jobs are already waiting"):
+                engine.submit(prompt, params)
+            engine.batcher.running = []
+        ends = await asyncio.gather(*(collect(h) for h in taken))
+        assert all(d[-1].finish_reason is FinishReason.LENGTH for d in ends)
