@@ -15,12 +15,7 @@ The kernel is a registered torch operator, ``torch.ops.flockctl.decode_attention
 served model's TorchScript forward can call it.
 """
 
-import logging
-import math
-
 import torch
-
-log = logging.getLogger("flockctl.engine")
 
 try:  # numba is in the engine extra; without it the exact attention runs
     import numba
@@ -124,6 +119,4 @@ def warm_up() -> None:
         return
     q = torch.zeros((1, 1, 1, 4))
     rows = torch.zeros((1, 1, 2, 4))
-    torch.ops.flockctl.decode_attention(
-        q, rows, rows, torch.ones(1, dtype=torch.long), 1, 1 / math.sqrt(4)
-    )
+    torch.ops.flockctl.decode_attention(q, rows, rows, torch.ones(1, dtype=torch.long), 1, 0.5)

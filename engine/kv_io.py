@@ -35,7 +35,7 @@ class LayersIO(NamedTuple):
     start: int
     end: int
     kv_length: int
-    lengths: torch.Tensor | None = None
+    lengths: torch.Tensor | None
 
 
 def store_and_read(
