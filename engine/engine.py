@@ -31,7 +31,7 @@ from flockctl.engine.kv import KVPool, cuda_kv_budget, kv_bytes_per_token, num_l
 from flockctl.engine.loop import ModelLoop
 from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import DecodePace, Profile, calibrate
-from flockctl.engine.runner import Runner
+from flockctl.engine.runner import FUSED_MAX_ROWS, Runner
 from flockctl.engine.sampling import Sampler, make_generator
 from flockctl.engine.scheduler import Scheduler, make_scheduler
 from flockctl.engine.spec_policy import SpecPolicy
@@ -98,9 +98,18 @@ class Engine:
         config = self.config = self._sized(config)
         self.batcher = make_batcher(self.pool, config)  # capped by max_tokens_per_batch
         self.batcher.batched_tokens = config.max_num_batched_tokens  # chunked prefill
-        self.runner = Runner(model, self.pool, device, attention=config.attention)
+        # the fused forward runs on one core: with one torch thread only
+        self.runner = Runner(
+            model,
+            self.pool,
+            device,
+            attention=config.attention,
+            fused=torch.get_num_threads() == 1,
+        )
         if self.runner.fast_decode:
             decode_attention.warm_up()  # compiled now, not in the first request
+        if self.runner.fused is not None:
+            self.runner.fused.warm_up()
         log.info("flockctl engine: %s", self._forward_kind())
         self.sampler = Sampler()
         logits = model.get_output_embeddings()
@@ -170,6 +179,12 @@ class Engine:
         """What runs the model, for the log."""
         if self.runner.lean is None:
             return "the model runs through transformers' forward"
+        if self.runner.fused is not None:
+            return (
+                f"the model runs the engine's fused forward for up to {FUSED_MAX_ROWS} tokens"
+                " a step, its lean forward with the compiled decode attention above that"
+                " (--attention exact: transformers' logits, bit for bit)"
+            )
         if self.runner.fast_decode:
             return (
                 "the model runs the engine's lean forward; decode steps over the batch attend"

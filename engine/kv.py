@@ -149,6 +149,7 @@ class KVPool:
             host_budget_tokens if host_budget_tokens is not None else budget_tokens
         )
         self._fresh: list[int] = []  # blocks handed out but not yet zeroed
+        self._stacked: tuple[torch.Tensor, ...] | None = None  # see _ensure_layer
         # jobs whose cache changed outside a forward (moved, swapped, released): a runner's
         # dense rows of them are stale (see DenseRows)
         self.changed: set[str] = set()
@@ -387,14 +388,39 @@ class KVPool:
         # empty, not zeros: on CPU untouched pages of a large budget never become resident.
         # The scratch block and the blocks handed out so far are zeroed here; blocks handed out
         # later are zeroed by _zero_fresh before the forward that uses them.
+        # Every layer's store is a slice of one tensor [layers, slots, heads, dim] when they
+        # all have the first one's shape (a compiled forward takes the whole pool in one array)
         shape = (self.num_blocks * self.block_size, heads, dim)
+        if self.device.type == "cpu" and all(k is None for k in self.keys):
+            self._stacked = tuple(
+                torch.empty((self.num_layers, *shape), dtype=self.dtype, device=self.device)
+                for _ in range(2)
+            )
         owned = [SCRATCH, *(b for table in self.tables.values() for b in table)]
         index = self._positions(owned, len(owned) * self.block_size)
-        for pools in (self.keys, self.values):
-            pool = torch.empty(shape, dtype=self.dtype, device=self.device)
+        stacks = self._stacked or (None, None)
+        for pools, stack in zip((self.keys, self.values), stacks, strict=True):
+            if stack is not None and tuple(stack.shape[1:]) == shape:
+                pool = stack[layer]
+            else:
+                pool = torch.empty(shape, dtype=self.dtype, device=self.device)
+                self._stacked = None
             pool.index_fill_(0, index, 0)
             pools[layer] = pool
         self._fresh = []  # all owned now: zeroed here, and in later layers when they appear
+
+    def stacked(self, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every layer's keys and values as one tensor each, ``[layers, slots, heads, dim]``
+        (created first, with ``heads`` heads of ``dim``); None where the layers' stores differ
+        in shape. Blocks handed out since the last forward are zeroed first, as
+        :meth:`view` does."""
+        for layer in range(self.num_layers):
+            self._ensure_layer(layer, heads, dim)
+        self._zero_fresh()
+        if self._stacked is None:
+            return None
+        keys, values = self._stacked
+        return keys, values
 
     def _zero_fresh(self) -> None:
         if not self._fresh:

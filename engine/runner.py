@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from flockctl.engine import decode_attention
+from flockctl.engine import decode_attention, fused_forward
 from flockctl.engine.job import Job
 from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool, reads_in_place
 from flockctl.engine.lean_forward import exact_forward
@@ -35,6 +36,11 @@ from flockctl.engine.lean_forward import exact_forward
 #: 2.6-2.8 ms a step at 2 jobs, either way at 4; 4.9-5.0 against 5.4-5.8 ms at 8, 7.2-7.9
 #: against 8.9-9.1 at 16), and served one job at a time it ran a fifth slower.
 KERNEL_MIN_BATCH = 8
+
+#: Forwards of at most this many token rows run :mod:`flockctl.engine.fused_forward` (with
+#: ``attention="fast"`` and one torch thread): its products read the weights once for every four
+#: rows, MKL's are faster from here on.
+FUSED_MAX_ROWS = 48
 
 
 @dataclass
@@ -89,7 +95,8 @@ class Runner:
     without transformers' module machinery); any other runs through transformers. With
     ``attention="fast"`` the lean forward's decode steps over dense rows attend with
     :mod:`flockctl.engine.decode_attention` (each row read to its own length; the logits'
-    last bits then differ from transformers')."""
+    last bits then differ from transformers'), and with ``fused`` too, forwards of at most
+    ``FUSED_MAX_ROWS`` token rows run :mod:`flockctl.engine.fused_forward` instead."""
 
     def __init__(
         self,
@@ -99,6 +106,7 @@ class Runner:
         dense: bool | None = None,
         lean: bool = True,
         attention: str = "exact",
+        fused: bool = False,
     ):
         self.model = model
         # the served model's forward: its exact lean forward where it has one (unless ``lean``
@@ -115,6 +123,15 @@ class Runner:
             and self.lean is not None
             and decode_attention.usable(pool.dtype, device)
         )
+        # with ``fused``, forwards of up to FUSED_MAX_ROWS token rows run as one compiled call
+        # (fused_forward.py); it runs on one core, so the engine asks for it with one torch
+        # thread only (with more, MKL's products share the work)
+        self.fused = (
+            fused_forward.FusedLlama(model)
+            if fused and self.fast_decode and fused_forward.usable(model, pool.dtype, device)
+            else None
+        )
+        self.fused_forwards = 0
         if dense is None:
             dense = device.type == "cpu"
         self.dense = DenseRows(pool, max(pool.budget_tokens, DENSE_MIN_SLOTS)) if dense else None
@@ -159,6 +176,62 @@ class Runner:
             self._columns = torch.arange(max(n, 2 * self._columns.shape[0]), dtype=torch.long)
         return self._columns[:n]
 
+    def _fused(
+        self,
+        job_ids: Sequence[str],
+        feeds: Sequence[Feed],
+        tables: list[list[int]],
+        keep: int,
+        stores: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`_forward` as one compiled call (:mod:`flockctl.engine.fused_forward`): each
+        token a row, histories read from the pool's blocks (the dense rows are left stale)."""
+        assert self.fused is not None
+        bs = self.pool.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows_job: list[int] = []
+        limits: list[int] = []
+        bases: list[int] = []
+        out: list[int] = []
+        width = max((f.tree.shape[1] for f in feeds if f.tree is not None), default=0)
+        tree = np.zeros((sum(len(f.tokens) for f in feeds), width), dtype=np.bool_)
+        for j, (job_id, feed, table) in enumerate(zip(job_ids, feeds, tables, strict=True)):
+            if feed.slots:  # a block shared through the prefix cache is never written
+                self.pool.check_private(job_id, min(feed.slots))
+            n = len(feed.tokens)
+            if feed.tree is not None:
+                tree[len(ids) : len(ids) + n, : feed.tree.shape[1]] = feed.tree.numpy()
+            ids += feed.tokens
+            positions += feed.positions
+            slots += [table[s // bs] * bs + s % bs for s in feed.slots]
+            rows_job += [j] * n
+            limits += feed.limits
+            bases += [feed.tree_base] * n
+            first_kept = j * keep + keep - feed.keep  # its kept tokens end the job's logits
+            out += [-1] * (n - feed.keep) + list(range(first_kept, first_kept + feed.keep))
+        longest = max(len(t) for t in tables)
+        padded = np.zeros((len(tables), longest), dtype=np.int64)
+        for j, table in enumerate(tables):
+            padded[j, : len(table)] = table
+        rows = {
+            "ids": np.array(ids, dtype=np.int64),
+            "positions": np.array(positions, dtype=np.int64),
+            "slots": np.array(slots, dtype=np.int64),
+            "jobs": np.array(rows_job, dtype=np.int64),
+            "limits": np.array(limits, dtype=np.int64),
+            "tree_base": np.array(bases, dtype=np.int64),
+            "tree": tree,
+            "keep": np.array(out, dtype=np.int64),
+        }
+        logits = self.fused(rows, padded, bs, *stores, len(feeds) * keep)
+        if self.dense is not None:
+            self.dense.clear()  # the rows did not get this forward's tokens
+        self.forwards += 1
+        self.fused_forwards += 1
+        return logits.view(len(feeds), keep, -1)
+
     def _forward(self, job_ids: Sequence[str], feeds: Sequence[Feed]) -> torch.Tensor:
         """Logits ``[len(feeds), keep, vocab]``, rows in the order of ``job_ids``."""
         pool = self.pool
@@ -166,6 +239,10 @@ class Runner:
         q = max(len(f.tokens) for f in feeds)
         keep = max(f.keep for f in feeds)
         tables = [pool.tables[job_id] for job_id in job_ids]
+        if self.fused is not None and sum(len(f.tokens) for f in feeds) <= FUSED_MAX_ROWS:
+            stores = pool.stacked(self.fused.kv_heads, self.fused.head_dim)
+            if stores is not None:
+                return self._fused(job_ids, feeds, tables, keep, stores)
         kv_len = max(len(t) for t in tables) * bs
 
         # with dense rows, the batch runs in the rows' order; ``back`` maps it to the caller's.
@@ -178,7 +255,9 @@ class Runner:
         # rows held by other jobs still in the pool are kept; a finished job's row is not held
         held = {j for j in self.dense.jobs if j in pool.tables} if self.dense is not None else set()
         beside = bool(held) and held.isdisjoint(job_ids)
-        if self.dense is not None and not beside:
+        # with the fused forward serving the small decode steps, a prefill's tokens would go to
+        # rows no later step reads
+        if self.dense is not None and not beside and (self.fused is None or q == 1):
             if reads_in_place(tables):
                 self.dense.clear()  # this forward leaves the job's row behind
             else:

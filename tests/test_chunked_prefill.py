@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
+from flockctl.engine import loop
 from flockctl.engine.batcher import Plan
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.engine import Engine
@@ -82,14 +87,26 @@ async def test_a_long_prompt_is_fed_in_chunks_beside_running_decodes(
         tiny, max_batch_size=4, max_num_batched_tokens=12, prefix_caching=False
     ) as engine:
         plans = record_plans(engine)
+        # the model loop waits before the first job's first decode until the long prompt is in
+        # its inbox: a fast forward would otherwise finish the first job before it arrives
+        decoding, arrived = threading.Event(), threading.Event()
+        forward = engine.runner.forward
+
+        def held(jobs: list[Job], counts: list[int | None] | None = None) -> torch.Tensor:
+            if any(j.output_ids for j in jobs) and not arrived.is_set():
+                decoding.set()
+                arrived.wait(30)
+            return forward(jobs, counts)
+
+        engine.runner.forward = held  # type: ignore[method-assign]
         first = asyncio.ensure_future(
             run(engine, prompts[0], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
         )
-        await until(
-            lambda: any(j["generated_tokens"] for j in engine.stats()["jobs"]),
-            "the first job to be decoding",
-        )
-        assert await run(engine, long) == reference[-1]
+        await until(decoding.is_set, "the first job to be decoding")
+        second = asyncio.ensure_future(run(engine, long))
+        await until(lambda: bool(engine.model_loop._inbox), "the long prompt in the inbox")
+        arrived.set()
+        assert await second == reference[-1]
         decoded = await first
         assert decoded[: GREEDY.max_tokens] == reference[0]
         chunked = [
@@ -108,10 +125,18 @@ async def test_a_long_prompt_is_fed_in_chunks_beside_running_decodes(
 
 @pytest.mark.parametrize("host", [None, 0], ids=["swap", "recompute"])
 async def test_chunked_and_whole_prefills_agree_under_kv_pressure(
-    tiny: Path, prompts: list[list[int]], reference: list[list[int]], host: int | None
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    host: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with make_engine(
-        tiny, max_batch_size=4, max_num_batched_tokens=8, kv_budget=192, host_kv_budget=host
+        tiny,
+        max_batch_size=4,
+        max_num_batched_tokens=8,
+        kv_budget=192,
+        host_kv_budget=host,
     ) as engine:
         halfway: list[int] = []
         evict = engine.batcher._evict
@@ -122,7 +147,33 @@ async def test_chunked_and_whole_prefills_agree_under_kv_pressure(
             evict(job, plan)
 
         engine.batcher._evict = evict_and_note  # type: ignore[method-assign]
-        results = await asyncio.gather(*(run(engine, p) for p in prompts))
+        # the model loop's clock ticks a millisecond a reading, and the short prompts arrive
+        # together while the long one is halfway in: the MLFQ's quanta, and with them which
+        # jobs the budget holds at each step, are then the same on any machine
+        ticks = itertools.count()
+        clock = types.SimpleNamespace(
+            monotonic=lambda: next(ticks) / 1000, perf_counter=lambda: next(ticks) / 1000
+        )
+        monkeypatch.setattr(loop, "time", clock)
+        long = prompts[-1]
+        halfway_in, submitted = threading.Event(), threading.Event()
+        forward = engine.runner.forward
+
+        def held(jobs: list[Job], counts: list[int | None] | None = None) -> torch.Tensor:
+            if not submitted.is_set() and any(
+                j.prompt_ids == long and j.cached_tokens >= len(long) // 2 for j in jobs
+            ):
+                halfway_in.set()
+                submitted.wait(30)
+            return forward(jobs, counts)
+
+        engine.runner.forward = held  # type: ignore[method-assign]
+        first = asyncio.ensure_future(run(engine, long))
+        await until(halfway_in.is_set, "the long prompt halfway in")
+        runs = asyncio.gather(*(run(engine, p) for p in prompts[:-1]))
+        await until(lambda: len(engine.model_loop._inbox) == len(prompts) - 1, "every prompt")
+        submitted.set()
+        results = [*await runs, await first]
         assert results == reference
         assert halfway, "no job was evicted halfway through its prefill"
         assert engine.stats()["kv"]["used_tokens"] == 0

@@ -117,10 +117,16 @@ async def test_an_engine_decoding_eight_jobs_keeps_transformers_greedy_output(
     ``/stats`` says which attention runs."""
     prompts = [[5 + i, 40 + 3 * i, 7, 90 + i, *range(11, 11 + 2 * i)] for i in range(8)]
     want = greedy_continuations(tiny, prompts, 12)
-    config = EngineConfig(model=str(tiny), device="cpu", max_batch_size=8, attention=attention)
+    # two torch threads: no fused forward (tests/test_fused_forward.py), the decodes over the
+    # dense rows are the lean forward's
+    threads = torch.get_num_threads()
+    config = EngineConfig(
+        model=str(tiny), device="cpu", max_batch_size=8, attention=attention, threads=2
+    )
     engine = load_engine(config, progress=False)  # the kernel compiled at start, 1 row
     calls = counting(monkeypatch)
     try:
+        assert engine.runner.fused is None
         assert engine.stats()["attention"] == attention
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -133,6 +139,7 @@ async def test_an_engine_decoding_eight_jobs_keeps_transformers_greedy_output(
         got = await asyncio.gather(*(run(p) for p in prompts))
     finally:
         engine.close()
+        torch.set_num_threads(threads)
     assert got == want
     assert (8 in calls) is (attention == "fast")
     assert all(batch >= runner.KERNEL_MIN_BATCH for batch in calls)

@@ -97,13 +97,16 @@ def through_runner(
     dtype: torch.dtype,
     script: bool = True,
     attention: str = "exact",
+    fused: bool = False,
 ) -> list[torch.Tensor]:
     """Logits of a runner's forwards: prompts of different lengths prefilled together (one in
     two chunks), batched decodes with left padding, a job joining mid-way, and a token tree
     beside a single token. ``script=False``: the lean forward runs as plain Python; the last
     tensor: every job's greedy tokens."""
     pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), dtype, block_size=4)
-    runner = Runner(model, pool, torch.device("cpu"), lean=lean, attention=attention)
+    runner = Runner(
+        model, pool, torch.device("cpu"), lean=lean, attention=attention, fused=fused
+    )
     assert (runner.lean is not None) == lean
     if runner.lean is not None and not script:
         runner.lean._forward = _exact

@@ -1,0 +1,388 @@
+"""A Llama forward for a few token rows in one compiled call, over the paged KV cache, on a CPU.
+
+At the sizes a CPU serves, a step of one to a dozen tokens is not the model's arithmetic: on the
+demo's sixteen-layer model a decode step of one job ran about 550 tensor operations, and their
+dispatch cost about as much as their matrix products (1.93 ms a step, 0.69 ms of it in 113
+products). MKL's products are also at their worst with two to four rows, where a speculative
+step verifies its drafts: the same 113 products took 0.97 ms with 2 rows and 1.17 with 3.
+
+:func:`_forward` runs the whole forward of ``rows`` tokens in one numba loop that lets the GIL
+go: embedding, each layer's norms, its query/key/value, output, gate, up and down products,
+rotary embeddings, attention and residuals, then the final norm and the LM head for the rows
+whose logits are asked for. Its products read each weight row once for every four token rows,
+so a step is about one pass over the weights (the demo model: 11.5 MB, about 0.5 ms here,
+with 2 and 3 rows 0.56 and 0.65). Attention reads each row's history straight from the pool's
+blocks through the job's block table, to its own length: no gather and no dense copy, and a
+token tree's nodes see the committed prefix and their ancestors (``tree``).
+
+Each token row's keys and values are written to its slot first, layer by layer, so a row sees
+the rows of its own job fed before it (a prefill chunk, a draft chain, a token tree) as the
+batched forward's mask lets it.
+
+Its sums run in another order than transformers' (as :mod:`flockctl.engine.decode_attention`'s
+do), so logits differ in the last bits; the runner takes it with ``--attention fast`` for
+forwards of at most ``FUSED_MAX_ROWS`` token rows when torch runs on one thread (the loop runs
+on one core; with more threads MKL's products share the work). Larger forwards keep the
+TorchScript forward and MKL.
+
+The weights it reads are the model's own: :class:`FusedLlama` moves each kind of layer weight
+into one stacked tensor and points the model's parameters at their slices (no second copy), so
+transformers' forward and the lean forward read the same memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flockctl.engine.lean_forward import plain_llama
+
+try:  # numba is in the engine extra; without it the TorchScript forward runs
+    import numba
+    import numpy as np
+except ImportError:  # pragma: no cover - an install without numba
+    numba = None  # type: ignore[assignment]
+
+
+def available() -> bool:
+    """Whether the compiled forward is there (numba imports)."""
+    return numba is not None
+
+
+if numba is not None:
+    # see decode_attention._FLAGS: vector lanes for the sums; the running maximum starts at -inf
+    _FLAGS = {"reassoc", "contract", "nsz", "arcp"}
+
+    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    def _products(w, x, out):  # pragma: no cover - compiled
+        # out[r, n] = dot(w[n], x[r]): every weight row read once for each four token rows
+        rows, width = x.shape
+        for n in range(w.shape[0]):
+            wn = w[n]
+            r = 0
+            while r + 4 <= rows:
+                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for k in range(width):
+                    a = wn[k]
+                    s0 += a * x0[k]
+                    s1 += a * x1[k]
+                    s2 += a * x2[k]
+                    s3 += a * x3[k]
+                out[r, n] = s0
+                out[r + 1, n] = s1
+                out[r + 2, n] = s2
+                out[r + 3, n] = s3
+                r += 4
+            while r < rows:
+                xr = x[r]
+                s = np.float32(0.0)
+                for k in range(width):
+                    s += wn[k] * xr[k]
+                out[r, n] = s
+                r += 1
+
+    # exp(x) as 2^n * e^r (Cephes' expf polynomial, within 3 ulp), in two loops that run
+    # in vector lanes: libm's scalar expf was a seventh of a 32-row step (SiLU and softmax)
+    _LOG2E = np.float32(1.4426950408889634)
+    _LN2_HI = np.float32(0.693359375)
+    _LN2_LO = np.float32(-2.12194440e-4)
+
+    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    def _exp(buf, count, bits):  # pragma: no cover - compiled
+        # buf[:count] = exp(buf[:count]); bits: int32 scratch of at least count
+        twos = bits.view(np.float32)
+        for i in range(count):
+            x = min(max(buf[i], np.float32(-87.0)), np.float32(88.0))
+            n = np.floor(x * _LOG2E + np.float32(0.5))
+            r = x - n * _LN2_HI - n * _LN2_LO
+            p = np.float32(1.9875691500e-4)
+            p = p * r + np.float32(1.3981999507e-3)
+            p = p * r + np.float32(8.3334519073e-3)
+            p = p * r + np.float32(4.1665795894e-2)
+            p = p * r + np.float32(1.6666665459e-1)
+            p = p * r + np.float32(5.0000001201e-1)
+            buf[i] = p * r * r + r + np.float32(1.0)
+            bits[i] = (np.int32(n) + np.int32(127)) << np.int32(23)
+        for i in range(count):
+            buf[i] *= twos[i]
+
+    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    def _rms(x, weight, eps, out):  # pragma: no cover - compiled
+        rows, width = x.shape
+        for r in range(rows):
+            total = np.float32(0.0)
+            for k in range(width):
+                total += x[r, k] * x[r, k]
+            scale = np.float32(1.0) / np.sqrt(total / np.float32(width) + eps)
+            for k in range(width):
+                out[r, k] = weight[k] * (x[r, k] * scale)
+
+    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    def _forward(  # pragma: no cover - compiled
+        ids, positions, slots, jobs, limits, tree_base, tree, tables, block_size, keep,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, logits,
+    ):  # fmt: skip
+        rows = ids.shape[0]
+        hidden = embed.shape[1]
+        layers = wqkv.shape[0]
+        dim = keys.shape[3]
+        half = dim // 2
+        groups = heads // kv_heads
+        q_width = heads * dim
+        inter = wd.shape[2]
+        x = np.empty((rows, hidden), dtype=np.float32)
+        h = np.empty((rows, hidden), dtype=np.float32)
+        qkv = np.empty((rows, wqkv.shape[1]), dtype=np.float32)
+        attn = np.empty((rows, q_width), dtype=np.float32)
+        gu = np.empty((rows, 2 * inter), dtype=np.float32)
+        act = np.empty((rows, inter), dtype=np.float32)
+        out = np.empty((rows, hidden), dtype=np.float32)
+        cos = np.empty((rows, half), dtype=np.float32)
+        sin = np.empty((rows, half), dtype=np.float32)
+        longest = 0
+        for r in range(rows):
+            seen = limits[r] + 1 + tree.shape[1]
+            if seen > longest:
+                longest = seen
+        scores = np.empty(max(longest, inter), dtype=np.float32)
+        bits = np.empty(scores.shape[0], dtype=np.int32)
+        where = np.empty(longest, dtype=np.int64)
+        acc = np.empty(dim, dtype=np.float32)
+        for r in range(rows):
+            x[r] = embed[ids[r]]
+            p = np.float32(positions[r])
+            for i in range(half):
+                angle = p * inv_freq[i]
+                cos[r, i] = np.cos(angle) * rope_scaling
+                sin[r, i] = np.sin(angle) * rope_scaling
+        for layer in range(layers):
+            _rms(x, norm1[layer], eps1[layer], h)
+            _products(wqkv[layer], h, qkv)
+            # rotary embeddings on the queries and keys, in place; then each row's key and value
+            # to its slot, before any row attends (a row sees the rows of its job fed before it)
+            for r in range(rows):
+                for head_start in range(0, q_width + kv_heads * dim, dim):
+                    for i in range(half):
+                        a = qkv[r, head_start + i]
+                        b = qkv[r, head_start + half + i]
+                        qkv[r, head_start + i] = a * cos[r, i] - b * sin[r, i]
+                        qkv[r, head_start + half + i] = b * cos[r, i] + a * sin[r, i]
+                slot = slots[r]
+                for kv in range(kv_heads):
+                    base = q_width + kv * dim
+                    for d in range(dim):
+                        keys[layer, slot, kv, d] = qkv[r, base + d]
+                        values[layer, slot, kv, d] = qkv[r, base + kv_heads * dim + d]
+            for r in range(rows):
+                # the slots row r sees: its job's positions 0 .. limit, then its tree's nodes
+                table = tables[jobs[r]]
+                seen = 0
+                for position in range(limits[r] + 1):
+                    block, offset = divmod(position, block_size)
+                    where[seen] = table[block] * block_size + offset
+                    seen += 1
+                for t in range(tree.shape[1]):
+                    if tree[r, t]:
+                        block, offset = divmod(tree_base[r] + t, block_size)
+                        where[seen] = table[block] * block_size + offset
+                        seen += 1
+                for hd in range(heads):
+                    kv = hd // groups
+                    query = qkv[r, hd * dim : (hd + 1) * dim]
+                    top = np.float32(-np.inf)
+                    for t in range(seen):
+                        k = keys[layer, where[t], kv]
+                        s = np.float32(0.0)
+                        for d in range(dim):
+                            s += query[d] * k[d]
+                        s *= scaling
+                        scores[t] = s
+                        if s > top:
+                            top = s
+                    for t in range(seen):
+                        scores[t] -= top
+                    _exp(scores, seen, bits)
+                    total = np.float32(0.0)
+                    for t in range(seen):
+                        total += scores[t]
+                    for d in range(dim):
+                        acc[d] = np.float32(0.0)
+                    for t in range(seen):
+                        v = values[layer, where[t], kv]
+                        e = scores[t]
+                        for d in range(dim):
+                            acc[d] += e * v[d]
+                    inv = np.float32(1.0) / total
+                    for d in range(dim):
+                        attn[r, hd * dim + d] = acc[d] * inv
+            _products(wo[layer], attn, out)
+            for r in range(rows):
+                for k in range(hidden):
+                    x[r, k] += out[r, k]
+            _rms(x, norm2[layer], eps2[layer], h)
+            _products(wgu[layer], h, gu)
+            for r in range(rows):  # SiLU(gate) * up
+                for k in range(inter):
+                    scores[k] = -gu[r, k]
+                _exp(scores, inter, bits)
+                for k in range(inter):
+                    act[r, k] = gu[r, k] / (np.float32(1.0) + scores[k]) * gu[r, inter + k]
+            _products(wd[layer], act, out)
+            for r in range(rows):
+                for k in range(hidden):
+                    x[r, k] += out[r, k]
+        kept = 0
+        for r in range(rows):
+            if keep[r] >= 0:
+                kept += 1
+        last = np.empty((kept, hidden), dtype=np.float32)
+        to = np.empty(kept, dtype=np.int64)
+        i = 0
+        for r in range(rows):
+            if keep[r] >= 0:
+                last[i] = x[r]
+                to[i] = keep[r]
+                i += 1
+        normed = np.empty((kept, hidden), dtype=np.float32)
+        _rms(last, final_norm, final_eps, normed)
+        scores_out = np.empty((kept, head.shape[0]), dtype=np.float32)
+        _products(head, normed, scores_out)
+        for i in range(kept):
+            logits[to[i]] = scores_out[i]
+
+
+def usable(model: Any, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :class:`FusedLlama` can run ``model``: a plain float32 Llama on a CPU, every layer
+    the same shape, numba there."""
+    if not available() or device.type != "cpu" or dtype != torch.float32:
+        return False
+    if not plain_llama(model):
+        return False
+    inner = model.model
+    layers = inner.layers[: model.config.num_hidden_layers]
+    if not len(layers):
+        return False
+    first = layers[0]
+    shapes = [_shapes(layer) for layer in layers]
+    return (
+        all(s == shapes[0] for s in shapes)
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+        and first.self_attn.q_proj.weight.shape[0] % first.self_attn.k_proj.weight.shape[0] == 0
+    )
+
+
+def _shapes(layer: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(w.shape) for w in _layer_weights(layer))
+
+
+def _layer_weights(layer: Any) -> list[torch.Tensor]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        layer.input_layernorm.weight,
+        attn.q_proj.weight,
+        attn.k_proj.weight,
+        attn.v_proj.weight,
+        attn.o_proj.weight,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj.weight,
+        mlp.up_proj.weight,
+        mlp.down_proj.weight,
+    ]
+
+
+def _stack(params: list[list[torch.Tensor]]) -> torch.Tensor:
+    """One tensor ``[layers, sum of rows, ...]`` holding, per layer, ``params[layer]`` one after
+    the other along their first dimension; each parameter then points at its slice."""
+    stacked = torch.stack([torch.cat([p.detach() for p in group]) for group in params])
+    for layer, group in enumerate(params):
+        start = 0
+        for p in group:
+            p.data = stacked[layer, start : start + p.shape[0]]
+            start += p.shape[0]
+    return stacked
+
+
+class FusedLlama:
+    """:func:`_forward` for ``model`` (see the module docstring); build it where :func:`usable`
+    says it runs. Stacks the model's layer weights in place (the parameters become views)."""
+
+    def __init__(self, model: Any):
+        inner = model.model
+        config = model.config
+        layers = inner.layers[: config.num_hidden_layers]
+        first = layers[0].self_attn
+        self.head_dim = int(first.head_dim)
+        self.heads = int(first.q_proj.weight.shape[0]) // self.head_dim
+        self.kv_heads = int(first.k_proj.weight.shape[0]) // self.head_dim
+        with torch.no_grad():
+            norms1 = _stack([[layer.input_layernorm.weight] for layer in layers])
+            qkv = _stack(
+                [
+                    [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                     layer.self_attn.v_proj.weight]
+                    for layer in layers
+                ]
+            )  # fmt: skip
+            wo = _stack([[layer.self_attn.o_proj.weight] for layer in layers])
+            norms2 = _stack([[layer.post_attention_layernorm.weight] for layer in layers])
+            gu = _stack(
+                [[layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight] for layer in layers]
+            )
+            wd = _stack([[layer.mlp.down_proj.weight] for layer in layers])
+        self.weights = (
+            inner.embed_tokens.weight.detach().numpy(),
+            norms1.numpy(),
+            qkv.numpy(),
+            wo.numpy(),
+            norms2.numpy(),
+            gu.numpy(),
+            wd.numpy(),
+            np.array([layer.input_layernorm.variance_epsilon for layer in layers], np.float32),
+            np.array(
+                [layer.post_attention_layernorm.variance_epsilon for layer in layers], np.float32
+            ),
+            inner.norm.weight.detach().numpy(),
+            np.float32(inner.norm.variance_epsilon),
+            model.lm_head.weight.detach().numpy(),
+            inner.rotary_emb.inv_freq.detach().float().numpy(),
+            self.heads,
+            self.kv_heads,
+            np.float32(first.scaling),
+            np.float32(inner.rotary_emb.attention_scaling),
+        )
+        self.vocab = int(model.lm_head.weight.shape[0])
+
+    def warm_up(self) -> None:
+        """Compile the forward now (or load it from numba's cache), not in the first request:
+        one token over a pool of one block."""
+        layers = self.weights[2].shape[0]
+        store = torch.zeros((layers, 1, self.kv_heads, self.head_dim))
+        one = np.zeros(1, dtype=np.int64)
+        rows = dict.fromkeys(("ids", "positions", "slots", "jobs", "limits", "tree_base"), one)
+        rows["tree"] = np.zeros((1, 0), dtype=np.bool_)
+        rows["keep"] = one
+        self(rows, np.zeros((1, 1), dtype=np.int64), 1, store, store.clone(), 1)
+
+    def __call__(
+        self,
+        rows: dict[str, np.ndarray],
+        tables: np.ndarray,
+        block_size: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        outputs: int,
+    ) -> torch.Tensor:
+        """One forward of the token rows ``rows`` (``ids``, ``positions``, ``slots``, ``jobs``,
+        ``limits``, ``tree_base``, ``tree``, ``keep``: see :func:`_forward`) into the pool's
+        stacked ``keys`` and ``values`` ``[layers, slots, kv_heads, dim]``; logits
+        ``[outputs, vocab]`` (row ``keep[r]`` for each token row with ``keep[r] >= 0``)."""
+        logits = torch.zeros((outputs, self.vocab), dtype=torch.float32)
+        _forward(
+            rows["ids"], rows["positions"], rows["slots"], rows["jobs"], rows["limits"],
+            rows["tree_base"], rows["tree"], tables, block_size, rows["keep"],
+            *self.weights, keys.numpy(), values.numpy(), logits.numpy(),
+        )  # fmt: skip
+        return logits

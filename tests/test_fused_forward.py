@@ -1,0 +1,168 @@
+"""The fused forward (``--attention fast`` with one torch thread): the exact forward's logits
+within float32 rounding through the runner's whole sequence (chunked prefills, batched
+decodes, a job joining, a token tree), the same greedy tokens, its own pieces, and where it
+is left out."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_lean_forward import llama, through_runner
+from tinymodel import greedy_continuations
+
+from flockctl.engine import fused_forward, runner
+from flockctl.engine.config import EngineConfig
+from flockctl.engine.job import SamplingParams
+from flockctl.engine.kv import KVPool, num_layers
+from flockctl.engine.loader import load_engine
+from flockctl.engine.runner import Runner
+
+
+def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each fused forward's token rows, as they are called."""
+    calls: list[int] = []
+    forward = fused_forward._forward
+
+    def count(*args: Any) -> None:
+        calls.append(args[0].shape[0])
+        forward(*args)
+
+    monkeypatch.setattr(fused_forward, "_forward", count)
+    return calls
+
+
+def assert_within_rounding(fast: list[torch.Tensor], exact: list[torch.Tensor]) -> None:
+    assert torch.equal(fast[-1], exact[-1])  # every job's greedy tokens
+    assert any(not torch.equal(f, e) for f, e in zip(fast[:-1], exact[:-1], strict=True))
+    for f, e in zip(fast[:-1], exact[:-1], strict=True):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_fused_runner_keeps_the_exact_logits_within_rounding(
+    monkeypatch: pytest.MonkeyPatch, kv_heads: int
+) -> None:
+    """Every forward of the sequence runs fused (a prefill chunk beside a whole prompt, a
+    prompt's rest beside a decode, padded decodes, a token tree beside a single token)."""
+    model = llama(num_key_value_heads=kv_heads)
+    calls = counting(monkeypatch)
+    with torch.inference_mode():
+        exact = through_runner(model, True, torch.float32)
+        assert calls == []
+        fast = through_runner(model, True, torch.float32, attention="fast", fused=True)
+    assert len(calls) == len(fast) - 2  # the tree's forward returns two jobs' logits
+    assert calls[0] == 6 + 5 and calls[-1] == 3 + 1 + 1  # a's chunk and b; the tree and b
+    assert_within_rounding(fast, exact)
+
+
+def test_forwards_above_the_row_limit_keep_the_lean_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a limit of two rows, prefills, three-job decodes and the tree take the lean forward
+    over dense rows and the two-job decodes run fused, in turns: each reads what the other
+    wrote (the dense rows are refilled after a fused step)."""
+    model = llama()
+    monkeypatch.setattr(runner, "FUSED_MAX_ROWS", 2)
+    monkeypatch.setattr(runner, "KERNEL_MIN_BATCH", 3)  # the three-job decodes take the kernel
+    calls = counting(monkeypatch)
+    with torch.inference_mode():
+        exact = through_runner(model, True, torch.float32)
+        fast = through_runner(model, True, torch.float32, attention="fast", fused=True)
+    assert calls == [2, 2, 2]  # a and b decoding, before c joins
+    assert_within_rounding(fast, exact)
+
+
+def test_stacking_keeps_transformers_forward_bit_for_bit() -> None:
+    """The layer weights move into stacked tensors and the parameters become their slices: the
+    model's own forward gives the same logits, and no second copy is kept."""
+    model = llama()
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        before = model(ids).logits
+    fused = fused_forward.FusedLlama(model)
+    with torch.inference_mode():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    stacked_qkv = fused.weights[2]
+    for i, layer in enumerate(model.model.layers):
+        q = layer.self_attn.q_proj.weight
+        assert q.data_ptr() == stacked_qkv[i].ctypes.data
+        assert layer.mlp.down_proj.weight.data_ptr() == fused.weights[6][i].ctypes.data
+
+
+def test_the_pool_stacks_its_layers_when_they_share_a_shape() -> None:
+    pool = KVPool(3, 64, torch.device("cpu"), torch.float32, block_size=4)
+    stores = pool.stacked(2, 8)
+    assert stores is not None
+    keys, values = stores
+    assert keys.shape == values.shape == (3, pool.num_blocks * 4, 2, 8)
+    for layer in range(3):
+        assert pool.keys[layer] is not None and pool.values[layer] is not None
+        assert pool.keys[layer].data_ptr() == keys[layer].data_ptr()
+        assert pool.values[layer].data_ptr() == values[layer].data_ptr()
+    uneven = KVPool(2, 64, torch.device("cpu"), torch.float32, block_size=4)
+    uneven._ensure_layer(0, 2, 8)
+    uneven._ensure_layer(1, 4, 8)  # another layer's heads: each layer its own store
+    assert uneven.stacked(2, 8) is None
+
+
+def test_the_fused_forward_is_left_out_where_it_does_not_apply() -> None:
+    cpu = torch.device("cpu")
+    model = llama()
+    pool = KVPool(num_layers(model.config), 64, cpu, torch.float32, block_size=4)
+    assert Runner(model, pool, cpu, attention="fast", fused=True).fused is not None
+    assert Runner(model, pool, cpu, attention="fast").fused is None  # asked for only
+    assert Runner(model, pool, cpu, attention="exact", fused=True).fused is None
+    bf16 = llama(dtype=torch.bfloat16)
+    bf16_pool = KVPool(num_layers(bf16.config), 64, cpu, torch.bfloat16, block_size=4)
+    assert Runner(bf16, bf16_pool, cpu, attention="fast", fused=True).fused is None
+    assert not fused_forward.usable(llama(mlp_bias=True), torch.float32, cpu)
+    assert not fused_forward.usable(model, torch.float32, torch.device("meta"))
+
+
+def test_the_vector_exp_is_within_three_ulp() -> None:
+    x = np.concatenate(
+        [np.linspace(-87.0, 88.0, 20001, dtype=np.float32), np.float32([0.0, -1e-8, 1e-8])]
+    )
+    buf = x.copy()
+    fused_forward._exp(buf, len(buf), np.empty(len(buf), dtype=np.int32))
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(buf - want) / want) < 3 * 2.0**-23
+    clamped = np.float32([-1000.0, -np.inf, 1000.0])
+    fused_forward._exp(clamped, 3, np.empty(3, dtype=np.int32))
+    assert np.all(np.isfinite(clamped)) and clamped[0] == clamped[1] < 1e-37
+    assert clamped[2] > 1e38
+
+
+async def test_an_engine_on_one_thread_serves_fused_with_transformers_greedy_output(
+    tiny: Path,
+) -> None:
+    """One torch thread: the engine runs the fused forward (the startup compiled it), eight
+    greedy jobs at once and one alone get transformers' one-prompt-at-a-time tokens."""
+    prompts = [[5 + i, 40 + 3 * i, 7, 90 + i, *range(11, 11 + 2 * i)] for i in range(9)]
+    want = greedy_continuations(tiny, prompts, 12)
+    threads = torch.get_num_threads()
+    config = EngineConfig(model=str(tiny), device="cpu", max_batch_size=8, threads=1)
+    engine = load_engine(config, progress=False)
+    try:
+        assert engine.runner.fused is not None
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+        async def run(prompt: list[int]) -> list[int]:
+            ids: list[int] = []
+            async for delta in engine.submit(prompt, params):
+                ids.extend(delta.token_ids)
+            return ids
+
+        got = await asyncio.gather(*(run(p) for p in prompts[:8]))
+        got.append(await run(prompts[8]))
+        assert engine.runner.fused_forwards > 0
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
+    assert got == want
