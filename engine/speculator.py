@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from flockctl.engine import fused_forward
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.draft_forward import lean_forward
 from flockctl.engine.job import Job, JobSpec
@@ -82,9 +83,13 @@ class Speculator:
             pool = KVPool(
                 num_layers(draft.config), draft_budget, device, dtype, block_size=config.block_size
             )
-            # a Llama-shaped SSM runs a leaner forward with the same arithmetic
-            forward = lean_forward(draft) or draft
-            self.drafters.append(Drafter(name, draft, pool, Runner(forward, pool, device)))
+            if runner.fused is not None and fused_forward.usable(draft, dtype, device):
+                # the LLM's small forwards run fused: so do the SSM's (its drafts are one token
+                # a job a step), with the lean forward above the fused forward's rows
+                drafter = Runner(draft, pool, device, attention="fast", fused=True)
+            else:  # a Llama-shaped SSM runs a leaner forward with the same arithmetic
+                drafter = Runner(lean_forward(draft) or draft, pool, device)
+            self.drafters.append(Drafter(name, draft, pool, drafter))
         self.policy = SpecPolicy(
             config.spec if self.drafters else "off", self.tree, max(1, len(self.drafters))
         )
