@@ -33,6 +33,11 @@ STEADY_CATCHUP = 4
 #: A job whose own best depth is 0 tries speculation again for this many steps in a row: its
 #: first step pays the SSM's catch-up, the next ones are timed.
 PROBE_STEPS = 2
+#: Each round of probes that finds speculation still losing doubles the wait before the next
+#: one, up to this many times ``probe_every``: a job the draft cannot follow stops paying a
+#: round every ``probe_every`` steps (on a weak draft, with decode steps of under a
+#: millisecond, that cost a tenth of its tokens/s), and a job whose probe pays starts over.
+MAX_BACKOFF = 4
 #: Timings older than this many decode iterations give way to newer ones (the newest
 #: ``KEEP_SAMPLES`` stay): what a stall measured must not decide long after it ended.
 HORIZON = 128
@@ -47,6 +52,7 @@ class SpecState(JobSpec):
 
     depth: int = 0
     probing: int = 0  # probe steps left in a row (see PROBE_STEPS)
+    backoff: int = 1  # rounds of probes wait backoff * probe_every steps (see MAX_BACKOFF)
     tried: list[float] = field(default_factory=list)
     hits: list[float] = field(default_factory=list)
 
@@ -94,8 +100,9 @@ class _Recent:
         self.value = statistics.median(self.samples)
         self.count += 1
 
-    def forget_before(self, oldest: int, keep: int) -> None:
-        """Drop the samples taken before iteration ``oldest``, the newest ``keep`` aside."""
+    def forget_before(self, oldest: int, keep: int) -> bool:
+        """Drop the samples taken before iteration ``oldest``, the newest ``keep`` aside;
+        whether any went."""
         dropped = False
         while len(self.samples) > keep and self.taken[0] < oldest:
             self.samples.popleft()
@@ -103,6 +110,7 @@ class _Recent:
             dropped = True
         if dropped:
             self.value = statistics.median(self.samples)
+        return dropped
 
     def latest(self, n: int = 3) -> float:
         """The median of the newest ``n`` samples: what the machine does about now."""
@@ -129,10 +137,17 @@ class StepCosts:
         self.draft: dict[int, _Recent] = {}
         self.verify: dict[int, dict[int, _Recent]] = {}
         self.now = 0  # decode iterations observed
+        # per batch size, (forwards, tokens) -> a speculative step in incremental steps, until
+        # that batch size's draft or verification timings change: the policy reads every depth
+        # each iteration, and a line fit a depth cost as much as a decode step of a small model
+        self._in_steps: dict[int, dict[tuple[int, int], float | None]] = {}
 
     def add_incremental(self, batch: int, seconds: float) -> None:
         self.now += 1
-        self.incremental.setdefault(batch, _Recent()).add(seconds, self.now)
+        inc = self.incremental.setdefault(batch, _Recent())
+        inc.add(seconds, self.now)
+        if inc.count == 1:  # the speculative parts are read in incremental steps from now on
+            self._in_steps.pop(batch, None)
 
     def add_speculative(
         self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
@@ -150,17 +165,19 @@ class StepCosts:
         self.verify.setdefault(batch, {}).setdefault(tokens, _Recent()).add(
             verify_seconds / unit, self.now
         )
+        self._in_steps.pop(batch, None)
 
     def forget_old(self, batch: int, horizon: int = HORIZON, keep: int = KEEP_SAMPLES) -> None:
         """Timings at this batch size older than ``horizon`` iterations give way to newer ones
         (each keeps its newest ``keep``): the side the policy has not picked for a while (its
         probes are rare) is not judged by what a stall long ago measured."""
         oldest = self.now - horizon
-        recents = [self.incremental.get(batch), self.draft.get(batch)]
-        recents += self.verify.get(batch, {}).values()
-        for recent in recents:
-            if recent is not None:
-                recent.forget_before(oldest, keep)
+        inc = self.incremental.get(batch)
+        if inc is not None:
+            inc.forget_before(oldest, keep)
+        recents = [self.draft.get(batch), *self.verify.get(batch, {}).values()]
+        if any(r is not None and r.forget_before(oldest, keep) for r in recents):
+            self._in_steps.pop(batch, None)
 
     def samples(self, batch: int) -> tuple[int, int]:
         """Incremental and speculative iterations measured at this batch size."""
@@ -205,11 +222,19 @@ class StepCosts:
     def speculative(self, batch: int, forwards: int, tokens: int) -> float | None:
         """Seconds of a speculative iteration with ``forwards`` SSM forwards and trees of
         ``tokens`` tokens; None until both parts were measured at this batch size."""
-        verify = self.verify_steps(batch, tokens)
-        inc, draft = self.incremental.get(batch), self.draft.get(batch)
-        if verify is None or inc is None or (forwards and not draft):
+        inc = self.incremental.get(batch)
+        if inc is None:
             return None
-        return (verify + forwards * (draft.value if draft else 0.0)) * inc.value
+        known = self._in_steps.setdefault(batch, {})
+        if (forwards, tokens) not in known:
+            verify, draft = self.verify_steps(batch, tokens), self.draft.get(batch)
+            known[forwards, tokens] = (
+                None
+                if verify is None or (forwards and not draft)
+                else verify + forwards * (draft.value if draft else 0.0)
+            )
+        steps = known[forwards, tokens]
+        return None if steps is None else steps * inc.value
 
     def describe(self, batch: int) -> dict[str, Any]:
         """Milliseconds at the machine's speed of now (the parts measured relative to it)."""
@@ -359,11 +384,15 @@ class SpecPolicy:
             own = _best_depth(gain, seconds)
             if own:
                 state.probing = 0
-            elif state.probing or state.skipped + 1 >= self.probe_every:
+                state.backoff = 1
+            elif state.probing or state.skipped + 1 >= self.probe_every * state.backoff:
                 # a losing job tries again now and then, a few steps in a row: the first one
-                # catches the SSM's cache up and is not timed (see observe_speculative)
+                # catches the SSM's cache up and is not timed (see observe_speculative); the
+                # next round waits longer unless one of this round's pays
                 own = engine_best
                 probes.append(own)
+                if not state.probing:
+                    state.backoff = min(2 * state.backoff, MAX_BACKOFF)
                 state.probing = (state.probing or PROBE_STEPS) - 1
             best.append(own)
         rates = []

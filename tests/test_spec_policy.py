@@ -106,14 +106,17 @@ def test_depth_follows_a_job_whose_acceptance_changes() -> None:
     assert policy.choose([job])[job.id] == 6
     steps(policy, job, never, 30)  # its text turned to something the draft cannot guess
     decisions = []
-    for _ in range(16):
+    for _ in range(90):
         depth = policy.choose([job]).get(job.id, 0)
         decisions.append(depth)
         policy.observe_job(job, depth, depth, 0)  # still nothing accepted
     probes = [i for i, d in enumerate(decisions) if d]
-    # only the probes: two steps in a row (the first one is not timed), then eight skipped
-    first = probes[0]
-    assert probes == [first, first + 1, first + 9, first + 10]
+    # only the probes: two steps in a row (the first one is not timed); each round that finds
+    # nothing waits twice as long as the one before, up to 4 x 8 skipped steps
+    rounds = probes[::2]
+    assert probes[1::2] == [first + 1 for first in rounds]
+    gaps = [b - a for a, b in itertools.pairwise(rounds)]
+    assert len(gaps) >= 2 and gaps == sorted(gaps) and gaps[-1] == 2 + 4 * 8 - 1
     steps(policy, job, every, 40)  # its probes find the draft good again
     assert policy.choose([job])[job.id] == 6
 
