@@ -288,6 +288,8 @@ class SpecPolicy:
         self.costs = StepCosts(min_samples)
         self.tried: list[float] = []  # engine-wide, per position (see SpecState)
         self.hits: list[float] = []
+        self._engine_rates: list[float] | None = None  # rates() of the counts above, kept
+        self._tree_tokens = [self._count_tree_tokens(d) for d in range(len(self.tree) + 1)]
         self.depth_by_batch: dict[int, int] = {}
         self.device_on = True
         self.reason = "" if mode != "off" else "--spec off"
@@ -300,6 +302,9 @@ class SpecPolicy:
 
     def tree_tokens(self, depth: int) -> int:
         """Tokens of one job's merged tree at ``depth`` (at most: SSMs that agree share nodes)."""
+        return self._tree_tokens[depth]
+
+    def _count_tree_tokens(self, depth: int) -> int:
         level, nodes = 1, 0
         for width in self.tree[:depth]:
             level *= width
@@ -322,13 +327,16 @@ class SpecPolicy:
     def rates(self, state: SpecState | None = None) -> list[float]:
         """Chance of acceptance at each position: engine-wide, or for one job with that prior.
         A position nobody reached yet takes the rate of the one before (so depth can grow)."""
-        out: list[float] = []
-        previous = PRIOR_ACCEPTANCE
-        for i in range(self.max_depth):
-            tried = self.tried[i] if i < len(self.tried) else 0.0
-            hits = self.hits[i] if i < len(self.hits) else 0.0
-            previous = (hits + previous) / (tried + 1.0)
-            out.append(previous)
+        if self._engine_rates is None:  # the policy reads them several times an iteration
+            engine: list[float] = []
+            previous = PRIOR_ACCEPTANCE
+            for i in range(self.max_depth):
+                tried = self.tried[i] if i < len(self.tried) else 0.0
+                hits = self.hits[i] if i < len(self.hits) else 0.0
+                previous = (hits + previous) / (tried + 1.0)
+                engine.append(previous)
+            self._engine_rates = engine
+        out = list(self._engine_rates)
         if state is None:
             return out
         w = self.prior_weight
@@ -467,6 +475,7 @@ class SpecPolicy:
         if isinstance(state, SpecState):
             count_acceptance(state.tried, state.hits, depth, accepted, JOB_DECAY)
         count_acceptance(self.tried, self.hits, depth, accepted, ENGINE_DECAY)
+        self._engine_rates = None
 
     def describe(self) -> dict[str, Any]:
         ratios, costs = {}, {}
