@@ -37,7 +37,11 @@ PROBE_STEPS = 2
 #: one, up to this many times ``probe_every``: a job the draft cannot follow stops paying a
 #: round every ``probe_every`` steps (on a weak draft, with decode steps of under a
 #: millisecond, that cost a tenth of its tokens/s), and a job whose probe pays starts over.
+#: A new job starts from the wait of the engine's latest round.
 MAX_BACKOFF = 4
+#: A batch size the policy found losing at every depth is judged again after this many decode
+#: iterations (sooner when a job's probe is due).
+RECHECK = 8
 #: Timings older than this many decode iterations give way to newer ones (the newest
 #: ``KEEP_SAMPLES`` stay): what a stall measured must not decide long after it ended.
 HORIZON = 128
@@ -289,6 +293,11 @@ class SpecPolicy:
         self.tried: list[float] = []  # engine-wide, per position (see SpecState)
         self.hits: list[float] = []
         self._engine_rates: list[float] | None = None  # rates() of the counts above, kept
+        # the backoff of the latest round of probes that began (1 once a probe paid): a new
+        # job's first probe waits as long, so short jobs on a draft that keeps losing skip it
+        self.backoff = 1
+        # batch -> until which decode iteration (costs.now) these jobs stay plain, and why
+        self._plain_until: dict[int, tuple[int, list[str], str]] = {}
         self._tree_tokens = [self._count_tree_tokens(d) for d in range(len(self.tree) + 1)]
         self.depth_by_batch: dict[int, int] = {}
         self.device_on = True
@@ -299,6 +308,12 @@ class SpecPolicy:
     @property
     def max_depth(self) -> int:
         return len(self.tree)
+
+    def _probe_due(self, job: Job) -> bool:
+        """Whether ``job`` (losing at every depth) tries speculation this iteration."""
+        state = job.spec
+        assert isinstance(state, SpecState)
+        return bool(state.probing) or state.skipped + 1 >= self.probe_every * state.backoff
 
     def tree_tokens(self, depth: int) -> int:
         """Tokens of one job's merged tree at ``depth`` (at most: SSMs that agree share nodes)."""
@@ -361,18 +376,27 @@ class SpecPolicy:
             return {job.id: self.max_depth for job in jobs}
         batch = len(jobs)
         inc_samples, spec_samples = self.costs.samples(batch)
-        whole = {job.id: self.max_depth for job in jobs}
         if spec_samples < self.min_samples:
             self.device_on, self.reason = True, f"measuring speculation at batch size {batch}"
             # speculative timings are kept relative to incremental ones: one of those first
-            return whole if inc_samples else {}
+            return {job.id: self.max_depth for job in jobs} if inc_samples else {}
         if inc_samples < self.min_samples:
             self.device_on, self.reason = True, f"measuring decoding at batch size {batch}"
             self._since_probe += 1
             if self._since_probe >= 2:  # interleave: learn the incremental cost too
                 self._since_probe = 0
                 return {}
-            return whole
+            return {job.id: self.max_depth for job in jobs}
+        until, decided, reason = self._plain_until.get(batch, (-1, [], ""))
+        if (
+            self.costs.now < until
+            and decided == [job.id for job in jobs]
+            and not any(self._probe_due(job) for job in jobs)
+        ):
+            # decided lately for these jobs, and none of their probes is due
+            self.device_on, self.reason = False, reason
+            return {}
+        whole = {job.id: self.max_depth for job in jobs}
         self.costs.forget_old(batch)
         costs = [self.step_seconds(batch, d) for d in range(self.max_depth + 1)]
         if any(c is None or c <= 0 for c in costs):
@@ -392,8 +416,8 @@ class SpecPolicy:
             own = _best_depth(gain, seconds)
             if own:
                 state.probing = 0
-                state.backoff = 1
-            elif state.probing or state.skipped + 1 >= self.probe_every * state.backoff:
+                state.backoff = self.backoff = 1
+            elif self._probe_due(job):
                 # a losing job tries again now and then, a few steps in a row: the first one
                 # catches the SSM's cache up and is not timed (see observe_speculative); the
                 # next round waits longer unless one of this round's pays
@@ -401,6 +425,7 @@ class SpecPolicy:
                 probes.append(own)
                 if not state.probing:
                     state.backoff = min(2 * state.backoff, MAX_BACKOFF)
+                    self.backoff = state.backoff  # new jobs start from it (Speculator.job_spec)
                 state.probing = (state.probing or PROBE_STEPS) - 1
             best.append(own)
         rates = []
@@ -422,7 +447,15 @@ class SpecPolicy:
                 f" incremental steps and yields {expected_tokens(self.rates())[one]:.2f} tokens"
                 " a job"
             )
+            # judged again after RECHECK decode iterations (or a job's probe): with decode
+            # steps under a millisecond, judging every one cost a twentieth of them
+            self._plain_until[batch] = (
+                self.costs.now + RECHECK,
+                [job.id for job in jobs],
+                self.reason,
+            )
             return {}
+        self._plain_until.pop(batch, None)
         self.device_on = True
         self.reason = (
             f"depth {depth}: {tokens:.2f} tokens a job for {ratio:.2f} incremental steps"
@@ -476,6 +509,7 @@ class SpecPolicy:
             count_acceptance(state.tried, state.hits, depth, accepted, JOB_DECAY)
         count_acceptance(self.tried, self.hits, depth, accepted, ENGINE_DECAY)
         self._engine_rates = None
+        self._plain_until.clear()  # acceptance moved: judge every batch size again
 
     def describe(self) -> dict[str, Any]:
         ratios, costs = {}, {}

@@ -103,7 +103,10 @@ class Speculator:
 
     def job_spec(self) -> JobSpec | None:
         """A new job's speculation counters; None without draft models."""
-        return SpecState(draft_cached=[0] * len(self.drafters)) if self.drafters else None
+        if not self.drafters:
+            return None
+        # a new job waits as long before its first probe as the engine's latest losing round
+        return SpecState(draft_cached=[0] * len(self.drafters), backoff=self.policy.backoff)
 
     def can_speculate(self, job: Job) -> bool:
         """Whether ``job`` may take part in speculative iterations.

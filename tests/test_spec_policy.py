@@ -9,7 +9,13 @@ from collections.abc import Callable
 import pytest
 
 from flockctl.engine.job import Job, SamplingParams
-from flockctl.engine.spec_policy import SpecPolicy, SpecState, expected_tokens
+from flockctl.engine.spec_policy import (
+    MAX_BACKOFF,
+    RECHECK,
+    SpecPolicy,
+    SpecState,
+    expected_tokens,
+)
 
 GREEDY = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
 TREE = (1, 1, 1, 1, 1, 1)
@@ -292,3 +298,53 @@ def test_a_probe_on_a_loaded_machine_is_compared_with_the_steps_just_before_it()
     # a depth-1 step still costs 1.2 incremental steps, as it did, not 2.4
     assert policy.cost_ratio(1, 1) == pytest.approx(1.2)
     assert policy.choose([job]) == chosen
+
+
+def test_a_plain_decision_stands_a_few_iterations_unless_a_probe_is_due() -> None:
+    """A batch size found losing at every depth is judged again after RECHECK decode iterations,
+    not at each one (with sub-millisecond decode steps that cost a twentieth of them); a new job
+    in the batch, or a job's probe, is judged at once."""
+    policy = measured(SpecPolicy("auto", TREE, probe_every=1000))
+    job = new_job()
+    steps(policy, job, never, 40)
+    judged: list[int] = []
+    forget = policy.costs.forget_old
+
+    def counted(batch: int, *args: int) -> None:
+        judged.append(batch)
+        forget(batch, *args)
+
+    policy.costs.forget_old = counted  # type: ignore[method-assign]
+    for _ in range(32):
+        assert policy.choose([job]) == {}
+        policy.observe_incremental(1, 10 * MS)
+        policy.observe_job(job, 0, 0, 0)
+    assert 32 // RECHECK - 1 <= len(judged) <= 32 // RECHECK  # once every RECHECK iterations
+    assert policy.describe()["active"] is False
+    assert "costs" in policy.describe()["reason"]
+    before = len(judged)
+    other = new_job()
+    assert policy.choose([other]) == {}  # another job (the engine's rates say plain too)
+    assert len(judged) == before + 1  # judged at once
+    policy.choose([other])
+    assert len(judged) == before + 1  # that decision stands
+
+
+def test_a_new_job_waits_as_long_as_the_latest_losing_round() -> None:
+    """After rounds of probes that kept losing, a new job's first probe waits as long as the
+    latest round did (short jobs on a draft that cannot follow skip it); a paying probe resets
+    the wait."""
+    policy = measured(SpecPolicy("auto", TREE, probe_every=8))
+    job = new_job()
+    steps(policy, job, never, 120)
+    assert policy.backoff == MAX_BACKOFF
+    late = Job([1, 2], GREEDY)
+    late.spec = SpecState(draft_cached=[0], backoff=policy.backoff)  # as Speculator.job_spec
+    decisions = []
+    for _ in range(40):
+        depth = policy.choose([late]).get(late.id, 0)
+        decisions.append(depth)
+        policy.observe_job(late, depth, depth, 0)
+    assert next(i for i, d in enumerate(decisions) if d) == MAX_BACKOFF * 8 - 1
+    steps(policy, job, every, 60)  # the old job's probes find the draft good again
+    assert policy.backoff == 1
