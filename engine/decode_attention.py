@@ -29,12 +29,13 @@ def available() -> bool:
     return numba is not None
 
 
-if numba is not None:
-    # reassociation and contraction let the inner loops run in vector lanes; no "nnan"/"ninf":
-    # the running maximum starts at -inf
-    _FLAGS = {"reassoc", "contract", "nsz", "arcp"}
+#: numba's fastmath flags for the engine's compiled loops: reassociation and contraction let
+#: the inner loops run in vector lanes; no "nnan"/"ninf": running maxima start at -inf
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
-    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=False)
+if numba is not None:
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=False)
     def _kernel(q, keys, values, lengths, groups, scale, out):
         # every scalar float32 (a float64 one would turn the loops into double arithmetic)
         batch, heads, dim = q.shape

@@ -37,25 +37,14 @@ from typing import Any
 
 import torch
 
+from flockctl.engine.decode_attention import FASTMATH, available
 from flockctl.engine.lean_forward import plain_llama
 
-try:  # numba is in the engine extra; without it the TorchScript forward runs
+if available():  # numba is in the engine extra; without it the TorchScript forward runs
     import numba
     import numpy as np
-except ImportError:  # pragma: no cover - an install without numba
-    numba = None  # type: ignore[assignment]
 
-
-def available() -> bool:
-    """Whether the compiled forward is there (numba imports)."""
-    return numba is not None
-
-
-if numba is not None:
-    # see decode_attention._FLAGS: vector lanes for the sums; the running maximum starts at -inf
-    _FLAGS = {"reassoc", "contract", "nsz", "arcp"}
-
-    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _products(w, x, out):  # pragma: no cover - compiled
         # out[r, n] = dot(w[n], x[r]). Under four rows: each weight row read once for all of
         # them. From four: blocks of four weight rows by four token rows, sixteen sums in
@@ -140,7 +129,7 @@ if numba is not None:
     _LN2_HI = np.float32(0.693359375)
     _LN2_LO = np.float32(-2.12194440e-4)
 
-    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _exp(buf, count, bits):  # pragma: no cover - compiled
         # buf[:count] = exp(buf[:count]); bits: int32 scratch of at least count
         twos = bits.view(np.float32)
@@ -159,7 +148,7 @@ if numba is not None:
         for i in range(count):
             buf[i] *= twos[i]
 
-    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _rms(x, weight, eps, out):  # pragma: no cover - compiled
         rows, width = x.shape
         for r in range(rows):
@@ -170,7 +159,7 @@ if numba is not None:
             for k in range(width):
                 out[r, k] = weight[k] * (x[r, k] * scale)
 
-    @numba.njit(nogil=True, fastmath=_FLAGS, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _forward(  # pragma: no cover - compiled
         ids, positions, slots, jobs, limits, tree_base, tree, tables, block_size, keep,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from test_chunked_prefill import run
 from test_lean_forward import llama, through_runner
 from tinymodel import greedy_continuations
 
@@ -152,15 +153,8 @@ async def test_an_engine_on_one_thread_serves_fused_with_transformers_greedy_out
     try:
         assert engine.runner.fused is not None
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-        async def run(prompt: list[int]) -> list[int]:
-            ids: list[int] = []
-            async for delta in engine.submit(prompt, params):
-                ids.extend(delta.token_ids)
-            return ids
-
-        got = await asyncio.gather(*(run(p) for p in prompts[:8]))
-        got.append(await run(prompts[8]))
+        got = await asyncio.gather(*(run(engine, p, params) for p in prompts[:8]))
+        got.append(await run(engine, prompts[8], params))
         assert engine.runner.fused_forwards > 0
     finally:
         engine.close()
