@@ -39,6 +39,10 @@ PROBE_STEPS = 2
 #: millisecond, that cost a tenth of its tokens/s), and a job whose probe pays starts over.
 #: A new job starts from the wait of the engine's latest round.
 MAX_BACKOFF = 4
+#: Until a batch size's costs are measured, speculative steps go this deep (at most the tree's
+#: depth); deeper ones are read off a line from it and measured once the policy picks them.
+#: Measuring at the whole tree (8 deep) cost about 6 incremental steps a step on a weak draft.
+MEASURE_DEPTH = 2
 #: A batch size the policy found losing at every depth is judged again after this many decode
 #: iterations (sooner when a job's probe is due).
 RECHECK = 8
@@ -309,6 +313,10 @@ class SpecPolicy:
     def max_depth(self) -> int:
         return len(self.tree)
 
+    @property
+    def measure_depth(self) -> int:
+        return min(MEASURE_DEPTH, self.max_depth)
+
     def _probe_due(self, job: Job) -> bool:
         """Whether ``job`` (losing at every depth) tries speculation this iteration."""
         state = job.spec
@@ -379,14 +387,14 @@ class SpecPolicy:
         if spec_samples < self.min_samples:
             self.device_on, self.reason = True, f"measuring speculation at batch size {batch}"
             # speculative timings are kept relative to incremental ones: one of those first
-            return {job.id: self.max_depth for job in jobs} if inc_samples else {}
+            return {job.id: self.measure_depth for job in jobs} if inc_samples else {}
         if inc_samples < self.min_samples:
             self.device_on, self.reason = True, f"measuring decoding at batch size {batch}"
             self._since_probe += 1
             if self._since_probe >= 2:  # interleave: learn the incremental cost too
                 self._since_probe = 0
                 return {}
-            return {job.id: self.max_depth for job in jobs}
+            return {job.id: self.measure_depth for job in jobs}
         until, decided, reason = self._plain_until.get(batch, (-1, [], ""))
         if (
             self.costs.now < until
