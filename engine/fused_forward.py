@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from flockctl.engine.decode_attention import FASTMATH, available
-from flockctl.engine.lean_forward import plain_llama
+from flockctl.engine.lean_forward import layer_weights, plain_llama
 
 if available():  # numba is in the engine extra; without it the TorchScript forward runs
     import numba
@@ -92,13 +92,22 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
                     d3 += p3 * u
                 out[r, n], out[r, n + 1], out[r, n + 2], out[r, n + 3] = a0, a1, a2, a3
                 out[r + 1, n], out[r + 1, n + 1], out[r + 1, n + 2], out[r + 1, n + 3] = (
-                    b0, b1, b2, b3
+                    b0,
+                    b1,
+                    b2,
+                    b3,
                 )
                 out[r + 2, n], out[r + 2, n + 1], out[r + 2, n + 2], out[r + 2, n + 3] = (
-                    c0, c1, c2, c3
+                    c0,
+                    c1,
+                    c2,
+                    c3,
                 )
                 out[r + 3, n], out[r + 3, n + 1], out[r + 3, n + 2], out[r + 3, n + 3] = (
-                    d0, d1, d2, d3
+                    d0,
+                    d1,
+                    d2,
+                    d3,
                 )
                 r += 4
             while r < rows:
@@ -315,22 +324,7 @@ def usable(model: Any, dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _shapes(layer: Any) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(w.shape) for w in _layer_weights(layer))
-
-
-def _layer_weights(layer: Any) -> list[torch.Tensor]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return [
-        layer.input_layernorm.weight,
-        attn.q_proj.weight,
-        attn.k_proj.weight,
-        attn.v_proj.weight,
-        attn.o_proj.weight,
-        layer.post_attention_layernorm.weight,
-        mlp.gate_proj.weight,
-        mlp.up_proj.weight,
-        mlp.down_proj.weight,
-    ]
+    return tuple(tuple(w.shape) for w in layer_weights(layer))
 
 
 def _stack(params: list[list[torch.Tensor]]) -> torch.Tensor:

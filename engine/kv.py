@@ -149,7 +149,7 @@ class KVPool:
             host_budget_tokens if host_budget_tokens is not None else budget_tokens
         )
         self._fresh: list[int] = []  # blocks handed out but not yet zeroed
-        self._stacked: tuple[torch.Tensor, ...] | None = None  # see _ensure_layer
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see _ensure_layer
         # jobs whose cache changed outside a forward (moved, swapped, released): a runner's
         # dense rows of them are stale (see DenseRows)
         self.changed: set[str] = set()
@@ -392,9 +392,10 @@ class KVPool:
         # all have the first one's shape (a compiled forward takes the whole pool in one array)
         shape = (self.num_blocks * self.block_size, heads, dim)
         if self.device.type == "cpu" and all(k is None for k in self.keys):
-            self._stacked = tuple(
-                torch.empty((self.num_layers, *shape), dtype=self.dtype, device=self.device)
-                for _ in range(2)
+            stacked = (self.num_layers, *shape)
+            self._stacked = (
+                torch.empty(stacked, dtype=self.dtype, device=self.device),
+                torch.empty(stacked, dtype=self.dtype, device=self.device),
             )
         owned = [SCRATCH, *(b for table in self.tables.values() for b in table)]
         index = self._positions(owned, len(owned) * self.block_size)
@@ -414,13 +415,11 @@ class KVPool:
         (created first, with ``heads`` heads of ``dim``); None where the layers' stores differ
         in shape. Blocks handed out since the last forward are zeroed first, as
         :meth:`view` does."""
-        for layer in range(self.num_layers):
-            self._ensure_layer(layer, heads, dim)
+        if self.keys[-1] is None:  # layers are created in order
+            for layer in range(self.num_layers):
+                self._ensure_layer(layer, heads, dim)
         self._zero_fresh()
-        if self._stacked is None:
-            return None
-        keys, values = self._stacked
-        return keys, values
+        return self._stacked
 
     def _zero_fresh(self) -> None:
         if not self._fresh:

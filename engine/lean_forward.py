@@ -67,6 +67,23 @@ def plain_llama(model: Any) -> bool:
     return inner is not None and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head")
 
 
+def layer_weights(layer: Any) -> list[torch.Tensor]:
+    """A Llama decoder layer's weights in the order :func:`_exact` takes them: input norm,
+    query, key, value and output, post-attention norm, gate, up and down."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        layer.input_layernorm.weight,
+        attn.q_proj.weight,
+        attn.k_proj.weight,
+        attn.v_proj.weight,
+        attn.o_proj.weight,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj.weight,
+        mlp.up_proj.weight,
+        mlp.down_proj.weight,
+    ]
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm.forward``, operation for operation (its casts are skipped where they
     are no-ops: a float32 model's activations)."""
@@ -239,20 +256,7 @@ class ExactLlama:
             sdpa=model.config._attn_implementation == "sdpa",
         )
         layers = inner.layers[: self.config.num_hidden_layers]
-        self.layers = [
-            [
-                layer.input_layernorm.weight,
-                layer.self_attn.q_proj.weight,
-                layer.self_attn.k_proj.weight,
-                layer.self_attn.v_proj.weight,
-                layer.self_attn.o_proj.weight,
-                layer.post_attention_layernorm.weight,
-                layer.mlp.gate_proj.weight,
-                layer.mlp.up_proj.weight,
-                layer.mlp.down_proj.weight,
-            ]
-            for layer in layers
-        ]
+        self.layers = [layer_weights(layer) for layer in layers]
         self.eps = [
             [
                 float(layer.input_layernorm.variance_epsilon),

@@ -178,7 +178,6 @@ class Runner:
 
     def _fused(
         self,
-        job_ids: Sequence[str],
         feeds: Sequence[Feed],
         tables: list[list[int]],
         keep: int,
@@ -197,9 +196,7 @@ class Runner:
         out: list[int] = []
         width = max((f.tree.shape[1] for f in feeds if f.tree is not None), default=0)
         tree = np.zeros((sum(len(f.tokens) for f in feeds), width), dtype=np.bool_)
-        for j, (job_id, feed, table) in enumerate(zip(job_ids, feeds, tables, strict=True)):
-            if feed.slots:  # a block shared through the prefix cache is never written
-                self.pool.check_private(job_id, min(feed.slots))
+        for j, (feed, table) in enumerate(zip(feeds, tables, strict=True)):
             n = len(feed.tokens)
             if feed.tree is not None:
                 tree[len(ids) : len(ids) + n, : feed.tree.shape[1]] = feed.tree.numpy()
@@ -239,10 +236,13 @@ class Runner:
         q = max(len(f.tokens) for f in feeds)
         keep = max(f.keep for f in feeds)
         tables = [pool.tables[job_id] for job_id in job_ids]
+        for job_id, feed in zip(job_ids, feeds, strict=True):
+            if feed.slots:  # a block shared through the prefix cache is never written
+                pool.check_private(job_id, min(feed.slots))
         if self.fused is not None and sum(len(f.tokens) for f in feeds) <= FUSED_MAX_ROWS:
             stores = pool.stacked(self.fused.kv_heads, self.fused.head_dim)
             if stores is not None:
-                return self._fused(job_ids, feeds, tables, keep, stores)
+                return self._fused(feeds, tables, keep, stores)
         kv_len = max(len(t) for t in tables) * bs
 
         # with dense rows, the batch runs in the rows' order; ``back`` maps it to the caller's.
@@ -279,8 +279,6 @@ class Runner:
         ids, pos, write, limit, dense_slots = [], [], [], [], []  # rows left-padded to q
         trees = []
         for row, (feed, table) in enumerate(zip(feeds, tables, strict=True)):
-            if feed.slots:  # a block shared through the prefix cache is never written
-                pool.check_private(job_ids[row], min(feed.slots))
             pad = q - len(feed.tokens)
             if pad:
                 ids.append([0] * pad + feed.tokens)
