@@ -8,6 +8,7 @@ Routes are driven in-process through httpx's ASGITransport; what needs a real co
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -544,6 +545,20 @@ def engine_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
         timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def test_once_loaded_the_engine_freezes_what_loading_built_and_collects_again() -> None:
+    from flockctl.engine.cli import settle_heap
+
+    built = [[] for _ in range(1000)]  # long-lived objects, as loading makes
+    gc.disable()  # as serve does while it loads
+    try:
+        settle_heap()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= len(built)
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 @pytest.mark.e2e
