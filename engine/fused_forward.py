@@ -43,6 +43,10 @@ from flockctl.engine.lean_forward import layer_weights, plain_llama
 if available():  # numba is in the engine extra; without it the TorchScript forward runs
     import numba
     import numpy as np
+    from llvmlite import ir as llvm_ir
+    from llvmlite.binding import llvm_version_info
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _products(w, x, out):  # pragma: no cover - compiled
@@ -168,6 +172,103 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             for k in range(width):
                 out[r, k] = weight[k] * (x[r, k] * scale)
 
+    # llvm.prefetch is overloaded on its pointer type: LLVM spells it p0 with opaque pointers
+    # (every LLVM from 17), p0i8 with the typed pointers of the older ones numba has shipped
+    _PREFETCH = "llvm.prefetch.p0" if llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
+
+    @intrinsic
+    def _prefetch(typingctx, array, index):  # pragma: no cover - compiled
+        """Ask for the cache line of ``array[index]`` (1-D) ahead of its read: a hint that
+        never faults, whatever the index."""
+        sig = numba.types.void(array, index)
+
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(
+                context, builder, aryty, ary, [args[1]], wraparound=False
+            )
+            byte = llvm_ir.IntType(8).as_pointer()
+            word = llvm_ir.IntType(32)
+            fn = cgutils.get_or_insert_function(
+                builder.module,
+                llvm_ir.FunctionType(llvm_ir.VoidType(), [byte, word, word, word]),
+                _PREFETCH,
+            )
+            # a read (0), kept in every cache level (3), of data (1)
+            hint = [word(0), word(3), word(1)]
+            builder.call(fn, [builder.bitcast(ptr, byte), *hint])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _fetch(flat, start, count):  # pragma: no cover - compiled
+        # prefetch flat[start : start + count], a 64-byte line (16 float32) at a time
+        for i in range(start, start + count, 16):
+            _prefetch(flat, i)
+
+    #: Slots ahead of the one being read whose keys (or values) are prefetched: a batch's
+    #: histories outgrow the caches (a megabyte a job on the demo model), and at 32 jobs the
+    #: loop waited on memory at each slot (a 32-row decode step 11.3 ms, 10.3 with this)
+    AHEAD = 8
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _attend(  # pragma: no cover - compiled
+        q, keys, values, where, seen, groups, scaling, scores, totals, bits, out
+    ):
+        # out[h * dim : (h + 1) * dim] = softmax(q_h . k_t * scaling) @ v_t over the slots
+        # where[:seen] of one layer's keys and values [slots, kv_heads, dim]: every head in one
+        # pass over each slot's keys, then one over its values
+        heads = scores.shape[0]
+        dim = keys.shape[2]
+        width = keys.shape[1] * dim
+        kflat = keys.reshape(-1)
+        vflat = values.reshape(-1)
+        for t in range(min(AHEAD, seen)):
+            _fetch(kflat, where[t] * width, width)
+        for t in range(seen):
+            ahead = t + AHEAD
+            if ahead < seen:
+                _fetch(kflat, where[ahead] * width, width)
+            elif ahead - seen < seen:  # the first values, read next
+                _fetch(vflat, where[ahead - seen] * width, width)
+            slot = where[t]
+            for hd in range(heads):
+                k = keys[slot, hd // groups]
+                s = np.float32(0.0)
+                for d in range(dim):
+                    s += q[hd * dim + d] * k[d]
+                scores[hd, t] = s * scaling
+        for hd in range(heads):
+            row = scores[hd]
+            top = np.float32(-np.inf)
+            for t in range(seen):
+                if row[t] > top:
+                    top = row[t]
+            for t in range(seen):
+                row[t] -= top
+            _exp(row, seen, bits)
+            total = np.float32(0.0)
+            for t in range(seen):
+                total += row[t]
+            totals[hd] = total
+        for i in range(heads * dim):
+            out[i] = np.float32(0.0)
+        for t in range(seen):
+            if t + AHEAD < seen:
+                _fetch(vflat, where[t + AHEAD] * width, width)
+            slot = where[t]
+            for hd in range(heads):
+                v = values[slot, hd // groups]
+                e = scores[hd, t]
+                for d in range(dim):
+                    out[hd * dim + d] += e * v[d]
+        for hd in range(heads):
+            inv = np.float32(1.0) / totals[hd]
+            for d in range(dim):
+                out[hd * dim + d] *= inv
+
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _forward(  # pragma: no cover - compiled
         ids, positions, slots, jobs, limits, tree_base, tree, tables, block_size, keep,
@@ -193,13 +294,28 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
         sin = np.empty((rows, half), dtype=np.float32)
         longest = 0
         for r in range(rows):
-            seen = limits[r] + 1 + tree.shape[1]
-            if seen > longest:
-                longest = seen
+            longest = max(longest, limits[r] + 1 + tree.shape[1])
         scores = np.empty(max(longest, inter), dtype=np.float32)
+        head_scores = np.empty((heads, longest), dtype=np.float32)
+        totals = np.empty(heads, dtype=np.float32)
         bits = np.empty(scores.shape[0], dtype=np.int32)
-        where = np.empty(longest, dtype=np.int64)
-        acc = np.empty(dim, dtype=np.float32)
+        # the slots each row sees, the same in every layer: its job's positions 0 .. limit, then
+        # its tree's nodes
+        where = np.empty((rows, longest), dtype=np.int64)
+        seen = np.empty(rows, dtype=np.int64)
+        for r in range(rows):
+            table = tables[jobs[r]]
+            n = 0
+            for position in range(limits[r] + 1):
+                block, offset = divmod(position, block_size)
+                where[r, n] = table[block] * block_size + offset
+                n += 1
+            for t in range(tree.shape[1]):
+                if tree[r, t]:
+                    block, offset = divmod(tree_base[r] + t, block_size)
+                    where[r, n] = table[block] * block_size + offset
+                    n += 1
+            seen[r] = n
         for r in range(rows):
             x[r] = embed[ids[r]]
             p = np.float32(positions[r])
@@ -226,47 +342,10 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
                         keys[layer, slot, kv, d] = qkv[r, base + d]
                         values[layer, slot, kv, d] = qkv[r, base + kv_heads * dim + d]
             for r in range(rows):
-                # the slots row r sees: its job's positions 0 .. limit, then its tree's nodes
-                table = tables[jobs[r]]
-                seen = 0
-                for position in range(limits[r] + 1):
-                    block, offset = divmod(position, block_size)
-                    where[seen] = table[block] * block_size + offset
-                    seen += 1
-                for t in range(tree.shape[1]):
-                    if tree[r, t]:
-                        block, offset = divmod(tree_base[r] + t, block_size)
-                        where[seen] = table[block] * block_size + offset
-                        seen += 1
-                for hd in range(heads):
-                    kv = hd // groups
-                    query = qkv[r, hd * dim : (hd + 1) * dim]
-                    top = np.float32(-np.inf)
-                    for t in range(seen):
-                        k = keys[layer, where[t], kv]
-                        s = np.float32(0.0)
-                        for d in range(dim):
-                            s += query[d] * k[d]
-                        s *= scaling
-                        scores[t] = s
-                        if s > top:
-                            top = s
-                    for t in range(seen):
-                        scores[t] -= top
-                    _exp(scores, seen, bits)
-                    total = np.float32(0.0)
-                    for t in range(seen):
-                        total += scores[t]
-                    for d in range(dim):
-                        acc[d] = np.float32(0.0)
-                    for t in range(seen):
-                        v = values[layer, where[t], kv]
-                        e = scores[t]
-                        for d in range(dim):
-                            acc[d] += e * v[d]
-                    inv = np.float32(1.0) / total
-                    for d in range(dim):
-                        attn[r, hd * dim + d] = acc[d] * inv
+                _attend(
+                    qkv[r], keys[layer], values[layer], where[r], seen[r], groups, scaling,
+                    head_scores, totals, bits, attn[r],
+                )  # fmt: skip
             _products(wo[layer], attn, out)
             for r in range(rows):
                 for k in range(hidden):
