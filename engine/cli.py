@@ -172,7 +172,7 @@ def serve(
             metavar="N|auto",
             help="Tokens one iteration feeds the model (chunked prefill): the decoding jobs'"
             " one each, then prompts with what is left, a long prompt in chunks across"
-            " iterations so it does not stall the running jobs. auto: 2048 on CUDA, 512"
+            " iterations so it does not stall the running jobs. auto: 2048 on CUDA, 256"
             " elsewhere. At least --max-batch-size.",
             rich_help_panel=L,
         ),

@@ -183,7 +183,7 @@ async def test_auto_sizes_are_chosen_and_shown(tiny: Path) -> None:
     with make_engine(tiny, kv_budget=8192, max_model_len=256) as engine:
         stats = engine.stats()
         assert stats["max_batch_size"] == 32  # 8192 KV tokens hold 32 jobs of 256
-        assert engine.config.max_num_batched_tokens == 512
+        assert engine.config.max_num_batched_tokens == 256
         assert engine.batcher.max_batch_size == 32
 
 
