@@ -381,6 +381,60 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
         for i in range(kept):
             logits[to[i]] = scores_out[i]
 
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _chain(  # pragma: no cover - compiled
+        first, roots, steps, tables, block_size, vocab,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
+    ):  # fmt: skip
+        # greedy drafting, a forward a step: job j feeds first[j] at position roots[j] + 1, then
+        # each token it picks (its argmax over the first ``vocab`` logits) at the next position,
+        # steps[j] forwards in all; drafted[j, s] is its pick after forward s
+        count = first.shape[0]
+        longest = 0
+        for j in range(count):
+            longest = max(longest, steps[j])
+        current = first.copy()
+        for step in range(longest):
+            rows = 0
+            for j in range(count):
+                if steps[j] > step:
+                    rows += 1
+            ids = np.empty(rows, dtype=np.int64)
+            positions = np.empty(rows, dtype=np.int64)
+            slots = np.empty(rows, dtype=np.int64)
+            owners = np.empty(rows, dtype=np.int64)
+            keep = np.arange(rows)
+            r = 0
+            for j in range(count):
+                if steps[j] > step:
+                    position = roots[j] + 1 + step
+                    block, offset = divmod(position, block_size)
+                    ids[r] = current[j]
+                    positions[r] = position
+                    slots[r] = tables[j, block] * block_size + offset
+                    owners[r] = j
+                    r += 1
+            logits = np.empty((rows, head.shape[0]), dtype=np.float32)
+            _forward(
+                ids, positions, slots, owners, positions, np.zeros(rows, dtype=np.int64),
+                np.zeros((rows, 0), dtype=np.bool_), tables, block_size, keep,
+                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, logits,
+            )  # fmt: skip
+            r = 0
+            for j in range(count):
+                if steps[j] > step:
+                    best = 0
+                    top = logits[r, 0]
+                    for v in range(1, vocab):
+                        if logits[r, v] > top:
+                            top = logits[r, v]
+                            best = v
+                    drafted[j, step] = best
+                    current[j] = best
+                    r += 1
+
 
 def usable(model: Any, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :class:`FusedLlama` can run ``model``: a plain float32 Llama on a CPU, every layer
@@ -478,6 +532,36 @@ class FusedLlama:
         rows["tree"] = np.zeros((1, 0), dtype=np.bool_)
         rows["keep"] = one
         self(rows, np.zeros((1, 1), dtype=np.int64), 1, store, store.clone(), 1)
+
+    def warm_up_chain(self) -> None:
+        """Compile :meth:`chain` now (or load it from numba's cache): a draft model's."""
+        layers = self.weights[2].shape[0]
+        store = torch.zeros((layers, 2, self.kv_heads, self.head_dim))
+        self.chain([0], [0], [1], np.zeros((1, 1), dtype=np.int64), 2, 1, store, store.clone())
+
+    def chain(
+        self,
+        first: list[int],
+        roots: list[int],
+        steps: list[int],
+        tables: np.ndarray,
+        block_size: int,
+        vocab: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> list[list[int]]:
+        """Greedy drafting in one call (see :func:`_chain`): job ``j`` (row ``j`` of the block
+        ``tables``) feeds ``first[j]`` after its token at position ``roots[j]``, then each token
+        it picks, ``steps[j]`` forwards; returns each job's picks, an argmax over the first
+        ``vocab`` logits each."""
+        count = len(first)
+        drafted = np.zeros((count, max(steps, default=0)), dtype=np.int64)
+        _chain(
+            np.array(first, dtype=np.int64), np.array(roots, dtype=np.int64),
+            np.array(steps, dtype=np.int64), tables, block_size, vocab,
+            *self.weights, keys.numpy(), values.numpy(), drafted,
+        )  # fmt: skip
+        return [drafted[j, : steps[j]].tolist() for j in range(count)]
 
     def __call__(
         self,

@@ -425,10 +425,14 @@ class KVPool:
         if not self._fresh:
             return
         index = self._positions(self._fresh, len(self._fresh) * self.block_size)
-        for layer in range(self.num_layers):
-            for pool in (self.keys[layer], self.values[layer]):
-                if pool is not None:  # a layer not created yet zeroes owned blocks itself
-                    pool.index_fill_(0, index, 0)
+        if self._stacked is not None:  # every layer at once: a speculative step's tree often
+            for stack in self._stacked:  # takes a new block, and one op a layer was a twelfth
+                stack.index_fill_(1, index, 0)  # of the step (demo model, 16 layers)
+        else:
+            for layer in range(self.num_layers):
+                for pool in (self.keys[layer], self.values[layer]):
+                    if pool is not None:  # a layer not created yet zeroes owned blocks itself
+                        pool.index_fill_(0, index, 0)
         self._fresh = []
 
     # -- one forward ---------------------------------------------------------------------------

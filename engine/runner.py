@@ -171,6 +171,36 @@ class Runner:
         keep = logits.shape[1]
         return [logits[row, keep - feed.keep :] for row, feed in enumerate(feeds)]
 
+    def chainable(self) -> bool:
+        """Whether :meth:`draft_chain` runs here: the fused forward, over a stacked pool."""
+        return (
+            self.fused is not None
+            and self.pool.stacked(self.fused.kv_heads, self.fused.head_dim) is not None
+        )
+
+    def draft_chain(
+        self, job_ids: Sequence[str], roots: list[int], first: list[int], steps: list[int],
+        vocab: int,
+    ) -> list[list[int]]:  # fmt: skip
+        """Greedy drafting as one compiled call (:meth:`FusedLlama.chain`): job ``i`` feeds
+        ``first[i]`` after its token at ``roots[i]``, then each token it picks, ``steps[i]``
+        forwards of one token a job, the keys and values going to its blocks; returns each
+        job's picks (argmax over the first ``vocab`` logits). Only where :meth:`chainable`."""
+        assert self.fused is not None
+        stores = self.pool.stacked(self.fused.kv_heads, self.fused.head_dim)
+        assert stores is not None
+        tables = [self.pool.tables[job_id] for job_id in job_ids]
+        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
+        for j, table in enumerate(tables):
+            padded[j, : len(table)] = table
+        bs = self.pool.block_size
+        drafted = self.fused.chain(first, roots, steps, padded, bs, vocab, *stores)
+        if self.dense is not None:
+            self.dense.clear()  # the rows did not get these forwards' tokens
+        self.forwards += max(steps, default=0)
+        self.fused_forwards += max(steps, default=0)
+        return drafted
+
     def _arange(self, n: int) -> torch.Tensor:
         if self._columns.shape[0] < n:
             self._columns = torch.arange(max(n, 2 * self._columns.shape[0]), dtype=torch.long)

@@ -87,6 +87,8 @@ class Speculator:
                 # the LLM's small forwards run fused: so do the SSM's (its drafts are one token
                 # a job a step), with the lean forward above the fused forward's rows
                 drafter = Runner(draft, pool, device, attention="fast", fused=True)
+                if drafter.fused is not None:
+                    drafter.fused.warm_up_chain()  # compiled now, not in the first request
             else:  # a Llama-shaped SSM runs a leaner forward with the same arithmetic
                 drafter = Runner(lean_forward(draft) or draft, pool, device)
             self.drafters.append(Drafter(name, draft, pool, drafter))
@@ -96,6 +98,7 @@ class Speculator:
         self.planned: dict[str, int] = {}  # job -> the depth the policy chose this iteration
         self.depth: dict[str, int] = {}  # job -> tree depth this iteration (room permitting)
         self._holding: dict[str, Job] = {}  # jobs that may have a cache in an SSM's pool
+        self._first_forwards = 0.0
         self.steps = 0
         self.draft_tokens = 0
         self.accepted_tokens = 0
@@ -183,6 +186,7 @@ class Speculator:
             j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
         }
         drafting = [j for j in chosen if self._reserve_tree(j, running)]
+        self._first_forwards = 0.0  # seconds of the SSMs' first forwards (see _draft)
         # tokens each SSM's first forward feeds a job to catch up (1 or 2 in a run of speculative
         # steps; more after incremental ones, which the SSMs did not see)
         catchup = max(
@@ -237,12 +241,13 @@ class Speculator:
             cached = self._keep_path(job, tree, path, drafts)
             results.append(Accepted([*tree.path_tokens(path[1:]), token], cached))
         if drafting:  # else it was incremental after all
+            # each SSM's first forward is a fixed cost of the step (see StepCosts)
             self.policy.observe_speculative(
                 len(jobs),
-                len(self.drafters) * max(self.depth.values()),
-                drafted - start,
+                len(self.drafters) * (max(self.depth.values()) - 1),
+                drafted - start - self._first_forwards,
                 max(len(tree) for tree in trees.values()),
-                time.perf_counter() - drafted,
+                time.perf_counter() - drafted + self._first_forwards,
                 catchup,
             )
         return results
@@ -297,7 +302,9 @@ class Speculator:
             assert job.spec is not None
             cached = job.spec.draft_cached[s]
             feeds.append(Feed.linear((job.prompt_ids + job.output_ids)[cached:], cached))
+        first = time.perf_counter()
         rows = dict(zip(ids, drafter.runner.run(ids, feeds), strict=True))
+        self._first_forwards += time.perf_counter() - first
         out: dict[str, _Draft] = {}
         frontier: dict[str, list[int]] = {}
         for job in jobs:
@@ -305,6 +312,14 @@ class Speculator:
             job.spec.draft_cached[s] = job.total_tokens
             out[job.id] = _Draft(TokenTree(trees[job.id].tokens[0]), [0], {0})
             frontier[job.id] = [0]
+        deepest = max(self.depth[j.id] for j in jobs)
+        if (
+            all(w == 1 for w in widths[:deepest])
+            and all(is_greedy(j.params) for j in jobs)
+            and drafter.runner.chainable()
+        ):
+            self._draft_chain(drafter, s, jobs, trees, rows, out)
+            return out
         for depth in range(1, len(widths) + 1):
             grown: list[Job] = []
             for job in jobs:
@@ -343,6 +358,38 @@ class Speculator:
             grown_ids = [j.id for j in grown]
             rows.update(zip(grown_ids, drafter.runner.run(grown_ids, feeds), strict=True))
         return out
+
+    def _draft_chain(
+        self,
+        drafter: Drafter,
+        s: int,
+        jobs: list[Job],
+        trees: dict[str, TokenTree],
+        rows: dict[str, torch.Tensor],
+        out: dict[str, _Draft],
+    ) -> None:
+        """:meth:`_draft` for greedy jobs drafting a chain (one token a depth): the drafts
+        after the first come from one compiled call (:meth:`Runner.draft_chain`), not a
+        forward and its Python a depth. The trees are the same as :meth:`_draft` grows."""
+        vocab = min(self.vocab_size, int(rows[jobs[0].id].shape[-1]))
+        first = [int(rows[j.id][-1, :vocab].argmax()) for j in jobs]
+        more = drafter.runner.draft_chain(
+            [j.id for j in jobs],
+            [j.total_tokens - 1 for j in jobs],
+            first,
+            [self.depth[j.id] - 1 for j in jobs],
+            vocab,
+        )
+        for job, token, rest in zip(jobs, first, more, strict=True):
+            mine, merged = out[job.id], trees[job.id]
+            node = 0
+            for depth, drafted in enumerate([token, *rest], start=1):
+                parent = mine.merged[node]
+                merged.drafts[parent][s] = ([drafted], None)
+                node = mine.tree.add(node, drafted)
+                mine.merged.append(merged.add(parent, drafted))
+                if depth < self.depth[job.id]:  # its keys and values are in the SSM's cache
+                    mine.fed.add(node)
 
     def _keep_path(
         self, job: Job, tree: TokenTree, path: list[int], drafts: list[dict[str, _Draft]]

@@ -21,7 +21,7 @@ from flockctl.engine.config import EngineConfig
 from flockctl.engine.job import SamplingParams
 from flockctl.engine.kv import KVPool, num_layers
 from flockctl.engine.loader import load_engine
-from flockctl.engine.runner import Runner
+from flockctl.engine.runner import Feed, Runner
 
 
 def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -96,6 +96,54 @@ def test_stacking_keeps_transformers_forward_bit_for_bit() -> None:
         assert layer.mlp.down_proj.weight.data_ptr() == fused.weights[6][i].ctypes.data
 
 
+def test_a_compiled_draft_chain_picks_and_caches_what_forward_by_forward_drafting_does() -> None:
+    """Two jobs drafting chains of 4 and 2 tokens in one compiled call: the same picks (argmax
+    over the first ``vocab`` logits) and the same keys in their blocks, bit for bit, as one
+    fused forward a depth (both jobs in a forward while both draft, then one)."""
+    model = llama()
+    cpu = torch.device("cpu")
+    prompts = [list(range(3, 16)), list(range(40, 47))]
+    vocab = 250  # as if the served model's vocabulary were smaller than the draft's
+    runners = []
+    for _ in range(2):
+        pool = KVPool(num_layers(model.config), 256, cpu, torch.float32, block_size=4)
+        runners.append(Runner(model, pool, cpu, attention="fast", fused=True))
+    ids = ["a", "b"]
+    roots = [len(p) - 1 for p in prompts]
+    steps = [4, 2]
+    with torch.inference_mode():
+        firsts = []
+        for r in runners:
+            for job_id, prompt, n in zip(ids, prompts, steps, strict=True):
+                r.pool.reserve(job_id, len(prompt) + 1 + n)
+            rows = r.run(ids, [Feed.linear(p, 0) for p in prompts])
+            firsts.append([int(row[-1, :vocab].argmax()) for row in rows])
+        assert firsts[0] == firsts[1]
+        chained, stepped = runners
+        assert chained.chainable()
+        got = chained.draft_chain(ids, roots, firsts[0], steps, vocab)
+        want: list[list[int]] = [[], []]
+        last = list(firsts[1])
+        for depth in range(max(steps)):
+            going = [j for j in range(2) if steps[j] > depth]
+            feeds = [Feed.linear([last[j]], roots[j] + 1 + depth) for j in going]
+            rows = stepped.run([ids[j] for j in going], feeds)
+            for j, row in zip(going, rows, strict=True):
+                last[j] = int(row[-1, :vocab].argmax())
+                want[j].append(last[j])
+    assert got == want
+    assert chained.fused_forwards == stepped.fused_forwards == 1 + max(steps)
+    for job_id, root, n in zip(ids, roots, steps, strict=True):
+        mine, theirs = (
+            [r.pool.tables[job_id][t // 4] * 4 + t % 4 for t in range(root + 1 + n)]
+            for r in runners
+        )
+        for store in ("keys", "values"):
+            for layer in range(num_layers(model.config)):
+                a, b = (getattr(r.pool, store)[layer] for r in runners)
+                assert torch.equal(a[mine], b[theirs])
+
+
 def test_the_pool_stacks_its_layers_when_they_share_a_shape() -> None:
     pool = KVPool(3, 64, torch.device("cpu"), torch.float32, block_size=4)
     stores = pool.stacked(2, 8)
@@ -110,6 +158,24 @@ def test_the_pool_stacks_its_layers_when_they_share_a_shape() -> None:
     uneven._ensure_layer(0, 2, 8)
     uneven._ensure_layer(1, 4, 8)  # another layer's heads: each layer its own store
     assert uneven.stacked(2, 8) is None
+
+
+def test_blocks_handed_out_after_the_stacked_layers_exist_are_zeroed_in_every_layer() -> None:
+    """A new block may hold anything (the pool is allocated empty, and blocks are reused); the
+    next forward's stores come back with it zeroed in every layer, the rest untouched."""
+    pool = KVPool(3, 64, torch.device("cpu"), torch.float32, block_size=4)
+    stores = pool.stacked(2, 8)
+    assert stores is not None
+    for store in stores:
+        store.fill_(float("nan"))
+    pool.reserve("a", 6)  # two blocks
+    stores = pool.stacked(2, 8)
+    assert stores is not None
+    mine = [b * 4 + i for b in pool.tables["a"] for i in range(4)]
+    others = [s for s in range(pool.num_blocks * 4) if s not in mine]
+    for store in stores:
+        assert torch.equal(store[:, mine], torch.zeros_like(store[:, mine]))
+        assert store[:, others].isnan().all()
 
 
 def test_the_fused_forward_is_left_out_where_it_does_not_apply() -> None:

@@ -14,6 +14,7 @@ import torch
 from tinymodel import build_near_model, build_tiny_model, greedy_continuations
 from transformers import AutoTokenizer
 
+from flockctl.engine import fused_forward
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.engine import Engine
 from flockctl.engine.job import Job, SamplingParams
@@ -229,6 +230,7 @@ async def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY
 )
 async def test_greedy_speculative_output_equals_incremental(
     request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
     tiny: Path,
     prompts: list[list[int]],
     reference: list[list[int]],
@@ -237,11 +239,18 @@ async def test_greedy_speculative_output_equals_incremental(
     kw: dict,
 ) -> None:
     drafts = [request.getfixturevalue(name) for name in which]
+    chains: list[int] = []
+    chain = fused_forward._chain
+    monkeypatch.setattr(fused_forward, "_chain", lambda *a: chains.append(1) or chain(*a))
     for engine in make_engine(tiny, drafts, spec_tree=tree, spec="on", max_batch_size=4, **kw):
+        chains.clear()  # the start compiled it
         results = await asyncio.gather(*(run(engine, p) for p in prompts))
         assert [ids for ids, _ in results] == reference
         spec = engine.stats()["speculation"]
         assert spec["num_drafts"] > 0
+        # one torch thread: greedy chains are drafted by one compiled call a step
+        assert engine.runner.fused is not None
+        assert chains or set(tree) != {1}
         if "tiny" in which:  # a draft identical to the model: every drafted chain is accepted
             assert spec["num_accepted_tokens"] > 0
             assert spec["num_accepted_tokens_per_pos"][len(tree) - 1] > 0
