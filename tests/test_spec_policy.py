@@ -98,6 +98,23 @@ def test_step_costs_are_read_off_the_measured_tree_sizes() -> None:
     assert policy.step_seconds(2, 1) is None  # another batch size is measured on its own
 
 
+def test_one_rejected_deep_draft_does_not_end_drafting_that_deep() -> None:
+    """Engine-wide, a position's rate starts from the one before it, worth several drafts: one
+    rejection at the third position leaves it and every deeper one likely (deep chains are where
+    a strong draft pays), and only repeated rejections bring them down."""
+    policy = SpecPolicy("auto", TREE)
+    job = new_job()
+    for _ in range(20):
+        policy.observe_job(job, 2, 2, 2)  # the first two positions accepted every time
+    policy.observe_job(job, 3, 3, 2)  # the third tried once: rejected
+    rates = policy.rates()
+    assert rates[1] > 0.9 and rates[2] > 0.7
+    assert rates[3:] == pytest.approx([rates[2]] * (len(TREE) - 3))  # not reached: as the third
+    for _ in range(30):
+        policy.observe_job(job, 3, 3, 2)
+    assert policy.rates()[2] < 0.3
+
+
 def test_a_job_drafts_as_deep_as_its_acceptance_pays_for() -> None:
     policy = measured(SpecPolicy("auto", TREE), draft=1 * MS)
     good, fair, useless = new_job(), new_job(), new_job()
