@@ -137,10 +137,11 @@ class StepCosts:
 
     A speculative iteration of depth ``d`` costs one verification plus ``d - 1`` forwards of
     each SSM: each SSM's first forward (which catches its cache up and drafts the first depth)
-    counts with the verification, a fixed cost of every speculative step whatever its depth.
-    With the fused forward, a greedy chain's further depths are one compiled call, each depth
-    a tenth of a millisecond on the demo's draft, against about half a millisecond for that
-    first forward and its Python: counted alike, depth 2 measured made every deeper depth look
+    and the trees' Python count with the verification, a fixed cost of every speculative step
+    whatever its depth; only the SSMs' forwards past their first are timed per forward. With
+    the fused forward, a greedy chain's further depths are one compiled call, each depth about
+    a tenth of a millisecond on the demo's draft, against half a millisecond or more for the
+    rest of the drafting: counted alike, depth 2 measured made every deeper depth look about
     three times as dear as it was. Verification at any tree size is read off a line through the
     sizes measured (the padded batch makes every job's tree as large as the largest one's).
 

@@ -98,7 +98,7 @@ class Speculator:
         self.planned: dict[str, int] = {}  # job -> the depth the policy chose this iteration
         self.depth: dict[str, int] = {}  # job -> tree depth this iteration (room permitting)
         self._holding: dict[str, Job] = {}  # jobs that may have a cache in an SSM's pool
-        self._first_forwards = 0.0
+        self._deeper = 0.0
         self.steps = 0
         self.draft_tokens = 0
         self.accepted_tokens = 0
@@ -186,7 +186,7 @@ class Speculator:
             j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
         }
         drafting = [j for j in chosen if self._reserve_tree(j, running)]
-        self._first_forwards = 0.0  # seconds of the SSMs' first forwards (see _draft)
+        self._deeper = 0.0  # seconds of the SSMs' forwards past their first (see _draft)
         # tokens each SSM's first forward feeds a job to catch up (1 or 2 in a run of speculative
         # steps; more after incremental ones, which the SSMs did not see)
         catchup = max(
@@ -206,7 +206,6 @@ class Speculator:
             if drafting
             else []
         )
-        drafted = time.perf_counter()
         feeds = []
         for job in jobs:
             tree = trees[job.id]
@@ -241,13 +240,14 @@ class Speculator:
             cached = self._keep_path(job, tree, path, drafts)
             results.append(Accepted([*tree.path_tokens(path[1:]), token], cached))
         if drafting:  # else it was incremental after all
-            # each SSM's first forward is a fixed cost of the step (see StepCosts)
+            # the SSMs' forwards past their first are what a depth adds; the rest of the step
+            # (each SSM's first forward, the trees' Python, verification) is its fixed cost
             self.policy.observe_speculative(
                 len(jobs),
                 len(self.drafters) * (max(self.depth.values()) - 1),
-                drafted - start - self._first_forwards,
+                self._deeper,
                 max(len(tree) for tree in trees.values()),
-                time.perf_counter() - drafted + self._first_forwards,
+                time.perf_counter() - start - self._deeper,
                 catchup,
             )
         return results
@@ -302,9 +302,7 @@ class Speculator:
             assert job.spec is not None
             cached = job.spec.draft_cached[s]
             feeds.append(Feed.linear((job.prompt_ids + job.output_ids)[cached:], cached))
-        first = time.perf_counter()
         rows = dict(zip(ids, drafter.runner.run(ids, feeds), strict=True))
-        self._first_forwards += time.perf_counter() - first
         out: dict[str, _Draft] = {}
         frontier: dict[str, list[int]] = {}
         for job in jobs:
@@ -356,7 +354,9 @@ class Speculator:
                 )
                 mine.fed.update(nodes)
             grown_ids = [j.id for j in grown]
+            forward = time.perf_counter()
             rows.update(zip(grown_ids, drafter.runner.run(grown_ids, feeds), strict=True))
+            self._deeper += time.perf_counter() - forward
         return out
 
     def _draft_chain(
@@ -373,6 +373,7 @@ class Speculator:
         forward and its Python a depth. The trees are the same as :meth:`_draft` grows."""
         vocab = min(self.vocab_size, int(rows[jobs[0].id].shape[-1]))
         first = [int(rows[j.id][-1, :vocab].argmax()) for j in jobs]
+        forward = time.perf_counter()
         more = drafter.runner.draft_chain(
             [j.id for j in jobs],
             [j.total_tokens - 1 for j in jobs],
@@ -380,6 +381,7 @@ class Speculator:
             [self.depth[j.id] - 1 for j in jobs],
             vocab,
         )
+        self._deeper += time.perf_counter() - forward
         for job, token, rest in zip(jobs, first, more, strict=True):
             mine, merged = out[job.id], trees[job.id]
             node = 0
