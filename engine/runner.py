@@ -189,12 +189,9 @@ class Runner:
         assert self.fused is not None
         stores = self.pool.stacked(self.fused.kv_heads, self.fused.head_dim)
         assert stores is not None
-        tables = [self.pool.tables[job_id] for job_id in job_ids]
-        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
-        for j, table in enumerate(tables):
-            padded[j, : len(table)] = table
+        tables = _table_array([self.pool.tables[job_id] for job_id in job_ids])
         bs = self.pool.block_size
-        drafted = self.fused.chain(first, roots, steps, padded, bs, vocab, *stores)
+        drafted = self.fused.chain(first, roots, steps, tables, bs, vocab, *stores)
         if self.dense is not None:
             self.dense.clear()  # the rows did not get these forwards' tokens
         self.forwards += max(steps, default=0)
@@ -238,10 +235,6 @@ class Runner:
             bases += [feed.tree_base] * n
             first_kept = j * keep + keep - feed.keep  # its kept tokens end the job's logits
             out += [-1] * (n - feed.keep) + list(range(first_kept, first_kept + feed.keep))
-        longest = max(len(t) for t in tables)
-        padded = np.zeros((len(tables), longest), dtype=np.int64)
-        for j, table in enumerate(tables):
-            padded[j, : len(table)] = table
         rows = {
             "ids": np.array(ids, dtype=np.int64),
             "positions": np.array(positions, dtype=np.int64),
@@ -252,7 +245,7 @@ class Runner:
             "tree": tree,
             "keep": np.array(out, dtype=np.int64),
         }
-        logits = self.fused(rows, padded, bs, *stores, len(feeds) * keep)
+        logits = self.fused(rows, _table_array(tables), bs, *stores, len(feeds) * keep)
         if self.dense is not None:
             self.dense.clear()  # the rows did not get this forward's tokens
         self.forwards += 1
@@ -350,3 +343,11 @@ class Runner:
         self.forwards += 1
         logits = out.logits.float()
         return logits if back is None else logits[back]
+
+
+def _table_array(tables: list[list[int]]) -> np.ndarray:
+    """Jobs' block tables as one array for the compiled forward, a row a job, zero-padded."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
+    for j, table in enumerate(tables):
+        out[j, : len(table)] = table
+    return out

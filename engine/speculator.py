@@ -328,11 +328,7 @@ class Speculator:
                 children = draft_children(logits, widths[depth - 1], job.params, generators[job.id])
                 nodes = []
                 for node, (tokens, q) in zip(frontier[job.id], children, strict=True):
-                    parent = mine.merged[node]
-                    merged.drafts[parent][s] = (tokens, q)
-                    for token in tokens:
-                        nodes.append(mine.tree.add(node, token))
-                        mine.merged.append(merged.add(parent, token))
+                    nodes += _add_children(mine, merged, s, node, tokens, q)
                 frontier[job.id] = nodes
                 if self.depth[job.id] > depth:
                     grown.append(job)
@@ -386,10 +382,7 @@ class Speculator:
             mine, merged = out[job.id], trees[job.id]
             node = 0
             for depth, drafted in enumerate([token, *rest], start=1):
-                parent = mine.merged[node]
-                merged.drafts[parent][s] = ([drafted], None)
-                node = mine.tree.add(node, drafted)
-                mine.merged.append(merged.add(parent, drafted))
+                (node,) = _add_children(mine, merged, s, node, [drafted], None)
                 if depth < self.depth[job.id]:  # its keys and values are in the SSM's cache
                     mine.fed.add(node)
 
@@ -430,6 +423,20 @@ class Speculator:
                 for i in range(accepted):
                     self.accepted_per_pos[i] += 1
         return root + len(path)
+
+
+def _add_children(
+    mine: _Draft, merged: TokenTree, s: int, node: int, tokens: list[int], q: torch.Tensor | None
+) -> list[int]:
+    """SSM ``s`` drafted ``tokens`` (from ``q``; None: greedy) under its node ``node``: they join
+    its own tree and the merged one; returns their nodes in its own tree."""
+    parent = mine.merged[node]
+    merged.drafts[parent][s] = (tokens, q)
+    nodes = []
+    for token in tokens:
+        nodes.append(mine.tree.add(node, token))
+        mine.merged.append(merged.add(parent, token))
+    return nodes
 
 
 def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
