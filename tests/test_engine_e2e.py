@@ -77,13 +77,19 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
                     return "".join(text)
 
             # a tiny model is fast: enough work queued that status catches jobs in flight
-            tasks = [asyncio.ensure_future(stream()) for _ in range(100)]
+            tasks = [asyncio.ensure_future(stream()) for _ in range(200)]
             await asyncio.wait_for(streaming.wait(), 60)
 
             def jobs_queued_on_both() -> dict[str, Any]:
-                # fifty jobs per worker and a batch of two: jobs wait, the queues show it (one
+                # a hundred jobs per worker and a batch of two: jobs wait, the queues show it (one
                 # snapshot where both hold jobs and some wait: a faster engine drains them
-                # between two reads)
+                # between two reads). The table must list a live job under its worker in the
+                # same round: read once the JSON had shown them, the engines had sometimes
+                # drained every job before the table's first read
+                human = flockctl("status")
+                assert human.code == 0, human.err
+                if not re.search(r"^w[12]\s+[A-Za-z0-9]{22}\s", human.out, re.M):
+                    return {}
                 snap = flockctl("status", "--json").json()
                 jobs = {
                     w["id"]: w["engine"]["jobs"]
@@ -95,7 +101,9 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
                 return {"jobs": jobs, "snap": snap} if len(jobs) == 2 and waiting else {}
 
             seen = await asyncio.to_thread(
-                until_sync, jobs_queued_on_both, "jobs on both workers, some queued"
+                until_sync,
+                jobs_queued_on_both,
+                "a live job in `flockctl status`, and jobs on both workers, some queued",
             )
             jobs, snap = seen["jobs"], seen["snap"]
             assert set(jobs) == {w["id"] for w in workers}
@@ -108,16 +116,6 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
             engines = [w["engine"] for w in snap["workers"] if w.get("engine")]
             assert all(e["max_batch_size"] == 2 and e["scheduler"] == "mlfq" for e in engines)
             assert all(w["gpu_memory"]["used"] > 0 for w in snap["workers"])
-
-            def live_job_row() -> str:
-                # the table lists live jobs under their worker (jobs finish between two reads)
-                human = flockctl("status")
-                assert human.code == 0, human.err
-                return (
-                    human.out if re.search(r"^w[12]\s+[A-Za-z0-9]{22}\s", human.out, re.M) else ""
-                )
-
-            await asyncio.to_thread(until_sync, live_job_row, "a live job in `flockctl status`")
 
             texts = await asyncio.wait_for(asyncio.gather(*tasks), 120)
             assert len(set(texts)) == 1 and texts[0]  # greedy: every worker says the same
