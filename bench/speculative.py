@@ -4,7 +4,7 @@ assisted generation on the same model pair.
     python bench/speculative.py                     # the demo pair (--model demo)
     python bench/speculative.py --quick             # a smoke run
     python bench/speculative.py --model M --draft-model D --spec-tree 1,1,1,1
-    python bench/speculative.py --weak-noise 0.5    # bench/engine.py's weaker draft of the pair
+    python bench/speculative.py --weak-noise 0.15   # bench/engine.py's weaker draft of the pair
     python bench/speculative.py --contend 3         # beside a neighbour that comes and goes
 
 One engine is loaded with the draft model(s) and ``--spec on``; its speculation mode is switched

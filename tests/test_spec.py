@@ -21,6 +21,7 @@ from flockctl.engine.job import Job, SamplingParams
 from flockctl.engine.loader import load_engine
 from flockctl.engine.spec import TokenTree, draft_children, verify_greedy, verify_stochastic
 from flockctl.engine.spec_policy import SpecPolicy, StepCosts
+from flockctl.engine.speculator import Speculator
 from flockctl.engine.tree import default_tree, parse_tree, tree_nodes
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -242,6 +243,11 @@ async def test_greedy_speculative_output_equals_incremental(
     chains: list[int] = []
     chain = fused_forward._chain
     monkeypatch.setattr(fused_forward, "_chain", lambda *a: chains.append(1) or chain(*a))
+    chain_steps: list[int] = []
+    chain_step = Speculator._chain_step
+    monkeypatch.setattr(
+        Speculator, "_chain_step", lambda *a: chain_steps.append(1) or chain_step(*a)
+    )
     for engine in make_engine(tiny, drafts, spec_tree=tree, spec="on", max_batch_size=4, **kw):
         chains.clear()  # the start compiled it
         results = await asyncio.gather(*(run(engine, p) for p in prompts))
@@ -251,6 +257,8 @@ async def test_greedy_speculative_output_equals_incremental(
         # one torch thread: greedy chains are drafted by one compiled call a step
         assert engine.runner.fused is not None
         assert chains or set(tree) != {1}
+        # one SSM drafting chains: no token trees, the chains fed as runs of tokens
+        assert bool(chain_steps) == (set(tree) == {1} and len(drafts) == 1)
         if "tiny" in which:  # a draft identical to the model: every drafted chain is accepted
             assert spec["num_accepted_tokens"] > 0
             assert spec["num_accepted_tokens_per_pos"][len(tree) - 1] > 0
