@@ -166,6 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stall-prompt-tokens", type=int, default=1500, help="(1500)")
     parser.add_argument("--threads", type=int, help="torch CPU threads, here and in engines")
     parser.add_argument(
+        "--fused-threads", choices=("1", "2", "auto"), help="the engines' --fused-threads"
+    )
+    parser.add_argument(
         "--weak-noise",
         type=float,
         default=0.15,
@@ -474,6 +477,8 @@ async def engine_server(
         argv += ["--max-batch-size", str(args.max_batch_size)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    if args.fused_threads:
+        argv += ["--fused-threads", args.fused_threads]
     base = f"http://{HOST}:{port}"
     say(f"starting engine {name}")
     proc = procs.start(name, argv)
@@ -668,6 +673,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         "dtype": s.get("dtype"),
                         "device": s.get("device"),
                         "kv_budget_tokens": (s.get("kv") or {}).get("budget_tokens"),
+                        "fused_threads": s.get("fused_threads"),
                     }
         plain = concurrency[engine_table(concurrency)]["1"]["tokens_per_s"]
         for pair, draft_path in pairs.items():
@@ -718,6 +724,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "attention": args.attention,
             "max_batch_size": args.max_batch_size,
             "threads": args.threads,
+            "fused_threads": args.fused_threads or "auto",
             "quick": args.quick,
             "out_of_step": args.out_of_step,
         },

@@ -255,6 +255,18 @@ def serve(
             rich_help_panel=M,
         ),
     ] = None,
+    fused_threads: Annotated[
+        str,
+        typer.Option(
+            metavar="1|2|auto",
+            help="Threads the fused forward (--attention fast, one torch thread) splits a"
+            " step's jobs over. auto: 2 when the engine picked torch's threads itself (no"
+            " --threads, no OMP_NUM_THREADS) on two cores or more, else 1: the second thread"
+            " takes the serving side's core while the model computes. Engines sharing a"
+            " machine's cores keep 1.",
+            rich_help_panel=M,
+        ),
+    ] = "auto",
     draft_model: Annotated[
         list[str] | None,
         typer.Option(
@@ -342,6 +354,9 @@ def serve(
         tree = parse_tree(spec_tree)
         batch_size = parse_auto("--max-batch-size", max_batch_size)
         batched_tokens = parse_auto("--max-num-batched-tokens", max_num_batched_tokens)
+        split = parse_auto("--fused-threads", fused_threads)
+        if split > 2:
+            raise ValueError(f"--fused-threads must be 1, 2 or auto, got {split}")
     except ValueError as exc:
         fail(str(exc), ExitCode.USAGE)
     if spec is SpecMode.on and not draft_model:
@@ -384,6 +399,7 @@ def serve(
                 mlfq_levels=mlfq_levels,
                 starvation_limit=starvation_limit,
                 threads=threads,
+                fused_threads=split,
                 seed=secrets.randbits(63) if seed is None else seed,
                 draft_models=tuple(draft_model or ()),
                 spec_tree=tree,

@@ -28,7 +28,10 @@ class EngineConfig:
     block_size: int = 16
     mlfq_levels: int = 6
     starvation_limit: float = 5.0
-    threads: int | None = None  # torch CPU threads; None: see loader.default_threads
+    threads: int | None = None  # torch CPU threads; None: see cores.default_threads
+    # threads the fused forward splits a batch's jobs over (1 or 2); 0 (auto): see
+    # engine.fused_threads
+    fused_threads: int = 0
     host_kv_budget: int | None = None  # tokens of swap space in host memory; default: kv budget
     draft_models: tuple[str, ...] = ()  # speculative models (SSMs); 'demo': the demo's draft
     spec_tree: tuple[int, ...] | None = None  # children per node at each depth; None: device's
@@ -48,6 +51,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.fused_threads not in (0, 1, 2):
+            raise ValueError(f"fused_threads must be 1 or 2 (or 0: auto), got {self.fused_threads}")
         if self.attention not in ("fast", "exact"):
             raise ValueError(f"attention must be fast or exact, got {self.attention!r}")
         for name in ("max_waiting", "block_size", "mlfq_levels"):

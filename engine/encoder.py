@@ -111,6 +111,7 @@ class EncoderEngine:
             "device": self.memory.read(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": "exact",  # transformers' own forward
+            "fused_threads": 0,
             "max_model_len": self.max_model_len,
             "running": 0,
             "waiting": 0,

@@ -7,14 +7,13 @@ Hugging Face hub id or a local path that transformers loads.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from flockctl.cores import torch_threads
+from flockctl.cores import default_threads
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import pick_device, pick_dtype
 from flockctl.engine.embeddings import is_encoder
@@ -76,15 +75,6 @@ def load_engine(
     return Engine(
         model, tokenizer, config, device, dtype, name, context, eos_ids(model, tokenizer), drafts
     )
-
-
-def default_threads() -> int | None:
-    """Torch's CPU threads when ``--threads`` is not given: :func:`flockctl.cores.torch_threads`
-    for an engine alone. None where ``OMP_NUM_THREADS`` is set: torch has taken the user's
-    number from it."""
-    if os.environ.get("OMP_NUM_THREADS", "").strip():
-        return None
-    return torch_threads()
 
 
 def _encoder_engine(

@@ -107,6 +107,7 @@ class Runner:
         lean: bool = True,
         attention: str = "exact",
         fused: bool = False,
+        fused_threads: int = 1,
     ):
         self.model = model
         # the served model's forward: its exact lean forward where it has one (unless ``lean``
@@ -127,7 +128,7 @@ class Runner:
         # (fused_forward.py); it runs on one core, so the engine asks for it with one torch
         # thread only (with more, MKL's products share the work)
         self.fused = (
-            fused_forward.FusedLlama(model)
+            fused_forward.FusedLlama(model, fused_threads)
             if fused and self.fast_decode and fused_forward.usable(model, pool.dtype, device)
             else None
         )
@@ -136,6 +137,11 @@ class Runner:
             dense = device.type == "cpu"
         self.dense = DenseRows(pool, max(pool.budget_tokens, DENSE_MIN_SLOTS)) if dense else None
         self._columns = torch.arange(0, dtype=torch.long)  # 0 .. n-1, grown as needed
+
+    def close(self) -> None:
+        """Stop the fused forward's second thread, if it has one."""
+        if self.fused is not None:
+            self.fused.close()
 
     def tokens(self, job: Job, count: int | None = None) -> list[int]:
         """The job's tokens not yet in its cache (the first ``count`` of them, if given)."""

@@ -25,3 +25,12 @@ def usable_cores() -> int:
 def torch_threads(engines: int = 1) -> int:
     """Torch threads for each of ``engines`` engines running at once on this machine."""
     return max(1, usable_cores() // max(1, engines) - 1)
+
+
+def default_threads() -> int | None:
+    """An engine's torch CPU threads when ``--threads`` is not given: :func:`torch_threads` for
+    an engine alone. None where ``OMP_NUM_THREADS`` is set: torch has taken the user's number
+    from it."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    return torch_threads()

@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 #: The ``schema`` key of ``GET /-/status``.
 SNAPSHOT_SCHEMA_VERSION = 4
 #: The ``schema_version`` key of an engine's ``GET /stats``.
-STATS_SCHEMA_VERSION = 5
+STATS_SCHEMA_VERSION = 6
 
 # -- an engine's /stats ----------------------------------------------------------------------------
 
@@ -179,6 +179,9 @@ class EngineStats(_EngineStatsRequired, total=False):
     #: (logits within float32 rounding of transformers'); ``exact``: transformers' attention
     #: throughout, its logits bit for bit (``--attention``, or where the kernel does not apply).
     attention: str
+    #: Threads the fused forward splits a step's jobs over (``--fused-threads``); 0 where the
+    #: fused forward does not run.
+    fused_threads: int
 
 
 class _EncoderStatsRequired(TypedDict):
@@ -210,6 +213,8 @@ class EncoderStats(_EncoderStatsRequired, total=False):
     instance: str
     #: Always ``exact``: an encoder runs transformers' own forward.
     attention: str
+    #: Always 0: no fused forward runs (as in ``EngineStats``).
+    fused_threads: int
     #: The process's resident memory in bytes (``/stats/detailed`` only).
     process_rss: int
 

@@ -595,6 +595,8 @@ def test_serve_help_explains_every_flag() -> None:
         ["--port", "-1"],
         ["--spec-tree", "1,0,2"],
         ["--spec", "on"],
+        ["--fused-threads", "3"],
+        ["--fused-threads", "many"],
     ],
 )
 def test_serve_refuses_bad_flag_values_as_usage_errors(flags: list[str]) -> None:

@@ -6,6 +6,7 @@ is left out."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tinymodel import greedy_continuations
 
 from flockctl.engine import fused_forward, runner
 from flockctl.engine.config import EngineConfig
-from flockctl.engine.job import SamplingParams
+from flockctl.engine.job import Job, SamplingParams
 from flockctl.engine.kv import KVPool, num_layers
 from flockctl.engine.loader import load_engine
 from flockctl.engine.runner import Feed, Runner
@@ -76,6 +77,75 @@ def test_forwards_above_the_row_limit_keep_the_lean_forward(
         fast = through_runner(model, True, torch.float32, attention="fast", fused=True)
     assert calls == [2, 2, 2]  # a and b decoding, before c joins
     assert_within_rounding(fast, exact)
+
+
+def test_a_forward_split_over_two_threads_keeps_every_rows_logits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With two threads the forwards of two or more jobs run as two calls of whole jobs at once
+    (a prefill chunk's rows together: they see each other's keys and values), and every forward
+    of the sequence keeps its logits within rounding and every greedy token."""
+    model = llama()
+    calls = counting(monkeypatch)
+    with torch.inference_mode():
+        one = through_runner(model, True, torch.float32, attention="fast", fused=True)
+        forwards = len(calls)
+        calls.clear()
+        two = through_runner(
+            model, True, torch.float32, attention="fast", fused=True, fused_threads=2
+        )
+    # the first forward: a's 6-row chunk and b's 5-token prompt, split between them
+    assert calls[:2] in ([6, 5], [5, 6])
+    assert len(calls) > forwards
+    assert torch.equal(one[-1], two[-1])
+    for a, b in zip(one[:-1], two[:-1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_steps_split_at_four_rows_keep_the_logits_bit_for_bit() -> None:
+    """Eight jobs decoding: the split falls after the fourth (the products' blocks of four rows
+    fall as in one call), so each job's logits are the same bit for bit, and the second thread
+    ran."""
+    model = llama()
+    out: dict[int, list[torch.Tensor]] = {}
+    with torch.inference_mode():
+        for threads in (1, 2):
+            pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), torch.float32)
+            run = Runner(
+                model, pool, torch.device("cpu"), attention="fast", fused=True,
+                fused_threads=threads,
+            )  # fmt: skip
+            assert run.fused is not None
+            jobs = [Job(list(range(5 + k, 12 + 2 * k)), SamplingParams(max_tokens=8)) for k in
+                    range(8)]  # fmt: skip
+            out[threads] = []
+            for _ in range(4):
+                for job in jobs:
+                    pool.reserve(job.id, job.total_tokens)
+                logits = run.forward(jobs)
+                out[threads].append(logits)
+                for job, row in zip(jobs, logits, strict=True):
+                    job.cached_tokens = job.total_tokens
+                    job.output_ids.append(int(row.argmax()))
+            assert run.fused.split_forwards == (3 if threads == 2 else 0)  # not the prefill
+            run.close()
+    for a, b in zip(out[1], out[2], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "cut"),
+    [
+        ([0, 0, 0], 0),  # too few rows
+        ([0] * 9, 0),  # one job: its rows see each other
+        ([0, 1, 2, 3, 4, 5, 6, 7], 4),
+        ([0, 0, 0, 0, 0, 1, 2, 3, 4], 5),  # no boundary a multiple of four in the middle half
+        ([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2], 8),  # 8 (aligned) over 5 (nearer the middle)
+        ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 10),  # the only boundary
+    ],
+)
+def test_the_split_falls_between_jobs_near_the_middle(jobs: list[int], cut: int) -> None:
+    assert fused_forward._cut(np.array(jobs, dtype=np.int64)) == cut
 
 
 def test_stacking_keeps_transformers_forward_bit_for_bit() -> None:
@@ -206,23 +276,31 @@ def test_the_vector_exp_is_within_three_ulp() -> None:
     assert clamped[2] > 1e38
 
 
+@pytest.mark.parametrize("split", [1, 2])
 async def test_an_engine_on_one_thread_serves_fused_with_transformers_greedy_output(
-    tiny: Path,
+    tiny: Path, split: int
 ) -> None:
     """One torch thread: the engine runs the fused forward (the startup compiled it), eight
-    greedy jobs at once and one alone get transformers' one-prompt-at-a-time tokens."""
+    greedy jobs at once and one alone get transformers' one-prompt-at-a-time tokens; with
+    ``fused_threads=2`` the steps of several jobs ran split, and closing stops the thread."""
     prompts = [[5 + i, 40 + 3 * i, 7, 90 + i, *range(11, 11 + 2 * i)] for i in range(9)]
     want = greedy_continuations(tiny, prompts, 12)
     threads = torch.get_num_threads()
-    config = EngineConfig(model=str(tiny), device="cpu", max_batch_size=8, threads=1)
+    config = EngineConfig(
+        model=str(tiny), device="cpu", max_batch_size=8, threads=1, fused_threads=split
+    )
     engine = load_engine(config, progress=False)
     try:
-        assert engine.runner.fused is not None
+        fused = engine.runner.fused
+        assert fused is not None
+        assert engine.stats()["fused_threads"] == split
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         got = await asyncio.gather(*(run(engine, p, params) for p in prompts[:8]))
         got.append(await run(engine, prompts[8], params))
         assert engine.runner.fused_forwards > 0
+        assert (fused.split_forwards > 0) == (split == 2)
     finally:
         engine.close()
         torch.set_num_threads(threads)
     assert got == want
+    assert not any(t.name.startswith("flockctl-fused") for t in threading.enumerate())

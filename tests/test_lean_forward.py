@@ -98,6 +98,7 @@ def through_runner(
     script: bool = True,
     attention: str = "exact",
     fused: bool = False,
+    fused_threads: int = 1,
 ) -> list[torch.Tensor]:
     """Logits of a runner's forwards: prompts of different lengths prefilled together (one in
     two chunks), batched decodes with left padding, a job joining mid-way, and a token tree
@@ -105,8 +106,9 @@ def through_runner(
     tensor: every job's greedy tokens."""
     pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), dtype, block_size=4)
     runner = Runner(
-        model, pool, torch.device("cpu"), lean=lean, attention=attention, fused=fused
-    )
+        model, pool, torch.device("cpu"), lean=lean, attention=attention, fused=fused,
+        fused_threads=fused_threads,
+    )  # fmt: skip
     assert (runner.lean is not None) == lean
     if runner.lean is not None and not script:
         runner.lean._forward = _exact
@@ -148,6 +150,7 @@ def through_runner(
     ]
     out.extend(runner.run([a.id, b.id], feeds))
     out.append(torch.tensor([t for job in jobs for t in job.output_ids]))
+    runner.close()
     return out
 
 

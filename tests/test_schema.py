@@ -51,6 +51,7 @@ STATS_SHAPES = {
     3: "263c50c0c84188d7",
     4: "66565c987ccfe43c",
     5: "7cafa893be64ec15",
+    6: "6722a66ce5a3f9ba",
 }
 #: The embedding-only engine's ``/stats``, versioned with the other engine's.
 ENCODER_STATS_SHAPES = {
@@ -58,6 +59,7 @@ ENCODER_STATS_SHAPES = {
     3: "cd44029e30158335",
     4: "b514560b54e9fd1d",
     5: "6480a0e5f2851dfc",
+    6: "fdc26fa89252ac50",
 }
 
 
