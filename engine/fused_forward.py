@@ -599,7 +599,7 @@ class FusedLlama:
         ``[outputs, vocab]`` (row ``keep[r]`` for each token row with ``keep[r] >= 0``)."""
         logits = torch.zeros((outputs, self.vocab), dtype=torch.float32)
         stores = (keys.numpy(), values.numpy(), logits.numpy())
-        cut = _cut(rows["jobs"]) if self.threads > 1 else 0
+        cut = split_point(rows["jobs"]) if self.threads > 1 else 0
         if not cut:
             self._rows(rows, 0, len(rows["ids"]), tables, block_size, stores)
             return logits
@@ -651,16 +651,19 @@ ROW_FIELDS = ("ids", "positions", "slots", "jobs", "limits", "tree_base", "tree"
 SPLIT_MIN_ROWS = 4
 
 
-def _cut(jobs: np.ndarray) -> int:
+def split_point(jobs: np.ndarray) -> int:
     """Where to split token rows (grouped by job, ``jobs`` their job indices) into two halves of
-    whole jobs for two threads: the job boundary nearest the middle, one a multiple of four
-    rows from the start where there is one in the middle half (the products' blocks of four
-    rows then fall as in one forward, so each row's logits are the same bit for bit); 0: do not
-    split (too few rows, or a single job)."""
+    whole jobs for two threads: the job boundary that leaves the larger half smallest, or one
+    within two rows of that a multiple of four rows from the start (the products' blocks of four
+    rows then fall as in one forward, so each row's logits are the same bit for bit: every
+    decode step of an even batch); 0: do not split (too few rows, or a single job)."""
     n = len(jobs)
     if n < SPLIT_MIN_ROWS or jobs[0] == jobs[-1]:
         return 0
     bounds = np.flatnonzero(jobs[1:] != jobs[:-1]) + 1  # the first row of each job but the first
-    aligned = bounds[(bounds % 4 == 0) & (bounds >= n // 4) & (bounds <= n - n // 4)]
-    pool = aligned if len(aligned) else bounds
-    return int(pool[np.argmin(np.abs(pool - n / 2))])
+    larger = np.maximum(bounds, n - bounds)
+    near = bounds[larger <= larger.min() + 2]
+    aligned = near[near % 4 == 0]
+    if len(aligned):
+        return int(aligned[np.argmin(np.maximum(aligned, n - aligned))])
+    return int(bounds[np.argmin(larger)])

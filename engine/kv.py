@@ -424,15 +424,26 @@ class KVPool:
     def _zero_fresh(self) -> None:
         if not self._fresh:
             return
-        index = self._positions(self._fresh, len(self._fresh) * self.block_size)
+        # each run of consecutive blocks as one slice of slots: at 32 decoding jobs about two
+        # blocks a step are new, and an index_fill over the stacked layers (with the index
+        # tensor built for it) took 4x the time of zeroing the slices
+        bs = self.block_size
+        runs: list[tuple[int, int]] = []
+        for block in sorted(self._fresh):
+            if runs and runs[-1][1] == block * bs:
+                runs[-1] = (runs[-1][0], (block + 1) * bs)
+            else:
+                runs.append((block * bs, (block + 1) * bs))
         if self._stacked is not None:  # every layer at once: a speculative step's tree often
             for stack in self._stacked:  # takes a new block, and one op a layer was a twelfth
-                stack.index_fill_(1, index, 0)  # of the step (demo model, 16 layers)
+                for start, end in runs:  # of the step (demo model, 16 layers)
+                    stack[:, start:end].zero_()
         else:
             for layer in range(self.num_layers):
                 for pool in (self.keys[layer], self.values[layer]):
                     if pool is not None:  # a layer not created yet zeroes owned blocks itself
-                        pool.index_fill_(0, index, 0)
+                        for start, end in runs:
+                            pool[start:end].zero_()
         self._fresh = []
 
     # -- one forward ---------------------------------------------------------------------------

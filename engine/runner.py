@@ -41,6 +41,11 @@ KERNEL_MIN_BATCH = 8
 #: ``attention="fast"`` and one torch thread). Above it MKL's products win: on the demo model a
 #: prefill of 64 rows took 6.9 ms fused against 7.7, of 128 (4 prompts of 32) 13.0 against 11.9.
 FUSED_MAX_ROWS = 64
+#: With the fused forward split over two threads, forwards whose halves have at most this many
+#: rows run fused too: a prefill of 10 prompts of 25 tokens took 15.1 ms against MKL's 19.4 on
+#: one thread, 4 of 64 tokens 14.2 against 19.5 (a single 250-token chunk, which does not
+#: split, 38.8 against 22.4: it keeps MKL)
+SPLIT_MAX_ROWS = 160
 
 
 @dataclass
@@ -255,6 +260,19 @@ class Runner:
             return [[pick] for pick in picks]
         return [picks[end - n : end] for n, end in zip(counts.tolist(), ends.tolist(), strict=True)]
 
+    def _fits_fused(self, feeds: Sequence[Feed]) -> bool:
+        """Whether a forward of ``feeds`` runs fused: up to ``FUSED_MAX_ROWS`` token rows, or,
+        split over two threads, up to ``SPLIT_MAX_ROWS`` in each half."""
+        assert self.fused is not None
+        counts = [len(f.tokens) for f in feeds]
+        rows = sum(counts)
+        if rows <= FUSED_MAX_ROWS:
+            return True
+        if self.fused.threads < 2:
+            return False
+        cut = fused_forward.split_point(np.repeat(np.arange(len(counts)), counts))
+        return cut > 0 and max(cut, rows - cut) <= SPLIT_MAX_ROWS
+
     def _fused_done(self) -> None:
         if self.dense is not None:
             self.dense.clear()  # the rows did not get this forward's tokens
@@ -322,7 +340,7 @@ class Runner:
         for job_id, feed in zip(job_ids, feeds, strict=True):
             if feed.slots:  # a block shared through the prefix cache is never written
                 pool.check_private(job_id, min(feed.slots))
-        if self.fused is not None and sum(len(f.tokens) for f in feeds) <= FUSED_MAX_ROWS:
+        if self.fused is not None and self._fits_fused(feeds):
             stores = pool.stacked(self.fused.kv_heads, self.fused.head_dim)
             if stores is not None:
                 return self._fused(feeds, tables, keep, stores)

@@ -119,18 +119,52 @@ def test_decode_steps_split_at_four_rows_keep_the_logits_bit_for_bit() -> None:
             jobs = [Job(list(range(5 + k, 12 + 2 * k)), SamplingParams(max_tokens=8)) for k in
                     range(8)]  # fmt: skip
             out[threads] = []
-            for _ in range(4):
+            for step in range(4):
                 for job in jobs:
                     pool.reserve(job.id, job.total_tokens)
-                logits = run.forward(jobs)
+                # each prompt alone first (one job: never split), then decode steps of all eight
+                if step:
+                    logits = run.forward(jobs)
+                else:
+                    logits = torch.cat([run.forward([job]) for job in jobs])
                 out[threads].append(logits)
                 for job, row in zip(jobs, logits, strict=True):
                     job.cached_tokens = job.total_tokens
                     job.output_ids.append(int(row.argmax()))
-            assert run.fused.split_forwards == (3 if threads == 2 else 0)  # not the prefill
+            assert run.fused.split_forwards == (3 if threads == 2 else 0)
             run.close()
     for a, b in zip(out[1], out[2], strict=True):
         assert torch.equal(a, b)
+
+
+def test_prefills_above_the_row_limit_run_fused_where_each_half_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four prompts of 30 tokens (120 rows, above one thread's limit of 64) run fused in two
+    halves of 60 on two threads, MKL's forward on one thread; one prompt of 120 tokens, which
+    cannot split, keeps MKL's forward. Their first tokens' logits agree within rounding."""
+    model = llama()
+    calls = counting(monkeypatch)
+    got: dict[int, torch.Tensor] = {}
+    with torch.inference_mode():
+        for threads in (1, 2):
+            pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), torch.float32)
+            run = Runner(
+                model, pool, torch.device("cpu"), attention="fast", fused=True,
+                fused_threads=threads,
+            )  # fmt: skip
+            jobs = [Job(list(range(3 + k, 33 + k)), SamplingParams(max_tokens=4)) for k in range(4)]
+            alone = Job(list(range(5, 125)), SamplingParams(max_tokens=4))
+            for job in [*jobs, alone]:
+                pool.reserve(job.id, job.total_tokens)
+            calls.clear()
+            got[threads] = run.forward(jobs)
+            assert calls == ([60, 60] if threads == 2 else [])
+            run.forward([alone])
+            assert calls == ([60, 60] if threads == 2 else [])
+            run.close()
+    assert torch.equal(got[1].argmax(dim=-1), got[2].argmax(dim=-1))
+    torch.testing.assert_close(got[1], got[2], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +179,7 @@ def test_decode_steps_split_at_four_rows_keep_the_logits_bit_for_bit() -> None:
     ],
 )
 def test_the_split_falls_between_jobs_near_the_middle(jobs: list[int], cut: int) -> None:
-    assert fused_forward._cut(np.array(jobs, dtype=np.int64)) == cut
+    assert fused_forward.split_point(np.array(jobs, dtype=np.int64)) == cut
 
 
 def test_stacking_keeps_transformers_forward_bit_for_bit() -> None:
