@@ -51,24 +51,9 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _products(w, x, out):  # pragma: no cover - compiled
-        # out[r, n] = dot(w[n], x[r]). Three rows run as four (a row of zeros added): the
-        # blocked loop's four rows took a quarter less time than the three of the loop for few
-        # rows on the demo's shapes (a verification of a two-token chain)
-        rows, width = x.shape
-        if rows == 3:
-            padded = np.zeros((4, width), dtype=np.float32)
-            padded[:3] = x
-            four = np.empty((4, w.shape[0]), dtype=np.float32)
-            _rows_products(w, padded, four)
-            out[:] = four[:3]
-        else:
-            _rows_products(w, x, out)
-
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-    def _rows_products(w, x, out):  # pragma: no cover - compiled
-        # Under four rows: each weight row read once for all of them. From four: blocks of four
-        # weight rows by four token rows, sixteen sums in registers (at 32 rows a third faster
-        # than one weight row by four token rows)
+        # out[r, n] = dot(w[n], x[r]). Under four rows: each weight row read once for all of
+        # them. From four: blocks of four weight rows by four token rows, sixteen sums in
+        # registers (at 32 rows a third faster than one weight row by four token rows)
         rows, width = x.shape
         if rows < 4:
             for n in range(w.shape[0]):
