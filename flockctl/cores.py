@@ -34,3 +34,12 @@ def default_threads() -> int | None:
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return None
     return torch_threads()
+
+
+def fused_threads(engines: int = 1) -> int:
+    """Threads the fused forward of each of ``engines`` engines running at once splits a step
+    over: 2 where an engine's share of the cores is two and torch gets one of them (the fused
+    forward runs only with one torch thread; the second thread takes the serving side's core
+    while the model computes), else 1."""
+    share = usable_cores() // max(1, engines)
+    return 2 if share >= 2 and torch_threads(engines) == 1 else 1

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from flockctl.cores import fused_threads
 from flockctl.server.flags import (
     AUTOSCALING,
     BALANCING,
@@ -791,18 +792,28 @@ class DeploymentConfig(_Strict):
             self.engine_args,
             drafts,
             self.threads_per_engine(),
+            fused_threads=self.fused_threads_per_engine(),
             otel_collector_endpoint=self.otel_collector_endpoint,
         )
 
     def threads_per_engine(self) -> int:
         """CPU threads for each local engine: this machine's cores split between as many
         engines as may run at once (``--engine-args '--threads N'`` overrides it)."""
+        return engine_threads(self._engines_at_once())
+
+    def fused_threads_per_engine(self) -> int:
+        """Threads each local engine's fused forward splits a step over: 2 where its share of
+        the cores is two (:func:`flockctl.cores.fused_threads`), else 1."""
+        return fused_threads(self._engines_at_once())
+
+    def _engines_at_once(self) -> int:
+        """How many local engines may run at once, sharing this machine's cores."""
         if self._engines is not None:  # one group's: every group's engines share the cores
-            return engine_threads(self._engines)
+            return self._engines
         if self.groups:
-            return engine_threads(self._group_engines())
+            return self._group_engines()
         fixed = self.replicas if self.autoscaler == "fixed" else None
-        return engine_threads(fixed or self.max_workers)
+        return fixed or self.max_workers
 
     def initial_target(self) -> int:
         """How many workers to start with (with groups: all groups together)."""

@@ -199,11 +199,18 @@ def worker_argv(cfg: DeploymentConfig) -> list[str]:
 ENGINE_TAIL = ["--host", "127.0.0.1", "--port", "8123"]
 
 
+def threads_flags(cfg) -> list[str]:
+    """The ``--threads`` (and ``--fused-threads``, where two) that ``up`` gives its engines."""
+    fused = cfg.fused_threads_per_engine()
+    return ["--threads", str(cfg.threads_per_engine())] + (
+        ["--fused-threads", str(fused)] if fused > 1 else []
+    )
+
+
 def test_without_a_worker_command_or_endpoints_workers_run_the_demo_model():
     cfg = resolve(flags={})
     assert cfg.provisioner == "local" and cfg.model == "demo" and cfg.worker_command is None
-    threads = ["--threads", str(cfg.threads_per_engine())]
-    assert worker_argv(cfg) == [*engine_argv("demo"), *ENGINE_TAIL, *threads]
+    assert worker_argv(cfg) == [*engine_argv("demo"), *ENGINE_TAIL, *threads_flags(cfg)]
     assert cfg.probe.path == "/health"  # the engine answers it once the model is loaded
 
 
@@ -220,6 +227,28 @@ def test_local_engines_split_the_cores_between_them(monkeypatch):
     assert worker_argv(cfg)[-1] == "--threads=3" and worker_argv(cfg).count("--threads") == 0
 
 
+@pytest.mark.parametrize(
+    ("cores", "flags", "fused"),
+    [
+        (2, {"autoscaler": "fixed", "replicas": 1}, ["--fused-threads", "2"]),  # two cores its own
+        (2, {"max_workers": 2}, []),  # a core each
+        (4, {"max_workers": 2}, ["--fused-threads", "2"]),
+        (16, {"max_workers": 2}, []),  # torch on 7 threads: no fused forward to split
+        (2, {"autoscaler": "fixed", "replicas": 1, "engine_args": "--threads 1"}, []),
+        (2, {"autoscaler": "fixed", "replicas": 1, "engine_args": "--fused-threads 1"}, []),
+    ],
+)
+def test_an_engine_with_two_cores_to_itself_splits_its_fused_forward(
+    monkeypatch, cores, flags, fused
+):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+    argv = worker_argv(resolve(flags=flags))
+    given = "--fused-threads" in flags.get("engine_args", "")  # the user's own wins
+    assert argv.count("--fused-threads") == int(given) + int(bool(fused))
+    if fused:
+        assert argv[-2:] == fused
+
+
 def test_model_and_engine_args_become_the_worker_command(tmp_path):
     cfg = resolve(flags={"model": "/models/my llama", "engine_args": "--scheduler fcfs --x 'a b'"})
     assert worker_argv(cfg) == [
@@ -229,18 +258,16 @@ def test_model_and_engine_args_become_the_worker_command(tmp_path):
         "fcfs",
         "--x",
         "a b",
-        "--threads",
-        str(cfg.threads_per_engine()),
+        *threads_flags(cfg),
     ]
     path = spec(tmp_path, "flockctl:\n  model: Qwen/Qwen2.5-0.5B\n  engine_args: [--device, cpu]\n")
     cfg = resolve(path)
-    threads = ["--threads", str(cfg.threads_per_engine())]
     assert worker_argv(cfg) == [
         *engine_argv("Qwen/Qwen2.5-0.5B"),
         *ENGINE_TAIL,
         "--device",
         "cpu",
-        *threads,
+        *threads_flags(cfg),
     ]
     # The daemon re-reads the resolved config from config.json: the same command comes out.
     again = DeploymentConfig.model_validate(cfg.model_dump(mode="json"))

@@ -30,6 +30,7 @@ def engine_command(
     draft_models: Sequence[str] = (),
     threads: int | None = None,
     *,
+    fused_threads: int = 1,
     otel_collector_endpoint: str | None = None,
 ) -> str:
     """The worker command that runs flockctl's engine serving ``model`` on ``{port}``.
@@ -37,16 +38,19 @@ def engine_command(
     It runs with this interpreter (``sys.executable``), so the engine comes from the same
     installation as the daemon, and every part is quoted so a model path with spaces survives.
     Each draft model becomes ``--draft-model``; ``threads`` becomes ``--threads`` unless
-    ``engine_args`` already sets it (the user's own choice wins); the same holds for
+    ``engine_args`` already sets it (the user's own choice wins), and with it ``fused_threads``
+    above 1 becomes ``--fused-threads`` (an engine given ``--threads`` keeps its fused forward
+    to one thread unless told: it may share the cores); the same holds for
     ``--otel-collector-endpoint``, so the engine's traces go where the daemon's do.
     """
     args = list(engine_args)
     for draft in draft_models:
         args += ["--draft-model", draft]
-    if threads is not None and not any(
-        a == "--threads" or a.startswith("--threads=") for a in args
-    ):
+    if threads is not None and not _has_flag(args, "--threads"):
         args += ["--threads", str(threads)]
+        # with --threads given, the engine's fused forward keeps to one thread unless told
+        if fused_threads > 1 and not _has_flag(args, "--fused-threads"):
+            args += ["--fused-threads", str(fused_threads)]
     if otel_collector_endpoint is not None and not _has_flag(args, "--otel-collector-endpoint"):
         args += ["--otel-collector-endpoint", otel_collector_endpoint]
     parts = [sys.executable, "-m", "flockctl", "engine", "serve", "--model", model]
