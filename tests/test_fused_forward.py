@@ -102,6 +102,14 @@ def test_a_forward_split_over_two_threads_keeps_every_rows_logits(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def fused_runner(model: torch.nn.Module, threads: int) -> Runner:
+    """A runner of the fused forward on ``threads`` threads, over a pool of 1024 tokens."""
+    pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), torch.float32)
+    return Runner(
+        model, pool, torch.device("cpu"), attention="fast", fused=True, fused_threads=threads
+    )
+
+
 def test_decode_steps_split_at_four_rows_keep_the_logits_bit_for_bit() -> None:
     """Eight jobs decoding: the split falls after the fourth (the products' blocks of four rows
     fall as in one call), so each job's logits are the same bit for bit, and the second thread
@@ -110,11 +118,8 @@ def test_decode_steps_split_at_four_rows_keep_the_logits_bit_for_bit() -> None:
     out: dict[int, list[torch.Tensor]] = {}
     with torch.inference_mode():
         for threads in (1, 2):
-            pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), torch.float32)
-            run = Runner(
-                model, pool, torch.device("cpu"), attention="fast", fused=True,
-                fused_threads=threads,
-            )  # fmt: skip
+            run = fused_runner(model, threads)
+            pool = run.pool
             assert run.fused is not None
             jobs = [Job(list(range(5 + k, 12 + 2 * k)), SamplingParams(max_tokens=8)) for k in
                     range(8)]  # fmt: skip
@@ -148,11 +153,8 @@ def test_prefills_above_the_row_limit_run_fused_where_each_half_fits(
     got: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         for threads in (1, 2):
-            pool = KVPool(num_layers(model.config), 1024, torch.device("cpu"), torch.float32)
-            run = Runner(
-                model, pool, torch.device("cpu"), attention="fast", fused=True,
-                fused_threads=threads,
-            )  # fmt: skip
+            run = fused_runner(model, threads)
+            pool = run.pool
             jobs = [Job(list(range(3 + k, 33 + k)), SamplingParams(max_tokens=4)) for k in range(4)]
             alone = Job(list(range(5, 125)), SamplingParams(max_tokens=4))
             for job in [*jobs, alone]:
