@@ -184,6 +184,14 @@ def test_the_split_falls_between_jobs_near_the_middle(jobs: list[int], cut: int)
     assert fused_forward.split_point(np.array(jobs, dtype=np.int64)) == cut
 
 
+def test_a_decode_steps_split_takes_the_general_rule_without_numpy() -> None:
+    """A row a job (job indices 0 .. n-1) takes a shortcut; numbered from 1 the same rows take
+    the general rule: both cut in the same place at every size."""
+    for n in range(4, 130):
+        rows = np.arange(n, dtype=np.int64)
+        assert fused_forward.split_point(rows) == fused_forward.split_point(rows + 1), n
+
+
 def test_stacking_keeps_transformers_forward_bit_for_bit() -> None:
     """The layer weights move into stacked tensors and the parameters become their slices: the
     model's own forward gives the same logits, and no second copy is kept."""
