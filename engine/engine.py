@@ -20,7 +20,8 @@ import psutil
 import torch
 
 from flockctl import __version__
-from flockctl.cores import default_threads, usable_cores
+from flockctl.cores import default_threads
+from flockctl.cores import fused_threads as engine_fused_threads
 from flockctl.engine import decode_attention
 from flockctl.engine.batcher import AUTO_BATCH_MAX, auto_batch_size, default_batched_tokens
 from flockctl.engine.config import EngineConfig
@@ -56,8 +57,9 @@ class QueueFull(Exception):
 
 def fused_threads(config: EngineConfig) -> int:
     """Threads the fused forward splits a batch's jobs over: ``config.fused_threads``, or in
-    auto 2 where the engine chose torch's threads itself (no ``--threads``, no
-    ``OMP_NUM_THREADS``) on a machine of two cores or more, else 1.
+    auto, where the engine chose torch's threads itself (no ``--threads``, no
+    ``OMP_NUM_THREADS``), an engine alone's share (:func:`flockctl.cores.fused_threads`: 2 on
+    two cores), else 1.
 
     An engine alone on two cores runs torch on one (the other is the serving side's, see
     :mod:`flockctl.cores`), and that core sat mostly idle while the model loop computed: the
@@ -69,7 +71,7 @@ def fused_threads(config: EngineConfig) -> int:
         return config.fused_threads
     if config.threads is not None or default_threads() is None:
         return 1
-    return 2 if usable_cores() >= 2 else 1
+    return engine_fused_threads()
 
 
 class EngineUnavailable(RuntimeError):
