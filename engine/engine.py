@@ -334,8 +334,15 @@ class Engine:
 
     def stats(self, detailed: bool = False) -> EngineStats:
         now = time.monotonic()
-        jobs = [h.job for h in list(self.model_loop.live.values())]
-        states = collections.Counter(j.state for j in jobs)
+        # The model loop's thread ends jobs while this reads them: one whose state reads finished
+        # ended during the snapshot and is left out (it is in recent_jobs), as from the counts.
+        jobs, summaries = [], []
+        for handle in list(self.model_loop.live.values()):
+            summary = handle.job.summary(now)
+            if summary["state"] != JobState.FINISHED.value:
+                jobs.append(handle.job)
+                summaries.append(summary)
+        states = collections.Counter(s["state"] for s in summaries)
         out: dict[str, Any] = {
             "schema_version": STATS_SCHEMA_VERSION,
             "engine": "flockctl",
@@ -352,9 +359,9 @@ class Engine:
             "capacity": self.config.max_batch_size + self.config.max_waiting,
             "max_model_len": self.max_model_len,
             "queue_lengths": self.scheduler.queue_lengths(),
-            "running": states[JobState.RUNNING],
-            "waiting": states[JobState.WAITING] + states[JobState.PREEMPTED],
-            "swapped": states[JobState.SWAPPED],
+            "running": states[JobState.RUNNING.value],
+            "waiting": states[JobState.WAITING.value] + states[JobState.PREEMPTED.value],
+            "swapped": states[JobState.SWAPPED.value],
             "preemptions_total": {k.value: v for k, v in self.batcher.preemptions.items()},
             "kv": {
                 "budget_tokens": self.pool.budget_tokens,
@@ -372,10 +379,10 @@ class Engine:
             "tokens_generated": self.model_loop.tokens_generated,
             "embeddings": self.embedder.stats(),
             "uptime": round(time.time() - self.started, 3),
-            "jobs": [j.summary(now) for j in jobs],
+            "jobs": summaries,
         }
         if detailed:
-            out["jobs"] = [j.detail(now) for j in jobs]
+            out["jobs"] = [d for j in jobs if (d := j.detail(now))["state"] != "finished"]
             out["scheduler_detail"] = self.scheduler.describe()
             out["profile"] = self.profile.to_dict()
             recent = list(self.model_loop.recent.values())[-20:]

@@ -26,7 +26,8 @@ from tinymodel import build_tiny_model
 from flockctl.engine.api import create_app
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.engine import Engine, QueueFull
-from flockctl.engine.job import INSTANCE, SamplingParams
+from flockctl.engine.handle import JobHandle
+from flockctl.engine.job import INSTANCE, Job, JobState, SamplingParams
 from flockctl.engine.loader import load_engine
 from flockctl.exitcodes import ExitCode
 
@@ -308,6 +309,25 @@ async def test_stats_are_the_engines(client: httpx.AsyncClient, engine: Engine) 
     assert set(stats) < set(detailed)
     assert set(detailed) == {*engine.stats(detailed=True), "instance"}
     assert stats["instance"] == detailed["instance"] == INSTANCE
+
+
+async def test_stats_leave_out_a_job_that_ends_while_they_are_read(engine: Engine) -> None:
+    # The model loop's thread marks a job finished before it leaves the live table: a snapshot
+    # taken between the two must not list it (or count it) as live.
+    loop = asyncio.get_running_loop()
+    ending = Job([1, 2, 3], SamplingParams(max_tokens=4), state=JobState.FINISHED)
+    waiting = Job([1, 2, 3, 4], SamplingParams(max_tokens=4))
+    live = engine.model_loop.live
+    live[ending.id] = JobHandle(ending, loop, lambda _: None)
+    live[waiting.id] = JobHandle(waiting, loop, lambda _: None)
+    try:
+        for detailed in (False, True):
+            stats = engine.stats(detailed=detailed)
+            assert [j["id"] for j in stats["jobs"]] == [waiting.id]
+            assert (stats["running"], stats["waiting"]) == (0, 1)
+    finally:
+        live.pop(ending.id)
+        live.pop(waiting.id)
 
 
 async def test_metrics_expose_vllm_style_names(client: httpx.AsyncClient) -> None:
