@@ -34,14 +34,17 @@ transformers' forward and the lean forward read the same memory.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from flockctl.engine.decode_attention import FASTMATH, available
 from flockctl.engine.lean_forward import layer_weights, plain_llama
+
+T = TypeVar("T")
 
 if available():  # numba is in the engine extra; without it the TorchScript forward runs
     import numba
@@ -591,13 +594,21 @@ class FusedLlama:
             return logits
         # each job's rows in one half (they see each other's keys and values), the halves on
         # two threads at once, each writing its own slots and logits rows
+        end = len(rows["ids"])
+        self.both(
+            lambda: self._rows(rows, 0, cut, tables, block_size, stores),
+            lambda: self._rows(rows, cut, end, tables, block_size, stores),
+        )
+        return logits
+
+    def both(self, here: Callable[[], T], there: Callable[[], object]) -> T:
+        """``here`` on this thread while ``there`` runs on the second one; ``here``'s result once
+        both have ended (their work must not overlap: whole jobs each)."""
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="flockctl-fused")
-        other = self._helper.submit(
-            self._rows, rows, cut, len(rows["ids"]), tables, block_size, stores
-        )
+        other = self._helper.submit(there)
         try:
-            self._rows(rows, 0, cut, tables, block_size, stores)
+            out = here()
         finally:
             # the other half ends about when this one does: poll for a moment, letting the GIL
             # go each time, before sleeping on the future (waking from it took 0.12 ms at 8
@@ -607,7 +618,7 @@ class FusedLlama:
                 time.sleep(0)
             other.result()
         self.split_forwards += 1
-        return logits
+        return out
 
     def _rows(
         self,

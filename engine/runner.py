@@ -203,62 +203,8 @@ class Runner:
         tables = _table_array([self.pool.tables[job_id] for job_id in job_ids])
         bs = self.pool.block_size
         drafted = self.fused.chain(first, roots, steps, tables, bs, vocab, *stores)
-        if self.dense is not None:
-            self.dense.clear()  # the rows did not get these forwards' tokens
-        self.forwards += max(steps, default=0)
-        self.fused_forwards += max(steps, default=0)
+        self.fused_done(max(steps, default=0))
         return drafted
-
-    def greedy(
-        self,
-        job_ids: Sequence[str],
-        spans: Sequence[tuple[list[int], int]],
-        vocab: int | None = None,
-        every: bool = False,
-    ) -> list[list[int]]:
-        """One fused forward of linear spans (job ``i`` feeds ``spans[i][0]`` at positions
-        ``spans[i][1] ...``, each token seeing everything up to itself) and the argmax over the
-        first ``vocab`` logits (all: None) of each job's last token, or of every token it fed
-        (``every``). What :meth:`run` with :meth:`Feed.linear` feeds computes, bit for bit,
-        without its per-feed Python (a speculative step's catch-up and its chains' verification);
-        only where :meth:`chainable`."""
-        assert self.fused is not None
-        stores = self.pool.stacked(self.fused.kv_heads, self.fused.head_dim)
-        assert stores is not None
-        bs = self.pool.block_size
-        tables = [self.pool.tables[job_id] for job_id in job_ids]
-        for job_id, (_, start) in zip(job_ids, spans, strict=True):
-            self.pool.check_private(job_id, start)
-        counts = np.array([len(tokens) for tokens, _ in spans], dtype=np.int64)
-        ends = np.cumsum(counts)
-        jobs = np.repeat(np.arange(len(spans), dtype=np.int64), counts)
-        starts = np.array([start for _, start in spans], dtype=np.int64)
-        # token k of job i sits at starts[i] + k: its index in the rows less the job's offset
-        offsets = np.repeat(ends - counts - starts, counts)
-        positions = np.arange(int(ends[-1]), dtype=np.int64) - offsets
-        table = _table_array(tables)
-        keep = np.arange(len(jobs), dtype=np.int64)
-        if not every:
-            keep[:] = -1
-            keep[ends - 1] = np.arange(len(spans))
-        rows = {
-            "ids": np.fromiter(
-                (t for tokens, _ in spans for t in tokens), dtype=np.int64, count=len(jobs)
-            ),
-            "positions": positions,
-            "slots": table[jobs, positions // bs] * bs + positions % bs,
-            "jobs": jobs,
-            "limits": positions,
-            "tree_base": np.zeros_like(positions),
-            "tree": np.zeros((len(jobs), 0), dtype=np.bool_),
-            "keep": keep,
-        }
-        logits = self.fused(rows, table, bs, *stores, len(jobs) if every else len(spans))
-        self._fused_done()
-        picks = logits.numpy()[:, :vocab].argmax(axis=1).tolist()
-        if not every:
-            return [[pick] for pick in picks]
-        return [picks[end - n : end] for n, end in zip(counts.tolist(), ends.tolist(), strict=True)]
 
     def _fits_fused(self, feeds: Sequence[Feed]) -> bool:
         """Whether a forward of ``feeds`` runs fused: up to ``FUSED_MAX_ROWS`` token rows, or,
@@ -273,11 +219,13 @@ class Runner:
         cut = fused_forward.split_point(np.repeat(np.arange(len(counts)), counts))
         return cut > 0 and max(cut, rows - cut) <= SPLIT_MAX_ROWS
 
-    def _fused_done(self) -> None:
+    def fused_done(self, forwards: int = 1) -> None:
+        """Compiled forwards ran outside :meth:`run` (or inside it): their counts, and the dense
+        rows, which did not get their tokens, are stale."""
         if self.dense is not None:
             self.dense.clear()  # the rows did not get this forward's tokens
-        self.forwards += 1
-        self.fused_forwards += 1
+        self.forwards += forwards
+        self.fused_forwards += forwards
 
     def _arange(self, n: int) -> torch.Tensor:
         if self._columns.shape[0] < n:
@@ -327,7 +275,7 @@ class Runner:
             "keep": np.array(out, dtype=np.int64),
         }
         logits = self.fused(rows, _table_array(tables), bs, *stores, len(feeds) * keep)
-        self._fused_done()
+        self.fused_done()
         return logits.view(len(feeds), keep, -1)
 
     def _forward(self, job_ids: Sequence[str], feeds: Sequence[Feed]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from flockctl.engine import fused_forward
+from flockctl.engine import fused_forward, fused_spec
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.draft_forward import lean_forward
 from flockctl.engine.job import Job, JobSpec
@@ -87,8 +87,9 @@ class Speculator:
                 # the LLM's small forwards run fused: so do the SSM's (its drafts are one token
                 # a job a step), with the lean forward above the fused forward's rows
                 drafter = Runner(draft, pool, device, attention="fast", fused=True)
-                if drafter.fused is not None:
-                    drafter.fused.warm_up_chain()  # compiled now, not in the first request
+                if drafter.fused is not None:  # compiled now, not in the first request
+                    drafter.fused.warm_up_chain()
+                    fused_spec.warm_up(runner.fused, drafter.fused)
             else:  # a Llama-shaped SSM runs a leaner forward with the same arithmetic
                 drafter = Runner(lean_forward(draft) or draft, pool, device)
             self.drafters.append(Drafter(name, draft, pool, drafter))
@@ -279,42 +280,34 @@ class Speculator:
         self, jobs: list[Job], drafting: list[Job], start: float, catchup: int
     ) -> list[Accepted]:
         """:meth:`step` where every draft is a greedy chain (:meth:`_chains`): the SSM catches
-        up and drafts its first token in one fused forward, the rest of each chain in one
-        compiled call, and the LLM verifies every chain in one fused forward, each job's chain
-        fed as a run of tokens after its last (a chain's tree mask is the causal one). No token
-        trees: the same tokens, caches and counts as the tree path, with less Python a step."""
+        up and drafts each chain in one compiled call, and the LLM verifies every chain in
+        another, each job's chain fed as a run of tokens after its last (a chain's tree mask is
+        the causal one; :func:`fused_spec.greedy_chains`). No token trees: the same tokens,
+        caches and counts as the tree path, with little Python a step."""
         drafter = self.drafters[0]
         assert drafter.runner.fused is not None
-        vocab = min(self.vocab_size, drafter.runner.fused.vocab)
-        ids = [j.id for j in drafting]
-        spans = []
-        for job in drafting:
+        drafts = {j.id for j in drafting}
+        spans: list[tuple[list[int], int] | None] = []
+        for job in jobs:
+            if job.id not in drafts:
+                spans.append(None)
+                continue
             assert job.spec is not None
             cached = job.spec.draft_cached[0]
-            spans.append(((job.prompt_ids + job.output_ids)[cached:], cached))
+            spans.append((_tokens_from(job, cached), cached))
             job.spec.draft_cached[0] = job.total_tokens
-        first = [pick for (pick,) in drafter.runner.greedy(ids, spans, vocab)]
-        forward = time.perf_counter()
-        more = drafter.runner.draft_chain(
-            ids,
-            [j.total_tokens - 1 for j in drafting],
-            first,
-            [self.depth[j.id] - 1 for j in drafting],
-            vocab,
-        )
-        deeper = time.perf_counter() - forward
-        chains = {
-            job.id: [token, *rest] for job, token, rest in zip(drafting, first, more, strict=True)
-        }
-        picks = self.runner.greedy(
+        out = fused_spec.greedy_chains(
+            self.runner,
+            drafter.runner,
             [j.id for j in jobs],
-            [
-                ([j.output_ids[-1] if j.output_ids else j.prompt_ids[-1], *chains.get(j.id, ())],
-                 j.total_tokens - 1)
-                for j in jobs
-            ],
-            every=True,
-        )  # fmt: skip
+            spans,
+            [self.depth[j.id] if j.id in drafts else 0 for j in jobs],
+            [j.output_ids[-1] if j.output_ids else j.prompt_ids[-1] for j in jobs],
+            [j.total_tokens - 1 for j in jobs],
+            min(self.vocab_size, drafter.runner.fused.vocab),
+        )
+        chains = {j.id: chain for j, chain in zip(jobs, out.chains, strict=True) if chain}
+        picks = out.picks
         results: list[Accepted] = []
         for job, target in zip(jobs, picks, strict=True):
             chain = chains.get(job.id, [])
@@ -332,6 +325,9 @@ class Speculator:
             self._count(job, len(chain), accepted)
             results.append(Accepted([*chain[:accepted], target[accepted]], kept - 1))
         deepest = max(len(chain) for chain in chains.values())
+        # the draft's forwards past its first are what a depth adds: in one compiled call with
+        # the first, each counted as a like share of the drafting (a token a job each)
+        deeper = out.draft_seconds * (deepest - 1) / deepest
         self.policy.observe_speculative(
             len(jobs), deepest - 1, deeper, deepest + 1, time.perf_counter() - start - deeper,
             catchup,
@@ -537,3 +533,11 @@ def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
         return logits[..., :vocab]
     pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
+
+
+def _tokens_from(job: Job, start: int) -> list[int]:
+    """The job's tokens (prompt, then output) from position ``start`` on."""
+    prompt = len(job.prompt_ids)
+    if start >= prompt:
+        return job.output_ids[start - prompt :]
+    return job.prompt_ids[start:] + job.output_ids

@@ -4,6 +4,7 @@ engine's speculative iterations on tiny real models (the depth policy: test_spec
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from tinymodel import build_near_model, build_tiny_model, greedy_continuations
 from transformers import AutoTokenizer
 
-from flockctl.engine import fused_forward
+from flockctl.engine import fused_forward, fused_spec
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.engine import Engine
 from flockctl.engine.job import Job, SamplingParams
@@ -226,8 +227,9 @@ async def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY
         ((1, 1, 3, 1, 1, 1, 1, 1), ["near", "tiny"], {}),
         ((3,), ["other", "near"], {}),
         ((1, 2, 1), ["tiny"], {"kv_budget": 160, "scheduler": "mlfq", "host_kv_budget": 0}),
+        ((1, 1, 1), ["near"], {"fused_threads": 2}),
     ],
-    ids=["chain", "wide", "specinfer-2ssm", "shallow-2ssm", "kv-pressure"],
+    ids=["chain", "wide", "specinfer-2ssm", "shallow-2ssm", "kv-pressure", "chain-2threads"],
 )
 async def test_greedy_speculative_output_equals_incremental(
     request: pytest.FixtureRequest,
@@ -251,15 +253,24 @@ async def test_greedy_speculative_output_equals_incremental(
         return chain_step(spec, jobs, drafting, *a)
 
     monkeypatch.setattr(Speculator, "_chain_step", counted)
+    verifying: set[str] = set()  # the threads the chains' verification ran on
+    verify = fused_spec._verify
+    monkeypatch.setattr(
+        fused_spec,
+        "_verify",
+        lambda *a: verifying.add(threading.current_thread().name) or verify(*a),
+    )
     for engine in make_engine(tiny, drafts, spec_tree=tree, spec="on", max_batch_size=4, **kw):
         chains.clear()  # the start compiled it
+        verifying.clear()
         results = await asyncio.gather(*(run(engine, p) for p in prompts))
         assert [ids for ids, _ in results] == reference
         spec = engine.stats()["speculation"]
         assert spec["num_drafts"] > 0
-        # one torch thread: greedy chains are drafted by one compiled call a step
+        # one torch thread: greedy chains are drafted by one compiled call a step (the chain
+        # step's, which also catches the draft up, or the tree path's)
         assert engine.runner.fused is not None
-        assert chains or set(tree) != {1}
+        assert chains or chain_steps or set(tree) != {1}
         # one SSM drafting chains: no token trees, the chains fed as runs of tokens; a tree
         # with branches only where every job's draft stops before the first branch (short of
         # KV blocks, a job drafts less deep), never with two SSMs
@@ -267,6 +278,8 @@ async def test_greedy_speculative_output_equals_incremental(
             assert not chain_steps
         elif set(tree) == {1}:
             assert chain_steps
+            # with two threads, each half of the jobs drafts and verifies on its own
+            assert len(verifying) == kw.get("fused_threads", 1), verifying
         else:
             chain_prefix = next(i for i, width in enumerate(tree) if width > 1)
             assert all(deepest <= chain_prefix for deepest in chain_steps), chain_steps

@@ -1,0 +1,270 @@
+"""A greedy speculative step in two compiled calls: the draft's catch-up and chains, then the
+model's verification of every chain.
+
+A speculative step of greedy chains (:meth:`Speculator._chain_step`) ran three fused forwards with
+Python between them: the draft catching up on the tokens it had not seen and picking its first
+token, the rest of each chain, then the model's verification. At batch 1 on the demo pair that
+Python (building each forward's rows, a logits tensor per call, the argmax, the hand-overs) was
+about a quarter of the step. Here the draft's catch-up, first pick and chain are one call
+(:func:`_draft`), and the verification builds its own rows from the chains and returns the
+model's argmax at every row (:func:`_verify`): the same forwards over the same rows as
+:meth:`Runner.greedy` and :meth:`Runner.draft_chain` feed, so the same tokens bit for bit.
+
+With two threads (:attr:`FusedLlama.threads`) the jobs split into two groups at the point the
+verification's rows would split (:func:`split_point`), each group's draft and verification on
+its own thread: the draft's forwards split too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from flockctl.engine.decode_attention import FASTMATH, available
+from flockctl.engine.fused_forward import FusedLlama, split_point
+
+if TYPE_CHECKING:
+    from flockctl.engine.runner import Runner
+
+if available():
+    import numba
+
+    from flockctl.engine.fused_forward import _chain, _forward
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _argmax(row, vocab):  # pragma: no cover - compiled
+        # the first index of the largest of row[:vocab], as numpy's argmax
+        best = 0
+        top = row[0]
+        for v in range(1, vocab):
+            if row[v] > top:
+                top = row[v]
+                best = v
+        return best
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _draft(  # pragma: no cover - compiled
+        ids, positions, slots, jobs, keep, roots, depths, tables, block_size, vocab,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
+    ):  # fmt: skip
+        # the catch-up rows (each job's tokens the draft has not seen, causal, the last of each
+        # kept as logits row j), job j's first pick the argmax of that row, then its chain of
+        # depths[j] - 1 more picks (_chain): drafted[j, :depths[j]]. A job of depth 0 feeds no
+        # row and draws nothing.
+        count = roots.shape[0]
+        rows = ids.shape[0]
+        logits = np.empty((count, head.shape[0]), dtype=np.float32)
+        _forward(
+            ids, positions, slots, jobs, positions, np.zeros(rows, dtype=np.int64),
+            np.zeros((rows, 0), dtype=np.bool_), tables, block_size, keep,
+            embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+            inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, logits,
+        )  # fmt: skip
+        first = np.zeros(count, dtype=np.int64)
+        more = np.zeros(count, dtype=np.int64)
+        longest = 0
+        for j in range(count):
+            if depths[j] > 0:
+                first[j] = _argmax(logits[j], vocab)
+                drafted[j, 0] = first[j]
+                more[j] = depths[j] - 1
+                longest = max(longest, more[j])
+        if longest:
+            rest = np.zeros((count, longest), dtype=np.int64)
+            _chain(
+                first, roots, more, tables, block_size, vocab,
+                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, rest,
+            )  # fmt: skip
+            for j in range(count):
+                for s in range(more[j]):
+                    drafted[j, s + 1] = rest[j, s]
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _verify(  # pragma: no cover - compiled
+        last, roots, depths, drafted, tables, block_size,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, picks,
+    ):  # fmt: skip
+        # job j feeds [last[j], *drafted[j, :depths[j]]] at positions roots[j] ...; picks[j, k]
+        # is the model's argmax after its k-th row (over the whole vocabulary)
+        count = last.shape[0]
+        rows = 0
+        for j in range(count):
+            rows += depths[j] + 1
+        ids = np.empty(rows, dtype=np.int64)
+        positions = np.empty(rows, dtype=np.int64)
+        slots = np.empty(rows, dtype=np.int64)
+        owners = np.empty(rows, dtype=np.int64)
+        r = 0
+        for j in range(count):
+            for k in range(depths[j] + 1):
+                position = roots[j] + k
+                block, offset = divmod(position, block_size)
+                ids[r] = last[j] if k == 0 else drafted[j, k - 1]
+                positions[r] = position
+                slots[r] = tables[j, block] * block_size + offset
+                owners[r] = j
+                r += 1
+        logits = np.empty((rows, head.shape[0]), dtype=np.float32)
+        _forward(
+            ids, positions, slots, owners, positions, np.zeros(rows, dtype=np.int64),
+            np.zeros((rows, 0), dtype=np.bool_), tables, block_size, np.arange(rows),
+            embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+            inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, logits,
+        )  # fmt: skip
+        r = 0
+        for j in range(count):
+            for k in range(depths[j] + 1):
+                picks[j, k] = _argmax(logits[r], head.shape[0])
+                r += 1
+
+
+@dataclass
+class ChainsOut:
+    """What :func:`greedy_chains` returns: each job's chain (its drafts), the model's pick after
+    each of its verified rows (one more than the chain), and the seconds the drafting and the
+    verification took (on the model loop's thread)."""
+
+    chains: list[list[int]]
+    picks: list[list[int]]
+    draft_seconds: float
+    verify_seconds: float
+
+
+def greedy_chains(
+    target: Runner,
+    drafter: Runner,
+    job_ids: Sequence[str],
+    catchup: Sequence[tuple[list[int], int] | None],
+    depths: Sequence[int],
+    last: Sequence[int],
+    roots: Sequence[int],
+    vocab: int,
+) -> ChainsOut:
+    """Draft and verify greedy chains for ``job_ids``: job ``i`` (depth ``depths[i]``, 0: it only
+    decodes) first feeds the draft ``catchup[i]`` (its unseen tokens from a position), drafts a
+    chain of ``depths[i]`` tokens (argmax over the first ``vocab`` logits), then the model
+    verifies ``[last[i], *chain]`` from position ``roots[i]`` (its last token's). Both runners
+    must be
+    :meth:`Runner.chainable`; keys and values go to both pools as the runners' own forwards
+    would write them."""
+    assert target.fused is not None and drafter.fused is not None
+    d_pool = drafter.pool.stacked(drafter.fused.kv_heads, drafter.fused.head_dim)
+    t_pool = target.pool.stacked(target.fused.kv_heads, target.fused.head_dim)
+    assert d_pool is not None and t_pool is not None
+    d_stores = (d_pool[0].numpy(), d_pool[1].numpy())
+    t_stores = (t_pool[0].numpy(), t_pool[1].numpy())
+    count = len(job_ids)
+    for job_id, span, root in zip(job_ids, catchup, roots, strict=True):
+        target.pool.check_private(job_id, root)
+        if span is not None:
+            drafter.pool.check_private(job_id, span[1])
+    depth = np.array(depths, dtype=np.int64)
+    rows = depth + 1
+    owners = np.repeat(np.arange(count, dtype=np.int64), rows)
+    cut = split_point(owners) if target.fused.threads > 1 else 0
+    cut_job = int(owners[cut]) if cut else count
+    drafted = np.zeros((count, max(1, int(depth.max()))), dtype=np.int64)
+    picks = np.zeros((count, int(rows.max())), dtype=np.int64)
+    last_arr = np.array(last, dtype=np.int64)
+    root_arr = np.array(roots, dtype=np.int64)
+    t_tables = _tables([target.pool.tables[j] for j in job_ids])
+    d_tables = _tables([drafter.pool.tables.get(j, ()) for j in job_ids])
+    d_bs, t_bs = drafter.pool.block_size, target.pool.block_size
+    d_weights, t_weights = drafter.fused.weights, target.fused.weights
+
+    def group(lo: int, hi: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        spans = catchup[lo:hi]
+        if any(span is not None for span in spans):
+            ids, positions, slots, jobs, keep = _catchup_rows(spans, d_tables[lo:hi], d_bs)
+            _draft(
+                ids, positions, slots, jobs, keep, root_arr[lo:hi], depth[lo:hi], d_tables[lo:hi],
+                d_bs, vocab, *d_weights, *d_stores, drafted[lo:hi],
+            )  # fmt: skip
+        drafting = time.perf_counter()
+        _verify(
+            last_arr[lo:hi], root_arr[lo:hi], depth[lo:hi], drafted[lo:hi], t_tables[lo:hi], t_bs,
+            *t_weights, *t_stores, picks[lo:hi],
+        )  # fmt: skip
+        return drafting - start, time.perf_counter() - drafting
+
+    if cut_job < count:
+        draft_s, verify_s = target.fused.both(
+            lambda: group(0, cut_job), lambda: group(cut_job, count)
+        )
+    else:
+        draft_s, verify_s = group(0, count)
+    deepest = int(depth.max())
+    drafter.fused_done(deepest)
+    target.fused_done(1)
+    chains = drafted.tolist()
+    rows_picked = picks.tolist()
+    return ChainsOut(
+        [chains[j][:d] for j, d in enumerate(depths)],
+        [rows_picked[j][: d + 1] for j, d in enumerate(depths)],
+        draft_s,
+        verify_s,
+    )
+
+
+def _tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
+    out = np.zeros((len(tables), max(1, max(len(t) for t in tables))), dtype=np.int64)
+    for j, table in enumerate(tables):
+        out[j, : len(table)] = table
+    return out
+
+
+def _catchup_rows(
+    spans: Sequence[tuple[list[int], int] | None], tables: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The draft's catch-up rows of a group: each drafting job's unseen tokens at their positions,
+    the last of each kept as its own logits row."""
+    ids: list[int] = []
+    positions: list[int] = []
+    jobs: list[int] = []
+    keep: list[int] = []
+    for j, span in enumerate(spans):
+        if span is None:
+            continue
+        tokens, start = span
+        n = len(tokens)
+        ids += tokens
+        positions += range(start, start + n)
+        jobs += [j] * n
+        keep += [-1] * (n - 1) + [j]
+    pos = np.array(positions, dtype=np.int64)
+    owner = np.array(jobs, dtype=np.int64)
+    slots = tables[owner, pos // block_size] * block_size + pos % block_size
+    return (
+        np.array(ids, dtype=np.int64), pos, slots, owner, np.array(keep, dtype=np.int64),
+    )  # fmt: skip
+
+
+def warm_up(target: FusedLlama, draft: FusedLlama) -> None:
+    """Compile :func:`_draft` and :func:`_verify` now (or load them from numba's cache), not in
+    the first speculative step: one job drafting one token over pools of two slots."""
+    one = np.zeros(1, dtype=np.int64)
+    table = np.zeros((1, 1), dtype=np.int64)
+    drafted = np.zeros((1, 1), dtype=np.int64)
+    for model in (draft, target):
+        layers = model.weights[2].shape[0]
+        store = torch.zeros((layers, 2, model.kv_heads, model.head_dim))
+        stores = (store.numpy(), store.clone().numpy())
+        if model is draft:
+            _draft(
+                one, one, one, one, one, one, one + 1, table, 2, 1, *model.weights, *stores,
+                drafted,
+            )  # fmt: skip
+        else:
+            _verify(
+                one, one, one, drafted, table, 2, *model.weights, *stores,
+                np.zeros((1, 2), dtype=np.int64),
+            )  # fmt: skip
