@@ -152,9 +152,8 @@ def greedy_chains(
     decodes) first feeds the draft ``catchup[i]`` (its unseen tokens from a position), drafts a
     chain of ``depths[i]`` tokens (argmax over the first ``vocab`` logits), then the model
     verifies ``[last[i], *chain]`` from position ``roots[i]`` (its last token's). Both runners
-    must be
-    :meth:`Runner.chainable`; keys and values go to both pools as the runners' own forwards
-    would write them."""
+    must be :meth:`Runner.chainable`; keys and values go to both pools as the runners' own
+    forwards would write them."""
     assert target.fused is not None and drafter.fused is not None
     d_pool = drafter.pool.stacked(drafter.fused.kv_heads, drafter.fused.head_dim)
     t_pool = target.pool.stacked(target.fused.kv_heads, target.fused.head_dim)
@@ -167,12 +166,14 @@ def greedy_chains(
         if span is not None:
             drafter.pool.check_private(job_id, span[1])
     depth = np.array(depths, dtype=np.int64)
-    rows = depth + 1
-    owners = np.repeat(np.arange(count, dtype=np.int64), rows)
-    cut = split_point(owners) if target.fused.threads > 1 else 0
-    cut_job = int(owners[cut]) if cut else count
-    drafted = np.zeros((count, max(1, int(depth.max()))), dtype=np.int64)
-    picks = np.zeros((count, int(rows.max())), dtype=np.int64)
+    deepest = max(depths)
+    cut_job = count
+    if target.fused.threads > 1 and count > 1:
+        owners = np.repeat(np.arange(count, dtype=np.int64), depth + 1)
+        cut = split_point(owners)
+        cut_job = int(owners[cut]) if cut else count
+    drafted = np.zeros((count, max(1, deepest)), dtype=np.int64)
+    picks = np.zeros((count, deepest + 1), dtype=np.int64)
     last_arr = np.array(last, dtype=np.int64)
     root_arr = np.array(roots, dtype=np.int64)
     t_tables = _tables([target.pool.tables[j] for j in job_ids])
@@ -202,7 +203,6 @@ def greedy_chains(
         )
     else:
         draft_s, verify_s = group(0, count)
-    deepest = int(depth.max())
     drafter.fused_done(deepest)
     target.fused_done(1)
     chains = drafted.tolist()

@@ -183,9 +183,6 @@ class Speculator:
         ``running``: the jobs in this iteration's batch (the SSM caches of others may go)."""
         start = time.perf_counter()
         self.depth = {}
-        trees = {
-            j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
-        }
         drafting = [j for j in chosen if self._reserve_tree(j, running)]
         self._deeper = 0.0  # seconds of the SSMs' forwards past their first (see _draft)
         # tokens each SSM's first forward feeds a job to catch up (1 or 2 in a run of speculative
@@ -201,6 +198,9 @@ class Speculator:
         )
         if drafting and self._chains(jobs, drafting):
             return self._chain_step(jobs, drafting, start, catchup)
+        trees = {
+            j.id: TokenTree(j.output_ids[-1] if j.output_ids else j.prompt_ids[-1]) for j in jobs
+        }
         drafts = (
             [
                 self._draft(drafter, s, drafting, trees, generators)
