@@ -75,16 +75,28 @@ class SpecState(JobSpec):
 
 
 def count_acceptance(
-    tried: list[float], hits: list[float], depth: int, accepted: int, decay: float
+    tried: list[float],
+    hits: list[float],
+    depth: int,
+    accepted: int,
+    decay: float,
+    fade_untried: bool = False,
 ) -> None:
     """One step that drafted ``depth`` positions, the first ``accepted`` of them accepted: every
-    position up to the first rejection was tried (those after it never got a chance)."""
+    position up to the first rejection was tried (those after it never got a chance). With
+    ``fade_untried`` the counts of the positions not tried fade too, so that the prior they are
+    weighed against takes over again as they age."""
     while len(tried) < depth:
         tried.append(0.0)
         hits.append(0.0)
-    for i in range(min(accepted + 1, depth)):
+    reached = min(accepted + 1, depth)
+    for i in range(reached):
         tried[i] = tried[i] * decay + 1.0
         hits[i] = hits[i] * decay + (1.0 if i < accepted else 0.0)
+    if fade_untried:
+        for i in range(reached, len(tried)):
+            tried[i] *= decay
+            hits[i] *= decay
 
 
 def expected_tokens(rates: Sequence[float]) -> list[float]:
@@ -126,6 +138,10 @@ class _Recent:
             self.value = statistics.median(self.samples)
         return dropped
 
+    def fresh(self, oldest: int) -> int:
+        """Samples taken at iteration ``oldest`` or later."""
+        return sum(1 for t in self.taken if t >= oldest)
+
     def latest(self, n: int = 3) -> float:
         """The median of the newest ``n`` samples: what the machine does about now."""
         return statistics.median(list(self.samples)[-n:])
@@ -161,13 +177,15 @@ class StepCosts:
         # that batch size's draft or verification timings change: the policy reads every depth
         # each iteration, and a line fit a depth cost as much as a decode step of a small model
         self._in_steps: dict[int, dict[tuple[int, int], float | None]] = {}
+        self._fits: dict[int, tuple[dict[int, float], tuple[float, float, float]] | None] = {}
 
     def add_incremental(self, batch: int, seconds: float) -> None:
         self.now += 1
         inc = self.incremental.setdefault(batch, _Recent())
         inc.add(seconds, self.now)
-        if inc.count == 1:  # the speculative parts are read in incremental steps from now on
-            self._in_steps.pop(batch, None)
+        # the speculative parts are read in incremental steps from now on (the first), and
+        # which sizes were timed lately moves on
+        self._forget_fit(batch)
 
     def add_speculative(
         self, batch: int, forwards: int, draft_seconds: float, tokens: int, verify_seconds: float
@@ -185,7 +203,7 @@ class StepCosts:
         self.verify.setdefault(batch, {}).setdefault(tokens, _Recent()).add(
             verify_seconds / unit, self.now
         )
-        self._in_steps.pop(batch, None)
+        self._forget_fit(batch)
 
     def forget_old(self, batch: int, horizon: int = HORIZON, keep: int = KEEP_SAMPLES) -> None:
         """Timings at this batch size older than ``horizon`` iterations give way to newer ones
@@ -197,7 +215,11 @@ class StepCosts:
             inc.forget_before(oldest, keep)
         recents = [self.draft.get(batch), *self.verify.get(batch, {}).values()]
         if any(r is not None and r.forget_before(oldest, keep) for r in recents):
-            self._in_steps.pop(batch, None)
+            self._forget_fit(batch)
+
+    def _forget_fit(self, batch: int) -> None:
+        self._in_steps.pop(batch, None)
+        self._fits.pop(batch, None)
 
     def samples(self, batch: int) -> tuple[int, int]:
         """Incremental and speculative iterations measured at this batch size."""
@@ -214,30 +236,56 @@ class StepCosts:
 
     def verify_steps(self, batch: int, tokens: int) -> float | None:
         """Verifying trees of ``tokens`` tokens, in incremental steps."""
+        fit = self._fits.get(batch)
+        if fit is None:
+            fit = self._fits[batch] = self._fit(batch)
+        if fit is None:
+            return None
+        own, line = fit
+        if tokens in own:
+            return own[tokens]
+        n, value, slope = line
+        return max(0.0, value + slope * (tokens - n))
+
+    def _fit(self, batch: int) -> tuple[dict[int, float], tuple[float, float, float]] | None:
+        """The sizes whose own timings stand, and the line that gives the others (a point and
+        a slope), until this batch size's timings change."""
         points = self.verify.get(batch)
         inc = self.incremental.get(batch)
         if not points or not inc or not inc.count:
             return None
-        own = points.get(tokens)
-        if own is not None and len(own.samples) >= self.min_samples:
-            return own.value  # timed often enough at this very size: no line bends it
-        if len(points) == 1:
-            ((n, e),) = points.items()
-            return max(0.0, e.value + NODE_COST * (tokens - n))
-        # a line through the measured sizes, each weighted by its recent samples: a size the
-        # policy no longer picks keeps a few old timings, which must not outweigh fresh ones;
-        # sizes timed only once or twice (a stall makes them far off) stay out of it when two
-        # sizes were timed more often; more tokens never verify faster
-        trusted = [n for n, e in points.items() if len(e.samples) >= self.min_samples]
-        xs = trusted if len(trusted) >= 2 else list(points)
-        ws = [float(len(points[x].samples)) for x in xs]
+        # sizes timed often within the horizon: where two are, a size the policy stopped
+        # picking counts no more, its own timings or in the line. It keeps its newest few,
+        # which may be a stall's: three taken hundreds of iterations before set a 4-deep
+        # chain's cost 0.35 ms above what it cost, and the policy kept to depth 1, two thirds
+        # of depth 3's tokens a second. (Where fewer are, as while speculation is off and only
+        # its probes time it, the newest timings of each size stand.)
+        oldest = self.now - HORIZON
+        fresh = {n: e.fresh(oldest) for n, e in points.items()}
+        lately = [n for n in points if fresh[n] >= self.min_samples]
+        if len(lately) >= 2:
+            xs = lately
+            ws = [float(fresh[x]) for x in xs]
+        else:
+            # a size timed often enough keeps its own cost: no line bends it
+            lately = [n for n, e in points.items() if len(e.samples) >= self.min_samples]
+            if len(points) == 1:
+                ((n, e),) = points.items()
+                return {n: e.value} if n in lately else {}, (n, e.value, NODE_COST)
+            # a line through the measured sizes, each weighted by its recent samples: a size
+            # the policy no longer picks keeps a few old timings, which must not outweigh fresh
+            # ones; sizes timed only once or twice (a stall makes them far off) stay out of it
+            # when two sizes were timed more often
+            xs = lately if len(lately) >= 2 else list(points)
+            ws = [float(len(points[x].samples)) for x in xs]
         ys = [points[x].value for x in xs]
         total = sum(ws)
         mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / total
         my = sum(w * y for w, y in zip(ws, ys, strict=True)) / total
         spread = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True))
         slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys, strict=True)) / spread
-        return max(0.0, my + max(0.0, slope) * (tokens - mx))
+        # more tokens never verify faster
+        return {n: points[n].value for n in lately}, (mx, my, max(0.0, slope))
 
     def speculative(self, batch: int, forwards: int, tokens: int) -> float | None:
         """Seconds of a speculative iteration with ``forwards`` SSM forwards and trees of
@@ -527,7 +575,10 @@ class SpecPolicy:
         previous = state.emitted_ewma if state.emitted_ewma is not None else emitted
         state.emitted_ewma = previous + alpha * (emitted - previous)
         if isinstance(state, SpecState):
-            count_acceptance(state.tried, state.hits, depth, accepted, JOB_DECAY)
+            # a job's own misses deeper than it now drafts fade: held, one rejection at the
+            # second position kept a job at depth 1 to its end (it never drafted that deep
+            # again to see the draft agree), a third fewer tokens a second than depth 3
+            count_acceptance(state.tried, state.hits, depth, accepted, JOB_DECAY, True)
         count_acceptance(self.tried, self.hits, depth, accepted, ENGINE_DECAY)
         self._engine_rates = None
         self._plain_until.clear()  # acceptance moved: judge every batch size again

@@ -159,6 +159,41 @@ def test_depth_follows_a_job_whose_acceptance_changes() -> None:
     assert policy.choose([job])[job.id] == 6
 
 
+def test_a_job_that_missed_deep_once_drafts_deep_again_as_the_miss_ages() -> None:
+    """A job that drafts shallower than before never sees its deeper positions again: its own
+    misses there fade (its counts), so the engine-wide rate, which other steps keep, takes over
+    and the job goes deep again."""
+    policy = measured(SpecPolicy("auto", TREE), draft=1 * MS)
+    steps(policy, new_job(), every, 60)  # engine-wide, every position is accepted
+    job = new_job()
+    for _ in range(6):  # its drafts past the first rejected a few times in a row
+        depth = policy.choose([job])[job.id]
+        policy.observe_job(job, depth, depth, 1)
+    assert policy.choose([job])[job.id] == 1
+    depths = []
+    for _ in range(40):  # the first draft accepted at each step of depth 1
+        depth = policy.choose([job])[job.id]
+        depths.append(depth)
+        policy.observe_job(job, depth, depth, depth)
+    assert depths[0] == 1 and depths[-1] == 6, depths
+
+
+def test_a_size_not_timed_lately_gives_way_to_the_line_through_those_that_were() -> None:
+    policy = SpecPolicy("auto", TREE)
+    for _ in range(3):  # a 5-token verification timed three times on a loaded machine
+        policy.observe_incremental(1, 10 * MS)
+        policy.observe_speculative(1, 3, 6 * MS, 5, 40 * MS)
+    for _ in range(200):  # then the policy picked depths 1 and 6 only, on a quiet one
+        policy.observe_incremental(1, 10 * MS)
+        policy.observe_speculative(1, 0, 0.0, 2, 12 * MS)
+        policy.observe_speculative(1, 5, 10 * MS, 7, 17 * MS)
+    policy.costs.forget_old(1)  # as each decision does
+    # the sizes timed lately keep their own cost; 5 tokens is read off the line through them
+    assert policy.costs.verify_seconds(1, 2) == pytest.approx(12 * MS)
+    assert policy.costs.verify_seconds(1, 7) == pytest.approx(17 * MS)
+    assert policy.costs.verify_seconds(1, 5) == pytest.approx(15 * MS)
+
+
 def test_a_new_job_starts_from_the_engine_wide_acceptance() -> None:
     policy = measured(SpecPolicy("auto", TREE))
     assert policy.choose([new_job()]) != {}  # unmeasured positions are given the benefit
