@@ -601,9 +601,10 @@ class FusedLlama:
         )
         return logits
 
-    def both(self, here: Callable[[], T], there: Callable[[], object]) -> T:
+    def both(self, here: Callable[[], T], there: Callable[[], object], split: bool = True) -> T:
         """``here`` on this thread while ``there`` runs on the second one; ``here``'s result once
-        both have ended (their work must not overlap: whole jobs each)."""
+        both have ended (their work must not overlap: whole jobs each). ``split``: it is a
+        forward split in two (:attr:`split_forwards` counts it)."""
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="flockctl-fused")
         other = self._helper.submit(there)
@@ -617,7 +618,7 @@ class FusedLlama:
             while not other.done() and time.perf_counter() < until:
                 time.sleep(0)
             other.result()
-        self.split_forwards += 1
+        self.split_forwards += split
         return out
 
     def _rows(

@@ -136,6 +136,7 @@ class ChainsOut:
     picks: list[list[int]]
     draft_seconds: float
     verify_seconds: float
+    ahead: list[int]  # the draft's picks after the chain (``ahead`` of them), or none
 
 
 def greedy_chains(
@@ -147,13 +148,20 @@ def greedy_chains(
     last: Sequence[int],
     roots: Sequence[int],
     vocab: int,
+    given: Sequence[list[int] | None] | None = None,
+    ahead: int = 0,
 ) -> ChainsOut:
     """Draft and verify greedy chains for ``job_ids``: job ``i`` (depth ``depths[i]``, 0: it only
     decodes) first feeds the draft ``catchup[i]`` (its unseen tokens from a position), drafts a
     chain of ``depths[i]`` tokens (argmax over the first ``vocab`` logits), then the model
     verifies ``[last[i], *chain]`` from position ``roots[i]`` (its last token's). Both runners
     must be :meth:`Runner.chainable`; keys and values go to both pools as the runners' own
-    forwards would write them."""
+    forwards would write them.
+
+    ``given[i]``: job ``i``'s chain, drafted before (its ``catchup[i]`` is None). ``ahead``: for
+    one job, while the model verifies its chain, the draft goes on from the chain's last token,
+    ``ahead`` forwards on the second thread (:attr:`ChainsOut.ahead`): the next step's chain if
+    this one is accepted whole and the model's next token is the draft's first pick after it."""
     assert target.fused is not None and drafter.fused is not None
     d_pool = drafter.pool.stacked(drafter.fused.kv_heads, drafter.fused.head_dim)
     t_pool = target.pool.stacked(target.fused.kv_heads, target.fused.head_dim)
@@ -173,6 +181,12 @@ def greedy_chains(
         cut = split_point(owners)
         cut_job = int(owners[cut]) if cut else count
     drafted = np.zeros((count, max(1, deepest)), dtype=np.int64)
+    for j, chain in enumerate(given or ()):
+        if chain is not None:
+            drafted[j, : len(chain)] = chain
+    if ahead:
+        assert count == 1 and cut_job == count and depths[0] > 0
+        onward = np.zeros((1, ahead), dtype=np.int64)
     picks = np.zeros((count, deepest + 1), dtype=np.int64)
     last_arr = np.array(last, dtype=np.int64)
     root_arr = np.array(roots, dtype=np.int64)
@@ -180,6 +194,7 @@ def greedy_chains(
     d_tables = _tables([drafter.pool.tables.get(j, ()) for j in job_ids])
     d_bs, t_bs = drafter.pool.block_size, target.pool.block_size
     d_weights, t_weights = drafter.fused.weights, target.fused.weights
+    t_fused = target.fused
 
     def group(lo: int, hi: int) -> tuple[float, float]:
         start = time.perf_counter()
@@ -191,10 +206,24 @@ def greedy_chains(
                 d_bs, vocab, *d_weights, *d_stores, drafted[lo:hi],
             )  # fmt: skip
         drafting = time.perf_counter()
-        _verify(
-            last_arr[lo:hi], root_arr[lo:hi], depth[lo:hi], drafted[lo:hi], t_tables[lo:hi], t_bs,
-            *t_weights, *t_stores, picks[lo:hi],
-        )  # fmt: skip
+
+        def verify() -> None:
+            _verify(
+                last_arr[lo:hi], root_arr[lo:hi], depth[lo:hi], drafted[lo:hi], t_tables[lo:hi],
+                t_bs, *t_weights, *t_stores, picks[lo:hi],
+            )  # fmt: skip
+
+        def draft_on() -> None:  # from the chain's last token, fed after the others
+            _chain(
+                drafted[:, depths[0] - 1].copy(), root_arr + depths[0] - 1,
+                np.array([ahead], dtype=np.int64), d_tables, d_bs, vocab, *d_weights,
+                *d_stores, onward,
+            )  # fmt: skip
+
+        if ahead:
+            t_fused.both(verify, draft_on, split=False)
+        else:
+            verify()
         return drafting - start, time.perf_counter() - drafting
 
     if cut_job < count:
@@ -203,7 +232,7 @@ def greedy_chains(
         )
     else:
         draft_s, verify_s = group(0, count)
-    drafter.fused_done(deepest)
+    drafter.fused_done(deepest + ahead)
     target.fused_done(1)
     chains = drafted.tolist()
     rows_picked = picks.tolist()
@@ -212,6 +241,7 @@ def greedy_chains(
         [rows_picked[j][: d + 1] for j, d in enumerate(depths)],
         draft_s,
         verify_s,
+        onward[0].tolist() if ahead else [],
     )
 
 

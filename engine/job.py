@@ -182,6 +182,10 @@ class JobSpec:
     skipped: int = 0  # iterations in a row it decoded without speculating
     enabled: bool = True
     draft_cached: list[int] = field(default_factory=list)  # per SSM, tokens in its cache
+    # a greedy chain drafted ahead while the last one was verified (fused_spec), for the job
+    # at ``ahead_at`` tokens: the next step's chain if the text has not moved on since
+    ahead: list[int] = field(default_factory=list)
+    ahead_at: int = -1
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -288,14 +288,28 @@ class Speculator:
         assert drafter.runner.fused is not None
         drafts = {j.id for j in drafting}
         spans: list[tuple[list[int], int] | None] = []
+        given: list[list[int] | None] = []
         for job in jobs:
-            if job.id not in drafts:
+            spec = job.spec
+            if job.id not in drafts or spec is None:
                 spans.append(None)
+                given.append(None)
                 continue
-            assert job.spec is not None
-            cached = job.spec.draft_cached[0]
-            spans.append((_tokens_from(job, cached), cached))
-            job.spec.draft_cached[0] = job.total_tokens
+            if (
+                spec.ahead
+                and spec.ahead_at == job.total_tokens == spec.draft_cached[0]
+            ):  # drafted while the last chain was verified, and that chain held
+                chain = spec.ahead[: self.depth[job.id]]
+                self.depth[job.id] = len(chain)
+                given.append(chain)
+                spans.append(None)
+            else:
+                cached = spec.draft_cached[0]
+                spans.append((_tokens_from(job, cached), cached))
+                given.append(None)
+                spec.draft_cached[0] = job.total_tokens
+            spec.ahead = []
+        ahead = self._ahead(jobs, drafting)
         out = fused_spec.greedy_chains(
             self.runner,
             drafter.runner,
@@ -305,6 +319,8 @@ class Speculator:
             [j.output_ids[-1] if j.output_ids else j.prompt_ids[-1] for j in jobs],
             [j.total_tokens - 1 for j in jobs],
             min(self.vocab_size, drafter.runner.fused.vocab),
+            given,
+            ahead,
         )
         chains = {j.id: chain for j, chain in zip(jobs, out.chains, strict=True) if chain}
         picks = out.picks
@@ -318,21 +334,51 @@ class Speculator:
             # wrote them; the SSM's, the accepted drafts it ran (all but a chain's last)
             kept = job.total_tokens + accepted + 1
             self.pool.truncate(job.id, kept)
-            if chain:
-                assert job.spec is not None
-                job.spec.draft_cached[0] = job.total_tokens + min(accepted, len(chain) - 1)
-                drafter.pool.truncate(job.id, kept)
+            spec = job.spec
+            if chain and spec is not None:
+                if ahead and accepted == len(chain) and target[accepted] == out.ahead[0]:
+                    # the model's next token is the draft's first pick after the chain: the
+                    # rest of what it drafted meanwhile is the next step's chain. The draft's
+                    # cache holds the text up to here, and past it that chain's tokens but its
+                    # last (to be verified: not counted as cached)
+                    spec.ahead, spec.ahead_at = out.ahead[1:], kept
+                    spec.draft_cached[0] = kept
+                    drafter.pool.truncate(job.id, kept + len(spec.ahead) - 1)
+                else:
+                    spec.draft_cached[0] = job.total_tokens + min(accepted, len(chain) - 1)
+                    drafter.pool.truncate(job.id, kept)
             self._count(job, len(chain), accepted)
             results.append(Accepted([*chain[:accepted], target[accepted]], kept - 1))
         deepest = max(len(chain) for chain in chains.values())
         # the draft's forwards past its first are what a depth adds: in one compiled call with
-        # the first, each counted as a like share of the drafting (a token a job each)
-        deeper = out.draft_seconds * (deepest - 1) / deepest
+        # the first, each counted as a like share of the drafting (a token a job each). Chains
+        # drafted during the last verification cost none here: no draft timing from them
+        drafted = any(span is not None for span in spans)
+        deeper = out.draft_seconds * (deepest - 1) / deepest if drafted else 0.0
         self.policy.observe_speculative(
-            len(jobs), deepest - 1, deeper, deepest + 1, time.perf_counter() - start - deeper,
-            catchup,
+            len(jobs), deepest - 1 if drafted else 0, deeper, deepest + 1,
+            time.perf_counter() - start - deeper, catchup,
         )  # fmt: skip
         return results
+
+    def _ahead(self, jobs: list[Job], drafting: list[Job]) -> int:
+        """Forwards the draft runs on past a lone job's chain while the model verifies it, on the
+        fused forward's second thread (0: none): the chain's depth and one, room permitting.
+        With more jobs that thread verifies half of them."""
+        fused = self.runner.fused
+        if len(jobs) != 1 or len(drafting) != 1 or fused is None or fused.threads < 2:
+            return 0
+        job = jobs[0]
+        depth = self.depth[job.id]
+        # the draft's keys and values up to position total + 2 * depth - 1
+        need = job.total_tokens + 2 * depth
+        if need > self.max_model_len:
+            return 0
+        try:
+            self.drafters[0].pool.reserve(job.id, need)
+        except OutOfBlocks:
+            return 0
+        return depth + 1
 
     def _count(self, job: Job, drafted: int, accepted: int) -> None:
         """A job's step for the figures and the policy: ``drafted`` tokens (0: it decoded

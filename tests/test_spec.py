@@ -292,6 +292,40 @@ async def test_greedy_speculative_output_equals_incremental(
         assert all(not d.pool.tables for d in engine.drafters)
 
 
+@pytest.mark.parametrize("which", ["tiny", "near"])
+async def test_a_lone_job_drafts_its_next_chain_while_the_model_verifies(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    which: str,
+) -> None:
+    """With two fused threads and one job, the draft goes on past each chain on the second
+    thread while the model verifies it; a chain accepted whole, with the model's next token the
+    draft's first pick, makes the rest the next step's chain (no drafting call that step).
+    Greedy output stays the model's, whether the draft agrees always (the model itself) or not."""
+    drafts: list[int] = []
+    draft = fused_spec._draft
+    monkeypatch.setattr(fused_spec, "_draft", lambda *a: drafts.append(1) or draft(*a))
+    chain_steps: list[int] = []
+    chain_step = Speculator._chain_step
+    monkeypatch.setattr(
+        Speculator, "_chain_step", lambda *a: chain_steps.append(1) or chain_step(*a)
+    )
+    for engine in make_engine(
+        tiny, [request.getfixturevalue(which)], spec_tree=(1, 1, 1), spec="on",
+        max_batch_size=1, fused_threads=2,
+    ):  # fmt: skip
+        drafts.clear()
+        results = [await run(engine, p) for p in prompts]
+        assert [ids for ids, _ in results] == reference
+        assert engine.pool.used_tokens == 0 and all(not d.pool.tables for d in engine.drafters)
+    assert chain_steps
+    if which == "tiny":  # every chain holds: after a job's first step, each comes drafted
+        assert len(drafts) == len(prompts), (len(drafts), len(chain_steps))
+
+
 class FixedCosts(StepCosts):
     """Step costs as if measured at every batch size up to 8 (an incremental step 10 ms, a draft
     forward 1 ms, verification 10 ms plus 1 ms a tree token), deaf to the clock."""
