@@ -387,6 +387,17 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             logits[to[i]] = scores_out[i]
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _argmax(row, vocab):  # pragma: no cover - compiled
+        # the first index of the largest of row[:vocab], as numpy's argmax
+        best = 0
+        top = row[0]
+        for v in range(1, vocab):
+            if row[v] > top:
+                top = row[v]
+                best = v
+        return best
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _chain(  # pragma: no cover - compiled
         first, roots, steps, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
@@ -430,12 +441,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             r = 0
             for j in range(count):
                 if steps[j] > step:
-                    best = 0
-                    top = logits[r, 0]
-                    for v in range(1, vocab):
-                        if logits[r, v] > top:
-                            top = logits[r, v]
-                            best = v
+                    best = _argmax(logits[r], vocab)
                     drafted[j, step] = best
                     current[j] = best
                     r += 1

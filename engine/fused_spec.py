@@ -34,18 +34,7 @@ if TYPE_CHECKING:
 if available():
     import numba
 
-    from flockctl.engine.fused_forward import _chain, _forward
-
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-    def _argmax(row, vocab):  # pragma: no cover - compiled
-        # the first index of the largest of row[:vocab], as numpy's argmax
-        best = 0
-        top = row[0]
-        for v in range(1, vocab):
-            if row[v] > top:
-                top = row[v]
-                best = v
-        return best
+    from flockctl.engine.fused_forward import _argmax, _chain, _forward
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _draft(  # pragma: no cover - compiled
