@@ -7,12 +7,14 @@ token, the rest of each chain, then the model's verification. At batch 1 on the 
 Python (building each forward's rows, a logits tensor per call, the argmax, the hand-overs) was
 about a quarter of the step. Here the draft's catch-up, first pick and chain are one call
 (:func:`_draft`), and the verification builds its own rows from the chains and returns the
-model's argmax at every row (:func:`_verify`): the same forwards over the same rows as
-:meth:`Runner.greedy` and :meth:`Runner.draft_chain` feed, so the same tokens bit for bit.
+model's argmax at every row (:func:`_verify`): the same forwards over the same rows as the three
+calls fed, so the same tokens bit for bit.
 
 With two threads (:attr:`FusedLlama.threads`) the jobs split into two groups at the point the
 verification's rows would split (:func:`split_point`), each group's draft and verification on
-its own thread: the draft's forwards split too.
+its own thread: the draft's forwards split too. A lone job has the second thread to itself: the
+draft goes on past its chain there while the model verifies it, drafting what may be the next
+step's chain (``ahead``).
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ def greedy_chains(
         )
     else:
         draft_s, verify_s = group(0, count)
-    drafter.fused_done(deepest + ahead)
+    drafter.fused_done((deepest if any(span is not None for span in catchup) else 0) + ahead)
     target.fused_done(1)
     chains = drafted.tolist()
     rows_picked = picks.tolist()
