@@ -34,7 +34,7 @@ transformers' forward and the lean forward read the same memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -662,6 +662,15 @@ SPLIT_MIN_ROWS = 4
 
 #: How long the model loop's thread polls for the other half before it sleeps on it
 POLL_SECONDS = 0.0005
+
+
+def table_array(tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """Jobs' block tables as one array for the compiled calls, a row a job, zero-padded (block
+    0, the scratch block, for a job without one)."""
+    out = np.zeros((len(tables), max(1, max(len(t) for t in tables))), dtype=np.int64)
+    for j, table in enumerate(tables):
+        out[j, : len(table)] = table
+    return out
 
 
 def split_point(jobs: np.ndarray) -> int:

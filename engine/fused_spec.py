@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from flockctl.engine.decode_attention import FASTMATH, available
-from flockctl.engine.fused_forward import FusedLlama, split_point
+from flockctl.engine.fused_forward import FusedLlama, split_point, table_array
 
 if TYPE_CHECKING:
     from flockctl.engine.runner import Runner
@@ -181,8 +181,8 @@ def greedy_chains(
     picks = np.zeros((count, deepest + 1), dtype=np.int64)
     last_arr = np.array(last, dtype=np.int64)
     root_arr = np.array(roots, dtype=np.int64)
-    t_tables = _tables([target.pool.tables[j] for j in job_ids])
-    d_tables = _tables([drafter.pool.tables.get(j, ()) for j in job_ids])
+    t_tables = table_array([target.pool.tables[j] for j in job_ids])
+    d_tables = table_array([drafter.pool.tables.get(j, ()) for j in job_ids])
     d_bs, t_bs = drafter.pool.block_size, target.pool.block_size
     d_weights, t_weights = drafter.fused.weights, target.fused.weights
     t_fused = target.fused
@@ -235,12 +235,6 @@ def greedy_chains(
         onward[0].tolist() if ahead else [],
     )
 
-
-def _tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
-    out = np.zeros((len(tables), max(1, max(len(t) for t in tables))), dtype=np.int64)
-    for j, table in enumerate(tables):
-        out[j, : len(table)] = table
-    return out
 
 
 def _catchup_rows(

@@ -287,6 +287,16 @@ class Job:
     def total_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def tokens(self, start: int, end: int | None = None) -> list[int]:
+        """The job's tokens (prompt, then output) at positions ``start`` to ``end`` (the last)."""
+        prompt = len(self.prompt_ids)
+        end = self.total_tokens if end is None else end
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        if start >= prompt:
+            return self.output_ids[start - prompt : end - prompt]
+        return self.prompt_ids[start:] + self.output_ids[: end - prompt]
+
     @property
     def preemption_count(self) -> int:
         return sum(self.preemptions.values())

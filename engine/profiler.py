@@ -63,7 +63,7 @@ def calibrate(runner: Runner, max_tokens: int, batch: int, token_id: int = 0) ->
             pool.reserve(job.id, job.total_tokens)
         _sync(device)
         start = time.perf_counter()
-        feeds = [Feed.linear((job.prompt_ids + job.output_ids)[cached:], cached) for job in jobs]
+        feeds = [Feed.linear(job.tokens(cached), cached) for job in jobs]
         runner.run([job.id for job in jobs], feeds)
         _sync(device)
         return time.perf_counter() - start

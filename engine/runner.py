@@ -151,11 +151,7 @@ class Runner:
     def tokens(self, job: Job, count: int | None = None) -> list[int]:
         """The job's tokens not yet in its cache (the first ``count`` of them, if given)."""
         start = job.cached_tokens
-        end = job.total_tokens if count is None else start + count
-        prompt = len(job.prompt_ids)
-        if end <= prompt:
-            return job.prompt_ids[start:end]
-        return (job.prompt_ids + job.output_ids)[start:end]
+        return job.tokens(start, None if count is None else start + count)
 
     @torch.inference_mode()
     def forward(
@@ -200,7 +196,7 @@ class Runner:
         assert self.fused is not None
         stores = self.pool.stacked(self.fused.kv_heads, self.fused.head_dim)
         assert stores is not None
-        tables = _table_array([self.pool.tables[job_id] for job_id in job_ids])
+        tables = fused_forward.table_array([self.pool.tables[job_id] for job_id in job_ids])
         bs = self.pool.block_size
         drafted = self.fused.chain(first, roots, steps, tables, bs, vocab, *stores)
         self.fused_done(max(steps, default=0))
@@ -274,7 +270,7 @@ class Runner:
             "tree": tree,
             "keep": np.array(out, dtype=np.int64),
         }
-        logits = self.fused(rows, _table_array(tables), bs, *stores, len(feeds) * keep)
+        logits = self.fused(rows, fused_forward.table_array(tables), bs, *stores, len(feeds) * keep)
         self.fused_done()
         return logits.view(len(feeds), keep, -1)
 
@@ -370,10 +366,3 @@ class Runner:
         logits = out.logits.float()
         return logits if back is None else logits[back]
 
-
-def _table_array(tables: list[list[int]]) -> np.ndarray:
-    """Jobs' block tables as one array for the compiled forward, a row a job, zero-padded."""
-    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
-    for j, table in enumerate(tables):
-        out[j, : len(table)] = table
-    return out

@@ -305,7 +305,7 @@ class Speculator:
                 spans.append(None)
             else:
                 cached = spec.draft_cached[0]
-                spans.append((_tokens_from(job, cached), cached))
+                spans.append((job.tokens(cached), cached))
                 given.append(None)
                 spec.draft_cached[0] = job.total_tokens
             spec.ahead = []
@@ -368,9 +368,9 @@ class Speculator:
         under ``auto`` the policy's costs do not tell such steps apart, and served with it
         auto made 3-5% fewer tokens a second (demo and weaker pair, four runs each)."""
         fused = self.runner.fused
-        if len(jobs) != 1 or len(drafting) != 1 or fused is None or fused.threads < 2:
+        if self.policy.mode != "on" or len(jobs) != 1 or len(drafting) != 1:
             return 0
-        if self.policy.mode != "on":
+        if fused is None or fused.threads < 2:
             return 0
         job = jobs[0]
         depth = self.depth[job.id]
@@ -446,7 +446,7 @@ class Speculator:
         for job in jobs:
             assert job.spec is not None
             cached = job.spec.draft_cached[s]
-            feeds.append(Feed.linear((job.prompt_ids + job.output_ids)[cached:], cached))
+            feeds.append(Feed.linear(job.tokens(cached), cached))
         rows = dict(zip(ids, drafter.runner.run(ids, feeds), strict=True))
         out: dict[str, _Draft] = {}
         frontier: dict[str, list[int]] = {}
@@ -583,11 +583,3 @@ def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
         return logits[..., :vocab]
     pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
-
-
-def _tokens_from(job: Job, start: int) -> list[int]:
-    """The job's tokens (prompt, then output) from position ``start`` on."""
-    prompt = len(job.prompt_ids)
-    if start >= prompt:
-        return job.output_ids[start - prompt :]
-    return job.prompt_ids[start:] + job.output_ids
