@@ -385,17 +385,22 @@ class KVPool:
     def _ensure_layer(self, layer: int, heads: int, dim: int) -> None:
         if self.keys[layer] is not None:
             return
-        # empty, not zeros: on CPU untouched pages of a large budget never become resident.
-        # The scratch block and the blocks handed out so far are zeroed here; blocks handed out
+        # On CPU the whole budget is written once here (zeros), so that every page is resident
+        # from the start: left empty, each block's first use faulted its pages in, 160 us a
+        # block against 45 to zero it again (16 layers), a tenth of a fresh engine's decode
+        # iterations at 32 jobs; and an engine without the memory for its budget fails at
+        # start, not under load. Elsewhere the device's allocator hands out memory that is
+        # resident already. The blocks handed out so far are zeroed here; blocks handed out
         # later are zeroed by _zero_fresh before the forward that uses them.
         # Every layer's store is a slice of one tensor [layers, slots, heads, dim] when they
         # all have the first one's shape (a compiled forward takes the whole pool in one array)
         shape = (self.num_blocks * self.block_size, heads, dim)
+        make = torch.zeros if self.device.type == "cpu" else torch.empty
         if self.device.type == "cpu" and all(k is None for k in self.keys):
             stacked = (self.num_layers, *shape)
             self._stacked = (
-                torch.empty(stacked, dtype=self.dtype, device=self.device),
-                torch.empty(stacked, dtype=self.dtype, device=self.device),
+                make(stacked, dtype=self.dtype, device=self.device),
+                make(stacked, dtype=self.dtype, device=self.device),
             )
         owned = [SCRATCH, *(b for table in self.tables.values() for b in table)]
         index = self._positions(owned, len(owned) * self.block_size)
@@ -404,7 +409,7 @@ class KVPool:
             if stack is not None and tuple(stack.shape[1:]) == shape:
                 pool = stack[layer]
             else:
-                pool = torch.empty(shape, dtype=self.dtype, device=self.device)
+                pool = make(shape, dtype=self.dtype, device=self.device)
                 self._stacked = None
             pool.index_fill_(0, index, 0)
             pools[layer] = pool

@@ -6,6 +6,7 @@ is left out."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -274,9 +275,26 @@ def test_the_pool_stacks_its_layers_when_they_share_a_shape() -> None:
     assert uneven.stacked(2, 8) is None
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set (Linux)")
+def test_a_cpu_pool_is_resident_once_its_stores_exist() -> None:
+    """Every page of a CPU pool is written when its stores are made: a block's first use under
+    load does not fault its pages in, and a machine without the memory fails at start."""
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * page
+
+    pool = KVPool(8, 64 * 1024, torch.device("cpu"), torch.float32, block_size=16)
+    before = resident()
+    stores = pool.stacked(2, 8)
+    assert stores is not None
+    size = sum(store.numel() * store.element_size() for store in stores)  # 33.5 MB
+    assert resident() - before >= 0.9 * size
+
+
 def test_blocks_handed_out_after_the_stacked_layers_exist_are_zeroed_in_every_layer() -> None:
-    """A new block may hold anything (the pool is allocated empty, and blocks are reused); the
-    next forward's stores come back with it zeroed in every layer, the rest untouched."""
+    """A new block may hold anything (blocks are reused); the next forward's stores come back
+    with it zeroed in every layer, the rest untouched."""
     pool = KVPool(3, 64, torch.device("cpu"), torch.float32, block_size=4)
     stores = pool.stacked(2, 8)
     assert stores is not None
