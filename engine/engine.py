@@ -24,7 +24,7 @@ from flockctl.cores import default_threads
 from flockctl.cores import fused_threads as engine_fused_threads
 from flockctl.engine import decode_attention
 from flockctl.engine.batcher import AUTO_BATCH_MAX, auto_batch_size, default_batched_tokens
-from flockctl.engine.config import EngineConfig
+from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import DeviceMemory
 from flockctl.engine.embeddings import Embedder
 from flockctl.engine.handle import JobHandle
@@ -105,6 +105,8 @@ class Engine:
         self.started = time.time()
 
         budget = config.kv_budget or self._default_budget()
+        if config.kv_budget and device.type == "cpu":
+            self._check_budget(config.kv_budget)
         self.pool = KVPool(
             num_layers(model.config),
             budget,
@@ -234,13 +236,32 @@ class Engine:
         )
         return dataclasses.replace(config, max_batch_size=size, max_num_batched_tokens=tokens)
 
+    def _kv_bytes_per_token(self) -> int:
+        """KV cache bytes a token takes: the model's and every draft model's."""
+        return kv_bytes_per_token(self.model.config, self.dtype) + sum(
+            kv_bytes_per_token(m.config, self.dtype) for _, m in self._draft_models
+        )
+
+    def _check_budget(self, tokens: int) -> None:
+        """A ``--kv-budget`` on CPU is written whole at start (KVPool._ensure_layer): refuse one
+        the machine's available memory cannot hold, with the most it can, rather than have the
+        OS kill the engine while it zeroes it."""
+        per_token = self._kv_bytes_per_token()
+        free = self.memory.free_bytes()
+        limit = int(free * 0.9)  # the rest for the weights, activations and the process
+        if tokens * per_token > limit:
+            raise EngineLoadError(
+                f"--kv-budget {tokens} tokens needs {tokens * per_token / 2**30:.1f} GiB of"
+                f" memory ({per_token} bytes a token, all of it resident from the start), but"
+                f" {free / 2**30:.1f} GiB is available: ask for at most {limit // per_token}"
+                " tokens (nine tenths of it), or leave --kv-budget out (a quarter of it)"
+            )
+
     def _default_budget(self) -> int:
         """KV tokens: the free memory of this engine's own GPU (its share of it) less a margin,
         refusing to start below one ``--max-model-len`` request; on CPU/MPS a quarter of what
         is free, at most 2 GiB; never more than every admissible job at full length could use."""
-        per_token = kv_bytes_per_token(self.model.config, self.dtype) + sum(
-            kv_bytes_per_token(m.config, self.dtype) for _, m in self._draft_models
-        )
+        per_token = self._kv_bytes_per_token()
         free = self.memory.free_bytes()
         batch = self.config.max_batch_size or AUTO_BATCH_MAX
         ceiling = (batch + self.config.max_waiting) * self.max_model_len

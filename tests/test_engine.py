@@ -13,7 +13,8 @@ from conftest import until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
-from flockctl.engine.config import EngineConfig
+from flockctl.engine.config import EngineConfig, EngineLoadError
+from flockctl.engine.device import DeviceMemory
 from flockctl.engine.engine import Engine, QueueFull
 from flockctl.engine.job import (
     FinishReason,
@@ -312,3 +313,15 @@ async def test_limits_are_enforced(tiny: Path, prompts: list[list[int]]) -> None
         assert 2 <= len(handles) <= 3  # two waiting, plus the one running if it started
         for h in handles:
             h.cancel()
+
+
+def test_a_kv_budget_the_memory_cannot_hold_is_refused_at_start(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the whole budget is written at start: one larger than the available memory is
+    refused with the most that fits, not left for the OS to kill the engine over."""
+    monkeypatch.setattr(DeviceMemory, "free_bytes", lambda self: 2**20)  # 1 MiB available
+    with pytest.raises(EngineLoadError, match=r"--kv-budget 1000000 tokens needs .* at most \d+"):
+        load_engine(EngineConfig(model=str(tiny), device="cpu", kv_budget=1_000_000), False)
+    for engine in make_engine(tiny, kv_budget=64):  # 64 tokens fit in 1 MiB
+        assert engine.pool.budget_tokens == 64
