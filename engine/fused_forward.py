@@ -493,6 +493,9 @@ class FusedLlama:
         self.threads = max(1, min(2, threads))
         self._helper: ThreadPoolExecutor | None = None
         self.split_forwards = 0
+        #: called just before each compiled forward of this model lets the GIL go (the model
+        #: loop hands the event loop its last iteration's pieces then: see engine/loop.py)
+        self.before_call: Callable[[], None] | None = None
         inner = model.model
         config = model.config
         layers = inner.layers[: config.num_hidden_layers]
@@ -595,6 +598,8 @@ class FusedLlama:
         logits = torch.zeros((outputs, self.vocab), dtype=torch.float32)
         stores = (keys.numpy(), values.numpy(), logits.numpy())
         cut = split_point(rows["jobs"]) if self.threads > 1 else 0
+        if self.before_call is not None:
+            self.before_call()
         if not cut:
             self._rows(rows, 0, len(rows["ids"]), tables, block_size, stores)
             return logits

@@ -217,6 +217,8 @@ def greedy_chains(
             verify()
         return drafting - start, time.perf_counter() - drafting
 
+    if t_fused.before_call is not None:
+        t_fused.before_call()
     if cut_job < count:
         draft_s, verify_s = target.fused.both(
             lambda: group(0, cut_job), lambda: group(cut_job, count)

@@ -131,9 +131,48 @@ async def test_a_new_prompts_first_token_goes_out_before_the_decoding_forward(
     _, _, _, job = await run(engine, prompts[1])
     old = (await first)[3]
     # the forward that prefilled the new job, then its delivery, then the old job's decode
+    # (the old job's token from the iteration before goes out during the prefill's forward)
     at = next(i for i, (kind, ids) in enumerate(events) if kind == "forward" and job.id in ids)
-    assert events[at + 1] == ("deliver", {job.id})
-    assert events[at + 2][0] == "forward" and events[at + 2][1] == {old.id}
+    after = events[at + 1 :]
+    decode = next(i for i, (kind, _) in enumerate(after) if kind == "forward")
+    assert ("deliver", {job.id}) in after[:decode]
+    assert after[decode][1] == {old.id}
+
+
+async def test_an_iterations_tokens_go_out_just_before_the_next_compiled_forward(
+    engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An iteration's tokens reach the event loop just before the next iteration's compiled
+    forward lets the GIL go, not at the iteration's end, where the event loop's work on every
+    stream held the GIL while the loop's own Python between forwards waited for it; the last
+    ones once no job is left."""
+    fused = engine.runner.fused
+    assert fused is not None  # a float32 Llama on a CPU, one torch thread
+    events: list[str] = []
+    loop = engine.model_loop
+    deliver, plan, rows = loop._deliver, engine.batcher.plan, fused._rows
+
+    def delivering(deliveries: list) -> None:
+        events.append("deliver")
+        deliver(deliveries)
+
+    def planning(order: list[Job]) -> object:
+        events.append("plan")
+        return plan(order)
+
+    def computing(*args: object) -> None:
+        events.append("compute")
+        rows(*args)
+
+    monkeypatch.setattr(loop, "_deliver", delivering)
+    monkeypatch.setattr(engine.batcher, "plan", planning)
+    monkeypatch.setattr(fused, "_rows", computing)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    _, ids, reason, _ = await run(engine, prompts[0], params)
+    assert len(ids) == 6 and reason == FinishReason.LENGTH
+    # the prefill, then each decode step with the last step's token handed over just before
+    # its compiled forward, then the last token once the job is done
+    assert events == ["plan", "compute", *["plan", "deliver", "compute"] * 5, "deliver"]
 
 
 @pytest.mark.parametrize("host_kv_budget", [None, 0], ids=["swap", "recompute"])
@@ -171,11 +210,13 @@ async def _long_then_short(engine: Engine, prompts: list[list[int]]):
     seen = 0
     # On a loaded host the engine's thread could finish the long job before this event loop
     # gets to submit the short one: past 20 tokens, the engine waits for it before going on.
+    # (An iteration's tokens go out during the next one's forward: this event loop has seen 20
+    # once the engine holds 21.)
     short_submitted = threading.Event()
     scheduler_order = engine.scheduler.order
 
     def order_once_the_short_one_is_in(now: float) -> list[Job]:
-        if len(handle.job.output_ids) >= 20:
+        if len(handle.job.output_ids) > 20:
             short_submitted.wait(60)
         return scheduler_order(now)
 
