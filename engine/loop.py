@@ -161,6 +161,7 @@ class ModelLoop:
             self.failed = f"the engine loop crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
+            self._flush()
             reason = self.failed or "the engine is shutting down"
             for job_id in list(self.live):
                 self._abort(job_id, error=reason)
@@ -173,6 +174,7 @@ class ModelLoop:
             return
         deliveries: Deliveries = []
         self._finish(handle, FinishReason.ABORT, time.monotonic(), deliveries, error)
+        self._flush()  # the job's pieces still held go first: its last one ends its stream
         self._deliver(deliveries)
 
     def _iteration(self) -> None:

@@ -366,3 +366,38 @@ def test_a_kv_budget_the_memory_cannot_hold_is_refused_at_start(
         load_engine(EngineConfig(model=str(tiny), device="cpu", kv_budget=1_000_000), False)
     for engine in make_engine(tiny, kv_budget=64):  # 64 tokens fit in 1 MiB
         assert engine.pool.budget_tokens == 64
+
+
+async def test_a_job_the_engine_stops_under_gets_every_token_before_its_error(
+    tiny: Path, prompts: list[list[int]]
+) -> None:
+    """Closing the engine ends a running job with an error; every token the job made reaches
+    its stream first (the last iteration's are still held for the next forward then)."""
+    engine = load_engine(EngineConfig(model=str(tiny), device="cpu"), progress=False)
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    handle = engine.submit(prompts[0], params)
+    go_on = threading.Event()
+    order = engine.scheduler.order
+
+    def order_until_closing(now: float) -> list[Job]:
+        if len(handle.job.output_ids) >= 5:
+            go_on.wait(60)  # the engine's thread waits here until the close below has begun
+        return order(now)
+
+    engine.scheduler.order = order_until_closing  # type: ignore[method-assign]
+    try:
+        await until(lambda: len(handle.job.output_ids) >= 5, "five tokens")
+        closing = asyncio.ensure_future(asyncio.to_thread(engine.close))
+        await until(lambda: engine.model_loop.stopping, "the engine to be stopping")
+        go_on.set()
+        await closing
+    finally:
+        go_on.set()
+        engine.close()
+    received: list[int] = []
+    last = None
+    async for delta in handle:
+        received.extend(delta.token_ids)
+        last = delta
+    assert last is not None and last.error is not None and "shutting down" in last.error
+    assert received == handle.job.output_ids and len(received) > 5
