@@ -238,7 +238,6 @@ def greedy_chains(
     )
 
 
-
 def _catchup_rows(
     spans: Sequence[tuple[list[int], int] | None], tables: np.ndarray, block_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

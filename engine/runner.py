@@ -367,4 +367,3 @@ class Runner:
         self.forwards += 1
         logits = out.logits.float()
         return logits if back is None else logits[back]
-

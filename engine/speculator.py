@@ -296,8 +296,7 @@ class Speculator:
                 given.append(None)
                 continue
             if (
-                spec.ahead
-                and spec.ahead_at == job.total_tokens == spec.draft_cached[0]
+                spec.ahead and spec.ahead_at == job.total_tokens == spec.draft_cached[0]
             ):  # drafted while the last chain was verified, and that chain held
                 chain = spec.ahead[: self.depth[job.id]]
                 self.depth[job.id] = len(chain)
