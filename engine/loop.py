@@ -13,8 +13,11 @@ that is not compiled, and at once when no job is left): handed over at the itera
 event loop took the GIL at the first torch call of the next iteration's Python and held it
 through its work on every stream while the forward's second thread waited (a new block's
 zeroing took 199 us instead of 45 at 32 streams). Served on 2 cores: 1.04x the tokens a second
-at 1 stream, 1.02x at 8, 1.06x at 32, 1.06x speculating. Without the fused forward (other
-devices, other dtypes) they go at the iteration's end.
+at 1 stream, 1.02x at 8, 1.06x at 32, 1.06x speculating. A forward split over two threads
+hands them over from its second thread, just before that thread's half: handed over first, the
+event loop took the GIL the second thread needed to start its half (0.3 ms late at 8 streams,
+0.6 at 32; 8 streams 1.03x the tokens a second). Without the fused forward (other devices, other
+dtypes) they go at the iteration's end.
 
 Jobs whose params a speculative step cannot honour (penalties, log-probabilities, a seed with
 sampling under ``--spec auto``: ``Speculator.can_speculate``) decode incrementally beside the

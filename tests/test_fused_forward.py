@@ -142,6 +142,33 @@ def test_decode_steps_split_at_four_rows_keep_the_logits_bit_for_bit() -> None:
         assert torch.equal(a, b)
 
 
+def test_a_split_forward_calls_before_call_on_its_second_thread() -> None:
+    """``before_call`` (the model loop's hand-over to the event loop) runs once a compiled
+    forward: on the calling thread when the forward is whole, on the second thread just before
+    its half when it is split, so that the event loop it wakes does not hold the GIL that thread
+    needs to start."""
+    model = llama()
+    with torch.inference_mode():
+        run = fused_runner(model, 2)
+        assert run.fused is not None
+        called: list[str] = []
+        run.fused.before_call = lambda: called.append(threading.current_thread().name)
+        jobs = [Job(list(range(5 + k, 9 + k)), SamplingParams(max_tokens=4)) for k in range(4)]
+        for job in jobs:
+            run.pool.reserve(job.id, job.total_tokens)
+            run.forward([job])
+            job.cached_tokens = job.total_tokens
+            job.output_ids.append(1)
+        assert called == [threading.current_thread().name] * 4
+        called.clear()
+        for job in jobs:
+            run.pool.reserve(job.id, job.total_tokens)
+        run.forward(jobs)
+        assert run.fused.split_forwards == 1
+        assert len(called) == 1 and called[0].startswith("flockctl-fused")
+        run.close()
+
+
 def test_prefills_above_the_row_limit_run_fused_where_each_half_fits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
