@@ -234,9 +234,9 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             _fetch(kflat, where[t] * width, width)
         t = 0
         # four slots at a time, in both passes: four independent sums in flight rather than one
-        # chain (each row's sums come out bit for bit as one slot at a time made them); a
-        # prefill chunk of 64 rows after 448 tokens 24.0 -> 20.2 ms, 8 rows of one job after 200
-        # 2.02 -> 1.79 ms. A decode step's rows, each reading its own history, gain nothing
+        # chain (each row's sums come out bit for bit as one slot at a time made them); 64 rows
+        # of one job after 448 tokens 24.0 -> 20.2 ms, 8 rows after 200 2.02 -> 1.79 ms. A
+        # decode step's rows, each reading its own history from memory, gain nothing
         while t + 4 <= seen:
             for a in range(t + AHEAD, t + AHEAD + 4):
                 if a < seen:
