@@ -34,6 +34,7 @@ class Cancellable(Protocol):
 
     def cancel(self) -> None: ...
 
+
 log = logging.getLogger("flockctl.engine")
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -265,9 +265,7 @@ def jobs_table(workers: list[WorkerView]) -> tuple[Table, int]:
     for worker_id, job in rows[:MAX_JOB_ROWS]:
         table.add_row(*job_cells(worker_id, job))
     omitted = sum(
-        n
-        for w in workers
-        if isinstance(n := relayed(w).get("jobs_omitted"), int) and n > 0
+        n for w in workers if isinstance(n := relayed(w).get("jobs_omitted"), int) and n > 0
     )
     return table, max(0, len(rows) - MAX_JOB_ROWS) + omitted
 

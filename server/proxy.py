@@ -295,9 +295,7 @@ class Balancer:
         rec.bytes_out = len(body)
         self._done(rec, 200, time.perf_counter() - started)
 
-    async def _refused(
-        self, scope: Scope, send: Send, rec: RequestRecord, started: float
-    ) -> bool:
+    async def _refused(self, scope: Scope, send: Send, rec: RequestRecord, started: float) -> bool:
         """For a route the balancer answers itself: refuse (401) a request that carries neither
         the API key (when one is set) nor the admin token."""
         if self.api_key is None:

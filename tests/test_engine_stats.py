@@ -232,9 +232,7 @@ async def test_failed_pulls_keep_stats_marked_stale_then_drop_them(upstream, pro
     assert worker.engine is not None and not worker.engine_stale
 
 
-async def test_a_worker_without_engine_stats_is_asked_again_only_after_recheck(
-    upstream, probes
-):
+async def test_a_worker_without_engine_stats_is_asked_again_only_after_recheck(upstream, probes):
     hits: list[str] = []
     plain = await upstream(counted(build_app("p", 4, 0.0, None), hits))
     pool, worker = ready_worker(plain.url)
