@@ -641,32 +641,39 @@ class FusedLlama:
         stores = (keys.numpy(), values.numpy(), logits.numpy())
         cut = split_point(rows["jobs"]) if self.threads > 1 else 0
         if not cut:
-            if self.before_call is not None:
-                self.before_call()
+            self.hand_over()
             self._rows(rows, 0, len(rows["ids"]), tables, block_size, stores)
             return logits
         # each job's rows in one half (they see each other's keys and values), the halves on
         # two threads at once, each writing its own slots and logits rows
         end = len(rows["ids"])
-
-        def there() -> None:
-            # the second thread calls before_call once it holds the GIL, just before its half:
-            # called first, the event loop it woke took the GIL the second thread needed to
-            # start, and at 8 streams that half began 0.3 ms into a 1.2 ms forward
-            if self.before_call is not None:
-                self.before_call()
-            self._rows(rows, cut, end, tables, block_size, stores)
-
-        self.both(lambda: self._rows(rows, 0, cut, tables, block_size, stores), there)
+        self.both(
+            lambda: self._rows(rows, 0, cut, tables, block_size, stores),
+            lambda: self._rows(rows, cut, end, tables, block_size, stores),
+        )
         return logits
+
+    def hand_over(self) -> None:
+        """:attr:`before_call`, if set: a compiled call that lets the GIL go comes next."""
+        if self.before_call is not None:
+            self.before_call()
 
     def both(self, here: Callable[[], T], there: Callable[[], object], split: bool = True) -> T:
         """``here`` on this thread while ``there`` runs on the second one; ``here``'s result once
         both have ended (their work must not overlap: whole jobs each). ``split``: it is a
-        forward split in two (:attr:`split_forwards` counts it)."""
+        forward split in two (:attr:`split_forwards` counts it).
+
+        The second thread calls :meth:`hand_over` once it holds the GIL, just before ``there``:
+        called first, the event loop it woke took the GIL the second thread needed to start,
+        and at 8 streams that half began 0.3 ms into a 1.2 ms forward."""
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="flockctl-fused")
-        other = self._helper.submit(there)
+
+        def second() -> object:
+            self.hand_over()
+            return there()
+
+        other = self._helper.submit(second)
         try:
             out = here()
         finally:

@@ -217,13 +217,10 @@ def greedy_chains(
             verify()
         return drafting - start, time.perf_counter() - drafting
 
-    if t_fused.before_call is not None:
-        t_fused.before_call()
-    if cut_job < count:
-        draft_s, verify_s = target.fused.both(
-            lambda: group(0, cut_job), lambda: group(cut_job, count)
-        )
+    if cut_job < count:  # both() hands over from its second thread
+        draft_s, verify_s = t_fused.both(lambda: group(0, cut_job), lambda: group(cut_job, count))
     else:
+        t_fused.hand_over()
         draft_s, verify_s = group(0, count)
     drafter.fused_done((deepest if any(span is not None for span in catchup) else 0) + ahead)
     target.fused_done(1)

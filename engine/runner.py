@@ -288,8 +288,8 @@ class Runner:
             stores = pool.stacked(self.fused.kv_heads, self.fused.head_dim)
             if stores is not None:
                 return self._fused(feeds, tables, keep, stores)
-        if self.fused is not None and self.fused.before_call is not None:
-            self.fused.before_call()  # not compiled this time: what waits for it goes now
+        if self.fused is not None:
+            self.fused.hand_over()  # not compiled this time: what waits for it goes now
         kv_len = max(len(t) for t in tables) * bs
 
         # with dense rows, the batch runs in the rows' order; ``back`` maps it to the caller's.
