@@ -534,6 +534,8 @@ class FusedLlama:
         #: loop's own and, with 2, one more that waits for work in between
         self.threads = max(1, min(2, threads))
         self._helper: ThreadPoolExecutor | None = None
+        # the KV pool's stores of the last call, and their numpy views
+        self._pool: tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray] | None = None
         self.split_forwards = 0
         #: called just before each compiled forward of this model lets the GIL go (the model
         #: loop hands the event loop its last iteration's pieces then: see engine/loop.py)
@@ -637,13 +639,17 @@ class FusedLlama:
         ``limits``, ``tree_base``, ``tree``, ``keep``: see :func:`_forward`) into the pool's
         stacked ``keys`` and ``values`` ``[layers, slots, kv_heads, dim]``; logits
         ``[outputs, vocab]`` (row ``keep[r]`` for each token row with ``keep[r] >= 0``)."""
-        logits = torch.zeros((outputs, self.vocab), dtype=torch.float32)
-        stores = (keys.numpy(), values.numpy(), logits.numpy())
+        # numpy's allocation and the pool's arrays kept from the last call: after a forward has
+        # swept the caches each torch call cost several microseconds, a few times a step
+        logits = np.zeros((outputs, self.vocab), dtype=np.float32)
+        if self._pool is None or self._pool[0] is not keys or self._pool[1] is not values:
+            self._pool = (keys, values, keys.numpy(), values.numpy())
+        stores = (self._pool[2], self._pool[3], logits)
         cut = split_point(rows["jobs"]) if self.threads > 1 else 0
         if not cut:
             self.hand_over()
             self._rows(rows, 0, len(rows["ids"]), tables, block_size, stores)
-            return logits
+            return torch.from_numpy(logits)
         # each job's rows in one half (they see each other's keys and values), the halves on
         # two threads at once, each writing its own slots and logits rows
         end = len(rows["ids"])
@@ -651,7 +657,7 @@ class FusedLlama:
             lambda: self._rows(rows, 0, cut, tables, block_size, stores),
             lambda: self._rows(rows, cut, end, tables, block_size, stores),
         )
-        return logits
+        return torch.from_numpy(logits)
 
     def hand_over(self) -> None:
         """:attr:`before_call`, if set: a compiled call that lets the GIL go comes next."""

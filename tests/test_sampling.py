@@ -48,6 +48,18 @@ def test_greedy_is_argmax() -> None:
     )
 
 
+def test_greedy_picks_as_torch_does_on_ties_nan_and_strided_rows() -> None:
+    # an all-greedy float32 batch on the CPU is picked with numpy: the same first index
+    logits = torch.zeros(3, 4, 6)
+    logits[0, -1, [2, 4]] = 1.0  # a tie: the first of the two
+    logits[1, -1, 3] = float("nan")  # torch counts NaN as the largest
+    logits[2, -1, 5] = -1.0  # all zero but the last: the first zero
+    last = logits[:, -1]  # each job's last position, a strided view as the runner hands it
+    params = [SamplingParams(temperature=0)] * 3
+    out = Sampler().sample(last, params, [None] * 3)
+    assert out == last.argmax(dim=-1).tolist() == [2, 3, 0]
+
+
 def test_vanishing_temperature_is_greedy() -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
     params = [SamplingParams(temperature=t, seed=1) for t in (1e-300, 1e-9, 1e-6, 1e-300)]
