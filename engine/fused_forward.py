@@ -642,9 +642,7 @@ class FusedLlama:
         # numpy's allocation and the pool's arrays kept from the last call: after a forward has
         # swept the caches each torch call cost several microseconds, a few times a step
         logits = np.zeros((outputs, self.vocab), dtype=np.float32)
-        if self._pool is None or self._pool[0] is not keys or self._pool[1] is not values:
-            self._pool = (keys, values, keys.numpy(), values.numpy())
-        stores = (self._pool[2], self._pool[3], logits)
+        stores = (*self.arrays(keys, values), logits)
         cut = split_point(rows["jobs"]) if self.threads > 1 else 0
         if not cut:
             self.hand_over()
@@ -658,6 +656,13 @@ class FusedLlama:
             lambda: self._rows(rows, cut, end, tables, block_size, stores),
         )
         return torch.from_numpy(logits)
+
+    def arrays(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The pool's stacked ``keys`` and ``values`` as numpy arrays for the compiled calls,
+        kept from the last call while the pool's tensors stay the same."""
+        if self._pool is None or self._pool[0] is not keys or self._pool[1] is not values:
+            self._pool = (keys, values, keys.numpy(), values.numpy())
+        return self._pool[2], self._pool[3]
 
     def hand_over(self) -> None:
         """:attr:`before_call`, if set: a compiled call that lets the GIL go comes next."""

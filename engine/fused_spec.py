@@ -157,8 +157,8 @@ def greedy_chains(
     d_pool = drafter.pool.stacked(drafter.fused.kv_heads, drafter.fused.head_dim)
     t_pool = target.pool.stacked(target.fused.kv_heads, target.fused.head_dim)
     assert d_pool is not None and t_pool is not None
-    d_stores = (d_pool[0].numpy(), d_pool[1].numpy())
-    t_stores = (t_pool[0].numpy(), t_pool[1].numpy())
+    d_stores = drafter.fused.arrays(*d_pool)
+    t_stores = target.fused.arrays(*t_pool)
     count = len(job_ids)
     for job_id, span, root in zip(job_ids, catchup, roots, strict=True):
         target.pool.check_private(job_id, root)
@@ -233,6 +233,48 @@ def greedy_chains(
         verify_s,
         onward[0].tolist() if ahead else [],
     )
+
+
+def greedy_step(
+    target: Runner, job_ids: Sequence[str], last: Sequence[int], roots: Sequence[int]
+) -> list[int]:
+    """One decode step of ``job_ids`` that all take the model's argmax: job ``i`` feeds
+    ``last[i]`` at position ``roots[i]``; returns each job's pick. It is :func:`_verify` with no
+    drafts: the rows, and the split over two threads, that the runner's fused forward gives the
+    same step, so the same tokens bit for bit, with no logits going through torch and the
+    sampler (at 8 jobs those calls were about a tenth of a step once the forward had swept the
+    caches). ``target`` must be :meth:`Runner.chainable`."""
+    fused = target.fused
+    assert fused is not None
+    pool = target.pool.stacked(fused.kv_heads, fused.head_dim)
+    assert pool is not None
+    stores = fused.arrays(*pool)
+    for job_id, root in zip(job_ids, roots, strict=True):
+        target.pool.check_private(job_id, root)
+    count = len(job_ids)
+    depth = np.zeros(count, dtype=np.int64)
+    drafted = np.zeros((count, 1), dtype=np.int64)
+    picks = np.zeros((count, 1), dtype=np.int64)
+    last_arr = np.array(last, dtype=np.int64)
+    root_arr = np.array(roots, dtype=np.int64)
+    tables = table_array([target.pool.tables[j] for j in job_ids])
+    bs = target.pool.block_size
+
+    def run(lo: int, hi: int) -> None:
+        _verify(
+            last_arr[lo:hi], root_arr[lo:hi], depth[lo:hi], drafted[lo:hi], tables[lo:hi], bs,
+            *fused.weights, *stores, picks[lo:hi],
+        )  # fmt: skip
+
+    cut = split_point(np.arange(count)) if fused.threads > 1 else 0
+    if cut:  # both() hands over from its second thread
+        fused.both(lambda: run(0, cut), lambda: run(cut, count))
+    else:
+        fused.hand_over()
+        run(0, count)
+    target.fused_done(1)
+    out: list[int] = picks[:, 0].tolist()
+    return out
 
 
 def _catchup_rows(

@@ -48,7 +48,7 @@ from flockctl.engine.job import FinishReason, Job, JobState, Preemption, TokenLo
 from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import DecodePace
 from flockctl.engine.runner import Feed, Runner
-from flockctl.engine.sampling import Sampler, adjust_logits, token_logprobs
+from flockctl.engine.sampling import Sampler, adjust_logits, is_greedy, token_logprobs
 from flockctl.engine.scheduler import Scheduler
 from flockctl.engine.speculator import Speculator
 
@@ -241,36 +241,41 @@ class ModelLoop:
         start = time.perf_counter()
         jobs = fed
         try:
-            logits = self._forward(fed, chunks)
+            picks = self._greedy(fed) if chunks is None else None
+            logits = self._forward(fed, chunks) if picks is None else None
             for i, job in enumerate(fed):
                 n = chunks[i] if chunks is not None else None
                 self.batcher.mark_cached(
                     job, job.total_tokens if n is None else job.cached_tokens + n
                 )
-            if chunks is not None:
+            if chunks is not None and logits is not None:
                 whole = [i for i, n in enumerate(chunks) if n is None]
                 jobs = [fed[i] for i in whole]
                 logits = logits[whole]
             handles = [self.live[j.id] for j in jobs]
-            tokens = self.sampler.sample(
-                adjust_logits(logits, jobs, self.eos_ids),
-                [j.params for j in jobs],
-                [h.generator for h in handles],
-            )
-            scored = [i for i, j in enumerate(jobs) if j.params.logprobs is not None]
-            logprobs = dict(
-                zip(
-                    scored,
-                    token_logprobs(
-                        logits[scored],
-                        [tokens[i] for i in scored],
-                        [jobs[i].params.logprobs or 0 for i in scored],
-                    ),
-                    strict=True,
+            logprobs: dict[int, TokenLogprob] = {}
+            if picks is not None:
+                tokens = picks
+            else:
+                assert logits is not None
+                tokens = self.sampler.sample(
+                    adjust_logits(logits, jobs, self.eos_ids),
+                    [j.params for j in jobs],
+                    [h.generator for h in handles],
                 )
-                if scored
-                else ()
-            )
+                scored = [i for i, j in enumerate(jobs) if j.params.logprobs is not None]
+                if scored:
+                    logprobs = dict(
+                        zip(
+                            scored,
+                            token_logprobs(
+                                logits[scored],
+                                [tokens[i] for i in scored],
+                                [jobs[i].params.logprobs or 0 for i in scored],
+                            ),
+                            strict=True,
+                        )
+                    )
         except Exception as exc:  # e.g. out of device memory: fail these jobs, keep serving
             self._fail(fed, exc, deliveries)
             return None
@@ -287,6 +292,22 @@ class ModelLoop:
             scores = [logprobs[i]] if i in logprobs else None
             self._emit(job, handle, [token], now, deliveries, scores)
         return elapsed
+
+    def _greedy(self, jobs: list[Job]) -> list[int] | None:
+        """Each job's token from the compiled forward's own argmax (:meth:`Runner.greedy`)
+        where every job decodes greedily and nothing else is asked of its logits (no
+        log-probabilities, no penalties, biases or minimum length); None otherwise, with nothing
+        fed."""
+        for job in jobs:
+            p = job.params
+            if not is_greedy(p) or p.adjusts_logits or p.logprobs is not None or not p.max_tokens:
+                return None
+            if _scores_prompt(job):
+                return None
+        try:
+            return self.runner.greedy(jobs)
+        finally:
+            self._flush()  # where no compiled forward did (see the module docstring)
 
     def _forward(self, jobs: list[Job], chunks: list[int | None] | None = None) -> torch.Tensor:
         """:meth:`_logits`; the last iteration's pieces are handed over by then."""

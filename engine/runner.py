@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flockctl.engine import decode_attention, fused_forward
+from flockctl.engine import decode_attention, fused_forward, fused_spec
 from flockctl.engine.job import Job
 from flockctl.engine.kv import DENSE_MIN_SLOTS, SCRATCH, DenseRows, KVPool, reads_in_place
 from flockctl.engine.lean_forward import exact_forward
@@ -202,11 +202,27 @@ class Runner:
         self.fused_done(max(steps, default=0))
         return drafted
 
-    def _fits_fused(self, feeds: Sequence[Feed]) -> bool:
-        """Whether a forward of ``feeds`` runs fused: up to ``FUSED_MAX_ROWS`` token rows, or,
-        split over two threads, up to ``SPLIT_MAX_ROWS`` in each half."""
+    def greedy(self, jobs: Sequence[Job]) -> list[int] | None:
+        """Feed each job its one token not yet cached and return the model's argmax after it,
+        straight from the compiled forward (:func:`fused_spec.greedy_step`: the tokens
+        :meth:`forward` and a greedy sampler would give); None, having fed nothing, where that
+        forward does not take this step (a job with more to feed, or not :meth:`chainable`)."""
+        if not self.chainable() or not self._fits_fused([1] * len(jobs)):
+            return None
+        last: list[int] = []
+        for job in jobs:
+            unfed = self.tokens(job)
+            if len(unfed) != 1:
+                return None
+            last.append(unfed[0])
+        job_ids = [job.id for job in jobs]
+        return fused_spec.greedy_step(self, job_ids, last, [job.cached_tokens for job in jobs])
+
+    def _fits_fused(self, counts: Sequence[int]) -> bool:
+        """Whether a forward of jobs feeding ``counts`` tokens each runs fused: up to
+        ``FUSED_MAX_ROWS`` token rows, or, split over two threads, up to ``SPLIT_MAX_ROWS`` in
+        each half."""
         assert self.fused is not None
-        counts = [len(f.tokens) for f in feeds]
         rows = sum(counts)
         if rows <= FUSED_MAX_ROWS:
             return True
@@ -284,7 +300,7 @@ class Runner:
         for job_id, feed in zip(job_ids, feeds, strict=True):
             if feed.slots:  # a block shared through the prefix cache is never written
                 pool.check_private(job_id, min(feed.slots))
-        if self.fused is not None and self._fits_fused(feeds):
+        if self.fused is not None and self._fits_fused([len(f.tokens) for f in feeds]):
             stores = pool.stacked(self.fused.kv_heads, self.fused.head_dim)
             if stores is not None:
                 return self._fused(feeds, tables, keep, stores)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # imported by the fixtures that need them, not by every test 
     from fake_sky import FakeSky
 
     from flockctl.engine.engine import Engine
+    from flockctl.engine.job import Job
 
 # The tests' models are tiny: one torch thread runs them faster than one per core, whose threads
 # spin waiting for each other whenever another process has a core (2-3x the wall time on a busy
@@ -319,6 +320,28 @@ def engine(tiny: Path) -> Iterator[Engine]:
         yield engine
     finally:
         engine.close()
+
+
+def before_forwards(
+    engine: Engine, wait: Callable[[list[Job]], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Call ``wait(jobs)`` on the model loop's thread before each forward of ``jobs``: the
+    runner's ``forward``, and ``greedy`` for a decode step whose tokens come straight from the
+    compiled forward (where that declines, the ``forward`` after it calls ``wait`` again). A
+    test holds the model loop there until what it set up has arrived, instead of hoping to catch
+    a fast job mid-flight."""
+    forward, greedy = engine.runner.forward, engine.runner.greedy
+
+    def forwarding(jobs: list[Job], counts: Any = None) -> Any:
+        wait(jobs)
+        return forward(jobs, counts)
+
+    def picking(jobs: list[Job]) -> list[int] | None:
+        wait(jobs)
+        return greedy(jobs)
+
+    monkeypatch.setattr(engine.runner, "forward", forwarding)
+    monkeypatch.setattr(engine.runner, "greedy", picking)
 
 
 @pytest.fixture

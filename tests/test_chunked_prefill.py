@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import until
+from conftest import before_forwards, until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
@@ -79,7 +78,10 @@ async def run(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY
 
 
 async def test_a_long_prompt_is_fed_in_chunks_beside_running_decodes(
-    tiny: Path, prompts: list[list[int]], reference: list[list[int]]
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     long = prompts[-1]
     assert len(long) > 40
@@ -90,15 +92,13 @@ async def test_a_long_prompt_is_fed_in_chunks_beside_running_decodes(
         # the model loop waits before the first job's first decode until the long prompt is in
         # its inbox: a fast forward would otherwise finish the first job before it arrives
         decoding, arrived = threading.Event(), threading.Event()
-        forward = engine.runner.forward
 
-        def held(jobs: list[Job], counts: list[int | None] | None = None) -> torch.Tensor:
+        def held(jobs: list[Job]) -> None:
             if any(j.output_ids for j in jobs) and not arrived.is_set():
                 decoding.set()
                 arrived.wait(30)
-            return forward(jobs, counts)
 
-        engine.runner.forward = held  # type: ignore[method-assign]
+        before_forwards(engine, held, monkeypatch)
         first = asyncio.ensure_future(
             run(engine, prompts[0], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
         )
@@ -157,17 +157,15 @@ async def test_chunked_and_whole_prefills_agree_under_kv_pressure(
         monkeypatch.setattr(loop, "time", clock)
         long = prompts[-1]
         halfway_in, submitted = threading.Event(), threading.Event()
-        forward = engine.runner.forward
 
-        def held(jobs: list[Job], counts: list[int | None] | None = None) -> torch.Tensor:
+        def held(jobs: list[Job]) -> None:
             if not submitted.is_set() and any(
                 j.prompt_ids == long and j.cached_tokens >= len(long) // 2 for j in jobs
             ):
                 halfway_in.set()
                 submitted.wait(30)
-            return forward(jobs, counts)
 
-        engine.runner.forward = held  # type: ignore[method-assign]
+        before_forwards(engine, held, monkeypatch)
         first = asyncio.ensure_future(run(engine, long))
         await until(halfway_in.is_set, "the long prompt halfway in")
         runs = asyncio.gather(*(run(engine, p) for p in prompts[:-1]))

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import until
+from conftest import before_forwards, until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
+from flockctl.engine import fused_spec
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import DeviceMemory
 from flockctl.engine.engine import Engine, QueueFull
@@ -88,17 +89,36 @@ async def test_batched_greedy_equals_one_at_a_time(
         assert [r[0] for r in results] == reference
 
 
+def hold_first_decode(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Hold the model loop before the first decode step until ``go`` is set; ``decoding`` is
+    set once it waits there (a job is then mid-flight, however fast the model)."""
+    decoding, go = threading.Event(), threading.Event()
+
+    def held(jobs: list[Job]) -> None:
+        if any(j.output_ids for j in jobs) and not go.is_set():
+            decoding.set()
+            go.wait(30)
+
+    before_forwards(engine, held, monkeypatch)
+    return decoding, go
+
+
 async def test_jobs_joining_mid_flight_get_the_same_tokens(
-    engine: Engine, prompts: list[list[int]], reference: list[list[int]]
+    engine: Engine,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # long enough to be caught decoding: the 24 tokens of the others take a few milliseconds
+    decoding, go = hold_first_decode(engine, monkeypatch)
     longer = SamplingParams(max_tokens=8 * GREEDY.max_tokens, temperature=0, ignore_eos=True)
     first = asyncio.ensure_future(run(engine, prompts[2], longer))
-    await until(
-        lambda: any(j["generated_tokens"] for j in engine.stats()["jobs"]),
-        "the first job to be decoding",
-    )
-    rest = await run_all(engine, prompts[3:])
+    await until(decoding.is_set, "the first job to be decoding")
+    others = asyncio.ensure_future(run_all(engine, prompts[3:]))
+    await until(lambda: len(engine.model_loop._inbox) == len(prompts[3:]), "the others")
+    go.set()
+    rest = await others
     assert (await first)[0][: GREEDY.max_tokens] == reference[2]
     assert [r[0] for r in rest] == reference[3:]
 
@@ -108,9 +128,10 @@ async def test_a_new_prompts_first_token_goes_out_before_the_decoding_forward(
 ) -> None:
     """In an iteration that prefills a new prompt beside decoding jobs, the new job's first token
     is handed to the event loop before the decoding jobs' forward runs, not after it."""
+    decoding, go = hold_first_decode(engine, monkeypatch)
     events: list[tuple[str, set[str]]] = []  # in the model loop's order
     loop, runner = engine.model_loop, engine.runner
-    deliver, forward = loop._deliver, runner.forward
+    deliver, forward, greedy = loop._deliver, runner.forward, runner.greedy
 
     def delivering(deliveries: list) -> None:
         events.append(("deliver", {handle.job.id for handle, _ in deliveries}))
@@ -120,15 +141,23 @@ async def test_a_new_prompts_first_token_goes_out_before_the_decoding_forward(
         events.append(("forward", {job.id for job in jobs}))
         return forward(jobs, counts)
 
+    def picking(jobs: list[Job]) -> object:  # a greedy decode step's forward
+        events.append(("forward", {job.id for job in jobs}))
+        picks = greedy(jobs)
+        if picks is None:  # declined, having fed nothing: the runner's forward comes next
+            events.pop()
+        return picks
+
     monkeypatch.setattr(loop, "_deliver", delivering)
     monkeypatch.setattr(runner, "forward", forwarding)
+    monkeypatch.setattr(runner, "greedy", picking)
     longer = SamplingParams(max_tokens=8 * GREEDY.max_tokens, temperature=0, ignore_eos=True)
     first = asyncio.ensure_future(run(engine, prompts[2], longer))
-    await until(
-        lambda: any(j["generated_tokens"] for j in engine.stats()["jobs"]),
-        "the first job to be decoding",
-    )
-    _, _, _, job = await run(engine, prompts[1])
+    await until(decoding.is_set, "the first job to be decoding")
+    new = asyncio.ensure_future(run(engine, prompts[1]))
+    await until(lambda: engine.model_loop._inbox, "the new prompt")
+    go.set()
+    _, _, _, job = await new
     old = (await first)[3]
     # the forward that prefilled the new job, then its delivery, then the old job's decode
     # (the old job's token from the iteration before goes out during the prefill's forward)
@@ -151,6 +180,7 @@ async def test_an_iterations_tokens_go_out_just_before_the_next_compiled_forward
     events: list[str] = []
     loop = engine.model_loop
     deliver, plan, rows = loop._deliver, engine.batcher.plan, fused._rows
+    verify = fused_spec._verify
 
     def delivering(deliveries: list) -> None:
         events.append("deliver")
@@ -164,9 +194,14 @@ async def test_an_iterations_tokens_go_out_just_before_the_next_compiled_forward
         events.append("compute")
         rows(*args)
 
+    def verifying(*args: object) -> None:  # a greedy decode step's compiled forward
+        events.append("compute")
+        verify(*args)
+
     monkeypatch.setattr(loop, "_deliver", delivering)
     monkeypatch.setattr(engine.batcher, "plan", planning)
     monkeypatch.setattr(fused, "_rows", computing)
+    monkeypatch.setattr(fused_spec, "_verify", verifying)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     _, ids, reason, _ = await run(engine, prompts[0], params)
     assert len(ids) == 6 and reason == FinishReason.LENGTH

@@ -15,12 +15,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import TINY, error_of, free_port, free_socket, until, until_sync
+from conftest import TINY, before_forwards, error_of, free_port, free_socket, until, until_sync
 from tinymodel import build_tiny_model
 
 from flockctl.engine.api import create_app
@@ -482,13 +483,16 @@ async def test_unknown_routes_answer_in_the_same_shape(client: httpx.AsyncClient
     assert error_of(await client.get("/v1/completions"), 405)["code"] == "method_not_allowed"
 
 
-async def test_a_full_queue_is_a_429(tiny: Path) -> None:
+async def test_a_full_queue_is_a_429(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = EngineConfig(
         model=str(tiny), served_model_name=NAME, device="cpu", max_batch_size=1, max_waiting=1
     )
     engine = load_engine(config, progress=False)
     long = SamplingParams(max_tokens=250, temperature=0, ignore_eos=True)
     blockers = []
+    # the running job stays at its first decode step until the test is done, however fast
+    done = threading.Event()
+    before_forwards(engine, lambda jobs: done.wait(30) if jobs[0].output_ids else None, monkeypatch)
     try:
         prompt = engine.tokenizer.encode(PROMPT)
         blockers.append(engine.submit(prompt, long))
@@ -509,6 +513,7 @@ async def test_a_full_queue_is_a_429(tiny: Path) -> None:
                 assert "--max-waiting 1" in error["message"]
                 assert r.headers["retry-after"] == "1"
     finally:
+        done.set()
         for handle in blockers:
             handle.cancel()
         engine.close()

@@ -142,6 +142,49 @@ def test_decode_steps_split_at_four_rows_keep_the_logits_bit_for_bit() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_greedy_step_picks_the_argmax_of_the_fused_logits(threads: int) -> None:
+    """``Runner.greedy``: the compiled forward's own argmax for eight decoding jobs, step after
+    step (split over two threads with two), is the argmax of the logits ``forward`` gives the
+    same step; with a job that has more than one token to feed it declines, feeding nothing."""
+    model = llama()
+    with torch.inference_mode():
+        runs = {kind: fused_runner(model, threads) for kind in ("greedy", "logits")}
+        prompts = [list(range(5 + k, 12 + 2 * k)) for k in range(8)]
+        jobs = {kind: [Job(p, SamplingParams(max_tokens=8)) for p in prompts] for kind in runs}
+        for kind, run in runs.items():
+            assert run.fused is not None
+            stores = run.pool.stacked(run.fused.kv_heads, run.fused.head_dim)
+            assert stores is not None
+            for job in jobs[kind]:
+                run.pool.reserve(job.id, job.total_tokens)
+                before = [store.clone() for store in stores]
+                assert run.greedy([job]) is None  # its whole prompt to feed
+                assert all(torch.equal(a, b) for a, b in zip(before, stores, strict=True))
+                row = run.forward([job])[0]
+                job.cached_tokens = job.total_tokens
+                job.output_ids.append(int(row.argmax()))
+        for _ in range(4):
+            picks: dict[str, list[int]] = {}
+            for kind, run in runs.items():
+                for job in jobs[kind]:
+                    run.pool.reserve(job.id, job.total_tokens)
+                if kind == "greedy":
+                    got = run.greedy(jobs[kind])
+                    assert got is not None
+                    picks[kind] = got
+                else:
+                    picks[kind] = run.forward(jobs[kind]).argmax(dim=-1).tolist()
+                for job, token in zip(jobs[kind], picks[kind], strict=True):
+                    job.cached_tokens = job.total_tokens
+                    job.output_ids.append(token)
+            assert picks["greedy"] == picks["logits"]
+        fused = runs["greedy"].fused
+        assert fused is not None and fused.split_forwards == (4 if threads == 2 else 0)
+        for run in runs.values():
+            run.close()
+
+
 def test_a_split_forward_calls_before_call_on_its_second_thread() -> None:
     """``before_call`` (the model loop's hand-over to the event loop) runs once a compiled
     forward: on the calling thread when the forward is whole, on the second thread just before
