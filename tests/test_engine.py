@@ -357,12 +357,16 @@ async def test_seeded_sampling_is_reproducible_in_any_batch(
     assert together[1][0] == alone
 
 
-async def test_cancel_frees_the_cache(engine: Engine, prompts: list[list[int]]) -> None:
-    handle = engine.submit(prompts[0], SamplingParams(max_tokens=200, temperature=0))
-    async for _delta in handle:
-        break
+async def test_cancel_frees_the_cache(
+    engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoding, go = hold_first_decode(engine, monkeypatch)  # not finished before the cancel
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    handle = engine.submit(prompts[0], params)
+    await until(decoding.is_set, "the job to be decoding")
     handle.cancel()
     handle.cancel()
+    go.set()
     await until(lambda: not engine.stats()["jobs"], "the cancelled job to leave")
     stats = engine.stats()
     assert stats["jobs"] == [] and stats["kv"]["used_tokens"] == 0
