@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -342,6 +343,22 @@ def before_forwards(
 
     monkeypatch.setattr(engine.runner, "forward", forwarding)
     monkeypatch.setattr(engine.runner, "greedy", picking)
+
+
+def hold_first_decode(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Hold the model loop before the first decode step until ``go`` is set; ``decoding`` is
+    set once it waits there (a job is then mid-flight, however fast the model)."""
+    decoding, go = threading.Event(), threading.Event()
+
+    def held(jobs: list[Job]) -> None:
+        if any(j.output_ids for j in jobs) and not go.is_set():
+            decoding.set()
+            go.wait(30)
+
+    before_forwards(engine, held, monkeypatch)
+    return decoding, go
 
 
 @pytest.fixture

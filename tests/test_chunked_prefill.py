@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import before_forwards, until
+from conftest import before_forwards, hold_first_decode, until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
@@ -91,14 +91,7 @@ async def test_a_long_prompt_is_fed_in_chunks_beside_running_decodes(
         plans = record_plans(engine)
         # the model loop waits before the first job's first decode until the long prompt is in
         # its inbox: a fast forward would otherwise finish the first job before it arrives
-        decoding, arrived = threading.Event(), threading.Event()
-
-        def held(jobs: list[Job]) -> None:
-            if any(j.output_ids for j in jobs) and not arrived.is_set():
-                decoding.set()
-                arrived.wait(30)
-
-        before_forwards(engine, held, monkeypatch)
+        decoding, arrived = hold_first_decode(engine, monkeypatch)
         first = asyncio.ensure_future(
             run(engine, prompts[0], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
         )

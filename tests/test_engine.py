@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import before_forwards, until
+from conftest import hold_first_decode, until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
@@ -87,22 +87,6 @@ async def test_batched_greedy_equals_one_at_a_time(
     for engine in make_engine(tiny, max_batch_size=1, scheduler="fcfs"):
         results = await run_all(engine, prompts)
         assert [r[0] for r in results] == reference
-
-
-def hold_first_decode(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> tuple[threading.Event, threading.Event]:
-    """Hold the model loop before the first decode step until ``go`` is set; ``decoding`` is
-    set once it waits there (a job is then mid-flight, however fast the model)."""
-    decoding, go = threading.Event(), threading.Event()
-
-    def held(jobs: list[Job]) -> None:
-        if any(j.output_ids for j in jobs) and not go.is_set():
-            decoding.set()
-            go.wait(30)
-
-    before_forwards(engine, held, monkeypatch)
-    return decoding, go
 
 
 async def test_jobs_joining_mid_flight_get_the_same_tokens(
