@@ -76,12 +76,14 @@ async def test_up_with_engine_workers_shows_their_jobs(tiny: Path, flockctl_home
                             text.append(json.loads(line[6:])["choices"][0]["text"])
                     return "".join(text)
 
-            # a tiny model is fast: enough work queued that status catches jobs in flight
-            tasks = [asyncio.ensure_future(stream()) for _ in range(200)]
+            # a tiny model is fast: enough work queued that status catches jobs in flight, also
+            # on a loaded machine where each `flockctl status` takes a second or two (with 200
+            # requests the engines drained them between reads there once decode steps sped up)
+            tasks = [asyncio.ensure_future(stream()) for _ in range(400)]
             await asyncio.wait_for(streaming.wait(), 60)
 
             def jobs_queued_on_both() -> dict[str, Any]:
-                # a hundred jobs per worker and a batch of two: jobs wait, the queues show it (one
+                # two hundred jobs per worker and a batch of two: jobs wait, the queues show it (one
                 # snapshot where both hold jobs and some wait: a faster engine drains them
                 # between two reads). The table must list a live job under its worker in the
                 # same round: read once the JSON had shown them, the engines had sometimes
