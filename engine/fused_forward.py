@@ -643,17 +643,13 @@ class FusedLlama:
         # swept the caches each torch call cost several microseconds, a few times a step
         logits = np.zeros((outputs, self.vocab), dtype=np.float32)
         stores = (*self.arrays(keys, values), logits)
-        cut = split_point(rows["jobs"]) if self.threads > 1 else 0
-        if not cut:
-            self.hand_over()
-            self._rows(rows, 0, len(rows["ids"]), tables, block_size, stores)
-            return torch.from_numpy(logits)
         # each job's rows in one half (they see each other's keys and values), the halves on
         # two threads at once, each writing its own slots and logits rows
-        end = len(rows["ids"])
-        self.both(
-            lambda: self._rows(rows, 0, cut, tables, block_size, stores),
-            lambda: self._rows(rows, cut, end, tables, block_size, stores),
+        cut = split_point(rows["jobs"]) if self.threads > 1 else 0
+        self.halves(
+            lambda lo, hi: self._rows(rows, lo, hi, tables, block_size, stores),
+            cut,
+            len(rows["ids"]),
         )
         return torch.from_numpy(logits)
 
@@ -668,6 +664,15 @@ class FusedLlama:
         """:attr:`before_call`, if set: a compiled call that lets the GIL go comes next."""
         if self.before_call is not None:
             self.before_call()
+
+    def halves(self, run: Callable[[int, int], T], cut: int, end: int) -> T:
+        """``run(0, end)`` on this thread after :meth:`hand_over`; or, given a ``cut``,
+        ``run(0, cut)`` here while ``run(cut, end)`` runs on the second thread (:meth:`both`).
+        Returns what ``run`` on this thread returned."""
+        if not cut:
+            self.hand_over()
+            return run(0, end)
+        return self.both(lambda: run(0, cut), lambda: run(cut, end))
 
     def both(self, here: Callable[[], T], there: Callable[[], object], split: bool = True) -> T:
         """``here`` on this thread while ``there`` runs on the second one; ``here``'s result once

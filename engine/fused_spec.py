@@ -166,17 +166,17 @@ def greedy_chains(
             drafter.pool.check_private(job_id, span[1])
     depth = np.array(depths, dtype=np.int64)
     deepest = max(depths)
-    cut_job = count
+    cut_job = 0  # the first job of the second thread's half; 0: no split
     if target.fused.threads > 1 and count > 1:
         owners = np.repeat(np.arange(count, dtype=np.int64), depth + 1)
         cut = split_point(owners)
-        cut_job = int(owners[cut]) if cut else count
+        cut_job = int(owners[cut]) if cut else 0
     drafted = np.zeros((count, max(1, deepest)), dtype=np.int64)
     for j, chain in enumerate(given or ()):
         if chain is not None:
             drafted[j, : len(chain)] = chain
     if ahead:
-        assert count == 1 and cut_job == count and depths[0] > 0
+        assert count == 1 and not cut_job and depths[0] > 0
         onward = np.zeros((1, ahead), dtype=np.int64)
     picks = np.zeros((count, deepest + 1), dtype=np.int64)
     last_arr = np.array(last, dtype=np.int64)
@@ -217,11 +217,7 @@ def greedy_chains(
             verify()
         return drafting - start, time.perf_counter() - drafting
 
-    if cut_job < count:  # both() hands over from its second thread
-        draft_s, verify_s = t_fused.both(lambda: group(0, cut_job), lambda: group(cut_job, count))
-    else:
-        t_fused.hand_over()
-        draft_s, verify_s = group(0, count)
+    draft_s, verify_s = t_fused.halves(group, cut_job, count)
     drafter.fused_done((deepest if any(span is not None for span in catchup) else 0) + ahead)
     target.fused_done(1)
     chains = drafted.tolist()
@@ -266,12 +262,7 @@ def greedy_step(
             *fused.weights, *stores, picks[lo:hi],
         )  # fmt: skip
 
-    cut = split_point(np.arange(count)) if fused.threads > 1 else 0
-    if cut:  # both() hands over from its second thread
-        fused.both(lambda: run(0, cut), lambda: run(cut, count))
-    else:
-        fused.hand_over()
-        run(0, count)
+    fused.halves(run, split_point(np.arange(count)) if fused.threads > 1 else 0, count)
     target.fused_done(1)
     out: list[int] = picks[:, 0].tolist()
     return out
