@@ -326,6 +326,17 @@ async def test_a_lone_job_drafts_its_next_chain_while_the_model_verifies(
         assert len(drafts) == len(prompts), (len(drafts), len(chain_steps))
 
 
+def test_the_drafts_cache_is_made_at_start(tiny: Path, near: Path) -> None:
+    """Each SSM's cache exists once the engine has started, as the model's does (made by its
+    first forward, it cost the first speculative request half a second on the demo pair), and
+    no job holds a block of it."""
+    for engine in make_engine(tiny, [near], spec="on"):
+        for drafter in engine.drafters:
+            assert all(layer is not None for layer in drafter.pool.keys)
+            assert all(layer is not None for layer in drafter.pool.values)
+            assert not drafter.pool.tables and drafter.pool.used_tokens == 0
+
+
 class FixedCosts(StepCosts):
     """Step costs as if measured at every batch size up to 8 (an incremental step 10 ms, a draft
     forward 1 ms, verification 10 ms plus 1 ms a tree token), deaf to the clock."""
