@@ -177,6 +177,20 @@ def serve(
             rich_help_panel=L,
         ),
     ] = "auto",
+    num_scheduler_steps: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Greedy decode steps one compiled call may run, with no Python between them,"
+            " while every job the engine holds is decoding in the batch (about 20 ms of steps at"
+            " most); a new request or a cancel ends the run after its current step. Jobs that"
+            " sample, or ask for log-probabilities, penalties or biases, take one step an"
+            " iteration. 1: always one.",
+            min=1,
+            max=256,
+            rich_help_panel=L,
+        ),
+    ] = 16,
     kv_budget: Annotated[
         int | None,
         typer.Option(
@@ -391,6 +405,7 @@ def serve(
                 scheduler=scheduler.value,
                 max_batch_size=batch_size,
                 max_num_batched_tokens=batched_tokens,
+                num_scheduler_steps=num_scheduler_steps,
                 kv_budget=kv_budget,
                 prefix_caching=prefix_caching is OnOff.on,
                 attention=attention.value,

@@ -44,6 +44,8 @@ class EngineConfig:
     max_tokens_per_batch: int | None = None  # tokens one iteration may feed; None: no cap
     # chunked prefill: tokens one iteration feeds, a long prompt in chunks; 0 (auto): the device's
     max_num_batched_tokens: int = 0
+    # greedy decode steps one compiled call may run while no job waits (1: one per iteration)
+    num_scheduler_steps: int = 16
     # OTLP collector for traces and metrics; None: OTEL_EXPORTER_OTLP_ENDPOINT, else none
     otel_collector_endpoint: str | None = None
     access_log: bool = False  # a JSON line per finished job on stderr
@@ -55,7 +57,7 @@ class EngineConfig:
             raise ValueError(f"fused_threads must be 1 or 2 (or 0: auto), got {self.fused_threads}")
         if self.attention not in ("fast", "exact"):
             raise ValueError(f"attention must be fast or exact, got {self.attention!r}")
-        for name in ("max_waiting", "block_size", "mlfq_levels"):
+        for name in ("max_waiting", "block_size", "mlfq_levels", "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_batch_size", "max_num_batched_tokens"):

@@ -22,7 +22,7 @@ import torch
 from flockctl import __version__
 from flockctl.cores import default_threads
 from flockctl.cores import fused_threads as engine_fused_threads
-from flockctl.engine import decode_attention
+from flockctl.engine import decode_attention, fused_spec
 from flockctl.engine.batcher import AUTO_BATCH_MAX, auto_batch_size, default_batched_tokens
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import DeviceMemory
@@ -135,6 +135,7 @@ class Engine:
             decode_attention.warm_up()  # compiled now, not in the first request
         if self.runner.fused is not None:
             self.runner.fused.warm_up()
+            fused_spec.warm_up_decode(self.runner.fused)
         log.info("flockctl engine: %s", self._forward_kind())
         self.sampler = Sampler()
         logits = model.get_output_embeddings()
@@ -176,6 +177,7 @@ class Engine:
             metrics=self.metrics,
             eos_ids=eos_ids,
             max_model_len=self.max_model_len,
+            decode_steps=config.num_scheduler_steps,
         )
         self.model_loop.start()
         # embedding batches run on the loop's thread between iterations; they are not jobs
@@ -375,6 +377,8 @@ class Engine:
             # fast: large decode batches attend with the compiled kernel (decode_attention.py)
             "attention": "fast" if self.runner.fast_decode else "exact",
             "fused_threads": self.runner.fused.threads if self.runner.fused is not None else 0,
+            "num_scheduler_steps": self.config.num_scheduler_steps,
+            "decode_runs": {"runs": self.model_loop.runs, "steps": self.model_loop.run_steps},
             "max_batch_size": self.config.max_batch_size,
             # Requests taken at once: the running batch plus the waiting room (more get 429).
             "capacity": self.config.max_batch_size + self.config.max_waiting,

@@ -40,11 +40,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from flockctl.engine.batcher import Batcher, Plan
 from flockctl.engine.handle import Delta, JobHandle, put_all
 from flockctl.engine.job import FinishReason, Job, JobState, Preemption, TokenLogprob
+from flockctl.engine.kv import OutOfBlocks
 from flockctl.engine.metrics import EngineMetrics
 from flockctl.engine.profiler import DecodePace
 from flockctl.engine.runner import Feed, Runner
@@ -55,6 +57,11 @@ from flockctl.engine.speculator import Speculator
 log = logging.getLogger("flockctl.engine")
 
 RECENT_JOBS = 512
+#: Greedy decode steps in one compiled call come to about this many seconds at most (see
+#: ModelLoop._run_lengths): a run's tokens reach their streams when it ends, so a stream gets
+#: them in bursts at most about this far apart (a new request or a cancel ends a run after its
+#: current step)
+RUN_SECONDS = 0.02
 
 Deliveries = list[tuple[JobHandle, Delta]]
 
@@ -75,6 +82,7 @@ class ModelLoop:
         metrics: EngineMetrics,
         eos_ids: frozenset[int],
         max_model_len: int,
+        decode_steps: int = 1,
     ):
         self.scheduler = scheduler
         self.batcher = batcher
@@ -100,6 +108,12 @@ class ModelLoop:
         self._cv = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
         self._held: Deliveries = []  # the last iteration's pieces, not handed over yet
+        # nonzero once something is posted to the inbox: a run of decode steps in one compiled
+        # call ends after its current forward (the loop zeroes it as it takes the inbox)
+        self.interrupt = np.zeros(1, dtype=np.int8)
+        self.decode_steps = decode_steps  # greedy decode steps a compiled call may run
+        self.runs = 0  # compiled calls that ran more than one of them
+        self.run_steps = 0  # the steps those calls ran
         if runner.fused is not None:
             runner.fused.before_call = self._flush
         self._thread = threading.Thread(target=self._run, name="flockctl-engine", daemon=True)
@@ -123,12 +137,14 @@ class ModelLoop:
     def stop(self) -> None:
         with self._cv:
             self.stopping = True
+            self.interrupt[0] = 1
             self._cv.notify()
         self._thread.join(timeout=30)
 
     def _post(self, item: tuple[str, Any]) -> None:
         with self._cv:
             self._inbox.append(item)
+            self.interrupt[0] = 1
             self._cv.notify()
 
     # -- the model loop thread ------------------------------------------------------------------
@@ -148,6 +164,7 @@ class ModelLoop:
                     if self.stopping:
                         break
                     inbox, self._inbox = self._inbox, []
+                    self.interrupt[0] = 0
                 for kind, item in inbox:
                     if kind == "submit":
                         now = time.monotonic()
@@ -218,7 +235,8 @@ class ModelLoop:
                 if plain:
                     self._step(plain, deliveries)
             else:
-                elapsed = self._step(decode, deliveries)
+                run = None if prefill else self._run_lengths(order, plan.batch)
+                elapsed = self._step(decode, deliveries, run=run)
                 if elapsed is not None:
                     # the MLFQ base quantum stays at about one decode iteration as it runs now
                     self.scheduler.set_base_quantum(self.pace.observe(elapsed))
@@ -232,21 +250,57 @@ class ModelLoop:
         if prefetched is not None:
             prefetched.record("swapped_in", time.monotonic())
 
+    def _run_lengths(self, order: list[Job], batch: list[Job]) -> list[int] | None:
+        """How many greedy decode steps each of the decoding ``batch`` runs in one compiled
+        call, with no Python between them (None: one step). Only while every job the scheduler
+        holds is in the batch and nothing is in the inbox: a job waiting for a place, a new
+        request or a cancel is taken up after one step as before (and one posted during a run
+        ends it after its current forward: :attr:`interrupt`). About ``RUN_SECONDS`` of steps
+        at the pace decoding runs now, at most :attr:`decode_steps`, none past a job's
+        ``max_tokens`` or the context, each job's cache reserved for them (a job short of
+        blocks takes one step)."""
+        if self.decode_steps < 2 or len(order) != len(batch) or self._inbox:
+            return None
+        want = min(self.decode_steps, int(RUN_SECONDS / max(self.pace.decode_seconds, 1e-6)))
+        if want < 2:
+            return None
+        steps = []
+        for job in batch:
+            n = min(
+                want,
+                job.params.max_tokens - len(job.output_ids),
+                self.max_model_len - job.total_tokens,
+            )
+            if n > 1:
+                try:  # it feeds positions up to total_tokens + n - 2
+                    self.batcher.pool.reserve(job.id, job.total_tokens + n - 1)
+                except OutOfBlocks:
+                    n = 1
+            steps.append(max(1, n))
+        return steps if max(steps) > 1 else None
+
     def _step(
-        self, fed: list[Job], deliveries: Deliveries, chunks: list[int | None] | None = None
+        self,
+        fed: list[Job],
+        deliveries: Deliveries,
+        chunks: list[int | None] | None = None,
+        run: list[int] | None = None,
     ) -> float | None:
         """One forward and one sampled token per job; returns its seconds (None: it failed).
         ``chunks[i]``: job ``i`` is fed only that many of its prompt's tokens (a prefill
-        chunk): it is cached and charged, and samples nothing yet."""
+        chunk): it is cached and charged, and samples nothing yet. ``run[i]``: job ``i`` may
+        decode that many greedy tokens in one compiled call (:meth:`_run_lengths`); the seconds
+        returned are then a step's, the call's over the steps it ran."""
         start = time.perf_counter()
         jobs = fed
         try:
-            picks = self._greedy(fed) if chunks is None else None
+            picks = self._greedy(fed, run) if chunks is None else None
             logits = self._forward(fed, chunks) if picks is None else None
             for i, job in enumerate(fed):
                 n = chunks[i] if chunks is not None else None
+                made = len(picks[i]) if picks is not None else 1
                 self.batcher.mark_cached(
-                    job, job.total_tokens if n is None else job.cached_tokens + n
+                    job, job.total_tokens + made - 1 if n is None else job.cached_tokens + n
                 )
             if chunks is not None and logits is not None:
                 whole = [i for i, n in enumerate(chunks) if n is None]
@@ -255,7 +309,7 @@ class ModelLoop:
             handles = [self.live[j.id] for j in jobs]
             logprobs: dict[int, TokenLogprob] = {}
             if picks is not None:
-                tokens = picks
+                runs = picks
             else:
                 assert logits is not None
                 tokens = self.sampler.sample(
@@ -263,6 +317,7 @@ class ModelLoop:
                     [j.params for j in jobs],
                     [h.generator for h in handles],
                 )
+                runs = [[token] for token in tokens]
                 scored = [i for i, j in enumerate(jobs) if j.params.logprobs is not None]
                 if scored:
                     logprobs = dict(
@@ -284,17 +339,22 @@ class ModelLoop:
         for i, job in enumerate(fed):
             if chunks is not None and chunks[i] is not None:  # its prompt is not all in yet
                 self.scheduler.charge(job, elapsed, now)
-        for i, (job, handle, token) in enumerate(zip(jobs, handles, tokens, strict=True)):
+        for i, (job, handle, tokens) in enumerate(zip(jobs, handles, runs, strict=True)):
             self.scheduler.charge(job, elapsed, now)
             if job.params.max_tokens == 0:  # it only scored its prompt
                 self._finish(handle, FinishReason.LENGTH, now, deliveries)
                 continue
             scores = [logprobs[i]] if i in logprobs else None
-            self._emit(job, handle, [token], now, deliveries, scores)
-        return elapsed
+            self._emit(job, handle, tokens, now, deliveries, scores)
+        steps = max((len(tokens) for tokens in runs), default=1)
+        if steps > 1:
+            self.runs += 1
+            self.run_steps += steps
+        return elapsed / steps
 
-    def _greedy(self, jobs: list[Job]) -> list[int] | None:
-        """Each job's token from the compiled forward's own argmax (:meth:`Runner.greedy`)
+    def _greedy(self, jobs: list[Job], run: list[int] | None = None) -> list[list[int]] | None:
+        """Each job's tokens from the compiled forward's own argmax (:meth:`Runner.greedy`):
+        one, or up to ``run[i]`` for job ``i``, ending at its end-of-sequence and stop tokens,
         where every job decodes greedily and nothing else is asked of its logits (no
         log-probabilities, no penalties, biases or minimum length); None otherwise, with nothing
         fed."""
@@ -304,8 +364,17 @@ class ModelLoop:
                 return None
             if _scores_prompt(job):
                 return None
+        stops = None
+        if run is not None:
+            ends = [
+                [*(() if job.params.ignore_eos else self.eos_ids), *job.params.stop_token_ids]
+                for job in jobs
+            ]
+            stops = np.full((len(jobs), max(1, *map(len, ends))), -1, dtype=np.int64)
+            for i, end in enumerate(ends):
+                stops[i, : len(end)] = end
         try:
-            return self.runner.greedy(jobs)
+            return self.runner.greedy(jobs, run, stops, self.interrupt)
         finally:
             self._flush()  # where no compiled forward did (see the module docstring)
 

@@ -202,11 +202,21 @@ class Runner:
         self.fused_done(max(steps, default=0))
         return drafted
 
-    def greedy(self, jobs: Sequence[Job]) -> list[int] | None:
+    def greedy(
+        self,
+        jobs: Sequence[Job],
+        steps: Sequence[int] | None = None,
+        stops: np.ndarray | None = None,
+        interrupt: np.ndarray | None = None,
+    ) -> list[list[int]] | None:
         """Feed each job its one token not yet cached and return the model's argmax after it,
-        straight from the compiled forward (:func:`fused_spec.greedy_step`: the tokens
-        :meth:`forward` and a greedy sampler would give); None, having fed nothing, where that
-        forward does not take this step (a job with more to feed, or not :meth:`chainable`)."""
+        straight from the compiled forward (:func:`fused_spec.greedy_run`: the tokens
+        :meth:`forward` and a greedy sampler would give); with ``steps[i]`` above 1, job ``i``
+        goes on feeding each token it picks, up to that many picks in all, stopping after one in
+        ``stops[i]`` (-1 pads), every job after the forward during which ``interrupt[0]`` was
+        set. Each job's table must cover the positions it feeds. None, having fed nothing, where
+        that forward does not take this step (a job with more to feed, or not
+        :meth:`chainable`)."""
         if not self.chainable() or not self._fits_fused([1] * len(jobs)):
             return None
         last: list[int] = []
@@ -215,8 +225,16 @@ class Runner:
             if len(unfed) != 1:
                 return None
             last.append(unfed[0])
-        job_ids = [job.id for job in jobs]
-        return fused_spec.greedy_step(self, job_ids, last, [job.cached_tokens for job in jobs])
+        count = len(jobs)
+        return fused_spec.greedy_run(
+            self,
+            [job.id for job in jobs],
+            last,
+            [job.cached_tokens for job in jobs],
+            steps or [1] * count,
+            stops if stops is not None else np.full((count, 1), -1, dtype=np.int64),
+            interrupt if interrupt is not None else np.zeros(1, dtype=np.int8),
+        )
 
     def _fits_fused(self, counts: Sequence[int]) -> bool:
         """Whether a forward of jobs feeding ``counts`` tokens each runs fused: up to

@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 #: The ``schema`` key of ``GET /-/status``.
 SNAPSHOT_SCHEMA_VERSION = 4
 #: The ``schema_version`` key of an engine's ``GET /stats``.
-STATS_SCHEMA_VERSION = 6
+STATS_SCHEMA_VERSION = 7
 
 # -- an engine's /stats ----------------------------------------------------------------------------
 
@@ -139,6 +139,14 @@ class EmbeddingStats(TypedDict):
     waiting: int
 
 
+class DecodeRuns(TypedDict):
+    """Compiled calls that ran more than one greedy decode step (``runs``), and the steps in
+    them (``steps``), since start."""
+
+    runs: int
+    steps: int
+
+
 class _EngineStatsRequired(TypedDict):
     schema_version: int
     engine: str
@@ -182,6 +190,10 @@ class EngineStats(_EngineStatsRequired, total=False):
     #: Threads the fused forward splits a step's jobs over (``--fused-threads``); 0 where the
     #: fused forward does not run.
     fused_threads: int
+    #: Greedy decode steps one compiled call may run while every job is decoding
+    #: (``--num-scheduler-steps``; 1: one step an iteration), and what such calls ran.
+    num_scheduler_steps: int
+    decode_runs: DecodeRuns
 
 
 class _EncoderStatsRequired(TypedDict):

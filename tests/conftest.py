@@ -337,9 +337,9 @@ def before_forwards(
         wait(jobs)
         return forward(jobs, counts)
 
-    def picking(jobs: list[Job]) -> list[int] | None:
+    def picking(jobs: list[Job], *run: Any) -> list[list[int]] | None:
         wait(jobs)
-        return greedy(jobs)
+        return greedy(jobs, *run)
 
     monkeypatch.setattr(engine.runner, "forward", forwarding)
     monkeypatch.setattr(engine.runner, "greedy", picking)

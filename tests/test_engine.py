@@ -14,6 +14,7 @@ from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
 from flockctl.engine import fused_spec
+from flockctl.engine import loop as loop_module
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import DeviceMemory
 from flockctl.engine.engine import Engine, QueueFull
@@ -78,12 +79,24 @@ async def run_all(engine: Engine, prompts: list[list[int]], params: SamplingPara
 
 
 async def test_batched_greedy_equals_one_at_a_time(
-    tiny: Path, prompts: list[list[int]], reference: list[list[int]]
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for engine in make_engine(tiny, max_batch_size=8, num_scheduler_steps=1):
+        results = await run_all(engine, prompts)
+        assert [r[0] for r in results] == reference
+        assert max(j.iterations for *_, j in results) == GREEDY.max_tokens  # a token each
+        assert engine.stats()["decode_runs"] == {"runs": 0, "steps": 0}
+    # several decode steps a compiled call while every job decodes: the same tokens
+    monkeypatch.setattr(loop_module, "RUN_SECONDS", 3600.0)  # however slow the host
     for engine in make_engine(tiny, max_batch_size=8):
         results = await run_all(engine, prompts)
         assert [r[0] for r in results] == reference
-        assert max(j.iterations for *_, j in results) == GREEDY.max_tokens
+        runs = engine.stats()["decode_runs"]
+        assert runs["runs"] > 0 and runs["steps"] > 2 * runs["runs"]
+        assert max(j.iterations for *_, j in results) < GREEDY.max_tokens
     for engine in make_engine(tiny, max_batch_size=1, scheduler="fcfs"):
         results = await run_all(engine, prompts)
         assert [r[0] for r in results] == reference
@@ -107,6 +120,38 @@ async def test_jobs_joining_mid_flight_get_the_same_tokens(
     assert [r[0] for r in rest] == reference[3:]
 
 
+async def test_a_request_posted_during_a_run_of_decode_steps_ends_it_after_one_step(
+    engine: Engine,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job decoding alone runs several steps a compiled call; a request posted meanwhile ends
+    the call after its current step (the loop's interrupt), the new job is prefilled in the next
+    iteration, and once both decode the runs go on; both keep their greedy tokens."""
+    monkeypatch.setattr(loop_module, "RUN_SECONDS", 3600.0)  # runs however slow the host
+    decoding, go = hold_first_decode(engine, monkeypatch)
+    made: list[list[int]] = []  # tokens each job got from each call
+    greedy = engine.runner.greedy
+
+    def picking(jobs: list[Job], *run: object) -> object:
+        picks = greedy(jobs, *run)
+        if picks is not None:
+            made.append([len(tokens) for tokens in picks])
+        return picks
+
+    monkeypatch.setattr(engine.runner, "greedy", picking)
+    first = asyncio.ensure_future(run(engine, prompts[2]))
+    await until(decoding.is_set, "the first job to be decoding")
+    second = asyncio.ensure_future(run(engine, prompts[3]))
+    await until(lambda: len(engine.model_loop._inbox) == 1, "the second job")
+    go.set()
+    assert (await first)[0] == reference[2]
+    assert (await second)[0] == reference[3]
+    assert made[0] == [1]  # the held call was a run; the posted request ended it at once
+    assert any(len(m) == 2 and min(m) > 1 for m in made[1:])
+
+
 async def test_a_new_prompts_first_token_goes_out_before_the_decoding_forward(
     engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,9 +170,9 @@ async def test_a_new_prompts_first_token_goes_out_before_the_decoding_forward(
         events.append(("forward", {job.id for job in jobs}))
         return forward(jobs, counts)
 
-    def picking(jobs: list[Job]) -> object:  # a greedy decode step's forward
+    def picking(jobs: list[Job], *run: object) -> object:  # a greedy decode step's forward
         events.append(("forward", {job.id for job in jobs}))
-        picks = greedy(jobs)
+        picks = greedy(jobs, *run)
         if picks is None:  # declined, having fed nothing: the runner's forward comes next
             events.pop()
         return picks
@@ -164,7 +209,7 @@ async def test_an_iterations_tokens_go_out_just_before_the_next_compiled_forward
     events: list[str] = []
     loop = engine.model_loop
     deliver, plan, rows = loop._deliver, engine.batcher.plan, fused._rows
-    verify = fused_spec._verify
+    verify = fused_spec._decode_run
 
     def delivering(deliveries: list) -> None:
         events.append("deliver")
@@ -178,20 +223,30 @@ async def test_an_iterations_tokens_go_out_just_before_the_next_compiled_forward
         events.append("compute")
         rows(*args)
 
-    def verifying(*args: object) -> None:  # a greedy decode step's compiled forward
+    def verifying(*args: object) -> None:  # greedy decode steps' compiled call
         events.append("compute")
         verify(*args)
 
     monkeypatch.setattr(loop, "_deliver", delivering)
     monkeypatch.setattr(engine.batcher, "plan", planning)
     monkeypatch.setattr(fused, "_rows", computing)
-    monkeypatch.setattr(fused_spec, "_verify", verifying)
+    monkeypatch.setattr(fused_spec, "_decode_run", verifying)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    loop.decode_steps = 1  # one decode step an iteration
     _, ids, reason, _ = await run(engine, prompts[0], params)
     assert len(ids) == 6 and reason == FinishReason.LENGTH
     # the prefill, then each decode step with the last step's token handed over just before
     # its compiled forward, then the last token once the job is done
     assert events == ["plan", "compute", *["plan", "deliver", "compute"] * 5, "deliver"]
+    # five decode steps in one compiled call: the first token goes just before it, the others
+    # once the job is done
+    events.clear()
+    loop.decode_steps = 16
+    monkeypatch.setattr(loop_module, "RUN_SECONDS", 3600.0)  # however slow the host
+    ids, pieces, reason, _ = await run(engine, prompts[0], params)
+    assert len(ids) == 6 and len(pieces) == 2 and reason == FinishReason.LENGTH
+    assert events == ["plan", "compute", "plan", "deliver", "compute", "deliver"]
+    assert engine.stats()["decode_runs"] == {"runs": 1, "steps": 5}
 
 
 @pytest.mark.parametrize("host_kv_budget", [None, 0], ids=["swap", "recompute"])
@@ -223,7 +278,8 @@ async def test_kv_pressure_keeps_greedy_output_identical(
 
 async def _long_then_short(engine: Engine, prompts: list[list[int]]):
     """Run a long job, submit a short one once the long one has 20 tokens, and return the
-    order the engine finished them in (by its own finish times), with both jobs."""
+    order the engine finished them in (by its own finish times), with both jobs. The engine
+    decodes a step an iteration (``num_scheduler_steps=1``)."""
     long_params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     handle = engine.submit(prompts[0], long_params)
     seen = 0
@@ -281,7 +337,11 @@ async def test_mlfq_preempts_a_long_job_for_a_new_short_one(
     tiny: Path, prompts: list[list[int]]
 ) -> None:
     # No promotion for starving: the long job waits only for the short one's four iterations.
-    for engine in make_engine(tiny, max_batch_size=1, scheduler="mlfq", starvation_limit=3600):
+    # One decode step an iteration: the clock below counts iterations (a run of several steps
+    # would be charged one quantum).
+    for engine in make_engine(
+        tiny, max_batch_size=1, scheduler="mlfq", starvation_limit=3600, num_scheduler_steps=1
+    ):
         assert isinstance(engine.scheduler, MLFQ)
         _one_quantum_per_iteration(engine.scheduler)
         order, long_job, short_job = await _long_then_short(engine, prompts)
@@ -296,7 +356,7 @@ async def test_mlfq_preempts_a_long_job_for_a_new_short_one(
 async def test_fcfs_runs_the_long_job_to_completion_first(
     tiny: Path, prompts: list[list[int]]
 ) -> None:
-    for engine in make_engine(tiny, max_batch_size=1, scheduler="fcfs"):
+    for engine in make_engine(tiny, max_batch_size=1, scheduler="fcfs", num_scheduler_steps=1):
         order, long_job, _short = await _long_then_short(engine, prompts)
         assert order == ["long", "short"]
         assert long_job.preemption_count == 0
@@ -314,6 +374,33 @@ async def test_streamed_pieces_are_the_decoded_text(engine: Engine, prompts: lis
         ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
     )
     assert job.state == JobState.FINISHED and engine.job_info(job.id)["generated_tokens"] == 24
+
+
+@pytest.mark.parametrize("steps", [1, 16], ids=["step", "runs"])
+async def test_a_stop_token_ends_the_job_without_showing(
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+    steps: int,
+) -> None:
+    """A job ends at the first of its ``stop_token_ids`` (reason stop, the token its last id and
+    not in its text), also where several decode steps run in one compiled call; a job beside
+    it that does not stop there goes on to its length."""
+    monkeypatch.setattr(loop_module, "RUN_SECONDS", 3600.0)  # runs however slow the host
+    stop = reference[0][5]
+    cut = reference[0].index(stop)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=(stop,))
+    for engine in make_engine(tiny, max_batch_size=8, num_scheduler_steps=steps):
+        (ids, pieces, reason, _), (other, *_) = await asyncio.gather(
+            run(engine, prompts[0], params), run(engine, prompts[1])
+        )
+        assert reason == FinishReason.STOP and ids == reference[0][: cut + 1]
+        assert "".join(pieces) == engine.tokenizer.decode(
+            ids[:-1], skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        assert other == reference[1]
+        assert (engine.stats()["decode_runs"]["runs"] > 0) == (steps > 1)
 
 
 async def test_stop_string_ends_the_job(

@@ -171,8 +171,8 @@ def test_a_greedy_step_picks_the_argmax_of_the_fused_logits(threads: int) -> Non
                     run.pool.reserve(job.id, job.total_tokens)
                 if kind == "greedy":
                     got = run.greedy(jobs[kind])
-                    assert got is not None
-                    picks[kind] = got
+                    assert got is not None and all(len(one) == 1 for one in got)
+                    picks[kind] = [one[0] for one in got]
                 else:
                     picks[kind] = run.forward(jobs[kind]).argmax(dim=-1).tolist()
                 for job, token in zip(jobs[kind], picks[kind], strict=True):
@@ -183,6 +183,65 @@ def test_a_greedy_step_picks_the_argmax_of_the_fused_logits(threads: int) -> Non
         assert fused is not None and fused.split_forwards == (4 if threads == 2 else 0)
         for run in runs.values():
             run.close()
+
+
+def _prefilled(run: Runner, prompts: list[list[int]]) -> list[Job]:
+    """Jobs of ``prompts``, each one's prompt fed and its first token picked."""
+    jobs = [Job(p, SamplingParams(max_tokens=16)) for p in prompts]
+    for job in jobs:
+        run.pool.reserve(job.id, job.total_tokens)
+        row = run.forward([job])[0]
+        job.cached_tokens = job.total_tokens
+        job.output_ids.append(int(row.argmax()))
+    return jobs
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_greedy_run_decodes_the_tokens_of_its_steps_one_at_a_time(threads: int) -> None:
+    """``Runner.greedy`` with ``steps``: one compiled call decodes several tokens a job, the same
+    as that many calls of one step each (split over two threads with two); a job stops at its
+    stop token, one with fewer steps sooner, and with ``interrupt`` set every job stops after
+    the first forward."""
+    model = llama()
+    prompts = [list(range(5 + k, 12 + 2 * k)) for k in range(8)]
+    with torch.inference_mode():
+        # five steps for every job: one call against five
+        runs = {kind: fused_runner(model, threads) for kind in ("steps", "run")}
+        jobs = {kind: _prefilled(run, prompts) for kind, run in runs.items()}
+        for _ in range(5):
+            for job in jobs["steps"]:
+                runs["steps"].pool.reserve(job.id, job.total_tokens)
+            got = runs["steps"].greedy(jobs["steps"])
+            assert got is not None
+            for job, one in zip(jobs["steps"], got, strict=True):
+                job.cached_tokens = job.total_tokens
+                job.output_ids += one
+        for job in jobs["run"]:
+            runs["run"].pool.reserve(job.id, job.total_tokens + 4)
+        made = runs["run"].greedy(jobs["run"], [5] * 8)
+        assert made is not None
+        assert [job.output_ids[1:] for job in jobs["steps"]] == made
+        fused = runs["run"].fused
+        assert fused is not None and fused.split_forwards == (1 if threads == 2 else 0)
+        # job 0 stops at its third token (a stop token), job 1 has two steps, the rest four
+        stepped = [job.output_ids[1:] for job in jobs["steps"]]
+        run = fused_runner(model, threads)
+        again = _prefilled(run, prompts)
+        for job in again:
+            run.pool.reserve(job.id, job.total_tokens + 3)
+        stops = np.full((8, 2), -1, dtype=np.int64)
+        stops[0, 1] = stepped[0][2]
+        if threads == 1:  # the rows of each step are the one-step calls': the same tokens
+            made = run.greedy(again, [4, 2, *[4] * 6], stops)
+            assert made is not None
+            assert made[0] == stepped[0][: stepped[0].index(stepped[0][2]) + 1]
+            assert made[1] == stepped[1][:2]
+            assert made[2:] == [tokens[:4] for tokens in stepped[2:]]
+        # interrupted: one forward, one token each
+        made = run.greedy(again, [4] * 8, None, np.ones(1, dtype=np.int8))
+        assert made is not None and [len(tokens) for tokens in made] == [1] * 8
+        for r in (*runs.values(), run):
+            r.close()
 
 
 def test_a_split_forward_calls_before_call_on_its_second_thread() -> None:

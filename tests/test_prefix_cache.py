@@ -19,6 +19,7 @@ from conftest import free_port, until_sync
 from tinymodel import build_near_model, greedy_continuations
 from transformers import AutoTokenizer
 
+from flockctl.engine import loop as loop_module
 from flockctl.engine.batcher import Batcher, Plan
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.engine import Engine
@@ -362,21 +363,31 @@ async def test_greedy_output_is_identical_with_prefix_caching_on_and_off(
 
 
 @pytest.mark.parametrize("host_kv_budget", [None, 0], ids=["swap", "recompute"])
+@pytest.mark.parametrize("steps", [1, 16], ids=["step", "runs"])
 async def test_greedy_output_is_identical_under_kv_pressure(
     tiny: Path,
     prompts: list[list[int]],
     reference: list[list[int]],
     host_kv_budget: int | None,
+    steps: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """With a step an iteration, caches move to make room (preemptions); with runs of decode
+    steps, a job short of blocks for a whole run takes one step and the others go on."""
+    monkeypatch.setattr(loop_module, "RUN_SECONDS", 3600.0)  # runs however slow the host
     # room for one job and a half: even sharing their prefix, caches move to make room
     budget = max(len(p) for p in prompts) + GREEDY.max_tokens + 24
     for engine in make_engine(
-        tiny, max_batch_size=4, block_size=4, kv_budget=budget, host_kv_budget=host_kv_budget
-    ):
+        tiny, max_batch_size=4, block_size=4, kv_budget=budget, host_kv_budget=host_kv_budget,
+        num_scheduler_steps=steps,
+    ):  # fmt: skip
         results = await first_then_rest(engine, prompts)
         assert [ids for ids, _ in results] == reference
         stats = engine.stats()
-        assert sum(stats["preemptions_total"].values()) > 0
+        if steps == 1:
+            assert sum(stats["preemptions_total"].values()) > 0
+        else:
+            assert stats["decode_runs"]["runs"] > 0
         assert stats["prefix_cache"]["hits"] > 0
         assert stats["kv"]["used_tokens"] == 0 and stats["kv"]["host_tokens"] == 0
 

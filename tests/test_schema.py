@@ -52,6 +52,7 @@ STATS_SHAPES = {
     4: "66565c987ccfe43c",
     5: "7cafa893be64ec15",
     6: "6722a66ce5a3f9ba",
+    7: "cf0a9fd1f541b163",
 }
 #: The embedding-only engine's ``/stats``, versioned with the other engine's.
 ENCODER_STATS_SHAPES = {
@@ -60,6 +61,7 @@ ENCODER_STATS_SHAPES = {
     4: "b514560b54e9fd1d",
     5: "6480a0e5f2851dfc",
     6: "fdc26fa89252ac50",
+    7: "fdc26fa89252ac50",  # what version 7 added is the other engine's
 }
 
 
@@ -140,13 +142,16 @@ SNAPSHOT_STOP = MappingProxyType({EngineView: EngineStats})
 
 
 def test_each_shape_is_recorded_under_its_version() -> None:
-    for name, shapes, version, kind, stop in (
-        ("SNAPSHOT", SNAPSHOT_SHAPES, SNAPSHOT_SCHEMA_VERSION, StatusSnapshot, SNAPSHOT_STOP),
-        ("STATS", STATS_SHAPES, STATS_SCHEMA_VERSION, EngineStats, MappingProxyType({})),
-        ("STATS", ENCODER_STATS_SHAPES, STATS_SCHEMA_VERSION, EncoderStats, MappingProxyType({})),
-    ):
+    for name, shapes, version, kind, stop, own in (
+        ("SNAPSHOT", SNAPSHOT_SHAPES, SNAPSHOT_SCHEMA_VERSION, StatusSnapshot, SNAPSHOT_STOP, True),
+        ("STATS", STATS_SHAPES, STATS_SCHEMA_VERSION, EngineStats, MappingProxyType({}), True),
+        # the encoder's stats follow the other engine's version: a bump may leave them as they were
+        ("STATS", ENCODER_STATS_SHAPES, STATS_SCHEMA_VERSION, EncoderStats, MappingProxyType({}),
+         False),
+    ):  # fmt: skip
         assert max(shapes) == version, f"{name}_SCHEMA_VERSION is {version}; record its shape"
-        assert len(set(shapes.values())) == len(shapes), f"two {name} versions with one shape"
+        if own:
+            assert len(set(shapes.values())) == len(shapes), f"two {name} versions with one shape"
         now = fingerprint(kind, stop)
         assert shapes[version] == now, (
             f"the declared {name.lower()} shape changed (fingerprint {now}): bump"
