@@ -182,7 +182,7 @@ def serve(
         typer.Option(
             metavar="N",
             help="Greedy decode steps one compiled call may run, with no Python between them,"
-            " while every job the engine holds is decoding in the batch (about 20 ms of steps at"
+            " while every job the engine holds is decoding in the batch (about 50 ms of steps at"
             " most); a new request or a cancel ends the run after its current step. Jobs that"
             " sample, or ask for log-probabilities, penalties or biases, take one step an"
             " iteration. 1: always one.",

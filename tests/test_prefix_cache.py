@@ -23,6 +23,7 @@ from flockctl.engine import loop as loop_module
 from flockctl.engine.batcher import Batcher, Plan
 from flockctl.engine.config import EngineConfig
 from flockctl.engine.engine import Engine
+from flockctl.engine.handle import JobHandle
 from flockctl.engine.job import Job, JobState, Preemption, SamplingParams
 from flockctl.engine.kv import KVPool
 from flockctl.engine.loader import load_engine
@@ -323,18 +324,24 @@ def make_engine(tiny: Path, **kw: object) -> Iterator[Engine]:
         engine.close()
 
 
-async def generate(engine: Engine, prompt: list[int]) -> tuple[list[int], Job]:
-    handle = engine.submit(prompt, GREEDY)
+async def collect(handle: JobHandle) -> tuple[list[int], Job]:
     ids: list[int] = []
     async for delta in handle:
         ids.extend(delta.token_ids)
     return ids, handle.job
 
 
+async def generate(engine: Engine, prompt: list[int]) -> tuple[list[int], Job]:
+    return await collect(engine.submit(prompt, GREEDY))
+
+
 async def first_then_rest(engine: Engine, prompts: list[list[int]]) -> list[tuple[list[int], Job]]:
-    """One job alone (it fills the cache), then the others at once (they share it)."""
+    """One job alone (it fills the cache), then the others at once (they share it): the model
+    loop takes them in one iteration, however late this event loop gets to each."""
     first = await generate(engine, prompts[0])
-    rest = await asyncio.gather(*(generate(engine, p) for p in prompts[1:]))
+    with engine.model_loop._cv:
+        handles = [engine.submit(p, GREEDY) for p in prompts[1:]]
+    rest = await asyncio.gather(*(collect(h) for h in handles))
     return [first, *rest]
 
 
