@@ -262,6 +262,8 @@ class ModelLoop:
         blocks takes one step)."""
         if self.decode_steps < 2 or len(order) != len(batch) or self._inbox:
             return None
+        if self.runner.fused is None or not all(_argmax_only(job) for job in batch):
+            return None  # no compiled call takes several steps: reserve nothing for them
         want = min(self.decode_steps, int(RUN_SECONDS / max(self.pace.decode_seconds, 1e-6)))
         if want < 2:
             return None
@@ -359,12 +361,8 @@ class ModelLoop:
         where every job decodes greedily and nothing else is asked of its logits (no
         log-probabilities, no penalties, biases or minimum length); None otherwise, with nothing
         fed."""
-        for job in jobs:
-            p = job.params
-            if not is_greedy(p) or p.adjusts_logits or p.logprobs is not None or not p.max_tokens:
-                return None
-            if _scores_prompt(job):
-                return None
+        if not all(_argmax_only(job) for job in jobs):
+            return None
         stops = None
         if run is not None:
             ends = [
@@ -555,6 +553,20 @@ def _record_plan(plan: Plan, now: float) -> None:
         job.record("preempted", now, kind.value)
     for job in plan.swapped_in:
         job.record("swapped_in", now)
+
+
+def _argmax_only(job: Job) -> bool:
+    """Whether ``job``'s next token is the argmax of its logits and nothing else is asked of
+    them: greedy, no log-probabilities, penalties, biases or minimum length, no prompt to
+    score."""
+    p = job.params
+    return (
+        is_greedy(p)
+        and not p.adjusts_logits
+        and p.logprobs is None
+        and bool(p.max_tokens)
+        and not _scores_prompt(job)
+    )
 
 
 def _scores_prompt(job: Job) -> bool:

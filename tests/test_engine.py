@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import hold_first_decode, until
+from conftest import before_forwards, hold_first_decode, until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
@@ -378,6 +378,27 @@ async def test_streamed_pieces_are_the_decoded_text(engine: Engine, prompts: lis
         ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
     )
     assert job.state == JobState.FINISHED and engine.job_info(job.id)["generated_tokens"] == 24
+
+
+async def test_a_sampling_job_decodes_a_step_an_iteration(
+    tiny: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of decode steps take greedy jobs only: a job that samples, alone in the engine, takes
+    one step an iteration, and no blocks are reserved for steps it will not run."""
+    monkeypatch.setattr(loop_module, "RUN_SECONDS", 3600.0)  # runs however slow the host
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=1, ignore_eos=True)
+    slack: list[int] = []  # cache positions reserved past a job's tokens, at each forward
+    for engine in make_engine(tiny, max_batch_size=4, block_size=4):
+        tables = engine.pool.tables
+
+        def room(jobs: list[Job], tables: dict[str, list[int]] = tables) -> None:
+            slack.extend(len(tables[j.id]) * 4 - j.total_tokens for j in jobs)
+
+        before_forwards(engine, room, monkeypatch)
+        ids, _, reason, job = await run(engine, prompts[0], params)
+        assert len(ids) == 24 and reason == FinishReason.LENGTH
+        assert job.iterations == 24 and engine.stats()["decode_runs"]["runs"] == 0
+        assert slack and max(slack) < 4
 
 
 @pytest.mark.parametrize("steps", [1, 16], ids=["step", "runs"])
