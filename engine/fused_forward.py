@@ -440,24 +440,30 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
         return best
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-    def _chain(  # pragma: no cover - compiled
-        first, roots, steps, tables, block_size, vocab,
+    def _decode(  # pragma: no cover - compiled
+        first, roots, steps, stops, interrupt, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
-        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted, made,
     ):  # fmt: skip
-        # greedy drafting, a forward a step: job j feeds first[j] at position roots[j] + 1, then
+        # greedy decoding, a forward a step: job j feeds first[j] at position roots[j] + 1, then
         # each token it picks (its argmax over the first ``vocab`` logits) at the next position,
-        # steps[j] forwards in all; drafted[j, s] is its pick after forward s
+        # up to steps[j] forwards; drafted[j, s] is its pick after forward s, made[j] how many it
+        # made. A job stops after a pick in stops[j] (-1 pads), every job after the forward
+        # during which interrupt[0] became nonzero. A step's rows are those _verify builds for
+        # the same tokens with no drafts (fused_spec.py): the same picks bit for bit.
         count = first.shape[0]
         longest = 0
         for j in range(count):
             longest = max(longest, steps[j])
         current = first.copy()
+        done = np.zeros(count, dtype=np.bool_)
         for step in range(longest):
             rows = 0
             for j in range(count):
-                if steps[j] > step:
+                if not done[j] and steps[j] > step:
                     rows += 1
+            if rows == 0:
+                break
             ids = np.empty(rows, dtype=np.int64)
             positions = np.empty(rows, dtype=np.int64)
             slots = np.empty(rows, dtype=np.int64)
@@ -465,7 +471,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             keep = np.arange(rows)
             r = 0
             for j in range(count):
-                if steps[j] > step:
+                if not done[j] and steps[j] > step:
                     position = roots[j] + 1 + step
                     block, offset = divmod(position, block_size)
                     ids[r] = current[j]
@@ -482,11 +488,33 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             )  # fmt: skip
             r = 0
             for j in range(count):
-                if steps[j] > step:
+                if not done[j] and steps[j] > step:
                     best = _argmax(logits[r], vocab)
                     drafted[j, step] = best
+                    made[j] = step + 1
                     current[j] = best
+                    for t in range(stops.shape[1]):
+                        if stops[j, t] == best:
+                            done[j] = True
                     r += 1
+            if interrupt[0]:
+                break
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _chain(  # pragma: no cover - compiled
+        first, roots, steps, tables, block_size, vocab,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
+    ):  # fmt: skip
+        # greedy drafting: _decode of steps[j] forwards for each job j, no stops
+        count = first.shape[0]
+        _decode(
+            first, roots, steps, np.empty((count, 0), dtype=np.int64), np.zeros(1, np.int8),
+            tables, block_size, vocab,
+            embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+            inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
+            np.zeros(count, dtype=np.int64),
+        )  # fmt: skip
 
 
 def usable(model: Any, dtype: torch.dtype, device: torch.device) -> bool:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 if available():
     import numba
 
-    from flockctl.engine.fused_forward import _argmax, _chain, _forward
+    from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _draft(  # pragma: no cover - compiled
@@ -115,67 +115,6 @@ if available():
             for k in range(depths[j] + 1):
                 picks[j, k] = _argmax(logits[r], head.shape[0])
                 r += 1
-
-
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-    def _decode_run(  # pragma: no cover - compiled
-        last, roots, steps, stops, interrupt, tables, block_size,
-        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
-        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, picks, made,
-    ):  # fmt: skip
-        # greedy decode steps, a forward each: job j feeds last[j] at position roots[j], then
-        # each token it picks (the model's argmax over the whole vocabulary) at the next
-        # position, up to steps[j] forwards; picks[j, s] is its pick after forward s, made[j]
-        # how many it made. A job stops after a pick in stops[j] (-1 pads), every job after the
-        # forward during which interrupt[0] became nonzero. Each forward's rows are those
-        # _verify builds for the same step with no drafts: the same tokens bit for bit.
-        count = last.shape[0]
-        current = last.copy()
-        done = np.zeros(count, dtype=np.bool_)
-        longest = 0
-        for j in range(count):
-            longest = max(longest, steps[j])
-        for step in range(longest):
-            rows = 0
-            for j in range(count):
-                if not done[j] and steps[j] > step:
-                    rows += 1
-            if rows == 0:
-                break
-            ids = np.empty(rows, dtype=np.int64)
-            positions = np.empty(rows, dtype=np.int64)
-            slots = np.empty(rows, dtype=np.int64)
-            owners = np.empty(rows, dtype=np.int64)
-            r = 0
-            for j in range(count):
-                if not done[j] and steps[j] > step:
-                    position = roots[j] + step
-                    block, offset = divmod(position, block_size)
-                    ids[r] = current[j]
-                    positions[r] = position
-                    slots[r] = tables[j, block] * block_size + offset
-                    owners[r] = j
-                    r += 1
-            logits = np.empty((rows, head.shape[0]), dtype=np.float32)
-            _forward(
-                ids, positions, slots, owners, positions, np.zeros(rows, dtype=np.int64),
-                np.zeros((rows, 0), dtype=np.bool_), tables, block_size, np.arange(rows),
-                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
-                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, logits,
-            )  # fmt: skip
-            r = 0
-            for j in range(count):
-                if not done[j] and steps[j] > step:
-                    token = _argmax(logits[r], head.shape[0])
-                    picks[j, step] = token
-                    made[j] = step + 1
-                    current[j] = token
-                    for t in range(stops.shape[1]):
-                        if stops[j, t] == token:
-                            done[j] = True
-                    r += 1
-            if interrupt[0]:
-                break
 
 
 @dataclass
@@ -301,7 +240,7 @@ def greedy_run(
     stops: np.ndarray,
     interrupt: np.ndarray,
 ) -> list[list[int]]:
-    """Greedy decode steps of ``job_ids`` in one compiled call (:func:`_decode_run`): job ``i``
+    """Greedy decode steps of ``job_ids`` in one compiled call (:func:`_decode`): job ``i``
     feeds ``last[i]`` at position ``roots[i]``, then each token it picks, up to ``steps[i]``
     forwards, stopping after a pick in ``stops[i]`` (-1 pads), all of them after the forward
     during which ``interrupt[0]`` was set; returns each job's picks. A step's rows, and the
@@ -325,10 +264,11 @@ def greedy_run(
     tables = table_array([target.pool.tables[j] for j in job_ids])
     bs = target.pool.block_size
 
-    def run(lo: int, hi: int) -> None:
-        _decode_run(
-            last_arr[lo:hi], root_arr[lo:hi], step_arr[lo:hi], stops[lo:hi], interrupt,
-            tables[lo:hi], bs, *fused.weights, *stores, picks[lo:hi], made[lo:hi],
+    def run(lo: int, hi: int) -> None:  # _decode feeds first[j] after position roots[j]
+        _decode(
+            last_arr[lo:hi], root_arr[lo:hi] - 1, step_arr[lo:hi], stops[lo:hi], interrupt,
+            tables[lo:hi], bs, fused.vocab, *fused.weights, *stores, picks[lo:hi],
+            made[lo:hi],
         )  # fmt: skip
 
     fused.halves(run, split_point(np.arange(count)) if fused.threads > 1 else 0, count)
@@ -364,14 +304,14 @@ def _catchup_rows(
 
 
 def warm_up_decode(model: FusedLlama) -> None:
-    """Compile :func:`_decode_run` now (or load it from numba's cache), not in the first
-    request: one job decoding one token over a pool of two slots."""
+    """Compile :func:`_decode` with stops (:func:`greedy_run`'s) now, or load it from numba's
+    cache, not in the first request: one job decoding one token over a pool of two slots."""
     one = np.zeros(1, dtype=np.int64)
     layers = model.weights[2].shape[0]
     store = torch.zeros((layers, 2, model.kv_heads, model.head_dim))
-    _decode_run(
+    _decode(
         one, one, one + 1, np.full((1, 1), -1, dtype=np.int64), np.zeros(1, dtype=np.int8),
-        np.zeros((1, 1), dtype=np.int64), 2, *model.weights, store.numpy(),
+        np.zeros((1, 1), dtype=np.int64), 2, 1, *model.weights, store.numpy(),
         store.clone().numpy(), np.zeros((1, 1), dtype=np.int64), np.zeros(1, dtype=np.int64),
     )  # fmt: skip
 
