@@ -380,6 +380,11 @@ async def test_streamed_pieces_are_the_decoded_text(engine: Engine, prompts: lis
     assert job.state == JobState.FINISHED and engine.job_info(job.id)["generated_tokens"] == 24
 
 
+def test_num_scheduler_steps_is_at_least_one() -> None:
+    with pytest.raises(ValueError, match="num_scheduler_steps must be at least 1, got 0"):
+        EngineConfig(model="m", num_scheduler_steps=0)
+
+
 async def test_a_sampling_job_decodes_a_step_an_iteration(
     tiny: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

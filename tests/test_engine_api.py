@@ -622,6 +622,7 @@ def test_serve_help_explains_every_flag() -> None:
         ["--spec", "on"],
         ["--fused-threads", "3"],
         ["--fused-threads", "many"],
+        ["--num-scheduler-steps", "0"],
     ],
 )
 def test_serve_refuses_bad_flag_values_as_usage_errors(flags: list[str]) -> None:
