@@ -8,12 +8,12 @@
     python bench/engine.py --stall               # a long prompt beside 8 decodes, chunked or not
     python bench/engine.py --out-of-step         # clients whose requests end at different steps
 
-Every engine is a real ``flockctl engine serve`` process on 127.0.0.1, one at a time, so none of
-them competes with another for the cores; requests are streamed ``/v1/completions`` of greedy
-tokens (``ignore_eos``, so every request makes exactly ``--tokens`` tokens) sent as token ids, the
-same ones to every server. transformers' ``generate`` (greedy, KV cache, batch 1) runs in this
-process before any engine starts. Requests of one length sent back to back start and end together
-at each level above 1; with ``--out-of-step`` client ``k`` of ``c`` first asks for
+Every engine is a real ``flockctl engine serve`` process on 127.0.0.1, loaded one at a time, so
+none of them competes with another for the cores; requests are streamed ``/v1/completions`` of
+greedy tokens (``ignore_eos``, so every request makes exactly ``--tokens`` tokens) sent as token
+ids, the same ones to every server. transformers' ``generate`` (greedy, KV cache, batch 1) runs in
+this process before any engine starts. Requests of one length sent back to back start and end
+together at each level above 1; with ``--out-of-step`` client ``k`` of ``c`` first asks for
 ``1 + k * tokens // c`` tokens (counted in tokens/s, not in the latencies), so its requests end at
 other steps than the others', as independent users' do, and new prompts join a running batch.
 
@@ -23,8 +23,13 @@ Gaussian noise (``--weak-noise`` times each tensor's spread), so fewer drafted t
 accepted. Each pair's greedy agreement (how often the draft's argmax is the target's greedy token,
 fed the target's own continuations) is measured and reported: the default noise gives about 0.69
 on the demo pair's prompts, the agreement of the weaker 2-layer draft the targets were set with
-(the demo draft itself: about 0.87). Each pair runs with ``--spec on`` and ``--spec auto``;
-"plain" is the engine without a draft at concurrency 1 on the same prompts.
+(the demo draft itself: about 0.87). Each pair runs with ``--spec on`` and ``--spec auto`` beside
+a plain engine (the same flags, no draft): the three are up together and take ``--rounds`` turns,
+each sending the prompts once at concurrency 1, so a change in the host's speed between engines
+(other tenants, the clock) falls on all three alike, and each ratio is of their sums over the
+rounds. Concurrency 1 in the table sends the prompts ``--rounds`` times too. On a host where a
+request of 96 tokens takes 20 ms, one pass over 8 prompts measured 0.2 s, and single passes on
+fresh engines were 10-15% apart with nothing changed.
 
 Greedy output is compared, per prompt, against transformers' (and the concurrent runs against the
 engine's own concurrency 1): in float32 it must be identical; in bfloat16 or float16 different
@@ -55,6 +60,10 @@ from common import HOST, PROMPTS, Processes, free_port, machine, percentile, say
 
 H200_PEAK_GBPS = 4800.0  # HBM3e, NVIDIA's figure for the H200 SXM
 LOAD_TIMEOUT = 600.0  # seconds for an engine to load and answer /health
+#: Each engine's ``--kv-budget`` where three are up together (speculation side by side): a
+#: concurrency-1 request needs its prompt and ``--tokens``, and on a GPU the default (most of the
+#: free memory) would leave the second engine none
+SIDE_BY_SIDE_KV_TOKENS = 16384
 
 
 #: What the engine is held to on a CPU, as ratios from one run: batch 1 against transformers'
@@ -175,6 +184,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="noise of the weaker draft (0.15: it agrees with the demo target's greedy token at"
         " about 0.69 of positions, as the 2-layer draft the engine's targets name does)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="passes over the prompts at concurrency 1, taken in turns by the engines compared"
+        " side by side (5)",
+    )
     parser.add_argument("--no-spec", action="store_true", help="skip the speculation runs")
     parser.add_argument("--vllm", metavar="URL", help="a running vLLM OpenAI server to compare")
     parser.add_argument(
@@ -195,7 +211,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.requests, args.tokens = 2, 8, min(args.tokens, 24)
-        args.concurrency = "4"
+        args.concurrency, args.rounds = "4", 1
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     try:
         args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:
@@ -586,6 +604,64 @@ def spec_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
     }
 
 
+async def side_by_side(
+    procs: Processes,
+    args: argparse.Namespace,
+    target: Path,
+    prompts: list[list[int]],
+    draft: Path,
+    reference: list[str],
+    equality: dict[str, dict[str, Any]],
+    pair: str,
+) -> dict[str, Any]:
+    """A plain engine, ``--spec on`` and ``--spec auto`` with ``draft``, up together, taking
+    ``--rounds`` turns at concurrency 1 (the order rotating each round): each mode's tokens/s
+    over its rounds, the speculative ones against plain."""
+    budget = ["--kv-budget", str(SIDE_BY_SIDE_KV_TOKENS)]  # three engines share the device
+    flags = {
+        "plain": budget,
+        "on": ["--draft-model", str(draft), "--spec", "on", *budget],
+        "auto": ["--draft-model", str(draft), "--spec", "auto", *budget],
+    }
+    runs: dict[str, list[Run]] = {mode: [] for mode in flags}
+    async with contextlib.AsyncExitStack() as stack:
+        bases = {
+            mode: await stack.enter_async_context(
+                engine_server(procs, f"{pair}_spec_{mode}", args, target, extra)
+            )
+            for mode, extra in flags.items()
+        }
+        before = {mode: (await stats(bases[mode])).get("speculation") for mode in ("on", "auto")}
+        modes = list(flags)
+        for r in range(args.rounds):
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                runs[mode].append(await load(bases[mode], prompts, len(prompts), 1, args.tokens))
+        after = {mode: (await stats(bases[mode])).get("speculation") for mode in ("on", "auto")}
+
+    def rate(mode: str) -> float:
+        return sum(run.tokens for run in runs[mode]) / sum(run.seconds for run in runs[mode])
+
+    plain = rate("plain")
+    out: dict[str, Any] = {"plain_tokens_per_s": round(plain, 1), "rounds": args.rounds}
+    for mode in ("on", "auto"):
+        tps = rate(mode)
+        out[mode] = {
+            "tokens_per_s": round(tps, 1),
+            "vs_plain": round(tps / plain, 3),
+            "rounds_vs_plain": [
+                round((s.tokens / s.seconds) / (p.tokens / p.seconds), 3)
+                for s, p in zip(runs[mode], runs["plain"], strict=True)
+            ],
+            **spec_summary(before[mode], after[mode]),
+        }
+        texts = [text for run in runs[mode] for text in run.texts]
+        equality[f"{pair}_spec_{mode}_vs_transformers"] = compare(reference, texts)
+        say(f"{pair} --spec {mode}: {tps:.0f} tokens/s ({tps / plain:.2f}x plain beside it)")
+    texts = [text for run in runs["plain"] for text in run.texts]
+    equality[f"{pair}_plain_vs_transformers"] = compare(reference, texts)
+    return out
+
+
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
     import transformers
@@ -645,7 +721,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     async def table(name: str, base: str) -> None:
         """Concurrency 1 on the prompts once each, then every level on ``--requests``."""
-        one = await load(base, prompts, len(prompts), 1, new)
+        one = await load(base, prompts, len(prompts) * args.rounds, 1, new)
         rows = {"1": one.summary()}
         equality[f"{name}_c1_vs_transformers"] = compare(reference, one.texts)
         say(f"{name} c=1: {rows['1']['tokens_per_s']} tokens/s")
@@ -675,25 +751,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         "kv_budget_tokens": (s.get("kv") or {}).get("budget_tokens"),
                         "fused_threads": s.get("fused_threads"),
                     }
-        plain = concurrency[engine_table(concurrency)]["1"]["tokens_per_s"]
         for pair, draft_path in pairs.items():
-            for mode in ("on", "auto"):
-                name = f"{pair}_spec_{mode}"
-                extra = ["--draft-model", str(draft_path), "--spec", mode]
-                async with engine_server(procs, name, args, target, extra) as base:
-                    before = (await stats(base)).get("speculation")
-                    run = await load(base, prompts, len(prompts), 1, new)
-                    after = (await stats(base)).get("speculation")
-                tps = run.tokens / run.seconds
-                spec.setdefault(
-                    pair, {"plain_tokens_per_s": plain, "greedy_agreement": agreement[pair]}
-                )[mode] = {
-                    "tokens_per_s": round(tps, 1),
-                    "vs_plain": round(tps / plain, 3),
-                    **spec_summary(before, after),
-                }
-                equality[f"{name}_vs_transformers"] = compare(reference, run.texts)
-                say(f"{name}: {tps:.0f} tokens/s ({tps / plain:.2f}x plain)")
+            spec[pair] = await side_by_side(
+                procs, args, target, prompts, draft_path, reference, equality, pair
+            )
+            spec[pair]["greedy_agreement"] = agreement[pair]
         if args.vllm:
             base = args.vllm.rstrip("/")
             say(f"vLLM at {base}")
@@ -727,6 +789,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "fused_threads": args.fused_threads or "auto",
             "quick": args.quick,
             "out_of_step": args.out_of_step,
+            "rounds": args.rounds,
         },
         "batch1": {
             "transformers_tokens_per_s": round(hf_tps, 1),

@@ -48,7 +48,15 @@ def test_quick_run_reports_every_table_and_identical_greedy_output(
         assert rows["4"]["requests"] == 8 and rows["4"]["vs_c1"] > 0
         assert rows["4"]["latency_p99_ms"] >= rows["4"]["latency_p50_ms"]
     assert set(report["speculation"]) == {"given_pair", "weak_pair"}
+    assert report["settings"]["rounds"] == 1  # --quick
     for pair in report["speculation"].values():
+        # each pair's ratios are against a plain engine measured beside it, round by round
+        assert pair["plain_tokens_per_s"] > 0 and pair["rounds"] == 1
+        for mode in ("on", "auto"):
+            assert len(pair[mode]["rounds_vs_plain"]) == 1
+            assert pair[mode]["vs_plain"] == pytest.approx(
+                pair[mode]["tokens_per_s"] / pair["plain_tokens_per_s"], rel=1e-2
+            )
         assert pair["on"]["steps"] > 0  # --spec on drafted
         assert 0 <= pair["on"]["acceptance_rate"] <= 1
         assert pair["auto"]["policy"]["mode"] == "auto"
@@ -61,7 +69,8 @@ def test_quick_run_reports_every_table_and_identical_greedy_output(
     equality = report["equality"]
     assert equality["exact_expected"] is True
     assert equality["all_identical"] is True, equality["comparisons"]
-    assert len(equality["comparisons"]) == 2 * 2 + 4  # c=1 and c=4 per table; 4 spec runs
+    # c=1 and c=4 per table; per pair the plain engine and the two speculative ones
+    assert len(equality["comparisons"]) == 2 * 2 + 2 * 3
     assert "bandwidth" not in report  # a GPU's figure only
     assert "greedy output identical everywhere: True" in done.stderr
 
