@@ -35,8 +35,45 @@ if TYPE_CHECKING:
 
 if available():
     import numba
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 
     from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward
+
+    # words a pipelined run's two threads share (:func:`_draft_loop`, :func:`_target_loop`)
+    _PUBLISHED, _VERDICTS, _DONE, _ACCEPTED, _BONUS = 0, 1, 2, 3, 4
+
+    @intrinsic
+    def _load_acquire(typingctx, array, index):  # pragma: no cover - compiled
+        """``array[index]`` (1-D int64) read with acquire order: the reads after it see what the
+        other thread wrote before its release of the same word."""
+        sig = numba.types.int64(array, index)
+
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(
+                context, builder, aryty, ary, [args[1]], wraparound=False
+            )
+            return builder.load_atomic(ptr, "acquire", 8)
+
+        return sig, codegen
+
+    @intrinsic
+    def _store_release(typingctx, array, index, value):  # pragma: no cover - compiled
+        """``array[index] = value`` (1-D int64) with release order (see :func:`_load_acquire`)."""
+        sig = numba.types.void(array, index, numba.types.int64)
+
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(
+                context, builder, aryty, ary, [args[1]], wraparound=False
+            )
+            builder.store_atomic(args[2], ptr, "release", 8)
+            return context.get_dummy_value()
+
+        return sig, codegen
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _draft(  # pragma: no cover - compiled
@@ -115,6 +152,146 @@ if available():
             for k in range(depths[j] + 1):
                 picks[j, k] = _argmax(logits[r], head.shape[0])
                 r += 1
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _chain_from(  # pragma: no cover - compiled
+        root, last, depth, tables, block_size, vocab,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
+    ):  # fmt: skip
+        # one job's draft from its last token: feed last at position root, then each pick,
+        # depth + 1 forwards; drafted[0] = the chain of depth picks, then one more (the guess
+        # at the model's token after the chain, were the chain accepted whole)
+        _decode(
+            np.full(1, last, dtype=np.int64), np.full(1, root - 1, dtype=np.int64),
+            np.full(1, depth + 1, dtype=np.int64), np.empty((1, 0), dtype=np.int64),
+            np.zeros(1, dtype=np.int8), tables, block_size, vocab,
+            embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+            inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
+            np.zeros(1, dtype=np.int64),
+        )  # fmt: skip
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _draft_loop(  # pragma: no cover - compiled
+        up_ids, up_positions, up_slots, root, last, depth, tables, block_size, vocab,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, chain, shared,
+    ):  # fmt: skip
+        # the draft's thread of a pipelined run (one job): catch up on the tokens it has not
+        # seen (up_*), then, step after step, publish the chain drafted from the state the model
+        # confirmed (root: the position of its last token) and draft the next step's on the
+        # guess that the chain is accepted whole and the model's next token is the guess,
+        # while the model verifies. Its verdict says whether the guess held (that chain is
+        # published at once) or where to draft from instead. Ends once the model's is done.
+        n = up_ids.shape[0]
+        if n:
+            _forward(
+                up_ids, up_positions, up_slots, np.zeros(n, dtype=np.int64), up_positions,
+                np.zeros(n, dtype=np.int64), np.zeros((n, 0), dtype=np.bool_), tables,
+                block_size, np.full(n, -1, dtype=np.int64),
+                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values,
+                np.empty((0, head.shape[0]), dtype=np.float32),
+            )  # fmt: skip
+        mine = np.zeros((1, depth + 1), dtype=np.int64)
+        ahead = np.zeros((1, depth + 1), dtype=np.int64)
+        _chain_from(
+            root, last, depth, tables, block_size, vocab,
+            embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+            inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, mine,
+        )  # fmt: skip
+        step = 0
+        while True:
+            for i in range(depth + 1):
+                chain[i] = mine[0, i]
+            _store_release(shared, _PUBLISHED, step + 1)
+            guess_root = root + depth + 1
+            guess = mine[0, depth]
+            _chain_from(
+                guess_root, guess, depth, tables, block_size, vocab,
+                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, ahead,
+            )  # fmt: skip
+            while _load_acquire(shared, _VERDICTS) <= step:
+                if _load_acquire(shared, _DONE):
+                    return
+            if _load_acquire(shared, _DONE):
+                return
+            accepted = shared[_ACCEPTED]
+            bonus = shared[_BONUS]
+            step += 1
+            if accepted == depth and bonus == guess:
+                root, last = guess_root, guess
+                for i in range(depth + 1):
+                    mine[0, i] = ahead[0, i]
+            else:
+                root, last = root + accepted + 1, bonus
+                _chain_from(
+                    root, last, depth, tables, block_size, vocab,
+                    embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps,
+                    head, inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, mine,
+                )  # fmt: skip
+
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def _target_loop(  # pragma: no cover - compiled
+        root, last, depth, steps, stops, room, interrupt, tables, block_size,
+        embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+        inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, chain, shared, out,
+        accepts,
+    ):  # fmt: skip
+        # the model's thread of a pipelined run: each step waits for its chain, verifies it
+        # (_verify's rows: the same picks as a single speculative step) and publishes the
+        # verdict. out[:made] gets the tokens (the accepted drafts, then the model's own), at
+        # most room, ending after a token in stops; accepts[s] the drafts step s accepted.
+        # Returns the tokens made and the steps run; ends after the step during which
+        # interrupt[0] became nonzero.
+        made = 0
+        lasts = np.zeros(1, dtype=np.int64)
+        roots = np.zeros(1, dtype=np.int64)
+        depths = np.full(1, depth, dtype=np.int64)
+        drafted = np.zeros((1, depth), dtype=np.int64)
+        picks = np.zeros((1, depth + 1), dtype=np.int64)
+        step = 0
+        finished = steps < 1 or room < 1
+        while not finished:
+            while _load_acquire(shared, _PUBLISHED) <= step:
+                pass
+            for i in range(depth):
+                drafted[0, i] = chain[i]
+            lasts[0] = last
+            roots[0] = root
+            _verify(
+                lasts, roots, depths, drafted, tables, block_size,
+                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, picks,
+            )  # fmt: skip
+            accepted = 0
+            while accepted < depth and drafted[0, accepted] == picks[0, accepted]:
+                accepted += 1
+            accepts[step] = accepted
+            for i in range(accepted + 1):
+                token = drafted[0, i] if i < accepted else picks[0, accepted]
+                out[made] = token
+                made += 1
+                for t in range(stops.shape[0]):
+                    if stops[t] == token:
+                        finished = True
+                if made >= room:
+                    finished = True
+                if finished:
+                    break
+            root += accepted + 1
+            last = picks[0, accepted]
+            step += 1
+            if step >= steps or interrupt[0]:
+                finished = True
+            shared[_ACCEPTED] = accepted
+            shared[_BONUS] = last
+            if finished:
+                _store_release(shared, _DONE, 1)
+            _store_release(shared, _VERDICTS, step)
+        _store_release(shared, _DONE, 1)
+        return made, step
 
 
 @dataclass
@@ -277,6 +454,83 @@ def greedy_run(
     return [row[:n] for row, n in zip(rows, made.tolist(), strict=True)]
 
 
+@dataclass
+class RunOut:
+    """What :func:`pipelined_run` returns: the tokens made (the accepted drafts and the
+    model's own, step after step), the drafts each step accepted, and the run's seconds."""
+
+    tokens: list[int]
+    accepted: list[int]
+    seconds: float
+
+
+def pipelined_run(
+    target: Runner,
+    drafter: Runner,
+    job_id: str,
+    catchup: tuple[list[int], int] | None,
+    depth: int,
+    last: int,
+    root: int,
+    steps: int,
+    room: int,
+    stops: np.ndarray,
+    interrupt: np.ndarray,
+    vocab: int,
+) -> RunOut:
+    """Up to ``steps`` greedy speculative steps of one job, drafts of ``depth`` tokens, on two
+    threads at once: the model verifies step ``k``'s chain on this one (:func:`_target_loop`)
+    while the draft, on the fused forward's second thread (:func:`_draft_loop`), drafts step
+    ``k + 1``'s on the guess that step ``k``'s chain is accepted whole; where the guess fails
+    it drafts again from the model's verdict while the model waits. The job's last token is
+    ``last`` at position ``root``; ``catchup``: the tokens the draft has not seen before it,
+    from a position. The run makes at most ``room`` tokens, ends after a token in ``stops``
+    (1-D), and after the step during which ``interrupt[0]`` was set. Each step's verification
+    is :func:`greedy_chains`'s, so the same tokens as single steps bit for bit. Both pools must
+    hold blocks for the run: the model's for every position a step may feed (up to ``depth``
+    from a root, the roots under ``root + room``), the draft's for ``depth + 1`` more."""
+    t_fused, d_fused = target.fused, drafter.fused
+    assert t_fused is not None and d_fused is not None and t_fused.threads > 1
+    t_pool = target.pool.stacked(t_fused.kv_heads, t_fused.head_dim)
+    d_pool = drafter.pool.stacked(d_fused.kv_heads, d_fused.head_dim)
+    assert t_pool is not None and d_pool is not None
+    t_stores, d_stores = t_fused.arrays(*t_pool), d_fused.arrays(*d_pool)
+    target.pool.check_private(job_id, root)
+    t_tables = table_array([target.pool.tables[job_id]])
+    d_tables = table_array([drafter.pool.tables[job_id]])
+    d_bs = drafter.pool.block_size
+    if catchup is not None and catchup[0]:
+        ids, positions, slots, _jobs, _keep = _catchup_rows([catchup], d_tables, d_bs)
+        drafter.pool.check_private(job_id, catchup[1])
+    else:
+        ids = positions = slots = np.zeros(0, dtype=np.int64)
+    chain = np.zeros(depth + 1, dtype=np.int64)
+    shared = np.zeros(8, dtype=np.int64)
+    out = np.zeros(max(1, room), dtype=np.int64)
+    accepts = np.zeros(max(1, steps), dtype=np.int64)
+    made = ran = 0
+
+    def verify() -> None:
+        nonlocal made, ran
+        made, ran = _target_loop(
+            root, last, depth, steps, stops, room, interrupt, t_tables,
+            target.pool.block_size, *t_fused.weights, *t_stores, chain, shared, out, accepts,
+        )  # fmt: skip
+
+    def draft() -> None:
+        _draft_loop(
+            ids, positions, slots, root, last, depth, d_tables, d_bs, vocab,
+            *d_fused.weights, *d_stores, chain, shared,
+        )  # fmt: skip
+
+    start = time.perf_counter()
+    t_fused.both(verify, draft, split=False)
+    seconds = time.perf_counter() - start
+    target.fused_done(ran)
+    drafter.fused_done(ran * (depth + 1))
+    return RunOut(out[:made].tolist(), accepts[:ran].tolist(), seconds)
+
+
 def _catchup_rows(
     spans: Sequence[tuple[list[int], int] | None], tables: np.ndarray, block_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -317,8 +571,9 @@ def warm_up_decode(model: FusedLlama) -> None:
 
 
 def warm_up(target: FusedLlama, draft: FusedLlama) -> None:
-    """Compile :func:`_draft` and :func:`_verify` now (or load them from numba's cache), not in
-    the first speculative step: one job drafting one token over pools of two slots."""
+    """Compile :func:`_draft`, :func:`_verify` and a pipelined run's two loops now (or load them
+    from numba's cache), not in the first speculative step: one job drafting one token over
+    pools of a few slots."""
     one = np.zeros(1, dtype=np.int64)
     table = np.zeros((1, 1), dtype=np.int64)
     drafted = np.zeros((1, 1), dtype=np.int64)
@@ -335,4 +590,23 @@ def warm_up(target: FusedLlama, draft: FusedLlama) -> None:
             _verify(
                 one, one, one, drafted, table, 2, *model.weights, *stores,
                 np.zeros((1, 2), dtype=np.int64),
+            )  # fmt: skip
+    # the model's loop, told to make nothing, marks the run done; the draft's then drafts its
+    # first chain and the next and, the run being done, ends (both on this thread, in turn)
+    shared = np.zeros(8, dtype=np.int64)
+    chain = np.zeros(2, dtype=np.int64)
+    empty = np.zeros(0, dtype=np.int64)
+    table = np.arange(4, dtype=np.int64)[None, :]  # the draft feeds positions 1 to 4
+    for model in (target, draft):
+        layers = model.weights[2].shape[0]
+        store = torch.zeros((layers, 16, model.kv_heads, model.head_dim))
+        stores = (store.numpy(), store.clone().numpy())
+        if model is target:
+            _target_loop(
+                1, 0, 1, 0, empty, 0, np.zeros(1, dtype=np.int8), table, 4, *model.weights,
+                *stores, chain, shared, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
+            )  # fmt: skip
+        else:
+            _draft_loop(
+                empty, empty, empty, 1, 0, 1, table, 4, 1, *model.weights, *stores, chain, shared,
             )  # fmt: skip

@@ -52,7 +52,7 @@ from flockctl.engine.profiler import DecodePace
 from flockctl.engine.runner import Feed, Runner
 from flockctl.engine.sampling import Sampler, adjust_logits, is_greedy, token_logprobs
 from flockctl.engine.scheduler import Scheduler
-from flockctl.engine.speculator import Speculator
+from flockctl.engine.speculator import RunRequest, Speculator
 
 log = logging.getLogger("flockctl.engine")
 
@@ -232,7 +232,8 @@ class ModelLoop:
             speculable = [j for j in decode if j not in plain] if plain else decode
             speculating = self.speculator.choose(speculable) if speculable else []
             if speculating:
-                self._speculate(speculable, speculating, deliveries)
+                chains = None if prefill else self._spec_run(order, plan.batch)
+                self._speculate(speculable, speculating, deliveries, chains)
                 if plain:
                     self._step(plain, deliveries)
             else:
@@ -281,6 +282,31 @@ class ModelLoop:
                     n = 1
             steps.append(max(1, n))
         return steps if max(steps) > 1 else None
+
+    def _spec_run(self, order: list[Job], batch: list[Job]) -> RunRequest | None:
+        """Whether a lone job's speculative steps may run in a pipelined run
+        (:meth:`Speculator._chain_run`), and how many: as for runs of plain steps
+        (:meth:`_run_lengths`), the job is the only one the scheduler holds, nothing is in the
+        inbox (one posted during the run ends it after its current step) and its next token is
+        its logits' argmax; up to :attr:`decode_steps` steps."""
+        if self.decode_steps < 2 or len(order) != 1 or len(batch) != 1 or self._inbox:
+            return None
+        job = batch[0]
+        if self.runner.fused is None or not _argmax_only(job):
+            return None
+        return RunRequest(self.decode_steps, self._stops([job])[0], self.interrupt)
+
+    def _stops(self, jobs: list[Job]) -> np.ndarray:
+        """Each job's end-of-sequence (unless it ignores them) and stop token ids, a row a job
+        padded with -1."""
+        ends = [
+            [*(() if job.params.ignore_eos else self.eos_ids), *job.params.stop_token_ids]
+            for job in jobs
+        ]
+        stops = np.full((len(jobs), max(1, *map(len, ends))), -1, dtype=np.int64)
+        for i, end in enumerate(ends):
+            stops[i, : len(end)] = end
+        return stops
 
     def _step(
         self,
@@ -363,15 +389,7 @@ class ModelLoop:
         fed."""
         if not all(_argmax_only(job) for job in jobs):
             return None
-        stops = None
-        if run is not None:
-            ends = [
-                [*(() if job.params.ignore_eos else self.eos_ids), *job.params.stop_token_ids]
-                for job in jobs
-            ]
-            stops = np.full((len(jobs), max(1, *map(len, ends))), -1, dtype=np.int64)
-            for i, end in enumerate(ends):
-                stops[i, : len(end)] = end
+        stops = self._stops(jobs) if run is not None else None
         try:
             return self.runner.greedy(jobs, run, stops, self.interrupt)
         finally:
@@ -469,9 +487,16 @@ class ModelLoop:
                 handle, reason, now, deliveries, text=text, tokens=emitted, logprobs=scores
             )
 
-    def _speculate(self, jobs: list[Job], chosen: list[Job], deliveries: Deliveries) -> None:
+    def _speculate(
+        self,
+        jobs: list[Job],
+        chosen: list[Job],
+        deliveries: Deliveries,
+        run: RunRequest | None = None,
+    ) -> None:
         """A speculative iteration for the decoding ``jobs`` (``chosen`` draft trees), then each
-        job's verified tokens out in order."""
+        job's verified tokens out in order. ``run``: a lone job may take several steps
+        (:meth:`_spec_run`)."""
         handles = {j.id: self.live[j.id] for j in jobs}
         try:
             accepted = self.speculator.step(
@@ -479,6 +504,7 @@ class ModelLoop:
                 chosen,
                 {job_id: h.generator for job_id, h in handles.items()},
                 {j.id for j in self.batcher.running},
+                run,
             )
         except Exception as exc:
             self._fail(jobs, exc, deliveries)

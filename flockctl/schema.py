@@ -21,7 +21,7 @@ from typing import Any, TypedDict
 #: The ``schema`` key of ``GET /-/status``.
 SNAPSHOT_SCHEMA_VERSION = 4
 #: The ``schema_version`` key of an engine's ``GET /stats``.
-STATS_SCHEMA_VERSION = 7
+STATS_SCHEMA_VERSION = 8
 
 # -- an engine's /stats ----------------------------------------------------------------------------
 
@@ -67,6 +67,15 @@ class SpecStepCosts(TypedDict):
     verify_ms_by_tokens: dict[str, float]
 
 
+class DecodeRuns(TypedDict):
+    """Compiled calls that ran more than one decode step (``runs``), and the steps in them
+    (``steps``), since start: greedy decode steps (``decode_runs``), or a lone job's speculative
+    steps in a pipelined run (``speculation.pipelined_runs``)."""
+
+    runs: int
+    steps: int
+
+
 class SpeculationStats(TypedDict):
     """Speculative decoding's figures, present only when the engine has draft models.
     ``depth_by_batch``: the draft depth ``--spec auto`` chose last at each batch size (0: none);
@@ -87,6 +96,7 @@ class SpeculationStats(TypedDict):
     num_draft_tokens: int
     num_accepted_tokens: int
     num_accepted_tokens_per_pos: list[int]
+    pipelined_runs: DecodeRuns
     acceptance_rate: float | None
     mean_accepted_length: float | None
 
@@ -137,14 +147,6 @@ class EmbeddingStats(TypedDict):
     tokens: int
     forwards: int
     waiting: int
-
-
-class DecodeRuns(TypedDict):
-    """Compiled calls that ran more than one greedy decode step (``runs``), and the steps in
-    them (``steps``), since start."""
-
-    runs: int
-    steps: int
 
 
 class _EngineStatsRequired(TypedDict):

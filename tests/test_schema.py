@@ -53,6 +53,7 @@ STATS_SHAPES = {
     5: "7cafa893be64ec15",
     6: "6722a66ce5a3f9ba",
     7: "cf0a9fd1f541b163",
+    8: "83594c0eae225892",
 }
 #: The embedding-only engine's ``/stats``, versioned with the other engine's.
 ENCODER_STATS_SHAPES = {
@@ -62,6 +63,7 @@ ENCODER_STATS_SHAPES = {
     5: "6480a0e5f2851dfc",
     6: "fdc26fa89252ac50",
     7: "fdc26fa89252ac50",  # what version 7 added is the other engine's
+    8: "fdc26fa89252ac50",  # and version 8's
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import until
 from tinymodel import build_near_model, build_tiny_model, greedy_continuations
 from transformers import AutoTokenizer
 
@@ -244,7 +245,6 @@ async def test_greedy_speculative_output_equals_incremental(
     drafts = [request.getfixturevalue(name) for name in which]
     chains: list[int] = []
     chain = fused_forward._chain
-    monkeypatch.setattr(fused_forward, "_chain", lambda *a: chains.append(1) or chain(*a))
     chain_steps: list[int] = []  # the deepest draft of each chain step
     chain_step = Speculator._chain_step
 
@@ -252,17 +252,21 @@ async def test_greedy_speculative_output_equals_incremental(
         chain_steps.append(max(spec.depth[j.id] for j in drafting))
         return chain_step(spec, jobs, drafting, *a)
 
-    monkeypatch.setattr(Speculator, "_chain_step", counted)
     verifying: set[str] = set()  # the threads the chains' verification ran on
     verify = fused_spec._verify
-    monkeypatch.setattr(
-        fused_spec,
-        "_verify",
-        lambda *a: verifying.add(threading.current_thread().name) or verify(*a),
-    )
-    for engine in make_engine(tiny, drafts, spec_tree=tree, spec="on", max_batch_size=4, **kw):
-        chains.clear()  # the start compiled it
-        verifying.clear()
+    # a lone job's pipelined runs would verify in one compiled call: a step at a time here
+    for engine in make_engine(
+        tiny, drafts, spec_tree=tree, spec="on", max_batch_size=4, num_scheduler_steps=1, **kw
+    ):
+        # patched once the start compiled every compiled call that calls these (compiling
+        # one after, numba would find a Python function where it calls them)
+        monkeypatch.setattr(fused_forward, "_chain", lambda *a: chains.append(1) or chain(*a))
+        monkeypatch.setattr(Speculator, "_chain_step", counted)
+        monkeypatch.setattr(
+            fused_spec,
+            "_verify",
+            lambda *a: verifying.add(threading.current_thread().name) or verify(*a),
+        )
         results = await asyncio.gather(*(run(engine, p) for p in prompts))
         assert [ids for ids, _ in results] == reference
         spec = engine.stats()["speculation"]
@@ -315,7 +319,7 @@ async def test_a_lone_job_drafts_its_next_chain_while_the_model_verifies(
     )
     for engine in make_engine(
         tiny, [request.getfixturevalue(which)], spec_tree=(1, 1, 1), spec="on",
-        max_batch_size=1, fused_threads=2,
+        max_batch_size=1, fused_threads=2, num_scheduler_steps=1,  # a step an iteration
     ):  # fmt: skip
         drafts.clear()
         results = [await run(engine, p) for p in prompts]
@@ -324,6 +328,108 @@ async def test_a_lone_job_drafts_its_next_chain_while_the_model_verifies(
     assert chain_steps
     if which == "tiny":  # every chain holds: after a job's first step, each comes drafted
         assert len(drafts) == len(prompts), (len(drafts), len(chain_steps))
+
+
+@pytest.mark.parametrize("which", ["tiny", "near"])
+async def test_a_lone_jobs_speculative_steps_run_pipelined(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    which: str,
+) -> None:
+    """One job at a time: its greedy chains take several steps a call, the model verifying each
+    on the model loop's thread while the draft drafts the next on the second thread. Greedy
+    output stays the model's whether the draft always agrees (the model itself) or not, every
+    step is counted, and both pools are empty after."""
+    threads: dict[str, set[str]] = {"_target_loop": set(), "_draft_loop": set()}
+
+    def recorded(name: str) -> Any:
+        original = getattr(fused_spec, name)
+
+        def recording(*a: Any) -> Any:
+            threads[name].add(threading.current_thread().name)
+            return original(*a)
+
+        return recording
+
+    for name in threads:
+        monkeypatch.setattr(fused_spec, name, recorded(name))
+    for engine in make_engine(
+        tiny, [request.getfixturevalue(which)], spec_tree=(1, 1, 1), spec="on",
+        max_batch_size=1, fused_threads=2,
+    ):  # fmt: skip
+        for seen in threads.values():
+            seen.clear()  # the start compiled both loops on this thread
+        results = [await run(engine, p) for p in prompts]
+        assert [ids for ids, _ in results] == reference
+        spec = engine.stats()["speculation"]
+        runs = spec["pipelined_runs"]
+        assert runs["runs"] > 0 and runs["steps"] >= 2 * runs["runs"]
+        assert runs["steps"] <= spec["num_drafts"]  # each run's steps are counted as steps
+        assert sum(job.spec.steps for _, job in results) == spec["num_drafts"]  # type: ignore[union-attr]
+        if which == "tiny":  # the model drafting for itself: every draft accepted
+            assert spec["num_accepted_tokens"] == spec["num_draft_tokens"]
+        assert engine.pool.used_tokens == 0
+        assert all(not d.pool.tables for d in engine.drafters)
+    assert threads["_target_loop"] == {"flockctl-engine"}
+    assert len(threads["_draft_loop"]) == 1 and threads["_draft_loop"] != {"flockctl-engine"}
+
+
+async def test_a_stop_token_ends_a_pipelined_run_where_single_steps_end(
+    tiny: Path, near: Path, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    """A stop token the model makes mid-run ends the job there, as it does a step at a time,
+    and no pipelined run goes past a job's ``max_tokens``."""
+    stop = reference[0][9]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=(stop,))
+    out: dict[int, list[int]] = {}
+    for steps in (1, 16):
+        for engine in make_engine(
+            tiny, [near], spec_tree=(1, 1, 1), spec="on", max_batch_size=1, fused_threads=2,
+            num_scheduler_steps=steps,
+        ):  # fmt: skip
+            out[steps] = (await run(engine, prompts[0], params))[0]
+            long = (await run(engine, prompts[1]))[0]
+            assert long == reference[1] and len(long) == GREEDY.max_tokens
+            runs = engine.stats()["speculation"]["pipelined_runs"]["runs"]
+            assert (runs > 0) == (steps > 1)
+    assert out[1] == out[16] == reference[0][: reference[0].index(stop) + 1]
+
+
+async def test_a_request_posted_during_a_pipelined_run_ends_it_after_one_step(
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request posted while a lone job's pipelined run is under way ends the run after its
+    current step (the loop's interrupt); then both jobs keep their greedy tokens."""
+    decoding, go = threading.Event(), threading.Event()
+    ran: list[int] = []
+    target_loop = fused_spec._target_loop
+
+    def held(*a: Any) -> Any:
+        if not go.is_set():
+            decoding.set()
+            go.wait(30)
+        made, steps = target_loop(*a)
+        ran.append(steps)
+        return made, steps
+
+    for engine in make_engine(
+        tiny, [tiny], spec_tree=(1, 1, 1), spec="on", max_batch_size=2, fused_threads=2
+    ):
+        monkeypatch.setattr(fused_spec, "_target_loop", held)  # after the start's warm-up
+        first = asyncio.ensure_future(run(engine, prompts[2]))
+        await until(decoding.is_set, "the first job's run")
+        second = asyncio.ensure_future(run(engine, prompts[3]))
+        await until(lambda e=engine: len(e.model_loop._inbox) == 1, "the second job")
+        go.set()
+        assert (await first)[0] == reference[2]
+        assert (await second)[0] == reference[3]
+        assert ran[0] == 1
 
 
 def test_the_drafts_cache_is_made_at_start(tiny: Path, near: Path) -> None:
