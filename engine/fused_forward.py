@@ -151,6 +151,13 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
     # (every LLVM from 17), p0i8 with the typed pointers of the older ones numba has shipped
     _PREFETCH = "llvm.prefetch.p0" if llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
 
+    def item_pointer(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        """In an intrinsic's code: the address of ``array[index]``, its first two arguments (a
+        1-D array and an index)."""
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        return cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+
     @intrinsic
     def _prefetch(typingctx, array, index):  # pragma: no cover - compiled
         """Ask for the cache line of ``array[index]`` (1-D) ahead of its read: a hint that
@@ -158,11 +165,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
         sig = numba.types.void(array, index)
 
         def codegen(context, builder, signature, args):
-            aryty = signature.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(
-                context, builder, aryty, ary, [args[1]], wraparound=False
-            )
+            ptr = item_pointer(context, builder, signature, args)
             byte = llvm_ir.IntType(8).as_pointer()
             word = llvm_ir.IntType(32)
             fn = cgutils.get_or_insert_function(

@@ -35,10 +35,9 @@ if TYPE_CHECKING:
 
 if available():
     import numba
-    from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward
+    from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward, item_pointer
 
     # words a pipelined run's two threads share (:func:`_draft_loop`, :func:`_target_loop`)
     _PUBLISHED, _VERDICTS, _DONE, _ACCEPTED, _BONUS = 0, 1, 2, 3, 4
@@ -50,11 +49,7 @@ if available():
         sig = numba.types.int64(array, index)
 
         def codegen(context, builder, signature, args):
-            aryty = signature.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(
-                context, builder, aryty, ary, [args[1]], wraparound=False
-            )
+            ptr = item_pointer(context, builder, signature, args)
             return builder.load_atomic(ptr, "acquire", 8)
 
         return sig, codegen
@@ -65,11 +60,7 @@ if available():
         sig = numba.types.void(array, index, numba.types.int64)
 
         def codegen(context, builder, signature, args):
-            aryty = signature.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(
-                context, builder, aryty, ary, [args[1]], wraparound=False
-            )
+            ptr = item_pointer(context, builder, signature, args)
             builder.store_atomic(args[2], ptr, "release", 8)
             return context.get_dummy_value()
 
