@@ -368,6 +368,10 @@ class SpecPolicy:
         self.reason = "" if mode != "off" else "--spec off"
         self._since_probe = 0
         self._since_incremental: dict[int, int] = {}  # batch -> speculative iterations in a row
+        #: batch sizes whose speculative steps draft on another thread while the model verifies
+        #: (a lone job's pipelined runs): a step's cost is its verification's, the drafting
+        #: hidden but where a guess failed (which the run's timings hold)
+        self.overlapped: set[int] = set()
 
     @property
     def max_depth(self) -> int:
@@ -399,7 +403,8 @@ class SpecPolicy:
         if depth == 0:
             inc = self.costs.incremental.get(batch)
             return inc.value if inc and inc.count else None
-        return self.costs.speculative(batch, (depth - 1) * self.drafters, self.tree_tokens(depth))
+        forwards = 0 if batch in self.overlapped else (depth - 1) * self.drafters
+        return self.costs.speculative(batch, forwards, self.tree_tokens(depth))
 
     def cost_ratio(self, batch: int, depth: int | None = None) -> float | None:
         """A speculative step of ``depth`` (default: the one chosen last) in incremental steps."""

@@ -123,6 +123,16 @@ class Speculator:
         self.policy = SpecPolicy(
             config.spec if self.drafters else "off", self.tree, max(1, len(self.drafters))
         )
+        fused = runner.fused
+        if (
+            len(self.drafters) == 1
+            and self.drafters[0].runner.fused is not None
+            and fused is not None
+            and fused.threads > 1
+            and config.num_scheduler_steps > 1
+            and set(self.tree) == {1}
+        ):  # a lone job's chains run pipelined (_chain_run): its drafting costs no step time
+            self.policy.overlapped.add(1)
         self.planned: dict[str, int] = {}  # job -> the depth the policy chose this iteration
         self.depth: dict[str, int] = {}  # job -> tree depth this iteration (room permitting)
         self._holding: dict[str, Job] = {}  # jobs that may have a cache in an SSM's pool

@@ -321,6 +321,7 @@ async def test_a_lone_job_drafts_its_next_chain_while_the_model_verifies(
         tiny, [request.getfixturevalue(which)], spec_tree=(1, 1, 1), spec="on",
         max_batch_size=1, fused_threads=2, num_scheduler_steps=1,  # a step an iteration
     ):  # fmt: skip
+        assert not engine.spec_policy.overlapped  # no runs: the drafting is a step's cost
         drafts.clear()
         results = [await run(engine, p) for p in prompts]
         assert [ids for ids, _ in results] == reference
@@ -362,6 +363,8 @@ async def test_a_lone_jobs_speculative_steps_run_pipelined(
     ):  # fmt: skip
         for seen in threads.values():
             seen.clear()  # the start compiled both loops on this thread
+        # --spec auto would take a lone job's step cost as its verification's alone
+        assert engine.spec_policy.overlapped == {1}
         results = [await run(engine, p) for p in prompts]
         assert [ids for ids, _ in results] == reference
         spec = engine.stats()["speculation"]

@@ -419,3 +419,20 @@ def test_a_new_job_waits_as_long_as_the_latest_losing_round() -> None:
     assert next(i for i, d in enumerate(decisions) if d) == MAX_BACKOFF * 8 - 1
     steps(policy, job, every, 60)  # the old job's probes find the draft good again
     assert policy.backoff == 1
+
+
+def test_a_batch_whose_drafting_is_overlapped_costs_its_verification_alone() -> None:
+    """Where a batch size's drafting runs on another thread while the model verifies (a lone
+    job's pipelined runs), a step of depth ``d`` costs its verification of ``d + 1`` tokens,
+    not that plus ``d - 1`` more draft forwards."""
+    policy = SpecPolicy("auto", (1,) * 4)
+    for _ in range(5):
+        policy.costs.add_incremental(1, 0.010)
+        policy.costs.add_speculative(1, 1, 0.002, 2, 0.012)
+        policy.costs.add_speculative(1, 1, 0.002, 5, 0.018)
+    drafted = policy.step_seconds(1, 4)
+    policy.overlapped.add(1)
+    overlapped = policy.step_seconds(1, 4)
+    assert overlapped == pytest.approx(policy.costs.verify_seconds(1, 5))
+    assert drafted == pytest.approx(overlapped + 3 * 0.002)
+    assert policy.step_seconds(1, 0) == pytest.approx(0.010)  # incremental: unchanged
