@@ -687,7 +687,11 @@ class FusedLlama:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="flockctl-fused")
 
         def second() -> object:
-            self.hand_over()
+            try:
+                self.hand_over()
+            except BaseException:
+                there()  # its half runs all the same: ``here`` may wait on it (a pipelined run)
+                raise
             return there()
 
         other = self._helper.submit(second)

@@ -39,8 +39,9 @@ if available():
 
     from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward, item_pointer
 
-    # words a pipelined run's two threads share (:func:`_draft_loop`, :func:`_target_loop`)
-    _PUBLISHED, _VERDICTS, _DONE, _ACCEPTED, _BONUS = 0, 1, 2, 3, 4
+    # words a pipelined run's two threads share (:func:`_draft_loop`, :func:`_target_loop`);
+    # _GONE: the draft's thread has left its loop (or never entered it)
+    _PUBLISHED, _VERDICTS, _DONE, _ACCEPTED, _BONUS, _GONE = 0, 1, 2, 3, 4, 5
 
     @intrinsic
     def _load_acquire(typingctx, array, index):  # pragma: no cover - compiled
@@ -246,7 +247,9 @@ if available():
         finished = steps < 1 or room < 1
         while not finished:
             while _load_acquire(shared, _PUBLISHED) <= step:
-                pass
+                if _load_acquire(shared, _GONE):  # it failed: no chain will come
+                    _store_release(shared, _DONE, 1)
+                    return made, step
             for i in range(depth):
                 drafted[0, i] = chain[i]
             lasts[0] = last
@@ -501,18 +504,27 @@ def pipelined_run(
     accepts = np.zeros(max(1, steps), dtype=np.int64)
     made = ran = 0
 
+    # each side marks in ``shared`` that it has ended, however it ended, so the other never
+    # waits for it in vain (a failure then reaches the model loop as the step's error)
     def verify() -> None:
         nonlocal made, ran
-        made, ran = _target_loop(
-            root, last, depth, steps, stops, room, interrupt, t_tables,
-            target.pool.block_size, *t_fused.weights, *t_stores, chain, shared, out, accepts,
-        )  # fmt: skip
+        try:
+            made, ran = _target_loop(
+                root, last, depth, steps, stops, room, interrupt, t_tables,
+                target.pool.block_size, *t_fused.weights, *t_stores, chain, shared, out,
+                accepts,
+            )  # fmt: skip
+        finally:
+            shared[_DONE] = 1
 
     def draft() -> None:
-        _draft_loop(
-            ids, positions, slots, root, last, depth, d_tables, d_bs, vocab,
-            *d_fused.weights, *d_stores, chain, shared,
-        )  # fmt: skip
+        try:
+            _draft_loop(
+                ids, positions, slots, root, last, depth, d_tables, d_bs, vocab,
+                *d_fused.weights, *d_stores, chain, shared,
+            )  # fmt: skip
+        finally:
+            shared[_GONE] = 1
 
     start = time.perf_counter()
     t_fused.both(verify, draft, split=False)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from flockctl.engine import fused_forward, fused_spec
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.engine import Engine
-from flockctl.engine.job import Job, SamplingParams
+from flockctl.engine.job import FinishReason, Job, SamplingParams
 from flockctl.engine.loader import load_engine
 from flockctl.engine.spec import TokenTree, draft_children, verify_greedy, verify_stochastic
 from flockctl.engine.spec_policy import SpecPolicy, StepCosts
@@ -433,6 +433,37 @@ async def test_a_request_posted_during_a_pipelined_run_ends_it_after_one_step(
         assert (await first)[0] == reference[2]
         assert (await second)[0] == reference[3]
         assert ran[0] == 1
+
+
+@pytest.mark.parametrize("side", ["_draft_loop", "_target_loop"])
+async def test_a_pipelined_run_that_fails_on_either_thread_fails_its_job_not_the_engine(
+    tiny: Path,
+    near: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+    side: str,
+) -> None:
+    """Either loop of a pipelined run raising ends the run (the other does not wait for it in
+    vain): the job ends with the error, its blocks come back, and the engine serves on."""
+    for engine in make_engine(
+        tiny, [near], spec_tree=(1, 1, 1), spec="on", max_batch_size=1, fused_threads=2
+    ):
+        original = getattr(fused_spec, side)
+
+        def failing(*a: Any) -> Any:
+            raise RuntimeError(f"{side} failed")
+
+        monkeypatch.setattr(fused_spec, side, failing)  # after the start's warm-up
+        handle = engine.submit(prompts[0], GREEDY)
+        deltas = [delta async for delta in handle]
+        assert deltas[-1].error is not None and f"{side} failed" in deltas[-1].error
+        assert handle.job.finish_reason == FinishReason.ABORT
+        assert engine.pool.used_tokens == 0
+        assert all(not d.pool.tables for d in engine.drafters)
+        monkeypatch.setattr(fused_spec, side, original)
+        assert (await run(engine, prompts[1]))[0] == reference[1]
+        assert engine.stats()["speculation"]["pipelined_runs"]["runs"] > 0
 
 
 def test_the_drafts_cache_is_made_at_start(tiny: Path, near: Path) -> None:
