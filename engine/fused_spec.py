@@ -40,8 +40,10 @@ if available():
     from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward, item_pointer
 
     # words a pipelined run's two threads share (:func:`_draft_loop`, :func:`_target_loop`);
-    # _GONE: the draft's thread has left its loop (or never entered it)
+    # _GONE: the draft's thread has left its loop (or never entered it); _CARRY_*: the state
+    # the draft's last chain was drafted from
     _PUBLISHED, _VERDICTS, _DONE, _ACCEPTED, _BONUS, _GONE = 0, 1, 2, 3, 4, 5
+    _CARRY_ROOT, _CARRY_LAST = 6, 7
 
     @intrinsic
     def _load_acquire(typingctx, array, index):  # pragma: no cover - compiled
@@ -147,16 +149,15 @@ if available():
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _chain_from(  # pragma: no cover - compiled
-        root, last, depth, tables, block_size, vocab,
+        root, last, count, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
         inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
     ):  # fmt: skip
-        # one job's draft from its last token: feed last at position root, then each pick,
-        # depth + 1 forwards; drafted[0] = the chain of depth picks, then one more (the guess
-        # at the model's token after the chain, were the chain accepted whole)
+        # one job's draft: feed last at position root, then each pick, count forwards into
+        # drafted[0, :count]
         _decode(
             np.full(1, last, dtype=np.int64), np.full(1, root - 1, dtype=np.int64),
-            np.full(1, depth + 1, dtype=np.int64), np.empty((1, 0), dtype=np.int64),
+            np.full(1, count, dtype=np.int64), np.empty((1, 0), dtype=np.int64),
             np.zeros(1, dtype=np.int8), tables, block_size, vocab,
             embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
             inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, drafted,
@@ -165,16 +166,20 @@ if available():
 
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _draft_loop(  # pragma: no cover - compiled
-        up_ids, up_positions, up_slots, root, last, depth, tables, block_size, vocab,
+        up_ids, up_positions, up_slots, root, last, depth, given, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
         inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, chain, shared,
     ):  # fmt: skip
         # the draft's thread of a pipelined run (one job): catch up on the tokens it has not
         # seen (up_*), then, step after step, publish the chain drafted from the state the model
-        # confirmed (root: the position of its last token) and draft the next step's on the
-        # guess that the chain is accepted whole and the model's next token is the guess,
-        # while the model verifies. Its verdict says whether the guess held (that chain is
-        # published at once) or where to draft from instead. Ends once the model's is done.
+        # confirmed (root: the position of its last token; the first step's chain is given[0]
+        # where given has a row), then draft its guess at the model's token after the chain and
+        # the next step's chain from it, while the model verifies: the chain is accepted whole
+        # and the model's token is the guess (that chain is published at once), or the verdict
+        # says where to draft from instead, while the model waits. Once the model's loop is
+        # done, the last chain drafted from a guess is left in chain[depth:] and the guess's
+        # state in shared[_CARRY_ROOT], shared[_CARRY_LAST] (the next run's first chain, if the
+        # guess held).
         n = up_ids.shape[0]
         if n:
             _forward(
@@ -185,36 +190,50 @@ if available():
                 inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values,
                 np.empty((0, head.shape[0]), dtype=np.float32),
             )  # fmt: skip
-        mine = np.zeros((1, depth + 1), dtype=np.int64)
-        ahead = np.zeros((1, depth + 1), dtype=np.int64)
-        _chain_from(
-            root, last, depth, tables, block_size, vocab,
-            embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
-            inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, mine,
-        )  # fmt: skip
+        mine = np.zeros((1, depth), dtype=np.int64)
+        ahead = np.zeros((1, depth), dtype=np.int64)
+        guessed = np.zeros((1, 1), dtype=np.int64)
+        if given.shape[0]:
+            for i in range(depth):
+                mine[0, i] = given[0, i]
+        else:
+            _chain_from(
+                root, last, depth, tables, block_size, vocab,
+                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, mine,
+            )  # fmt: skip
         step = 0
         while True:
-            for i in range(depth + 1):
+            for i in range(depth):
                 chain[i] = mine[0, i]
             _store_release(shared, _PUBLISHED, step + 1)
+            # the guess (fed the chain's last token), then the next chain from it
+            _chain_from(
+                root + depth, mine[0, depth - 1], 1, tables, block_size, vocab,
+                embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
+                inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, guessed,
+            )  # fmt: skip
             guess_root = root + depth + 1
-            guess = mine[0, depth]
+            guess = guessed[0, 0]
             _chain_from(
                 guess_root, guess, depth, tables, block_size, vocab,
                 embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
                 inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, ahead,
             )  # fmt: skip
-            while _load_acquire(shared, _VERDICTS) <= step:
-                if _load_acquire(shared, _DONE):
-                    return
+            while _load_acquire(shared, _VERDICTS) <= step and not _load_acquire(shared, _DONE):
+                pass
             if _load_acquire(shared, _DONE):
+                for i in range(depth):
+                    chain[depth + i] = ahead[0, i]
+                shared[_CARRY_ROOT] = guess_root
+                shared[_CARRY_LAST] = guess
                 return
             accepted = shared[_ACCEPTED]
             bonus = shared[_BONUS]
             step += 1
             if accepted == depth and bonus == guess:
                 root, last = guess_root, guess
-                for i in range(depth + 1):
+                for i in range(depth):
                     mine[0, i] = ahead[0, i]
             else:
                 root, last = root + accepted + 1, bonus
@@ -451,11 +470,15 @@ def greedy_run(
 @dataclass
 class RunOut:
     """What :func:`pipelined_run` returns: the tokens made (the accepted drafts and the
-    model's own, step after step), the drafts each step accepted, and the run's seconds."""
+    model's own, step after step), the drafts each step accepted, the run's seconds, and the
+    chain the draft drafted last (``carry``, from its guess at the model's last token: the next
+    step's if the guess held, which ``carry_at`` (the guess's position and token) tells)."""
 
     tokens: list[int]
     accepted: list[int]
     seconds: float
+    carry: list[int]
+    carry_at: tuple[int, int]
 
 
 def pipelined_run(
@@ -471,6 +494,7 @@ def pipelined_run(
     stops: np.ndarray,
     interrupt: np.ndarray,
     vocab: int,
+    given: list[int] | None = None,
 ) -> RunOut:
     """Up to ``steps`` greedy speculative steps of one job, drafts of ``depth`` tokens, on two
     threads at once: the model verifies step ``k``'s chain on this one (:func:`_target_loop`)
@@ -478,7 +502,8 @@ def pipelined_run(
     ``k + 1``'s on the guess that step ``k``'s chain is accepted whole; where the guess fails
     it drafts again from the model's verdict while the model waits. The job's last token is
     ``last`` at position ``root``; ``catchup``: the tokens the draft has not seen before it,
-    from a position. The run makes at most ``room`` tokens, ends after a token in ``stops``
+    from a position; ``given``: the first step's chain, drafted before (by the last run: no
+    catch-up then). The run makes at most ``room`` tokens, ends after a token in ``stops``
     (1-D), and after the step during which ``interrupt[0]`` was set. Each step's verification
     is :func:`greedy_chains`'s, so the same tokens as single steps bit for bit. Both pools must
     hold blocks for the run: the model's for every position a step may feed (up to ``depth``
@@ -498,7 +523,8 @@ def pipelined_run(
         drafter.pool.check_private(job_id, catchup[1])
     else:
         ids = positions = slots = np.zeros(0, dtype=np.int64)
-    chain = np.zeros(depth + 1, dtype=np.int64)
+    first = np.array([given[:depth]] if given else np.zeros((0, depth)), dtype=np.int64)
+    chain = np.zeros(2 * depth, dtype=np.int64)  # the step's chain, then the one carried
     shared = np.zeros(8, dtype=np.int64)
     out = np.zeros(max(1, room), dtype=np.int64)
     accepts = np.zeros(max(1, steps), dtype=np.int64)
@@ -520,7 +546,7 @@ def pipelined_run(
     def draft() -> None:
         try:
             _draft_loop(
-                ids, positions, slots, root, last, depth, d_tables, d_bs, vocab,
+                ids, positions, slots, root, last, depth, first, d_tables, d_bs, vocab,
                 *d_fused.weights, *d_stores, chain, shared,
             )  # fmt: skip
         finally:
@@ -531,7 +557,13 @@ def pipelined_run(
     seconds = time.perf_counter() - start
     target.fused_done(ran)
     drafter.fused_done(ran * (depth + 1))
-    return RunOut(out[:made].tolist(), accepts[:ran].tolist(), seconds)
+    return RunOut(
+        out[:made].tolist(),
+        accepts[:ran].tolist(),
+        seconds,
+        chain[depth:].tolist(),
+        (int(shared[_CARRY_ROOT]), int(shared[_CARRY_LAST])),
+    )
 
 
 def _catchup_rows(
@@ -599,7 +631,7 @@ def warm_up(target: FusedLlama, draft: FusedLlama) -> None:
     shared = np.zeros(8, dtype=np.int64)
     chain = np.zeros(2, dtype=np.int64)
     empty = np.zeros(0, dtype=np.int64)
-    table = np.arange(4, dtype=np.int64)[None, :]  # the draft feeds positions 1 to 4
+    table = np.arange(4, dtype=np.int64)[None, :]  # the draft feeds positions 1 to 3
     for model in (target, draft):
         layers = model.weights[2].shape[0]
         store = torch.zeros((layers, 16, model.kv_heads, model.head_dim))
@@ -611,5 +643,6 @@ def warm_up(target: FusedLlama, draft: FusedLlama) -> None:
             )  # fmt: skip
         else:
             _draft_loop(
-                empty, empty, empty, 1, 0, 1, table, 4, 1, *model.weights, *stores, chain, shared,
+                empty, empty, empty, 1, 0, 1, np.zeros((0, 1), dtype=np.int64), table, 4, 1,
+                *model.weights, *stores, chain, shared,
             )  # fmt: skip

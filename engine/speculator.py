@@ -443,9 +443,15 @@ class Speculator:
             return None
         spec = job.spec
         assert spec is not None
+        given = None
+        if (
+            len(spec.ahead) >= depth and spec.ahead_at == job.total_tokens == spec.draft_cached[0]
+        ):  # drafted by the last run (or step) from the model's token now last: no catch-up
+            given, catchup = spec.ahead[:depth], None
+        else:
+            cached = min(spec.draft_cached[0], root)
+            catchup = (job.tokens(cached, root), cached) if cached < root else None
         spec.ahead = []
-        cached = min(spec.draft_cached[0], root)
-        catchup = (job.tokens(cached, root), cached) if cached < root else None
         assert drafter.runner.fused is not None
         out = fused_spec.pipelined_run(
             self.runner,
@@ -460,13 +466,21 @@ class Speculator:
             run.stops,
             run.interrupt,
             min(self.vocab_size, drafter.runner.fused.vocab),
+            given,
         )
         # the model's cache holds each step's root and accepted drafts; so does the draft's,
         # which fed every chain from a state the model confirmed
         kept = job.total_tokens + len(out.tokens)
         self.pool.truncate(job.id, kept)
-        spec.draft_cached[0] = kept - 1
-        drafter.pool.truncate(job.id, kept)
+        if out.tokens and out.carry_at == (kept - 1, out.tokens[-1]):
+            # the draft's last guess was the model's last token: what it drafted from there
+            # is the next step's chain, the guess fed and the chain's tokens but its last
+            spec.ahead, spec.ahead_at = out.carry, kept
+            spec.draft_cached[0] = kept
+            drafter.pool.truncate(job.id, kept + len(out.carry) - 1)
+        else:
+            spec.draft_cached[0] = kept - 1
+            drafter.pool.truncate(job.id, kept)
         for accepted in out.accepted:
             self._count(job, depth, accepted)
         # a step's cost as the policy compares it: the run's seconds a step (the drafting, on
