@@ -19,17 +19,18 @@ other steps than the others', as independent users' do, and new prompts join a r
 
 Speculation is measured on two pairs: the given one (the demo's target and its distilled draft),
 and a weaker one this script builds: the same target with a copy of the draft whose weights carry
-Gaussian noise (``--weak-noise`` times each tensor's spread), so fewer drafted tokens are
-accepted. Each pair's greedy agreement (how often the draft's argmax is the target's greedy token,
-fed the target's own continuations) is measured and reported: the default noise gives about 0.69
-on the demo pair's prompts, the agreement of the weaker 2-layer draft the targets were set with
-(the demo draft itself: about 0.87). Each pair runs with ``--spec on`` and ``--spec auto`` beside
-a plain engine (the same flags, no draft): the three are up together and take ``--rounds`` turns,
-each sending the prompts once at concurrency 1, so a change in the host's speed between engines
-(other tenants, the clock) falls on all three alike, and each ratio is of their sums over the
-rounds. Concurrency 1 in the table sends the prompts ``--rounds`` times too. On a host where a
-request of 96 tokens takes 20 ms, one pass over 8 prompts measured 0.2 s, and single passes on
-fresh engines were 10-15% apart with nothing changed.
+Gaussian noise (that many times each tensor's spread), so fewer drafted tokens are accepted. Each
+pair's greedy agreement (how often the draft's argmax is the target's greedy token, fed the
+target's own continuations) is measured and reported. The noise is found by bisection so that the
+weaker draft's agreement is ``--weak-agreement`` (default 0.69, the agreement of the weaker 2-layer
+draft the targets were set with), or given with ``--weak-noise``: a fixed noise of 0.15 gave 0.69
+with an earlier demo draft and 0.89 with today's (the demo draft itself: 0.94). Each pair runs with
+``--spec on`` and ``--spec auto`` beside a plain engine (the same flags, no draft): the three are
+up together and take ``--rounds`` turns, each sending the prompts once at concurrency 1, so a
+change in the host's speed between engines (other tenants, the clock) falls on all three alike, and
+each ratio is of their sums over the rounds. Concurrency 1 in the table sends the prompts
+``--rounds`` times too. On a host where a request of 96 tokens takes 20 ms, one pass over 8 prompts
+measured 0.2 s, and single passes on fresh engines were 10-15% apart with nothing changed.
 
 Greedy output is compared, per prompt, against transformers' (and the concurrent runs against the
 engine's own concurrency 1): in float32 it must be identical; in bfloat16 or float16 different
@@ -178,11 +179,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fused-threads", choices=("1", "2", "auto"), help="the engines' --fused-threads"
     )
     parser.add_argument(
+        "--weak-agreement",
+        type=float,
+        default=0.69,
+        help="how often the weaker draft's argmax is the target's greedy token; the script finds"
+        " the noise that gives it (0.69: the 2-layer draft the engine's targets name)",
+    )
+    parser.add_argument(
         "--weak-noise",
         type=float,
-        default=0.15,
-        help="noise of the weaker draft (0.15: it agrees with the demo target's greedy token at"
-        " about 0.69 of positions, as the 2-layer draft the engine's targets name does)",
+        help="the weaker draft's noise, given instead of found from --weak-agreement",
     )
     parser.add_argument(
         "--rounds",
@@ -252,6 +258,36 @@ def build_weak_draft(draft: Path, path: Path, noise: float, seed: int = 7) -> Pa
             p.add_(torch.randn(p.shape, generator=generator) * noise * p.std())
     model.save_pretrained(path)
     return path
+
+
+def weak_draft_for(
+    draft: Path,
+    path: Path,
+    agreement: float,
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    device: str,
+    dtype: Any,
+) -> float:
+    """Build at ``path`` the weaker draft whose greedy agreement (:func:`greedy_agreement`) is
+    nearest ``agreement``: the noise by bisection (more noise, less agreement), stopping within
+    0.02 or after 8 builds. Returns its noise."""
+    low, high = 0.0, 1.0
+    best: tuple[float, float] | None = None  # (noise, its agreement)
+    for _ in range(8):
+        noise = (low + high) / 2
+        build_weak_draft(draft, path, noise)
+        got = greedy_agreement(path, prompts, continuations, device, dtype)
+        if best is None or abs(got - agreement) < abs(best[1] - agreement):
+            best = (noise, got)
+        if abs(got - agreement) <= 0.02:
+            break
+        low, high = (noise, high) if got > agreement else (low, noise)
+    assert best is not None
+    if best[0] != noise:
+        build_weak_draft(draft, path, best[0])
+    say(f"weaker draft: noise {best[0]:.4g}, greedy agreement {best[1]}")
+    return best[0]
 
 
 def greedy_agreement(
@@ -688,21 +724,26 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return stream.push(ids) + stream.finish()
 
     models: dict[str, Any] = {"target": describe_model(target, dtype)}
-    pairs: dict[str, Path] = {}
-    if draft is not None and not args.no_spec:
-        weak = build_weak_draft(draft, workdir / "weak-draft", args.weak_noise)
-        models["draft"] = describe_model(draft, dtype)
-        models["weak_draft"] = {
-            **describe_model(weak, dtype),
-            "what": f"the draft with Gaussian noise of {args.weak_noise:g} times each weight"
-            " tensor's standard deviation added (seed 7)",
-        }
-        pairs = {"demo_pair" if args.model == "demo" else "given_pair": draft, "weak_pair": weak}
-
     say(f"transformers generate on {args.device} in {args.dtype}, batch 1")
     hf_seconds, hf_ids = transformers_generate(target, prompts, new, args.device, args.dtype)
     if args.device == "cuda":
         torch.cuda.empty_cache()  # the engines size their KV caches from free memory
+    pairs: dict[str, Path] = {}
+    if draft is not None and not args.no_spec:
+        weak = workdir / "weak-draft"
+        if args.weak_noise is None:
+            args.weak_noise = weak_draft_for(
+                draft, weak, args.weak_agreement, prompts, hf_ids, args.device, dtype
+            )
+        else:
+            build_weak_draft(draft, weak, args.weak_noise)
+        models["draft"] = describe_model(draft, dtype)
+        models["weak_draft"] = {
+            **describe_model(weak, dtype),
+            "what": f"the draft with Gaussian noise of {args.weak_noise:.4g} times each weight"
+            " tensor's standard deviation added (seed 7)",
+        }
+        pairs = {"demo_pair" if args.model == "demo" else "given_pair": draft, "weak_pair": weak}
     reference = [text(p, ids) for p, ids in zip(prompts, hf_ids, strict=True)]
     hf_tps = len(prompts) * new / hf_seconds
     say(f"transformers: {hf_tps:.0f} tokens/s")

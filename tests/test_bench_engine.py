@@ -131,3 +131,28 @@ def test_targets_with_prefix_caching_alone_use_its_table() -> None:
     assert got["c8_tokens_vs_vllm"]["value"] == 1.25
     report["concurrency"]["engine"] = {"1": _row(200, 9), "8": _row(400, 40, 2.0)}
     assert bench.targets(report)["c8_tokens_vs_vllm"]["value"] == 0.5
+
+
+def test_the_weaker_draft_is_built_to_the_agreement_asked_for(tiny: Path, tmp_path: Path) -> None:
+    """The weaker draft's noise is found for the greedy agreement asked for (the draft here is
+    the model itself, so no noise agrees always): the draft on disk is the one whose agreement
+    came nearest, and more noise agrees less."""
+    import torch
+    from tinymodel import greedy_continuations
+    from transformers import AutoTokenizer
+
+    bench = load_bench("engine")
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    prompts = [tokenizer.encode(p) for p in ("Hello there", "def main(", "The quick brown")]
+    ids = greedy_continuations(tiny, prompts, 24)
+
+    def agree(path: Path) -> float:
+        return float(bench.greedy_agreement(path, prompts, ids, "cpu", torch.float32))
+
+    assert agree(tiny) == 1.0
+    weak = tmp_path / "weak"
+    noise = bench.weak_draft_for(tiny, weak, 0.6, prompts, ids, "cpu", torch.float32)
+    assert 0 < noise < 1
+    got = agree(weak)
+    assert abs(got - 0.6) <= 0.15, got
+    assert agree(bench.build_weak_draft(tiny, tmp_path / "more", min(1.0, 2 * noise))) < got
