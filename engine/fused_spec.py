@@ -147,12 +147,6 @@ if available():
                 picks[j, k] = _argmax(logits[r], head.shape[0])
                 r += 1
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
-    def _one(array, value):  # pragma: no cover - compiled
-        # array[0] = value; the array
-        array[0] = value
-        return array
-
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _draft_loop(  # pragma: no cover - compiled
         up_ids, up_positions, up_slots, root, last, depth, given, tables, block_size, vocab,
@@ -182,17 +176,13 @@ if available():
         mine = np.zeros((1, depth), dtype=np.int64)
         ahead = np.zeros((1, depth), dtype=np.int64)
         guessed = np.zeros((1, 1), dtype=np.int64)
-        # _chain's arguments for one job: its token, the position before it, the forwards
-        one = np.zeros(1, dtype=np.int64)
-        at = np.zeros(1, dtype=np.int64)
-        count = np.zeros(1, dtype=np.int64)
         if given.shape[0]:
             for i in range(depth):
                 mine[0, i] = given[0, i]
         else:
             _chain(
-                _one(one, last), _one(at, root - 1), _one(count, depth),
-                tables, block_size, vocab,
+                np.full(1, last, dtype=np.int64), np.full(1, root - 1, dtype=np.int64),
+                np.full(1, depth, dtype=np.int64), tables, block_size, vocab,
                 embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
                 inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, mine,
             )  # fmt: skip
@@ -203,7 +193,8 @@ if available():
             _store_release(shared, _PUBLISHED, step + 1)
             # the guess (fed the chain's last token), then the next chain from it
             _chain(
-                _one(one, mine[0, depth - 1]), _one(at, root + depth - 1), _one(count, 1),
+                np.full(1, mine[0, depth - 1], dtype=np.int64),
+                np.full(1, root + depth - 1, dtype=np.int64), np.ones(1, dtype=np.int64),
                 tables, block_size, vocab,
                 embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
                 inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, guessed,
@@ -211,8 +202,8 @@ if available():
             guess_root = root + depth + 1
             guess = guessed[0, 0]
             _chain(
-                _one(one, guess), _one(at, guess_root - 1), _one(count, depth),
-                tables, block_size, vocab,
+                np.full(1, guess, dtype=np.int64), np.full(1, guess_root - 1, dtype=np.int64),
+                np.full(1, depth, dtype=np.int64), tables, block_size, vocab,
                 embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
                 inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, ahead,
             )  # fmt: skip
@@ -234,8 +225,8 @@ if available():
             else:
                 root, last = root + accepted + 1, bonus
                 _chain(
-                    _one(one, last), _one(at, root - 1), _one(count, depth),
-                    tables, block_size, vocab,
+                    np.full(1, last, dtype=np.int64), np.full(1, root - 1, dtype=np.int64),
+                    np.full(1, depth, dtype=np.int64), tables, block_size, vocab,
                     embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps,
                     head, inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, mine,
                 )  # fmt: skip

@@ -261,9 +261,7 @@ class ModelLoop:
         at the pace decoding runs now, at most :attr:`decode_steps`, none past a job's
         ``max_tokens`` or the context, each job's cache reserved for them (a job short of
         blocks takes one step)."""
-        if self.decode_steps < 2 or len(order) != len(batch) or self._inbox:
-            return None
-        if self.runner.fused is None or not all(_argmax_only(job) for job in batch):
+        if not self._may_run(order, batch):
             return None  # no compiled call takes several steps: reserve nothing for them
         want = min(self.decode_steps, int(RUN_SECONDS / max(self.pace.decode_seconds, 1e-6)))
         if want < 2:
@@ -289,12 +287,21 @@ class ModelLoop:
         (:meth:`_run_lengths`), the job is the only one the scheduler holds, nothing is in the
         inbox (one posted during the run ends it after its current step) and its next token is
         its logits' argmax; up to :attr:`decode_steps` steps."""
-        if self.decode_steps < 2 or len(order) != 1 or len(batch) != 1 or self._inbox:
+        if len(batch) != 1 or not self._may_run(order, batch):
             return None
-        job = batch[0]
-        if self.runner.fused is None or not _argmax_only(job):
-            return None
-        return RunRequest(self.decode_steps, self._stops([job])[0], self.interrupt)
+        return RunRequest(self.decode_steps, self._stops(batch)[0], self.interrupt)
+
+    def _may_run(self, order: list[Job], batch: list[Job]) -> bool:
+        """Whether the decoding ``batch`` may take several steps in one compiled call: runs are
+        on, every job the scheduler holds is in it, nothing is in the inbox, the forward is the
+        fused one and each job's next token is its logits' argmax."""
+        return (
+            self.decode_steps > 1
+            and len(order) == len(batch)
+            and not self._inbox
+            and self.runner.fused is not None
+            and all(_argmax_only(job) for job in batch)
+        )
 
     def _stops(self, jobs: list[Job]) -> np.ndarray:
         """Each job's end-of-sequence (unless it ignores them) and stop token ids, a row a job
