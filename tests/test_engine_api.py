@@ -524,7 +524,24 @@ async def test_a_full_queue_is_a_429(tiny: Path, monkeypatch: pytest.MonkeyPatch
 LONG_JOB = {"prompt": "hi", "max_tokens": 250, "ignore_eos": True, "temperature": 0}
 
 
-async def test_a_streaming_client_that_hangs_up_cancels_its_job(served: str) -> None:
+def hold_until_cancelled(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hold the model loop before a job's second decode call until something reaches its inbox
+    (the cancel of a client that hung up): by then the job's first tokens went out and it has
+    made at most one run of decode steps, however fast the model (250 tokens in runs of up to
+    16 steps can be done before a client closes its connection)."""
+    loop = engine.model_loop
+
+    def held(jobs: list[Job]) -> None:
+        if any(len(j.output_ids) > 1 for j in jobs):
+            until_sync(lambda: loop._inbox, "the cancel of a client that hung up")
+
+    before_forwards(engine, held, monkeypatch)
+
+
+async def test_a_streaming_client_that_hangs_up_cancels_its_job(
+    served: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hold_until_cancelled(engine, monkeypatch)
     async with httpx.AsyncClient(base_url=served, timeout=30) as c:
         body = {**LONG_JOB, "stream": True}
         async with c.stream("POST", "/v1/completions", json=body) as r:
@@ -536,7 +553,10 @@ async def test_a_streaming_client_that_hangs_up_cancels_its_job(served: str) -> 
     assert info["generated_tokens"] < LONG_JOB["max_tokens"]
 
 
-async def test_a_waiting_client_that_hangs_up_cancels_its_job(served: str) -> None:
+async def test_a_waiting_client_that_hangs_up_cancels_its_job(
+    served: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hold_until_cancelled(engine, monkeypatch)
     port = int(served.rsplit(":", 1)[1])
     payload = json.dumps(LONG_JOB).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
