@@ -53,6 +53,10 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
     from numba.core import cgutils
     from numba.extending import intrinsic
 
+    from flockctl.engine.jit_cache import share_stamp
+
+    share_stamp()  # before the first cached loop: the engine's loops share one source stamp
+
     @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
     def _products(w, x, out):  # pragma: no cover - compiled
         # out[r, n] = dot(w[n], x[r]), in blocks of four weight rows by two token rows: eight

@@ -38,6 +38,9 @@ if available():
     from numba.extending import intrinsic
 
     from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward, item_pointer
+    from flockctl.engine.jit_cache import share_stamp
+
+    share_stamp()  # (done by fused_forward's import already; here so this file says so)
 
     # words a pipelined run's two threads share (:func:`_draft_loop`, :func:`_target_loop`);
     # _GONE: the draft's thread has left its loop (or never entered it); _CARRY_*: the state
