@@ -465,6 +465,7 @@ class ModelLoop:
         assert stream is not None
         text = ""
         emitted: list[int] = []
+        unpushed: list[int] = []  # a run's tokens, decoded in one push where no stop string cuts
         reason: FinishReason | None = None
         for token in tokens:
             job.output_ids.append(token)
@@ -473,8 +474,12 @@ class ModelLoop:
             eos = (
                 token in self.eos_ids and not job.params.ignore_eos
             ) or token in job.params.stop_token_ids
-            if not eos:
+            if eos:
+                pass
+            elif stream.cuts:
                 text += stream.push([token])
+            else:
+                unpushed.append(token)
             if eos or stream.stopped:
                 reason = FinishReason.STOP
             elif (
@@ -484,6 +489,8 @@ class ModelLoop:
                 reason = FinishReason.LENGTH
             if reason is not None:
                 break
+        if unpushed:
+            text += stream.push(unpushed)
         scores = logprobs[: len(emitted)] if logprobs is not None else None
         if scores:
             job.logprobs.extend(scores)

@@ -97,6 +97,13 @@ class TextStream:
         self._finished = False
 
     @property
+    def cuts(self) -> bool:
+        """It has stop strings: the token that completes one ends the text, so its caller
+        pushes one token at a time to know which (without any, a push of several tokens gives
+        the text their pushes one by one would)."""
+        return bool(self._stops)
+
+    @property
     def stopped(self) -> bool:
         """A stop string appeared: the text ends just before it and nothing more will come."""
         return self._stopped

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from flockctl.engine.job import (
 )
 from flockctl.engine.loader import load_engine
 from flockctl.engine.scheduler import MLFQ
+from flockctl.engine.text import TextStream
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 PROMPTS = [
@@ -431,6 +432,42 @@ async def test_a_stop_token_ends_the_job_without_showing(
         )
         assert other == reference[1]
         assert (engine.stats()["decode_runs"]["runs"] > 0) == (steps > 1)
+
+
+async def test_a_run_of_decode_steps_is_decoded_in_one_push(
+    tiny: Path,
+    prompts: list[list[int]],
+    reference: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where several decode steps run in one call, a job without stop strings turns each run's
+    tokens into text with one push (the same text as pushing them one at a time); a job with a
+    stop string still pushes its tokens one by one and ends where the string appears."""
+    monkeypatch.setattr(loop_module, "RUN_SECONDS", 3600.0)  # runs however slow the host
+    pushes: list[int] = []
+    push = TextStream.push
+
+    def counted(stream: TextStream, token_ids: Sequence[int]) -> str:
+        pushes.append(len(token_ids))
+        return push(stream, token_ids)
+
+    monkeypatch.setattr(TextStream, "push", counted)
+    for engine in make_engine(tiny, max_batch_size=8, num_scheduler_steps=16):
+        ids, pieces, reason, _ = await run(engine, prompts[0])
+        assert ids == reference[0] and reason == FinishReason.LENGTH
+        assert "".join(pieces) == engine.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        assert engine.stats()["decode_runs"]["runs"] > 0
+        assert max(pushes) > 1 and len(pushes) < len(ids)
+
+        pushes.clear()
+        text = engine.tokenizer.decode(reference[0], skip_special_tokens=True)
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, stop=(stop,))
+        ids, pieces, reason, _ = await run(engine, prompts[0], params)
+        assert reason == FinishReason.STOP and "".join(pieces) == text[: text.index(stop)]
+        assert set(pushes) == {1} and len(pushes) == len(ids)
 
 
 async def test_stop_string_ends_the_job(
