@@ -28,9 +28,12 @@ with an earlier demo draft and 0.89 with today's (the demo draft itself: 0.94). 
 ``--spec on`` and ``--spec auto`` beside a plain engine (the same flags, no draft): the three are
 up together and take ``--rounds`` turns, each sending the prompts once at concurrency 1, so a
 change in the host's speed between engines (other tenants, the clock) falls on all three alike, and
-each ratio is of their sums over the rounds. Concurrency 1 in the table sends the prompts
-``--rounds`` times too. On a host where a request of 96 tokens takes 20 ms, one pass over 8 prompts
-measured 0.2 s, and single passes on fresh engines were 10-15% apart with nothing changed.
+each ratio is of their sums over the rounds. The concurrency table takes ``--rounds`` rounds too,
+each the prompts once at concurrency 1, then ``--requests`` at every level: a level's row is its
+median round, with every round's tokens/s, and ``vs_c1`` the median of the rounds' own ratios to
+their concurrency 1. On a host where a request of 96 tokens takes 20 ms, one pass over 8 prompts
+measured 0.2 s, and single passes on fresh engines were 10-15% apart with nothing changed (64
+requests at concurrency 32 took 0.48 s).
 
 Greedy output is compared, per prompt, against transformers' (and the concurrent runs against the
 engine's own concurrency 1): in float32 it must be identical; in bfloat16 or float16 different
@@ -194,8 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=5,
-        help="passes over the prompts at concurrency 1, taken in turns by the engines compared"
-        " side by side (5)",
+        help="rounds of the concurrency table (the prompts at concurrency 1, then --requests at"
+        " each level; each level's median round reported) and passes over the prompts at"
+        " concurrency 1 taken in turns by the engines compared side by side (5)",
     )
     parser.add_argument("--no-spec", action="store_true", help="skip the speculation runs")
     parser.add_argument("--vllm", metavar="URL", help="a running vLLM OpenAI server to compare")
@@ -405,18 +409,40 @@ class Run:
     latencies: list[float]
     texts: list[str] = field(repr=False)
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
         p99 = percentile(lat, 99)
         return {
             "concurrency": self.concurrency,
             "requests": len(self.texts),
-            "tokens_per_s": round(self.tokens / self.seconds, 1),
+            "tokens_per_s": round(self.tokens_per_s, 1),
             "ttft_mean_ms": round(statistics.fmean(self.ttfts) * 1000, 1),
             "latency_p50_ms": round(statistics.median(lat) * 1000, 1),
             "latency_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
             "seconds": round(self.seconds, 3),
         }
+
+
+def texts_of(runs: list[Run]) -> list[str]:
+    """Every completion of ``runs``, round after round."""
+    return [text for run in runs for text in run.texts]
+
+
+def median_round(runs: list[Run], ones: list[Run]) -> dict[str, Any]:
+    """The summary of the round of median tokens/s (the lower middle of an even count), with
+    every round's tokens/s; above concurrency 1, ``vs_c1``: the median of each round's tokens/s
+    over its own round's at concurrency 1."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i].tokens_per_s)
+    row = runs[order[(len(runs) - 1) // 2]].summary()
+    row["rounds_tokens_per_s"] = [round(run.tokens_per_s, 1) for run in runs]
+    if runs is not ones:
+        ratios = [run.tokens_per_s / one.tokens_per_s for run, one in zip(runs, ones, strict=True)]
+        row["vs_c1"] = round(statistics.median(ratios), 3)
+    return row
 
 
 async def served_model(http: aiohttp.ClientSession, base: str) -> str:
@@ -761,19 +787,30 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     engine_info: dict[str, Any] = {}
 
     async def table(name: str, base: str) -> None:
-        """Concurrency 1 on the prompts once each, then every level on ``--requests``."""
-        one = await load(base, prompts, len(prompts) * args.rounds, 1, new)
-        rows = {"1": one.summary()}
-        equality[f"{name}_c1_vs_transformers"] = compare(reference, one.texts)
-        say(f"{name} c=1: {rows['1']['tokens_per_s']} tokens/s")
-        for level in args.levels:
-            run = await load(base, prompts, args.requests, level, new, args.out_of_step)
-            rows[str(level)] = row = run.summary()
-            row["vs_c1"] = round(row["tokens_per_s"] / rows["1"]["tokens_per_s"], 3)
-            equality[f"{name}_c{level}_vs_c1"] = compare(one.texts, run.texts)
+        """``--rounds`` rounds, each concurrency 1 on the prompts once, then every level on
+        ``--requests``: each level's row is its median round (by tokens/s), ``vs_c1`` the median
+        of each round's ratio to that round's concurrency 1, so a change in the host's speed
+        between rounds falls on both sides of a ratio."""
+        runs: dict[int, list[Run]] = {level: [] for level in (1, *args.levels)}
+        for r in range(args.rounds):
+            for level in runs:
+                requests = len(prompts) if level == 1 else args.requests
+                out_of_step = args.out_of_step and level > 1
+                runs[level].append(await load(base, prompts, requests, level, new, out_of_step))
             say(
-                f"{name} c={level}: {row['tokens_per_s']} tokens/s, mean TTFT"
-                f" {row['ttft_mean_ms']} ms, p99 {row['latency_p99_ms']} ms"
+                f"{name} round {r + 1}/{args.rounds}: "
+                + ", ".join(f"c={lv} {rs[-1].tokens_per_s:.0f}" for lv, rs in runs.items())
+                + " tokens/s"
+            )
+        ones = runs[1]
+        rows = {str(level): median_round(rs, ones) for level, rs in runs.items()}
+        equality[f"{name}_c1_vs_transformers"] = compare(reference, texts_of(ones))
+        for level in args.levels:  # request i completes prompt i % len(prompts) everywhere
+            equality[f"{name}_c{level}_vs_c1"] = compare(ones[0].texts, texts_of(runs[level]))
+            row = rows[str(level)]
+            say(
+                f"{name} c={level}: {row['tokens_per_s']} tokens/s ({row['vs_c1']}x c=1), mean"
+                f" TTFT {row['ttft_mean_ms']} ms, p99 {row['latency_p99_ms']} ms (median round)"
             )
         concurrency[name] = rows
 

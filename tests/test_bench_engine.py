@@ -46,6 +46,7 @@ def test_quick_run_reports_every_table_and_identical_greedy_output(
     for rows in report["concurrency"].values():
         assert set(rows) == {"1", "4"}
         assert rows["4"]["requests"] == 8 and rows["4"]["vs_c1"] > 0
+        assert len(rows["4"]["rounds_tokens_per_s"]) == 1  # --quick: one round
         assert rows["4"]["latency_p99_ms"] >= rows["4"]["latency_p50_ms"]
     assert set(report["speculation"]) == {"given_pair", "weak_pair"}
     assert report["settings"]["rounds"] == 1  # --quick
@@ -113,6 +114,25 @@ def test_targets_hold_each_ratio_to_its_minimum() -> None:
     report["concurrency"] = {"engine": {"1": _row(200, 9), "8": _row(900, 40, 4.5)}}
     got = bench.targets(report)
     assert got["missed"] == [] and got["met"] is False  # every ratio passed, the text did not
+
+
+def test_each_level_reports_its_median_round_and_the_median_of_paired_ratios() -> None:
+    bench = load_bench("engine")
+
+    def run(level: int, tokens_per_s: float, ttft: float) -> object:
+        # one request a round's second, so tokens/s is the figure given
+        return bench.Run(level, int(tokens_per_s), 1.0, [ttft], [2 * ttft], ["x"])
+
+    # the host slows down by half from the second round on: the rounds' own ratios stay 3x
+    ones = [run(1, 1000, 0.01), run(1, 500, 0.02), run(1, 500, 0.02)]
+    eights = [run(8, 3000, 0.03), run(8, 1500, 0.06), run(8, 1600, 0.05)]
+    row = bench.median_round(eights, ones)
+    assert row["tokens_per_s"] == 1600 and row["ttft_mean_ms"] == 50.0  # the median round's
+    assert row["rounds_tokens_per_s"] == [3000, 1500, 1600]
+    assert row["vs_c1"] == 3.0  # the median of 3.0, 3.0 and 3.2, not 1600 / 500
+    one = bench.median_round(ones, ones)
+    assert one["tokens_per_s"] == 500 and "vs_c1" not in one
+    assert bench.median_round(eights[:2], ones[:2])["tokens_per_s"] == 1500  # the lower middle
 
 
 def test_targets_with_prefix_caching_alone_use_its_table() -> None:
