@@ -604,3 +604,26 @@ def test_a_draft_with_another_tokenizer_is_refused(
 def test_spec_on_needs_a_draft() -> None:
     with pytest.raises(ValueError, match="--spec on needs at least one --draft-model"):
         EngineConfig(model="x", spec="on")
+
+
+def test_the_pipelined_loops_spin_with_the_machines_wait_hint() -> None:
+    """The spin-wait hint the two loops of a pipelined run wait with is in the machine code: x86's
+    ``pause``, Arm's ``yield``, none on another instruction set."""
+    if not fused_forward.available():
+        pytest.skip("numba is not installed")
+    import numba
+
+    @numba.njit
+    def spin(times: int) -> None:
+        for _ in range(times):
+            fused_spec._spin_pause()
+
+    spin(3)
+    asm = "\n".join(spin.inspect_asm().values())
+    hint = fused_spec._SPIN_HINT
+    expected = {"llvm.x86.sse2.pause": "pause", "llvm.aarch64.hint": "yield"}
+    instructions = {line.split()[0] for line in asm.splitlines() if line.strip()}
+    if hint is None:
+        assert not instructions & set(expected.values())
+    else:
+        assert expected[hint[0]] in instructions
