@@ -474,11 +474,9 @@ class ModelLoop:
             eos = (
                 token in self.eos_ids and not job.params.ignore_eos
             ) or token in job.params.stop_token_ids
-            if eos:
-                pass
-            elif stream.cuts:
+            if not eos and stream.cuts:
                 text += stream.push([token])
-            else:
+            elif not eos:
                 unpushed.append(token)
             if eos or stream.stopped:
                 reason = FinishReason.STOP
