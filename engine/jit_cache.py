@@ -30,25 +30,42 @@ ENGINE_SOURCES: tuple[Path, ...] = tuple(
 _groups: dict[str, tuple[str, ...]] = {}
 
 
+_MISSING = b"\0missing"
+
+
+def _stat(name: str) -> tuple[float, int] | None:
+    try:
+        st = os.stat(name)
+    except OSError:  # gone since (a package being replaced under a running process)
+        return None
+    return st.st_mtime, st.st_size
+
+
+def _read(name: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError:
+        return _MISSING
+
+
 @lru_cache(maxsize=64)
-def _digest(files: tuple[str, ...], stats: tuple[tuple[float, int], ...]) -> str:
-    del stats  # in the key only: a file that changes while the process runs is read again
+def _digest(files: tuple[str, ...], stats: tuple[tuple[float, int] | None, ...]) -> str:
+    # stats are in the key only, so that a file that changed is read again
     hasher = hashlib.sha256()
-    for name in files:
+    for name, stat in zip(files, stats, strict=True):
         hasher.update(name.encode())
-        hasher.update(Path(name).read_bytes())
+        hasher.update(_read(name) if stat is not None else _MISSING)
     return hasher.hexdigest()
 
 
 def group_stamp(files: Sequence[str]) -> str:
     """One digest of the contents of ``files`` (and their names, so a file that moves between
-    groups changes the stamp too)."""
-    stats = tuple((st.st_mtime, st.st_size) for st in (os.stat(name) for name in files))
-    return _digest(tuple(files), stats)
+    groups changes the stamp too; a file that is not there counts as missing)."""
+    return _digest(tuple(files), tuple(_stat(name) for name in files))
 
 
 def _locator_classes(caching: Any) -> list[type]:
-    """numba's locators of source-file-backed functions, public or (before 0.61) private."""
+    """numba's locators of functions backed by a source file (an older numba's: private)."""
     found = []
     for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator"):
         cls = getattr(caching, name, None) or getattr(caching, "_" + name, None)
@@ -90,7 +107,8 @@ def share_stamp(files: Iterable[str | os.PathLike[str]] = ENGINE_SOURCES) -> Non
     """Stamp the cached functions defined in any of ``files`` with one digest of all of them.
     Call it before the files' ``cache=True`` functions are defined (numba picks a function's
     cache locator as it decorates it); calling it again with the same files does nothing."""
-    group = tuple(sorted({os.path.realpath(name) for name in files}))
+    # files that are not there (a frozen application carries no sources) keep numba's stamp
+    group = tuple(sorted({os.path.realpath(n) for n in files if os.path.exists(n)}))
     for name in group:
         _groups[name] = group
     _install()

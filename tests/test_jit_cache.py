@@ -87,7 +87,21 @@ def test_the_stamp_covers_every_file_of_the_group(tmp_path: Path) -> None:
     before = jit_cache.group_stamp(files)
     assert jit_cache.group_stamp(files) == before
     second.write_text("y = 22\n")
-    assert jit_cache.group_stamp(files) != before
+    changed = jit_cache.group_stamp(files)
+    assert changed != before
+    second.unlink()  # a file gone from under a running process: a stamp of its own, no error
+    assert jit_cache.group_stamp(files) not in (before, changed)
+
+
+def test_files_that_are_not_there_keep_numbas_own_stamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jit_cache, "_groups", {})
+    there, gone = tmp_path / "there.py", tmp_path / "gone.py"
+    there.write_text("x = 1\n")
+    jit_cache.share_stamp([there, gone])
+    assert jit_cache._groups[os.path.realpath(there)] == (os.path.realpath(there),)
+    assert os.path.realpath(gone) not in jit_cache._groups
 
 
 def test_the_engine_loops_carry_the_group_stamp() -> None:
