@@ -55,9 +55,12 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
 
     from flockctl.engine.jit_cache import share_stamp
 
-    share_stamp()  # before the first cached loop: the engine's loops share one source stamp
+    #: whether the compiled loops are cached on disk (see flockctl.engine.jit_cache): they are
+    #: stamped with every engine file they are built from, and compile at each start only where
+    #: no directory can be written
+    CACHE = share_stamp()
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _products(w, x, out):  # pragma: no cover - compiled
         # out[r, n] = dot(w[n], x[r]), in blocks of four weight rows by two token rows: eight
         # sums in flight, each weight row read once for all token rows. One weight row by one
@@ -121,7 +124,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
     _LN2_HI = np.float32(0.693359375)
     _LN2_LO = np.float32(-2.12194440e-4)
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _exp(buf, count, bits):  # pragma: no cover - compiled
         # buf[:count] = exp(buf[:count]); bits: int32 scratch of at least count
         twos = bits.view(np.float32)
@@ -140,7 +143,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
         for i in range(count):
             buf[i] *= twos[i]
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _rms(x, weight, eps, out):  # pragma: no cover - compiled
         rows, width = x.shape
         for r in range(rows):
@@ -184,7 +187,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
 
         return sig, codegen
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _fetch(flat, start, count):  # pragma: no cover - compiled
         # prefetch flat[start : start + count], a 64-byte line (16 float32) at a time
         for i in range(start, start + count, 16):
@@ -195,7 +198,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
     #: loop waited on memory at each slot (a 32-row decode step 11.3 ms, 10.3 with this)
     AHEAD = 8
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _attend(  # pragma: no cover - compiled
         q, keys, values, where, seen, groups, scaling, scores, totals, bits, out
     ):
@@ -293,7 +296,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             for d in range(dim):
                 out[hd * dim + d] *= inv
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _forward(  # pragma: no cover - compiled
         ids, positions, slots, jobs, limits, tree_base, tree, tables, block_size, keep,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
@@ -405,7 +408,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
         for i in range(kept):
             logits[to[i]] = scores_out[i]
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _argmax(row, vocab):  # pragma: no cover - compiled
         # the first index of the largest of row[:vocab], as numpy's argmax
         best = 0
@@ -416,7 +419,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
                 best = v
         return best
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _decode(  # pragma: no cover - compiled
         first, roots, steps, stops, interrupt, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
@@ -477,7 +480,7 @@ if available():  # numba is in the engine extra; without it the TorchScript forw
             if interrupt[0]:
                 break
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _chain(  # pragma: no cover - compiled
         first, roots, steps, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,

@@ -40,10 +40,14 @@ if available():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from flockctl.engine.fused_forward import _argmax, _chain, _decode, _forward, item_pointer
-    from flockctl.engine.jit_cache import share_stamp
-
-    share_stamp()  # (done by fused_forward's import already; here so this file says so)
+    from flockctl.engine.fused_forward import (
+        CACHE,
+        _argmax,
+        _chain,
+        _decode,
+        _forward,
+        item_pointer,
+    )
 
     # words a pipelined run's two threads share (:func:`_draft_loop`, :func:`_target_loop`);
     # _GONE: the draft's thread has left its loop (or never entered it); _CARRY_*: the state
@@ -107,7 +111,7 @@ if available():
 
         return sig, codegen
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _draft(  # pragma: no cover - compiled
         ids, positions, slots, jobs, keep, roots, depths, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
@@ -146,7 +150,7 @@ if available():
                 for s in range(more[j]):
                     drafted[j, s + 1] = rest[j, s]
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _verify(  # pragma: no cover - compiled
         last, roots, depths, drafted, tables, block_size,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
@@ -185,7 +189,7 @@ if available():
                 picks[j, k] = _argmax(logits[r], head.shape[0])
                 r += 1
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _draft_loop(  # pragma: no cover - compiled
         up_ids, up_positions, up_slots, root, last, depth, given, tables, block_size, vocab,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,
@@ -269,7 +273,7 @@ if available():
                     head, inv_freq, heads, kv_heads, scaling, rope_scaling, keys, values, mine,
                 )  # fmt: skip
 
-    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, boundscheck=False, cache=CACHE)
     def _target_loop(  # pragma: no cover - compiled
         root, last, depth, steps, stops, room, interrupt, tables, block_size,
         embed, norm1, wqkv, wo, norm2, wgu, wd, eps1, eps2, final_norm, final_eps, head,

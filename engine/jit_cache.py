@@ -8,13 +8,21 @@ still loads, and runs the old callee against today's callers and data layout: wr
 crash, with nothing to say why. :func:`share_stamp` stamps every function defined in a group of
 files with one digest of all of them, so a change to any file of the group compiles the group's
 functions again (once; the next start loads them). The directories are numba's own (its
-``NUMBA_CACHE_DIR``, else the package's ``__pycache__``, else the user's cache directory).
+``NUMBA_CACHE_DIR``, else the package's ``__pycache__``, else the user's cache directory), then,
+where none of those can be written (a read-only install with a read-only home, as in a container
+with a read-only root), a directory of this user's under the system's temporary directory
+(:func:`fallback_dir`). numba refuses to define a cached function it has nowhere to write
+("cannot cache function ...: no locator available"), which made the engine fail at import; where
+not even that directory can be written, :func:`share_stamp` says so and the loops compile at
+each start instead (:data:`flockctl.engine.fused_forward.CACHE`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +36,24 @@ ENGINE_SOURCES: tuple[Path, ...] = tuple(
 
 # each file of a group -> the group's files, all as real paths
 _groups: dict[str, tuple[str, ...]] = {}
+
+log = logging.getLogger("flockctl.engine")
+
+
+def fallback_dir() -> str:
+    """Where the engine's compiled loops are cached when numba's own places cannot be written:
+    a directory of this user's under the system's temporary directory."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return os.path.join(tempfile.gettempdir(), f"flockctl-numba-{user}")
+
+
+def _writable(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return False
+    return True
 
 
 _MISSING = b"\0missing"
@@ -74,6 +100,9 @@ def _locator_classes(caching: Any) -> list[type]:
     return found
 
 
+_told: list[bool] = []  # the fallback directory was announced
+
+
 def _install() -> None:
     from numba.core import caching
 
@@ -97,18 +126,65 @@ def _install() -> None:
         def get_source_stamp(self) -> str:
             return group_stamp(_groups[os.path.realpath(self._py_file)])
 
-    ours = [
-        type(f"Group{base.__name__}", (GroupStamp, base), {}) for base in _locator_classes(caching)
-    ]
-    impl._locator_classes = ours + list(impl._locator_classes)
+    bases = _locator_classes(caching)
+    ours = [type(f"Group{base.__name__}", (GroupStamp, base), {}) for base in bases]
+
+    class GroupFallbackLocator(GroupStamp, bases[-1]):  # type: ignore[misc,valid-type]
+        """The last place for a group's functions: :func:`fallback_dir`."""
+
+        def __init__(self, py_func: Any, py_file: str) -> None:
+            super().__init__(py_func, py_file)
+            subpath = self.get_suitable_cache_subpath(py_file)
+            self._cache_path = os.path.join(fallback_dir(), subpath)
+
+        @classmethod
+        def from_function(cls, py_func: Any, py_file: str) -> Any:
+            found = super().from_function(py_func, py_file)
+            if found is not None and not _told:
+                _told.append(True)
+                log.info(
+                    "compiled loops cached in %s: no writable __pycache__ or user cache directory",
+                    fallback_dir(),
+                )
+            return found
+
+    impl._locator_classes = [*ours, GroupFallbackLocator, *impl._locator_classes]
 
 
-def share_stamp(files: Iterable[str | os.PathLike[str]] = ENGINE_SOURCES) -> None:
+def share_stamp(files: Iterable[str | os.PathLike[str]] = ENGINE_SOURCES) -> bool:
     """Stamp the cached functions defined in any of ``files`` with one digest of all of them.
     Call it before the files' ``cache=True`` functions are defined (numba picks a function's
-    cache locator as it decorates it); calling it again with the same files does nothing."""
+    cache locator as it decorates it); registering the same files again changes nothing.
+
+    Returns whether the functions can be cached at all: False only where not even
+    :func:`fallback_dir` can be written (then define them with ``cache=False``: numba would
+    refuse them), with a warning."""
     # files that are not there (a frozen application carries no sources) keep numba's stamp
     group = tuple(sorted({os.path.realpath(n) for n in files if os.path.exists(n)}))
     for name in group:
         _groups[name] = group
     _install()
+    if all(_can_cache(name) for name in group):
+        return True
+    log.warning(
+        "no directory to cache the engine's compiled loops in (%s cannot be written either):"
+        " they compile at each start",
+        fallback_dir(),
+    )
+    return False
+
+
+def _can_cache(py_file: str) -> bool:
+    """Whether one of the places numba, then :func:`fallback_dir`, would cache the functions of
+    ``py_file`` in can be written (in their order: the first that can is numba's choice too)."""
+    from numba.core import config
+    from numba.misc.appdirs import AppDirs
+
+    given = getattr(config, "CACHE_DIR", "")  # NUMBA_CACHE_DIR
+    places = [given] if given else []
+    places += [
+        os.path.join(os.path.dirname(py_file), "__pycache__"),
+        AppDirs(appname="numba", appauthor=False).user_cache_dir,
+        fallback_dir(),
+    ]
+    return any(_writable(place) for place in places)

@@ -45,8 +45,8 @@ print(json.dumps({"value": value, "hits": sum(caller.twice_plus_one.stats.cache_
 """
 
 
-def run(folder: Path, mode: str) -> dict[str, int]:
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+def run(folder: Path, mode: str, **env_vars: str) -> dict[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | env_vars
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, str(folder), mode],
         capture_output=True,
@@ -115,3 +115,44 @@ def test_the_engine_loops_carry_the_group_stamp() -> None:
     }
     expected = jit_cache.group_stamp(sorted(os.path.realpath(p) for p in jit_cache.ENGINE_SOURCES))
     assert stamps == {expected}
+
+
+@pytest.mark.e2e
+def test_with_no_writable_cache_directory_of_numbas_the_loops_cache_in_a_temporary_one(
+    tmp_path: Path,
+) -> None:
+    """A read-only install with a read-only home (here: a file where each directory would go):
+    numba refuses to define a cached function, so the engine failed at import; the group's
+    functions go to a directory of the user's under the temporary directory instead."""
+    folder = tmp_path / "app"
+    write(folder, 2)
+    (folder / "__pycache__").write_text("")  # numba cannot make its in-tree cache here
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {
+        "HOME": str(blocked / "home"),  # nor its user-wide one
+        "XDG_CACHE_HOME": str(blocked / "cache"),
+        "TMPDIR": str(temporary),
+    }
+    with pytest.raises(subprocess.CalledProcessError) as refused:  # numba alone
+        run(folder, "own", **env)
+    assert "no locator available" in refused.value.stderr
+    assert run(folder, "shared", **env) == {"value": 11, "hits": 0}
+    assert run(folder, "shared", **env) == {"value": 11, "hits": 1}
+    cached = list(temporary.glob("flockctl-numba-*/**/caller.twice_plus_one-*.nbi"))
+    assert len(cached) == 1
+
+
+def test_with_no_directory_at_all_the_loops_compile_uncached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(jit_cache, "_groups", {})
+    source = tmp_path / "loops.py"
+    source.write_text("x = 1\n")
+    assert jit_cache.share_stamp([source]) is True
+    monkeypatch.setattr(jit_cache, "_writable", lambda _path: False)
+    with caplog.at_level("WARNING", logger="flockctl.engine"):
+        assert jit_cache.share_stamp([source]) is False
+    assert "they compile at each start" in caplog.text
