@@ -44,7 +44,11 @@ def fallback_dir() -> str:
     """Where the engine's compiled loops are cached when numba's own places cannot be written:
     a directory of this user's under the system's temporary directory."""
     user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    return os.path.join(tempfile.gettempdir(), f"flockctl-numba-{user}")
+    try:
+        base = tempfile.gettempdir()
+    except OSError:  # no temporary directory can be written either (nor the current one)
+        base = os.curdir
+    return os.path.join(base, f"flockctl-numba-{user}")
 
 
 def _writable(path: str) -> bool:

@@ -153,6 +153,11 @@ def test_with_no_directory_at_all_the_loops_compile_uncached(
     source.write_text("x = 1\n")
     assert jit_cache.share_stamp([source]) is True
     monkeypatch.setattr(jit_cache, "_writable", lambda _path: False)
+
+    def no_temporary_directory() -> str:
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr(jit_cache.tempfile, "gettempdir", no_temporary_directory)
     with caplog.at_level("WARNING", logger="flockctl.engine"):
         assert jit_cache.share_stamp([source]) is False
     assert "they compile at each start" in caplog.text
