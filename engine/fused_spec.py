@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from flockctl.engine.decode_attention import FASTMATH, available
 from flockctl.engine.fused_forward import FusedLlama, split_point, table_array
@@ -623,16 +622,22 @@ def _catchup_rows(
     )  # fmt: skip
 
 
+def _scratch(model: FusedLlama, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed key and value stores of ``slots`` slots in every layer of ``model``, for a warm-up
+    call."""
+    layers = model.weights[2].shape[0]
+    shape = (layers, slots, model.kv_heads, model.head_dim)
+    return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+
+
 def warm_up_decode(model: FusedLlama) -> None:
     """Compile :func:`_decode` with stops (:func:`greedy_run`'s) now, or load it from numba's
     cache, not in the first request: one job decoding one token over a pool of two slots."""
     one = np.zeros(1, dtype=np.int64)
-    layers = model.weights[2].shape[0]
-    store = torch.zeros((layers, 2, model.kv_heads, model.head_dim))
     _decode(
         one, one, one + 1, np.full((1, 1), -1, dtype=np.int64), np.zeros(1, dtype=np.int8),
-        np.zeros((1, 1), dtype=np.int64), 2, 1, *model.weights, store.numpy(),
-        store.clone().numpy(), np.zeros((1, 1), dtype=np.int64), np.zeros(1, dtype=np.int64),
+        np.zeros((1, 1), dtype=np.int64), 2, 1, *model.weights, *_scratch(model, 2),
+        np.zeros((1, 1), dtype=np.int64), np.zeros(1, dtype=np.int64),
     )  # fmt: skip
 
 
@@ -643,37 +648,26 @@ def warm_up(target: FusedLlama, draft: FusedLlama) -> None:
     one = np.zeros(1, dtype=np.int64)
     table = np.zeros((1, 1), dtype=np.int64)
     drafted = np.zeros((1, 1), dtype=np.int64)
-    for model in (draft, target):
-        layers = model.weights[2].shape[0]
-        store = torch.zeros((layers, 2, model.kv_heads, model.head_dim))
-        stores = (store.numpy(), store.clone().numpy())
-        if model is draft:
-            _draft(
-                one, one, one, one, one, one, one + 1, table, 2, 1, *model.weights, *stores,
-                drafted,
-            )  # fmt: skip
-        else:
-            _verify(
-                one, one, one, drafted, table, 2, *model.weights, *stores,
-                np.zeros((1, 2), dtype=np.int64),
-            )  # fmt: skip
+    _draft(
+        one, one, one, one, one, one, one + 1, table, 2, 1, *draft.weights, *_scratch(draft, 2),
+        drafted,
+    )  # fmt: skip
+    _verify(
+        one, one, one, drafted, table, 2, *target.weights, *_scratch(target, 2),
+        np.zeros((1, 2), dtype=np.int64),
+    )  # fmt: skip
     # the model's loop, told to make nothing, marks the run done; the draft's then drafts its
     # first chain and the next and, the run being done, ends (both on this thread, in turn)
     shared = np.zeros(8, dtype=np.int64)
     chain = np.zeros(2, dtype=np.int64)
     empty = np.zeros(0, dtype=np.int64)
     table = np.arange(4, dtype=np.int64)[None, :]  # the draft feeds positions 1 to 3
-    for model in (target, draft):
-        layers = model.weights[2].shape[0]
-        store = torch.zeros((layers, 16, model.kv_heads, model.head_dim))
-        stores = (store.numpy(), store.clone().numpy())
-        if model is target:
-            _target_loop(
-                1, 0, 1, 0, empty, 0, np.zeros(1, dtype=np.int8), table, 4, *model.weights,
-                *stores, chain, shared, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
-            )  # fmt: skip
-        else:
-            _draft_loop(
-                empty, empty, empty, 1, 0, 1, np.zeros((0, 1), dtype=np.int64), table, 4, 1,
-                *model.weights, *stores, chain, shared,
-            )  # fmt: skip
+    _target_loop(
+        1, 0, 1, 0, empty, 0, np.zeros(1, dtype=np.int8), table, 4, *target.weights,
+        *_scratch(target, 16), chain, shared, np.zeros(1, dtype=np.int64),
+        np.zeros(1, dtype=np.int64),
+    )  # fmt: skip
+    _draft_loop(
+        empty, empty, empty, 1, 0, 1, np.zeros((0, 1), dtype=np.int64), table, 4, 1,
+        *draft.weights, *_scratch(draft, 16), chain, shared,
+    )  # fmt: skip

@@ -104,9 +104,6 @@ def _locator_classes(caching: Any) -> list[type]:
     return found
 
 
-_told: list[bool] = []  # the fallback directory was announced
-
-
 def _install() -> None:
     from numba.core import caching
 
@@ -136,6 +133,8 @@ def _install() -> None:
     class GroupFallbackLocator(GroupStamp, bases[-1]):  # type: ignore[misc,valid-type]
         """The last place for a group's functions: :func:`fallback_dir`."""
 
+        announced = False  # the log said where the loops are cached
+
         def __init__(self, py_func: Any, py_file: str) -> None:
             super().__init__(py_func, py_file)
             subpath = self.get_suitable_cache_subpath(py_file)
@@ -144,8 +143,8 @@ def _install() -> None:
         @classmethod
         def from_function(cls, py_func: Any, py_file: str) -> Any:
             found = super().from_function(py_func, py_file)
-            if found is not None and not _told:
-                _told.append(True)
+            if found is not None and not cls.announced:
+                cls.announced = True
                 log.info(
                     "compiled loops cached in %s: no writable __pycache__ or user cache directory",
                     fallback_dir(),
@@ -168,7 +167,7 @@ def share_stamp(files: Iterable[str | os.PathLike[str]] = ENGINE_SOURCES) -> boo
     for name in group:
         _groups[name] = group
     _install()
-    if all(_can_cache(name) for name in group):
+    if all(_can_cache(folder) for folder in {os.path.dirname(name) for name in group}):
         return True
     log.warning(
         "no directory to cache the engine's compiled loops in (%s cannot be written either):"
@@ -178,16 +177,17 @@ def share_stamp(files: Iterable[str | os.PathLike[str]] = ENGINE_SOURCES) -> boo
     return False
 
 
-def _can_cache(py_file: str) -> bool:
+def _can_cache(folder: str) -> bool:
     """Whether one of the places numba, then :func:`fallback_dir`, would cache the functions of
-    ``py_file`` in can be written (in their order: the first that can is numba's choice too)."""
+    the files in ``folder`` in can be written (in their order: the first that can is numba's
+    choice too)."""
     from numba.core import config
     from numba.misc.appdirs import AppDirs
 
     given = getattr(config, "CACHE_DIR", "")  # NUMBA_CACHE_DIR
     places = [given] if given else []
     places += [
-        os.path.join(os.path.dirname(py_file), "__pycache__"),
+        os.path.join(folder, "__pycache__"),
         AppDirs(appname="numba", appauthor=False).user_cache_dir,
         fallback_dir(),
     ]
