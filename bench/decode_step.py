@@ -27,8 +27,9 @@ weights once), ``gb_per_s`` that over the step's time; ``memory`` is one thread'
 threads') read rate over arrays of ``--memory-mb`` sizes, so a step whose rate is near the
 rate of arrays of its size waits on memory, not on arithmetic.
 
-Prints one JSON object on stdout and a table on stderr. Exit codes: 0 done, 1 the compiled
-forward cannot serve this model here (numba missing, not a float32 Llama on a CPU), 2 bad flags.
+Prints one JSON object on stdout and a table on stderr. Exit codes: 0 done, 1 the model does not
+load or the compiled forward cannot serve it here (numba missing, not a float32 Llama on a CPU),
+2 bad flags.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model(name: str) -> tuple[Any, Path]:
-    """The float32 model (demo: found or built); exits 1 where the compiled forward cannot
-    serve it."""
+    """The float32 model (demo: found or built); exits 1 where it does not load or the compiled
+    forward cannot serve it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -110,7 +111,11 @@ def load_model(name: str) -> tuple[Any, Path]:
         path = ensure_demo(progress=False).target
     else:
         path = Path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:  # no such directory, no model there, an unknown type
+        say(f"cannot load {path}: {exc}")
+        raise SystemExit(1) from None
     if not fused_forward.usable(model, torch.float32, torch.device("cpu")):
         say(f"the compiled forward cannot serve {path} here (numba, a float32 Llama on a CPU)")
         raise SystemExit(1)

@@ -111,3 +111,12 @@ def test_a_model_the_compiled_forward_cannot_serve_exits_1(
         bench.main(["--model", str(bert), "--quick"])
     assert exited.value.code == 1
     assert "cannot serve" in capsys.readouterr().err
+
+
+def test_a_directory_without_a_model_exits_1_saying_so(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--model", str(tmp_path / "nothing-here"), "--quick"])
+    assert exited.value.code == 1
+    assert "cannot load" in capsys.readouterr().err
