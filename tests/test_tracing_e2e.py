@@ -240,7 +240,9 @@ def test_the_engines_job_span_is_a_child_of_the_balancers_attempt(protocol, tiny
                 return any(w["state"] == "READY" for w in snap["workers"])
 
             until_sync(ready, "a READY engine worker", 120)
-            body = {"model": str(tiny), "prompt": "hello", "max_tokens": 4}
+            # ignore_eos: the engine samples (its seed drawn at start), and an end-of-sequence
+            # drawn early would end the completion short of 4 tokens
+            body = {"model": str(tiny), "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
             headers = {"traceparent": f"00-{trace_id}-{parent}-01"}
             resp = httpx.post(
                 f"http://127.0.0.1:{port}/v1/completions", json=body, headers=headers, timeout=60
@@ -264,7 +266,7 @@ def test_the_engines_job_span_is_a_child_of_the_balancers_attempt(protocol, tiny
                 lambda: logged(state_dir("default")), "the request's line in the request log"
             )
             assert lines[-1]["trace_id"] == trace_id
-            assert lines[-1]["completion_tokens"] == 4
+            assert lines[-1]["completion_tokens"] == 4 == resp.json()["usage"]["completion_tokens"]
         finally:
             flockctl("down", "--timeout", "30")
 
