@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,8 +87,39 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+#: Start times at or above this are times of day (seconds since 1970: September 2001 on); below
+#: it, seconds since boot. Records written before start times were taken since boot hold times of
+#: day, and are still compared as such.
+TIME_OF_DAY_FLOOR = 1e9
+
+
 def process_start_time(pid: int) -> float | None:
-    """The start time of process ``pid``, or None when there is no such live process."""
+    """When process ``pid`` started, as recorded to recognise it again; None when there is no
+    such live process.
+
+    On Linux: seconds since boot, from ``/proc/<pid>/stat`` (the kernel's count, which no change
+    of the clock moves). psutil's ``create_time`` adds to it the boot time that the kernel works
+    out afresh from the time of day at each read, so stepping the clock (NTP, a virtual
+    machine's clock catching up) moved every process's start time with it: a live worker or
+    daemon then looked gone, and was left running unseen while another took its place.
+    Elsewhere: psutil's ``create_time`` (a time of day the kernel stored when it started)."""
+    if sys.platform.startswith("linux"):
+        return _since_boot(pid)
+    return _time_of_day(pid)
+
+
+def _since_boot(pid: int) -> float | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()  # after the command, which may hold spaces
+    if fields[0] == b"Z":  # a zombie: exited, not yet reaped
+        return None
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks since boot
+
+
+def _time_of_day(pid: int) -> float | None:
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -98,10 +130,14 @@ def process_start_time(pid: int) -> float | None:
 
 
 def is_same_process(pid: int | None, start_time: float | None) -> bool:
-    """True when ``pid`` is alive and is the very process that was recorded."""
+    """True when ``pid`` is alive and is the very process recorded with ``start_time`` (from
+    :func:`process_start_time`, or a time of day in a record written before it took them
+    since boot)."""
     if not pid or start_time is None:
         return False
     actual = process_start_time(pid)
+    if actual is not None and actual < TIME_OF_DAY_FLOOR <= start_time:
+        actual = _time_of_day(pid)
     return actual is not None and abs(actual - start_time) < 0.5
 
 
