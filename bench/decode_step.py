@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -185,12 +186,9 @@ def read_rate(sizes_mb: list[int], rounds: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
     import torch
 
-    from flockctl.engine import fused_forward
-    from flockctl.engine.fused_forward import FusedLlama, split_point
+    from flockctl.engine.fused_forward import FusedLlama
 
     torch.set_num_threads(1)  # as the engine serving fused: one torch thread, the split its own
     threads = args.threads or min(2, os.cpu_count() or 1)
@@ -215,22 +213,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for j in args.jobs
     ]
 
-    # the engine's split of a decode step: whole jobs each side, none under SPLIT_MIN_ROWS
-    cuts = {j: split_point(np.arange(j)) if threads > 1 else 0 for j in args.jobs}
+    split: dict[int, bool] = {}  # whether the engine splits a step of that many jobs
 
     def step_seconds(batch: Batch) -> float:
         """One compiled run of the batch, split as the engine splits it; seconds a step."""
-
-        def part(lo: int, hi: int) -> None:
-            fused_forward._decode(
-                batch.first[lo:hi], batch.roots[lo:hi], batch.step_counts[lo:hi],
-                batch.stops[lo:hi], np.zeros(1, dtype=np.int8), batch.tables[lo:hi], bs,
-                fused.vocab, *fused.weights, *stores, batch.picks[lo:hi], batch.made[lo:hi],
-            )  # fmt: skip
-
+        splits = fused.split_forwards
         start = time.perf_counter()
-        fused.halves(part, cuts[batch.jobs], batch.jobs)
+        fused.decode(
+            batch.first, batch.roots, batch.step_counts, batch.stops, np.zeros(1, np.int8),
+            batch.tables, bs, stores, batch.picks, batch.made,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
+        split[batch.jobs] = fused.split_forwards > splits
         if int(batch.made.min()) != args.steps:  # no stop tokens: every job makes every step
             raise RuntimeError(f"a run made {batch.made.tolist()} steps of {args.steps}")
         return seconds / args.steps
@@ -262,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {
             "history": batch.history,
             "jobs": batch.jobs,
-            "threads": 2 if cuts[batch.jobs] else 1,
+            "threads": 2 if split[batch.jobs] else 1,
             "ms_per_step": round(step * 1e3, 6),
             "rounds_ms_per_step": [round(t * 1e3, 6) for t in mine],
             "tokens_per_s": round(batch.jobs / step, 1),

@@ -634,6 +634,33 @@ class FusedLlama:
         )  # fmt: skip
         return [drafted[j, : steps[j]].tolist() for j in range(count)]
 
+    def decode(
+        self,
+        first: np.ndarray,
+        roots: np.ndarray,
+        steps: np.ndarray,
+        stops: np.ndarray,
+        interrupt: np.ndarray,
+        tables: np.ndarray,
+        block_size: int,
+        stores: tuple[np.ndarray, np.ndarray],
+        picks: np.ndarray,
+        made: np.ndarray,
+    ) -> None:
+        """Greedy decode steps in one compiled call (:func:`_decode`, its arguments; ``stores``
+        the pool's arrays from :meth:`arrays`), the jobs split over the two threads as a decode
+        step's rows are (:func:`split_point`), each half running its own jobs' steps."""
+
+        def run(lo: int, hi: int) -> None:
+            _decode(
+                first[lo:hi], roots[lo:hi], steps[lo:hi], stops[lo:hi], interrupt,
+                tables[lo:hi], block_size, self.vocab, *self.weights, *stores, picks[lo:hi],
+                made[lo:hi],
+            )  # fmt: skip
+
+        count = len(first)
+        self.halves(run, split_point(np.arange(count)) if self.threads > 1 else 0, count)
+
     def __call__(
         self,
         rows: dict[str, np.ndarray],

@@ -482,16 +482,11 @@ def greedy_run(
     last_arr = np.array(last, dtype=np.int64)
     root_arr = np.array(roots, dtype=np.int64)
     tables = table_array([target.pool.tables[j] for j in job_ids])
-    bs = target.pool.block_size
-
-    def run(lo: int, hi: int) -> None:  # _decode feeds first[j] after position roots[j]
-        _decode(
-            last_arr[lo:hi], root_arr[lo:hi] - 1, step_arr[lo:hi], stops[lo:hi], interrupt,
-            tables[lo:hi], bs, fused.vocab, *fused.weights, *stores, picks[lo:hi],
-            made[lo:hi],
-        )  # fmt: skip
-
-    fused.halves(run, split_point(np.arange(count)) if fused.threads > 1 else 0, count)
+    # _decode feeds first[j] after position roots[j]
+    fused.decode(
+        last_arr, root_arr - 1, step_arr, stops, interrupt, tables, target.pool.block_size,
+        stores, picks, made,
+    )  # fmt: skip
     target.fused_done(int(made.max()))
     rows: list[list[int]] = picks.tolist()
     return [row[:n] for row, n in zip(rows, made.tolist(), strict=True)]

@@ -13,7 +13,7 @@ from conftest import before_forwards, hold_first_decode, until
 from tinymodel import greedy_continuations
 from transformers import AutoTokenizer
 
-from flockctl.engine import fused_spec
+from flockctl.engine import fused_forward
 from flockctl.engine import loop as loop_module
 from flockctl.engine.config import EngineConfig, EngineLoadError
 from flockctl.engine.device import DeviceMemory
@@ -210,7 +210,7 @@ async def test_an_iterations_tokens_go_out_just_before_the_next_compiled_forward
     events: list[str] = []
     loop = engine.model_loop
     deliver, plan, rows = loop._deliver, engine.batcher.plan, fused._rows
-    verify = fused_spec._decode
+    verify = fused_forward._decode
 
     def delivering(deliveries: list) -> None:
         events.append("deliver")
@@ -231,7 +231,7 @@ async def test_an_iterations_tokens_go_out_just_before_the_next_compiled_forward
     monkeypatch.setattr(loop, "_deliver", delivering)
     monkeypatch.setattr(engine.batcher, "plan", planning)
     monkeypatch.setattr(fused, "_rows", computing)
-    monkeypatch.setattr(fused_spec, "_decode", verifying)
+    monkeypatch.setattr(fused_forward, "_decode", verifying)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     loop.decode_steps = 1  # one decode step an iteration
     _, ids, reason, _ = await run(engine, prompts[0], params)
